@@ -1,0 +1,189 @@
+//! The library's one error type. Variants say what the caller can act on; the
+//! underlying driver error stays reachable through `source()`.
+
+use std::path::PathBuf;
+
+/// A boxed error, as returned by handlers and foreign stores.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Result with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in the library.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A projection name that cannot be used as a file name inside the directory.
+    #[error("invalid projection name {name:?}: {reason}")]
+    InvalidName {
+        /// The rejected name, verbatim.
+        name: String,
+        /// Why it was rejected.
+        reason: &'static str,
+    },
+
+    /// An option or argument outside its documented range.
+    #[error("invalid options: {0}")]
+    InvalidOptions(String),
+
+    /// Another process (or another `ProjectionDir` in this one) writes this projection.
+    #[error("projection {name} is locked by another process (lock file {})", path.display())]
+    Locked {
+        /// The projection.
+        name: String,
+        /// The lock file.
+        path: PathBuf,
+    },
+
+    /// The projection was removed or its directory closed while a handle was still held.
+    #[error("projection {name} is closed")]
+    Closed {
+        /// The projection.
+        name: String,
+    },
+
+    /// A file-system operation failed.
+    #[error("{step} {}: {source}", path.display())]
+    Io {
+        /// What was being done, e.g. "create projection directory".
+        step: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// The operating-system error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A SQLite operation failed.
+    #[error("{step}: {source}")]
+    Sqlite {
+        /// What was being done, with the file or projection it concerns.
+        step: String,
+        /// The driver's error.
+        #[source]
+        source: rusqlite::Error,
+    },
+
+    /// An append expected a stream version that is no longer current; nothing was written.
+    #[error(
+        "append to stream {stream_id}: expected version {expected}, but the stream is at {actual}"
+    )]
+    Conflict {
+        /// The stream.
+        stream_id: String,
+        /// The version the caller expected.
+        expected: u64,
+        /// The version found.
+        actual: u64,
+    },
+
+    /// An event whose data could not be decoded into the projection's event type.
+    #[error(
+        "decode event at sequence {sequence} (stream {stream_id}, type {event_type}): {source}"
+    )]
+    Decode {
+        /// The event's global sequence.
+        sequence: u64,
+        /// The event's stream.
+        stream_id: String,
+        /// The event's type.
+        event_type: String,
+        /// What the decoder said.
+        #[source]
+        source: serde_json::Error,
+    },
+
+    /// A store row that breaks the store's own rules (for example a sequence that
+    /// does not increase, or a negative number).
+    #[error("corrupt event store: {0}")]
+    CorruptStore(String),
+
+    /// The projection's handler failed on a batch; the batch was rolled back.
+    #[error(
+        "projection {name}: handler failed on events {first_sequence}..={last_sequence}; \
+         committed through sequence {committed}: {source}"
+    )]
+    Handler {
+        /// The projection.
+        name: String,
+        /// The last sequence whose effects are committed; a resume starts after it.
+        committed: u64,
+        /// First sequence of the failed batch.
+        first_sequence: u64,
+        /// Last sequence of the failed batch.
+        last_sequence: u64,
+        /// The handler's error.
+        #[source]
+        source: BoxError,
+    },
+
+    /// A checkpoint save that would move the checkpoint backwards.
+    #[error("checkpoint of {consumer_id} would go back from {current} to {new}")]
+    CheckpointBackwards {
+        /// The consumer.
+        consumer_id: String,
+        /// The stored checkpoint.
+        current: u64,
+        /// The rejected value.
+        new: u64,
+    },
+
+    /// A rebuild stopped by its cancellation token at a batch boundary.
+    #[error("projection {name}: cancelled; committed through sequence {committed}, resume continues from there")]
+    Cancelled {
+        /// The projection.
+        name: String,
+        /// The last committed sequence.
+        committed: u64,
+    },
+
+    /// Reading the event log failed; the projection stopped at its last committed batch.
+    #[error("projection {name}: {source}; committed through sequence {committed}")]
+    Replay {
+        /// The projection.
+        name: String,
+        /// The last committed sequence.
+        committed: u64,
+        /// The reader's error.
+        #[source]
+        source: std::sync::Arc<Error>,
+    },
+
+    /// An error from a store or checkpoint implemented outside this crate.
+    #[error("{step}: {source}")]
+    External {
+        /// What was being done.
+        step: String,
+        /// The implementation's error.
+        #[source]
+        source: BoxError,
+    },
+}
+
+impl Error {
+    /// Wraps a SQLite error with the step that failed.
+    pub(crate) fn sqlite(step: impl Into<String>) -> impl FnOnce(rusqlite::Error) -> Error {
+        let step = step.into();
+        move |source| Error::Sqlite { step, source }
+    }
+
+    /// Wraps an I/O error with the step and path that failed.
+    pub(crate) fn io(
+        step: &'static str,
+        path: impl Into<PathBuf>,
+    ) -> impl FnOnce(std::io::Error) -> Error {
+        let path = path.into();
+        move |source| Error::Io { step, path, source }
+    }
+
+    /// The last committed sequence, for errors that stop a projection.
+    #[must_use]
+    pub fn committed(&self) -> Option<u64> {
+        match self {
+            Error::Handler { committed, .. }
+            | Error::Cancelled { committed, .. }
+            | Error::Replay { committed, .. } => Some(*committed),
+            _ => None,
+        }
+    }
+}

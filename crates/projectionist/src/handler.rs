@@ -1,0 +1,75 @@
+//! The `Handler` trait: how a projection applies a batch of events inside the
+//! transaction that also advances its checkpoint.
+
+use rusqlite::Transaction;
+
+use crate::error::BoxError;
+use crate::event::GlobalEvent;
+
+/// Applies batches of events to one projection.
+///
+/// A closure `FnMut(&Transaction, &[GlobalEvent<E>]) -> Result<(), BoxError>` is a
+/// handler with no tables of its own; [`SchemaHandler`] pairs a closure with the
+/// SQL that creates its tables.
+pub trait Handler<E>: Send {
+    /// Creates the projection's tables. Called in a write transaction at the start
+    /// of every run (after the reset of a rebuild, before a resume), so it must be
+    /// idempotent (`CREATE TABLE IF NOT EXISTS ...`). The default does nothing.
+    ///
+    /// # Errors
+    /// Any error stops the run before it applies anything.
+    fn setup(&mut self, tx: &Transaction<'_>) -> Result<(), BoxError> {
+        let _ = tx;
+        Ok(())
+    }
+
+    /// Applies one batch, in sequence order, inside `tx`. The engine commits `tx`
+    /// together with the checkpoint advance, or rolls it back when this fails.
+    ///
+    /// # Errors
+    /// Any error rolls the batch back and stops the projection at the previous
+    /// batch; the error names the batch's sequences.
+    fn apply(&mut self, tx: &Transaction<'_>, events: &[GlobalEvent<E>]) -> Result<(), BoxError>;
+}
+
+impl<E, F> Handler<E> for F
+where
+    F: FnMut(&Transaction<'_>, &[GlobalEvent<E>]) -> Result<(), BoxError> + Send,
+{
+    fn apply(&mut self, tx: &Transaction<'_>, events: &[GlobalEvent<E>]) -> Result<(), BoxError> {
+        self(tx, events)
+    }
+}
+
+/// A handler made of a schema (SQL run by `setup`) and a closure applying batches.
+#[derive(Clone, Debug)]
+pub struct SchemaHandler<F> {
+    /// SQL statements that create the projection's tables; must be idempotent.
+    pub schema: String,
+    /// The batch-applying closure.
+    pub apply: F,
+}
+
+impl<F> SchemaHandler<F> {
+    /// A handler with this schema and closure.
+    pub fn new(schema: impl Into<String>, apply: F) -> Self {
+        SchemaHandler {
+            schema: schema.into(),
+            apply,
+        }
+    }
+}
+
+impl<E, F> Handler<E> for SchemaHandler<F>
+where
+    F: FnMut(&Transaction<'_>, &[GlobalEvent<E>]) -> Result<(), BoxError> + Send,
+{
+    fn setup(&mut self, tx: &Transaction<'_>) -> Result<(), BoxError> {
+        tx.execute_batch(&self.schema)?;
+        Ok(())
+    }
+
+    fn apply(&mut self, tx: &Transaction<'_>, events: &[GlobalEvent<E>]) -> Result<(), BoxError> {
+        (self.apply)(tx, events)
+    }
+}

@@ -1,0 +1,101 @@
+//! # projectionist
+//!
+//! Rebuild and manage the projections (read models) of an event-sourced system.
+//! Each projection lives in its own SQLite file in a directory, with its
+//! checkpoint inside that file; a rebuild replays the global event log through the
+//! projection's handler in bounded batches, one transaction per batch, so a crash
+//! never leaves a batch applied without its checkpoint (or the reverse).
+//!
+//! The core is synchronous: call it from async code with
+//! `tokio::task::spawn_blocking` (see the README).
+//!
+//! ```
+//! use projectionist::{
+//!     CheckpointLocation, GlobalEvent, NewEvent, ProjectionDir, ProjectionTarget,
+//!     RebuildConfig, RebuildOptions, SchemaHandler, SqliteEventStore, rebuild,
+//! };
+//! use rusqlite::Transaction;
+//! use serde::Deserialize;
+//!
+//! #[derive(Deserialize)]
+//! struct Deposited { cents: i64 }
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let tmp = tempfile::tempdir()?;
+//! // The event log: an embedded SQLite store.
+//! let store = SqliteEventStore::open(tmp.path().join("events.db"))?;
+//! for (account, cents) in [("acc-1", 500), ("acc-2", 70), ("acc-1", 25)] {
+//!     let version = if account == "acc-1" && cents == 25 { 1 } else { 0 };
+//!     store.append(account, version, &[NewEvent::json("Deposited", &serde_json::json!({ "cents": cents }))?])?;
+//! }
+//!
+//! // The projection: a table of balances, in its own file.
+//! let dir = ProjectionDir::open(tmp.path().join("projections"))?;
+//! let db = dir.db("balances")?;
+//! let mut handler = SchemaHandler::new(
+//!     "CREATE TABLE IF NOT EXISTS balance (account TEXT PRIMARY KEY, cents INTEGER NOT NULL)",
+//!     |tx: &Transaction<'_>, events: &[GlobalEvent<Deposited>]| {
+//!         let mut upsert = tx.prepare_cached(
+//!             "INSERT INTO balance VALUES (?1, ?2)
+//!              ON CONFLICT (account) DO UPDATE SET cents = cents + excluded.cents",
+//!         )?;
+//!         for event in events {
+//!             upsert.execute((&event.stream_id, event.data.cents))?;
+//!         }
+//!         Ok(())
+//!     },
+//! );
+//!
+//! let result = rebuild(RebuildConfig {
+//!     reader: &store,
+//!     projection: ProjectionTarget {
+//!         db: &db,
+//!         handler: &mut handler,
+//!         checkpoint: CheckpointLocation::InFile,
+//!         consumer_id: "balances",
+//!     },
+//!     options: RebuildOptions { batch_size: 500, progress: None, cancel: None, step_hook: None },
+//! })?;
+//! assert_eq!(result.processed, 3);
+//! assert_eq!(result.checkpoint, 3);
+//!
+//! // Query the projection through a read-only connection.
+//! let reader = db.open_reader()?;
+//! let cents: i64 = reader.query_row(
+//!     "SELECT cents FROM balance WHERE account = 'acc-1'", [], |row| row.get(0))?;
+//! assert_eq!(cents, 525);
+//! # Ok(())
+//! # }
+//! ```
+
+pub mod limits;
+
+mod checkpoint;
+mod digest;
+mod dir;
+mod error;
+mod event;
+mod handler;
+mod name;
+mod progress;
+mod reader;
+mod rebuild;
+mod store;
+
+pub use checkpoint::{Checkpoint, SqliteCheckpoint};
+pub use digest::{DigestScope, projection_digest};
+pub use dir::{ProjectionDb, ProjectionDir};
+pub use error::{BoxError, Error, Result};
+pub use event::{Appended, GlobalEvent, NewEvent};
+pub use handler::{Handler, SchemaHandler};
+pub use name::ProjectionName;
+pub use progress::{BatchStep, CancelToken, Progress, ProgressFn, StepHookFn};
+pub use reader::GlobalReader;
+pub use rebuild::{
+    CheckpointLocation, ProjectionTarget, RebuildConfig, RebuildOptions, RebuildResult, rebuild,
+    rebuild_concurrent, rebuild_shared, resume, resume_shared, validate_batch_size,
+};
+pub use store::{EventTableMapping, MemoryEventStore, SqliteEventStore, StreamAppend};
+
+/// Re-export of the SQLite driver whose `Transaction` handlers receive.
+pub use rusqlite;

@@ -1,0 +1,48 @@
+//! Every bound the library enforces, with the reason for its value.
+//!
+//! Out-of-range input is an [`Error::InvalidOptions`](crate::Error::InvalidOptions)
+//! at validation, never a silent clamp.
+
+/// Events per replay batch when none is given (Go: `DefaultBatchSize`).
+/// One batch is one SQLite transaction: large enough to amortise the commit,
+/// small enough that memory stays small and a crash loses little work.
+pub const BATCH_SIZE_DEFAULT: u32 = 500;
+
+/// Upper limit on events per batch (Go: `MaxBatchSize`). Bounds the memory held per
+/// batch and how long one write transaction keeps the projection file locked.
+pub const BATCH_SIZE_MAX: u32 = 50_000;
+
+/// Upper limit on projections rebuilt at once (Go: `MaxConcurrentRebuilds`). Each
+/// rebuild holds a SQLite writer, a thread and an event-store connection; more
+/// projections than this queue and run when a slot frees up.
+pub const CONCURRENT_REBUILDS_MAX: u32 = 32;
+
+/// Decoded batches that may wait in one writer's channel during a fan-out.
+/// Two lets the reader decode batch n+1 while the writer commits batch n, which is
+/// all the overlap there is to gain; memory stays O(batch size x projections).
+pub const CHANNEL_BATCHES_MAX: usize = 2;
+
+/// Longest projection name, in bytes. The name becomes a file name
+/// (`{name}.db` plus `-wal`/`-shm` and a lock file) and must stay well under the
+/// 255-byte file-name limit of common file systems.
+pub const NAME_LEN_MAX: usize = 128;
+
+/// Longest consumer id stored in the `_checkpoint` table, in bytes.
+pub const CONSUMER_ID_LEN_MAX: usize = 256;
+
+/// How long a connection waits for another connection's lock before failing with
+/// `SQLITE_BUSY`, in milliseconds. Long enough to ride out a large batch commit of
+/// another writer, short enough that a stuck process surfaces as an error.
+pub const BUSY_TIMEOUT_MS: u32 = 10_000;
+
+/// Events one append call may write: an append is one transaction held in memory.
+pub const APPEND_EVENTS_MAX: usize = 100_000;
+
+const _: () = {
+    assert!(0 < BATCH_SIZE_DEFAULT);
+    assert!(BATCH_SIZE_DEFAULT <= BATCH_SIZE_MAX);
+    assert!(0 < CONCURRENT_REBUILDS_MAX);
+    assert!(0 < CHANNEL_BATCHES_MAX);
+    assert!(NAME_LEN_MAX + 16 < 255);
+    assert!(0 < BUSY_TIMEOUT_MS);
+};

@@ -1,0 +1,93 @@
+//! Progress values handed to a callback, the cancellation token, and the batch
+//! step hook used by fault-injection tests. Nothing here prints.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// One progress report: after every committed batch, and once at the end.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Progress {
+    /// The projection.
+    pub projection_name: String,
+    /// Events applied to the projection in this run.
+    pub processed: u64,
+    /// The log's head sequence when the run started.
+    pub total: u64,
+    /// The projection's committed checkpoint.
+    pub checkpoint: u64,
+    /// True for the last report of the run.
+    pub done: bool,
+    /// The error that ended the run, on the last report of a failed run.
+    pub err: Option<String>,
+}
+
+/// A progress callback. It runs on the projection's writer thread, between
+/// batches: keep it quick.
+pub type ProgressFn = dyn Fn(&Progress) + Send + Sync;
+
+/// A cheap, clonable cancellation token. Rebuilds check it at batch boundaries
+/// and stop with [`Error::Cancelled`](crate::Error::Cancelled), their last batch
+/// committed.
+#[derive(Clone, Debug, Default)]
+pub struct CancelToken(Arc<AtomicBool>);
+
+impl CancelToken {
+    /// A token that is not cancelled.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Asks every run holding this token to stop at its next batch boundary.
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether [`CancelToken::cancel`] was called.
+    #[must_use]
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// The steps of one batch, in the order they happen when the checkpoint is in the
+/// projection file: `Begun`, `Applied`, `CheckpointSaved`, `Committed`. With an
+/// external checkpoint the batch commits first and the checkpoint is saved after:
+/// `Begun`, `Applied`, `Committed`, `CheckpointSaved`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BatchStep {
+    /// The write transaction has begun.
+    Begun,
+    /// The handler has applied the batch (not yet committed).
+    Applied,
+    /// The checkpoint advance is written.
+    CheckpointSaved,
+    /// The projection's transaction is committed.
+    Committed,
+}
+
+impl BatchStep {
+    /// All steps.
+    pub const ALL: [BatchStep; 4] = [
+        BatchStep::Begun,
+        BatchStep::Applied,
+        BatchStep::CheckpointSaved,
+        BatchStep::Committed,
+    ];
+
+    /// The step's name, as used by crash-point tests.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BatchStep::Begun => "begun",
+            BatchStep::Applied => "applied",
+            BatchStep::CheckpointSaved => "checkpoint-saved",
+            BatchStep::Committed => "committed",
+        }
+    }
+}
+
+/// Called at every [`BatchStep`] with the projection name and the batch number
+/// (1 for the run's first batch). For fault injection in tests: a hook that aborts
+/// the process simulates a crash at exactly that step.
+pub type StepHookFn = dyn Fn(&str, BatchStep, u64) + Send + Sync;

@@ -1,0 +1,584 @@
+//! The rebuild engine: replay the global log through projection handlers in
+//! bounded batches, one transaction per batch, with the checkpoint inside it.
+//!
+//! Reading and writing are pipelined. The calling thread reads and decodes each
+//! batch once and fans it out, through a bounded channel per projection, to one
+//! writer thread per projection; each writer owns its projection file. So one
+//! projection overlaps reading with writing, and many projections share one read.
+//!
+//! A writer's loop, per batch: `BEGIN IMMEDIATE`; handler; save checkpoint; `COMMIT`.
+//! A crash at any point leaves either the whole batch with its checkpoint, or
+//! neither (exactly-once). With an external [`Checkpoint`] the checkpoint is saved
+//! after the commit, so a crash between the two replays the batch (at-least-once).
+
+use std::collections::VecDeque;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use rusqlite::Transaction;
+
+use crate::checkpoint::{Checkpoint, SqliteCheckpoint, validate_consumer_id};
+use crate::dir::{ProjectionDb, begin_immediate};
+use crate::error::{BoxError, Error, Result};
+use crate::event::GlobalEvent;
+use crate::handler::Handler;
+use crate::limits::{BATCH_SIZE_DEFAULT, BATCH_SIZE_MAX, CHANNEL_BATCHES_MAX, CONCURRENT_REBUILDS_MAX};
+use crate::progress::{BatchStep, CancelToken, Progress, ProgressFn, StepHookFn};
+use crate::reader::GlobalReader;
+
+/// Where a projection's checkpoint is kept.
+#[derive(Clone, Copy)]
+pub enum CheckpointLocation<'a> {
+    /// In the projection's own file (table `_checkpoint`), committed in the same
+    /// transaction as the batch: exactly-once. The default, and the recommended one.
+    InFile,
+    /// Somewhere else. The batch commits first, then the checkpoint is saved, so a
+    /// crash between the two applies that batch again on resume: at-least-once.
+    /// Handlers used this way must be idempotent.
+    External(&'a dyn Checkpoint),
+}
+
+impl std::fmt::Debug for CheckpointLocation<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CheckpointLocation::InFile => f.write_str("InFile"),
+            CheckpointLocation::External(_) => f.write_str("External(..)"),
+        }
+    }
+}
+
+/// How a run behaves; shared by all projections of a run.
+#[derive(Clone, Copy, Default)]
+pub struct RebuildOptions<'a> {
+    /// Events per batch (one transaction each). 0 means
+    /// [`BATCH_SIZE_DEFAULT`] (500); above [`BATCH_SIZE_MAX`] (50,000) is an error.
+    pub batch_size: u32,
+    /// Called after every committed batch and once at the end. Default: none.
+    pub progress: Option<&'a ProgressFn>,
+    /// Stops the run at the next batch boundary. Default: none.
+    pub cancel: Option<&'a CancelToken>,
+    /// Called at every step of every batch; for fault-injection tests. Default: none.
+    pub step_hook: Option<&'a StepHookFn>,
+}
+
+/// One projection to replay into.
+pub struct ProjectionTarget<'a, E> {
+    /// The projection's database (from [`ProjectionDir::db`](crate::ProjectionDir::db));
+    /// it also names the projection.
+    pub db: &'a ProjectionDb,
+    /// Applies batches.
+    pub handler: &'a mut dyn Handler<E>,
+    /// Where the checkpoint lives.
+    pub checkpoint: CheckpointLocation<'a>,
+    /// The checkpoint's consumer id (1 to 256 bytes).
+    pub consumer_id: &'a str,
+}
+
+/// Everything one rebuild needs.
+pub struct RebuildConfig<'a, E> {
+    /// The event log.
+    pub reader: &'a dyn GlobalReader<E>,
+    /// The projection.
+    pub projection: ProjectionTarget<'a, E>,
+    /// Batch size, progress, cancellation.
+    pub options: RebuildOptions<'a>,
+}
+
+/// What a successful run did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RebuildResult {
+    /// The projection.
+    pub projection_name: String,
+    /// Events applied in this run.
+    pub processed: u64,
+    /// The committed checkpoint at the end.
+    pub checkpoint: u64,
+    /// The log's head when the run started.
+    pub total: u64,
+    /// Wall time of the run.
+    pub elapsed: Duration,
+}
+
+/// Rebuilds one projection from scratch: in one transaction, drops the
+/// projection's tables and views (everything but `_checkpoint`), resets the
+/// checkpoint to 0 and runs the handler's `setup`; then replays the whole log.
+///
+/// # Errors
+/// [`Error::InvalidOptions`] before anything is touched; [`Error::Handler`],
+/// [`Error::Replay`] or [`Error::Cancelled`] naming the last committed sequence,
+/// from which [`resume`] continues.
+pub fn rebuild<E: Send + Sync>(config: RebuildConfig<'_, E>) -> Result<RebuildResult> {
+    let mut results = run(config.reader, vec![config.projection], &config.options, Start::Reset);
+    results.pop().expect("one result per projection")
+}
+
+/// Continues a projection from its checkpoint, without resetting it; use after an
+/// interrupted [`rebuild`], or to catch up with new events.
+///
+/// # Errors
+/// As [`rebuild`].
+pub fn resume<E: Send + Sync>(config: RebuildConfig<'_, E>) -> Result<RebuildResult> {
+    let mut results = run(config.reader, vec![config.projection], &config.options, Start::Resume);
+    results.pop().expect("one result per projection")
+}
+
+/// Rebuilds independent projections in parallel, each with its own reader, at
+/// most [`CONCURRENT_REBUILDS_MAX`] (32) at a time; more wait for a free slot.
+/// Returns one result per config, in input order, once all have finished; one
+/// failure does not stop the others.
+#[must_use]
+pub fn rebuild_concurrent<E: Send + Sync>(
+    configs: Vec<RebuildConfig<'_, E>>,
+) -> Vec<Result<RebuildResult>> {
+    let n_configs = configs.len();
+    let queue = Mutex::new(configs.into_iter().enumerate().collect::<VecDeque<_>>());
+    let results: Mutex<Vec<Option<Result<RebuildResult>>>> =
+        Mutex::new((0..n_configs).map(|_| None).collect());
+    let workers = n_configs.min(CONCURRENT_REBUILDS_MAX as usize);
+    assert!(workers <= CONCURRENT_REBUILDS_MAX as usize, "too many workers: {workers}");
+    thread::scope(|scope| {
+        for _ in 0..workers {
+            scope.spawn(|| {
+                loop {
+                    let next = queue.lock().unwrap_or_else(PoisonError::into_inner).pop_front();
+                    let Some((idx, config)) = next else { break };
+                    let result = rebuild(config);
+                    results.lock().unwrap_or_else(PoisonError::into_inner)[idx] = Some(result);
+                }
+            });
+        }
+    });
+    let results = results.into_inner().unwrap_or_else(PoisonError::into_inner);
+    results.into_iter().map(|r| r.expect("every config ran")).collect()
+}
+
+/// Rebuilds several projections from ONE read of the log: each batch is read and
+/// decoded once and handed to every projection's writer thread. At most
+/// [`CONCURRENT_REBUILDS_MAX`] writers run at once; more projections run in
+/// further passes. Results come in input order.
+#[must_use]
+pub fn rebuild_shared<E: Send + Sync>(
+    reader: &dyn GlobalReader<E>,
+    projections: Vec<ProjectionTarget<'_, E>>,
+    options: &RebuildOptions<'_>,
+) -> Vec<Result<RebuildResult>> {
+    run(reader, projections, options, Start::Reset)
+}
+
+/// Like [`rebuild_shared`], but each projection continues from its checkpoint.
+/// The log is read from the smallest checkpoint; each projection skips what it
+/// already has.
+#[must_use]
+pub fn resume_shared<E: Send + Sync>(
+    reader: &dyn GlobalReader<E>,
+    projections: Vec<ProjectionTarget<'_, E>>,
+    options: &RebuildOptions<'_>,
+) -> Vec<Result<RebuildResult>> {
+    run(reader, projections, options, Start::Resume)
+}
+
+/// Checks a batch size: 0 means the default; above the maximum is an error.
+///
+/// # Errors
+/// [`Error::InvalidOptions`] naming the bound.
+pub fn validate_batch_size(batch_size: u32) -> Result<u32> {
+    match batch_size {
+        0 => Ok(BATCH_SIZE_DEFAULT),
+        n if n > BATCH_SIZE_MAX => Err(Error::InvalidOptions(format!(
+            "batch size {n} exceeds the maximum of {BATCH_SIZE_MAX}"
+        ))),
+        n => Ok(n),
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Start {
+    Reset,
+    Resume,
+}
+
+enum Message<E> {
+    Batch(Arc<Vec<GlobalEvent<E>>>),
+    /// The log is read to its end.
+    End,
+    /// Reading failed; every projection stops at its last committed batch.
+    Failed(Arc<Error>),
+}
+
+/// What every writer of one run shares.
+struct RunContext<'a> {
+    options: &'a RebuildOptions<'a>,
+    start: Start,
+    total: u64,
+}
+
+fn run<E: Send + Sync>(
+    reader: &dyn GlobalReader<E>,
+    mut projections: Vec<ProjectionTarget<'_, E>>,
+    options: &RebuildOptions<'_>,
+    start: Start,
+) -> Vec<Result<RebuildResult>> {
+    let batch_size = match validate_batch_size(options.batch_size) {
+        Ok(n) => n,
+        Err(_) => {
+            return projections
+                .iter()
+                .map(|_| Err(validate_batch_size(options.batch_size).unwrap_err()))
+                .collect();
+        }
+    };
+    let mut results = Vec::with_capacity(projections.len());
+    while !projections.is_empty() {
+        let rest = projections.split_off(projections.len().min(CONCURRENT_REBUILDS_MAX as usize));
+        let group = std::mem::replace(&mut projections, rest);
+        results.extend(run_group(reader, group, batch_size, options, start));
+    }
+    results
+}
+
+/// One pass: up to [`CONCURRENT_REBUILDS_MAX`] writer threads fed by one reader.
+fn run_group<E: Send + Sync>(
+    reader: &dyn GlobalReader<E>,
+    group: Vec<ProjectionTarget<'_, E>>,
+    batch_size: u32,
+    options: &RebuildOptions<'_>,
+    start: Start,
+) -> Vec<Result<RebuildResult>> {
+    assert!(group.len() <= CONCURRENT_REBUILDS_MAX as usize, "group of {}", group.len());
+    let total = match reader.head() {
+        Ok(head) => head,
+        Err(e) => {
+            let e = Arc::new(e);
+            return group.iter().map(|p| Err(replay_error(p, Arc::clone(&e)))).collect();
+        }
+    };
+    let context = RunContext { options, start, total };
+    thread::scope(|scope| {
+        let (start_tx, start_rx) = mpsc::channel::<Option<u64>>();
+        let mut senders = Vec::with_capacity(group.len());
+        let mut writers = Vec::with_capacity(group.len());
+        for projection in group {
+            let (batch_tx, batch_rx) = mpsc::sync_channel(CHANNEL_BATCHES_MAX);
+            let start_tx = start_tx.clone();
+            let context = &context;
+            writers.push(scope.spawn(move || write_projection(projection, &batch_rx, start_tx, context)));
+            senders.push(Some(batch_tx));
+        }
+        drop(start_tx);
+        // Every writer reports where it starts (None if it failed to start); the
+        // log is read from the smallest checkpoint.
+        let position = start_rx.iter().flatten().min();
+        if let Some(position) = position {
+            read_loop(reader, &mut senders, position, batch_size, options.cancel);
+        }
+        drop(senders);
+        writers
+            .into_iter()
+            .map(|w| w.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+            .collect()
+    })
+}
+
+/// Reads batches from `position` and hands each to every live writer, until the
+/// log ends, the run is cancelled, reading fails, or no writer is left.
+fn read_loop<E>(
+    reader: &dyn GlobalReader<E>,
+    senders: &mut [Option<SyncSender<Message<E>>>],
+    mut position: u64,
+    batch_size: u32,
+    cancel: Option<&CancelToken>,
+) {
+    loop {
+        if senders.iter().all(Option::is_none) || cancel.is_some_and(CancelToken::is_cancelled) {
+            return;
+        }
+        let events = match reader.read_after(position, batch_size).and_then(|events| {
+            check_batch(position, batch_size, &events)?;
+            Ok(events)
+        }) {
+            Ok(events) => events,
+            Err(e) => {
+                broadcast(senders, &Message::Failed(Arc::new(e)));
+                return;
+            }
+        };
+        let at_end = events.len() < batch_size as usize;
+        if let Some(last) = events.last() {
+            position = last.sequence;
+            broadcast(senders, &Message::Batch(Arc::new(events)));
+        }
+        if at_end {
+            broadcast(senders, &Message::End);
+            return;
+        }
+    }
+}
+
+/// A reader's batch is input: check it rather than trust it.
+fn check_batch<E>(after: u64, batch_size: u32, events: &[GlobalEvent<E>]) -> Result<()> {
+    if events.len() > batch_size as usize {
+        return Err(Error::CorruptStore(format!(
+            "reader returned {} events for a batch of {batch_size}",
+            events.len()
+        )));
+    }
+    let mut previous = after;
+    for event in events {
+        if event.sequence <= previous {
+            return Err(Error::CorruptStore(format!(
+                "event sequence {} follows {previous}; sequences must strictly increase",
+                event.sequence
+            )));
+        }
+        previous = event.sequence;
+    }
+    Ok(())
+}
+
+fn broadcast<E>(senders: &mut [Option<SyncSender<Message<E>>>], message: &Message<E>) {
+    for slot in senders.iter_mut() {
+        let Some(sender) = slot else { continue };
+        let copy = match message {
+            Message::Batch(batch) => Message::Batch(Arc::clone(batch)),
+            Message::End => Message::End,
+            Message::Failed(e) => Message::Failed(Arc::clone(e)),
+        };
+        // A writer that stopped (error or cancel) dropped its receiver.
+        if sender.send(copy).is_err() {
+            *slot = None;
+        }
+    }
+}
+
+/// The writer thread of one projection: start, then apply batches until the end.
+fn write_projection<E>(
+    mut projection: ProjectionTarget<'_, E>,
+    batches: &Receiver<Message<E>>,
+    start_tx: Sender<Option<u64>>,
+    context: &RunContext<'_>,
+) -> Result<RebuildResult> {
+    let started = Instant::now();
+    let mut state = WriterState {
+        committed: 0,
+        processed: 0,
+        batches: 0,
+    };
+    let result = match begin_run(&mut projection, context.start) {
+        Ok(committed) => {
+            state.committed = committed;
+            let _ = start_tx.send(Some(committed));
+            drop(start_tx);
+            apply_all(&mut projection, batches, context, &mut state)
+        }
+        Err(e) => {
+            let _ = start_tx.send(None);
+            Err(e)
+        }
+    };
+    let name = projection.db.name().to_string();
+    report(context, &name, &state, true, result.as_ref().err());
+    result.map(|()| RebuildResult {
+        projection_name: name,
+        processed: state.processed,
+        checkpoint: state.committed,
+        total: context.total,
+        elapsed: started.elapsed(),
+    })
+}
+
+struct WriterState {
+    committed: u64,
+    processed: u64,
+    batches: u64,
+}
+
+fn apply_all<E>(
+    projection: &mut ProjectionTarget<'_, E>,
+    batches: &Receiver<Message<E>>,
+    context: &RunContext<'_>,
+    state: &mut WriterState,
+) -> Result<()> {
+    let name = projection.db.name().to_string();
+    loop {
+        let message = batches.recv();
+        if context.options.cancel.is_some_and(CancelToken::is_cancelled) {
+            return Err(Error::Cancelled { name, committed: state.committed });
+        }
+        let batch = match message {
+            Ok(Message::Batch(batch)) => batch,
+            Ok(Message::End) => return Ok(()),
+            Ok(Message::Failed(source)) => {
+                return Err(Error::Replay { name, committed: state.committed, source });
+            }
+            Err(mpsc::RecvError) => {
+                let source = Arc::new(Error::InvalidOptions("the event reader stopped".into()));
+                return Err(Error::Replay { name, committed: state.committed, source });
+            }
+        };
+        // Skip what this projection already has (projections resumed from
+        // different checkpoints share one read).
+        let fresh_from = batch.partition_point(|e| e.sequence <= state.committed);
+        let events = &batch[fresh_from..];
+        if events.is_empty() {
+            continue;
+        }
+        state.batches += 1;
+        let last = apply_batch(projection, events, state, context.options.step_hook)?;
+        assert!(last > state.committed, "checkpoint went back: {} -> {last}", state.committed);
+        state.committed = last;
+        state.processed += events.len() as u64;
+        report(context, &name, state, false, None);
+    }
+}
+
+/// Applies one batch and advances the checkpoint; returns the new checkpoint.
+fn apply_batch<E>(
+    projection: &mut ProjectionTarget<'_, E>,
+    events: &[GlobalEvent<E>],
+    state: &WriterState,
+    hook: Option<&StepHookFn>,
+) -> Result<u64> {
+    let name = projection.db.name().to_string();
+    let step = |s: BatchStep| {
+        if let Some(hook) = hook {
+            hook(&name, s, state.batches);
+        }
+    };
+    let first = events.first().expect("batch is not empty").sequence;
+    let last = events.last().expect("batch is not empty").sequence;
+    let handler = &mut *projection.handler;
+    let consumer_id = projection.consumer_id;
+    let in_file = matches!(projection.checkpoint, CheckpointLocation::InFile);
+    projection.db.with_connection(|conn| {
+        let sql_step = || format!("projection {name}: commit events {first}..={last}");
+        let tx = begin_immediate(conn).map_err(Error::sqlite(sql_step()))?;
+        step(BatchStep::Begun);
+        call_handler(handler, &tx, events).map_err(|source| Error::Handler {
+            name: name.clone(),
+            committed: state.committed,
+            first_sequence: first,
+            last_sequence: last,
+            source,
+        })?;
+        step(BatchStep::Applied);
+        if in_file {
+            SqliteCheckpoint::save_in(&tx, consumer_id, last)?;
+            step(BatchStep::CheckpointSaved);
+        }
+        tx.commit().map_err(Error::sqlite(sql_step()))?;
+        step(BatchStep::Committed);
+        Ok(())
+    })?;
+    if let CheckpointLocation::External(checkpoint) = projection.checkpoint {
+        // Outside `with_connection`: the checkpoint may live in this very file.
+        checkpoint.save(consumer_id, last)?;
+        step(BatchStep::CheckpointSaved);
+    }
+    Ok(last)
+}
+
+/// Prepares a run; returns the checkpoint it starts from.
+fn begin_run<E>(projection: &mut ProjectionTarget<'_, E>, start: Start) -> Result<u64> {
+    validate_consumer_id(projection.consumer_id)?;
+    let name = projection.db.name().to_string();
+    let consumer_id = projection.consumer_id;
+    let handler = &mut *projection.handler;
+    if let (Start::Reset, CheckpointLocation::External(checkpoint)) = (start, projection.checkpoint) {
+        // Reset the checkpoint before the tables: a crash in between replays
+        // events onto old rows (at-least-once) instead of skipping them.
+        checkpoint.reset(consumer_id)?;
+    }
+    let in_file_checkpoint = projection.db.with_connection(|conn| {
+        let step = || format!("projection {name}: start");
+        let tx = begin_immediate(conn).map_err(Error::sqlite(step()))?;
+        if start == Start::Reset {
+            drop_projection_objects(&tx).map_err(Error::sqlite(step()))?;
+            SqliteCheckpoint::reset_in(&tx, consumer_id)?;
+        }
+        handler.setup(&tx).map_err(|source| Error::Handler {
+            name: name.clone(),
+            committed: 0,
+            first_sequence: 0,
+            last_sequence: 0,
+            source,
+        })?;
+        let checkpoint = SqliteCheckpoint::load_in(&tx, consumer_id)?;
+        tx.commit().map_err(Error::sqlite(step()))?;
+        Ok(checkpoint)
+    })?;
+    match projection.checkpoint {
+        CheckpointLocation::InFile => Ok(in_file_checkpoint),
+        CheckpointLocation::External(checkpoint) => checkpoint.load(consumer_id),
+    }
+}
+
+/// Drops every table and view of the projection except the `_checkpoint` table
+/// and internal `_projectionist_*` tables; indexes and triggers go with them.
+fn drop_projection_objects(tx: &Transaction<'_>) -> rusqlite::Result<()> {
+    let objects: Vec<(String, String)> = tx
+        .prepare(
+            "SELECT type, name FROM sqlite_master
+             WHERE type IN ('table', 'view')
+               AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\'
+               AND name <> '_checkpoint'
+               AND name NOT LIKE '\\_projectionist\\_%' ESCAPE '\\'
+             ORDER BY type DESC",
+        )?
+        .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    for (kind, name) in objects {
+        let kind = if kind == "view" { "VIEW" } else { "TABLE" };
+        let quoted = name.replace('"', "\"\"");
+        tx.execute_batch(&format!("DROP {kind} IF EXISTS \"{quoted}\""))?;
+    }
+    Ok(())
+}
+
+/// Calls the handler; a panic becomes an error, so one broken projection does not
+/// take down the others (the transaction rolls back on drop).
+fn call_handler<E>(
+    handler: &mut dyn Handler<E>,
+    tx: &Transaction<'_>,
+    events: &[GlobalEvent<E>],
+) -> std::result::Result<(), BoxError> {
+    match catch_unwind(AssertUnwindSafe(|| handler.apply(tx, events))) {
+        Ok(result) => result,
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "non-text panic payload".to_owned());
+            Err(format!("handler panicked: {message}").into())
+        }
+    }
+}
+
+fn report(context: &RunContext<'_>, name: &str, state: &WriterState, done: bool, err: Option<&Error>) {
+    let Some(progress) = context.options.progress else { return };
+    progress(&Progress {
+        projection_name: name.to_owned(),
+        processed: state.processed,
+        total: context.total,
+        checkpoint: state.committed,
+        done,
+        err: err.map(ToString::to_string),
+    });
+}
+
+fn replay_error<E>(projection: &ProjectionTarget<'_, E>, source: Arc<Error>) -> Error {
+    let committed = match projection.checkpoint {
+        CheckpointLocation::InFile => projection
+            .db
+            .with_connection(|conn| SqliteCheckpoint::load_in(conn, projection.consumer_id)),
+        CheckpointLocation::External(checkpoint) => checkpoint.load(projection.consumer_id),
+    };
+    Error::Replay {
+        name: projection.db.name().to_string(),
+        committed: committed.unwrap_or(0),
+        source,
+    }
+}

@@ -1,0 +1,7 @@
+//! Event stores: `SqliteEventStore` (the embedded default) and `MemoryEventStore`.
+
+mod memory;
+mod sqlite;
+
+pub use memory::MemoryEventStore;
+pub use sqlite::{EventTableMapping, SqliteEventStore, StreamAppend};

@@ -1,0 +1,417 @@
+//! `SqliteEventStore`: the embedded event log in one SQLite file, or a read-only
+//! view of an existing events table through an `EventTableMapping`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use rusqlite::types::ValueRef;
+use rusqlite::{Connection, OpenFlags, TransactionBehavior, params};
+use serde::de::DeserializeOwned;
+
+use crate::error::{Error, Result};
+use crate::event::{Appended, GlobalEvent, NewEvent, decode};
+use crate::limits::{APPEND_EVENTS_MAX, BATCH_SIZE_MAX, BUSY_TIMEOUT_MS};
+use crate::reader::GlobalReader;
+
+/// Our own events table. `sequence` is the rowid, so SQLite assigns it as one past
+/// the largest, and events are never deleted: sequences strictly increase from 1.
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS events (
+    sequence       INTEGER PRIMARY KEY,
+    stream_id      TEXT    NOT NULL,
+    stream_version INTEGER NOT NULL,
+    event_type     TEXT    NOT NULL,
+    data           TEXT    NOT NULL,
+    metadata       TEXT,
+    recorded_at    TEXT    NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+    UNIQUE (stream_id, stream_version)
+);
+CREATE INDEX IF NOT EXISTS events_type ON events (event_type, sequence);
+";
+
+/// Table and column names of an events table, for reading a log that another
+/// program writes.
+///
+/// Every name must be a plain SQL identifier (`[A-Za-z_][A-Za-z0-9_]*`); names are
+/// also quoted, so they are never spliced into SQL as free text. The sequence
+/// column must hold strictly increasing positive integers in commit order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EventTableMapping {
+    /// Table name. Default `events`.
+    pub table: String,
+    /// Global sequence column (integer). Default `sequence`.
+    pub sequence: String,
+    /// Stream id column (text). Default `stream_id`.
+    pub stream_id: String,
+    /// Stream version column (integer). Default `stream_version`.
+    pub stream_version: String,
+    /// Event type column (text). Default `event_type`.
+    pub event_type: String,
+    /// Payload column (JSON text or blob). Default `data`.
+    pub data: String,
+    /// Optional metadata column. Default `Some("metadata")`.
+    pub metadata: Option<String>,
+    /// Optional timestamp column (text or integer). Default `Some("recorded_at")`;
+    /// when `None`, events carry an empty `recorded_at`.
+    pub recorded_at: Option<String>,
+}
+
+impl Default for EventTableMapping {
+    fn default() -> Self {
+        EventTableMapping {
+            table: "events".into(),
+            sequence: "sequence".into(),
+            stream_id: "stream_id".into(),
+            stream_version: "stream_version".into(),
+            event_type: "event_type".into(),
+            data: "data".into(),
+            metadata: Some("metadata".into()),
+            recorded_at: Some("recorded_at".into()),
+        }
+    }
+}
+
+/// One stream's part of an atomic append.
+#[derive(Clone, Copy, Debug)]
+pub struct StreamAppend<'a> {
+    /// The stream.
+    pub stream_id: &'a str,
+    /// The version the caller last saw: 0 for a new stream.
+    pub expected_version: u64,
+    /// The events, in order.
+    pub events: &'a [NewEvent],
+}
+
+/// The embedded event log: one SQLite file, WAL mode, `synchronous=FULL` (it is
+/// the source of truth).
+///
+/// Reads and appends use separate connections, so a rebuild reading the log does
+/// not block appends.
+#[derive(Debug)]
+pub struct SqliteEventStore {
+    path: PathBuf,
+    reader: Mutex<Connection>,
+    /// `None` for a mapped (foreign) table: we never write another program's log.
+    writer: Option<Mutex<Connection>>,
+    read_sql: String,
+    head_sql: String,
+}
+
+impl SqliteEventStore {
+    /// Opens (creating if missing) an event store with this crate's schema.
+    ///
+    /// # Errors
+    /// [`Error::Sqlite`] naming the file when it cannot be opened or initialised.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let writer = open_connection(&path, OpenFlags::default())?;
+        writer
+            .execute_batch(SCHEMA)
+            .map_err(Error::sqlite(format!("create events table in {}", path.display())))?;
+        let reader = open_connection(&path, OpenFlags::default())?;
+        let mapping = EventTableMapping::default();
+        Self::finish(path, reader, Some(writer), &mapping)
+    }
+
+    /// Opens an existing events table of another program, read-only, through a
+    /// column mapping. The table and columns are checked now.
+    ///
+    /// # Errors
+    /// [`Error::InvalidOptions`] for a name that is not a plain identifier;
+    /// [`Error::Sqlite`] when the file, table or a column does not exist.
+    pub fn open_mapped(path: impl AsRef<Path>, mapping: &EventTableMapping) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        if !path.exists() {
+            return Err(Error::Io {
+                step: "open event store",
+                path,
+                source: std::io::ErrorKind::NotFound.into(),
+            });
+        }
+        let reader = open_connection(&path, OpenFlags::SQLITE_OPEN_READ_WRITE)?;
+        Self::finish(path, reader, None, mapping)
+    }
+
+    fn finish(
+        path: PathBuf,
+        reader: Connection,
+        writer: Option<Connection>,
+        mapping: &EventTableMapping,
+    ) -> Result<Self> {
+        let (read_sql, head_sql) = mapping_sql(mapping)?;
+        for sql in [&read_sql, &head_sql] {
+            reader.prepare(sql).map_err(Error::sqlite(format!(
+                "read events table {:?} in {}",
+                mapping.table,
+                path.display()
+            )))?;
+        }
+        Ok(SqliteEventStore {
+            path,
+            reader: Mutex::new(reader),
+            writer: writer.map(Mutex::new),
+            read_sql,
+            head_sql,
+        })
+    }
+
+    /// The store's file.
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends `events` to one stream, if the stream is still at `expected_version`
+    /// (0 for a new stream). All or nothing.
+    ///
+    /// # Errors
+    /// [`Error::Conflict`] when the stream moved on (nothing is written);
+    /// [`Error::InvalidOptions`] for a mapped store or too many events;
+    /// [`Error::Sqlite`] on a storage failure.
+    pub fn append(
+        &self,
+        stream_id: &str,
+        expected_version: u64,
+        events: &[NewEvent],
+    ) -> Result<Appended> {
+        let appended = self.append_batch(&[StreamAppend {
+            stream_id,
+            expected_version,
+            events,
+        }])?;
+        Ok(appended[0])
+    }
+
+    /// Appends to several streams in one transaction: if any stream conflicts,
+    /// nothing at all is written. One commit for many streams is what makes bulk
+    /// loads fast with `synchronous=FULL`.
+    ///
+    /// # Errors
+    /// As [`SqliteEventStore::append`].
+    pub fn append_batch(&self, appends: &[StreamAppend<'_>]) -> Result<Vec<Appended>> {
+        let Some(writer) = &self.writer else {
+            return Err(Error::InvalidOptions(format!(
+                "event store {} is a mapped, read-only table",
+                self.path.display()
+            )));
+        };
+        let n_events: usize = appends.iter().map(|a| a.events.len()).sum();
+        if n_events > APPEND_EVENTS_MAX {
+            return Err(Error::InvalidOptions(format!(
+                "append of {n_events} events exceeds the limit of {APPEND_EVENTS_MAX} per call"
+            )));
+        }
+        let mut conn = writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let step = || format!("append to event store {}", self.path.display());
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(Error::sqlite(step()))?;
+        let mut results = Vec::with_capacity(appends.len());
+        for append in appends {
+            results.push(append_stream(&tx, append).map_err(|e| match e {
+                Error::Sqlite { source, .. } => Error::sqlite(step())(source),
+                other => other,
+            })?);
+        }
+        tx.commit().map_err(Error::sqlite(step()))?;
+        Ok(results)
+    }
+
+    fn read_rows<E>(
+        &self,
+        after: u64,
+        limit: u32,
+        mut decode_row: impl FnMut(u64, &str, &str, &str) -> Result<E>,
+    ) -> Result<Vec<GlobalEvent<E>>> {
+        if limit > BATCH_SIZE_MAX {
+            return Err(Error::InvalidOptions(format!(
+                "read limit {limit} exceeds {BATCH_SIZE_MAX}"
+            )));
+        }
+        let conn = self.reader.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let step = || format!("read events after {after} from {}", self.path.display());
+        let mut stmt = conn.prepare_cached(&self.read_sql).map_err(Error::sqlite(step()))?;
+        let mut rows = stmt
+            .query(params![to_i64(after)?, i64::from(limit)])
+            .map_err(Error::sqlite(step()))?;
+        let mut events = Vec::with_capacity(limit as usize);
+        let mut previous = after;
+        while let Some(row) = rows.next().map_err(Error::sqlite(step()))? {
+            let sequence = column_u64(row.get_ref(0).map_err(Error::sqlite(step()))?, "sequence")?;
+            if sequence <= previous {
+                return Err(Error::CorruptStore(format!(
+                    "sequence {sequence} follows {previous}; sequences must strictly increase"
+                )));
+            }
+            previous = sequence;
+            let stream_id = column_text(row.get_ref(1).map_err(Error::sqlite(step()))?, "stream_id")?;
+            let stream_version =
+                column_u64(row.get_ref(2).map_err(Error::sqlite(step()))?, "stream_version")?;
+            let event_type =
+                column_text(row.get_ref(3).map_err(Error::sqlite(step()))?, "event_type")?;
+            let data = column_str(row.get_ref(4).map_err(Error::sqlite(step()))?, "data")?;
+            let metadata = match row.get_ref(5).map_err(Error::sqlite(step()))? {
+                ValueRef::Null => None,
+                value => Some(column_text(value, "metadata")?),
+            };
+            let recorded_at = match row.get_ref(6).map_err(Error::sqlite(step()))? {
+                ValueRef::Null => String::new(),
+                value => column_text(value, "recorded_at")?,
+            };
+            let data = decode_row(sequence, &stream_id, &event_type, data)?;
+            events.push(GlobalEvent {
+                sequence,
+                stream_id,
+                stream_version,
+                event_type,
+                data,
+                metadata,
+                recorded_at,
+            });
+        }
+        Ok(events)
+    }
+}
+
+impl<E: DeserializeOwned> GlobalReader<E> for SqliteEventStore {
+    fn read_after(&self, after: u64, limit: u32) -> Result<Vec<GlobalEvent<E>>> {
+        self.read_rows(after, limit, |sequence, stream_id, event_type, data| {
+            decode(sequence, stream_id, event_type, data)
+        })
+    }
+
+    fn head(&self) -> Result<u64> {
+        let conn = self.reader.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let head: i64 = conn
+            .query_row(&self.head_sql, [], |row| row.get(0))
+            .map_err(Error::sqlite(format!("read head of {}", self.path.display())))?;
+        u64::try_from(head).map_err(|_| Error::CorruptStore(format!("negative head {head}")))
+    }
+}
+
+fn append_stream(tx: &rusqlite::Transaction<'_>, append: &StreamAppend<'_>) -> Result<Appended> {
+    let actual: i64 = tx
+        .prepare_cached(
+            "SELECT COALESCE(MAX(stream_version), 0) FROM events WHERE stream_id = ?1",
+        )
+        .and_then(|mut stmt| stmt.query_row([append.stream_id], |row| row.get(0)))
+        .map_err(Error::sqlite("read stream version"))?;
+    let actual = u64::try_from(actual)
+        .map_err(|_| Error::CorruptStore(format!("negative stream version {actual}")))?;
+    if actual != append.expected_version {
+        return Err(Error::Conflict {
+            stream_id: append.stream_id.to_owned(),
+            expected: append.expected_version,
+            actual,
+        });
+    }
+    let mut stmt = tx
+        .prepare_cached(
+            "INSERT INTO events (stream_id, stream_version, event_type, data, metadata)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+        )
+        .map_err(Error::sqlite("insert event"))?;
+    let mut appended = Appended {
+        first_sequence: 0,
+        last_sequence: 0,
+        stream_version: actual,
+    };
+    for event in append.events {
+        appended.stream_version += 1;
+        stmt.execute(params![
+            append.stream_id,
+            to_i64(appended.stream_version)?,
+            event.event_type,
+            event.data,
+            event.metadata
+        ])
+        .map_err(Error::sqlite("insert event"))?;
+        let sequence = tx.last_insert_rowid().cast_unsigned();
+        if appended.first_sequence == 0 {
+            appended.first_sequence = sequence;
+        }
+        appended.last_sequence = sequence;
+    }
+    Ok(appended)
+}
+
+/// Opens a connection to the event store: WAL, busy timeout, `synchronous=FULL`.
+fn open_connection(path: &Path, flags: OpenFlags) -> Result<Connection> {
+    let step = || format!("open event store {}", path.display());
+    let conn = Connection::open_with_flags(path, flags).map_err(Error::sqlite(step()))?;
+    conn.busy_timeout(std::time::Duration::from_millis(u64::from(BUSY_TIMEOUT_MS)))
+        .map_err(Error::sqlite(step()))?;
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(Error::sqlite(step()))?;
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(Error::sqlite(step()))?;
+    Ok(conn)
+}
+
+fn mapping_sql(mapping: &EventTableMapping) -> Result<(String, String)> {
+    let ident = |name: &str| -> Result<String> {
+        let mut chars = name.chars();
+        let first_ok = chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+        if first_ok && chars.all(|c| c.is_ascii_alphanumeric() || c == '_') && name.len() <= 64 {
+            Ok(format!("\"{name}\""))
+        } else {
+            Err(Error::InvalidOptions(format!(
+                "event table mapping: {name:?} is not a plain SQL identifier"
+            )))
+        }
+    };
+    let optional = |name: &Option<String>| -> Result<String> {
+        name.as_deref().map_or(Ok("NULL".to_owned()), ident)
+    };
+    let table = ident(&mapping.table)?;
+    let sequence = ident(&mapping.sequence)?;
+    let read_sql = format!(
+        "SELECT {sequence}, {}, {}, {}, {}, {}, {} FROM {table} \
+         WHERE {sequence} > ?1 ORDER BY {sequence} LIMIT ?2",
+        ident(&mapping.stream_id)?,
+        ident(&mapping.stream_version)?,
+        ident(&mapping.event_type)?,
+        ident(&mapping.data)?,
+        optional(&mapping.metadata)?,
+        optional(&mapping.recorded_at)?,
+    );
+    let head_sql = format!("SELECT COALESCE(MAX({sequence}), 0) FROM {table}");
+    Ok((read_sql, head_sql))
+}
+
+fn to_i64(value: u64) -> Result<i64> {
+    i64::try_from(value)
+        .map_err(|_| Error::InvalidOptions(format!("{value} does not fit SQLite's INTEGER")))
+}
+
+fn column_u64(value: ValueRef<'_>, column: &str) -> Result<u64> {
+    match value {
+        ValueRef::Integer(n) if n >= 0 => Ok(n.cast_unsigned()),
+        other => Err(Error::CorruptStore(format!(
+            "column {column} holds {other:?}, expected a non-negative integer"
+        ))),
+    }
+}
+
+fn column_str<'a>(value: ValueRef<'a>, column: &str) -> Result<&'a str> {
+    match value {
+        ValueRef::Text(bytes) | ValueRef::Blob(bytes) => std::str::from_utf8(bytes)
+            .map_err(|_| Error::CorruptStore(format!("column {column} is not UTF-8"))),
+        ValueRef::Null => Err(Error::CorruptStore(format!("column {column} is NULL"))),
+        other => Err(Error::CorruptStore(format!(
+            "column {column} holds {other:?}, expected text"
+        ))),
+    }
+}
+
+fn column_text(value: ValueRef<'_>, column: &str) -> Result<String> {
+    match value {
+        ValueRef::Text(bytes) | ValueRef::Blob(bytes) => String::from_utf8(bytes.to_vec())
+            .map_err(|_| Error::CorruptStore(format!("column {column} is not UTF-8"))),
+        ValueRef::Integer(n) => Ok(n.to_string()),
+        ValueRef::Real(x) => Ok(x.to_string()),
+        ValueRef::Null => Err(Error::CorruptStore(format!("column {column} is NULL"))),
+    }
+}
