@@ -23,7 +23,7 @@ pub struct Progress {
 
 /// A progress callback. It runs on the projection's writer thread, between
 /// batches: keep it quick.
-pub type ProgressFn = dyn Fn(&Progress) + Send + Sync;
+pub type ProgressFn<'a> = dyn Fn(&Progress) + Send + Sync + 'a;
 
 /// A cheap, clonable cancellation token. Rebuilds check it at batch boundaries
 /// and stop with [`Error::Cancelled`](crate::Error::Cancelled), their last batch
@@ -90,4 +90,4 @@ impl BatchStep {
 /// Called at every [`BatchStep`] with the projection name and the batch number
 /// (1 for the run's first batch). For fault injection in tests: a hook that aborts
 /// the process simulates a crash at exactly that step.
-pub type StepHookFn = dyn Fn(&str, BatchStep, u64) + Send + Sync;
+pub type StepHookFn<'a> = dyn Fn(&str, BatchStep, u64) + Send + Sync + 'a;

@@ -57,11 +57,11 @@ pub struct RebuildOptions<'a> {
     /// [`BATCH_SIZE_DEFAULT`] (500); above [`BATCH_SIZE_MAX`] (50,000) is an error.
     pub batch_size: u32,
     /// Called after every committed batch and once at the end. Default: none.
-    pub progress: Option<&'a ProgressFn>,
+    pub progress: Option<&'a ProgressFn<'a>>,
     /// Stops the run at the next batch boundary. Default: none.
     pub cancel: Option<&'a CancelToken>,
     /// Called at every step of every batch; for fault-injection tests. Default: none.
-    pub step_hook: Option<&'a StepHookFn>,
+    pub step_hook: Option<&'a StepHookFn<'a>>,
 }
 
 /// One projection to replay into.
@@ -439,7 +439,7 @@ fn apply_batch<E>(
     projection: &mut ProjectionTarget<'_, E>,
     events: &[GlobalEvent<E>],
     state: &WriterState,
-    hook: Option<&StepHookFn>,
+    hook: Option<&StepHookFn<'_>>,
 ) -> Result<u64> {
     let name = projection.db.name().to_string();
     let step = |s: BatchStep| {

@@ -1,0 +1,163 @@
+//! Shared fixtures for the integration tests: a small bank domain with a
+//! deliberately non-idempotent projection (balances are summed, so applying a
+//! batch twice changes the digest), a deterministic log generator, and helpers.
+
+#![allow(dead_code)]
+
+use std::path::Path;
+
+use projectionist::rusqlite::Transaction;
+use projectionist::{
+    BoxError, CheckpointLocation, DigestScope, GlobalEvent, Handler, NewEvent, ProjectionDb,
+    ProjectionTarget, RebuildConfig, RebuildOptions, SqliteEventStore, StreamAppend,
+    projection_digest,
+};
+use serde::Deserialize;
+
+/// Payload of every bank event; which fields are set depends on the type.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+pub struct BankEvent {
+    pub owner: Option<String>,
+    pub cents: Option<i64>,
+}
+
+pub const BANK_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS account (
+    id TEXT PRIMARY KEY, owner TEXT NOT NULL, balance INTEGER NOT NULL, n_tx INTEGER NOT NULL,
+    last_sequence INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS totals (k TEXT PRIMARY KEY, n INTEGER NOT NULL, cents INTEGER NOT NULL);
+";
+
+/// The bank projection. `fail_at` makes it fail on the event with that sequence.
+#[derive(Default)]
+pub struct BankHandler {
+    pub fail_at: Option<u64>,
+}
+
+impl Handler<BankEvent> for BankHandler {
+    fn setup(&mut self, tx: &Transaction<'_>) -> Result<(), BoxError> {
+        tx.execute_batch(BANK_SCHEMA)?;
+        Ok(())
+    }
+
+    fn apply(&mut self, tx: &Transaction<'_>, events: &[GlobalEvent<BankEvent>]) -> Result<(), BoxError> {
+        for event in events {
+            if self.fail_at == Some(event.sequence) {
+                return Err(format!("refusing event {}", event.sequence).into());
+            }
+            apply_one(tx, event)?;
+        }
+        Ok(())
+    }
+}
+
+fn apply_one(tx: &Transaction<'_>, event: &GlobalEvent<BankEvent>) -> Result<(), BoxError> {
+    let seq = event.sequence as i64;
+    match event.event_type.as_str() {
+        "Opened" => {
+            tx.prepare_cached("INSERT INTO account VALUES (?1, ?2, 0, 0, ?3)")?
+                .execute((&event.stream_id, event.data.owner.as_deref().unwrap_or("?"), seq))?;
+        }
+        "Deposited" | "Withdrawn" => {
+            let cents = event.data.cents.unwrap_or(0);
+            let signed = if event.event_type == "Deposited" { cents } else { -cents };
+            tx.prepare_cached(
+                "UPDATE account SET balance = balance + ?2, n_tx = n_tx + 1, last_sequence = ?3
+                 WHERE id = ?1",
+            )?
+            .execute((&event.stream_id, signed, seq))?;
+        }
+        other => return Err(format!("unknown event type {other}").into()),
+    }
+    tx.prepare_cached(
+        "INSERT INTO totals VALUES (?1, 1, ?2)
+         ON CONFLICT (k) DO UPDATE SET n = n + 1, cents = cents + excluded.cents",
+    )?
+    .execute((&event.event_type, event.data.cents.unwrap_or(0)))?;
+    Ok(())
+}
+
+/// Writes a deterministic bank log of `n_events` events over `n_accounts` accounts.
+pub fn write_bank_log(store: &SqliteEventStore, n_events: u64, n_accounts: u64, seed: u64) {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut versions = vec![0u64; n_accounts as usize];
+    let mut written = 0;
+    while written < n_events {
+        let chunk = (n_events - written).min(1000);
+        let mut per_stream: Vec<(String, u64, Vec<NewEvent>)> = Vec::new();
+        for _ in 0..chunk {
+            let account = rng.u64(0..n_accounts) as usize;
+            let stream_id = format!("acc-{account}");
+            let event = if versions[account] == 0 {
+                NewEvent::json("Opened", &serde_json::json!({"owner": format!("owner-{}", account % 17)}))
+            } else if rng.bool() {
+                NewEvent::json("Deposited", &serde_json::json!({"cents": rng.i64(1..10_000)}))
+            } else {
+                NewEvent::json("Withdrawn", &serde_json::json!({"cents": rng.i64(1..5_000)}))
+            }
+            .unwrap();
+            versions[account] += 1;
+            match per_stream.iter_mut().find(|(s, _, _)| *s == stream_id) {
+                Some((_, _, events)) => events.push(event),
+                None => per_stream.push((stream_id, versions[account] - 1, vec![event])),
+            }
+        }
+        let appends: Vec<StreamAppend<'_>> = per_stream
+            .iter()
+            .map(|(stream_id, expected, events)| StreamAppend {
+                stream_id,
+                expected_version: *expected,
+                events,
+            })
+            .collect();
+        store.append_batch(&appends).unwrap();
+        written += chunk;
+    }
+}
+
+/// A store at `path` holding a bank log.
+pub fn bank_store(path: &Path, n_events: u64, seed: u64) -> SqliteEventStore {
+    let store = SqliteEventStore::open(path).unwrap();
+    write_bank_log(&store, n_events, 200, seed);
+    store
+}
+
+/// Digest of a projection's own tables, read through a fresh connection.
+pub fn digest(db: &ProjectionDb) -> String {
+    projection_digest(&db.open_reader().unwrap(), DigestScope::ProjectionTables).unwrap()
+}
+
+/// The checkpoint of consumer `consumer_id`, read through a fresh connection.
+pub fn checkpoint(db: &ProjectionDb, consumer_id: &str) -> u64 {
+    projectionist::SqliteCheckpoint::load_in(&db.open_reader().unwrap(), consumer_id).unwrap()
+}
+
+/// Options with every field given, as our own call sites do.
+pub fn options(batch_size: u32) -> RebuildOptions<'static> {
+    RebuildOptions {
+        batch_size,
+        progress: None,
+        cancel: None,
+        step_hook: None,
+    }
+}
+
+/// A rebuild config for the bank handler with the checkpoint in the file.
+pub fn config<'a>(
+    store: &'a SqliteEventStore,
+    db: &'a ProjectionDb,
+    handler: &'a mut BankHandler,
+    options: RebuildOptions<'a>,
+) -> RebuildConfig<'a, BankEvent> {
+    RebuildConfig {
+        reader: store,
+        projection: ProjectionTarget {
+            db,
+            handler,
+            checkpoint: CheckpointLocation::InFile,
+            consumer_id: "bank",
+        },
+        options,
+    }
+}
