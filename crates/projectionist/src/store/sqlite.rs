@@ -33,7 +33,8 @@ CREATE INDEX IF NOT EXISTS events_type ON events (event_type, sequence);
 /// program writes.
 ///
 /// Every name must be a plain SQL identifier (`[A-Za-z_][A-Za-z0-9_]*`); names are
-/// also quoted, so they are never spliced into SQL as free text. The sequence
+/// also quoted, so they are never spliced into SQL as free text, and a missing
+/// column is an error at open. The sequence
 /// column must hold strictly increasing positive integers in commit order.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EventTableMapping {
@@ -355,7 +356,9 @@ fn mapping_sql(mapping: &EventTableMapping) -> Result<(String, String)> {
             .next()
             .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
         if first_ok && chars.all(|c| c.is_ascii_alphanumeric() || c == '_') && name.len() <= 64 {
-            Ok(format!("\"{name}\""))
+            // Brackets, not double quotes: SQLite reads a double-quoted name that
+            // matches no column as a string literal, which would hide a typo.
+            Ok(format!("[{name}]"))
         } else {
             Err(Error::InvalidOptions(format!(
                 "event table mapping: {name:?} is not a plain SQL identifier"

@@ -1,0 +1,209 @@
+//! `ProjectionDir` on real files: name validation, listing, removal (including a
+//! stale `-wal` that must never bring rows back), and the per-projection lock.
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+
+use common::{BankHandler, bank_store, checkpoint, config, digest, options};
+use projectionist::{Error, ProjectionDir, rebuild};
+
+/// Every file below `root`, as sorted relative paths.
+fn tree(root: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            out.push(path.strip_prefix(root).unwrap().display().to_string());
+            if path.is_dir() {
+                stack.push(path);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn hostile_names_are_rejected_and_touch_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let outside = tmp.path().join("outside");
+    fs::create_dir(&outside).unwrap();
+    fs::write(outside.join("victim.db"), b"keep me").unwrap();
+    let dir = ProjectionDir::open(tmp.path().join("projections")).unwrap();
+    let before = tree(tmp.path());
+    let long = "a".repeat(projectionist::limits::NAME_LEN_MAX + 1);
+    let hostile = [
+        "",
+        ".",
+        "..",
+        "../outside/victim",
+        "../../etc/passwd",
+        "/etc/passwd",
+        "a/b",
+        "a\\b",
+        "..\\outside\\victim",
+        ".hidden",
+        ".orders.lock",
+        "-rf",
+        "nul\0byte",
+        "tab\tname",
+        "new\nline",
+        "esc\u{1b}[31m",
+        "spaced name",
+        "ünïcode",
+        "CON",
+        "com1.db",
+        "a..b",
+        &long,
+    ];
+    assert!(hostile.len() >= 15);
+    for name in hostile {
+        let quoted = format!("{name:?}");
+        for err in [
+            dir.db(name).unwrap_err(),
+            dir.remove(name).unwrap_err(),
+            dir.file_path(name).unwrap_err(),
+        ] {
+            assert!(matches!(err, Error::InvalidName { .. }), "{quoted}: {err:?}");
+            assert!(err.to_string().contains(&quoted), "error quotes the name: {err}");
+        }
+    }
+    assert_eq!(tree(tmp.path()), before, "no file created or deleted");
+    assert_eq!(fs::read(outside.join("victim.db")).unwrap(), b"keep me");
+}
+
+#[test]
+fn list_returns_only_projection_files_sorted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = ProjectionDir::open(tmp.path()).unwrap();
+    for name in ["zeta", "alpha", "mid.v2"] {
+        dir.db(name).unwrap().write(|tx| Ok(tx.execute_batch("CREATE TABLE t (x)")?)).unwrap();
+    }
+    for stray in ["notes.txt", "alpha.db-wal-old", ".x.db", "bad name.db", "x.db-shm", "y.db-wal"] {
+        fs::write(tmp.path().join(stray), b"").unwrap();
+    }
+    fs::create_dir(tmp.path().join("sub.db")).unwrap();
+    let names: Vec<String> = dir.list().unwrap().iter().map(ToString::to_string).collect();
+    assert_eq!(names, ["alpha", "mid.v2", "zeta"]);
+}
+
+#[test]
+fn open_creates_missing_directories() {
+    let tmp = tempfile::tempdir().unwrap();
+    let nested = tmp.path().join("a/b/c");
+    let dir = ProjectionDir::open(&nested).unwrap();
+    dir.db("p").unwrap();
+    assert!(nested.join("p.db").is_file());
+}
+
+#[test]
+fn open_on_a_file_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("file");
+    fs::write(&file, b"x").unwrap();
+    let err = ProjectionDir::open(&file).unwrap_err();
+    assert!(err.to_string().contains("create projection directory"), "{err}");
+}
+
+#[test]
+fn db_twice_shares_one_handle() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = ProjectionDir::open(tmp.path()).unwrap();
+    let a = dir.db("p").unwrap();
+    let b = dir.db("p").unwrap();
+    assert!(std::sync::Arc::ptr_eq(&a, &b));
+}
+
+#[test]
+fn projection_files_use_wal_and_readers_see_committed_rows() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = ProjectionDir::open(tmp.path()).unwrap();
+    let db = dir.db("p").unwrap();
+    db.write(|tx| Ok(tx.execute_batch("CREATE TABLE t (x); INSERT INTO t VALUES (1)")?)).unwrap();
+    let reader = db.open_reader().unwrap();
+    let mode: String = reader.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
+    assert_eq!(mode, "wal");
+    // A write that fails rolls back entirely.
+    let err = db
+        .write(|tx| {
+            tx.execute("INSERT INTO t VALUES (2)", [])?;
+            Err::<(), _>("changed my mind".into())
+        })
+        .unwrap_err();
+    assert!(err.to_string().contains("changed my mind"));
+    let n: i64 = reader.query_row("SELECT COUNT(*) FROM t", [], |r| r.get(0)).unwrap();
+    assert_eq!(n, 1);
+}
+
+#[test]
+fn remove_then_db_is_empty_even_with_a_stale_hot_wal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = bank_store(&tmp.path().join("events.db"), 2_000, 1);
+    let dir = ProjectionDir::open(tmp.path().join("p")).unwrap();
+    let db = dir.db("bank").unwrap();
+    rebuild(config(&store, &db, &mut BankHandler::default(), options(100))).unwrap();
+    let empty_digest = {
+        let fresh = dir.db("fresh").unwrap();
+        digest(&fresh)
+    };
+    assert_ne!(digest(&db), empty_digest);
+    // While the writer is open, the committed rows sit in the -wal: keep a copy of
+    // it, as a crashed process would leave it behind.
+    let wal = tmp.path().join("p/bank.db-wal");
+    let saved = tmp.path().join("saved-wal");
+    assert!(fs::metadata(&wal).unwrap().len() > 0, "rows are in the hot wal");
+    fs::copy(&wal, &saved).unwrap();
+    drop(db);
+
+    dir.remove("bank").unwrap();
+    for leftover in ["bank.db", "bank.db-wal", "bank.db-shm"] {
+        assert!(!tmp.path().join("p").join(leftover).exists(), "{leftover} removed");
+    }
+    // The stale wal comes back beside the missing database.
+    fs::copy(&saved, &wal).unwrap();
+    let db = dir.db("bank").unwrap();
+    let reader = db.open_reader().unwrap();
+    let tables: i64 = reader
+        .query_row("SELECT COUNT(*) FROM sqlite_master WHERE name IN ('account', 'totals')", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(tables, 0, "no old table came back");
+    assert_eq!(checkpoint(&db, "bank"), 0);
+    assert_eq!(digest(&db), empty_digest);
+    let check: String = reader.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
+    assert_eq!(check, "ok");
+}
+
+#[test]
+fn remove_closes_handles_and_remove_all_empties_the_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = ProjectionDir::open(tmp.path()).unwrap();
+    let held = dir.db("a").unwrap();
+    dir.db("b").unwrap();
+    dir.remove("a").unwrap();
+    let err = held.write(|_| Ok(())).unwrap_err();
+    assert!(matches!(err, Error::Closed { .. }), "{err:?}");
+    dir.remove("never-existed").unwrap();
+    assert_eq!(dir.list().unwrap().len(), 1);
+    dir.remove_all().unwrap();
+    assert!(dir.list().unwrap().is_empty());
+    assert!(tree(tmp.path()).iter().all(|f| f.ends_with(".lock")), "{:?}", tree(tmp.path()));
+}
+
+#[test]
+fn a_second_directory_handle_gets_the_lock_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let first = ProjectionDir::open(tmp.path()).unwrap();
+    let _db = first.db("orders").unwrap();
+    let second = ProjectionDir::open(tmp.path()).unwrap();
+    let err = second.db("orders").unwrap_err();
+    assert!(matches!(err, Error::Locked { .. }), "{err:?}");
+    assert!(err.to_string().contains("projection orders is locked by another process"), "{err}");
+    let err = second.remove("orders").unwrap_err();
+    assert!(matches!(err, Error::Locked { .. }), "{err:?}");
+    assert!(tmp.path().join("orders.db").exists(), "a locked projection is not removed");
+    first.close().unwrap();
+    second.db("orders").unwrap();
+}
