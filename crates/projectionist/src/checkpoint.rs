@@ -69,9 +69,11 @@ impl SqliteCheckpoint {
             .and_then(|mut stmt| stmt.query_row([consumer_id], |row| row.get(0)).optional())
             .map_err(Error::sqlite(format!("load checkpoint of {consumer_id}")))?;
         let sequence = sequence.unwrap_or(0);
-        u64::try_from(sequence).map_err(|_| Error::CorruptStore(format!(
-            "checkpoint of {consumer_id} is negative ({sequence})"
-        )))
+        u64::try_from(sequence).map_err(|_| {
+            Error::CorruptStore(format!(
+                "checkpoint of {consumer_id} is negative ({sequence})"
+            ))
+        })
     }
 
     /// Moves a checkpoint forward inside the caller's transaction.
@@ -108,15 +110,19 @@ impl SqliteCheckpoint {
     /// [`Error::Sqlite`].
     pub fn reset_in(tx: &Transaction<'_>, consumer_id: &str) -> Result<()> {
         validate_consumer_id(consumer_id)?;
-        tx.execute("DELETE FROM _checkpoint WHERE consumer_id = ?1", [consumer_id])
-            .map_err(Error::sqlite(format!("reset checkpoint of {consumer_id}")))?;
+        tx.execute(
+            "DELETE FROM _checkpoint WHERE consumer_id = ?1",
+            [consumer_id],
+        )
+        .map_err(Error::sqlite(format!("reset checkpoint of {consumer_id}")))?;
         Ok(())
     }
 }
 
 impl Checkpoint for SqliteCheckpoint {
     fn load(&self, consumer_id: &str) -> Result<u64> {
-        self.db.with_connection(|conn| Self::load_in(conn, consumer_id))
+        self.db
+            .with_connection(|conn| Self::load_in(conn, consumer_id))
     }
 
     fn save(&self, consumer_id: &str, sequence: u64) -> Result<()> {

@@ -42,12 +42,18 @@ pub fn projection_digest(conn: &Connection, scope: DigestScope) -> Result<String
         }
         hash_table(conn, &table, &mut hasher).map_err(Error::sqlite(step()))?;
     }
-    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
 }
 
 fn hash_table(conn: &Connection, table: &str, hasher: &mut Sha256) -> rusqlite::Result<()> {
     let quoted = table.replace('"', "\"\"");
-    let n_columns = conn.prepare(&format!("SELECT * FROM \"{quoted}\""))?.column_count();
+    let n_columns = conn
+        .prepare(&format!("SELECT * FROM \"{quoted}\""))?
+        .column_count();
     let order: Vec<String> = (1..=n_columns).map(|i| i.to_string()).collect();
     let sql = if n_columns == 0 {
         format!("SELECT * FROM \"{quoted}\"")

@@ -98,7 +98,8 @@ impl ProjectionDir {
     /// # Errors
     /// [`Error::Io`] when the directory cannot be read.
     pub fn list(&self) -> Result<Vec<ProjectionName>> {
-        let entries = fs::read_dir(&self.path).map_err(Error::io("list projections in", &self.path))?;
+        let entries =
+            fs::read_dir(&self.path).map_err(Error::io("list projections in", &self.path))?;
         let mut names = Vec::new();
         for entry in entries {
             let entry = entry.map_err(Error::io("list projections in", &self.path))?;
@@ -275,7 +276,11 @@ impl ProjectionDb {
                 source,
             })?;
         }
-        Ok(self.lock.lock().unwrap_or_else(PoisonError::into_inner).take())
+        Ok(self
+            .lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take())
     }
 }
 

@@ -129,7 +129,9 @@ pub enum Error {
     },
 
     /// A rebuild stopped by its cancellation token at a batch boundary.
-    #[error("projection {name}: cancelled; committed through sequence {committed}, resume continues from there")]
+    #[error(
+        "projection {name}: cancelled; committed through sequence {committed}, resume continues from there"
+    )]
     Cancelled {
         /// The projection.
         name: String,

@@ -25,7 +25,9 @@ use crate::dir::{ProjectionDb, begin_immediate};
 use crate::error::{BoxError, Error, Result};
 use crate::event::GlobalEvent;
 use crate::handler::Handler;
-use crate::limits::{BATCH_SIZE_DEFAULT, BATCH_SIZE_MAX, CHANNEL_BATCHES_MAX, CONCURRENT_REBUILDS_MAX};
+use crate::limits::{
+    BATCH_SIZE_DEFAULT, BATCH_SIZE_MAX, CHANNEL_BATCHES_MAX, CONCURRENT_REBUILDS_MAX,
+};
 use crate::progress::{BatchStep, CancelToken, Progress, ProgressFn, StepHookFn};
 use crate::reader::GlobalReader;
 
@@ -111,7 +113,12 @@ pub struct RebuildResult {
 /// [`Error::Replay`] or [`Error::Cancelled`] naming the last committed sequence,
 /// from which [`resume`] continues.
 pub fn rebuild<E: Send + Sync>(config: RebuildConfig<'_, E>) -> Result<RebuildResult> {
-    let mut results = run(config.reader, vec![config.projection], &config.options, Start::Reset);
+    let mut results = run(
+        config.reader,
+        vec![config.projection],
+        &config.options,
+        Start::Reset,
+    );
     results.pop().expect("one result per projection")
 }
 
@@ -121,7 +128,12 @@ pub fn rebuild<E: Send + Sync>(config: RebuildConfig<'_, E>) -> Result<RebuildRe
 /// # Errors
 /// As [`rebuild`].
 pub fn resume<E: Send + Sync>(config: RebuildConfig<'_, E>) -> Result<RebuildResult> {
-    let mut results = run(config.reader, vec![config.projection], &config.options, Start::Resume);
+    let mut results = run(
+        config.reader,
+        vec![config.projection],
+        &config.options,
+        Start::Resume,
+    );
     results.pop().expect("one result per projection")
 }
 
@@ -138,12 +150,18 @@ pub fn rebuild_concurrent<E: Send + Sync>(
     let results: Mutex<Vec<Option<Result<RebuildResult>>>> =
         Mutex::new((0..n_configs).map(|_| None).collect());
     let workers = n_configs.min(CONCURRENT_REBUILDS_MAX as usize);
-    assert!(workers <= CONCURRENT_REBUILDS_MAX as usize, "too many workers: {workers}");
+    assert!(
+        workers <= CONCURRENT_REBUILDS_MAX as usize,
+        "too many workers: {workers}"
+    );
     thread::scope(|scope| {
         for _ in 0..workers {
             scope.spawn(|| {
                 loop {
-                    let next = queue.lock().unwrap_or_else(PoisonError::into_inner).pop_front();
+                    let next = queue
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .pop_front();
                     let Some((idx, config)) = next else { break };
                     let result = rebuild(config);
                     results.lock().unwrap_or_else(PoisonError::into_inner)[idx] = Some(result);
@@ -152,7 +170,10 @@ pub fn rebuild_concurrent<E: Send + Sync>(
         }
     });
     let results = results.into_inner().unwrap_or_else(PoisonError::into_inner);
-    results.into_iter().map(|r| r.expect("every config ran")).collect()
+    results
+        .into_iter()
+        .map(|r| r.expect("every config ran"))
+        .collect()
 }
 
 /// Rebuilds several projections from ONE read of the log: each batch is read and
@@ -247,15 +268,26 @@ fn run_group<E: Send + Sync>(
     options: &RebuildOptions<'_>,
     start: Start,
 ) -> Vec<Result<RebuildResult>> {
-    assert!(group.len() <= CONCURRENT_REBUILDS_MAX as usize, "group of {}", group.len());
+    assert!(
+        group.len() <= CONCURRENT_REBUILDS_MAX as usize,
+        "group of {}",
+        group.len()
+    );
     let total = match reader.head() {
         Ok(head) => head,
         Err(e) => {
             let e = Arc::new(e);
-            return group.iter().map(|p| Err(replay_error(p, Arc::clone(&e)))).collect();
+            return group
+                .iter()
+                .map(|p| Err(replay_error(p, Arc::clone(&e))))
+                .collect();
         }
     };
-    let context = RunContext { options, start, total };
+    let context = RunContext {
+        options,
+        start,
+        total,
+    };
     thread::scope(|scope| {
         let (start_tx, start_rx) = mpsc::channel::<Option<u64>>();
         let mut senders = Vec::with_capacity(group.len());
@@ -264,7 +296,9 @@ fn run_group<E: Send + Sync>(
             let (batch_tx, batch_rx) = mpsc::sync_channel(CHANNEL_BATCHES_MAX);
             let start_tx = start_tx.clone();
             let context = &context;
-            writers.push(scope.spawn(move || write_projection(projection, &batch_rx, start_tx, context)));
+            writers.push(
+                scope.spawn(move || write_projection(projection, &batch_rx, start_tx, context)),
+            );
             senders.push(Some(batch_tx));
         }
         drop(start_tx);
@@ -277,7 +311,10 @@ fn run_group<E: Send + Sync>(
         drop(senders);
         writers
             .into_iter()
-            .map(|w| w.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+            .map(|w| {
+                w.join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
             .collect()
     })
 }
@@ -404,18 +441,33 @@ fn apply_all<E>(
     let name = projection.db.name().to_string();
     loop {
         let message = batches.recv();
-        if context.options.cancel.is_some_and(CancelToken::is_cancelled) {
-            return Err(Error::Cancelled { name, committed: state.committed });
+        if context
+            .options
+            .cancel
+            .is_some_and(CancelToken::is_cancelled)
+        {
+            return Err(Error::Cancelled {
+                name,
+                committed: state.committed,
+            });
         }
         let batch = match message {
             Ok(Message::Batch(batch)) => batch,
             Ok(Message::End) => return Ok(()),
             Ok(Message::Failed(source)) => {
-                return Err(Error::Replay { name, committed: state.committed, source });
+                return Err(Error::Replay {
+                    name,
+                    committed: state.committed,
+                    source,
+                });
             }
             Err(mpsc::RecvError) => {
                 let source = Arc::new(Error::InvalidOptions("the event reader stopped".into()));
-                return Err(Error::Replay { name, committed: state.committed, source });
+                return Err(Error::Replay {
+                    name,
+                    committed: state.committed,
+                    source,
+                });
             }
         };
         // Skip what this projection already has (projections resumed from
@@ -427,7 +479,11 @@ fn apply_all<E>(
         }
         state.batches += 1;
         let last = apply_batch(projection, events, state, context.options.step_hook)?;
-        assert!(last > state.committed, "checkpoint went back: {} -> {last}", state.committed);
+        assert!(
+            last > state.committed,
+            "checkpoint went back: {} -> {last}",
+            state.committed
+        );
         state.committed = last;
         state.processed += events.len() as u64;
         report(context, &name, state, false, None);
@@ -486,7 +542,8 @@ fn begin_run<E>(projection: &mut ProjectionTarget<'_, E>, start: Start) -> Resul
     let name = projection.db.name().to_string();
     let consumer_id = projection.consumer_id;
     let handler = &mut *projection.handler;
-    if let (Start::Reset, CheckpointLocation::External(checkpoint)) = (start, projection.checkpoint) {
+    if let (Start::Reset, CheckpointLocation::External(checkpoint)) = (start, projection.checkpoint)
+    {
         // Reset the checkpoint before the tables: a crash in between replays
         // events onto old rows (at-least-once) instead of skipping them.
         checkpoint.reset(consumer_id)?;
@@ -557,8 +614,16 @@ fn call_handler<E>(
     }
 }
 
-fn report(context: &RunContext<'_>, name: &str, state: &WriterState, done: bool, err: Option<&Error>) {
-    let Some(progress) = context.options.progress else { return };
+fn report(
+    context: &RunContext<'_>,
+    name: &str,
+    state: &WriterState,
+    done: bool,
+    err: Option<&Error>,
+) {
+    let Some(progress) = context.options.progress else {
+        return;
+    };
     progress(&Progress {
         projection_name: name.to_owned(),
         processed: state.processed,

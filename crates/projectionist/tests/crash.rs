@@ -34,18 +34,38 @@ const CHILD_ENV: &str = "PROJECTIONIST_CHILD";
 /// Exit code of a child that found the projection locked.
 const EXIT_LOCKED: i32 = 3;
 
+type TestFn = fn() -> Result<(), String>;
+
 fn main() {
     if let Ok(role) = std::env::var(CHILD_ENV) {
         child(&role);
         return;
     }
-    let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
-    let tests: [(&str, fn() -> Result<(), String>); 5] = [
-        ("second_process_gets_the_lock_error", second_process_gets_the_lock_error),
-        ("hot_wal_of_a_crashed_writer_is_removed", hot_wal_of_a_crashed_writer_is_removed),
-        ("crash_points_resume_to_the_same_digest", crash_points_resume_to_the_same_digest),
-        ("crash_points_catch_a_torn_batch", crash_points_catch_a_torn_batch),
-        ("random_sigkills_resume_to_the_same_digest", random_sigkills_resume_to_the_same_digest),
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let tests: [(&str, TestFn); 5] = [
+        (
+            "second_process_gets_the_lock_error",
+            second_process_gets_the_lock_error,
+        ),
+        (
+            "hot_wal_of_a_crashed_writer_is_removed",
+            hot_wal_of_a_crashed_writer_is_removed,
+        ),
+        (
+            "crash_points_resume_to_the_same_digest",
+            crash_points_resume_to_the_same_digest,
+        ),
+        (
+            "crash_points_catch_a_torn_batch",
+            crash_points_catch_a_torn_batch,
+        ),
+        (
+            "random_sigkills_resume_to_the_same_digest",
+            random_sigkills_resume_to_the_same_digest,
+        ),
     ];
     let (mut passed, mut failed) = (0, 0);
     for (name, test) in tests {
@@ -56,7 +76,10 @@ fn main() {
         match test() {
             Ok(()) => {
                 passed += 1;
-                println!("test {name} ... ok ({:.1}s)", started.elapsed().as_secs_f64());
+                println!(
+                    "test {name} ... ok ({:.1}s)",
+                    started.elapsed().as_secs_f64()
+                );
             }
             Err(why) => {
                 failed += 1;
@@ -115,19 +138,27 @@ fn run_bank_child(role: &str, args: &[String]) {
     let dir = ProjectionDir::open(&args[1]).unwrap();
     let batch_size: u32 = args[2].parse().unwrap();
     let separate = args[3] == "separate";
-    let crash_at: Option<(String, u64)> = args.get(4).map(|step| (step.clone(), args[5].parse().unwrap()));
+    let crash_at: Option<(String, u64)> = args
+        .get(4)
+        .map(|step| (step.clone(), args[5].parse().unwrap()));
     let hook = move |_: &str, step: BatchStep, batch: u64| {
-        if let Some((name, at)) = &crash_at {
-            if step.as_str() == name && batch == *at {
-                // abort, not panic: a crash runs no destructors and no rollback.
-                std::process::abort();
-            }
+        if let Some((name, at)) = &crash_at
+            && step.as_str() == name
+            && batch == *at
+        {
+            // abort, not panic: a crash runs no destructors and no rollback.
+            std::process::abort();
         }
     };
     let db = dir.db("bank").unwrap();
     let external = SqliteCheckpoint::new(db.clone());
     let mut handler = BankHandler::default();
-    let options = RebuildOptions { batch_size, progress: None, cancel: None, step_hook: Some(&hook) };
+    let options = RebuildOptions {
+        batch_size,
+        progress: None,
+        cancel: None,
+        step_hook: Some(&hook),
+    };
     let config = if separate {
         RebuildConfig {
             reader: &store,
@@ -142,7 +173,11 @@ fn run_bank_child(role: &str, args: &[String]) {
     } else {
         config(&store, &db, &mut handler, options)
     };
-    let result = if role == "rebuild" { rebuild(config) } else { resume(config) };
+    let result = if role == "rebuild" {
+        rebuild(config)
+    } else {
+        resume(config)
+    };
     result.unwrap();
 }
 
@@ -179,16 +214,27 @@ fn bank(n_events: u64, batch_size: u32) -> Bank {
     let store = bank_store(&store_path, n_events, 11);
     let dir = ProjectionDir::open(tmp.path().join("reference")).unwrap();
     let db = dir.db("bank").unwrap();
-    let options = RebuildOptions { batch_size, progress: None, cancel: None, step_hook: None };
+    let options = RebuildOptions {
+        batch_size,
+        progress: None,
+        cancel: None,
+        step_hook: None,
+    };
     rebuild(config(&store, &db, &mut BankHandler::default(), options)).unwrap();
     let reference = full_digest(&tmp.path().join("reference")).unwrap();
-    Bank { _tmp: tmp, store: store_path, reference, n_events }
+    Bank {
+        _tmp: tmp,
+        store: store_path,
+        reference,
+        n_events,
+    }
 }
 
 /// Digest of the projection's tables AND its `_checkpoint`, opened afresh (as a
 /// new process would, so a hot wal is recovered first).
 fn full_digest(dir: &Path) -> Result<String, String> {
-    let conn = projectionist::rusqlite::Connection::open(dir.join("bank.db")).map_err(|e| e.to_string())?;
+    let conn = projectionist::rusqlite::Connection::open(dir.join("bank.db"))
+        .map_err(|e| e.to_string())?;
     projection_digest(&conn, DigestScope::All).map_err(|e| e.to_string())
 }
 
@@ -198,26 +244,42 @@ fn check_torn(dir: &Path) -> Result<(), String> {
     if !dir.join("bank.db").exists() {
         return Ok(()); // killed before the projection file was created
     }
-    let conn = projectionist::rusqlite::Connection::open(dir.join("bank.db")).map_err(|e| e.to_string())?;
+    let conn = projectionist::rusqlite::Connection::open(dir.join("bank.db"))
+        .map_err(|e| e.to_string())?;
     let checkpoint = SqliteCheckpoint::load_in(&conn, "bank").map_err(|e| e.to_string())?;
     let has_totals: bool = conn
-        .query_row("SELECT COUNT(*) > 0 FROM sqlite_master WHERE name = 'totals'", [], |r| r.get(0))
+        .query_row(
+            "SELECT COUNT(*) > 0 FROM sqlite_master WHERE name = 'totals'",
+            [],
+            |r| r.get(0),
+        )
         .map_err(|e| e.to_string())?;
     let applied: i64 = if has_totals {
-        conn.query_row("SELECT COALESCE(SUM(n), 0) FROM totals", [], |r| r.get(0)).map_err(|e| e.to_string())?
+        conn.query_row("SELECT COALESCE(SUM(n), 0) FROM totals", [], |r| r.get(0))
+            .map_err(|e| e.to_string())?
     } else {
         0
     };
     if applied as u64 == checkpoint {
         Ok(())
     } else {
-        Err(format!("torn batch: rows hold {applied} events but the checkpoint says {checkpoint}"))
+        Err(format!(
+            "torn batch: rows hold {applied} events but the checkpoint says {checkpoint}"
+        ))
     }
 }
 
 /// Resumes in a child until it succeeds, then compares with the reference.
-fn resume_and_compare(bank: &Bank, dir: &Path, batch: &str, checkpoint: &str) -> Result<(), String> {
-    let status = run_child("resume", &[path_str(&bank.store), path_str(dir), batch, checkpoint]);
+fn resume_and_compare(
+    bank: &Bank,
+    dir: &Path,
+    batch: &str,
+    checkpoint: &str,
+) -> Result<(), String> {
+    let status = run_child(
+        "resume",
+        &[path_str(&bank.store), path_str(dir), batch, checkpoint],
+    );
     if !status.success() {
         return Err(format!("resume failed: {status}"));
     }
@@ -225,7 +287,10 @@ fn resume_and_compare(bank: &Bank, dir: &Path, batch: &str, checkpoint: &str) ->
     if digest == bank.reference {
         Ok(())
     } else {
-        Err(format!("digest after resume {digest} differs from the uninterrupted {}", bank.reference))
+        Err(format!(
+            "digest after resume {digest} differs from the uninterrupted {}",
+            bank.reference
+        ))
     }
 }
 
@@ -240,23 +305,38 @@ fn second_process_gets_the_lock_error() -> Result<(), String> {
     let dir_path = path_str(tmp.path());
     let mut holder = spawn_child("hold-lock", &[dir_path, "orders"]);
     let mut line = String::new();
-    BufReader::new(holder.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    if line.trim() != "locked" {
-        return Err(format!("holder said {line:?}"));
-    }
-    // This process, and a third one, are refused while the holder lives.
-    let dir = ProjectionDir::open(tmp.path()).unwrap();
-    match dir.db("orders") {
-        Err(e @ Error::Locked { .. }) if e.to_string().contains("projection orders is locked by another process") => {}
-        other => return Err(format!("expected the lock error, got {other:?}")),
-    }
-    let third = run_child("hold-lock", &[dir_path, "orders"]);
-    if third.code() != Some(EXIT_LOCKED) {
-        return Err(format!("third process exited {third}, expected the lock error"));
-    }
+    BufReader::new(holder.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let result = refused_while_held(tmp.path(), &line);
     drop(holder.stdin.take());
     holder.wait().unwrap();
-    dir.db("orders").map(|_| ()).map_err(|e| format!("after the holder exited: {e}"))
+    result?;
+    let dir = ProjectionDir::open(tmp.path()).unwrap();
+    dir.db("orders")
+        .map(|_| ())
+        .map_err(|e| format!("after the holder exited: {e}"))
+}
+
+/// While the holder lives, this process and a third one are refused.
+fn refused_while_held(dir_path: &Path, holder_said: &str) -> Result<(), String> {
+    if holder_said.trim() != "locked" {
+        return Err(format!("holder said {holder_said:?}"));
+    }
+    let dir = ProjectionDir::open(dir_path).unwrap();
+    match dir.db("orders") {
+        Err(e @ Error::Locked { .. })
+            if e.to_string()
+                .contains("projection orders is locked by another process") => {}
+        other => return Err(format!("expected the lock error, got {other:?}")),
+    }
+    let third = run_child("hold-lock", &[path_str(dir_path), "orders"]);
+    if third.code() != Some(EXIT_LOCKED) {
+        return Err(format!(
+            "third process exited {third}, expected the lock error"
+        ));
+    }
+    Ok(())
 }
 
 fn hot_wal_of_a_crashed_writer_is_removed() -> Result<(), String> {
@@ -274,11 +354,17 @@ fn hot_wal_of_a_crashed_writer_is_removed() -> Result<(), String> {
     let db = dir.db("p").map_err(|e| e.to_string())?;
     let conn = db.open_reader().map_err(|e| e.to_string())?;
     let old: i64 = conn
-        .query_row("SELECT COUNT(*) FROM sqlite_master WHERE name = 'old'", [], |r| r.get(0))
+        .query_row(
+            "SELECT COUNT(*) FROM sqlite_master WHERE name = 'old'",
+            [],
+            |r| r.get(0),
+        )
         .map_err(|e| e.to_string())?;
     let checkpoint = SqliteCheckpoint::load_in(&conn, "c").map_err(|e| e.to_string())?;
     if old != 0 || checkpoint != 0 {
-        return Err(format!("old data came back: table old {old}, checkpoint {checkpoint}"));
+        return Err(format!(
+            "old data came back: table old {old}, checkpoint {checkpoint}"
+        ));
     }
     Ok(())
 }
@@ -292,7 +378,10 @@ fn crash_point_failures(checkpoint: &str) -> Vec<String> {
     let mut failures = Vec::new();
     for batch_no in [1, n_batches / 2, n_batches] {
         for step in BatchStep::ALL {
-            let dir = bank._tmp.path().join(format!("{checkpoint}-{}-{batch_no}", step.as_str()));
+            let dir = bank
+                ._tmp
+                .path()
+                .join(format!("{checkpoint}-{}-{batch_no}", step.as_str()));
             let args = [
                 path_str(&bank.store),
                 path_str(&dir),
@@ -307,7 +396,8 @@ fn crash_point_failures(checkpoint: &str) -> Vec<String> {
                 failures.push(format!("{point}: the child did not crash"));
                 continue;
             }
-            let outcome = check_torn(&dir).and_then(|()| resume_and_compare(&bank, &dir, "100", checkpoint));
+            let outcome =
+                check_torn(&dir).and_then(|()| resume_and_compare(&bank, &dir, "100", checkpoint));
             if let Err(why) = outcome {
                 failures.push(format!("{point}: {why}"));
             }
@@ -318,19 +408,28 @@ fn crash_point_failures(checkpoint: &str) -> Vec<String> {
 
 fn crash_points_resume_to_the_same_digest() -> Result<(), String> {
     let failures = crash_point_failures("in-file");
-    if failures.is_empty() { Ok(()) } else { Err(failures.join("\n    ")) }
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(failures.join("\n    "))
+    }
 }
 
 fn crash_points_catch_a_torn_batch() -> Result<(), String> {
     // The broken variant commits the batch, then the checkpoint in a separate
     // transaction. A crash between the two must be caught.
     let failures = crash_point_failures("separate");
-    let caught = failures.iter().filter(|f| f.starts_with("committed of batch")).count();
+    let caught = failures
+        .iter()
+        .filter(|f| f.starts_with("committed of batch"))
+        .count();
     if caught == 3 {
         println!("    negative control caught: {}", failures.join("; "));
         Ok(())
     } else {
-        Err(format!("the broken variant was caught at {caught} of 3 crash points: {failures:?}"))
+        Err(format!(
+            "the broken variant was caught at {caught} of 3 crash points: {failures:?}"
+        ))
     }
 }
 
@@ -338,18 +437,38 @@ fn random_sigkills_resume_to_the_same_digest() -> Result<(), String> {
     let seed: u64 = std::env::var("PROJECTIONIST_SEED")
         .ok()
         .map(|s| s.parse().expect("PROJECTIONIST_SEED is a number"))
-        .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64);
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
     let iterations: u32 = std::env::var("PROJECTIONIST_KILL_ITERATIONS")
         .ok()
-        .map(|s| s.parse().expect("PROJECTIONIST_KILL_ITERATIONS is a number"))
+        .map(|s| {
+            s.parse()
+                .expect("PROJECTIONIST_KILL_ITERATIONS is a number")
+        })
         .unwrap_or(50);
-    println!("    random kills: seed {seed} (replay with PROJECTIONIST_SEED={seed}), {iterations} iterations");
+    println!(
+        "    random kills: seed {seed} (replay with PROJECTIONIST_SEED={seed}), {iterations} iterations"
+    );
     let mut rng = fastrand::Rng::with_seed(seed);
     let bank = bank(20_000, 50);
     // How long an uninterrupted child takes, so kills land across the whole run.
     let started = Instant::now();
     let calibration = bank._tmp.path().join("calibration");
-    if !run_child("rebuild", &[path_str(&bank.store), path_str(&calibration), "50", "in-file"]).success() {
+    if !run_child(
+        "rebuild",
+        &[
+            path_str(&bank.store),
+            path_str(&calibration),
+            "50",
+            "in-file",
+        ],
+    )
+    .success()
+    {
         return Err("calibration run failed".into());
     }
     let full_ms = started.elapsed().as_millis().max(1) as u64;
@@ -357,22 +476,30 @@ fn random_sigkills_resume_to_the_same_digest() -> Result<(), String> {
     for iteration in 0..iterations {
         let dir = bank._tmp.path().join(format!("kill-{iteration}"));
         let delay = Duration::from_millis(rng.u64(0..full_ms));
-        let mut child = spawn_child("rebuild", &[path_str(&bank.store), path_str(&dir), "50", "in-file"]);
+        let mut child = spawn_child(
+            "rebuild",
+            &[path_str(&bank.store), path_str(&dir), "50", "in-file"],
+        );
         std::thread::sleep(delay);
         if child.try_wait().unwrap().is_none() {
             mid_run += 1;
         }
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
-        let outcome = check_torn(&dir).and_then(|()| resume_and_compare(&bank, &dir, "50", "in-file"));
+        let outcome =
+            check_torn(&dir).and_then(|()| resume_and_compare(&bank, &dir, "50", "in-file"));
         if let Err(why) = outcome {
-            return Err(format!("seed {seed}, iteration {iteration}, kill after {delay:?}: {why}"));
+            return Err(format!(
+                "seed {seed}, iteration {iteration}, kill after {delay:?}: {why}"
+            ));
         }
         let _ = std::fs::remove_dir_all(&dir);
     }
     println!("    {mid_run} of {iterations} kills landed mid-rebuild (full run {full_ms} ms)");
     if mid_run * 2 < iterations {
-        return Err(format!("only {mid_run} of {iterations} kills landed mid-rebuild"));
+        return Err(format!(
+            "only {mid_run} of {iterations} kills landed mid-rebuild"
+        ));
     }
     Ok(())
 }

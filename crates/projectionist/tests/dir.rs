@@ -67,8 +67,14 @@ fn hostile_names_are_rejected_and_touch_nothing() {
             dir.remove(name).unwrap_err(),
             dir.file_path(name).unwrap_err(),
         ] {
-            assert!(matches!(err, Error::InvalidName { .. }), "{quoted}: {err:?}");
-            assert!(err.to_string().contains(&quoted), "error quotes the name: {err}");
+            assert!(
+                matches!(err, Error::InvalidName { .. }),
+                "{quoted}: {err:?}"
+            );
+            assert!(
+                err.to_string().contains(&quoted),
+                "error quotes the name: {err}"
+            );
         }
     }
     assert_eq!(tree(tmp.path()), before, "no file created or deleted");
@@ -80,13 +86,28 @@ fn list_returns_only_projection_files_sorted() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = ProjectionDir::open(tmp.path()).unwrap();
     for name in ["zeta", "alpha", "mid.v2"] {
-        dir.db(name).unwrap().write(|tx| Ok(tx.execute_batch("CREATE TABLE t (x)")?)).unwrap();
+        dir.db(name)
+            .unwrap()
+            .write(|tx| Ok(tx.execute_batch("CREATE TABLE t (x)")?))
+            .unwrap();
     }
-    for stray in ["notes.txt", "alpha.db-wal-old", ".x.db", "bad name.db", "x.db-shm", "y.db-wal"] {
+    for stray in [
+        "notes.txt",
+        "alpha.db-wal-old",
+        ".x.db",
+        "bad name.db",
+        "x.db-shm",
+        "y.db-wal",
+    ] {
         fs::write(tmp.path().join(stray), b"").unwrap();
     }
     fs::create_dir(tmp.path().join("sub.db")).unwrap();
-    let names: Vec<String> = dir.list().unwrap().iter().map(ToString::to_string).collect();
+    let names: Vec<String> = dir
+        .list()
+        .unwrap()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
     assert_eq!(names, ["alpha", "mid.v2", "zeta"]);
 }
 
@@ -105,7 +126,10 @@ fn open_on_a_file_is_a_clear_error() {
     let file = tmp.path().join("file");
     fs::write(&file, b"x").unwrap();
     let err = ProjectionDir::open(&file).unwrap_err();
-    assert!(err.to_string().contains("create projection directory"), "{err}");
+    assert!(
+        err.to_string().contains("create projection directory"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -122,9 +146,12 @@ fn projection_files_use_wal_and_readers_see_committed_rows() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = ProjectionDir::open(tmp.path()).unwrap();
     let db = dir.db("p").unwrap();
-    db.write(|tx| Ok(tx.execute_batch("CREATE TABLE t (x); INSERT INTO t VALUES (1)")?)).unwrap();
+    db.write(|tx| Ok(tx.execute_batch("CREATE TABLE t (x); INSERT INTO t VALUES (1)")?))
+        .unwrap();
     let reader = db.open_reader().unwrap();
-    let mode: String = reader.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
+    let mode: String = reader
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .unwrap();
     assert_eq!(mode, "wal");
     // A write that fails rolls back entirely.
     let err = db
@@ -134,7 +161,9 @@ fn projection_files_use_wal_and_readers_see_committed_rows() {
         })
         .unwrap_err();
     assert!(err.to_string().contains("changed my mind"));
-    let n: i64 = reader.query_row("SELECT COUNT(*) FROM t", [], |r| r.get(0)).unwrap();
+    let n: i64 = reader
+        .query_row("SELECT COUNT(*) FROM t", [], |r| r.get(0))
+        .unwrap();
     assert_eq!(n, 1);
 }
 
@@ -144,7 +173,13 @@ fn remove_then_db_is_empty_even_with_a_stale_hot_wal() {
     let store = bank_store(&tmp.path().join("events.db"), 2_000, 1);
     let dir = ProjectionDir::open(tmp.path().join("p")).unwrap();
     let db = dir.db("bank").unwrap();
-    rebuild(config(&store, &db, &mut BankHandler::default(), options(100))).unwrap();
+    rebuild(config(
+        &store,
+        &db,
+        &mut BankHandler::default(),
+        options(100),
+    ))
+    .unwrap();
     let empty_digest = {
         let fresh = dir.db("fresh").unwrap();
         digest(&fresh)
@@ -154,25 +189,37 @@ fn remove_then_db_is_empty_even_with_a_stale_hot_wal() {
     // it, as a crashed process would leave it behind.
     let wal = tmp.path().join("p/bank.db-wal");
     let saved = tmp.path().join("saved-wal");
-    assert!(fs::metadata(&wal).unwrap().len() > 0, "rows are in the hot wal");
+    assert!(
+        fs::metadata(&wal).unwrap().len() > 0,
+        "rows are in the hot wal"
+    );
     fs::copy(&wal, &saved).unwrap();
     drop(db);
 
     dir.remove("bank").unwrap();
     for leftover in ["bank.db", "bank.db-wal", "bank.db-shm"] {
-        assert!(!tmp.path().join("p").join(leftover).exists(), "{leftover} removed");
+        assert!(
+            !tmp.path().join("p").join(leftover).exists(),
+            "{leftover} removed"
+        );
     }
     // The stale wal comes back beside the missing database.
     fs::copy(&saved, &wal).unwrap();
     let db = dir.db("bank").unwrap();
     let reader = db.open_reader().unwrap();
     let tables: i64 = reader
-        .query_row("SELECT COUNT(*) FROM sqlite_master WHERE name IN ('account', 'totals')", [], |r| r.get(0))
+        .query_row(
+            "SELECT COUNT(*) FROM sqlite_master WHERE name IN ('account', 'totals')",
+            [],
+            |r| r.get(0),
+        )
         .unwrap();
     assert_eq!(tables, 0, "no old table came back");
     assert_eq!(checkpoint(&db, "bank"), 0);
     assert_eq!(digest(&db), empty_digest);
-    let check: String = reader.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
+    let check: String = reader
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
     assert_eq!(check, "ok");
 }
 
@@ -189,7 +236,11 @@ fn remove_closes_handles_and_remove_all_empties_the_directory() {
     assert_eq!(dir.list().unwrap().len(), 1);
     dir.remove_all().unwrap();
     assert!(dir.list().unwrap().is_empty());
-    assert!(tree(tmp.path()).iter().all(|f| f.ends_with(".lock")), "{:?}", tree(tmp.path()));
+    assert!(
+        tree(tmp.path()).iter().all(|f| f.ends_with(".lock")),
+        "{:?}",
+        tree(tmp.path())
+    );
 }
 
 #[test]
@@ -200,10 +251,17 @@ fn a_second_directory_handle_gets_the_lock_error() {
     let second = ProjectionDir::open(tmp.path()).unwrap();
     let err = second.db("orders").unwrap_err();
     assert!(matches!(err, Error::Locked { .. }), "{err:?}");
-    assert!(err.to_string().contains("projection orders is locked by another process"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("projection orders is locked by another process"),
+        "{err}"
+    );
     let err = second.remove("orders").unwrap_err();
     assert!(matches!(err, Error::Locked { .. }), "{err:?}");
-    assert!(tmp.path().join("orders.db").exists(), "a locked projection is not removed");
+    assert!(
+        tmp.path().join("orders.db").exists(),
+        "a locked projection is not removed"
+    );
     first.close().unwrap();
     second.db("orders").unwrap();
 }

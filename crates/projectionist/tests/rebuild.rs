@@ -11,8 +11,8 @@ use std::time::Duration;
 use common::{BankEvent, BankHandler, bank_store, checkpoint, config, digest, options};
 use projectionist::rusqlite::Transaction;
 use projectionist::{
-    BoxError, CancelToken, CheckpointLocation, Error, GlobalEvent, GlobalReader, Handler,
-    ProjectionDir, ProjectionTarget, RebuildConfig, RebuildOptions, SqliteCheckpoint, Checkpoint,
+    BoxError, CancelToken, Checkpoint, CheckpointLocation, Error, GlobalEvent, GlobalReader,
+    Handler, ProjectionDir, ProjectionTarget, RebuildConfig, RebuildOptions, SqliteCheckpoint,
     limits, rebuild, rebuild_concurrent, rebuild_shared, resume, resume_shared,
 };
 
@@ -28,7 +28,11 @@ fn fixture(n_events: u64) -> Fixture {
     let tmp = tempfile::tempdir().unwrap();
     let store = bank_store(&tmp.path().join("events.db"), n_events, 7);
     let dir = ProjectionDir::open(tmp.path().join("projections")).unwrap();
-    Fixture { _tmp: tmp, store, dir }
+    Fixture {
+        _tmp: tmp,
+        store,
+        dir,
+    }
 }
 
 /// The reference: every event applied on its own, in its own transaction,
@@ -50,7 +54,8 @@ fn one_by_one_digest(f: &Fixture) -> String {
     assert_eq!(events.len() as u64, N_EVENTS);
     db.write(|tx| handler.setup(tx)).unwrap();
     for event in &events {
-        db.write(|tx| handler.apply(tx, std::slice::from_ref(event))).unwrap();
+        db.write(|tx| handler.apply(tx, std::slice::from_ref(event)))
+            .unwrap();
     }
     digest(&db)
 }
@@ -79,8 +84,15 @@ fn rebuild_twice_starts_from_scratch() {
     rebuild(config(&f.store, &db, &mut handler, options(100))).unwrap();
     let first = digest(&db);
     let result = rebuild(config(&f.store, &db, &mut handler, options(333))).unwrap();
-    assert_eq!(result.processed, 2_000, "a rebuild replays everything again");
-    assert_eq!(digest(&db), first, "old rows were dropped before the replay");
+    assert_eq!(
+        result.processed, 2_000,
+        "a rebuild replays everything again"
+    );
+    assert_eq!(
+        digest(&db),
+        first,
+        "old rows were dropped before the replay"
+    );
 }
 
 #[test]
@@ -99,7 +111,12 @@ fn handler_error_leaves_previous_batch_committed() {
             for e in batch {
                 // Append keeps each event's stream; versions in the memory store are its own.
                 let version = cut_version(&cut, &e.stream_id);
-                cut.append(&e.stream_id, version, vec![(e.event_type.clone(), e.data.clone())]).unwrap();
+                cut.append(
+                    &e.stream_id,
+                    version,
+                    vec![(e.event_type.clone(), e.data.clone())],
+                )
+                .unwrap();
                 after = e.sequence;
             }
         }
@@ -117,10 +134,18 @@ fn handler_error_leaves_previous_batch_committed() {
         .unwrap();
     }
     let db = f.dir.db("bank").unwrap();
-    let mut handler = BankHandler { fail_at: Some(failing) };
+    let mut handler = BankHandler {
+        fail_at: Some(failing),
+    };
     let err = rebuild(config(&f.store, &db, &mut handler, options(batch_size))).unwrap_err();
     match &err {
-        Error::Handler { name, committed, first_sequence, last_sequence, .. } => {
+        Error::Handler {
+            name,
+            committed,
+            first_sequence,
+            last_sequence,
+            ..
+        } => {
             assert_eq!(name, "bank");
             assert_eq!(*committed, 1_200);
             assert_eq!((*first_sequence, *last_sequence), (1_201, 1_300));
@@ -129,14 +154,24 @@ fn handler_error_leaves_previous_batch_committed() {
     }
     assert!(err.to_string().contains("refusing event 1250"), "{err}");
     assert_eq!(checkpoint(&db, "bank"), 1_200);
-    assert_eq!(digest(&db), digest(&reference_db), "tables are exactly as after batch 12");
+    assert_eq!(
+        digest(&db),
+        digest(&reference_db),
+        "tables are exactly as after batch 12"
+    );
 
     // Fixing the handler and resuming completes the projection.
     handler.fail_at = None;
     let resumed = resume(config(&f.store, &db, &mut handler, options(batch_size))).unwrap();
     assert_eq!(resumed.processed, 1_800);
     let clean = f.dir.db("clean").unwrap();
-    rebuild(config(&f.store, &clean, &mut BankHandler::default(), options(batch_size))).unwrap();
+    rebuild(config(
+        &f.store,
+        &clean,
+        &mut BankHandler::default(),
+        options(batch_size),
+    ))
+    .unwrap();
     assert_eq!(digest(&db), digest(&clean));
 }
 
@@ -150,13 +185,14 @@ fn handler_panic_is_an_error_and_rolls_back() {
     let f = fixture(500);
     let db = f.dir.db("bank").unwrap();
     let mut calls = 0;
-    let mut handler = |tx: &Transaction<'_>, events: &[GlobalEvent<BankEvent>]| -> Result<(), BoxError> {
-        tx.execute_batch("CREATE TABLE IF NOT EXISTS seen (n INTEGER)")?;
-        tx.execute("INSERT INTO seen VALUES (?1)", [events.len() as i64])?;
-        calls += 1;
-        assert!(calls < 3, "boom in batch {calls}");
-        Ok(())
-    };
+    let mut handler =
+        |tx: &Transaction<'_>, events: &[GlobalEvent<BankEvent>]| -> Result<(), BoxError> {
+            tx.execute_batch("CREATE TABLE IF NOT EXISTS seen (n INTEGER)")?;
+            tx.execute("INSERT INTO seen VALUES (?1)", [events.len() as i64])?;
+            calls += 1;
+            assert!(calls < 3, "boom in batch {calls}");
+            Ok(())
+        };
     let err = rebuild(RebuildConfig {
         reader: &f.store,
         projection: ProjectionTarget {
@@ -168,9 +204,17 @@ fn handler_panic_is_an_error_and_rolls_back() {
         options: options(100),
     })
     .unwrap_err();
-    assert!(err.to_string().contains("handler panicked: boom in batch 3"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("handler panicked: boom in batch 3"),
+        "{err}"
+    );
     assert_eq!(err.committed(), Some(200));
-    let rows: i64 = db.open_reader().unwrap().query_row("SELECT COUNT(*) FROM seen", [], |r| r.get(0)).unwrap();
+    let rows: i64 = db
+        .open_reader()
+        .unwrap()
+        .query_row("SELECT COUNT(*) FROM seen", [], |r| r.get(0))
+        .unwrap();
     assert_eq!(rows, 2, "the panicking batch rolled back");
 }
 
@@ -178,7 +222,13 @@ fn handler_panic_is_an_error_and_rolls_back() {
 fn cancel_stops_within_one_batch_and_resume_matches() {
     let f = fixture(N_EVENTS);
     let clean = f.dir.db("clean").unwrap();
-    rebuild(config(&f.store, &clean, &mut BankHandler::default(), options(250))).unwrap();
+    rebuild(config(
+        &f.store,
+        &clean,
+        &mut BankHandler::default(),
+        options(250),
+    ))
+    .unwrap();
 
     let db = f.dir.db("bank").unwrap();
     let cancel = CancelToken::new();
@@ -189,7 +239,12 @@ fn cancel_stops_within_one_batch_and_resume_matches() {
             cancel.cancel();
         }
     };
-    let opts = RebuildOptions { batch_size: 250, progress: Some(&progress), cancel: Some(&cancel), step_hook: None };
+    let opts = RebuildOptions {
+        batch_size: 250,
+        progress: Some(&progress),
+        cancel: Some(&cancel),
+        step_hook: None,
+    };
     let err = rebuild(config(&f.store, &db, &mut BankHandler::default(), opts)).unwrap_err();
     let at = cancelled_at.lock().unwrap().unwrap();
     match err {
@@ -199,7 +254,13 @@ fn cancel_stops_within_one_batch_and_resume_matches() {
         other => panic!("expected cancellation, got {other:?}"),
     }
     assert_eq!(checkpoint(&db, "bank"), at);
-    let resumed = resume(config(&f.store, &db, &mut BankHandler::default(), options(250))).unwrap();
+    let resumed = resume(config(
+        &f.store,
+        &db,
+        &mut BankHandler::default(),
+        options(250),
+    ))
+    .unwrap();
     assert_eq!(resumed.processed, N_EVENTS - at);
     assert_eq!(digest(&db), digest(&clean));
 }
@@ -210,12 +271,29 @@ fn progress_reports_every_batch_and_the_end() {
     let db = f.dir.db("bank").unwrap();
     let seen = Mutex::new(Vec::new());
     let progress = |p: &projectionist::Progress| seen.lock().unwrap().push(p.clone());
-    let opts = RebuildOptions { batch_size: 300, progress: Some(&progress), cancel: None, step_hook: None };
+    let opts = RebuildOptions {
+        batch_size: 300,
+        progress: Some(&progress),
+        cancel: None,
+        step_hook: None,
+    };
     rebuild(config(&f.store, &db, &mut BankHandler::default(), opts)).unwrap();
     let seen = seen.into_inner().unwrap();
     let processed: Vec<(u64, bool)> = seen.iter().map(|p| (p.processed, p.done)).collect();
-    assert_eq!(processed, [(300, false), (600, false), (900, false), (1_000, false), (1_000, true)]);
-    assert!(seen.iter().all(|p| p.total == 1_000 && p.projection_name == "bank" && p.err.is_none()));
+    assert_eq!(
+        processed,
+        [
+            (300, false),
+            (600, false),
+            (900, false),
+            (1_000, false),
+            (1_000, true)
+        ]
+    );
+    assert!(
+        seen.iter()
+            .all(|p| p.total == 1_000 && p.projection_name == "bank" && p.err.is_none())
+    );
 }
 
 #[test]
@@ -224,7 +302,12 @@ fn failed_run_reports_err_in_last_progress() {
     let db = f.dir.db("bank").unwrap();
     let last = Mutex::new(None);
     let progress = |p: &projectionist::Progress| *last.lock().unwrap() = Some(p.clone());
-    let opts = RebuildOptions { batch_size: 300, progress: Some(&progress), cancel: None, step_hook: None };
+    let opts = RebuildOptions {
+        batch_size: 300,
+        progress: Some(&progress),
+        cancel: None,
+        step_hook: None,
+    };
     let mut handler = BankHandler { fail_at: Some(700) };
     rebuild(config(&f.store, &db, &mut handler, opts)).unwrap_err();
     let last = last.into_inner().unwrap().unwrap();
@@ -243,15 +326,32 @@ fn batch_size_zero_means_default_and_over_max_is_an_error() {
             batches.fetch_add(1, Ordering::SeqCst);
         }
     };
-    let opts = RebuildOptions { batch_size: 0, progress: Some(&progress), cancel: None, step_hook: None };
+    let opts = RebuildOptions {
+        batch_size: 0,
+        progress: Some(&progress),
+        cancel: None,
+        step_hook: None,
+    };
     rebuild(config(&f.store, &db, &mut BankHandler::default(), opts)).unwrap();
-    assert_eq!(batches.load(Ordering::SeqCst), 3, "1,200 events in batches of 500");
+    assert_eq!(
+        batches.load(Ordering::SeqCst),
+        3,
+        "1,200 events in batches of 500"
+    );
 
     let before = digest(&db);
-    let err = rebuild(config(&f.store, &db, &mut BankHandler::default(), options(limits::BATCH_SIZE_MAX + 1)))
-        .unwrap_err();
+    let err = rebuild(config(
+        &f.store,
+        &db,
+        &mut BankHandler::default(),
+        options(limits::BATCH_SIZE_MAX + 1),
+    ))
+    .unwrap_err();
     assert!(matches!(err, Error::InvalidOptions(_)), "{err:?}");
-    assert!(err.to_string().contains("50001") && err.to_string().contains("50000"), "{err}");
+    assert!(
+        err.to_string().contains("50001") && err.to_string().contains("50000"),
+        "{err}"
+    );
     assert_eq!(digest(&db), before, "an invalid rebuild touches nothing");
     assert_eq!(checkpoint(&db, "bank"), 1_200);
 }
@@ -260,12 +360,23 @@ fn batch_size_zero_means_default_and_over_max_is_an_error() {
 fn invalid_consumer_id_is_rejected_before_anything_changes() {
     let f = fixture(100);
     let db = f.dir.db("bank").unwrap();
-    rebuild(config(&f.store, &db, &mut BankHandler::default(), options(10))).unwrap();
+    rebuild(config(
+        &f.store,
+        &db,
+        &mut BankHandler::default(),
+        options(10),
+    ))
+    .unwrap();
     let before = digest(&db);
     let mut handler = BankHandler::default();
     let err = rebuild(RebuildConfig {
         reader: &f.store,
-        projection: ProjectionTarget { db: &db, handler: &mut handler, checkpoint: CheckpointLocation::InFile, consumer_id: "" },
+        projection: ProjectionTarget {
+            db: &db,
+            handler: &mut handler,
+            checkpoint: CheckpointLocation::InFile,
+            consumer_id: "",
+        },
         options: options(10),
     })
     .unwrap_err();
@@ -291,7 +402,11 @@ impl Handler<BankEvent> for GaugedHandler<'_> {
         Ok(())
     }
 
-    fn apply(&mut self, tx: &Transaction<'_>, events: &[GlobalEvent<BankEvent>]) -> Result<(), BoxError> {
+    fn apply(
+        &mut self,
+        tx: &Transaction<'_>,
+        events: &[GlobalEvent<BankEvent>],
+    ) -> Result<(), BoxError> {
         // Long enough that all admitted rebuilds overlap.
         std::thread::sleep(Duration::from_millis(20));
         tx.execute("INSERT INTO n VALUES (?1)", [events.len() as i64])?;
@@ -302,40 +417,69 @@ impl Handler<BankEvent> for GaugedHandler<'_> {
 #[test]
 fn rebuild_concurrent_caps_parallelism_and_keeps_order() {
     let f = fixture(300);
-    let gauge = Gauge { active: AtomicUsize::new(0), max: AtomicUsize::new(0) };
+    let gauge = Gauge {
+        active: AtomicUsize::new(0),
+        max: AtomicUsize::new(0),
+    };
     let done = |p: &projectionist::Progress| {
         if p.done {
             gauge.active.fetch_sub(1, Ordering::SeqCst);
         }
     };
-    let dbs: Vec<_> = (0..40).map(|i| f.dir.db(&format!("p{i:02}")).unwrap()).collect();
-    let mut handlers: Vec<GaugedHandler<'_>> = (0..40).map(|_| GaugedHandler { gauge: &gauge }).collect();
+    let dbs: Vec<_> = (0..40)
+        .map(|i| f.dir.db(&format!("p{i:02}")).unwrap())
+        .collect();
+    let mut handlers: Vec<GaugedHandler<'_>> =
+        (0..40).map(|_| GaugedHandler { gauge: &gauge }).collect();
     let configs: Vec<RebuildConfig<'_, BankEvent>> = dbs
         .iter()
         .zip(handlers.iter_mut())
         .map(|(db, handler)| RebuildConfig {
             reader: &f.store,
-            projection: ProjectionTarget { db, handler, checkpoint: CheckpointLocation::InFile, consumer_id: "c" },
-            options: RebuildOptions { batch_size: 100, progress: Some(&done), cancel: None, step_hook: None },
+            projection: ProjectionTarget {
+                db,
+                handler,
+                checkpoint: CheckpointLocation::InFile,
+                consumer_id: "c",
+            },
+            options: RebuildOptions {
+                batch_size: 100,
+                progress: Some(&done),
+                cancel: None,
+                step_hook: None,
+            },
         })
         .collect();
     let results = rebuild_concurrent(configs);
     assert_eq!(results.len(), 40);
     for (i, result) in results.iter().enumerate() {
         let result = result.as_ref().unwrap();
-        assert_eq!(result.projection_name, format!("p{i:02}"), "results in input order");
+        assert_eq!(
+            result.projection_name,
+            format!("p{i:02}"),
+            "results in input order"
+        );
         assert_eq!(result.processed, 300);
     }
     let max = gauge.max.load(Ordering::SeqCst);
-    assert!(max <= limits::CONCURRENT_REBUILDS_MAX as usize, "{max} rebuilds ran at once");
+    assert!(
+        max <= limits::CONCURRENT_REBUILDS_MAX as usize,
+        "{max} rebuilds ran at once"
+    );
     assert!(max > 1, "rebuilds ran in parallel (max {max})");
 }
 
 #[test]
 fn rebuild_concurrent_one_failure_does_not_stop_the_others() {
     let f = fixture(1_000);
-    let dbs: Vec<_> = (0..3).map(|i| f.dir.db(&format!("p{i}")).unwrap()).collect();
-    let mut handlers = [BankHandler::default(), BankHandler { fail_at: Some(10) }, BankHandler::default()];
+    let dbs: Vec<_> = (0..3)
+        .map(|i| f.dir.db(&format!("p{i}")).unwrap())
+        .collect();
+    let mut handlers = [
+        BankHandler::default(),
+        BankHandler { fail_at: Some(10) },
+        BankHandler::default(),
+    ];
     let configs = dbs
         .iter()
         .zip(handlers.iter_mut())
@@ -354,7 +498,11 @@ struct CountingReader<'a> {
 }
 
 impl GlobalReader<BankEvent> for CountingReader<'_> {
-    fn read_after(&self, after: u64, limit: u32) -> projectionist::Result<Vec<GlobalEvent<BankEvent>>> {
+    fn read_after(
+        &self,
+        after: u64,
+        limit: u32,
+    ) -> projectionist::Result<Vec<GlobalEvent<BankEvent>>> {
         self.reads.fetch_add(1, Ordering::SeqCst);
         self.inner.read_after(after, limit)
     }
@@ -367,14 +515,30 @@ impl GlobalReader<BankEvent> for CountingReader<'_> {
 fn shared_rebuild_reads_once_and_matches_separate_rebuilds() {
     let f = fixture(5_000);
     let separate = f.dir.db("separate").unwrap();
-    rebuild(config(&f.store, &separate, &mut BankHandler::default(), options(500))).unwrap();
-    let reader = CountingReader { inner: &f.store, reads: AtomicUsize::new(0) };
-    let dbs: Vec<_> = (0..4).map(|i| f.dir.db(&format!("shared{i}")).unwrap()).collect();
+    rebuild(config(
+        &f.store,
+        &separate,
+        &mut BankHandler::default(),
+        options(500),
+    ))
+    .unwrap();
+    let reader = CountingReader {
+        inner: &f.store,
+        reads: AtomicUsize::new(0),
+    };
+    let dbs: Vec<_> = (0..4)
+        .map(|i| f.dir.db(&format!("shared{i}")).unwrap())
+        .collect();
     let mut handlers: Vec<BankHandler> = (0..4).map(|_| BankHandler::default()).collect();
     let targets = dbs
         .iter()
         .zip(handlers.iter_mut())
-        .map(|(db, handler)| ProjectionTarget { db, handler: handler as &mut dyn Handler<BankEvent>, checkpoint: CheckpointLocation::InFile, consumer_id: "bank" })
+        .map(|(db, handler)| ProjectionTarget {
+            db,
+            handler: handler as &mut dyn Handler<BankEvent>,
+            checkpoint: CheckpointLocation::InFile,
+            consumer_id: "bank",
+        })
         .collect();
     let results = rebuild_shared(&reader, targets, &options(500));
     for (db, result) in dbs.iter().zip(&results) {
@@ -382,25 +546,64 @@ fn shared_rebuild_reads_once_and_matches_separate_rebuilds() {
         assert_eq!(digest(db), digest(&separate));
     }
     // 10 full batches, then one empty read that finds the end.
-    assert_eq!(reader.reads.load(Ordering::SeqCst), 11, "the log was read once for all four");
+    assert_eq!(
+        reader.reads.load(Ordering::SeqCst),
+        11,
+        "the log was read once for all four"
+    );
 }
 
 #[test]
 fn shared_resume_continues_each_projection_from_its_own_checkpoint() {
     let f = fixture(4_000);
     let clean = f.dir.db("clean").unwrap();
-    rebuild(config(&f.store, &clean, &mut BankHandler::default(), options(500))).unwrap();
+    rebuild(config(
+        &f.store,
+        &clean,
+        &mut BankHandler::default(),
+        options(500),
+    ))
+    .unwrap();
     // Stop two projections at different places with failing handlers.
     let a = f.dir.db("a").unwrap();
     let b = f.dir.db("b").unwrap();
-    rebuild(config(&f.store, &a, &mut BankHandler { fail_at: Some(1_100) }, options(500))).unwrap_err();
-    rebuild(config(&f.store, &b, &mut BankHandler { fail_at: Some(3_100) }, options(500))).unwrap_err();
-    assert_eq!((checkpoint(&a, "bank"), checkpoint(&b, "bank")), (1_000, 3_000));
+    rebuild(config(
+        &f.store,
+        &a,
+        &mut BankHandler {
+            fail_at: Some(1_100),
+        },
+        options(500),
+    ))
+    .unwrap_err();
+    rebuild(config(
+        &f.store,
+        &b,
+        &mut BankHandler {
+            fail_at: Some(3_100),
+        },
+        options(500),
+    ))
+    .unwrap_err();
+    assert_eq!(
+        (checkpoint(&a, "bank"), checkpoint(&b, "bank")),
+        (1_000, 3_000)
+    );
     let mut handlers = [BankHandler::default(), BankHandler::default()];
     let [ha, hb] = &mut handlers;
     let targets = vec![
-        ProjectionTarget { db: &*a, handler: ha as &mut dyn Handler<BankEvent>, checkpoint: CheckpointLocation::InFile, consumer_id: "bank" },
-        ProjectionTarget { db: &*b, handler: hb as &mut dyn Handler<BankEvent>, checkpoint: CheckpointLocation::InFile, consumer_id: "bank" },
+        ProjectionTarget {
+            db: &a,
+            handler: ha as &mut dyn Handler<BankEvent>,
+            checkpoint: CheckpointLocation::InFile,
+            consumer_id: "bank",
+        },
+        ProjectionTarget {
+            db: &b,
+            handler: hb as &mut dyn Handler<BankEvent>,
+            checkpoint: CheckpointLocation::InFile,
+            consumer_id: "bank",
+        },
     ];
     let results = resume_shared(&f.store, targets, &options(500));
     assert_eq!(results[0].as_ref().unwrap().processed, 3_000);
@@ -414,14 +617,31 @@ fn decode_error_stops_at_last_committed_batch_and_names_the_event() {
     let tmp = tempfile::tempdir().unwrap();
     let store = bank_store(&tmp.path().join("events.db"), 250, 3);
     store
-        .append("acc-bad", 0, &[projectionist::NewEvent { event_type: "Opened".into(), data: "{\"owner\": 42}".into(), metadata: None }])
+        .append(
+            "acc-bad",
+            0,
+            &[projectionist::NewEvent {
+                event_type: "Opened".into(),
+                data: "{\"owner\": 42}".into(),
+                metadata: None,
+            }],
+        )
         .unwrap();
     let dir = ProjectionDir::open(tmp.path().join("p")).unwrap();
     let db = dir.db("bank").unwrap();
-    let err = rebuild(config(&store, &db, &mut BankHandler::default(), options(100))).unwrap_err();
+    let err = rebuild(config(
+        &store,
+        &db,
+        &mut BankHandler::default(),
+        options(100),
+    ))
+    .unwrap_err();
     let text = err.to_string();
     assert_eq!(err.committed(), Some(200), "{text}");
-    assert!(text.contains("sequence 251") && text.contains("acc-bad") && text.contains("Opened"), "{text}");
+    assert!(
+        text.contains("sequence 251") && text.contains("acc-bad") && text.contains("Opened"),
+        "{text}"
+    );
     assert_eq!(checkpoint(&db, "bank"), 200);
 }
 
@@ -434,27 +654,50 @@ fn external_checkpoint_is_saved_after_each_batch() {
     let mut handler = BankHandler::default();
     let result = rebuild(RebuildConfig {
         reader: &f.store,
-        projection: ProjectionTarget { db: &db, handler: &mut handler, checkpoint: CheckpointLocation::External(&external), consumer_id: "bank" },
+        projection: ProjectionTarget {
+            db: &db,
+            handler: &mut handler,
+            checkpoint: CheckpointLocation::External(&external),
+            consumer_id: "bank",
+        },
         options: options(300),
     })
     .unwrap();
     assert_eq!(result.checkpoint, 1_000);
     assert_eq!(external.load("bank").unwrap(), 1_000);
-    assert_eq!(checkpoint(&db, "bank"), 0, "the projection file's own checkpoint is untouched");
+    assert_eq!(
+        checkpoint(&db, "bank"),
+        0,
+        "the projection file's own checkpoint is untouched"
+    );
     let clean = f.dir.db("clean").unwrap();
-    rebuild(config(&f.store, &clean, &mut BankHandler::default(), options(300))).unwrap();
+    rebuild(config(
+        &f.store,
+        &clean,
+        &mut BankHandler::default(),
+        options(300),
+    ))
+    .unwrap();
     assert_eq!(digest(&db), digest(&clean));
 }
 
 #[test]
 fn sync_api_runs_from_async_code_via_spawn_blocking() {
     let f = Arc::new(fixture(1_000));
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).build().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .build()
+        .unwrap();
     let fixture = Arc::clone(&f);
     let result = runtime.block_on(async move {
         tokio::task::spawn_blocking(move || {
             let db = fixture.dir.db("bank").unwrap();
-            rebuild(config(&fixture.store, &db, &mut BankHandler::default(), options(100)))
+            rebuild(config(
+                &fixture.store,
+                &db,
+                &mut BankHandler::default(),
+                options(100),
+            ))
         })
         .await
         .unwrap()

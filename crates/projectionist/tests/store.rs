@@ -23,19 +23,54 @@ fn append_assigns_sequences_and_versions_in_order() {
     let tmp = tempfile::tempdir().unwrap();
     let store = SqliteEventStore::open(tmp.path().join("events.db")).unwrap();
     assert_eq!(GlobalReader::<Value>::head(&store).unwrap(), 0);
-    let a = store.append("s1", 0, &[event("A", serde_json::json!({"n": 1})), event("B", serde_json::json!({"n": 2}))]).unwrap();
-    assert_eq!((a.first_sequence, a.last_sequence, a.stream_version), (1, 2, 2));
-    let b = store.append("s2", 0, &[event("A", serde_json::json!({"n": 3}))]).unwrap();
+    let a = store
+        .append(
+            "s1",
+            0,
+            &[
+                event("A", serde_json::json!({"n": 1})),
+                event("B", serde_json::json!({"n": 2})),
+            ],
+        )
+        .unwrap();
+    assert_eq!(
+        (a.first_sequence, a.last_sequence, a.stream_version),
+        (1, 2, 2)
+    );
+    let b = store
+        .append("s2", 0, &[event("A", serde_json::json!({"n": 3}))])
+        .unwrap();
     assert_eq!((b.first_sequence, b.stream_version), (3, 1));
-    let c = store.append("s1", 2, &[event("C", serde_json::json!({"n": 4}))]).unwrap();
+    let c = store
+        .append("s1", 2, &[event("C", serde_json::json!({"n": 4}))])
+        .unwrap();
     assert_eq!((c.first_sequence, c.stream_version), (4, 3));
     let events = all(&store);
     let seen: Vec<(u64, &str, u64, &str, i64)> = events
         .iter()
-        .map(|e| (e.sequence, e.stream_id.as_str(), e.stream_version, e.event_type.as_str(), e.data["n"].as_i64().unwrap()))
+        .map(|e| {
+            (
+                e.sequence,
+                e.stream_id.as_str(),
+                e.stream_version,
+                e.event_type.as_str(),
+                e.data["n"].as_i64().unwrap(),
+            )
+        })
         .collect();
-    assert_eq!(seen, [(1, "s1", 1, "A", 1), (2, "s1", 2, "B", 2), (3, "s2", 1, "A", 3), (4, "s1", 3, "C", 4)]);
-    assert!(events.iter().all(|e| e.recorded_at.ends_with('Z')), "timestamps recorded");
+    assert_eq!(
+        seen,
+        [
+            (1, "s1", 1, "A", 1),
+            (2, "s1", 2, "B", 2),
+            (3, "s2", 1, "A", 3),
+            (4, "s1", 3, "C", 4)
+        ]
+    );
+    assert!(
+        events.iter().all(|e| e.recorded_at.ends_with('Z')),
+        "timestamps recorded"
+    );
     assert_eq!(GlobalReader::<Value>::head(&store).unwrap(), 4);
     let page: Vec<GlobalEvent<Value>> = store.read_after(1, 2).unwrap();
     assert_eq!(page.iter().map(|e| e.sequence).collect::<Vec<_>>(), [2, 3]);
@@ -46,25 +81,48 @@ fn conflicting_append_writes_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("events.db");
     let store = SqliteEventStore::open(&path).unwrap();
-    store.append("s1", 0, &[event("A", serde_json::json!({}))]).unwrap();
-    let err = store.append("s1", 0, &[event("B", serde_json::json!({}))]).unwrap_err();
+    store
+        .append("s1", 0, &[event("A", serde_json::json!({}))])
+        .unwrap();
+    let err = store
+        .append("s1", 0, &[event("B", serde_json::json!({}))])
+        .unwrap_err();
     match &err {
-        Error::Conflict { stream_id, expected, actual } => {
+        Error::Conflict {
+            stream_id,
+            expected,
+            actual,
+        } => {
             assert_eq!((stream_id.as_str(), *expected, *actual), ("s1", 0, 1));
         }
         other => panic!("expected a conflict, got {other:?}"),
     }
-    assert!(err.to_string().contains("expected version 0, but the stream is at 1"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("expected version 0, but the stream is at 1"),
+        "{err}"
+    );
     // A batch in which one stream conflicts writes nothing at all.
     let ok = [event("X", serde_json::json!({}))];
     let err = store
         .append_batch(&[
-            StreamAppend { stream_id: "s2", expected_version: 0, events: &ok },
-            StreamAppend { stream_id: "s1", expected_version: 5, events: &ok },
+            StreamAppend {
+                stream_id: "s2",
+                expected_version: 0,
+                events: &ok,
+            },
+            StreamAppend {
+                stream_id: "s1",
+                expected_version: 5,
+                events: &ok,
+            },
         ])
         .unwrap_err();
     assert!(matches!(err, Error::Conflict { .. }));
-    let rows: i64 = Connection::open(&path).unwrap().query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0)).unwrap();
+    let rows: i64 = Connection::open(&path)
+        .unwrap()
+        .query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0))
+        .unwrap();
     assert_eq!(rows, 1, "only the first append is stored");
     assert_eq!(all(&store).len(), 1);
 }
@@ -75,7 +133,9 @@ fn store_file_is_durable_wal() {
     let path = tmp.path().join("events.db");
     let _store = SqliteEventStore::open(&path).unwrap();
     let conn = Connection::open(&path).unwrap();
-    let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .unwrap();
     assert_eq!(mode, "wal");
 }
 
@@ -88,16 +148,36 @@ fn undecodable_event_names_sequence_stream_and_type() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let store = SqliteEventStore::open(tmp.path().join("events.db")).unwrap();
-    store.append("s1", 0, &[event("Good", serde_json::json!({"n": 1}))]).unwrap();
-    store.append("order-9", 0, &[event("Bad", serde_json::json!({"n": "nine"}))]).unwrap();
+    store
+        .append("s1", 0, &[event("Good", serde_json::json!({"n": 1}))])
+        .unwrap();
+    store
+        .append(
+            "order-9",
+            0,
+            &[event("Bad", serde_json::json!({"n": "nine"}))],
+        )
+        .unwrap();
     let err = GlobalReader::<Typed>::read_after(&store, 0, 10).unwrap_err();
     match &err {
-        Error::Decode { sequence, stream_id, event_type, .. } => {
-            assert_eq!((*sequence, stream_id.as_str(), event_type.as_str()), (2, "order-9", "Bad"));
+        Error::Decode {
+            sequence,
+            stream_id,
+            event_type,
+            ..
+        } => {
+            assert_eq!(
+                (*sequence, stream_id.as_str(), event_type.as_str()),
+                (2, "order-9", "Bad")
+            );
         }
         other => panic!("expected a decode error, got {other:?}"),
     }
-    assert!(err.to_string().contains("sequence 2 (stream order-9, type Bad)"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("sequence 2 (stream order-9, type Bad)"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -127,11 +207,28 @@ fn mapped_table_with_other_names_is_read_in_order() {
     let events: Vec<GlobalEvent<Value>> = store.read_after(10, 100).unwrap();
     let seen: Vec<(u64, &str, u64, &str, i64, &str)> = events
         .iter()
-        .map(|e| (e.sequence, e.stream_id.as_str(), e.stream_version, e.event_type.as_str(), e.data["x"].as_i64().unwrap(), e.recorded_at.as_str()))
+        .map(|e| {
+            (
+                e.sequence,
+                e.stream_id.as_str(),
+                e.stream_version,
+                e.event_type.as_str(),
+                e.data["x"].as_i64().unwrap(),
+                e.recorded_at.as_str(),
+            )
+        })
         .collect();
-    assert_eq!(seen, [(11, "a", 2, "Changed", 3, "1700000002"), (12, "b", 1, "Made", 2, "1700000001")]);
+    assert_eq!(
+        seen,
+        [
+            (11, "a", 2, "Changed", 3, "1700000002"),
+            (12, "b", 1, "Made", 2, "1700000001")
+        ]
+    );
     assert_eq!(GlobalReader::<Value>::head(&store).unwrap(), 12);
-    let err = store.append("a", 2, &[event("X", serde_json::json!({}))]).unwrap_err();
+    let err = store
+        .append("a", 2, &[event("X", serde_json::json!({}))])
+        .unwrap_err();
     assert!(err.to_string().contains("read-only"), "{err}");
 }
 
@@ -140,30 +237,52 @@ fn bad_mappings_fail_at_open_with_the_name() {
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("events.db");
     drop(SqliteEventStore::open(&path).unwrap());
-    let injected = EventTableMapping { table: "events; DROP TABLE events".into(), ..EventTableMapping::default() };
+    let injected = EventTableMapping {
+        table: "events; DROP TABLE events".into(),
+        ..EventTableMapping::default()
+    };
     let err = SqliteEventStore::open_mapped(&path, &injected).unwrap_err();
-    assert!(err.to_string().contains("is not a plain SQL identifier"), "{err}");
-    let missing_column = EventTableMapping { data: "payload".into(), ..EventTableMapping::default() };
+    assert!(
+        err.to_string().contains("is not a plain SQL identifier"),
+        "{err}"
+    );
+    let missing_column = EventTableMapping {
+        data: "payload".into(),
+        ..EventTableMapping::default()
+    };
     let err = SqliteEventStore::open_mapped(&path, &missing_column).unwrap_err();
     assert!(err.to_string().contains("payload"), "{err}");
-    let err = SqliteEventStore::open_mapped(tmp.path().join("absent.db"), &EventTableMapping::default()).unwrap_err();
+    let err =
+        SqliteEventStore::open_mapped(tmp.path().join("absent.db"), &EventTableMapping::default())
+            .unwrap_err();
     assert!(err.to_string().contains("absent.db"), "{err}");
     assert!(!tmp.path().join("absent.db").exists(), "no file created");
     // The table survived the injection attempt.
-    let n: i64 = Connection::open(&path).unwrap().query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0)).unwrap();
+    let n: i64 = Connection::open(&path)
+        .unwrap()
+        .query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0))
+        .unwrap();
     assert_eq!(n, 0);
 }
 
 #[test]
 fn memory_store_has_the_same_contract() {
     let store = MemoryEventStore::<i64>::new();
-    store.append("s", 0, vec![("A".into(), 1), ("B".into(), 2)]).unwrap();
+    store
+        .append("s", 0, vec![("A".into(), 1), ("B".into(), 2)])
+        .unwrap();
     let err = store.append("s", 1, vec![("C".into(), 3)]).unwrap_err();
     assert!(matches!(err, Error::Conflict { actual: 2, .. }));
     store.append("t", 0, vec![("C".into(), 3)]).unwrap();
     assert_eq!(store.head().unwrap(), 3);
     let events = store.read_after(1, 5).unwrap();
-    assert_eq!(events.iter().map(|e| (e.sequence, e.data)).collect::<Vec<_>>(), [(2, 2), (3, 3)]);
+    assert_eq!(
+        events
+            .iter()
+            .map(|e| (e.sequence, e.data))
+            .collect::<Vec<_>>(),
+        [(2, 2), (3, 3)]
+    );
     assert!(store.read_after(3, 5).unwrap().is_empty());
 }
 
@@ -177,7 +296,10 @@ fn checkpoint_never_moves_backwards_except_by_reset() {
     checkpoint.save("c", 10).unwrap();
     for bad in [10, 3] {
         let err = checkpoint.save("c", bad).unwrap_err();
-        assert!(matches!(err, Error::CheckpointBackwards { current: 10, .. }), "{err:?}");
+        assert!(
+            matches!(err, Error::CheckpointBackwards { current: 10, .. }),
+            "{err:?}"
+        );
     }
     assert_eq!(checkpoint.load("c").unwrap(), 10);
     assert_eq!(checkpoint.load("other").unwrap(), 0);

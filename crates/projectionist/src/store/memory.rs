@@ -50,7 +50,10 @@ impl<E: Clone + Send + Sync> MemoryEventStore<E> {
         expected_version: u64,
         events: Vec<(String, E)>,
     ) -> Result<Appended> {
-        let mut inner = self.inner.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut inner = self
+            .inner
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let actual = inner.versions.get(stream_id).copied().unwrap_or(0);
         if actual != expected_version {
             return Err(Error::Conflict {
@@ -95,15 +98,23 @@ impl<E: Clone + Send + Sync> GlobalReader<E> for MemoryEventStore<E> {
                 "read limit {limit} exceeds {BATCH_SIZE_MAX}"
             )));
         }
-        let inner = self.inner.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let inner = self
+            .inner
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         // Sequences are dense from 1, so event `s` sits at index `s - 1`.
-        let start = usize::try_from(after).unwrap_or(usize::MAX).min(inner.events.len());
+        let start = usize::try_from(after)
+            .unwrap_or(usize::MAX)
+            .min(inner.events.len());
         let end = start.saturating_add(limit as usize).min(inner.events.len());
         Ok(inner.events[start..end].to_vec())
     }
 
     fn head(&self) -> Result<u64> {
-        let inner = self.inner.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let inner = self
+            .inner
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         Ok(inner.events.len() as u64)
     }
 }

@@ -106,9 +106,10 @@ impl SqliteEventStore {
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         let writer = open_connection(&path, OpenFlags::default())?;
-        writer
-            .execute_batch(SCHEMA)
-            .map_err(Error::sqlite(format!("create events table in {}", path.display())))?;
+        writer.execute_batch(SCHEMA).map_err(Error::sqlite(format!(
+            "create events table in {}",
+            path.display()
+        )))?;
         let reader = open_connection(&path, OpenFlags::default())?;
         let mapping = EventTableMapping::default();
         Self::finish(path, reader, Some(writer), &mapping)
@@ -202,7 +203,9 @@ impl SqliteEventStore {
                 "append of {n_events} events exceeds the limit of {APPEND_EVENTS_MAX} per call"
             )));
         }
-        let mut conn = writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut conn = writer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let step = || format!("append to event store {}", self.path.display());
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -229,9 +232,14 @@ impl SqliteEventStore {
                 "read limit {limit} exceeds {BATCH_SIZE_MAX}"
             )));
         }
-        let conn = self.reader.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let conn = self
+            .reader
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let step = || format!("read events after {after} from {}", self.path.display());
-        let mut stmt = conn.prepare_cached(&self.read_sql).map_err(Error::sqlite(step()))?;
+        let mut stmt = conn
+            .prepare_cached(&self.read_sql)
+            .map_err(Error::sqlite(step()))?;
         let mut rows = stmt
             .query(params![to_i64(after)?, i64::from(limit)])
             .map_err(Error::sqlite(step()))?;
@@ -245,9 +253,12 @@ impl SqliteEventStore {
                 )));
             }
             previous = sequence;
-            let stream_id = column_text(row.get_ref(1).map_err(Error::sqlite(step()))?, "stream_id")?;
-            let stream_version =
-                column_u64(row.get_ref(2).map_err(Error::sqlite(step()))?, "stream_version")?;
+            let stream_id =
+                column_text(row.get_ref(1).map_err(Error::sqlite(step()))?, "stream_id")?;
+            let stream_version = column_u64(
+                row.get_ref(2).map_err(Error::sqlite(step()))?,
+                "stream_version",
+            )?;
             let event_type =
                 column_text(row.get_ref(3).map_err(Error::sqlite(step()))?, "event_type")?;
             let data = column_str(row.get_ref(4).map_err(Error::sqlite(step()))?, "data")?;
@@ -282,19 +293,23 @@ impl<E: DeserializeOwned> GlobalReader<E> for SqliteEventStore {
     }
 
     fn head(&self) -> Result<u64> {
-        let conn = self.reader.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let conn = self
+            .reader
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let head: i64 = conn
             .query_row(&self.head_sql, [], |row| row.get(0))
-            .map_err(Error::sqlite(format!("read head of {}", self.path.display())))?;
+            .map_err(Error::sqlite(format!(
+                "read head of {}",
+                self.path.display()
+            )))?;
         u64::try_from(head).map_err(|_| Error::CorruptStore(format!("negative head {head}")))
     }
 }
 
 fn append_stream(tx: &rusqlite::Transaction<'_>, append: &StreamAppend<'_>) -> Result<Appended> {
     let actual: i64 = tx
-        .prepare_cached(
-            "SELECT COALESCE(MAX(stream_version), 0) FROM events WHERE stream_id = ?1",
-        )
+        .prepare_cached("SELECT COALESCE(MAX(stream_version), 0) FROM events WHERE stream_id = ?1")
         .and_then(|mut stmt| stmt.query_row([append.stream_id], |row| row.get(0)))
         .map_err(Error::sqlite("read stream version"))?;
     let actual = u64::try_from(actual)

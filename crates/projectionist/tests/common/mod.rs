@@ -41,7 +41,11 @@ impl Handler<BankEvent> for BankHandler {
         Ok(())
     }
 
-    fn apply(&mut self, tx: &Transaction<'_>, events: &[GlobalEvent<BankEvent>]) -> Result<(), BoxError> {
+    fn apply(
+        &mut self,
+        tx: &Transaction<'_>,
+        events: &[GlobalEvent<BankEvent>],
+    ) -> Result<(), BoxError> {
         for event in events {
             if self.fail_at == Some(event.sequence) {
                 return Err(format!("refusing event {}", event.sequence).into());
@@ -57,11 +61,19 @@ fn apply_one(tx: &Transaction<'_>, event: &GlobalEvent<BankEvent>) -> Result<(),
     match event.event_type.as_str() {
         "Opened" => {
             tx.prepare_cached("INSERT INTO account VALUES (?1, ?2, 0, 0, ?3)")?
-                .execute((&event.stream_id, event.data.owner.as_deref().unwrap_or("?"), seq))?;
+                .execute((
+                    &event.stream_id,
+                    event.data.owner.as_deref().unwrap_or("?"),
+                    seq,
+                ))?;
         }
         "Deposited" | "Withdrawn" => {
             let cents = event.data.cents.unwrap_or(0);
-            let signed = if event.event_type == "Deposited" { cents } else { -cents };
+            let signed = if event.event_type == "Deposited" {
+                cents
+            } else {
+                -cents
+            };
             tx.prepare_cached(
                 "UPDATE account SET balance = balance + ?2, n_tx = n_tx + 1, last_sequence = ?3
                  WHERE id = ?1",
@@ -90,11 +102,20 @@ pub fn write_bank_log(store: &SqliteEventStore, n_events: u64, n_accounts: u64, 
             let account = rng.u64(0..n_accounts) as usize;
             let stream_id = format!("acc-{account}");
             let event = if versions[account] == 0 {
-                NewEvent::json("Opened", &serde_json::json!({"owner": format!("owner-{}", account % 17)}))
+                NewEvent::json(
+                    "Opened",
+                    &serde_json::json!({"owner": format!("owner-{}", account % 17)}),
+                )
             } else if rng.bool() {
-                NewEvent::json("Deposited", &serde_json::json!({"cents": rng.i64(1..10_000)}))
+                NewEvent::json(
+                    "Deposited",
+                    &serde_json::json!({"cents": rng.i64(1..10_000)}),
+                )
             } else {
-                NewEvent::json("Withdrawn", &serde_json::json!({"cents": rng.i64(1..5_000)}))
+                NewEvent::json(
+                    "Withdrawn",
+                    &serde_json::json!({"cents": rng.i64(1..5_000)}),
+                )
             }
             .unwrap();
             versions[account] += 1;
