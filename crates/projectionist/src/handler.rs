@@ -23,6 +23,14 @@ pub trait Handler<E>: Send {
         Ok(())
     }
 
+    /// The event types this projection handles, or `None` for all. When every
+    /// projection of a run declares its types, the store is asked only for those
+    /// (the filter is pushed into its query); the handler may still receive other
+    /// types when it shares a read with other projections, and must ignore them.
+    fn event_types(&self) -> Option<Vec<String>> {
+        None
+    }
+
     /// Applies one batch, in sequence order, inside `tx`. The engine commits `tx`
     /// together with the checkpoint advance, or rolls it back when this fails.
     ///

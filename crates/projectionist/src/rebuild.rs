@@ -288,6 +288,7 @@ fn run_group<E: Send + Sync>(
         start,
         total,
     };
+    let event_types = union_of_event_types(&group);
     thread::scope(|scope| {
         let (start_tx, start_rx) = mpsc::channel::<Option<u64>>();
         let mut senders = Vec::with_capacity(group.len());
@@ -306,7 +307,11 @@ fn run_group<E: Send + Sync>(
         // log is read from the smallest checkpoint.
         let position = start_rx.iter().flatten().min();
         if let Some(position) = position {
-            read_loop(reader, &mut senders, position, batch_size, options.cancel);
+            let source = Source {
+                reader,
+                event_types: event_types.as_deref(),
+            };
+            read_loop(&source, &mut senders, position, batch_size, options.cancel);
         }
         drop(senders);
         writers
@@ -319,10 +324,37 @@ fn run_group<E: Send + Sync>(
     })
 }
 
+/// The types every projection of a group asked for, or `None` when one of them
+/// wants all events.
+fn union_of_event_types<E>(group: &[ProjectionTarget<'_, E>]) -> Option<Vec<String>> {
+    let mut union: Vec<String> = Vec::new();
+    for projection in group {
+        union.extend(projection.handler.event_types()?);
+    }
+    union.sort();
+    union.dedup();
+    Some(union)
+}
+
+/// The log as a run reads it: everything, or only some event types.
+struct Source<'a, E> {
+    reader: &'a dyn GlobalReader<E>,
+    event_types: Option<&'a [String]>,
+}
+
+impl<E> Source<'_, E> {
+    fn read(&self, after: u64, limit: u32) -> Result<Vec<GlobalEvent<E>>> {
+        match self.event_types {
+            None => self.reader.read_after(after, limit),
+            Some(types) => self.reader.read_after_types(after, limit, types),
+        }
+    }
+}
+
 /// Reads batches from `position` and hands each to every live writer, until the
 /// log ends, the run is cancelled, reading fails, or no writer is left.
 fn read_loop<E>(
-    reader: &dyn GlobalReader<E>,
+    reader: &Source<'_, E>,
     senders: &mut [Option<SyncSender<Message<E>>>],
     mut position: u64,
     batch_size: u32,
@@ -332,7 +364,7 @@ fn read_loop<E>(
         if senders.iter().all(Option::is_none) || cancel.is_some_and(CancelToken::is_cancelled) {
             return;
         }
-        let events = match reader.read_after(position, batch_size).and_then(|events| {
+        let events = match reader.read(position, batch_size).and_then(|events| {
             check_batch(position, batch_size, &events)?;
             Ok(events)
         }) {
@@ -453,7 +485,7 @@ fn apply_all<E>(
         }
         let batch = match message {
             Ok(Message::Batch(batch)) => batch,
-            Ok(Message::End) => return Ok(()),
+            Ok(Message::End) => return finish_at_head(projection, context.total, state),
             Ok(Message::Failed(source)) => {
                 return Err(Error::Replay {
                     name,
@@ -488,6 +520,36 @@ fn apply_all<E>(
         state.processed += events.len() as u64;
         report(context, &name, state, false, None);
     }
+}
+
+/// At the end of the log, moves the checkpoint up to the head seen at the start:
+/// the last read covered every event up to there, and with an event-type filter
+/// the last matching event can be well below the head.
+fn finish_at_head<E>(
+    projection: &ProjectionTarget<'_, E>,
+    head: u64,
+    state: &mut WriterState,
+) -> Result<()> {
+    if head <= state.committed {
+        return Ok(());
+    }
+    let consumer_id = projection.consumer_id;
+    match projection.checkpoint {
+        CheckpointLocation::InFile => projection.db.with_connection(|conn| {
+            let step = || {
+                format!(
+                    "projection {}: advance checkpoint to {head}",
+                    projection.db.name()
+                )
+            };
+            let tx = begin_immediate(conn).map_err(Error::sqlite(step()))?;
+            SqliteCheckpoint::save_in(&tx, consumer_id, head)?;
+            tx.commit().map_err(Error::sqlite(step()))
+        })?,
+        CheckpointLocation::External(checkpoint) => checkpoint.save(consumer_id, head)?,
+    }
+    state.committed = head;
+    Ok(())
 }
 
 /// Applies one batch and advances the checkpoint; returns the new checkpoint.

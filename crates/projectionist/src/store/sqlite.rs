@@ -95,6 +95,7 @@ pub struct SqliteEventStore {
     /// `None` for a mapped (foreign) table: we never write another program's log.
     writer: Option<Mutex<Connection>>,
     read_sql: String,
+    read_types_sql: String,
     head_sql: String,
 }
 
@@ -140,8 +141,8 @@ impl SqliteEventStore {
         writer: Option<Connection>,
         mapping: &EventTableMapping,
     ) -> Result<Self> {
-        let (read_sql, head_sql) = mapping_sql(mapping)?;
-        for sql in [&read_sql, &head_sql] {
+        let (read_sql, read_types_sql, head_sql) = mapping_sql(mapping)?;
+        for sql in [&read_sql, &read_types_sql, &head_sql] {
             reader.prepare(sql).map_err(Error::sqlite(format!(
                 "read events table {:?} in {}",
                 mapping.table,
@@ -153,6 +154,7 @@ impl SqliteEventStore {
             reader: Mutex::new(reader),
             writer: writer.map(Mutex::new),
             read_sql,
+            read_types_sql,
             head_sql,
         })
     }
@@ -225,6 +227,7 @@ impl SqliteEventStore {
         &self,
         after: u64,
         limit: u32,
+        event_types: Option<&[String]>,
         mut decode_row: impl FnMut(u64, &str, &str, &str) -> Result<E>,
     ) -> Result<Vec<GlobalEvent<E>>> {
         if limit > BATCH_SIZE_MAX {
@@ -237,12 +240,19 @@ impl SqliteEventStore {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let step = || format!("read events after {after} from {}", self.path.display());
-        let mut stmt = conn
-            .prepare_cached(&self.read_sql)
-            .map_err(Error::sqlite(step()))?;
-        let mut rows = stmt
-            .query(params![to_i64(after)?, i64::from(limit)])
-            .map_err(Error::sqlite(step()))?;
+        let (sql, types_json) = match event_types {
+            None => (&self.read_sql, None),
+            Some(types) => (
+                &self.read_types_sql,
+                Some(serde_json::to_string(types).expect("strings encode as JSON")),
+            ),
+        };
+        let mut stmt = conn.prepare_cached(sql).map_err(Error::sqlite(step()))?;
+        let mut rows = match &types_json {
+            None => stmt.query(params![to_i64(after)?, i64::from(limit)]),
+            Some(types) => stmt.query(params![to_i64(after)?, i64::from(limit), types]),
+        }
+        .map_err(Error::sqlite(step()))?;
         let mut events = Vec::with_capacity(limit as usize);
         let mut previous = after;
         while let Some(row) = rows.next().map_err(Error::sqlite(step()))? {
@@ -287,9 +297,26 @@ impl SqliteEventStore {
 
 impl<E: DeserializeOwned> GlobalReader<E> for SqliteEventStore {
     fn read_after(&self, after: u64, limit: u32) -> Result<Vec<GlobalEvent<E>>> {
-        self.read_rows(after, limit, |sequence, stream_id, event_type, data| {
-            decode(sequence, stream_id, event_type, data)
-        })
+        self.read_rows(
+            after,
+            limit,
+            None,
+            |sequence, stream_id, event_type, data| decode(sequence, stream_id, event_type, data),
+        )
+    }
+
+    fn read_after_types(
+        &self,
+        after: u64,
+        limit: u32,
+        event_types: &[String],
+    ) -> Result<Vec<GlobalEvent<E>>> {
+        self.read_rows(
+            after,
+            limit,
+            Some(event_types),
+            |sequence, stream_id, event_type, data| decode(sequence, stream_id, event_type, data),
+        )
     }
 
     fn head(&self) -> Result<u64> {
@@ -364,7 +391,8 @@ fn open_connection(path: &Path, flags: OpenFlags) -> Result<Connection> {
     Ok(conn)
 }
 
-fn mapping_sql(mapping: &EventTableMapping) -> Result<(String, String)> {
+/// The read, filtered-read and head queries for a mapping.
+fn mapping_sql(mapping: &EventTableMapping) -> Result<(String, String, String)> {
     let ident = |name: &str| -> Result<String> {
         let mut chars = name.chars();
         let first_ok = chars
@@ -385,18 +413,24 @@ fn mapping_sql(mapping: &EventTableMapping) -> Result<(String, String)> {
     };
     let table = ident(&mapping.table)?;
     let sequence = ident(&mapping.sequence)?;
-    let read_sql = format!(
-        "SELECT {sequence}, {}, {}, {}, {}, {}, {} FROM {table} \
-         WHERE {sequence} > ?1 ORDER BY {sequence} LIMIT ?2",
+    let event_type = ident(&mapping.event_type)?;
+    let select = format!(
+        "SELECT {sequence}, {}, {}, {event_type}, {}, {}, {} FROM {table}",
         ident(&mapping.stream_id)?,
         ident(&mapping.stream_version)?,
-        ident(&mapping.event_type)?,
         ident(&mapping.data)?,
         optional(&mapping.metadata)?,
         optional(&mapping.recorded_at)?,
     );
+    let read_sql = format!("{select} WHERE {sequence} > ?1 ORDER BY {sequence} LIMIT ?2");
+    // The wanted types arrive as one JSON array parameter: one prepared statement
+    // serves any set of types, and nothing is spliced into the SQL.
+    let read_types_sql = format!(
+        "{select} WHERE {sequence} > ?1 AND {event_type} IN (SELECT value FROM json_each(?3)) \
+         ORDER BY {sequence} LIMIT ?2"
+    );
     let head_sql = format!("SELECT COALESCE(MAX({sequence}), 0) FROM {table}");
-    Ok((read_sql, head_sql))
+    Ok((read_sql, read_types_sql, head_sql))
 }
 
 fn to_i64(value: u64) -> Result<i64> {
