@@ -1,0 +1,290 @@
+//! The config file: raw TOML shape, validation against a scratch database, and
+//! the validated `SqlProjection`s.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use projectionist::ProjectionName;
+use projectionist::rusqlite::Connection;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::params::{Param, rewrite};
+
+/// Longest config file read, in bytes: a config is hand-written text; anything
+/// larger is a mistake (a log file passed as `--config`), not a config.
+const CONFIG_BYTES_MAX: u64 = 4 * 1024 * 1024;
+
+/// A config that cannot be used. Every message names the file and the place.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("read config {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The operating-system error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Not valid TOML, or not the expected shape.
+    #[error("config {origin}: {message}")]
+    Syntax {
+        /// The file.
+        origin: String,
+        /// The parser's message, with line and column.
+        message: String,
+    },
+    /// A value that is well-formed but not acceptable.
+    #[error("config {origin}: {place}: {message}")]
+    Invalid {
+        /// The file.
+        origin: String,
+        /// Where: `projection "x"`, `projection "x", event OrderPlaced, statement 1`.
+        place: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// The file as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// The `[[projection]]` tables.
+    #[serde(default)]
+    pub projection: Vec<RawProjection>,
+}
+
+/// One `[[projection]]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProjection {
+    /// The projection (and file) name.
+    pub name: String,
+    /// Definition version; changing it marks the projection stale.
+    pub version: u32,
+    /// SQL creating the projection's tables.
+    pub schema: String,
+    /// Statements per event type.
+    #[serde(default)]
+    pub on: BTreeMap<String, RawHandler>,
+}
+
+/// `[projection.on.EventType]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHandler {
+    /// One statement, or a list run in order.
+    pub sql: RawStatements,
+}
+
+/// One statement or several.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawStatements {
+    /// `sql = "..."`.
+    One(String),
+    /// `sql = ["...", "..."]`.
+    Many(Vec<String>),
+}
+
+/// A validated config.
+#[derive(Clone, Debug)]
+pub struct ProjectionsConfig {
+    /// The projections, in file order.
+    pub projections: Vec<SqlProjection>,
+}
+
+/// One validated projection.
+#[derive(Clone, Debug)]
+pub struct SqlProjection {
+    /// Its name.
+    pub name: ProjectionName,
+    /// Its declared version.
+    pub version: u32,
+    /// Its schema SQL.
+    pub schema: String,
+    /// Statements per event type, in order.
+    pub on: BTreeMap<String, Vec<Statement>>,
+    /// SHA-256 (hex) of version, schema and statements: any change is detected.
+    pub hash: String,
+}
+
+/// One statement, as written and as prepared.
+#[derive(Clone, Debug)]
+pub struct Statement {
+    /// As written in the file.
+    pub text: String,
+    /// With `?N` placeholders.
+    pub sql: String,
+    /// What `?1`, `?2`, ... bind.
+    pub params: Vec<Param>,
+}
+
+impl ProjectionsConfig {
+    /// Reads and validates a config file.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the file and the place.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let read_error = |source| ConfigError::Read { path: path.to_path_buf(), source };
+        let size = std::fs::metadata(path).map_err(read_error)?.len();
+        if size > CONFIG_BYTES_MAX {
+            return Err(ConfigError::Invalid {
+                origin: path.display().to_string(),
+                place: "file".into(),
+                message: format!("{size} bytes is larger than the {CONFIG_BYTES_MAX}-byte limit"),
+            });
+        }
+        let text = std::fs::read_to_string(path).map_err(read_error)?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates config text; `origin` names it in errors.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the place.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            origin: origin.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        let invalid = |place: String, message: String| ConfigError::Invalid {
+            origin: origin.to_owned(),
+            place,
+            message,
+        };
+        if raw.projection.is_empty() {
+            return Err(invalid("file".into(), "declares no [[projection]]".into()));
+        }
+        let mut projections: Vec<SqlProjection> = Vec::new();
+        for raw_projection in raw.projection {
+            let projection = validate_projection(raw_projection).map_err(|(place, message)| invalid(place, message))?;
+            if projections.iter().any(|p| p.name == projection.name) {
+                return Err(invalid(
+                    format!("projection {:?}", projection.name.as_str()),
+                    "is declared twice".into(),
+                ));
+            }
+            projections.push(projection);
+        }
+        Ok(ProjectionsConfig { projections })
+    }
+
+    /// The projection called `name`.
+    #[must_use]
+    pub fn get(&self, name: &str) -> Option<&SqlProjection> {
+        self.projections.iter().find(|p| p.name.as_str() == name)
+    }
+}
+
+impl SqlProjection {
+    /// The event types this projection handles.
+    #[must_use]
+    pub fn event_types(&self) -> Vec<String> {
+        self.on.keys().cloned().collect()
+    }
+}
+
+type Failure = (String, String);
+
+fn validate_projection(raw: RawProjection) -> Result<SqlProjection, Failure> {
+    let place = format!("projection {:?}", raw.name);
+    let name = ProjectionName::new(&raw.name).map_err(|e| (place.clone(), e.to_string()))?;
+    if raw.schema.trim().is_empty() {
+        return Err((place, "schema is empty".into()));
+    }
+    if raw.on.is_empty() {
+        return Err((place, "handles no event type (add [projection.on.EventType])".into()));
+    }
+    let scratch = Connection::open_in_memory().map_err(|e| (place.clone(), e.to_string()))?;
+    scratch
+        .execute_batch(&raw.schema)
+        .map_err(|e| (format!("{place}, schema"), e.to_string()))?;
+    check_reserved_tables(&scratch).map_err(|message| (format!("{place}, schema"), message))?;
+    let mut on = BTreeMap::new();
+    for (event_type, handler) in raw.on {
+        let event_place = format!("{place}, event {event_type}");
+        if event_type.is_empty() || !event_type.chars().all(|c| c.is_ascii_alphanumeric() || "_.:-".contains(c)) {
+            return Err((event_place, "event type may contain only ASCII letters, digits, '_', '.', ':' and '-'".into()));
+        }
+        let texts = match handler.sql {
+            RawStatements::One(text) => vec![text],
+            RawStatements::Many(texts) => texts,
+        };
+        if texts.is_empty() {
+            return Err((event_place, "has no statement".into()));
+        }
+        let mut statements = Vec::with_capacity(texts.len());
+        for (idx, text) in texts.into_iter().enumerate() {
+            let statement_place = format!("{event_place}, statement {}", idx + 1);
+            statements.push(prepare(&scratch, text).map_err(|message| (statement_place, message))?);
+        }
+        on.insert(event_type, statements);
+    }
+    let hash = definition_hash(raw.version, &raw.schema, &on);
+    Ok(SqlProjection { name, version: raw.version, schema: raw.schema, on, hash })
+}
+
+/// Rewrites the parameters and prepares the statement against the schema.
+fn prepare(scratch: &Connection, text: String) -> Result<Statement, String> {
+    let (sql, params) = rewrite(&text).map_err(|e| format!("{e} in {:?}", text.trim()))?;
+    let stmt = scratch.prepare(&sql).map_err(|e| format!("{e} in {:?}", text.trim()))?;
+    // Anything left over would run unchecked, or not at all.
+    if stmt.parameter_count() != params.len() {
+        return Err(format!("unexpected parameters in {:?}", text.trim()));
+    }
+    if stmt.readonly() {
+        return Err(format!("statement changes nothing (a SELECT?): {:?}", text.trim()));
+    }
+    drop(stmt);
+    Ok(Statement { text, sql, params })
+}
+
+/// The schema must not create tables the engine owns.
+fn check_reserved_tables(scratch: &Connection) -> Result<(), String> {
+    let mut stmt = scratch
+        .prepare("SELECT name FROM sqlite_master WHERE name = '_checkpoint' OR name LIKE '\\_projectionist\\_%' ESCAPE '\\'")
+        .map_err(|e| e.to_string())?;
+    let reserved: Vec<String> = stmt
+        .query_map([], |row| row.get(0))
+        .and_then(Iterator::collect)
+        .map_err(|e| e.to_string())?;
+    match reserved.first() {
+        Some(name) => Err(format!("table name {name} is reserved for projectionist")),
+        None => Ok(()),
+    }
+}
+
+fn definition_hash(version: u32, schema: &str, on: &BTreeMap<String, Vec<Statement>>) -> String {
+    let mut hasher = Sha256::new();
+    let mut field = |bytes: &[u8]| {
+        hasher.update((bytes.len() as u64).to_le_bytes());
+        hasher.update(bytes);
+    };
+    field(&version.to_le_bytes());
+    field(schema.as_bytes());
+    for (event_type, statements) in on {
+        field(event_type.as_bytes());
+        for statement in statements {
+            field(statement.text.as_bytes());
+        }
+    }
+    hasher.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_demo_config_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/orders/projections.toml");
+        let config = ProjectionsConfig::load(&path).unwrap();
+        let names: Vec<&str> = config.projections.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["order_summary", "customer_stats"]);
+        assert_eq!(config.projections[0].event_types().len(), 5);
+    }
+}
