@@ -1,1 +1,525 @@
-fn main() {}
+//! `projectionist`: rebuild, resume, inspect and manage projections from the
+//! command line, declared in a TOML config (see `examples/orders/projections.toml`).
+//!
+//! Exit codes: 0 success; 2 usage or config error; 3 event store error;
+//! 4 a projection failed; 130 interrupted (Ctrl-C), resumable.
+
+mod demo;
+mod ui;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{Context, anyhow};
+use clap::{Parser, Subcommand};
+use projectionist::rusqlite::{Connection, OpenFlags};
+use projectionist::{
+    CancelToken, CheckpointLocation, Error, GlobalReader, ProjectionDir, ProjectionTarget,
+    RebuildOptions, RebuildResult, SqliteCheckpoint, SqliteEventStore, rebuild_shared,
+    resume_shared,
+};
+use projectionist_sqlview::{ProjectionsConfig, SqlHandler, SqlProjection, stored_definition};
+
+/// The sample config the demo uses when no `--config` is given.
+const DEMO_CONFIG: &str = include_str!("../../../examples/orders/projections.toml");
+
+/// Exit code: usage or config error.
+const EXIT_CONFIG: u8 = 2;
+/// Exit code: the event store could not be opened or read.
+const EXIT_STORE: u8 = 3;
+/// Exit code: at least one projection failed.
+const EXIT_PROJECTION: u8 = 4;
+/// Exit code: interrupted by Ctrl-C at a batch boundary.
+const EXIT_CANCELLED: u8 = 130;
+
+#[derive(Parser)]
+#[command(
+    name = "projectionist",
+    version,
+    about = "Rebuild and manage the projections of an event-sourced system"
+)]
+struct Cli {
+    /// Event store: an SQLite file [default: events.db; demo: demo/events.db].
+    #[arg(long, global = true)]
+    store: Option<PathBuf>,
+    /// Directory of projection files [default: projections; demo: demo/projections].
+    #[arg(long, global = true)]
+    dir: Option<PathBuf>,
+    /// Projections config (TOML) [default: projectionist.toml; demo: the built-in orders config].
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Events per batch (one transaction each), 1 to 50000.
+    #[arg(long, global = true, default_value_t = projectionist::limits::BATCH_SIZE_DEFAULT)]
+    batch_size: u32,
+    /// Machine-readable JSON lines on stdout instead of text and progress bars.
+    #[arg(long, global = true)]
+    json: bool,
+    /// No progress bars and no summary; errors only.
+    #[arg(long, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate a deterministic orders log and rebuild the sample projections.
+    Demo {
+        /// Events to generate.
+        #[arg(long, default_value_t = 1_000_000)]
+        events: u64,
+        /// Seed of the generator.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
+    /// Rebuild projections from scratch (all in the config by default), reading the log once.
+    Rebuild {
+        /// Projections to rebuild.
+        names: Vec<String>,
+    },
+    /// Continue projections from their checkpoints; a stale projection is rebuilt.
+    Resume {
+        /// Projections to resume.
+        names: Vec<String>,
+    },
+    /// Checkpoint, log head, lag, definition version, staleness and size per projection.
+    Status,
+    /// Names of the projection files in the directory.
+    List,
+    /// Delete one projection file (data and checkpoint).
+    Remove {
+        /// The projection.
+        name: String,
+    },
+    /// Delete every projection file in the directory.
+    RemoveAll,
+}
+
+/// A failure, with the exit code it maps to.
+struct Failure {
+    code: u8,
+    error: anyhow::Error,
+}
+
+fn fail(code: u8) -> impl FnOnce(anyhow::Error) -> Failure {
+    move |error| Failure { code, error }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            if cli.json {
+                ui::json_line(
+                    &serde_json::json!({"event": "error", "code": failure.code, "message": format!("{:#}", failure.error)}),
+                );
+            }
+            eprintln!("error: {:#}", failure.error);
+            ExitCode::from(failure.code)
+        }
+    }
+}
+
+fn run(cli: &Cli) -> Result<(), Failure> {
+    if cli.batch_size == 0 || cli.batch_size > projectionist::limits::BATCH_SIZE_MAX {
+        return Err(fail(EXIT_CONFIG)(anyhow!(
+            "--batch-size {} is out of range: 1 to {}",
+            cli.batch_size,
+            projectionist::limits::BATCH_SIZE_MAX
+        )));
+    }
+    match &cli.command {
+        Command::Demo { events, seed } => run_demo(cli, *events, *seed),
+        Command::Rebuild { names } => run_replay(cli, names, false).map(|_| ()),
+        Command::Resume { names } => run_replay(cli, names, true).map(|_| ()),
+        Command::Status => run_status(cli),
+        Command::List => {
+            let dir = open_dir(cli, false)?;
+            let names = dir.list().map_err(|e| fail(EXIT_PROJECTION)(e.into()))?;
+            for name in names {
+                if cli.json {
+                    ui::json_line(
+                        &serde_json::json!({"event": "projection", "name": name.as_str()}),
+                    );
+                } else {
+                    println!("{name}");
+                }
+            }
+            Ok(())
+        }
+        Command::Remove { name } => {
+            let dir = open_dir(cli, false)?;
+            dir.remove(name)
+                .with_context(|| format!("remove projection {name}"))
+                .map_err(|e| fail(code_of_error(&e))(e))
+        }
+        Command::RemoveAll => {
+            let dir = open_dir(cli, false)?;
+            dir.remove_all()
+                .context("remove all projections")
+                .map_err(|e| fail(code_of_error(&e))(e))
+        }
+    }
+}
+
+fn code_of_error(error: &anyhow::Error) -> u8 {
+    match error.downcast_ref::<Error>() {
+        Some(Error::InvalidName { .. }) => EXIT_CONFIG,
+        _ => EXIT_PROJECTION,
+    }
+}
+
+fn open_dir(cli: &Cli, demo: bool) -> Result<ProjectionDir, Failure> {
+    let path = cli
+        .dir
+        .clone()
+        .unwrap_or_else(|| default_path(demo, "projections"));
+    ProjectionDir::open(&path).map_err(|e| fail(EXIT_PROJECTION)(e.into()))
+}
+
+fn default_path(demo: bool, name: &str) -> PathBuf {
+    match (demo, name) {
+        (true, "events") => PathBuf::from("demo/events.db"),
+        (true, _) => PathBuf::from("demo/projections"),
+        (false, "events") => PathBuf::from("events.db"),
+        (false, _) => PathBuf::from("projections"),
+    }
+}
+
+fn load_config(cli: &Cli, demo: bool) -> Result<ProjectionsConfig, Failure> {
+    let loaded = match (&cli.config, demo) {
+        (Some(path), _) => ProjectionsConfig::load(path),
+        (None, true) => ProjectionsConfig::parse(DEMO_CONFIG, "examples/orders/projections.toml"),
+        (None, false) => ProjectionsConfig::load(Path::new("projectionist.toml")),
+    };
+    loaded.map_err(|e| fail(EXIT_CONFIG)(e.into()))
+}
+
+/// Opens an existing event store; a missing file is an error, not a new empty log.
+fn open_store(cli: &Cli, demo: bool) -> Result<SqliteEventStore, Failure> {
+    let path = cli
+        .store
+        .clone()
+        .unwrap_or_else(|| default_path(demo, "events"));
+    if !path.is_file() {
+        return Err(fail(EXIT_STORE)(anyhow!(
+            "event store {} does not exist",
+            path.display()
+        )));
+    }
+    SqliteEventStore::open(&path)
+        .with_context(|| format!("open event store {}", path.display()))
+        .map_err(fail(EXIT_STORE))
+}
+
+/// Which projections of the config to run: the named ones, or all.
+fn select<'c>(
+    config: &'c ProjectionsConfig,
+    names: &[String],
+) -> Result<Vec<&'c SqlProjection>, Failure> {
+    if names.is_empty() {
+        return Ok(config.projections.iter().collect());
+    }
+    names
+        .iter()
+        .map(|name| {
+            config.get(name).ok_or_else(|| {
+                let known: Vec<&str> = config.projections.iter().map(|p| p.name.as_str()).collect();
+                fail(EXIT_CONFIG)(anyhow!(
+                    "no projection {name:?} in the config (it has: {})",
+                    known.join(", ")
+                ))
+            })
+        })
+        .collect()
+}
+
+fn run_replay(cli: &Cli, names: &[String], resume: bool) -> Result<Vec<RebuildResult>, Failure> {
+    let config = load_config(cli, false)?;
+    let selected = select(&config, names)?;
+    let store = open_store(cli, false)?;
+    let dir = open_dir(cli, false)?;
+    replay(cli, &store, &dir, &selected, resume)
+}
+
+/// Rebuilds (or resumes) the selected projections with one shared read per group,
+/// showing progress; maps failures to exit codes.
+fn replay(
+    cli: &Cli,
+    store: &SqliteEventStore,
+    dir: &ProjectionDir,
+    selected: &[&SqlProjection],
+    resume: bool,
+) -> Result<Vec<RebuildResult>, Failure> {
+    let dbs = selected
+        .iter()
+        .map(|p| {
+            dir.db(p.name.as_str())
+                .with_context(|| format!("open projection {}", p.name))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()
+        .map_err(fail(EXIT_PROJECTION))?;
+    // A projection built from another definition cannot be resumed: rebuild it.
+    let stale: Vec<bool> = dbs
+        .iter()
+        .zip(selected)
+        .map(|(db, projection)| {
+            let stored = db.with_connection(|conn| Ok(stored_definition(conn).ok().flatten()));
+            !resume
+                || stored
+                    .ok()
+                    .flatten()
+                    .is_some_and(|s| s.hash != projection.hash)
+        })
+        .collect();
+    let cancel = CancelToken::new();
+    let handler_token = cancel.clone();
+    // Ignore a failure to install the handler (e.g. one already installed in tests).
+    let _ = ctrlc::set_handler(move || handler_token.cancel());
+    let head =
+        GlobalReader::<serde_json::Value>::head(store).map_err(|e| fail(EXIT_STORE)(e.into()))?;
+    let display = ui::Display::new(
+        cli.json,
+        cli.quiet,
+        selected.iter().map(|p| p.name.as_str()),
+        head,
+    );
+    let progress = |p: &projectionist::Progress| display.progress(p);
+    let options = RebuildOptions {
+        batch_size: cli.batch_size,
+        progress: Some(&progress),
+        cancel: Some(&cancel),
+        step_hook: None,
+    };
+    let mut handlers: Vec<SqlHandler<'_>> = selected.iter().map(|p| SqlHandler::new(p)).collect();
+    let mut rebuild_targets = Vec::new();
+    let mut resume_targets = Vec::new();
+    let mut order = Vec::new();
+    for (idx, (handler, db)) in handlers.iter_mut().zip(&dbs).enumerate() {
+        let target = ProjectionTarget {
+            db,
+            handler: handler as &mut dyn projectionist::Handler<serde_json::Value>,
+            checkpoint: CheckpointLocation::InFile,
+            consumer_id: selected[idx].name.as_str(),
+        };
+        if stale[idx] {
+            order.push((true, rebuild_targets.len()));
+            rebuild_targets.push(target);
+        } else {
+            order.push((false, resume_targets.len()));
+            resume_targets.push(target);
+        }
+    }
+    let started = Instant::now();
+    let rebuilt = if rebuild_targets.is_empty() {
+        Vec::new()
+    } else {
+        rebuild_shared(store, rebuild_targets, &options)
+    };
+    let resumed = if resume_targets.is_empty() {
+        Vec::new()
+    } else {
+        resume_shared(store, resume_targets, &options)
+    };
+    display.finish();
+    let mut rebuilt = rebuilt.into_iter().map(Some).collect::<Vec<_>>();
+    let mut resumed = resumed.into_iter().map(Some).collect::<Vec<_>>();
+    let results: Vec<projectionist::Result<RebuildResult>> = order
+        .into_iter()
+        .map(|(was_rebuild, i)| {
+            if was_rebuild {
+                rebuilt[i].take()
+            } else {
+                resumed[i].take()
+            }
+            .expect("one result each")
+        })
+        .collect();
+    report(cli, &results, started.elapsed().as_secs_f64())
+}
+
+/// Prints each projection's outcome and picks the exit code.
+fn report(
+    cli: &Cli,
+    results: &[projectionist::Result<RebuildResult>],
+    seconds: f64,
+) -> Result<Vec<RebuildResult>, Failure> {
+    let mut ok = Vec::new();
+    let mut cancelled = false;
+    let mut failed = Vec::new();
+    for result in results {
+        match result {
+            Ok(r) => {
+                ui::result_line(cli.json, cli.quiet, r);
+                ok.push(r.clone());
+            }
+            Err(Error::Cancelled { .. }) => cancelled = true,
+            Err(e) => failed.push(e.to_string()),
+        }
+    }
+    if !failed.is_empty() {
+        return Err(fail(EXIT_PROJECTION)(anyhow!("{}", failed.join("\n"))));
+    }
+    if cancelled {
+        let committed: Vec<String> = results
+            .iter()
+            .filter_map(|r| r.as_ref().err())
+            .map(|e| e.to_string())
+            .collect();
+        return Err(fail(EXIT_CANCELLED)(anyhow!(
+            "interrupted at a batch boundary after {seconds:.1}s; nothing half-applied.\n{}\nrun `projectionist resume` to continue from the checkpoints",
+            committed.join("\n")
+        )));
+    }
+    Ok(ok)
+}
+
+fn run_demo(cli: &Cli, n_events: u64, seed: u64) -> Result<(), Failure> {
+    let config = load_config(cli, true)?;
+    let store_path = cli
+        .store
+        .clone()
+        .unwrap_or_else(|| default_path(true, "events"));
+    if let Some(parent) = store_path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("create {}", parent.display()))
+            .map_err(fail(EXIT_STORE))?;
+    }
+    // The demo is deterministic: start from an empty log and empty projections.
+    for suffix in ["", "-wal", "-shm"] {
+        let mut path = store_path.clone().into_os_string();
+        path.push(suffix);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(fail(EXIT_STORE)(anyhow!(
+                    "remove old demo store {}: {e}",
+                    store_path.display()
+                )));
+            }
+        }
+    }
+    let store = SqliteEventStore::open(&store_path)
+        .with_context(|| format!("create demo store {}", store_path.display()))
+        .map_err(fail(EXIT_STORE))?;
+    let generating = Instant::now();
+    let bar = ui::generation_bar(cli.json || cli.quiet, n_events);
+    demo::generate(&store, n_events, seed, &|written| bar.set_position(written))
+        .context("generate the demo log")
+        .map_err(fail(EXIT_STORE))?;
+    bar.finish_and_clear();
+    if !cli.quiet && !cli.json {
+        eprintln!(
+            "generated {n_events} events in {:.1}s into {}",
+            generating.elapsed().as_secs_f64(),
+            store_path.display()
+        );
+    }
+    let dir = open_dir(cli, true)?;
+    dir.remove_all()
+        .map_err(|e| fail(EXIT_PROJECTION)(e.into()))?;
+    let selected: Vec<&SqlProjection> = config.projections.iter().collect();
+    let started = Instant::now();
+    let results = replay(cli, &store, &dir, &selected, false)?;
+    let seconds = started.elapsed().as_secs_f64();
+    if cli.quiet {
+        return Ok(());
+    }
+    let rate = n_events as f64 / seconds.max(1e-9);
+    if cli.json {
+        ui::json_line(
+            &serde_json::json!({"event": "summary", "events": n_events, "projections": results.len(), "seconds": seconds, "events_per_second": rate}),
+        );
+        return Ok(());
+    }
+    println!(
+        "\nrebuilt {} projections over {n_events} events in {seconds:.2}s ({rate:.0} events/s)",
+        results.len()
+    );
+    for projection in &selected {
+        let db = dir
+            .db(projection.name.as_str())
+            .map_err(|e| fail(EXIT_PROJECTION)(e.into()))?;
+        let conn = db
+            .open_reader()
+            .map_err(|e| fail(EXIT_PROJECTION)(e.into()))?;
+        ui::sample_rows(&conn, projection.name.as_str()).map_err(fail(EXIT_PROJECTION))?;
+    }
+    Ok(())
+}
+
+fn run_status(cli: &Cli) -> Result<(), Failure> {
+    let config = load_config(cli, false)?;
+    let dir_path = cli
+        .dir
+        .clone()
+        .unwrap_or_else(|| default_path(false, "projections"));
+    let head = match open_store(cli, false) {
+        Ok(store) => Some(
+            GlobalReader::<serde_json::Value>::head(&store)
+                .map_err(|e| fail(EXIT_STORE)(e.into()))?,
+        ),
+        Err(_) => None,
+    };
+    let mut names: Vec<String> = config
+        .projections
+        .iter()
+        .map(|p| p.name.to_string())
+        .collect();
+    if dir_path.is_dir() {
+        let dir = ProjectionDir::open(&dir_path).map_err(|e| fail(EXIT_PROJECTION)(e.into()))?;
+        for name in dir.list().map_err(|e| fail(EXIT_PROJECTION)(e.into()))? {
+            if !names.iter().any(|n| n == name.as_str()) {
+                names.push(name.to_string());
+            }
+        }
+    }
+    let mut rows = Vec::new();
+    for name in &names {
+        let path = dir_path.join(format!("{name}.db"));
+        rows.push(status_row(name, &path, config.get(name), head).map_err(fail(EXIT_PROJECTION))?);
+    }
+    ui::status_table(cli.json, &rows, head);
+    Ok(())
+}
+
+fn status_row(
+    name: &str,
+    path: &Path,
+    projection: Option<&SqlProjection>,
+    head: Option<u64>,
+) -> anyhow::Result<ui::StatusRow> {
+    let exists = path.is_file();
+    let (checkpoint, stored) = if exists {
+        // Read-only, without taking the lock: status works while a rebuild runs.
+        let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .with_context(|| format!("open {}", path.display()))?;
+        let checkpoint = SqliteCheckpoint::load_in(&conn, name).unwrap_or(0);
+        (checkpoint, stored_definition(&conn).ok().flatten())
+    } else {
+        (0, None)
+    };
+    let size: u64 = ["", "-wal"]
+        .iter()
+        .filter_map(|suffix| std::fs::metadata(format!("{}{suffix}", path.display())).ok())
+        .map(|m| m.len())
+        .sum();
+    let state = match (projection, &stored, exists) {
+        (None, _, _) => "not in config",
+        (Some(_), _, false) => "not built",
+        (Some(p), Some(s), true) if s.hash == p.hash => "current",
+        (Some(_), _, true) => "stale",
+    };
+    Ok(ui::StatusRow {
+        name: name.to_owned(),
+        checkpoint,
+        lag: head.map(|h| h.saturating_sub(checkpoint)),
+        config_version: projection.map(|p| p.version),
+        built_version: stored.map(|s| s.version),
+        state,
+        size,
+    })
+}

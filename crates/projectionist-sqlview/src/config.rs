@@ -129,7 +129,10 @@ impl ProjectionsConfig {
     /// # Errors
     /// [`ConfigError`] naming the file and the place.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let read_error = |source| ConfigError::Read { path: path.to_path_buf(), source };
+        let read_error = |source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        };
         let size = std::fs::metadata(path).map_err(read_error)?.len();
         if size > CONFIG_BYTES_MAX {
             return Err(ConfigError::Invalid {
@@ -161,7 +164,8 @@ impl ProjectionsConfig {
         }
         let mut projections: Vec<SqlProjection> = Vec::new();
         for raw_projection in raw.projection {
-            let projection = validate_projection(raw_projection).map_err(|(place, message)| invalid(place, message))?;
+            let projection = validate_projection(raw_projection)
+                .map_err(|(place, message)| invalid(place, message))?;
             if projections.iter().any(|p| p.name == projection.name) {
                 return Err(invalid(
                     format!("projection {:?}", projection.name.as_str()),
@@ -197,7 +201,10 @@ fn validate_projection(raw: RawProjection) -> Result<SqlProjection, Failure> {
         return Err((place, "schema is empty".into()));
     }
     if raw.on.is_empty() {
-        return Err((place, "handles no event type (add [projection.on.EventType])".into()));
+        return Err((
+            place,
+            "handles no event type (add [projection.on.EventType])".into(),
+        ));
     }
     let scratch = Connection::open_in_memory().map_err(|e| (place.clone(), e.to_string()))?;
     scratch
@@ -207,8 +214,15 @@ fn validate_projection(raw: RawProjection) -> Result<SqlProjection, Failure> {
     let mut on = BTreeMap::new();
     for (event_type, handler) in raw.on {
         let event_place = format!("{place}, event {event_type}");
-        if event_type.is_empty() || !event_type.chars().all(|c| c.is_ascii_alphanumeric() || "_.:-".contains(c)) {
-            return Err((event_place, "event type may contain only ASCII letters, digits, '_', '.', ':' and '-'".into()));
+        if event_type.is_empty()
+            || !event_type
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_.:-".contains(c))
+        {
+            return Err((
+                event_place,
+                "event type may contain only ASCII letters, digits, '_', '.', ':' and '-'".into(),
+            ));
         }
         let texts = match handler.sql {
             RawStatements::One(text) => vec![text],
@@ -225,19 +239,30 @@ fn validate_projection(raw: RawProjection) -> Result<SqlProjection, Failure> {
         on.insert(event_type, statements);
     }
     let hash = definition_hash(raw.version, &raw.schema, &on);
-    Ok(SqlProjection { name, version: raw.version, schema: raw.schema, on, hash })
+    Ok(SqlProjection {
+        name,
+        version: raw.version,
+        schema: raw.schema,
+        on,
+        hash,
+    })
 }
 
 /// Rewrites the parameters and prepares the statement against the schema.
 fn prepare(scratch: &Connection, text: String) -> Result<Statement, String> {
     let (sql, params) = rewrite(&text).map_err(|e| format!("{e} in {:?}", text.trim()))?;
-    let stmt = scratch.prepare(&sql).map_err(|e| format!("{e} in {:?}", text.trim()))?;
+    let stmt = scratch
+        .prepare(&sql)
+        .map_err(|e| format!("{e} in {:?}", text.trim()))?;
     // Anything left over would run unchecked, or not at all.
     if stmt.parameter_count() != params.len() {
         return Err(format!("unexpected parameters in {:?}", text.trim()));
     }
     if stmt.readonly() {
-        return Err(format!("statement changes nothing (a SELECT?): {:?}", text.trim()));
+        return Err(format!(
+            "statement changes nothing (a SELECT?): {:?}",
+            text.trim()
+        ));
     }
     drop(stmt);
     Ok(Statement { text, sql, params })
@@ -272,7 +297,11 @@ fn definition_hash(version: u32, schema: &str, on: &BTreeMap<String, Vec<Stateme
             field(statement.text.as_bytes());
         }
     }
-    hasher.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 #[cfg(test)]
@@ -281,7 +310,8 @@ mod tests {
 
     #[test]
     fn the_demo_config_loads() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/orders/projections.toml");
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/orders/projections.toml");
         let config = ProjectionsConfig::load(&path).unwrap();
         let names: Vec<&str> = config.projections.iter().map(|p| p.name.as_str()).collect();
         assert_eq!(names, ["order_summary", "customer_stats"]);

@@ -30,7 +30,9 @@ pub struct StoredDefinition {
 ///
 /// # Errors
 /// SQLite errors reading the table.
-pub fn stored_definition(conn: &Connection) -> Result<Option<StoredDefinition>, projectionist::rusqlite::Error> {
+pub fn stored_definition(
+    conn: &Connection,
+) -> Result<Option<StoredDefinition>, projectionist::rusqlite::Error> {
     let exists: bool = conn.query_row(
         "SELECT COUNT(*) > 0 FROM sqlite_master WHERE name = ?1",
         [DEFINITION_TABLE],
@@ -39,9 +41,16 @@ pub fn stored_definition(conn: &Connection) -> Result<Option<StoredDefinition>, 
     if !exists {
         return Ok(None);
     }
-    conn.query_row(&format!("SELECT version, hash FROM {DEFINITION_TABLE} LIMIT 1"), [], |row| {
-        Ok(StoredDefinition { version: row.get(0)?, hash: row.get(1)? })
-    })
+    conn.query_row(
+        &format!("SELECT version, hash FROM {DEFINITION_TABLE} LIMIT 1"),
+        [],
+        |row| {
+            Ok(StoredDefinition {
+                version: row.get(0)?,
+                hash: row.get(1)?,
+            })
+        },
+    )
     .optional()
 }
 
@@ -95,10 +104,16 @@ impl Handler<Value> for SqlHandler<'_> {
         Some(self.projection.event_types())
     }
 
-    fn apply(&mut self, tx: &Transaction<'_>, events: &[GlobalEvent<Value>]) -> Result<(), BoxError> {
+    fn apply(
+        &mut self,
+        tx: &Transaction<'_>,
+        events: &[GlobalEvent<Value>],
+    ) -> Result<(), BoxError> {
         let mut values: Vec<SqlValue> = Vec::new();
         for event in events {
-            let Some(statements) = self.projection.on.get(&event.event_type) else { continue };
+            let Some(statements) = self.projection.on.get(&event.event_type) else {
+                continue;
+            };
             for (idx, statement) in statements.iter().enumerate() {
                 let place = || {
                     format!(
@@ -125,12 +140,19 @@ impl Handler<Value> for SqlHandler<'_> {
 fn bind(param: &Param, event: &GlobalEvent<Value>) -> Result<SqlValue, String> {
     match param {
         Param::Envelope(field) => Ok(match field {
-            Envelope::Sequence => SqlValue::Integer(i64::try_from(event.sequence).unwrap_or(i64::MAX)),
+            Envelope::Sequence => {
+                SqlValue::Integer(i64::try_from(event.sequence).unwrap_or(i64::MAX))
+            }
             Envelope::StreamId => SqlValue::Text(event.stream_id.clone()),
-            Envelope::StreamVersion => SqlValue::Integer(i64::try_from(event.stream_version).unwrap_or(i64::MAX)),
+            Envelope::StreamVersion => {
+                SqlValue::Integer(i64::try_from(event.stream_version).unwrap_or(i64::MAX))
+            }
             Envelope::EventType => SqlValue::Text(event.event_type.clone()),
             Envelope::RecordedAt => SqlValue::Text(event.recorded_at.clone()),
-            Envelope::Metadata => event.metadata.clone().map_or(SqlValue::Null, SqlValue::Text),
+            Envelope::Metadata => event
+                .metadata
+                .clone()
+                .map_or(SqlValue::Null, SqlValue::Text),
         }),
         Param::Field { path, required } => {
             let mut current = &event.data;
@@ -142,7 +164,9 @@ fn bind(param: &Param, event: &GlobalEvent<Value>) -> Result<SqlValue, String> {
                 };
                 match next {
                     Some(value) => current = value,
-                    None if *required => return Err(format!("required field {} is missing", path.join("."))),
+                    None if *required => {
+                        return Err(format!("required field {} is missing", path.join(".")));
+                    }
                     None => return Ok(SqlValue::Null),
                 }
             }

@@ -63,11 +63,17 @@ pub(crate) fn rewrite(sql: &str) -> Result<(String, Vec<Param>), String> {
             _ => None,
         };
         if let Some(end) = quoted_end {
-            let close = chars[idx + 1..].iter().position(|&x| x == end).map_or(chars.len(), |p| idx + 1 + p);
+            let close = chars[idx + 1..]
+                .iter()
+                .position(|&x| x == end)
+                .map_or(chars.len(), |p| idx + 1 + p);
             out.extend(&chars[idx..(close + 1).min(chars.len())]);
             idx = close + 1;
         } else if c == '-' && chars.get(idx + 1) == Some(&'-') {
-            let close = chars[idx..].iter().position(|&x| x == '\n').map_or(chars.len(), |p| idx + p);
+            let close = chars[idx..]
+                .iter()
+                .position(|&x| x == '\n')
+                .map_or(chars.len(), |p| idx + p);
             out.extend(&chars[idx..close]);
             idx = close;
         } else if c == '/' && chars.get(idx + 1) == Some(&'*') {
@@ -76,10 +82,16 @@ pub(crate) fn rewrite(sql: &str) -> Result<(String, Vec<Param>), String> {
                 .map_or(chars.len(), |p| p + 2);
             out.extend(&chars[idx..close]);
             idx = close;
-        } else if c == ':' && chars.get(idx + 1).is_some_and(|n| n.is_ascii_alphabetic() || *n == '_') {
+        } else if c == ':'
+            && chars
+                .get(idx + 1)
+                .is_some_and(|n| n.is_ascii_alphabetic() || *n == '_')
+        {
             let start = idx + 1;
             let mut end = start;
-            while end < chars.len() && (chars[end].is_ascii_alphanumeric() || chars[end] == '_' || chars[end] == '.') {
+            while end < chars.len()
+                && (chars[end].is_ascii_alphanumeric() || chars[end] == '_' || chars[end] == '.')
+            {
                 end += 1;
             }
             let name: String = chars[start..end].iter().collect();
@@ -101,7 +113,9 @@ pub(crate) fn rewrite(sql: &str) -> Result<(String, Vec<Param>), String> {
                 "placeholder '{c}' at character {idx}: only :name parameters are supported"
             ));
         } else if c == ':' {
-            return Err(format!("':' at character {idx} does not start a :name parameter"));
+            return Err(format!(
+                "':' at character {idx} does not start a :name parameter"
+            ));
         } else {
             out.push(c);
             idx += 1;
@@ -118,7 +132,10 @@ fn parse_param(name: &str, required: bool) -> Result<Param, String> {
             .map(|(_, e)| Param::Envelope(*e))
             .ok_or_else(|| {
                 let known: Vec<&str> = ENVELOPE.iter().map(|(n, _)| *n).collect();
-                format!("unknown envelope parameter :{name} (known: :{})", known.join(", :"))
+                format!(
+                    "unknown envelope parameter :{name} (known: :{})",
+                    known.join(", :")
+                )
             });
     }
     let path: Vec<String> = name.split('.').map(str::to_owned).collect();
@@ -142,16 +159,37 @@ mod tests {
 
     #[test]
     fn rewrites_names_and_skips_quotes_and_comments() {
-        check("INSERT INTO t VALUES (:a, :b.c!, :a)", r#"INSERT INTO t VALUES (?1, ?2, ?1) [Field { path: ["a"], required: false }, Field { path: ["b", "c"], required: true }]"#);
-        check("SELECT ':x', \":y\", [:z] -- :w\n/* :v */ , :_sequence", "SELECT ':x', \":y\", [:z] -- :w\n/* :v */ , ?1 [Envelope(Sequence)]");
-        check("SELECT :items.0.sku", r#"SELECT ?1 [Field { path: ["items", "0", "sku"], required: false }]"#);
+        check(
+            "INSERT INTO t VALUES (:a, :b.c!, :a)",
+            r#"INSERT INTO t VALUES (?1, ?2, ?1) [Field { path: ["a"], required: false }, Field { path: ["b", "c"], required: true }]"#,
+        );
+        check(
+            "SELECT ':x', \":y\", [:z] -- :w\n/* :v */ , :_sequence",
+            "SELECT ':x', \":y\", [:z] -- :w\n/* :v */ , ?1 [Envelope(Sequence)]",
+        );
+        check(
+            "SELECT :items.0.sku",
+            r#"SELECT ?1 [Field { path: ["items", "0", "sku"], required: false }]"#,
+        );
     }
 
     #[test]
     fn rejects_foreign_placeholders_and_unknown_envelope() {
-        check("SELECT ?", "error: placeholder '?' at character 7: only :name parameters are supported");
-        check("SELECT $x", "error: placeholder '$' at character 7: only :name parameters are supported");
-        check("SELECT :_seq", "error: unknown envelope parameter :_seq (known: :_sequence, :_stream_id, :_stream_version, :_event_type, :_recorded_at, :_metadata)");
-        check("SELECT :a..b", "error: parameter :a..b has an empty path segment");
+        check(
+            "SELECT ?",
+            "error: placeholder '?' at character 7: only :name parameters are supported",
+        );
+        check(
+            "SELECT $x",
+            "error: placeholder '$' at character 7: only :name parameters are supported",
+        );
+        check(
+            "SELECT :_seq",
+            "error: unknown envelope parameter :_seq (known: :_sequence, :_stream_id, :_stream_version, :_event_type, :_recorded_at, :_metadata)",
+        );
+        check(
+            "SELECT :a..b",
+            "error: parameter :a..b has an empty path segment",
+        );
     }
 }

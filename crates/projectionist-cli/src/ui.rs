@@ -1,0 +1,195 @@
+//! Everything the CLI shows: progress bars on stderr (only on a terminal), JSON
+//! lines on stdout with `--json`, summaries and the status table.
+
+use std::collections::HashMap;
+use std::io::Write;
+
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use projectionist::rusqlite::Connection;
+use projectionist::{Progress, RebuildResult};
+
+/// Writes one JSON line to stdout; a closed pipe is not an error.
+pub fn json_line(value: &serde_json::Value) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{value}");
+}
+
+/// Progress of a run: one bar per projection, or JSON lines, or nothing.
+pub struct Display {
+    json: bool,
+    multi: MultiProgress,
+    bars: HashMap<String, ProgressBar>,
+}
+
+impl Display {
+    /// Bars for `names`, each `total` events long. Hidden when stderr is not a
+    /// terminal, with `--quiet`, or with `--json`.
+    pub fn new<'a>(
+        json: bool,
+        quiet: bool,
+        names: impl Iterator<Item = &'a str>,
+        total: u64,
+    ) -> Self {
+        let target = if json || quiet {
+            ProgressDrawTarget::hidden()
+        } else {
+            ProgressDrawTarget::stderr()
+        };
+        let multi = MultiProgress::with_draw_target(target);
+        let style = ProgressStyle::with_template(
+            "{prefix:>16} [{bar:30}] {pos}/{len} events {per_sec} eta {eta} {msg}",
+        )
+        .expect("valid template")
+        .progress_chars("=> ");
+        let bars = names
+            .map(|name| {
+                let bar = multi.add(ProgressBar::new(total));
+                bar.set_style(style.clone());
+                bar.set_prefix(name.to_owned());
+                (name.to_owned(), bar)
+            })
+            .collect();
+        Display { json, multi, bars }
+    }
+
+    /// One progress report from the engine.
+    pub fn progress(&self, p: &Progress) {
+        if self.json {
+            json_line(&serde_json::json!({
+                "event": "progress", "projection": p.projection_name, "processed": p.processed,
+                "checkpoint": p.checkpoint, "total": p.total, "done": p.done, "err": p.err,
+            }));
+            return;
+        }
+        if let Some(bar) = self.bars.get(&p.projection_name) {
+            bar.set_length(p.total.max(p.checkpoint));
+            bar.set_position(p.checkpoint);
+            if p.done {
+                bar.finish_with_message(if p.err.is_some() { "failed" } else { "done" });
+            }
+        }
+    }
+
+    /// Clears the bars.
+    pub fn finish(&self) {
+        let _ = self.multi.clear();
+    }
+}
+
+/// One line per finished projection.
+pub fn result_line(json: bool, quiet: bool, r: &RebuildResult) {
+    let seconds = r.elapsed.as_secs_f64();
+    let rate = r.processed as f64 / seconds.max(1e-9);
+    if json {
+        json_line(&serde_json::json!({
+            "event": "result", "projection": r.projection_name, "processed": r.processed,
+            "checkpoint": r.checkpoint, "head": r.total, "seconds": seconds,
+        }));
+    } else if !quiet {
+        eprintln!(
+            "{}: {} events in {seconds:.2}s ({rate:.0} events/s), checkpoint {}",
+            r.projection_name, r.processed, r.checkpoint
+        );
+    }
+}
+
+/// The demo's log-generation bar.
+pub fn generation_bar(hidden: bool, n_events: u64) -> ProgressBar {
+    let target = if hidden {
+        ProgressDrawTarget::hidden()
+    } else {
+        ProgressDrawTarget::stderr()
+    };
+    let bar = ProgressBar::with_draw_target(Some(n_events), target);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{prefix:>16} [{bar:30}] {pos}/{len} events {per_sec} eta {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_prefix("generating log");
+    bar
+}
+
+/// A few rows of a demo projection.
+pub fn sample_rows(conn: &Connection, name: &str) -> anyhow::Result<()> {
+    let sql = match name {
+        "order_summary" => {
+            "SELECT order_id, customer_id, status, item_count, total_cents FROM orders ORDER BY total_cents DESC, order_id LIMIT 3"
+        }
+        "customer_stats" => {
+            "SELECT customer_id, orders_placed, orders_shipped, orders_cancelled, items, spent_cents FROM customers ORDER BY spent_cents DESC, customer_id LIMIT 3"
+        }
+        _ => return Ok(()),
+    };
+    let mut stmt = conn.prepare(sql)?;
+    let columns: Vec<String> = stmt
+        .column_names()
+        .iter()
+        .map(|c| (*c).to_owned())
+        .collect();
+    println!("\n{name} (top 3):\n  {}", columns.join(" | "));
+    let mut rows = stmt.query([])?;
+    while let Some(row) = rows.next()? {
+        let values: Vec<String> = (0..columns.len())
+            .map(|i| match row.get_ref(i) {
+                Ok(v) => match v {
+                    projectionist::rusqlite::types::ValueRef::Text(t) => {
+                        String::from_utf8_lossy(t).into_owned()
+                    }
+                    projectionist::rusqlite::types::ValueRef::Integer(n) => n.to_string(),
+                    other => format!("{other:?}"),
+                },
+                Err(e) => e.to_string(),
+            })
+            .collect();
+        println!("  {}", values.join(" | "));
+    }
+    Ok(())
+}
+
+/// One projection in `status`.
+pub struct StatusRow {
+    pub name: String,
+    pub checkpoint: u64,
+    pub lag: Option<u64>,
+    pub config_version: Option<u32>,
+    pub built_version: Option<u32>,
+    /// `current`, `stale`, `not built` or `not in config`.
+    pub state: &'static str,
+    pub size: u64,
+}
+
+/// Prints the status rows.
+pub fn status_table(json: bool, rows: &[StatusRow], head: Option<u64>) {
+    if json {
+        for r in rows {
+            json_line(&serde_json::json!({
+                "event": "status", "projection": r.name, "checkpoint": r.checkpoint, "head": head,
+                "lag": r.lag, "config_version": r.config_version, "built_version": r.built_version,
+                "stale": r.state == "stale", "state": r.state, "size_bytes": r.size,
+            }));
+        }
+        return;
+    }
+    let head_text = head.map_or("no store".to_owned(), |h| h.to_string());
+    println!(
+        "{:<24} {:>12} {:>12} {:>10} {:>8} {:>8} {:<14} {:>12}",
+        "projection", "checkpoint", "head", "lag", "config", "built", "state", "bytes"
+    );
+    for r in rows {
+        let opt = |v: Option<u32>| v.map_or("-".to_owned(), |v| format!("v{v}"));
+        println!(
+            "{:<24} {:>12} {:>12} {:>10} {:>8} {:>8} {:<14} {:>12}",
+            r.name,
+            r.checkpoint,
+            head_text,
+            r.lag.map_or("-".to_owned(), |l| l.to_string()),
+            opt(r.config_version),
+            opt(r.built_version),
+            r.state,
+            r.size
+        );
+    }
+}
