@@ -111,12 +111,13 @@ fn main() -> ExitCode {
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {
+            let message = error_text(&failure.error);
             if cli.json {
                 ui::json_line(
-                    &serde_json::json!({"event": "error", "code": failure.code, "message": format!("{:#}", failure.error)}),
+                    &serde_json::json!({"event": "error", "code": failure.code, "message": message}),
                 );
             }
-            eprintln!("error: {:#}", failure.error);
+            eprintln!("error: {message}");
             ExitCode::from(failure.code)
         }
     }
@@ -162,6 +163,22 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                 .map_err(|e| fail(code_of_error(&e))(e))
         }
     }
+}
+
+/// The error and its causes, each once: library errors already quote their
+/// source in their own message, so a cause already shown is skipped.
+fn error_text(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let part = cause.to_string();
+        if !text.contains(&part) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&part);
+        }
+    }
+    text
 }
 
 fn code_of_error(error: &anyhow::Error) -> u8 {

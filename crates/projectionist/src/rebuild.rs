@@ -634,8 +634,9 @@ fn begin_run<E>(projection: &mut ProjectionTarget<'_, E>, start: Start) -> Resul
     }
 }
 
-/// Drops every table and view of the projection except the `_checkpoint` table
-/// and internal `_projectionist_*` tables; indexes and triggers go with them.
+/// Drops every table and view of the projection except `_checkpoint` (so also
+/// `_projectionist_*` tables, which describe the content being dropped); indexes
+/// and triggers go with them.
 fn drop_projection_objects(tx: &Transaction<'_>) -> rusqlite::Result<()> {
     let objects: Vec<(String, String)> = tx
         .prepare(
@@ -643,7 +644,6 @@ fn drop_projection_objects(tx: &Transaction<'_>) -> rusqlite::Result<()> {
              WHERE type IN ('table', 'view')
                AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\'
                AND name <> '_checkpoint'
-               AND name NOT LIKE '\\_projectionist\\_%' ESCAPE '\\'
              ORDER BY type DESC",
         )?
         .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?

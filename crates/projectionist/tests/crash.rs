@@ -246,7 +246,20 @@ fn check_torn(dir: &Path) -> Result<(), String> {
     }
     let conn = projectionist::rusqlite::Connection::open(dir.join("bank.db"))
         .map_err(|e| e.to_string())?;
-    let checkpoint = SqliteCheckpoint::load_in(&conn, "bank").map_err(|e| e.to_string())?;
+    // Killed between creating the file and creating `_checkpoint`: nothing applied
+    // yet; the next `ProjectionDir::db` creates the table.
+    let has_checkpoint: bool = conn
+        .query_row(
+            "SELECT COUNT(*) > 0 FROM sqlite_master WHERE name = '_checkpoint'",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(|e| e.to_string())?;
+    let checkpoint = if has_checkpoint {
+        SqliteCheckpoint::load_in(&conn, "bank").map_err(|e| e.to_string())?
+    } else {
+        0
+    };
     let has_totals: bool = conn
         .query_row(
             "SELECT COUNT(*) > 0 FROM sqlite_master WHERE name = 'totals'",

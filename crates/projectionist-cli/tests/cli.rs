@@ -1,0 +1,456 @@
+//! End-to-end tests of the `projectionist` binary on temporary directories: the
+//! demo, every subcommand, `--json` output, bad configs, hostile event data,
+//! Ctrl-C then resume, and stale definitions.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use projectionist::rusqlite::Connection;
+use projectionist::{DigestScope, NewEvent, SqliteEventStore, projection_digest};
+
+const DEMO_CONFIG: &str = include_str!("../../../examples/orders/projections.toml");
+
+struct Env {
+    tmp: tempfile::TempDir,
+}
+
+impl Env {
+    fn new() -> Self {
+        Env {
+            tmp: tempfile::tempdir().unwrap(),
+        }
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.tmp.path().join(name)
+    }
+    /// Runs the binary with `--store`, `--dir` and `--config` inside the temp dir.
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_projectionist"))
+            .current_dir(self.tmp.path())
+            .args([
+                "--store",
+                "events.db",
+                "--dir",
+                "projections",
+                "--config",
+                "projections.toml",
+            ])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+    fn write_config(&self, text: &str) {
+        std::fs::write(self.path("projections.toml"), text).unwrap();
+    }
+    /// A demo log of `n` events and the demo config.
+    fn demo_log(&self, n: u64) {
+        self.write_config(DEMO_CONFIG);
+        let out = self.run(&["--quiet", "demo", "--events", &n.to_string()]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.write_config(DEMO_CONFIG);
+    }
+    fn digest(&self, name: &str) -> String {
+        let conn = Connection::open(self.path(&format!("projections/{name}.db"))).unwrap();
+        projection_digest(&conn, DigestScope::All).unwrap()
+    }
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn json_lines(out: &Output) -> Vec<serde_json::Value> {
+    stdout(out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect()
+}
+
+#[test]
+fn demo_generates_rebuilds_and_summarises() {
+    let env = Env::new();
+    env.write_config(DEMO_CONFIG);
+    let out = env.run(&["demo", "--events", "3000"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains("rebuilt 2 projections over 3000 events"),
+        "{text}"
+    );
+    assert!(
+        text.contains("order_summary (top 3)") && text.contains("customer_stats (top 3)"),
+        "{text}"
+    );
+    let conn = Connection::open(env.path("projections/order_summary.db")).unwrap();
+    let orders: i64 = conn
+        .query_row("SELECT COUNT(*) FROM orders", [], |r| r.get(0))
+        .unwrap();
+    assert!(orders > 100, "{orders} orders");
+    // Deterministic: the same seed gives the same projections.
+    let first = env.digest("customer_stats");
+    assert!(
+        env.run(&["--quiet", "demo", "--events", "3000"])
+            .status
+            .success()
+    );
+    assert_eq!(env.digest("customer_stats"), first);
+}
+
+#[test]
+fn subcommands_and_json_output() {
+    let env = Env::new();
+    env.demo_log(2000);
+    let out = env.run(&["--json", "rebuild"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let lines = json_lines(&out);
+    let progress: Vec<_> = lines.iter().filter(|l| l["event"] == "progress").collect();
+    assert!(
+        progress
+            .iter()
+            .any(|l| l["done"] == true && l["projection"] == "order_summary")
+    );
+    let results: Vec<_> = lines.iter().filter(|l| l["event"] == "result").collect();
+    assert_eq!(results.len(), 2);
+    assert!(
+        results
+            .iter()
+            .all(|r| r["checkpoint"] == 2000 && r["head"] == 2000),
+        "{results:?}"
+    );
+
+    let out = env.run(&["--json", "status"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let status = json_lines(&out);
+    assert_eq!(status.len(), 2);
+    for row in &status {
+        assert_eq!(row["lag"], 0, "{row}");
+        assert_eq!(row["stale"], false);
+        assert_eq!(row["config_version"], 1);
+        assert!(row["size_bytes"].as_u64().unwrap() > 0);
+    }
+    let out = env.run(&["list"]);
+    assert_eq!(stdout(&out), "customer_stats\norder_summary\n");
+    let out = env.run(&["remove", "order_summary"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&env.run(&["list"])), "customer_stats\n");
+    let out = env.run(&["status"]);
+    assert!(stdout(&out).contains("not built"), "{}", stdout(&out));
+    let out = env.run(&["resume"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&env.run(&["list"])),
+        "customer_stats\norder_summary\n"
+    );
+    assert!(env.run(&["remove-all"]).status.success());
+    assert_eq!(stdout(&env.run(&["list"])), "");
+    let out = env.run(&["rebuild", "no_such"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("no projection \"no_such\""),
+        "{}",
+        stderr(&out)
+    );
+    let out = env.run(&["--batch-size", "50001", "rebuild"]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn missing_store_is_a_store_error() {
+    let env = Env::new();
+    env.write_config(DEMO_CONFIG);
+    let out = env.run(&["rebuild"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(stderr(&out).contains("events.db does not exist"));
+    assert!(!env.path("events.db").exists());
+}
+
+const GOOD_SCHEMA: &str = "schema = \"CREATE TABLE t (id TEXT PRIMARY KEY, n INTEGER)\"";
+
+#[test]
+fn bad_configs_fail_clearly_and_create_nothing() {
+    let cases: Vec<(String, &str)> = vec![
+        ("[[projection]\nname = ".into(), "TOML parse error"),
+        (
+            format!(
+                "[[projection]]\nname = \"p\"\nversion = 1\n{GOOD_SCHEMA}\n[projection.on.E]\nsql = \"INSERT INTO t VALUES (:id, :n)\"\nextra = 1\n"
+            ),
+            "unknown field `extra`",
+        ),
+        (
+            format!(
+                "[[projection]]\nname = \"p\"\nversion = 1\n{GOOD_SCHEMA}\n[projection.on.E]\nsql = \"INSERT INTO t VALUE (:id)\"\n"
+            ),
+            "projection \"p\", event E, statement 1",
+        ),
+        (
+            format!(
+                "[[projection]]\nname = \"p\"\nversion = 1\n{GOOD_SCHEMA}\n[projection.on.E]\nsql = \"INSERT INTO t (id, nope) VALUES (:id, :n)\"\n"
+            ),
+            "no column named nope",
+        ),
+        (
+            format!(
+                "[[projection]]\nname = \"p\"\nversion = 1\n{GOOD_SCHEMA}\n[projection.on.E]\nsql = \"INSERT INTO missing VALUES (:id)\"\n"
+            ),
+            "no such table: missing",
+        ),
+        (
+            format!(
+                "[[projection]]\nname = \"p\"\nversion = 1\n{GOOD_SCHEMA}\n[projection.on.E]\nsql = \"INSERT INTO t VALUES (:id, 1)\"\n[[projection]]\nname = \"p\"\nversion = 1\n{GOOD_SCHEMA}\n[projection.on.E]\nsql = \"INSERT INTO t VALUES (:id, 1)\"\n"
+            ),
+            "is declared twice",
+        ),
+        (
+            format!(
+                "[[projection]]\nname = \"../evil\"\nversion = 1\n{GOOD_SCHEMA}\n[projection.on.E]\nsql = \"INSERT INTO t VALUES (:id, 1)\"\n"
+            ),
+            "invalid projection name \"../evil\"",
+        ),
+        (
+            "[[projection]]\nname = \"p\"\nversion = 1\n[projection.on.E]\nsql = \"SELECT 1\"\n"
+                .into(),
+            "missing field `schema`",
+        ),
+        (
+            format!(
+                "[[projection]]\nname = \"p\"\nversion = 1\n{GOOD_SCHEMA}\n[projection.on.E]\nsql = \"INSERT INTO t VALUES (:_seq, 1)\"\n"
+            ),
+            "unknown envelope parameter :_seq",
+        ),
+        (
+            format!(
+                "[[projection]]\nname = \"p\"\nversion = 1\n{GOOD_SCHEMA}\n[projection.on.E]\nsql = \"INSERT INTO t VALUES (?, 1)\"\n"
+            ),
+            "only :name parameters are supported",
+        ),
+        (
+            format!(
+                "[[projection]]\nname = \"p\"\nversion = 1\n{GOOD_SCHEMA}\n[projection.on.E]\nsql = \"INSERT INTO t VALUES (:id, 1); DROP TABLE t\"\n"
+            ),
+            "projection \"p\", event E, statement 1",
+        ),
+        (
+            format!(
+                "[[projection]]\nname = \"p\"\nversion = 1\n{GOOD_SCHEMA}\n[projection.on.\"E; DROP TABLE t\"]\nsql = \"INSERT INTO t VALUES (:id, 1)\"\n"
+            ),
+            "event type may contain only",
+        ),
+        (
+            "[[projection]]\nname = \"p\"\nversion = 1\nschema = \"CREATE TABLE _checkpoint (x)\"\n[projection.on.E]\nsql = \"INSERT INTO _checkpoint VALUES (:id)\"\n".to_string(),
+            "reserved for projectionist",
+        ),
+        (
+            format!(
+                "[[projection]]\nname = \"p\"\nversion = 1\n{GOOD_SCHEMA}\n[projection.on.E]\nsql = \"SELECT * FROM t WHERE id = :id\"\n"
+            ),
+            "changes nothing",
+        ),
+        ("".into(), "declares no [[projection]]"),
+        (
+            format!("[[projection]]\nname = \"p\"\nversion = -1\n{GOOD_SCHEMA}\n"),
+            "version",
+        ),
+    ];
+    assert!(cases.len() >= 12);
+    for (config, expected) in cases {
+        let env = Env::new();
+        env.write_config(&config);
+        SqliteEventStore::open(env.path("events.db")).unwrap();
+        let before: Vec<_> = std::fs::read_dir(env.tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        let out = env.run(&["rebuild"]);
+        assert_eq!(out.status.code(), Some(2), "{config}\n{}", stderr(&out));
+        assert!(
+            stderr(&out).contains(expected),
+            "expected {expected:?} for\n{config}\ngot: {}",
+            stderr(&out)
+        );
+        assert!(
+            stderr(&out).contains("projections.toml"),
+            "the error names the file: {}",
+            stderr(&out)
+        );
+        let after: Vec<_> = std::fs::read_dir(env.tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(
+            before.len(),
+            after.len(),
+            "no file created for {config}: {after:?}"
+        );
+    }
+}
+
+#[test]
+fn sql_text_in_event_data_is_stored_verbatim() {
+    let env = Env::new();
+    let store = SqliteEventStore::open(env.path("events.db")).unwrap();
+    let evil = "'); DROP TABLE orders; --";
+    let placed = serde_json::json!({"order_id": "o1", "customer_id": evil});
+    store
+        .append("o1", 0, &[NewEvent::json("OrderPlaced", &placed).unwrap()])
+        .unwrap();
+    env.write_config(DEMO_CONFIG);
+    let out = env.run(&["rebuild"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let conn = Connection::open(env.path("projections/order_summary.db")).unwrap();
+    let customer: String = conn
+        .query_row(
+            "SELECT customer_id FROM orders WHERE order_id = 'o1'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(customer, evil);
+}
+
+#[test]
+fn poison_event_stops_the_projection_with_its_sequence() {
+    let env = Env::new();
+    let store = SqliteEventStore::open(env.path("events.db")).unwrap();
+    store
+        .append(
+            "o1",
+            0,
+            &[NewEvent::json(
+                "OrderPlaced",
+                &serde_json::json!({"order_id": "o1", "customer_id": "c"}),
+            )
+            .unwrap()],
+        )
+        .unwrap();
+    store
+        .append(
+            "o2",
+            0,
+            &[NewEvent::json("OrderPlaced", &serde_json::json!({"order_id": "o2"})).unwrap()],
+        )
+        .unwrap();
+    env.write_config(DEMO_CONFIG);
+    let out = env.run(&["--batch-size", "1", "rebuild"]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("event 2 (stream o2, type OrderPlaced)")
+            && err.contains("required field customer_id is missing"),
+        "{err}"
+    );
+    assert!(err.contains("committed through sequence 1"), "{err}");
+}
+
+#[test]
+fn changed_version_is_stale_and_rebuild_fixes_it() {
+    let env = Env::new();
+    env.demo_log(1000);
+    assert!(env.run(&["--quiet", "rebuild"]).status.success());
+    env.write_config(&DEMO_CONFIG.replacen("version = 1", "version = 2", 1));
+    let status = json_lines(&env.run(&["--json", "status"]));
+    let summary = status
+        .iter()
+        .find(|r| r["projection"] == "order_summary")
+        .unwrap();
+    assert_eq!(summary["stale"], true, "{summary}");
+    assert_eq!(
+        (
+            summary["config_version"].as_u64(),
+            summary["built_version"].as_u64()
+        ),
+        (Some(2), Some(1))
+    );
+    let stats = status
+        .iter()
+        .find(|r| r["projection"] == "customer_stats")
+        .unwrap();
+    assert_eq!(stats["stale"], false);
+    // resume rebuilds the stale one and leaves the current one alone.
+    let out = env.run(&["--json", "resume"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let results = json_lines(&out);
+    let processed = |name: &str| {
+        results
+            .iter()
+            .find(|r| r["event"] == "result" && r["projection"] == name)
+            .unwrap()["processed"]
+            .as_u64()
+    };
+    assert_eq!(processed("order_summary"), Some(1000));
+    assert_eq!(processed("customer_stats"), Some(0));
+    let status = json_lines(&env.run(&["--json", "status"]));
+    assert!(
+        status
+            .iter()
+            .all(|r| r["stale"] == false && r["built_version"].as_u64().is_some()),
+        "{status:?}"
+    );
+}
+
+#[test]
+fn sigint_stops_at_a_batch_boundary_and_resume_matches() {
+    let env = Env::new();
+    env.demo_log(60_000);
+    assert!(env.run(&["--quiet", "rebuild"]).status.success());
+    let reference = (env.digest("order_summary"), env.digest("customer_stats"));
+    let child = Command::new(env!("CARGO_BIN_EXE_projectionist"))
+        .current_dir(env.tmp.path())
+        .args([
+            "--store",
+            "events.db",
+            "--dir",
+            "projections",
+            "--config",
+            "projections.toml",
+            "--batch-size",
+            "50",
+            "--json",
+            "rebuild",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Interrupt once the rebuild is under way.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let conn = Connection::open(env.path("projections/order_summary.db")).ok();
+        let checkpoint = conn
+            .and_then(|c| projectionist::SqliteCheckpoint::load_in(&c, "order_summary").ok())
+            .unwrap_or(0);
+        if (1..60_000).contains(&checkpoint) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "rebuild never got under way"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("projectionist resume"),
+        "{}",
+        stderr(&out)
+    );
+    let out = env.run(&["--quiet", "resume"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        (env.digest("order_summary"), env.digest("customer_stats")),
+        reference
+    );
+}
