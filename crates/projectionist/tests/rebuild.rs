@@ -35,6 +35,18 @@ fn fixture(n_events: u64) -> Fixture {
     }
 }
 
+/// A projection rebuilt without interruption, as the reference for a test.
+fn rebuilt(
+    f: &Fixture,
+    name: &str,
+    batch_size: u32,
+) -> std::sync::Arc<projectionist::ProjectionDb> {
+    let db = f.dir.db(name).unwrap();
+    let mut handler = BankHandler::default();
+    rebuild(config(&f.store, &db, &mut handler, options(batch_size))).unwrap();
+    db
+}
+
 /// The reference: every event applied on its own, in its own transaction,
 /// without the engine.
 fn one_by_one_digest(f: &Fixture) -> String {
@@ -221,14 +233,7 @@ fn handler_panic_is_an_error_and_rolls_back() {
 #[test]
 fn cancel_stops_within_one_batch_and_resume_matches() {
     let f = fixture(N_EVENTS);
-    let clean = f.dir.db("clean").unwrap();
-    rebuild(config(
-        &f.store,
-        &clean,
-        &mut BankHandler::default(),
-        options(250),
-    ))
-    .unwrap();
+    let clean = rebuilt(&f, "clean", 250);
 
     let db = f.dir.db("bank").unwrap();
     let cancel = CancelToken::new();
@@ -359,14 +364,7 @@ fn batch_size_zero_means_default_and_over_max_is_an_error() {
 #[test]
 fn invalid_consumer_id_is_rejected_before_anything_changes() {
     let f = fixture(100);
-    let db = f.dir.db("bank").unwrap();
-    rebuild(config(
-        &f.store,
-        &db,
-        &mut BankHandler::default(),
-        options(10),
-    ))
-    .unwrap();
+    let db = rebuilt(&f, "bank", 10);
     let before = digest(&db);
     let mut handler = BankHandler::default();
     let err = rebuild(RebuildConfig {
@@ -514,14 +512,7 @@ impl GlobalReader<BankEvent> for CountingReader<'_> {
 #[test]
 fn shared_rebuild_reads_once_and_matches_separate_rebuilds() {
     let f = fixture(5_000);
-    let separate = f.dir.db("separate").unwrap();
-    rebuild(config(
-        &f.store,
-        &separate,
-        &mut BankHandler::default(),
-        options(500),
-    ))
-    .unwrap();
+    let separate = rebuilt(&f, "separate", 500);
     let reader = CountingReader {
         inner: &f.store,
         reads: AtomicUsize::new(0),
@@ -556,14 +547,7 @@ fn shared_rebuild_reads_once_and_matches_separate_rebuilds() {
 #[test]
 fn shared_resume_continues_each_projection_from_its_own_checkpoint() {
     let f = fixture(4_000);
-    let clean = f.dir.db("clean").unwrap();
-    rebuild(config(
-        &f.store,
-        &clean,
-        &mut BankHandler::default(),
-        options(500),
-    ))
-    .unwrap();
+    let clean = rebuilt(&f, "clean", 500);
     // Stop two projections at different places with failing handlers.
     let a = f.dir.db("a").unwrap();
     let b = f.dir.db("b").unwrap();
@@ -670,14 +654,7 @@ fn external_checkpoint_is_saved_after_each_batch() {
         0,
         "the projection file's own checkpoint is untouched"
     );
-    let clean = f.dir.db("clean").unwrap();
-    rebuild(config(
-        &f.store,
-        &clean,
-        &mut BankHandler::default(),
-        options(300),
-    ))
-    .unwrap();
+    let clean = rebuilt(&f, "clean", 300);
     assert_eq!(digest(&db), digest(&clean));
 }
 
