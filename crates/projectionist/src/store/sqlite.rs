@@ -425,8 +425,12 @@ fn mapping_sql(mapping: &EventTableMapping) -> Result<(String, String, String)> 
     let read_sql = format!("{select} WHERE {sequence} > ?1 ORDER BY {sequence} LIMIT ?2");
     // The wanted types arrive as one JSON array parameter: one prepared statement
     // serves any set of types, and nothing is spliced into the SQL.
+    // The unary `+` keeps SQLite from using an event-type index here: that plan
+    // reads every later event of each type and sorts them for every batch
+    // (quadratic over a rebuild); walking the sequence order and filtering stops
+    // after `limit` matches.
     let read_types_sql = format!(
-        "{select} WHERE {sequence} > ?1 AND {event_type} IN (SELECT value FROM json_each(?3)) \
+        "{select} WHERE {sequence} > ?1 AND +{event_type} IN (SELECT value FROM json_each(?3)) \
          ORDER BY {sequence} LIMIT ?2"
     );
     let head_sql = format!("SELECT COALESCE(MAX({sequence}), 0) FROM {table}");
