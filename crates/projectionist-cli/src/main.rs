@@ -4,6 +4,7 @@
 //! Exit codes: 0 success; 2 usage or config error; 3 event store error;
 //! 4 a projection failed; 130 interrupted (Ctrl-C), resumable.
 
+mod bench;
 mod demo;
 mod ui;
 
@@ -94,6 +95,34 @@ enum Command {
     },
     /// Delete every projection file in the directory.
     RemoveAll,
+    /// Measure rebuild throughput against a hand-written rusqlite loop (see BENCHMARKS.md).
+    Bench {
+        /// Log sizes, comma-separated.
+        #[arg(long, value_delimiter = ',', default_values_t = [100_000u64, 1_000_000])]
+        events: Vec<u64>,
+        /// Also measure 10,000,000 events.
+        #[arg(long)]
+        huge: bool,
+        /// Runs per variant (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        runs: u32,
+        /// Where logs and projection files go.
+        #[arg(long, default_value = "target/bench")]
+        work: PathBuf,
+        /// Seed of the generated log.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
+    /// One benchmark run in a child process (internal).
+    #[command(hide = true)]
+    BenchRun {
+        #[arg(long)]
+        variant: String,
+        #[arg(long)]
+        bench_store: PathBuf,
+        #[arg(long)]
+        bench_dir: PathBuf,
+    },
 }
 
 /// A failure, with the exit code it maps to.
@@ -156,6 +185,27 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                 .with_context(|| format!("remove projection {name}"))
                 .map_err(|e| fail(code_of_error(&e))(e))
         }
+        Command::Bench {
+            events,
+            huge,
+            runs,
+            work,
+            seed,
+        } => {
+            let mut sizes = events.clone();
+            if *huge && !sizes.contains(&10_000_000) {
+                sizes.push(10_000_000);
+            }
+            if *runs == 0 {
+                return Err(fail(EXIT_CONFIG)(anyhow!("--runs must be at least 1")));
+            }
+            bench::run_parent(&sizes, *runs, work, *seed).map_err(fail(EXIT_PROJECTION))
+        }
+        Command::BenchRun {
+            variant,
+            bench_store,
+            bench_dir,
+        } => bench::run_child(variant, bench_store, bench_dir).map_err(fail(EXIT_PROJECTION)),
         Command::RemoveAll => {
             let dir = open_dir(cli, false)?;
             dir.remove_all()

@@ -1,0 +1,581 @@
+//! `projectionist bench`: rebuild throughput of projectionist against a
+//! hand-written rusqlite loop, on the demo's orders log, in one run.
+//!
+//! Variants (each run in its own child process, so peak RSS is per variant):
+//! - `a1` hand-written, single-threaded, the two projections one after the other;
+//! - `a2` hand-written, one reader thread fanning batches out to a writer thread per projection;
+//! - `b`  projectionist with Rust handlers, one projection after the other;
+//! - `c`  projectionist with both at once (one read, fanned out);
+//! - `d`  the declarative config (sqlview) through the path the CLI uses.
+//!
+//! Every variant's tables are digested and must equal `a1`'s; a mismatch fails.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::mpsc::sync_channel;
+use std::time::Instant;
+
+use anyhow::{Context, anyhow, bail};
+use projectionist::rusqlite::{Connection, Transaction, TransactionBehavior, params};
+use projectionist::{
+    BoxError, CheckpointLocation, DigestScope, GlobalEvent, Handler, ProjectionDir,
+    ProjectionTarget, RebuildConfig, RebuildOptions, SqliteEventStore, projection_digest, rebuild,
+    rebuild_shared,
+};
+use projectionist_sqlview::{ProjectionsConfig, SqlHandler};
+use serde::Deserialize;
+
+/// Events per batch in every variant, as the hand-written loop uses.
+const BENCH_BATCH_SIZE: u32 = 500;
+/// Batches in flight per writer in the hand-written fan-out (same as the engine's).
+const BENCH_CHANNEL_BATCHES: usize = projectionist::limits::CHANNEL_BATCHES_MAX;
+
+/// The variants, in report order.
+pub const VARIANTS: [&str; 5] = ["a1", "a2", "b", "c", "d"];
+
+/// The payload of every orders event, decoded with serde.
+#[derive(Debug, Deserialize)]
+pub struct OrderData {
+    order_id: String,
+    customer_id: String,
+    #[serde(default)]
+    qty: i64,
+    #[serde(default)]
+    unit_price_cents: i64,
+}
+
+const ORDERS_SCHEMA: &str = "
+CREATE TABLE orders (
+  order_id    TEXT PRIMARY KEY,
+  customer_id TEXT NOT NULL,
+  status      TEXT NOT NULL,
+  item_count  INTEGER NOT NULL DEFAULT 0,
+  total_cents INTEGER NOT NULL DEFAULT 0,
+  updated_seq INTEGER NOT NULL
+);
+CREATE INDEX orders_by_customer ON orders (customer_id);";
+
+const CUSTOMERS_SCHEMA: &str = "
+CREATE TABLE customers (
+  customer_id      TEXT PRIMARY KEY,
+  orders_placed    INTEGER NOT NULL DEFAULT 0,
+  orders_shipped   INTEGER NOT NULL DEFAULT 0,
+  orders_cancelled INTEGER NOT NULL DEFAULT 0,
+  items            INTEGER NOT NULL DEFAULT 0,
+  spent_cents      INTEGER NOT NULL DEFAULT 0
+);";
+
+/// The two projections, as plain Rust: shared by the hand-written loops and the
+/// projectionist handlers, so both do the same SQL work.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Projection {
+    /// `order_summary`.
+    Orders,
+    /// `customer_stats`.
+    Customers,
+}
+
+impl Projection {
+    const ALL: [Projection; 2] = [Projection::Orders, Projection::Customers];
+
+    fn name(self) -> &'static str {
+        match self {
+            Projection::Orders => "order_summary",
+            Projection::Customers => "customer_stats",
+        }
+    }
+
+    fn schema(self) -> &'static str {
+        match self {
+            Projection::Orders => ORDERS_SCHEMA,
+            Projection::Customers => CUSTOMERS_SCHEMA,
+        }
+    }
+
+    /// Applies one event with cached prepared statements.
+    fn apply(
+        self,
+        conn: &Connection,
+        sequence: u64,
+        event_type: &str,
+        d: &OrderData,
+    ) -> projectionist::rusqlite::Result<()> {
+        let seq = sequence as i64;
+        let delta = d.qty * d.unit_price_cents;
+        match (self, event_type) {
+            (Projection::Orders, "OrderPlaced") => conn
+                .prepare_cached("INSERT INTO orders (order_id, customer_id, status, updated_seq) VALUES (?1, ?2, 'open', ?3)")?
+                .execute(params![d.order_id, d.customer_id, seq]),
+            (Projection::Orders, "ItemAdded") => conn
+                .prepare_cached("UPDATE orders SET item_count = item_count + ?2, total_cents = total_cents + ?3, updated_seq = ?4 WHERE order_id = ?1")?
+                .execute(params![d.order_id, d.qty, delta, seq]),
+            (Projection::Orders, "ItemRemoved") => conn
+                .prepare_cached("UPDATE orders SET item_count = item_count - ?2, total_cents = total_cents - ?3, updated_seq = ?4 WHERE order_id = ?1")?
+                .execute(params![d.order_id, d.qty, delta, seq]),
+            (Projection::Orders, "OrderShipped") => conn
+                .prepare_cached("UPDATE orders SET status = 'shipped', updated_seq = ?2 WHERE order_id = ?1")?
+                .execute(params![d.order_id, seq]),
+            (Projection::Orders, "OrderCancelled") => conn
+                .prepare_cached("UPDATE orders SET status = 'cancelled', updated_seq = ?2 WHERE order_id = ?1")?
+                .execute(params![d.order_id, seq]),
+            (Projection::Customers, "OrderPlaced") => conn
+                .prepare_cached("INSERT INTO customers (customer_id, orders_placed) VALUES (?1, 1) ON CONFLICT (customer_id) DO UPDATE SET orders_placed = orders_placed + 1")?
+                .execute(params![d.customer_id]),
+            (Projection::Customers, "ItemAdded") => conn
+                .prepare_cached("UPDATE customers SET items = items + ?2, spent_cents = spent_cents + ?3 WHERE customer_id = ?1")?
+                .execute(params![d.customer_id, d.qty, delta]),
+            (Projection::Customers, "ItemRemoved") => conn
+                .prepare_cached("UPDATE customers SET items = items - ?2, spent_cents = spent_cents - ?3 WHERE customer_id = ?1")?
+                .execute(params![d.customer_id, d.qty, delta]),
+            (Projection::Customers, "OrderShipped") => conn
+                .prepare_cached("UPDATE customers SET orders_shipped = orders_shipped + 1 WHERE customer_id = ?1")?
+                .execute(params![d.customer_id]),
+            (Projection::Customers, "OrderCancelled") => conn
+                .prepare_cached("UPDATE customers SET orders_cancelled = orders_cancelled + 1 WHERE customer_id = ?1")?
+                .execute(params![d.customer_id]),
+            _ => Ok(0),
+        }
+        .map(|_| ())
+    }
+}
+
+/// A projectionist handler over the same Rust code.
+struct RustHandler(Projection);
+
+impl Handler<OrderData> for RustHandler {
+    fn setup(&mut self, tx: &Transaction<'_>) -> Result<(), BoxError> {
+        tx.execute_batch(self.0.schema())?;
+        Ok(())
+    }
+
+    fn apply(
+        &mut self,
+        tx: &Transaction<'_>,
+        events: &[GlobalEvent<OrderData>],
+    ) -> Result<(), BoxError> {
+        for e in events {
+            self.0.apply(tx, e.sequence, &e.event_type, &e.data)?;
+        }
+        Ok(())
+    }
+}
+
+// ------------------------------------------------------------ hand-written
+
+/// One decoded event of the hand-written loops.
+struct RawEvent {
+    sequence: u64,
+    event_type: String,
+    data: OrderData,
+}
+
+/// Reads and decodes one batch, the way a competent hand-written loop would.
+fn read_batch(conn: &Connection, after: u64) -> anyhow::Result<Vec<RawEvent>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT sequence, event_type, data FROM events WHERE sequence > ?1 ORDER BY sequence LIMIT ?2",
+    )?;
+    let mut rows = stmt.query(params![after as i64, i64::from(BENCH_BATCH_SIZE)])?;
+    let mut batch = Vec::with_capacity(BENCH_BATCH_SIZE as usize);
+    while let Some(row) = rows.next()? {
+        let data: &str = row.get_ref(2)?.as_str()?;
+        batch.push(RawEvent {
+            sequence: row.get::<_, i64>(0)? as u64,
+            event_type: row.get(1)?,
+            data: serde_json::from_str(data)?,
+        });
+    }
+    Ok(batch)
+}
+
+/// Opens a projection file as the hand-written loop does: WAL, NORMAL, schema, checkpoint table.
+fn open_projection(dir: &Path, projection: Projection) -> anyhow::Result<Connection> {
+    let conn = Connection::open(dir.join(format!("{}.db", projection.name())))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.execute_batch(projection.schema())?;
+    conn.execute_batch(
+        "CREATE TABLE _checkpoint (consumer_id TEXT PRIMARY KEY, sequence INTEGER NOT NULL)",
+    )?;
+    Ok(conn)
+}
+
+/// Applies one batch in one transaction with its checkpoint row.
+fn write_batch(
+    conn: &mut Connection,
+    projection: Projection,
+    batch: &[RawEvent],
+) -> anyhow::Result<()> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    for e in batch {
+        projection.apply(&tx, e.sequence, &e.event_type, &e.data)?;
+    }
+    let last = batch.last().map_or(0, |e| e.sequence) as i64;
+    tx.prepare_cached("INSERT INTO _checkpoint VALUES (?1, ?2) ON CONFLICT (consumer_id) DO UPDATE SET sequence = excluded.sequence")?
+        .execute(params![projection.name(), last])?;
+    tx.commit()?;
+    Ok(())
+}
+
+fn open_events(store: &Path) -> anyhow::Result<Connection> {
+    let conn = Connection::open(store)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    Ok(conn)
+}
+
+fn run_a1(store: &Path, dir: &Path) -> anyhow::Result<()> {
+    let events = open_events(store)?;
+    for projection in Projection::ALL {
+        let mut conn = open_projection(dir, projection)?;
+        let mut after = 0;
+        loop {
+            let batch = read_batch(&events, after)?;
+            let Some(last) = batch.last() else { break };
+            after = last.sequence;
+            write_batch(&mut conn, projection, &batch)?;
+            if batch.len() < BENCH_BATCH_SIZE as usize {
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn run_a2(store: &Path, dir: &Path) -> anyhow::Result<()> {
+    let events = open_events(store)?;
+    std::thread::scope(|scope| {
+        let mut senders = Vec::new();
+        let mut writers = Vec::new();
+        for projection in Projection::ALL {
+            let (tx, rx) = sync_channel::<Arc<Vec<RawEvent>>>(BENCH_CHANNEL_BATCHES);
+            senders.push(tx);
+            writers.push(scope.spawn(move || -> anyhow::Result<()> {
+                let mut conn = open_projection(dir, projection)?;
+                for batch in rx {
+                    write_batch(&mut conn, projection, &batch)?;
+                }
+                Ok(())
+            }));
+        }
+        let mut after = 0;
+        loop {
+            let batch = Arc::new(read_batch(&events, after)?);
+            let Some(last) = batch.last() else { break };
+            after = last.sequence;
+            let at_end = batch.len() < BENCH_BATCH_SIZE as usize;
+            for sender in &senders {
+                sender
+                    .send(Arc::clone(&batch))
+                    .map_err(|_| anyhow!("writer stopped"))?;
+            }
+            if at_end {
+                break;
+            }
+        }
+        drop(senders);
+        for writer in writers {
+            writer.join().map_err(|_| anyhow!("writer panicked"))??;
+        }
+        Ok(())
+    })
+}
+
+// ------------------------------------------------------------ projectionist
+
+fn options() -> RebuildOptions<'static> {
+    RebuildOptions {
+        batch_size: BENCH_BATCH_SIZE,
+        progress: None,
+        cancel: None,
+        step_hook: None,
+    }
+}
+
+fn run_b(store: &Path, dir: &Path) -> anyhow::Result<()> {
+    let store = SqliteEventStore::open(store)?;
+    let dir = ProjectionDir::open(dir)?;
+    for projection in Projection::ALL {
+        let db = dir.db(projection.name())?;
+        let mut handler = RustHandler(projection);
+        rebuild(RebuildConfig {
+            reader: &store,
+            projection: ProjectionTarget {
+                db: &db,
+                handler: &mut handler,
+                checkpoint: CheckpointLocation::InFile,
+                consumer_id: projection.name(),
+            },
+            options: options(),
+        })?;
+    }
+    Ok(())
+}
+
+fn run_c(store: &Path, dir: &Path) -> anyhow::Result<()> {
+    let store = SqliteEventStore::open(store)?;
+    let dir = ProjectionDir::open(dir)?;
+    let dbs = Projection::ALL.map(|p| dir.db(p.name()));
+    let mut handlers = Projection::ALL.map(RustHandler);
+    let mut targets = Vec::new();
+    for ((db, handler), projection) in dbs.iter().zip(handlers.iter_mut()).zip(Projection::ALL) {
+        let db = db.as_ref().map_err(|e| anyhow!("{e}"))?;
+        targets.push(ProjectionTarget {
+            db,
+            handler: handler as &mut dyn Handler<OrderData>,
+            checkpoint: CheckpointLocation::InFile,
+            consumer_id: projection.name(),
+        });
+    }
+    for result in rebuild_shared(&store, targets, &options()) {
+        result?;
+    }
+    Ok(())
+}
+
+fn run_d(store: &Path, dir: &Path) -> anyhow::Result<()> {
+    let config = ProjectionsConfig::parse(crate::DEMO_CONFIG, "examples/orders/projections.toml")?;
+    let store = SqliteEventStore::open(store)?;
+    let dir = ProjectionDir::open(dir)?;
+    let dbs = config
+        .projections
+        .iter()
+        .map(|p| dir.db(p.name.as_str()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut handlers: Vec<SqlHandler<'_>> =
+        config.projections.iter().map(SqlHandler::new).collect();
+    let targets = dbs
+        .iter()
+        .zip(handlers.iter_mut())
+        .zip(&config.projections)
+        .map(|((db, handler), p)| ProjectionTarget {
+            db,
+            handler: handler as &mut dyn Handler<serde_json::Value>,
+            checkpoint: CheckpointLocation::InFile,
+            consumer_id: p.name.as_str(),
+        })
+        .collect();
+    for result in rebuild_shared(&store, targets, &options()) {
+        result?;
+    }
+    Ok(())
+}
+
+// ------------------------------------------------------------ child and parent
+
+/// The child: runs one variant once on a fresh directory and prints one JSON
+/// line with its wall time, peak RSS and table digest.
+pub fn run_child(variant: &str, store: &Path, dir: &Path) -> anyhow::Result<()> {
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).with_context(|| format!("clear {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(dir)?;
+    let started = Instant::now();
+    match variant {
+        "a1" => run_a1(store, dir),
+        "a2" => run_a2(store, dir),
+        "b" => run_b(store, dir),
+        "c" => run_c(store, dir),
+        "d" => run_d(store, dir),
+        other => bail!("unknown variant {other}"),
+    }?;
+    let seconds = started.elapsed().as_secs_f64();
+    let mut digest = String::new();
+    for projection in Projection::ALL {
+        let conn = Connection::open(dir.join(format!("{}.db", projection.name())))?;
+        digest.push_str(&projection_digest(&conn, DigestScope::ProjectionTables)?[..16]);
+    }
+    let rss_kb = peak_rss_kb().unwrap_or(0);
+    crate::ui::json_line(
+        &serde_json::json!({"seconds": seconds, "rss_kb": rss_kb, "digest": digest}),
+    );
+    Ok(())
+}
+
+/// This process's peak resident set size, from /proc.
+fn peak_rss_kb() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Measurements of one variant at one log size.
+struct Measured {
+    variant: &'static str,
+    rates: Vec<f64>,
+    seconds: Vec<f64>,
+    rss_kb: u64,
+}
+
+impl Measured {
+    fn median_rate(&self) -> f64 {
+        let mut rates = self.rates.clone();
+        rates.sort_by(f64::total_cmp);
+        rates[rates.len() / 2]
+    }
+    fn median_seconds(&self) -> f64 {
+        let mut seconds = self.seconds.clone();
+        seconds.sort_by(f64::total_cmp);
+        seconds[seconds.len() / 2]
+    }
+}
+
+/// The parent: generates the logs, runs every variant `runs` times per size in
+/// child processes, prints the table and checks digests and targets.
+pub fn run_parent(sizes: &[u64], runs: u32, work: &Path, seed: u64) -> anyhow::Result<()> {
+    std::fs::create_dir_all(work)?;
+    let exe = std::env::current_exe()?;
+    let mut medians: Vec<(u64, Vec<Measured>)> = Vec::new();
+    for &n_events in sizes {
+        let store = prepare_log(work, n_events, seed)?;
+        eprintln!("bench: {n_events} events, {runs} runs per variant");
+        let mut measured = Vec::new();
+        let mut reference: Option<String> = None;
+        for variant in VARIANTS {
+            let mut m = Measured {
+                variant,
+                rates: Vec::new(),
+                seconds: Vec::new(),
+                rss_kb: 0,
+            };
+            for run in 0..runs {
+                let dir = work.join(format!("run-{variant}"));
+                let out = Command::new(&exe)
+                    .args(["bench-run", "--variant", variant, "--bench-store"])
+                    .arg(&store)
+                    .arg("--bench-dir")
+                    .arg(&dir)
+                    .output()?;
+                if !out.status.success() {
+                    bail!(
+                        "variant {variant} failed: {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                }
+                let line: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+                let seconds = line["seconds"].as_f64().unwrap_or(f64::NAN);
+                let digest = line["digest"].as_str().unwrap_or_default().to_owned();
+                match &reference {
+                    None => reference = Some(digest),
+                    Some(r) if *r == digest => {}
+                    Some(r) => {
+                        bail!("variant {variant} run {run}: digest {digest} differs from a1's {r}")
+                    }
+                }
+                m.rates.push(n_events as f64 / seconds);
+                m.seconds.push(seconds);
+                m.rss_kb = m.rss_kb.max(line["rss_kb"].as_u64().unwrap_or(0));
+                eprintln!("  {variant} run {}: {seconds:.2}s", run + 1);
+            }
+            measured.push(m);
+        }
+        print_table(n_events, &measured);
+        medians.push((n_events, measured));
+    }
+    print_targets(&medians);
+    Ok(())
+}
+
+/// The demo log of `n_events` events, generated once and reused.
+fn prepare_log(work: &Path, n_events: u64, seed: u64) -> anyhow::Result<PathBuf> {
+    let path = work.join(format!("events-{n_events}-seed{seed}.db"));
+    if path.exists() {
+        let store = SqliteEventStore::open(&path)?;
+        if projectionist::GlobalReader::<serde_json::Value>::head(&store)? == n_events {
+            return Ok(path);
+        }
+        drop(store);
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+        }
+    }
+    eprintln!(
+        "bench: generating {n_events} events into {}",
+        path.display()
+    );
+    let store = SqliteEventStore::open(&path)?;
+    crate::demo::generate(&store, n_events, seed, &|_| {})?;
+    Ok(path)
+}
+
+fn print_table(n_events: u64, measured: &[Measured]) {
+    let a1 = measured[0].median_rate();
+    let a2 = measured[1].median_rate();
+    println!("\n### {n_events} events\n");
+    println!(
+        "| variant | events/s median | min | max | vs a1 | vs a2 | wall s (median) | peak RSS MiB |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for m in measured {
+        let min = m.rates.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = m.rates.iter().copied().fold(0.0, f64::max);
+        let median = m.median_rate();
+        println!(
+            "| {} | {:.0} | {:.0} | {:.0} | {:.2}x | {:.2}x | {:.2} | {:.1} |",
+            m.variant,
+            median,
+            min,
+            max,
+            median / a1,
+            median / a2,
+            m.median_seconds(),
+            m.rss_kb as f64 / 1024.0
+        );
+    }
+}
+
+fn print_targets(medians: &[(u64, Vec<Measured>)]) {
+    println!("\n### Targets\n");
+    for (n_events, m) in medians {
+        let rate = |v: &str| {
+            m.iter()
+                .find(|x| x.variant == v)
+                .map_or(f64::NAN, Measured::median_rate)
+        };
+        let secs = |v: &str| {
+            m.iter()
+                .find(|x| x.variant == v)
+                .map_or(f64::NAN, Measured::median_seconds)
+        };
+        let check = |ok: bool| if ok { "met" } else { "MISSED" };
+        println!(
+            "- {n_events} events: (b)/(a1) = {:.2} (target >= 0.95: {})",
+            rate("b") / rate("a1"),
+            check(rate("b") / rate("a1") >= 0.95)
+        );
+        println!(
+            "- {n_events} events: (c)/(a2) = {:.2} (target >= 0.95: {})",
+            rate("c") / rate("a2"),
+            check(rate("c") / rate("a2") >= 0.95)
+        );
+        println!(
+            "- {n_events} events: wall (c)/(b) = {:.2} (target <= 0.55: {})",
+            secs("c") / secs("b"),
+            check(secs("c") / secs("b") <= 0.55)
+        );
+        println!(
+            "- {n_events} events: (d)/(b) = {:.2} (target >= 0.8: {})",
+            rate("d") / rate("b"),
+            check(rate("d") / rate("b") >= 0.8)
+        );
+        let rss_c = m.iter().find(|x| x.variant == "c").map_or(0, |x| x.rss_kb);
+        println!(
+            "- {n_events} events: peak RSS (c) = {:.1} MiB",
+            rss_c as f64 / 1024.0
+        );
+    }
+    if let (Some((n1, m1)), Some((n2, m2))) = (
+        medians.iter().find(|(n, _)| *n == 1_000_000),
+        medians.iter().find(|(n, _)| *n == 10_000_000),
+    ) {
+        let secs = |m: &Vec<Measured>| {
+            m.iter()
+                .find(|x| x.variant == "c")
+                .map_or(f64::NAN, Measured::median_seconds)
+        };
+        let ratio = secs(m2) / secs(m1);
+        println!(
+            "- time (c) at {n2} / at {n1} = {ratio:.1}x (target <= 11x: {})",
+            if ratio <= 11.0 { "met" } else { "MISSED" }
+        );
+    }
+}
