@@ -297,9 +297,13 @@ fn run_group<E: Send + Sync>(
             let (batch_tx, batch_rx) = mpsc::sync_channel(CHANNEL_BATCHES_MAX);
             let start_tx = start_tx.clone();
             let context = &context;
-            writers.push(
-                scope.spawn(move || write_projection(projection, &batch_rx, start_tx, context)),
-            );
+            // Named threads show up in profilers and panic messages.
+            let thread_name = format!("pj-{}", projection.db.name());
+            let writer = thread::Builder::new()
+                .name(thread_name)
+                .spawn_scoped(scope, move || write_projection(projection, &batch_rx, start_tx, context))
+                .expect("spawn a writer thread");
+            writers.push(writer);
             senders.push(Some(batch_tx));
         }
         drop(start_tx);

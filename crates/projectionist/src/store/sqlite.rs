@@ -240,6 +240,8 @@ impl SqliteEventStore {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let step = || format!("read events after {after} from {}", self.path.display());
+        // Formats the step only when there is an error: this loop runs per event.
+        let sql_err = |source| Error::Sqlite { step: step(), source };
         let (sql, types_json) = match event_types {
             None => (&self.read_sql, None),
             Some(types) => (
@@ -247,16 +249,16 @@ impl SqliteEventStore {
                 Some(serde_json::to_string(types).expect("strings encode as JSON")),
             ),
         };
-        let mut stmt = conn.prepare_cached(sql).map_err(Error::sqlite(step()))?;
+        let mut stmt = conn.prepare_cached(sql).map_err(sql_err)?;
         let mut rows = match &types_json {
             None => stmt.query(params![to_i64(after)?, i64::from(limit)]),
             Some(types) => stmt.query(params![to_i64(after)?, i64::from(limit), types]),
         }
-        .map_err(Error::sqlite(step()))?;
+        .map_err(sql_err)?;
         let mut events = Vec::with_capacity(limit as usize);
         let mut previous = after;
-        while let Some(row) = rows.next().map_err(Error::sqlite(step()))? {
-            let sequence = column_u64(row.get_ref(0).map_err(Error::sqlite(step()))?, "sequence")?;
+        while let Some(row) = rows.next().map_err(sql_err)? {
+            let sequence = column_u64(row.get_ref(0).map_err(sql_err)?, "sequence")?;
             if sequence <= previous {
                 return Err(Error::CorruptStore(format!(
                     "sequence {sequence} follows {previous}; sequences must strictly increase"
@@ -264,19 +266,19 @@ impl SqliteEventStore {
             }
             previous = sequence;
             let stream_id =
-                column_text(row.get_ref(1).map_err(Error::sqlite(step()))?, "stream_id")?;
+                column_text(row.get_ref(1).map_err(sql_err)?, "stream_id")?;
             let stream_version = column_u64(
-                row.get_ref(2).map_err(Error::sqlite(step()))?,
+                row.get_ref(2).map_err(sql_err)?,
                 "stream_version",
             )?;
             let event_type =
-                column_text(row.get_ref(3).map_err(Error::sqlite(step()))?, "event_type")?;
-            let data = column_str(row.get_ref(4).map_err(Error::sqlite(step()))?, "data")?;
-            let metadata = match row.get_ref(5).map_err(Error::sqlite(step()))? {
+                column_text(row.get_ref(3).map_err(sql_err)?, "event_type")?;
+            let data = column_str(row.get_ref(4).map_err(sql_err)?, "data")?;
+            let metadata = match row.get_ref(5).map_err(sql_err)? {
                 ValueRef::Null => None,
                 value => Some(column_text(value, "metadata")?),
             };
-            let recorded_at = match row.get_ref(6).map_err(Error::sqlite(step()))? {
+            let recorded_at = match row.get_ref(6).map_err(sql_err)? {
                 ValueRef::Null => String::new(),
                 value => column_text(value, "recorded_at")?,
             };
