@@ -285,6 +285,7 @@ fn run_a2(store: &Path, dir: &Path) -> anyhow::Result<()> {
 fn options() -> RebuildOptions<'static> {
     RebuildOptions {
         batch_size: BENCH_BATCH_SIZE,
+        commit_interval: projectionist::limits::COMMIT_INTERVAL_DEFAULT,
         progress: None,
         cancel: None,
         step_hook: None,

@@ -356,6 +356,7 @@ fn replay(
     let progress = |p: &projectionist::Progress| display.progress(p);
     let options = RebuildOptions {
         batch_size: cli.batch_size,
+        commit_interval: projectionist::limits::COMMIT_INTERVAL_DEFAULT,
         progress: Some(&progress),
         cancel: Some(&cancel),
         step_hook: None,

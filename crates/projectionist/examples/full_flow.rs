@@ -98,6 +98,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         },
         options: RebuildOptions {
             batch_size: 500,
+            commit_interval: projectionist::limits::COMMIT_INTERVAL_DEFAULT,
             progress: Some(&progress),
             cancel: None,
             step_hook: None,

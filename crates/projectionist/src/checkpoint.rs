@@ -40,6 +40,13 @@ pub trait Checkpoint: Send + Sync {
     /// # Errors
     /// Storage errors.
     fn reset(&self, consumer_id: &str) -> Result<()>;
+
+    /// The projection file this checkpoint lives in, if it lives in one. The
+    /// engine refuses a projection's own file as an external checkpoint: that is
+    /// `CheckpointLocation::InFile`, with exactly-once batches.
+    fn projection_file(&self) -> Option<&std::path::Path> {
+        None
+    }
 }
 
 /// A checkpoint kept in the projection's own file, table `_checkpoint`.
@@ -132,6 +139,10 @@ impl Checkpoint for SqliteCheckpoint {
             Self::save_in(&tx, consumer_id, sequence)?;
             tx.commit().map_err(Error::sqlite(step()))
         })
+    }
+
+    fn projection_file(&self) -> Option<&std::path::Path> {
+        Some(self.db.path())
     }
 
     fn reset(&self, consumer_id: &str) -> Result<()> {

@@ -54,7 +54,7 @@
 //!         checkpoint: CheckpointLocation::InFile,
 //!         consumer_id: "balances",
 //!     },
-//!     options: RebuildOptions { batch_size: 500, progress: None, cancel: None, step_hook: None },
+//!     options: RebuildOptions { batch_size: 500, commit_interval: projectionist::limits::COMMIT_INTERVAL_DEFAULT, progress: None, cancel: None, step_hook: None },
 //! })?;
 //! assert_eq!(result.processed, 3);
 //! assert_eq!(result.checkpoint, 3);
@@ -81,6 +81,7 @@ mod progress;
 mod reader;
 mod rebuild;
 mod store;
+mod writer;
 
 pub use checkpoint::{Checkpoint, SqliteCheckpoint};
 pub use digest::{DigestScope, projection_digest};

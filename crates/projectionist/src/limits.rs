@@ -3,6 +3,8 @@
 //! Out-of-range input is an [`Error::InvalidOptions`](crate::Error::InvalidOptions)
 //! at validation, never a silent clamp.
 
+use std::time::Duration;
+
 /// Events per replay batch when none is given (Go: `DefaultBatchSize`).
 /// One batch is one SQLite transaction: large enough to amortise the commit,
 /// small enough that memory stays small and a crash loses little work.
@@ -21,6 +23,17 @@ pub const CONCURRENT_REBUILDS_MAX: u32 = 32;
 /// Two lets the reader decode batch n+1 while the writer commits batch n, which is
 /// all the overlap there is to gain; memory stays O(batch size x projections).
 pub const CHANNEL_BATCHES_MAX: usize = 2;
+
+/// How long a rebuild's write transaction collects batches before committing,
+/// when none is given. Each commit rewrites every page the transaction touched
+/// (to the WAL, and again at checkpoint), so committing a few times a second
+/// instead of after every batch roughly halves rebuild time on the demo log,
+/// while a crash loses at most this much work (it is replayed on resume).
+pub const COMMIT_INTERVAL_DEFAULT: Duration = Duration::from_millis(250);
+
+/// Upper limit on the commit interval: bounds the work a crash throws away, the
+/// size of the WAL, and how stale the projection looks to readers.
+pub const COMMIT_INTERVAL_MAX: Duration = Duration::from_secs(60);
 
 /// Longest projection name, in bytes. The name becomes a file name
 /// (`{name}.db` plus `-wal`/`-shm` and a lock file) and must stay well under the
@@ -45,4 +58,5 @@ const _: () = {
     assert!(0 < CHANNEL_BATCHES_MAX);
     assert!(NAME_LEN_MAX + 16 < 255);
     assert!(0 < BUSY_TIMEOUT_MS);
+    assert!(COMMIT_INTERVAL_DEFAULT.as_millis() <= COMMIT_INTERVAL_MAX.as_millis());
 };

@@ -6,29 +6,29 @@
 //! writer thread per projection; each writer owns its projection file. So one
 //! projection overlaps reading with writing, and many projections share one read.
 //!
-//! A writer's loop, per batch: `BEGIN IMMEDIATE`; handler; save checkpoint; `COMMIT`.
-//! A crash at any point leaves either the whole batch with its checkpoint, or
-//! neither (exactly-once). With an external [`Checkpoint`] the checkpoint is saved
-//! after the commit, so a crash between the two replays the batch (at-least-once).
+//! A writer applies each batch in a savepoint of an IMMEDIATE write transaction,
+//! saving the checkpoint in the same transaction, and commits every
+//! `commit_interval` (see `writer.rs`). A crash at any point leaves either a batch
+//! with its checkpoint, or neither (exactly-once). With an external [`Checkpoint`]
+//! the checkpoint is saved after the commit, so a crash between the two replays
+//! those batches (at-least-once).
 
 use std::collections::VecDeque;
-use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
+use std::sync::mpsc::{self, SyncSender};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use rusqlite::Transaction;
-
-use crate::checkpoint::{Checkpoint, SqliteCheckpoint, validate_consumer_id};
-use crate::dir::{ProjectionDb, begin_immediate};
-use crate::error::{BoxError, Error, Result};
+use crate::checkpoint::{Checkpoint, SqliteCheckpoint};
+use crate::dir::ProjectionDb;
+use crate::error::{Error, Result};
 use crate::event::GlobalEvent;
 use crate::handler::Handler;
 use crate::limits::{
-    BATCH_SIZE_DEFAULT, BATCH_SIZE_MAX, CHANNEL_BATCHES_MAX, CONCURRENT_REBUILDS_MAX,
+    BATCH_SIZE_DEFAULT, BATCH_SIZE_MAX, CHANNEL_BATCHES_MAX, COMMIT_INTERVAL_DEFAULT,
+    COMMIT_INTERVAL_MAX, CONCURRENT_REBUILDS_MAX,
 };
-use crate::progress::{BatchStep, CancelToken, Progress, ProgressFn, StepHookFn};
+use crate::progress::{CancelToken, ProgressFn, StepHookFn};
 use crate::reader::GlobalReader;
 
 /// Where a projection's checkpoint is kept.
@@ -43,6 +43,18 @@ pub enum CheckpointLocation<'a> {
     External(&'a dyn Checkpoint),
 }
 
+impl Default for RebuildOptions<'_> {
+    fn default() -> Self {
+        RebuildOptions {
+            batch_size: BATCH_SIZE_DEFAULT,
+            commit_interval: COMMIT_INTERVAL_DEFAULT,
+            progress: None,
+            cancel: None,
+            step_hook: None,
+        }
+    }
+}
+
 impl std::fmt::Debug for CheckpointLocation<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -53,11 +65,18 @@ impl std::fmt::Debug for CheckpointLocation<'_> {
 }
 
 /// How a run behaves; shared by all projections of a run.
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy)]
 pub struct RebuildOptions<'a> {
-    /// Events per batch (one transaction each). 0 means
+    /// Events per batch: one read, one handler call, one savepoint. 0 means
     /// [`BATCH_SIZE_DEFAULT`] (500); above [`BATCH_SIZE_MAX`] (50,000) is an error.
     pub batch_size: u32,
+    /// How long a write transaction may keep collecting batches before it commits
+    /// (it also commits at the end, on cancellation and on failure). Every batch
+    /// and its checkpoint are in the same transaction either way; a longer interval
+    /// means fewer commits (faster rebuilds) and more work lost to a crash.
+    /// `Duration::ZERO` commits after every batch. Default
+    /// [`COMMIT_INTERVAL_DEFAULT`]; above [`COMMIT_INTERVAL_MAX`] is an error.
+    pub commit_interval: Duration,
     /// Called after every committed batch and once at the end. Default: none.
     pub progress: Option<&'a ProgressFn<'a>>,
     /// Stops the run at the next batch boundary. Default: none.
@@ -215,13 +234,25 @@ pub fn validate_batch_size(batch_size: u32) -> Result<u32> {
     }
 }
 
+/// Checks the options of a run; returns the batch size and commit interval to use.
+fn validate_options(options: &RebuildOptions<'_>) -> Result<(u32, Duration)> {
+    let batch_size = validate_batch_size(options.batch_size)?;
+    if options.commit_interval > COMMIT_INTERVAL_MAX {
+        return Err(Error::InvalidOptions(format!(
+            "commit interval {:?} exceeds the maximum of {COMMIT_INTERVAL_MAX:?}",
+            options.commit_interval
+        )));
+    }
+    Ok((batch_size, options.commit_interval))
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Start {
+pub(crate) enum Start {
     Reset,
     Resume,
 }
 
-enum Message<E> {
+pub(crate) enum Message<E> {
     Batch(Arc<Vec<GlobalEvent<E>>>),
     /// The log is read to its end.
     End,
@@ -230,10 +261,12 @@ enum Message<E> {
 }
 
 /// What every writer of one run shares.
-struct RunContext<'a> {
-    options: &'a RebuildOptions<'a>,
-    start: Start,
-    total: u64,
+pub(crate) struct RunContext<'a> {
+    pub(crate) options: &'a RebuildOptions<'a>,
+    pub(crate) start: Start,
+    pub(crate) total: u64,
+    /// Validated `options.commit_interval`.
+    pub(crate) commit_interval: Duration,
 }
 
 fn run<E: Send + Sync>(
@@ -242,12 +275,12 @@ fn run<E: Send + Sync>(
     options: &RebuildOptions<'_>,
     start: Start,
 ) -> Vec<Result<RebuildResult>> {
-    let batch_size = match validate_batch_size(options.batch_size) {
-        Ok(n) => n,
+    let (batch_size, commit_interval) = match validate_options(options) {
+        Ok(valid) => valid,
         Err(_) => {
             return projections
                 .iter()
-                .map(|_| Err(validate_batch_size(options.batch_size).unwrap_err()))
+                .map(|_| Err(validate_options(options).unwrap_err()))
                 .collect();
         }
     };
@@ -255,7 +288,14 @@ fn run<E: Send + Sync>(
     while !projections.is_empty() {
         let rest = projections.split_off(projections.len().min(CONCURRENT_REBUILDS_MAX as usize));
         let group = std::mem::replace(&mut projections, rest);
-        results.extend(run_group(reader, group, batch_size, options, start));
+        results.extend(run_group(
+            reader,
+            group,
+            batch_size,
+            commit_interval,
+            options,
+            start,
+        ));
     }
     results
 }
@@ -265,6 +305,7 @@ fn run_group<E: Send + Sync>(
     reader: &dyn GlobalReader<E>,
     group: Vec<ProjectionTarget<'_, E>>,
     batch_size: u32,
+    commit_interval: Duration,
     options: &RebuildOptions<'_>,
     start: Start,
 ) -> Vec<Result<RebuildResult>> {
@@ -287,6 +328,7 @@ fn run_group<E: Send + Sync>(
         options,
         start,
         total,
+        commit_interval,
     };
     let event_types = union_of_event_types(&group);
     thread::scope(|scope| {
@@ -301,7 +343,9 @@ fn run_group<E: Send + Sync>(
             let thread_name = format!("pj-{}", projection.db.name());
             let writer = thread::Builder::new()
                 .name(thread_name)
-                .spawn_scoped(scope, move || write_projection(projection, &batch_rx, start_tx, context))
+                .spawn_scoped(scope, move || {
+                    crate::writer::write_projection(projection, &batch_rx, start_tx, context)
+                })
                 .expect("spawn a writer thread");
             writers.push(writer);
             senders.push(Some(batch_tx));
@@ -424,280 +468,6 @@ fn broadcast<E>(senders: &mut [Option<SyncSender<Message<E>>>], message: &Messag
             *slot = None;
         }
     }
-}
-
-/// The writer thread of one projection: start, then apply batches until the end.
-fn write_projection<E>(
-    mut projection: ProjectionTarget<'_, E>,
-    batches: &Receiver<Message<E>>,
-    start_tx: Sender<Option<u64>>,
-    context: &RunContext<'_>,
-) -> Result<RebuildResult> {
-    let started = Instant::now();
-    let mut state = WriterState {
-        committed: 0,
-        processed: 0,
-        batches: 0,
-    };
-    let result = match begin_run(&mut projection, context.start) {
-        Ok(committed) => {
-            state.committed = committed;
-            let _ = start_tx.send(Some(committed));
-            drop(start_tx);
-            apply_all(&mut projection, batches, context, &mut state)
-        }
-        Err(e) => {
-            let _ = start_tx.send(None);
-            Err(e)
-        }
-    };
-    let name = projection.db.name().to_string();
-    report(context, &name, &state, true, result.as_ref().err());
-    result.map(|()| RebuildResult {
-        projection_name: name,
-        processed: state.processed,
-        checkpoint: state.committed,
-        total: context.total,
-        elapsed: started.elapsed(),
-    })
-}
-
-struct WriterState {
-    committed: u64,
-    processed: u64,
-    batches: u64,
-}
-
-fn apply_all<E>(
-    projection: &mut ProjectionTarget<'_, E>,
-    batches: &Receiver<Message<E>>,
-    context: &RunContext<'_>,
-    state: &mut WriterState,
-) -> Result<()> {
-    let name = projection.db.name().to_string();
-    loop {
-        let message = batches.recv();
-        if context
-            .options
-            .cancel
-            .is_some_and(CancelToken::is_cancelled)
-        {
-            return Err(Error::Cancelled {
-                name,
-                committed: state.committed,
-            });
-        }
-        let batch = match message {
-            Ok(Message::Batch(batch)) => batch,
-            Ok(Message::End) => return finish_at_head(projection, context.total, state),
-            Ok(Message::Failed(source)) => {
-                return Err(Error::Replay {
-                    name,
-                    committed: state.committed,
-                    source,
-                });
-            }
-            Err(mpsc::RecvError) => {
-                let source = Arc::new(Error::InvalidOptions("the event reader stopped".into()));
-                return Err(Error::Replay {
-                    name,
-                    committed: state.committed,
-                    source,
-                });
-            }
-        };
-        // Skip what this projection already has (projections resumed from
-        // different checkpoints share one read).
-        let fresh_from = batch.partition_point(|e| e.sequence <= state.committed);
-        let events = &batch[fresh_from..];
-        if events.is_empty() {
-            continue;
-        }
-        state.batches += 1;
-        let last = apply_batch(projection, events, state, context.options.step_hook)?;
-        assert!(
-            last > state.committed,
-            "checkpoint went back: {} -> {last}",
-            state.committed
-        );
-        state.committed = last;
-        state.processed += events.len() as u64;
-        report(context, &name, state, false, None);
-    }
-}
-
-/// At the end of the log, moves the checkpoint up to the head seen at the start:
-/// the last read covered every event up to there, and with an event-type filter
-/// the last matching event can be well below the head.
-fn finish_at_head<E>(
-    projection: &ProjectionTarget<'_, E>,
-    head: u64,
-    state: &mut WriterState,
-) -> Result<()> {
-    if head <= state.committed {
-        return Ok(());
-    }
-    let consumer_id = projection.consumer_id;
-    match projection.checkpoint {
-        CheckpointLocation::InFile => projection.db.with_connection(|conn| {
-            let step = || {
-                format!(
-                    "projection {}: advance checkpoint to {head}",
-                    projection.db.name()
-                )
-            };
-            let tx = begin_immediate(conn).map_err(Error::sqlite(step()))?;
-            SqliteCheckpoint::save_in(&tx, consumer_id, head)?;
-            tx.commit().map_err(Error::sqlite(step()))
-        })?,
-        CheckpointLocation::External(checkpoint) => checkpoint.save(consumer_id, head)?,
-    }
-    state.committed = head;
-    Ok(())
-}
-
-/// Applies one batch and advances the checkpoint; returns the new checkpoint.
-fn apply_batch<E>(
-    projection: &mut ProjectionTarget<'_, E>,
-    events: &[GlobalEvent<E>],
-    state: &WriterState,
-    hook: Option<&StepHookFn<'_>>,
-) -> Result<u64> {
-    let name = projection.db.name().to_string();
-    let step = |s: BatchStep| {
-        if let Some(hook) = hook {
-            hook(&name, s, state.batches);
-        }
-    };
-    let first = events.first().expect("batch is not empty").sequence;
-    let last = events.last().expect("batch is not empty").sequence;
-    let handler = &mut *projection.handler;
-    let consumer_id = projection.consumer_id;
-    let in_file = matches!(projection.checkpoint, CheckpointLocation::InFile);
-    projection.db.with_connection(|conn| {
-        let sql_step = || format!("projection {name}: commit events {first}..={last}");
-        let tx = begin_immediate(conn).map_err(Error::sqlite(sql_step()))?;
-        step(BatchStep::Begun);
-        call_handler(handler, &tx, events).map_err(|source| Error::Handler {
-            name: name.clone(),
-            committed: state.committed,
-            first_sequence: first,
-            last_sequence: last,
-            source,
-        })?;
-        step(BatchStep::Applied);
-        if in_file {
-            SqliteCheckpoint::save_in(&tx, consumer_id, last)?;
-            step(BatchStep::CheckpointSaved);
-        }
-        tx.commit().map_err(Error::sqlite(sql_step()))?;
-        step(BatchStep::Committed);
-        Ok(())
-    })?;
-    if let CheckpointLocation::External(checkpoint) = projection.checkpoint {
-        // Outside `with_connection`: the checkpoint may live in this very file.
-        checkpoint.save(consumer_id, last)?;
-        step(BatchStep::CheckpointSaved);
-    }
-    Ok(last)
-}
-
-/// Prepares a run; returns the checkpoint it starts from.
-fn begin_run<E>(projection: &mut ProjectionTarget<'_, E>, start: Start) -> Result<u64> {
-    validate_consumer_id(projection.consumer_id)?;
-    let name = projection.db.name().to_string();
-    let consumer_id = projection.consumer_id;
-    let handler = &mut *projection.handler;
-    if let (Start::Reset, CheckpointLocation::External(checkpoint)) = (start, projection.checkpoint)
-    {
-        // Reset the checkpoint before the tables: a crash in between replays
-        // events onto old rows (at-least-once) instead of skipping them.
-        checkpoint.reset(consumer_id)?;
-    }
-    let in_file_checkpoint = projection.db.with_connection(|conn| {
-        let step = || format!("projection {name}: start");
-        let tx = begin_immediate(conn).map_err(Error::sqlite(step()))?;
-        if start == Start::Reset {
-            drop_projection_objects(&tx).map_err(Error::sqlite(step()))?;
-            SqliteCheckpoint::reset_in(&tx, consumer_id)?;
-        }
-        handler.setup(&tx).map_err(|source| Error::Handler {
-            name: name.clone(),
-            committed: 0,
-            first_sequence: 0,
-            last_sequence: 0,
-            source,
-        })?;
-        let checkpoint = SqliteCheckpoint::load_in(&tx, consumer_id)?;
-        tx.commit().map_err(Error::sqlite(step()))?;
-        Ok(checkpoint)
-    })?;
-    match projection.checkpoint {
-        CheckpointLocation::InFile => Ok(in_file_checkpoint),
-        CheckpointLocation::External(checkpoint) => checkpoint.load(consumer_id),
-    }
-}
-
-/// Drops every table and view of the projection except `_checkpoint` (so also
-/// `_projectionist_*` tables, which describe the content being dropped); indexes
-/// and triggers go with them.
-fn drop_projection_objects(tx: &Transaction<'_>) -> rusqlite::Result<()> {
-    let objects: Vec<(String, String)> = tx
-        .prepare(
-            "SELECT type, name FROM sqlite_master
-             WHERE type IN ('table', 'view')
-               AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\'
-               AND name <> '_checkpoint'
-             ORDER BY type DESC",
-        )?
-        .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
-        .collect::<rusqlite::Result<_>>()?;
-    for (kind, name) in objects {
-        let kind = if kind == "view" { "VIEW" } else { "TABLE" };
-        let quoted = name.replace('"', "\"\"");
-        tx.execute_batch(&format!("DROP {kind} IF EXISTS \"{quoted}\""))?;
-    }
-    Ok(())
-}
-
-/// Calls the handler; a panic becomes an error, so one broken projection does not
-/// take down the others (the transaction rolls back on drop).
-fn call_handler<E>(
-    handler: &mut dyn Handler<E>,
-    tx: &Transaction<'_>,
-    events: &[GlobalEvent<E>],
-) -> std::result::Result<(), BoxError> {
-    match catch_unwind(AssertUnwindSafe(|| handler.apply(tx, events))) {
-        Ok(result) => result,
-        Err(panic) => {
-            let message = panic
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "non-text panic payload".to_owned());
-            Err(format!("handler panicked: {message}").into())
-        }
-    }
-}
-
-fn report(
-    context: &RunContext<'_>,
-    name: &str,
-    state: &WriterState,
-    done: bool,
-    err: Option<&Error>,
-) {
-    let Some(progress) = context.options.progress else {
-        return;
-    };
-    progress(&Progress {
-        projection_name: name.to_owned(),
-        processed: state.processed,
-        total: context.total,
-        checkpoint: state.committed,
-        done,
-        err: err.map(ToString::to_string),
-    });
 }
 
 fn replay_error<E>(projection: &ProjectionTarget<'_, E>, source: Arc<Error>) -> Error {

@@ -19,6 +19,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -31,6 +32,11 @@ use projectionist::{
 };
 
 const CHILD_ENV: &str = "PROJECTIONIST_CHILD";
+/// Commit interval of the random-kill children: commit groups of a few batches,
+/// so kills land both inside groups and between them.
+const KILL_INTERVAL_MS: &str = "20";
+/// The signal `std::process::abort` raises.
+const SIGABRT: i32 = 6;
 /// Exit code of a child that found the projection locked.
 const EXIT_LOCKED: i32 = 3;
 
@@ -45,7 +51,7 @@ fn main() {
         .skip(1)
         .filter(|a| !a.starts_with('-'))
         .collect();
-    let tests: [(&str, TestFn); 5] = [
+    let tests: [(&str, TestFn); 6] = [
         (
             "second_process_gets_the_lock_error",
             second_process_gets_the_lock_error,
@@ -57,6 +63,10 @@ fn main() {
         (
             "crash_points_resume_to_the_same_digest",
             crash_points_resume_to_the_same_digest,
+        ),
+        (
+            "crash_points_in_commit_groups_resume_to_the_same_digest",
+            crash_points_in_commit_groups_resume_to_the_same_digest,
         ),
         (
             "crash_points_catch_a_torn_batch",
@@ -138,9 +148,10 @@ fn run_bank_child(role: &str, args: &[String]) {
     let dir = ProjectionDir::open(&args[1]).unwrap();
     let batch_size: u32 = args[2].parse().unwrap();
     let separate = args[3] == "separate";
+    let commit_interval = Duration::from_millis(args[4].parse().unwrap());
     let crash_at: Option<(String, u64)> = args
-        .get(4)
-        .map(|step| (step.clone(), args[5].parse().unwrap()));
+        .get(5)
+        .map(|step| (step.clone(), args[6].parse().unwrap()));
     let hook = move |_: &str, step: BatchStep, batch: u64| {
         if let Some((name, at)) = &crash_at
             && step.as_str() == name
@@ -151,27 +162,30 @@ fn run_bank_child(role: &str, args: &[String]) {
         }
     };
     let db = dir.db("bank").unwrap();
-    let external = SqliteCheckpoint::new(db.clone());
-    let mut handler = BankHandler::default();
-    let options = RebuildOptions {
-        batch_size,
-        progress: None,
-        cancel: None,
-        step_hook: Some(&hook),
-    };
-    let config = if separate {
-        RebuildConfig {
-            reader: &store,
-            projection: ProjectionTarget {
-                db: &db,
-                handler: &mut handler,
-                checkpoint: CheckpointLocation::External(&external),
-                consumer_id: "bank",
-            },
-            options,
-        }
+    // The broken variant: the checkpoint lives in another file, committed after
+    // the batch, in a separate transaction.
+    let external = SqliteCheckpoint::new(dir.db("checkpoints").unwrap());
+    let checkpoint = if separate {
+        CheckpointLocation::External(&external)
     } else {
-        config(&store, &db, &mut handler, options)
+        CheckpointLocation::InFile
+    };
+    let mut handler = BankHandler::default();
+    let config = RebuildConfig {
+        reader: &store,
+        projection: ProjectionTarget {
+            db: &db,
+            handler: &mut handler,
+            checkpoint,
+            consumer_id: "bank",
+        },
+        options: RebuildOptions {
+            batch_size,
+            commit_interval,
+            progress: None,
+            cancel: None,
+            step_hook: Some(&hook),
+        },
     };
     let result = if role == "rebuild" {
         rebuild(config)
@@ -203,7 +217,7 @@ fn run_child(role: &str, args: &[&str]) -> ExitStatus {
 struct Bank {
     _tmp: tempfile::TempDir,
     store: PathBuf,
-    /// Digest (tables and checkpoint) of an uninterrupted rebuild.
+    /// Digest of the tables of an uninterrupted rebuild (whose checkpoint is `n_events`).
     reference: String,
     n_events: u64,
 }
@@ -216,12 +230,13 @@ fn bank(n_events: u64, batch_size: u32) -> Bank {
     let db = dir.db("bank").unwrap();
     let options = RebuildOptions {
         batch_size,
+        commit_interval: projectionist::limits::COMMIT_INTERVAL_DEFAULT,
         progress: None,
         cancel: None,
         step_hook: None,
     };
     rebuild(config(&store, &db, &mut BankHandler::default(), options)).unwrap();
-    let reference = full_digest(&tmp.path().join("reference")).unwrap();
+    let reference = tables_digest(&tmp.path().join("reference")).unwrap();
     Bank {
         _tmp: tmp,
         store: store_path,
@@ -230,36 +245,55 @@ fn bank(n_events: u64, batch_size: u32) -> Bank {
     }
 }
 
-/// Digest of the projection's tables AND its `_checkpoint`, opened afresh (as a
-/// new process would, so a hot wal is recovered first).
-fn full_digest(dir: &Path) -> Result<String, String> {
+/// Digest of the projection's tables, opened afresh (as a new process would, so
+/// a hot wal is recovered first).
+fn tables_digest(dir: &Path) -> Result<String, String> {
     let conn = projectionist::rusqlite::Connection::open(dir.join("bank.db"))
         .map_err(|e| e.to_string())?;
-    projection_digest(&conn, DigestScope::All).map_err(|e| e.to_string())
+    projection_digest(&conn, DigestScope::ProjectionTables).map_err(|e| e.to_string())
 }
 
-/// After any crash: the checkpoint must equal the number of events in the rows
-/// (every event bumps `totals.n` once), i.e. no torn batch.
-fn check_torn(dir: &Path) -> Result<(), String> {
-    if !dir.join("bank.db").exists() {
-        return Ok(()); // killed before the projection file was created
+/// The bank consumer's checkpoint, wherever the variant keeps it (0 when the
+/// file or its table does not exist yet).
+fn read_checkpoint(dir: &Path, checkpoint: &str) -> Result<u64, String> {
+    let file = if checkpoint == "separate" {
+        "checkpoints.db"
+    } else {
+        "bank.db"
+    };
+    if !dir.join(file).exists() {
+        return Ok(0);
     }
-    let conn = projectionist::rusqlite::Connection::open(dir.join("bank.db"))
-        .map_err(|e| e.to_string())?;
+    let conn =
+        projectionist::rusqlite::Connection::open(dir.join(file)).map_err(|e| e.to_string())?;
     // Killed between creating the file and creating `_checkpoint`: nothing applied
     // yet; the next `ProjectionDir::db` creates the table.
-    let has_checkpoint: bool = conn
+    let has_table: bool = conn
         .query_row(
             "SELECT COUNT(*) > 0 FROM sqlite_master WHERE name = '_checkpoint'",
             [],
             |r| r.get(0),
         )
         .map_err(|e| e.to_string())?;
-    let checkpoint = if has_checkpoint {
-        SqliteCheckpoint::load_in(&conn, "bank").map_err(|e| e.to_string())?
-    } else {
-        0
-    };
+    if !has_table {
+        return Ok(0);
+    }
+    SqliteCheckpoint::load_in(&conn, "bank").map_err(|e| e.to_string())
+}
+
+/// After any crash: the checkpoint must equal the number of events in the rows
+/// (every event bumps `totals.n` once), i.e. no torn batch.
+fn check_torn(dir: &Path, checkpoint_kind: &str) -> Result<(), String> {
+    let checkpoint = read_checkpoint(dir, checkpoint_kind)?;
+    if !dir.join("bank.db").exists() {
+        return if checkpoint == 0 {
+            Ok(())
+        } else {
+            Err(format!("checkpoint {checkpoint} without rows"))
+        };
+    }
+    let conn = projectionist::rusqlite::Connection::open(dir.join("bank.db"))
+        .map_err(|e| e.to_string())?;
     let has_totals: bool = conn
         .query_row(
             "SELECT COUNT(*) > 0 FROM sqlite_master WHERE name = 'totals'",
@@ -282,29 +316,42 @@ fn check_torn(dir: &Path) -> Result<(), String> {
     }
 }
 
-/// Resumes in a child until it succeeds, then compares with the reference.
+/// Resumes in a child, then compares tables and checkpoint with the reference.
 fn resume_and_compare(
     bank: &Bank,
     dir: &Path,
     batch: &str,
     checkpoint: &str,
+    interval_ms: &str,
 ) -> Result<(), String> {
     let status = run_child(
         "resume",
-        &[path_str(&bank.store), path_str(dir), batch, checkpoint],
+        &[
+            path_str(&bank.store),
+            path_str(dir),
+            batch,
+            checkpoint,
+            interval_ms,
+        ],
     );
     if !status.success() {
         return Err(format!("resume failed: {status}"));
     }
-    let digest = full_digest(dir)?;
-    if digest == bank.reference {
-        Ok(())
-    } else {
-        Err(format!(
+    let digest = tables_digest(dir)?;
+    if digest != bank.reference {
+        return Err(format!(
             "digest after resume {digest} differs from the uninterrupted {}",
             bank.reference
-        ))
+        ));
     }
+    let at = read_checkpoint(dir, checkpoint)?;
+    if at != bank.n_events {
+        return Err(format!(
+            "checkpoint after resume is {at}, expected {}",
+            bank.n_events
+        ));
+    }
+    Ok(())
 }
 
 fn path_str(path: &Path) -> &str {
@@ -382,45 +429,70 @@ fn hot_wal_of_a_crashed_writer_is_removed() -> Result<(), String> {
     Ok(())
 }
 
-/// Crashes at every step of the first, a middle and the last batch; returns the
-/// crash points whose resume did not reproduce the reference (or left a torn batch).
-fn crash_point_failures(checkpoint: &str) -> Vec<String> {
-    let batch_size = 100;
-    let bank = bank(3_000, batch_size);
-    let n_batches = bank.n_events / u64::from(batch_size);
+/// Crashes at each of `points` (step, batch number) in a fresh rebuild, checks
+/// for a torn batch, resumes and compares; returns the points that failed.
+fn crash_point_failures(
+    checkpoint: &str,
+    interval_ms: &str,
+    points: &[(BatchStep, u64)],
+) -> Vec<String> {
+    let bank = bank(3_000, 100);
     let mut failures = Vec::new();
-    for batch_no in [1, n_batches / 2, n_batches] {
-        for step in BatchStep::ALL {
-            let dir = bank
-                ._tmp
-                .path()
-                .join(format!("{checkpoint}-{}-{batch_no}", step.as_str()));
-            let args = [
-                path_str(&bank.store),
-                path_str(&dir),
-                "100",
-                checkpoint,
-                step.as_str(),
-                &batch_no.to_string(),
-            ];
-            let status = run_child("rebuild", &args);
-            let point = format!("{} of batch {batch_no}", step.as_str());
-            if status.success() {
-                failures.push(format!("{point}: the child did not crash"));
-                continue;
-            }
-            let outcome =
-                check_torn(&dir).and_then(|()| resume_and_compare(&bank, &dir, "100", checkpoint));
-            if let Err(why) = outcome {
-                failures.push(format!("{point}: {why}"));
-            }
+    for (step, batch_no) in points {
+        let dir = bank._tmp.path().join(format!(
+            "{checkpoint}-{interval_ms}-{}-{batch_no}",
+            step.as_str()
+        ));
+        let batch_text = batch_no.to_string();
+        let args = [
+            path_str(&bank.store),
+            path_str(&dir),
+            "100",
+            checkpoint,
+            interval_ms,
+            step.as_str(),
+            &batch_text,
+        ];
+        let status = run_child("rebuild", &args);
+        let point = format!("{} of batch {batch_no}", step.as_str());
+        // SIGABRT from the crash point; a panic (exit 101) or success is not a crash.
+        if status.signal() != Some(SIGABRT) {
+            failures.push(format!("{point}: the child did not crash ({status})"));
+            continue;
+        }
+        let outcome = check_torn(&dir, checkpoint)
+            .and_then(|()| resume_and_compare(&bank, &dir, "100", checkpoint, interval_ms));
+        if let Err(why) = outcome {
+            failures.push(format!("{point}: {why}"));
         }
     }
     failures
 }
 
+/// Every step of the first, a middle and the last of the 30 batches.
+fn every_step_of(batches: &[u64]) -> Vec<(BatchStep, u64)> {
+    batches
+        .iter()
+        .flat_map(|&b| BatchStep::ALL.map(|s| (s, b)))
+        .collect()
+}
+
 fn crash_points_resume_to_the_same_digest() -> Result<(), String> {
-    let failures = crash_point_failures("in-file");
+    // Commit after every batch: every step of every chosen batch is a crash point.
+    let failures = crash_point_failures("in-file", "0", &every_step_of(&[1, 15, 30]));
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(failures.join("\n    "))
+    }
+}
+
+fn crash_points_in_commit_groups_resume_to_the_same_digest() -> Result<(), String> {
+    // One commit group for the whole run: crashes inside it lose the group; the
+    // commit happens once, after the last batch.
+    let mut points: Vec<(BatchStep, u64)> = every_step_of(&[1, 15, 30]);
+    points.retain(|(step, batch)| *step != BatchStep::Committed || *batch == 30);
+    let failures = crash_point_failures("in-file", "60000", &points);
     if failures.is_empty() {
         Ok(())
     } else {
@@ -430,8 +502,8 @@ fn crash_points_resume_to_the_same_digest() -> Result<(), String> {
 
 fn crash_points_catch_a_torn_batch() -> Result<(), String> {
     // The broken variant commits the batch, then the checkpoint in a separate
-    // transaction. A crash between the two must be caught.
-    let failures = crash_point_failures("separate");
+    // transaction in another file. A crash between the two must be caught.
+    let failures = crash_point_failures("separate", "0", &every_step_of(&[1, 15, 30]));
     let caught = failures
         .iter()
         .filter(|f| f.starts_with("committed of batch"))
@@ -478,6 +550,7 @@ fn random_sigkills_resume_to_the_same_digest() -> Result<(), String> {
             path_str(&calibration),
             "50",
             "in-file",
+            KILL_INTERVAL_MS,
         ],
     )
     .success()
@@ -491,7 +564,13 @@ fn random_sigkills_resume_to_the_same_digest() -> Result<(), String> {
         let delay = Duration::from_millis(rng.u64(0..full_ms));
         let mut child = spawn_child(
             "rebuild",
-            &[path_str(&bank.store), path_str(&dir), "50", "in-file"],
+            &[
+                path_str(&bank.store),
+                path_str(&dir),
+                "50",
+                "in-file",
+                KILL_INTERVAL_MS,
+            ],
         );
         std::thread::sleep(delay);
         if child.try_wait().unwrap().is_none() {
@@ -499,8 +578,8 @@ fn random_sigkills_resume_to_the_same_digest() -> Result<(), String> {
         }
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
-        let outcome =
-            check_torn(&dir).and_then(|()| resume_and_compare(&bank, &dir, "50", "in-file"));
+        let outcome = check_torn(&dir, "in-file")
+            .and_then(|()| resume_and_compare(&bank, &dir, "50", "in-file", KILL_INTERVAL_MS));
         if let Err(why) = outcome {
             return Err(format!(
                 "seed {seed}, iteration {iteration}, kill after {delay:?}: {why}"

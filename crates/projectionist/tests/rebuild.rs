@@ -145,11 +145,35 @@ fn handler_error_leaves_previous_batch_committed() {
         })
         .unwrap();
     }
-    let db = f.dir.db("bank").unwrap();
+    for commit_interval in [
+        Duration::ZERO,
+        projectionist::limits::COMMIT_INTERVAL_DEFAULT,
+    ] {
+        handler_error_case(&f, &reference_db, failing, commit_interval);
+    }
+}
+
+/// A handler failing at `failing` (batch 13 of 100 events) leaves exactly the
+/// state after batch 12, whether batches commit one by one or in groups.
+fn handler_error_case(
+    f: &Fixture,
+    reference_db: &projectionist::ProjectionDb,
+    failing: u64,
+    commit_interval: Duration,
+) {
+    let batch_size = 100;
+    let db = f
+        .dir
+        .db(&format!("bank-{}", commit_interval.as_millis()))
+        .unwrap();
+    let opts = RebuildOptions {
+        commit_interval,
+        ..options(batch_size)
+    };
     let mut handler = BankHandler {
         fail_at: Some(failing),
     };
-    let err = rebuild(config(&f.store, &db, &mut handler, options(batch_size))).unwrap_err();
+    let err = rebuild(config(&f.store, &db, &mut handler, opts)).unwrap_err();
     match &err {
         Error::Handler {
             name,
@@ -158,7 +182,7 @@ fn handler_error_leaves_previous_batch_committed() {
             last_sequence,
             ..
         } => {
-            assert_eq!(name, "bank");
+            assert_eq!(*name, format!("bank-{}", commit_interval.as_millis()));
             assert_eq!(*committed, 1_200);
             assert_eq!((*first_sequence, *last_sequence), (1_201, 1_300));
         }
@@ -168,7 +192,7 @@ fn handler_error_leaves_previous_batch_committed() {
     assert_eq!(checkpoint(&db, "bank"), 1_200);
     assert_eq!(
         digest(&db),
-        digest(&reference_db),
+        digest(reference_db),
         "tables are exactly as after batch 12"
     );
 
@@ -176,14 +200,11 @@ fn handler_error_leaves_previous_batch_committed() {
     handler.fail_at = None;
     let resumed = resume(config(&f.store, &db, &mut handler, options(batch_size))).unwrap();
     assert_eq!(resumed.processed, 1_800);
-    let clean = f.dir.db("clean").unwrap();
-    rebuild(config(
-        &f.store,
-        &clean,
-        &mut BankHandler::default(),
-        options(batch_size),
-    ))
-    .unwrap();
+    let clean = rebuilt(
+        f,
+        &format!("clean-{}", commit_interval.as_millis()),
+        batch_size,
+    );
     assert_eq!(digest(&db), digest(&clean));
 }
 
@@ -234,40 +255,53 @@ fn handler_panic_is_an_error_and_rolls_back() {
 fn cancel_stops_within_one_batch_and_resume_matches() {
     let f = fixture(N_EVENTS);
     let clean = rebuilt(&f, "clean", 250);
-
-    let db = f.dir.db("bank").unwrap();
-    let cancel = CancelToken::new();
-    let cancelled_at = Mutex::new(None);
-    let progress = |p: &projectionist::Progress| {
-        if !p.done && p.checkpoint >= 2_000 && !cancel.is_cancelled() {
-            *cancelled_at.lock().unwrap() = Some(p.checkpoint);
-            cancel.cancel();
+    // Commit after every batch, and in commit groups (the default).
+    for commit_interval in [
+        Duration::ZERO,
+        projectionist::limits::COMMIT_INTERVAL_DEFAULT,
+    ] {
+        let db = f
+            .dir
+            .db(&format!("bank-{}", commit_interval.as_millis()))
+            .unwrap();
+        let cancel = CancelToken::new();
+        let cancelled_at = Mutex::new(None);
+        let progress = |p: &projectionist::Progress| {
+            if !p.done && p.processed >= 2_000 && !cancel.is_cancelled() {
+                *cancelled_at.lock().unwrap() = Some(p.processed);
+                cancel.cancel();
+            }
+        };
+        let opts = RebuildOptions {
+            batch_size: 250,
+            commit_interval,
+            progress: Some(&progress),
+            cancel: Some(&cancel),
+            step_hook: None,
+        };
+        let err = rebuild(config(&f.store, &db, &mut BankHandler::default(), opts)).unwrap_err();
+        // The log is dense from 1, so after n events the checkpoint is n.
+        let at = cancelled_at.lock().unwrap().unwrap();
+        match err {
+            Error::Cancelled { committed, .. } => {
+                assert_eq!(
+                    committed, at,
+                    "every applied batch committed, none after the cancel"
+                );
+            }
+            other => panic!("expected cancellation, got {other:?}"),
         }
-    };
-    let opts = RebuildOptions {
-        batch_size: 250,
-        progress: Some(&progress),
-        cancel: Some(&cancel),
-        step_hook: None,
-    };
-    let err = rebuild(config(&f.store, &db, &mut BankHandler::default(), opts)).unwrap_err();
-    let at = cancelled_at.lock().unwrap().unwrap();
-    match err {
-        Error::Cancelled { committed, .. } => {
-            assert_eq!(committed, at, "no batch committed after the cancel");
-        }
-        other => panic!("expected cancellation, got {other:?}"),
+        assert_eq!(checkpoint(&db, "bank"), at);
+        let resumed = resume(config(
+            &f.store,
+            &db,
+            &mut BankHandler::default(),
+            options(250),
+        ))
+        .unwrap();
+        assert_eq!(resumed.processed, N_EVENTS - at);
+        assert_eq!(digest(&db), digest(&clean));
     }
-    assert_eq!(checkpoint(&db, "bank"), at);
-    let resumed = resume(config(
-        &f.store,
-        &db,
-        &mut BankHandler::default(),
-        options(250),
-    ))
-    .unwrap();
-    assert_eq!(resumed.processed, N_EVENTS - at);
-    assert_eq!(digest(&db), digest(&clean));
 }
 
 #[test]
@@ -278,6 +312,7 @@ fn progress_reports_every_batch_and_the_end() {
     let progress = |p: &projectionist::Progress| seen.lock().unwrap().push(p.clone());
     let opts = RebuildOptions {
         batch_size: 300,
+        commit_interval: projectionist::limits::COMMIT_INTERVAL_DEFAULT,
         progress: Some(&progress),
         cancel: None,
         step_hook: None,
@@ -309,6 +344,7 @@ fn failed_run_reports_err_in_last_progress() {
     let progress = |p: &projectionist::Progress| *last.lock().unwrap() = Some(p.clone());
     let opts = RebuildOptions {
         batch_size: 300,
+        commit_interval: projectionist::limits::COMMIT_INTERVAL_DEFAULT,
         progress: Some(&progress),
         cancel: None,
         step_hook: None,
@@ -333,6 +369,7 @@ fn batch_size_zero_means_default_and_over_max_is_an_error() {
     };
     let opts = RebuildOptions {
         batch_size: 0,
+        commit_interval: projectionist::limits::COMMIT_INTERVAL_DEFAULT,
         progress: Some(&progress),
         cancel: None,
         step_hook: None,
@@ -442,6 +479,7 @@ fn rebuild_concurrent_caps_parallelism_and_keeps_order() {
             },
             options: RebuildOptions {
                 batch_size: 100,
+                commit_interval: projectionist::limits::COMMIT_INTERVAL_DEFAULT,
                 progress: Some(&done),
                 cancel: None,
                 step_hook: None,
@@ -681,4 +719,35 @@ fn sync_api_runs_from_async_code_via_spawn_blocking() {
     });
     assert_eq!(result.unwrap().processed, 1_000);
     assert_eq!(checkpoint(&f.dir.db("bank").unwrap(), "bank"), 1_000);
+}
+
+#[test]
+fn commit_interval_over_max_and_own_file_as_external_checkpoint_are_rejected() {
+    let f = fixture(100);
+    let db = f.dir.db("bank").unwrap();
+    let too_long = RebuildOptions {
+        commit_interval: projectionist::limits::COMMIT_INTERVAL_MAX + Duration::from_millis(1),
+        ..options(10)
+    };
+    let err = rebuild(config(&f.store, &db, &mut BankHandler::default(), too_long)).unwrap_err();
+    assert!(err.to_string().contains("commit interval"), "{err}");
+
+    let own = SqliteCheckpoint::new(db.clone());
+    let mut handler = BankHandler::default();
+    let err = rebuild(RebuildConfig {
+        reader: &f.store,
+        projection: ProjectionTarget {
+            db: &db,
+            handler: &mut handler,
+            checkpoint: CheckpointLocation::External(&own),
+            consumer_id: "bank",
+        },
+        options: options(10),
+    })
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("CheckpointLocation::InFile"),
+        "{err}"
+    );
+    assert_eq!(checkpoint(&db, "bank"), 0, "nothing ran");
 }

@@ -241,7 +241,10 @@ impl SqliteEventStore {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let step = || format!("read events after {after} from {}", self.path.display());
         // Formats the step only when there is an error: this loop runs per event.
-        let sql_err = |source| Error::Sqlite { step: step(), source };
+        let sql_err = |source| Error::Sqlite {
+            step: step(),
+            source,
+        };
         let (sql, types_json) = match event_types {
             None => (&self.read_sql, None),
             Some(types) => (
@@ -265,14 +268,9 @@ impl SqliteEventStore {
                 )));
             }
             previous = sequence;
-            let stream_id =
-                column_text(row.get_ref(1).map_err(sql_err)?, "stream_id")?;
-            let stream_version = column_u64(
-                row.get_ref(2).map_err(sql_err)?,
-                "stream_version",
-            )?;
-            let event_type =
-                column_text(row.get_ref(3).map_err(sql_err)?, "event_type")?;
+            let stream_id = column_text(row.get_ref(1).map_err(sql_err)?, "stream_id")?;
+            let stream_version = column_u64(row.get_ref(2).map_err(sql_err)?, "stream_version")?;
+            let event_type = column_text(row.get_ref(3).map_err(sql_err)?, "event_type")?;
             let data = column_str(row.get_ref(4).map_err(sql_err)?, "data")?;
             let metadata = match row.get_ref(5).map_err(sql_err)? {
                 ValueRef::Null => None,

@@ -158,6 +158,7 @@ pub fn checkpoint(db: &ProjectionDb, consumer_id: &str) -> u64 {
 pub fn options(batch_size: u32) -> RebuildOptions<'static> {
     RebuildOptions {
         batch_size,
+        commit_interval: projectionist::limits::COMMIT_INTERVAL_DEFAULT,
         progress: None,
         cancel: None,
         step_hook: None,

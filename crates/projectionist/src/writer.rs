@@ -1,0 +1,407 @@
+//! The writer side of a run: one thread per projection applies the batches the
+//! reader hands it.
+//!
+//! Batches are applied inside *commit groups*: one write transaction holds one or
+//! more batches, each inside its own savepoint, and the checkpoint is saved after
+//! every batch inside the same transaction. The group commits when it is older
+//! than the commit interval, at the end of the log, on cancellation and on
+//! failure. So a crash loses at most one group and never separates rows from
+//! their checkpoint (exactly-once), and a failing batch is rolled back alone: the
+//! batches before it still commit with their checkpoint. Fewer, larger commits are
+//! what make a rebuild fast (each commit rewrites every page it touched).
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::time::Instant;
+
+use rusqlite::{Connection, Transaction, TransactionBehavior};
+
+use crate::checkpoint::{SqliteCheckpoint, validate_consumer_id};
+use crate::dir::begin_immediate;
+use crate::error::{BoxError, Error, Result};
+use crate::event::GlobalEvent;
+use crate::handler::Handler;
+use crate::progress::{BatchStep, CancelToken, Progress};
+use crate::rebuild::{
+    CheckpointLocation, Message, ProjectionTarget, RebuildResult, RunContext, Start,
+};
+
+/// The writer thread of one projection: start, then apply batches until the end.
+pub(crate) fn write_projection<E>(
+    mut projection: ProjectionTarget<'_, E>,
+    batches: &Receiver<Message<E>>,
+    start_tx: Sender<Option<u64>>,
+    context: &RunContext<'_>,
+) -> Result<RebuildResult> {
+    let started = Instant::now();
+    let mut state = WriterState::default();
+    let result = match begin_run(&mut projection, context.start) {
+        Ok(committed) => {
+            state.committed = committed;
+            state.applied = committed;
+            let _ = start_tx.send(Some(committed));
+            drop(start_tx);
+            apply_all(&mut projection, batches, context, &mut state)
+        }
+        Err(e) => {
+            let _ = start_tx.send(None);
+            Err(e)
+        }
+    };
+    let name = projection.db.name().to_string();
+    report(context, &name, &state, true, result.as_ref().err());
+    result.map(|()| RebuildResult {
+        projection_name: name,
+        processed: state.processed,
+        checkpoint: state.committed,
+        total: context.total,
+        elapsed: started.elapsed(),
+    })
+}
+
+#[derive(Default)]
+struct WriterState {
+    /// The checkpoint as committed.
+    committed: u64,
+    /// The checkpoint as applied in the open group (equal to `committed` between groups).
+    applied: u64,
+    /// Events applied in this run (committed or in the open group).
+    processed: u64,
+    /// Batches applied in this run; numbers the batches for the step hook.
+    batches: u64,
+}
+
+/// Why the batch loop stopped.
+enum Stop {
+    End,
+    Cancelled,
+    Handler {
+        first: u64,
+        last: u64,
+        source: BoxError,
+    },
+    Failed(Error),
+    Replay(Arc<Error>),
+}
+
+/// One open write transaction holding one or more batches.
+struct Group<'c> {
+    tx: Transaction<'c>,
+    started: Instant,
+}
+
+fn apply_all<E>(
+    projection: &mut ProjectionTarget<'_, E>,
+    batches: &Receiver<Message<E>>,
+    context: &RunContext<'_>,
+    state: &mut WriterState,
+) -> Result<()> {
+    let name = projection.db.name().to_string();
+    let db = projection.db;
+    let stop = db.with_connection(|conn| {
+        let conn: &Connection = conn;
+        let mut group: Option<Group<'_>> = None;
+        let stop = loop {
+            let message = batches.recv();
+            if context
+                .options
+                .cancel
+                .is_some_and(CancelToken::is_cancelled)
+            {
+                break Stop::Cancelled;
+            }
+            let batch = match message {
+                Ok(Message::Batch(batch)) => batch,
+                Ok(Message::End) => break Stop::End,
+                Ok(Message::Failed(source)) => break Stop::Replay(source),
+                Err(mpsc::RecvError) => {
+                    break Stop::Replay(Arc::new(Error::InvalidOptions(
+                        "the event reader stopped".into(),
+                    )));
+                }
+            };
+            // Skip what this projection already has (projections resumed from
+            // different checkpoints share one read).
+            let fresh_from = batch.partition_point(|e| e.sequence <= state.applied);
+            let events = &batch[fresh_from..];
+            if events.is_empty() {
+                continue;
+            }
+            if group.is_none() {
+                match Transaction::new_unchecked(conn, TransactionBehavior::Immediate) {
+                    Ok(tx) => {
+                        group = Some(Group {
+                            tx,
+                            started: Instant::now(),
+                        })
+                    }
+                    Err(source) => {
+                        break Stop::Failed(Error::sqlite(format!("projection {name}: begin"))(
+                            source,
+                        ));
+                    }
+                }
+            }
+            let open = group.as_ref().expect("a group is open");
+            state.batches += 1;
+            if let Err(stop) = apply_batch(projection, &open.tx, events, state, context) {
+                break stop;
+            }
+            if open.started.elapsed() >= context.commit_interval {
+                let open = group.take().expect("a group is open");
+                if let Err(e) = commit_group(projection, open, state, context) {
+                    break Stop::Failed(e);
+                }
+            }
+            report(context, &name, state, false, None);
+        };
+        // Whatever stopped the loop, the batches applied so far are complete:
+        // commit them with their checkpoint.
+        if let Some(open) = group.take() {
+            commit_group(projection, open, state, context)?;
+        }
+        Ok(stop)
+    })?;
+    let committed = state.committed;
+    match stop {
+        Stop::End => finish_at_head(projection, context.total, state),
+        Stop::Cancelled => Err(Error::Cancelled { name, committed }),
+        Stop::Handler {
+            first,
+            last,
+            source,
+        } => Err(Error::Handler {
+            name,
+            committed,
+            first_sequence: first,
+            last_sequence: last,
+            source,
+        }),
+        Stop::Failed(e) => Err(e),
+        Stop::Replay(source) => Err(Error::Replay {
+            name,
+            committed,
+            source,
+        }),
+    }
+}
+
+/// Applies one batch inside the open group, in a savepoint, and saves the
+/// checkpoint (when it lives in the file) in the same transaction.
+fn apply_batch<E>(
+    projection: &mut ProjectionTarget<'_, E>,
+    tx: &Transaction<'_>,
+    events: &[GlobalEvent<E>],
+    state: &mut WriterState,
+    context: &RunContext<'_>,
+) -> std::result::Result<(), Stop> {
+    let name = projection.db.name().to_string();
+    let first = events.first().expect("batch is not empty").sequence;
+    let last = events.last().expect("batch is not empty").sequence;
+    assert!(
+        first > state.applied,
+        "batch starts at {first}, at or below the checkpoint {}",
+        state.applied
+    );
+    let sql_failed = |source| {
+        Stop::Failed(Error::sqlite(format!(
+            "projection {name}: events {first}..={last}"
+        ))(source))
+    };
+    tx.execute_batch("SAVEPOINT batch").map_err(sql_failed)?;
+    step(context, &name, BatchStep::Begun, state.batches);
+    if let Err(source) = call_handler(&mut *projection.handler, tx, events) {
+        tx.execute_batch("ROLLBACK TO batch; RELEASE batch")
+            .map_err(sql_failed)?;
+        return Err(Stop::Handler {
+            first,
+            last,
+            source,
+        });
+    }
+    step(context, &name, BatchStep::Applied, state.batches);
+    if matches!(projection.checkpoint, CheckpointLocation::InFile) {
+        SqliteCheckpoint::save_in(tx, projection.consumer_id, last).map_err(Stop::Failed)?;
+        step(context, &name, BatchStep::CheckpointSaved, state.batches);
+    }
+    tx.execute_batch("RELEASE batch").map_err(sql_failed)?;
+    assert!(
+        last > state.applied,
+        "checkpoint went back: {} -> {last}",
+        state.applied
+    );
+    state.applied = last;
+    state.processed += events.len() as u64;
+    Ok(())
+}
+
+/// Commits the open group; then, for an external checkpoint, saves it.
+fn commit_group<E>(
+    projection: &ProjectionTarget<'_, E>,
+    group: Group<'_>,
+    state: &mut WriterState,
+    context: &RunContext<'_>,
+) -> Result<()> {
+    let name = projection.db.name();
+    group.tx.commit().map_err(Error::sqlite(format!(
+        "projection {name}: commit through {}",
+        state.applied
+    )))?;
+    step(context, name.as_str(), BatchStep::Committed, state.batches);
+    if let CheckpointLocation::External(checkpoint) = projection.checkpoint {
+        if state.applied > state.committed {
+            checkpoint.save(projection.consumer_id, state.applied)?;
+        }
+        step(
+            context,
+            name.as_str(),
+            BatchStep::CheckpointSaved,
+            state.batches,
+        );
+    }
+    state.committed = state.applied;
+    Ok(())
+}
+
+/// At the end of the log, moves the checkpoint up to the head seen at the start:
+/// the last read covered every event up to there, and with an event-type filter
+/// the last matching event can be well below the head.
+fn finish_at_head<E>(
+    projection: &ProjectionTarget<'_, E>,
+    head: u64,
+    state: &mut WriterState,
+) -> Result<()> {
+    if head <= state.committed {
+        return Ok(());
+    }
+    let consumer_id = projection.consumer_id;
+    match projection.checkpoint {
+        CheckpointLocation::InFile => projection.db.with_connection(|conn| {
+            let step = || {
+                format!(
+                    "projection {}: advance checkpoint to {head}",
+                    projection.db.name()
+                )
+            };
+            let tx = begin_immediate(conn).map_err(Error::sqlite(step()))?;
+            SqliteCheckpoint::save_in(&tx, consumer_id, head)?;
+            tx.commit().map_err(Error::sqlite(step()))
+        })?,
+        CheckpointLocation::External(checkpoint) => checkpoint.save(consumer_id, head)?,
+    }
+    state.committed = head;
+    state.applied = head;
+    Ok(())
+}
+
+/// Prepares a run; returns the checkpoint it starts from.
+fn begin_run<E>(projection: &mut ProjectionTarget<'_, E>, start: Start) -> Result<u64> {
+    validate_consumer_id(projection.consumer_id)?;
+    let name = projection.db.name().to_string();
+    let consumer_id = projection.consumer_id;
+    let handler = &mut *projection.handler;
+    if let CheckpointLocation::External(checkpoint) = projection.checkpoint
+        && checkpoint.projection_file() == Some(projection.db.path())
+    {
+        return Err(Error::InvalidOptions(format!(
+            "projection {name}: its own file's checkpoint is CheckpointLocation::InFile, not External"
+        )));
+    }
+    if let (Start::Reset, CheckpointLocation::External(checkpoint)) = (start, projection.checkpoint)
+    {
+        // Reset the checkpoint before the tables: a crash in between replays
+        // events onto old rows (at-least-once) instead of skipping them.
+        checkpoint.reset(consumer_id)?;
+    }
+    let in_file_checkpoint = projection.db.with_connection(|conn| {
+        let step = || format!("projection {name}: start");
+        let tx = begin_immediate(conn).map_err(Error::sqlite(step()))?;
+        if start == Start::Reset {
+            drop_projection_objects(&tx).map_err(Error::sqlite(step()))?;
+            SqliteCheckpoint::reset_in(&tx, consumer_id)?;
+        }
+        handler.setup(&tx).map_err(|source| Error::Handler {
+            name: name.clone(),
+            committed: 0,
+            first_sequence: 0,
+            last_sequence: 0,
+            source,
+        })?;
+        let checkpoint = SqliteCheckpoint::load_in(&tx, consumer_id)?;
+        tx.commit().map_err(Error::sqlite(step()))?;
+        Ok(checkpoint)
+    })?;
+    match projection.checkpoint {
+        CheckpointLocation::InFile => Ok(in_file_checkpoint),
+        CheckpointLocation::External(checkpoint) => checkpoint.load(consumer_id),
+    }
+}
+
+/// Drops every table and view of the projection except `_checkpoint` (so also
+/// `_projectionist_*` tables, which describe the content being dropped); indexes
+/// and triggers go with them.
+fn drop_projection_objects(tx: &Transaction<'_>) -> rusqlite::Result<()> {
+    let objects: Vec<(String, String)> = tx
+        .prepare(
+            "SELECT type, name FROM sqlite_master
+             WHERE type IN ('table', 'view')
+               AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\'
+               AND name <> '_checkpoint'
+             ORDER BY type DESC",
+        )?
+        .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    for (kind, name) in objects {
+        let kind = if kind == "view" { "VIEW" } else { "TABLE" };
+        let quoted = name.replace('"', "\"\"");
+        tx.execute_batch(&format!("DROP {kind} IF EXISTS \"{quoted}\""))?;
+    }
+    Ok(())
+}
+
+/// Calls the handler; a panic becomes an error, so one broken projection does not
+/// take down the others.
+fn call_handler<E>(
+    handler: &mut dyn Handler<E>,
+    tx: &Transaction<'_>,
+    events: &[GlobalEvent<E>],
+) -> std::result::Result<(), BoxError> {
+    match catch_unwind(AssertUnwindSafe(|| handler.apply(tx, events))) {
+        Ok(result) => result,
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "non-text panic payload".to_owned());
+            Err(format!("handler panicked: {message}").into())
+        }
+    }
+}
+
+fn step(context: &RunContext<'_>, name: &str, step: BatchStep, batch: u64) {
+    if let Some(hook) = context.options.step_hook {
+        hook(name, step, batch);
+    }
+}
+
+fn report(
+    context: &RunContext<'_>,
+    name: &str,
+    state: &WriterState,
+    done: bool,
+    err: Option<&Error>,
+) {
+    let Some(progress) = context.options.progress else {
+        return;
+    };
+    progress(&Progress {
+        projection_name: name.to_owned(),
+        processed: state.processed,
+        total: context.total,
+        checkpoint: state.committed,
+        done,
+        err: err.map(ToString::to_string),
+    });
+}
