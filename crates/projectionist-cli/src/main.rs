@@ -112,6 +112,9 @@ enum Command {
         /// Seed of the generated log.
         #[arg(long, default_value_t = 42)]
         seed: u64,
+        /// Variants to run, comma-separated (a1 is always run first: it is the reference digest).
+        #[arg(long, value_delimiter = ',', default_values_t = bench::VARIANTS.map(String::from))]
+        variants: Vec<String>,
     },
     /// One benchmark run in a child process (internal).
     #[command(hide = true)]
@@ -191,6 +194,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             runs,
             work,
             seed,
+            variants,
         } => {
             let mut sizes = events.clone();
             if *huge && !sizes.contains(&10_000_000) {
@@ -199,7 +203,16 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             if *runs == 0 {
                 return Err(fail(EXIT_CONFIG)(anyhow!("--runs must be at least 1")));
             }
-            bench::run_parent(&sizes, *runs, work, *seed).map_err(fail(EXIT_PROJECTION))
+            if let Some(unknown) = variants
+                .iter()
+                .find(|v| !bench::VARIANTS.contains(&v.as_str()))
+            {
+                return Err(fail(EXIT_CONFIG)(anyhow!(
+                    "unknown bench variant {unknown:?} (known: {})",
+                    bench::VARIANTS.join(", ")
+                )));
+            }
+            bench::run_parent(&sizes, *runs, work, *seed, variants).map_err(fail(EXIT_PROJECTION))
         }
         Command::BenchRun {
             variant,
