@@ -91,7 +91,7 @@ pub use event::{Appended, GlobalEvent, NewEvent};
 pub use handler::{Handler, SchemaHandler};
 pub use name::ProjectionName;
 pub use progress::{BatchStep, CancelToken, Progress, ProgressFn, StepHookFn};
-pub use reader::GlobalReader;
+pub use reader::{GlobalReader, TypedBatch};
 pub use rebuild::{
     CheckpointLocation, ProjectionTarget, RebuildConfig, RebuildOptions, RebuildResult, rebuild,
     rebuild_concurrent, rebuild_shared, resume, resume_shared, validate_batch_size,

@@ -3,6 +3,17 @@
 use crate::error::Result;
 use crate::event::GlobalEvent;
 
+/// The answer to a filtered read: the matching events, and the sequence through
+/// which the log was scanned (so a projection's checkpoint can move past events
+/// of types it does not handle).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TypedBatch<E> {
+    /// Matching events, in increasing sequence order.
+    pub events: Vec<GlobalEvent<E>>,
+    /// Every event up to this sequence was considered by the read.
+    pub scanned_through: u64,
+}
+
 /// Reads the global, ordered event log.
 ///
 /// Implementations must be safe to call from another thread: the rebuild engine
@@ -18,10 +29,11 @@ pub trait GlobalReader<E>: Send + Sync {
     fn read_after(&self, after: u64, limit: u32) -> Result<Vec<GlobalEvent<E>>>;
 
     /// Up to `limit` events with a sequence greater than `after` whose type is one
-    /// of `event_types`, in increasing sequence order; fewer than `limit` means the
-    /// end of the log as the read saw it. Stores should push the filter into their
-    /// query; this default reads unfiltered batches and filters them, holding at
-    /// most two batches in memory.
+    /// of `event_types`, in increasing sequence order, and how far the read looked:
+    /// every event (of any type) up to `scanned_through` was considered. Fewer than
+    /// `limit` events means the end of the log as the read saw it. Stores should
+    /// push the filter into their query; this default reads unfiltered batches and
+    /// filters them, holding at most two batches in memory.
     ///
     /// # Errors
     /// As [`GlobalReader::read_after`].
@@ -30,28 +42,30 @@ pub trait GlobalReader<E>: Send + Sync {
         after: u64,
         limit: u32,
         event_types: &[String],
-    ) -> Result<Vec<GlobalEvent<E>>> {
-        let mut matched = Vec::new();
+    ) -> Result<TypedBatch<E>> {
+        let mut events = Vec::new();
         let mut position = after;
         loop {
             let batch = self.read_after(position, limit)?;
             let at_end = batch.len() < limit as usize;
-            let Some(last) = batch.last() else {
-                return Ok(matched);
-            };
-            position = last.sequence;
-            matched.extend(
-                batch
-                    .into_iter()
-                    .filter(|e| event_types.contains(&e.event_type)),
-            );
-            if matched.len() >= limit as usize {
-                // Events past the limit are read again by the next call.
-                matched.truncate(limit as usize);
-                return Ok(matched);
+            for event in batch {
+                if events.len() == limit as usize {
+                    // Events past the limit are read again by the next call.
+                    return Ok(TypedBatch {
+                        events,
+                        scanned_through: position,
+                    });
+                }
+                position = event.sequence;
+                if event_types.contains(&event.event_type) {
+                    events.push(event);
+                }
             }
-            if at_end {
-                return Ok(matched);
+            if at_end || events.len() == limit as usize {
+                return Ok(TypedBatch {
+                    events,
+                    scanned_through: position,
+                });
             }
         }
     }

@@ -254,8 +254,11 @@ pub(crate) enum Start {
 
 pub(crate) enum Message<E> {
     Batch(Arc<Vec<GlobalEvent<E>>>),
-    /// The log is read to its end.
-    End,
+    /// The log is read to its end: every event up to `through` was considered.
+    End {
+        /// Every event up to this sequence was considered by the reader.
+        through: u64,
+    },
     /// Reading failed; every projection stops at its last committed batch.
     Failed(Arc<Error>),
 }
@@ -391,10 +394,18 @@ struct Source<'a, E> {
 }
 
 impl<E> Source<'_, E> {
-    fn read(&self, after: u64, limit: u32) -> Result<Vec<GlobalEvent<E>>> {
+    /// One batch, and the sequence through which the log was scanned.
+    fn read(&self, after: u64, limit: u32) -> Result<(Vec<GlobalEvent<E>>, u64)> {
         match self.event_types {
-            None => self.reader.read_after(after, limit),
-            Some(types) => self.reader.read_after_types(after, limit, types),
+            None => {
+                let events = self.reader.read_after(after, limit)?;
+                let through = events.last().map_or(after, |e| e.sequence);
+                Ok((events, through))
+            }
+            Some(types) => {
+                let batch = self.reader.read_after_types(after, limit, types)?;
+                Ok((batch.events, batch.scanned_through))
+            }
         }
     }
 }
@@ -412,11 +423,11 @@ fn read_loop<E>(
         if senders.iter().all(Option::is_none) || cancel.is_some_and(CancelToken::is_cancelled) {
             return;
         }
-        let events = match reader.read(position, batch_size).and_then(|events| {
-            check_batch(position, batch_size, &events)?;
-            Ok(events)
+        let (events, through) = match reader.read(position, batch_size).and_then(|read| {
+            check_batch(position, batch_size, &read.0)?;
+            Ok(read)
         }) {
-            Ok(events) => events,
+            Ok(read) => read,
             Err(e) => {
                 broadcast(senders, &Message::Failed(Arc::new(e)));
                 return;
@@ -428,7 +439,7 @@ fn read_loop<E>(
             broadcast(senders, &Message::Batch(Arc::new(events)));
         }
         if at_end {
-            broadcast(senders, &Message::End);
+            broadcast(senders, &Message::End { through });
             return;
         }
     }
@@ -460,7 +471,7 @@ fn broadcast<E>(senders: &mut [Option<SyncSender<Message<E>>>], message: &Messag
         let Some(sender) = slot else { continue };
         let copy = match message {
             Message::Batch(batch) => Message::Batch(Arc::clone(batch)),
-            Message::End => Message::End,
+            Message::End { through } => Message::End { through: *through },
             Message::Failed(e) => Message::Failed(Arc::clone(e)),
         };
         // A writer that stopped (error or cancel) dropped its receiver.

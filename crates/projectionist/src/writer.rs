@@ -74,7 +74,9 @@ struct WriterState {
 
 /// Why the batch loop stopped.
 enum Stop {
-    End,
+    End {
+        through: u64,
+    },
     Cancelled,
     Handler {
         first: u64,
@@ -113,7 +115,7 @@ fn apply_all<E>(
             }
             let batch = match message {
                 Ok(Message::Batch(batch)) => batch,
-                Ok(Message::End) => break Stop::End,
+                Ok(Message::End { through }) => break Stop::End { through },
                 Ok(Message::Failed(source)) => break Stop::Replay(source),
                 Err(mpsc::RecvError) => {
                     break Stop::Replay(Arc::new(Error::InvalidOptions(
@@ -165,7 +167,7 @@ fn apply_all<E>(
     })?;
     let committed = state.committed;
     match stop {
-        Stop::End => finish_at_head(projection, context.total, state),
+        Stop::End { through } => finish_at_head(projection, through, state),
         Stop::Cancelled => Err(Error::Cancelled { name, committed }),
         Stop::Handler {
             first,
@@ -264,9 +266,9 @@ fn commit_group<E>(
     Ok(())
 }
 
-/// At the end of the log, moves the checkpoint up to the head seen at the start:
-/// the last read covered every event up to there, and with an event-type filter
-/// the last matching event can be well below the head.
+/// At the end of the log, moves the checkpoint up to where the reader scanned
+/// through: with an event-type filter the last matching event can be well below
+/// that, and the events in between are of types this run does not handle.
 fn finish_at_head<E>(
     projection: &ProjectionTarget<'_, E>,
     head: u64,

@@ -751,3 +751,81 @@ fn commit_interval_over_max_and_own_file_as_external_checkpoint_are_rejected() {
     );
     assert_eq!(checkpoint(&db, "bank"), 0, "nothing ran");
 }
+
+/// Handles only `Opened` events and says so, so the store filters the read.
+struct OpenedOnly;
+
+impl Handler<BankEvent> for OpenedOnly {
+    fn setup(&mut self, tx: &Transaction<'_>) -> Result<(), BoxError> {
+        tx.execute_batch("CREATE TABLE IF NOT EXISTS opened (sequence INTEGER PRIMARY KEY)")?;
+        Ok(())
+    }
+    fn event_types(&self) -> Option<Vec<String>> {
+        Some(vec!["Opened".to_owned()])
+    }
+    fn apply(
+        &mut self,
+        tx: &Transaction<'_>,
+        events: &[GlobalEvent<BankEvent>],
+    ) -> Result<(), BoxError> {
+        for e in events {
+            assert_eq!(e.event_type, "Opened", "the filter was applied");
+            tx.execute("INSERT INTO opened VALUES (?1)", [e.sequence as i64])?;
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn filtered_reads_apply_only_declared_types_and_reach_the_head() {
+    let f = fixture(3_000);
+    let memory = projectionist::MemoryEventStore::<BankEvent>::new();
+    let all: Vec<GlobalEvent<BankEvent>> = f.store.read_after(0, 50_000).unwrap();
+    for e in &all {
+        let version = e.stream_version - 1;
+        memory
+            .append(
+                &e.stream_id,
+                version,
+                vec![(e.event_type.clone(), e.data.clone())],
+            )
+            .unwrap();
+    }
+    let n_opened = all.iter().filter(|e| e.event_type == "Opened").count();
+    let last_opened = all
+        .iter()
+        .rev()
+        .find(|e| e.event_type == "Opened")
+        .unwrap()
+        .sequence;
+    assert!(last_opened < 3_000, "the log ends with other types");
+    // SQLite pushes the filter into its query; the memory store uses the default.
+    let readers: [(&str, &dyn GlobalReader<BankEvent>); 2] =
+        [("sqlite", &f.store), ("memory", &memory)];
+    for (label, reader) in readers {
+        let db = f.dir.db(&format!("opened-{label}")).unwrap();
+        let result = rebuild(RebuildConfig {
+            reader,
+            projection: ProjectionTarget {
+                db: &db,
+                handler: &mut OpenedOnly,
+                checkpoint: CheckpointLocation::InFile,
+                consumer_id: "opened",
+            },
+            options: options(64),
+        })
+        .unwrap();
+        assert_eq!(result.processed as usize, n_opened, "{label}");
+        assert_eq!(
+            result.checkpoint, 3_000,
+            "{label}: the checkpoint reached the head"
+        );
+        assert_eq!(checkpoint(&db, "opened"), 3_000, "{label}");
+        let rows: i64 = db
+            .open_reader()
+            .unwrap()
+            .query_row("SELECT COUNT(*) FROM opened", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows as usize, n_opened, "{label}");
+    }
+}

@@ -11,7 +11,7 @@ use serde::de::DeserializeOwned;
 use crate::error::{Error, Result};
 use crate::event::{Appended, GlobalEvent, NewEvent, decode};
 use crate::limits::{APPEND_EVENTS_MAX, BATCH_SIZE_MAX, BUSY_TIMEOUT_MS};
-use crate::reader::GlobalReader;
+use crate::reader::{GlobalReader, TypedBatch};
 
 /// Our own events table. `sequence` is the rowid, so SQLite assigns it as one past
 /// the largest, and events are never deleted: sequences strictly increase from 1.
@@ -310,13 +310,26 @@ impl<E: DeserializeOwned> GlobalReader<E> for SqliteEventStore {
         after: u64,
         limit: u32,
         event_types: &[String],
-    ) -> Result<Vec<GlobalEvent<E>>> {
-        self.read_rows(
+    ) -> Result<TypedBatch<E>> {
+        // The head is read before the events: the later read saw at least that
+        // much of the log, so a short read has scanned through it.
+        let head = GlobalReader::<E>::head(self)?;
+        let events = self.read_rows(
             after,
             limit,
             Some(event_types),
             |sequence, stream_id, event_type, data| decode(sequence, stream_id, event_type, data),
-        )
+        )?;
+        let last = events.last().map_or(after, |e| e.sequence);
+        let scanned_through = if events.len() < limit as usize {
+            last.max(head)
+        } else {
+            last
+        };
+        Ok(TypedBatch {
+            events,
+            scanned_through,
+        })
     }
 
     fn head(&self) -> Result<u64> {
