@@ -1,0 +1,22 @@
+//! # projectionist-postgres
+//!
+//! The PostgreSQL side of projectionist, and the only crate that links a
+//! PostgreSQL driver:
+//!
+//! - [`PostgresEventStore`]: the event log in PostgreSQL (our schema, created by
+//!   an idempotent [`PostgresEventStore::init`], or an existing table through an
+//!   [`EventTableMapping`](projectionist::EventTableMapping)), read **gap-safely**:
+//!   a sequence is never handed out while a lower one may still commit, and a
+//!   hole left by a rolled-back transaction is passed once every transaction that
+//!   could have held it has ended (see `docs/postgres.md`).
+//! - [`Leases`]: which worker maintains which projection, with a fencing epoch
+//!   checked before every commit.
+//!
+//! The `postgres` client is blocking and runs its own small runtime: do not call
+//! it from inside a tokio worker thread (use `spawn_blocking`).
+
+mod lease;
+mod store;
+
+pub use lease::{Lease, Leases};
+pub use store::PostgresEventStore;

@@ -1,0 +1,287 @@
+//! Gap-safe reading against a real PostgreSQL server: a deterministic held
+//! transaction (with a naive reader as the negative control), a rollback hole,
+//! and 16 concurrent writers with random commit delays and rollbacks.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::PgSchema;
+use postgres::Client;
+use projectionist::{GlobalEvent, GlobalReader, NewEvent};
+use projectionist_postgres::PostgresEventStore;
+use serde_json::Value;
+
+fn store(pg: &PgSchema) -> PostgresEventStore {
+    let store = PostgresEventStore::connect(&pg.url()).unwrap();
+    store.init().unwrap();
+    store.init().unwrap(); // idempotent
+    store
+}
+
+fn sequences(events: &[GlobalEvent<Value>]) -> Vec<u64> {
+    events.iter().map(|e| e.sequence).collect()
+}
+
+/// Inserts one event in an open transaction, the way our appends do (transaction
+/// id first), and returns its sequence.
+fn insert_held(tx: &mut postgres::Transaction<'_>, stream: &str) -> u64 {
+    tx.execute("SELECT pg_current_xact_id()", &[]).unwrap();
+    let row = tx
+        .query_one(
+            "INSERT INTO events (stream_id, stream_version, event_type, data) VALUES ($1, 1, 'Held', '{}') RETURNING sequence",
+            &[&stream],
+        )
+        .unwrap();
+    row.get::<_, i64>(0) as u64
+}
+
+/// The negative control: `sequence > checkpoint`, as a naive tailer reads.
+fn naive_read(client: &mut Client, after: u64) -> Vec<u64> {
+    client
+        .query(
+            "SELECT sequence FROM events WHERE sequence > $1 ORDER BY sequence",
+            &[&(after as i64)],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get::<_, i64>(0) as u64)
+        .collect()
+}
+
+#[test]
+fn held_sequence_is_not_skipped_and_rollback_holes_are_passed() {
+    let Some(pg) = PgSchema::new("held") else {
+        return;
+    };
+    let store = store(&pg);
+    let mut holder = pg.client();
+    let mut naive = pg.client();
+
+    // A takes sequence 1 and holds it; B appends sequence 2 and commits.
+    let mut tx = holder.transaction().unwrap();
+    let held = insert_held(&mut tx, "held");
+    assert_eq!(held, 1);
+    let b = store
+        .append(
+            "b",
+            0,
+            &[NewEvent::json("Later", &serde_json::json!({})).unwrap()],
+        )
+        .unwrap();
+    assert_eq!(b.first_sequence, 2);
+
+    // The naive reader sees 2, moves its checkpoint there, and loses 1 forever.
+    let naive_first = naive_read(&mut naive, 0);
+    assert_eq!(naive_first, [2]);
+    // Ours hands out nothing while 1 may still commit.
+    let ours: Vec<GlobalEvent<Value>> = store.read_after(0, 100).unwrap();
+    assert!(
+        ours.is_empty(),
+        "handed out {:?} while 1 was in flight",
+        sequences(&ours)
+    );
+
+    tx.commit().unwrap();
+    assert_eq!(
+        naive_read(&mut naive, 2),
+        Vec::<u64>::new(),
+        "the naive reader skipped the held event"
+    );
+    let ours: Vec<GlobalEvent<Value>> = store.read_after(0, 100).unwrap();
+    assert_eq!(sequences(&ours), [1, 2]);
+
+    // A rolled-back transaction leaves hole 3 forever; the reader passes it once
+    // nothing that could fill it is running.
+    let mut tx = holder.transaction().unwrap();
+    assert_eq!(insert_held(&mut tx, "doomed"), 3);
+    store
+        .append(
+            "c",
+            0,
+            &[NewEvent::json("After", &serde_json::json!({})).unwrap()],
+        )
+        .unwrap();
+    let waiting: Vec<GlobalEvent<Value>> = store.read_after(2, 100).unwrap();
+    assert!(waiting.is_empty(), "3 is still in flight");
+    tx.rollback().unwrap();
+    let mut passed = Vec::new();
+    for _ in 0..20 {
+        let events: Vec<GlobalEvent<Value>> = store.read_after(2, 100).unwrap();
+        if !events.is_empty() {
+            passed = sequences(&events);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(passed, [4], "the reader passed the rollback hole");
+}
+
+#[test]
+fn append_conflicts_write_nothing_and_mapped_tables_read() {
+    let Some(pg) = PgSchema::new("append") else {
+        return;
+    };
+    let store = store(&pg);
+    let e = || NewEvent::json("E", &serde_json::json!({"n": 1})).unwrap();
+    store.append("s", 0, &[e(), e()]).unwrap();
+    let err = store.append("s", 1, &[e()]).unwrap_err();
+    assert!(
+        matches!(err, projectionist::Error::Conflict { actual: 2, .. }),
+        "{err:?}"
+    );
+    assert_eq!(GlobalReader::<Value>::head(&store).unwrap(), 2);
+
+    let mut client = pg.client();
+    client
+        .batch_execute(
+            "CREATE TABLE legacy (id BIGINT PRIMARY KEY, agg TEXT, ver INT, kind TEXT, body JSON, at TIMESTAMPTZ);
+             INSERT INTO legacy VALUES (1, 'a', 1, 'Made', '{\"x\": 1}', now()), (2, 'a', 2, 'Changed', '{\"x\": 2}', now());",
+        )
+        .unwrap();
+    let mapping = projectionist::EventTableMapping {
+        table: "legacy".into(),
+        sequence: "id".into(),
+        stream_id: "agg".into(),
+        stream_version: "ver".into(),
+        event_type: "kind".into(),
+        data: "body".into(),
+        metadata: None,
+        recorded_at: Some("at".into()),
+    };
+    let mapped = PostgresEventStore::connect_mapped(&pg.url(), &mapping).unwrap();
+    let events: Vec<GlobalEvent<Value>> = mapped.read_after(0, 10).unwrap();
+    assert_eq!(
+        events
+            .iter()
+            .map(|e| (e.sequence, e.data["x"].as_i64().unwrap()))
+            .collect::<Vec<_>>(),
+        [(1, 1), (2, 2)]
+    );
+    let bad = projectionist::EventTableMapping {
+        data: "nope".into(),
+        ..mapping
+    };
+    let err = PostgresEventStore::connect_mapped(&pg.url(), &bad).unwrap_err();
+    assert!(format!("{err}: {:?}", err).contains("nope"), "{err:?}");
+}
+
+#[test]
+fn concurrent_writers_with_delays_and_rollbacks_lose_nothing() {
+    let Some(pg) = PgSchema::new("stress") else {
+        return;
+    };
+    let store = store(&pg);
+    let seconds: u64 = std::env::var("PROJECTIONIST_PG_STRESS_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20);
+    let seed: u64 = std::env::var("PROJECTIONIST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| fastrand::u64(..));
+    eprintln!(
+        "stress: seed {seed} (PROJECTIONIST_SEED), {seconds}s (PROJECTIONIST_PG_STRESS_SECS), 16 writers"
+    );
+    let committed = Arc::new(Mutex::new(BTreeSet::new()));
+    let rollbacks = Arc::new(Mutex::new(0u64));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..16)
+        .map(|w| {
+            let (url, committed, rollbacks, stop) = (pg.url(), committed.clone(), rollbacks.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut rng = fastrand::Rng::with_seed(seed ^ (w as u64) << 8);
+                let mut client = Client::connect(&url, postgres::NoTls).unwrap();
+                let mut version = 0i64;
+                while !stop.load(Ordering::SeqCst) {
+                    let mut tx = client.transaction().unwrap();
+                    tx.execute("SELECT pg_current_xact_id()", &[]).unwrap();
+                    let n = rng.i64(1..=3);
+                    let mut mine = Vec::new();
+                    for i in 1..=n {
+                        let row = tx
+                            .query_one(
+                                "INSERT INTO events (stream_id, stream_version, event_type, data) VALUES ($1, $2, 'W', '{}') RETURNING sequence",
+                                &[&format!("w{w}"), &(version + i)],
+                            )
+                            .unwrap();
+                        mine.push(row.get::<_, i64>(0) as u64);
+                    }
+                    std::thread::sleep(Duration::from_millis(rng.u64(0..20)));
+                    if rng.u8(0..100) < 5 {
+                        tx.rollback().unwrap();
+                        *rollbacks.lock().unwrap() += 1;
+                    } else {
+                        tx.commit().unwrap();
+                        version += n;
+                        committed.lock().unwrap().extend(mine);
+                    }
+                }
+            })
+        })
+        .collect();
+    // The tailer: reads from its checkpoint as a projection would.
+    let mut seen: Vec<u64> = Vec::new();
+    let mut checkpoint = 0;
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let mut writers = Some(writers);
+    loop {
+        let batch: Vec<GlobalEvent<Value>> = store.read_after(checkpoint, 500).unwrap();
+        for e in &batch {
+            assert!(
+                e.sequence > checkpoint,
+                "out of order: {} after {checkpoint}",
+                e.sequence
+            );
+            checkpoint = e.sequence;
+            seen.push(e.sequence);
+        }
+        if Instant::now() >= deadline
+            && let Some(writers) = writers.take()
+        {
+            stop.store(true, Ordering::SeqCst);
+            for w in writers {
+                w.join().unwrap();
+            }
+        }
+        if writers.is_none() && batch.is_empty() {
+            let committed = committed.lock().unwrap();
+            if seen.len() >= committed.len() || seen.last() >= committed.last() {
+                break;
+            }
+        }
+        if batch.is_empty() {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    let committed: Vec<u64> = committed.lock().unwrap().iter().copied().collect();
+    let rollbacks = *rollbacks.lock().unwrap();
+    let unique: BTreeSet<u64> = seen.iter().copied().collect();
+    let lost: Vec<u64> = committed
+        .iter()
+        .filter(|s| !unique.contains(s))
+        .copied()
+        .collect();
+    eprintln!(
+        "stress: {} committed events, {rollbacks} rolled-back transactions, {} read, {} lost, {} duplicated",
+        committed.len(),
+        seen.len(),
+        lost.len(),
+        seen.len() - unique.len()
+    );
+    assert!(
+        rollbacks > 0,
+        "some transactions rolled back, leaving holes"
+    );
+    assert_eq!(unique.len(), seen.len(), "duplicates");
+    assert!(
+        lost.is_empty(),
+        "lost {} events, first {:?}",
+        lost.len(),
+        &lost[..lost.len().min(10)]
+    );
+    assert_eq!(seen, committed, "exactly the committed events, in order");
+}
