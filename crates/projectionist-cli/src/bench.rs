@@ -289,6 +289,7 @@ fn options() -> RebuildOptions<'static> {
         progress: None,
         cancel: None,
         step_hook: None,
+        commit_guard: None,
     }
 }
 

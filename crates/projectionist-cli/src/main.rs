@@ -373,6 +373,7 @@ fn replay(
         progress: Some(&progress),
         cancel: Some(&cancel),
         step_hook: None,
+        commit_guard: None,
     };
     let mut handlers: Vec<SqlHandler<'_>> = selected.iter().map(|p| SqlHandler::new(p)).collect();
     let mut rebuild_targets = Vec::new();

@@ -102,6 +102,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             progress: Some(&progress),
             cancel: None,
             step_hook: None,
+            commit_guard: None,
         },
     })?;
     println!(

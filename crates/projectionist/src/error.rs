@@ -139,6 +139,19 @@ pub enum Error {
         committed: u64,
     },
 
+    /// The commit guard refused a commit (for example, the worker lost its lease):
+    /// the transaction was rolled back.
+    #[error("projection {name}: commit refused, committed through sequence {committed}: {source}")]
+    Fenced {
+        /// The projection.
+        name: String,
+        /// The last committed sequence.
+        committed: u64,
+        /// Why the guard refused.
+        #[source]
+        source: BoxError,
+    },
+
     /// Reading the event log failed; the projection stopped at its last committed batch.
     #[error("projection {name}: {source}; committed through sequence {committed}")]
     Replay {
@@ -184,7 +197,8 @@ impl Error {
         match self {
             Error::Handler { committed, .. }
             | Error::Cancelled { committed, .. }
-            | Error::Replay { committed, .. } => Some(*committed),
+            | Error::Replay { committed, .. }
+            | Error::Fenced { committed, .. } => Some(*committed),
             _ => None,
         }
     }

@@ -54,7 +54,7 @@
 //!         checkpoint: CheckpointLocation::InFile,
 //!         consumer_id: "balances",
 //!     },
-//!     options: RebuildOptions { batch_size: 500, commit_interval: projectionist::limits::COMMIT_INTERVAL_DEFAULT, progress: None, cancel: None, step_hook: None },
+//!     options: RebuildOptions { batch_size: 500, commit_interval: projectionist::limits::COMMIT_INTERVAL_DEFAULT, progress: None, cancel: None, step_hook: None , commit_guard: None,},
 //! })?;
 //! assert_eq!(result.processed, 3);
 //! assert_eq!(result.checkpoint, 3);
@@ -90,7 +90,7 @@ pub use error::{BoxError, Error, Result};
 pub use event::{Appended, GlobalEvent, NewEvent};
 pub use handler::{Handler, SchemaHandler};
 pub use name::ProjectionName;
-pub use progress::{BatchStep, CancelToken, Progress, ProgressFn, StepHookFn};
+pub use progress::{BatchStep, CancelToken, CommitGuardFn, Progress, ProgressFn, StepHookFn};
 pub use reader::{GlobalReader, TypedBatch};
 pub use rebuild::{
     CheckpointLocation, ProjectionTarget, RebuildConfig, RebuildOptions, RebuildResult, rebuild,

@@ -91,3 +91,9 @@ impl BatchStep {
 /// (1 for the run's first batch). For fault injection in tests: a hook that aborts
 /// the process simulates a crash at exactly that step.
 pub type StepHookFn<'a> = dyn Fn(&str, BatchStep, u64) + Send + Sync + 'a;
+
+/// Called right before every commit of a projection's transaction, with the
+/// projection name. An error aborts the commit: the transaction rolls back and the
+/// projection stops with [`Error::Fenced`](crate::Error::Fenced). Used to check a
+/// lease's fencing epoch, so a worker that lost its lease commits nothing.
+pub type CommitGuardFn<'a> = dyn Fn(&str) -> Result<(), crate::BoxError> + Send + Sync + 'a;

@@ -28,7 +28,7 @@ use crate::limits::{
     BATCH_SIZE_DEFAULT, BATCH_SIZE_MAX, CHANNEL_BATCHES_MAX, COMMIT_INTERVAL_DEFAULT,
     COMMIT_INTERVAL_MAX, CONCURRENT_REBUILDS_MAX,
 };
-use crate::progress::{CancelToken, ProgressFn, StepHookFn};
+use crate::progress::{CancelToken, CommitGuardFn, ProgressFn, StepHookFn};
 use crate::reader::GlobalReader;
 
 /// Where a projection's checkpoint is kept.
@@ -51,6 +51,7 @@ impl Default for RebuildOptions<'_> {
             progress: None,
             cancel: None,
             step_hook: None,
+            commit_guard: None,
         }
     }
 }
@@ -83,6 +84,9 @@ pub struct RebuildOptions<'a> {
     pub cancel: Option<&'a CancelToken>,
     /// Called at every step of every batch; for fault-injection tests. Default: none.
     pub step_hook: Option<&'a StepHookFn<'a>>,
+    /// Asked before every commit; an error rolls the transaction back and stops
+    /// the projection (lease fencing). Default: none.
+    pub commit_guard: Option<&'a CommitGuardFn<'a>>,
 }
 
 /// One projection to replay into.

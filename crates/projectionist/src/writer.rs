@@ -36,7 +36,7 @@ pub(crate) fn write_projection<E>(
 ) -> Result<RebuildResult> {
     let started = Instant::now();
     let mut state = WriterState::default();
-    let result = match begin_run(&mut projection, context.start) {
+    let result = match begin_run(&mut projection, context) {
         Ok(committed) => {
             state.committed = committed;
             state.applied = committed;
@@ -167,7 +167,7 @@ fn apply_all<E>(
     })?;
     let committed = state.committed;
     match stop {
-        Stop::End { through } => finish_at_head(projection, through, state),
+        Stop::End { through } => finish_at_head(projection, through, state, context),
         Stop::Cancelled => Err(Error::Cancelled { name, committed }),
         Stop::Handler {
             first,
@@ -246,6 +246,8 @@ fn commit_group<E>(
     context: &RunContext<'_>,
 ) -> Result<()> {
     let name = projection.db.name();
+    // On refusal the group is dropped, which rolls it back.
+    guard(context, name.as_str(), state.committed)?;
     group.tx.commit().map_err(Error::sqlite(format!(
         "projection {name}: commit through {}",
         state.applied
@@ -273,10 +275,12 @@ fn finish_at_head<E>(
     projection: &ProjectionTarget<'_, E>,
     head: u64,
     state: &mut WriterState,
+    context: &RunContext<'_>,
 ) -> Result<()> {
     if head <= state.committed {
         return Ok(());
     }
+    guard(context, projection.db.name().as_str(), state.committed)?;
     let consumer_id = projection.consumer_id;
     match projection.checkpoint {
         CheckpointLocation::InFile => projection.db.with_connection(|conn| {
@@ -298,7 +302,8 @@ fn finish_at_head<E>(
 }
 
 /// Prepares a run; returns the checkpoint it starts from.
-fn begin_run<E>(projection: &mut ProjectionTarget<'_, E>, start: Start) -> Result<u64> {
+fn begin_run<E>(projection: &mut ProjectionTarget<'_, E>, context: &RunContext<'_>) -> Result<u64> {
+    let start = context.start;
     validate_consumer_id(projection.consumer_id)?;
     let name = projection.db.name().to_string();
     let consumer_id = projection.consumer_id;
@@ -331,6 +336,7 @@ fn begin_run<E>(projection: &mut ProjectionTarget<'_, E>, start: Start) -> Resul
             source,
         })?;
         let checkpoint = SqliteCheckpoint::load_in(&tx, consumer_id)?;
+        guard(context, &name, checkpoint)?;
         tx.commit().map_err(Error::sqlite(step()))?;
         Ok(checkpoint)
     })?;
@@ -380,6 +386,18 @@ fn call_handler<E>(
             Err(format!("handler panicked: {message}").into())
         }
     }
+}
+
+/// Asks the commit guard, if any, whether this projection may commit.
+fn guard(context: &RunContext<'_>, name: &str, committed: u64) -> Result<()> {
+    let Some(guard) = context.options.commit_guard else {
+        return Ok(());
+    };
+    guard(name).map_err(|source| Error::Fenced {
+        name: name.to_owned(),
+        committed,
+        source,
+    })
 }
 
 fn step(context: &RunContext<'_>, name: &str, step: BatchStep, batch: u64) {

@@ -185,6 +185,7 @@ fn run_bank_child(role: &str, args: &[String]) {
             progress: None,
             cancel: None,
             step_hook: Some(&hook),
+            commit_guard: None,
         },
     };
     let result = if role == "rebuild" {
@@ -234,6 +235,7 @@ fn bank(n_events: u64, batch_size: u32) -> Bank {
         progress: None,
         cancel: None,
         step_hook: None,
+        commit_guard: None,
     };
     rebuild(config(&store, &db, &mut BankHandler::default(), options)).unwrap();
     let reference = tables_digest(&tmp.path().join("reference")).unwrap();

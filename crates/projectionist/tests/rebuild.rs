@@ -278,6 +278,7 @@ fn cancel_stops_within_one_batch_and_resume_matches() {
             progress: Some(&progress),
             cancel: Some(&cancel),
             step_hook: None,
+            commit_guard: None,
         };
         let err = rebuild(config(&f.store, &db, &mut BankHandler::default(), opts)).unwrap_err();
         // The log is dense from 1, so after n events the checkpoint is n.
@@ -316,6 +317,7 @@ fn progress_reports_every_batch_and_the_end() {
         progress: Some(&progress),
         cancel: None,
         step_hook: None,
+        commit_guard: None,
     };
     rebuild(config(&f.store, &db, &mut BankHandler::default(), opts)).unwrap();
     let seen = seen.into_inner().unwrap();
@@ -348,6 +350,7 @@ fn failed_run_reports_err_in_last_progress() {
         progress: Some(&progress),
         cancel: None,
         step_hook: None,
+        commit_guard: None,
     };
     let mut handler = BankHandler { fail_at: Some(700) };
     rebuild(config(&f.store, &db, &mut handler, opts)).unwrap_err();
@@ -373,6 +376,7 @@ fn batch_size_zero_means_default_and_over_max_is_an_error() {
         progress: Some(&progress),
         cancel: None,
         step_hook: None,
+        commit_guard: None,
     };
     rebuild(config(&f.store, &db, &mut BankHandler::default(), opts)).unwrap();
     assert_eq!(
@@ -483,6 +487,7 @@ fn rebuild_concurrent_caps_parallelism_and_keeps_order() {
                 progress: Some(&done),
                 cancel: None,
                 step_hook: None,
+                commit_guard: None,
             },
         })
         .collect();
@@ -828,4 +833,37 @@ fn filtered_reads_apply_only_declared_types_and_reach_the_head() {
             .unwrap();
         assert_eq!(rows as usize, n_opened, "{label}");
     }
+}
+
+#[test]
+fn commit_guard_refusal_rolls_back_and_stops_the_projection() {
+    let f = fixture(1_000);
+    let db = f.dir.db("bank").unwrap();
+    let calls = AtomicUsize::new(0);
+    // The start transaction and the first three batch commits are allowed.
+    let guard = |_: &str| -> Result<(), BoxError> {
+        if calls.fetch_add(1, Ordering::SeqCst) < 4 {
+            Ok(())
+        } else {
+            Err("lease lost".into())
+        }
+    };
+    let opts = RebuildOptions {
+        commit_interval: Duration::ZERO,
+        commit_guard: Some(&guard),
+        ..options(100)
+    };
+    let err = rebuild(config(&f.store, &db, &mut BankHandler::default(), opts)).unwrap_err();
+    assert!(
+        matches!(err, Error::Fenced { committed: 300, .. }),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("lease lost"), "{err}");
+    assert_eq!(checkpoint(&db, "bank"), 300);
+    let n: i64 = db
+        .open_reader()
+        .unwrap()
+        .query_row("SELECT SUM(n) FROM totals", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 300, "the refused batch was rolled back");
 }

@@ -162,6 +162,7 @@ pub fn options(batch_size: u32) -> RebuildOptions<'static> {
         progress: None,
         cancel: None,
         step_hook: None,
+        commit_guard: None,
     }
 }
 
