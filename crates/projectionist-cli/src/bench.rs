@@ -505,7 +505,12 @@ fn prepare_log(work: &Path, n_events: u64, seed: u64) -> anyhow::Result<PathBuf>
         path.display()
     );
     let store = SqliteEventStore::open(&path)?;
-    crate::demo::generate(&store, n_events, seed, &|_| {})?;
+    crate::demo::generate(
+        &|appends| store.append_batch(appends),
+        n_events,
+        seed,
+        &|_| {},
+    )?;
     Ok(path)
 }
 

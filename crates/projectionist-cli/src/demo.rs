@@ -1,7 +1,7 @@
 //! The demo's deterministic orders log: customers place orders, add and remove
 //! items, and orders are shipped or cancelled, with many streams interleaved.
 
-use projectionist::{NewEvent, SqliteEventStore, StreamAppend};
+use projectionist::{Appended, NewEvent, StreamAppend};
 
 /// Customers in the demo domain.
 const CUSTOMERS: u64 = 10_000;
@@ -18,13 +18,13 @@ struct Order {
     lines: Vec<(u32, i64, i64)>,
 }
 
-/// Appends `n_events` events generated from `seed` to `store`; calls `progress`
-/// with the number written after every append.
+/// Appends `n_events` events generated from `seed` through `append_batch`;
+/// calls `progress` with the number written after every append.
 ///
 /// # Errors
 /// Store errors.
 pub fn generate(
-    store: &SqliteEventStore,
+    append_batch: &dyn Fn(&[StreamAppend<'_>]) -> projectionist::Result<Vec<Appended>>,
     n_events: u64,
     seed: u64,
     progress: &dyn Fn(u64),
@@ -48,7 +48,7 @@ pub fn generate(
                 events,
             })
             .collect();
-        store.append_batch(&appends)?;
+        append_batch(&appends)?;
         written += chunk;
         progress(written);
     }

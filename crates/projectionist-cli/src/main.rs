@@ -6,7 +6,9 @@
 
 mod bench;
 mod demo;
+mod store;
 mod ui;
+mod worker;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -21,6 +23,7 @@ use projectionist::{
     resume_shared,
 };
 use projectionist_sqlview::{ProjectionsConfig, SqlHandler, SqlProjection, stored_definition};
+use store::Store;
 
 /// The sample config the demo uses when no `--config` is given.
 const DEMO_CONFIG: &str = include_str!("../../../examples/orders/projections.toml");
@@ -41,9 +44,10 @@ const EXIT_CANCELLED: u8 = 130;
     about = "Rebuild and manage the projections of an event-sourced system"
 )]
 struct Cli {
-    /// Event store: an SQLite file [default: events.db; demo: demo/events.db].
+    /// Event store: an SQLite file, or a PostgreSQL URL (postgres://...)
+    /// [default: events.db; demo: demo/events.db].
     #[arg(long, global = true)]
-    store: Option<PathBuf>,
+    store: Option<String>,
     /// Directory of projection files [default: projections; demo: demo/projections].
     #[arg(long, global = true)]
     dir: Option<PathBuf>,
@@ -95,6 +99,18 @@ enum Command {
     },
     /// Delete every projection file in the directory.
     RemoveAll,
+    /// Share the projections of a PostgreSQL store with other workers (leases with fencing).
+    Worker {
+        /// This worker's name, unique among the workers [default: host-pid].
+        #[arg(long)]
+        worker_id: Option<String>,
+        /// How long a claimed projection stays this worker's without a commit, in milliseconds.
+        #[arg(long, default_value_t = 5_000)]
+        lease_ms: u64,
+        /// Exit once every projection of the config is done.
+        #[arg(long)]
+        exit_when_done: bool,
+    },
     /// Measure rebuild throughput against a hand-written rusqlite loop (see BENCHMARKS.md).
     Bench {
         /// Log sizes, comma-separated.
@@ -219,6 +235,11 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             bench_store,
             bench_dir,
         } => bench::run_child(variant, bench_store, bench_dir).map_err(fail(EXIT_PROJECTION)),
+        Command::Worker {
+            worker_id,
+            lease_ms,
+            exit_when_done,
+        } => run_worker(cli, worker_id.as_deref(), *lease_ms, *exit_when_done),
         Command::RemoveAll => {
             let dir = open_dir(cli, false)?;
             dir.remove_all()
@@ -277,21 +298,16 @@ fn load_config(cli: &Cli, demo: bool) -> Result<ProjectionsConfig, Failure> {
     loaded.map_err(|e| fail(EXIT_CONFIG)(e.into()))
 }
 
-/// Opens an existing event store; a missing file is an error, not a new empty log.
-fn open_store(cli: &Cli, demo: bool) -> Result<SqliteEventStore, Failure> {
-    let path = cli
-        .store
+/// Opens the existing event store named by `--store`.
+fn open_store(cli: &Cli, demo: bool) -> Result<Store, Failure> {
+    Store::open_existing(&store_spec(cli, demo)).map_err(fail(EXIT_STORE))
+}
+
+/// `--store`, or the default file.
+fn store_spec(cli: &Cli, demo: bool) -> String {
+    cli.store
         .clone()
-        .unwrap_or_else(|| default_path(demo, "events"));
-    if !path.is_file() {
-        return Err(fail(EXIT_STORE)(anyhow!(
-            "event store {} does not exist",
-            path.display()
-        )));
-    }
-    SqliteEventStore::open(&path)
-        .with_context(|| format!("open event store {}", path.display()))
-        .map_err(fail(EXIT_STORE))
+        .unwrap_or_else(|| default_path(demo, "events").display().to_string())
 }
 
 /// Which projections of the config to run: the named ones, or all.
@@ -321,14 +337,14 @@ fn run_replay(cli: &Cli, names: &[String], resume: bool) -> Result<Vec<RebuildRe
     let selected = select(&config, names)?;
     let store = open_store(cli, false)?;
     let dir = open_dir(cli, false)?;
-    replay(cli, &store, &dir, &selected, resume)
+    replay(cli, store.reader(), &dir, &selected, resume)
 }
 
 /// Rebuilds (or resumes) the selected projections with one shared read per group,
 /// showing progress; maps failures to exit codes.
 fn replay(
     cli: &Cli,
-    store: &SqliteEventStore,
+    store: &dyn GlobalReader<serde_json::Value>,
     dir: &ProjectionDir,
     selected: &[&SqlProjection],
     resume: bool,
@@ -358,8 +374,7 @@ fn replay(
     let handler_token = cancel.clone();
     // Ignore a failure to install the handler (e.g. one already installed in tests).
     let _ = ctrlc::set_handler(move || handler_token.cancel());
-    let head =
-        GlobalReader::<serde_json::Value>::head(store).map_err(|e| fail(EXIT_STORE)(e.into()))?;
+    let head = store.head().map_err(|e| fail(EXIT_STORE)(e.into()))?;
     let display = ui::Display::new(
         cli.json,
         cli.quiet,
@@ -460,44 +475,26 @@ fn report(
 
 fn run_demo(cli: &Cli, n_events: u64, seed: u64) -> Result<(), Failure> {
     let config = load_config(cli, true)?;
-    let store_path = cli
-        .store
-        .clone()
-        .unwrap_or_else(|| default_path(true, "events"));
-    if let Some(parent) = store_path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("create {}", parent.display()))
-            .map_err(fail(EXIT_STORE))?;
-    }
-    // The demo is deterministic: start from an empty log and empty projections.
-    for suffix in ["", "-wal", "-shm"] {
-        let mut path = store_path.clone().into_os_string();
-        path.push(suffix);
-        match std::fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(fail(EXIT_STORE)(anyhow!(
-                    "remove old demo store {}: {e}",
-                    store_path.display()
-                )));
-            }
-        }
-    }
-    let store = SqliteEventStore::open(&store_path)
-        .with_context(|| format!("create demo store {}", store_path.display()))
-        .map_err(fail(EXIT_STORE))?;
+    let spec = store_spec(cli, true);
+    let store = open_demo_store(&spec)?;
     let generating = Instant::now();
     let bar = ui::generation_bar(cli.json || cli.quiet, n_events);
-    demo::generate(&store, n_events, seed, &|written| bar.set_position(written))
-        .context("generate the demo log")
-        .map_err(fail(EXIT_STORE))?;
+    demo::generate(
+        &|appends| store.append_batch(appends),
+        n_events,
+        seed,
+        &|written| {
+            bar.set_position(written);
+        },
+    )
+    .context("generate the demo log")
+    .map_err(fail(EXIT_STORE))?;
     bar.finish_and_clear();
     if !cli.quiet && !cli.json {
         eprintln!(
             "generated {n_events} events in {:.1}s into {}",
             generating.elapsed().as_secs_f64(),
-            store_path.display()
+            spec
         );
     }
     let dir = open_dir(cli, true)?;
@@ -505,7 +502,7 @@ fn run_demo(cli: &Cli, n_events: u64, seed: u64) -> Result<(), Failure> {
         .map_err(|e| fail(EXIT_PROJECTION)(e.into()))?;
     let selected: Vec<&SqlProjection> = config.projections.iter().collect();
     let started = Instant::now();
-    let results = replay(cli, &store, &dir, &selected, false)?;
+    let results = replay(cli, store.reader(), &dir, &selected, false)?;
     let seconds = started.elapsed().as_secs_f64();
     if cli.quiet {
         return Ok(());
@@ -533,6 +530,85 @@ fn run_demo(cli: &Cli, n_events: u64, seed: u64) -> Result<(), Failure> {
     Ok(())
 }
 
+/// The demo's store, empty: an SQLite file is recreated; a PostgreSQL store gets
+/// our schema and must have no events yet (the demo never deletes a server's data).
+fn open_demo_store(spec: &str) -> Result<Store, Failure> {
+    if Store::is_postgres(spec) {
+        let store = projectionist_postgres::PostgresEventStore::connect(spec)
+            .map_err(|e| fail(EXIT_STORE)(e.into()))?;
+        store.init().map_err(|e| fail(EXIT_STORE)(e.into()))?;
+        let head = GlobalReader::<serde_json::Value>::head(&store)
+            .map_err(|e| fail(EXIT_STORE)(e.into()))?;
+        if head > 0 {
+            return Err(fail(EXIT_STORE)(anyhow!(
+                "the demo needs an empty events table, and this PostgreSQL store holds {head} events; use a schema or database of its own"
+            )));
+        }
+        return Ok(Store::Postgres(store));
+    }
+    let path = PathBuf::from(spec);
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("create {}", parent.display()))
+            .map_err(fail(EXIT_STORE))?;
+    }
+    // The demo is deterministic: start from an empty log.
+    for suffix in ["", "-wal", "-shm"] {
+        let mut file = path.clone().into_os_string();
+        file.push(suffix);
+        match std::fs::remove_file(&file) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(fail(EXIT_STORE)(anyhow!(
+                    "remove old demo store {spec}: {e}"
+                )));
+            }
+        }
+    }
+    SqliteEventStore::open(&path)
+        .map(Store::Sqlite)
+        .with_context(|| format!("create demo store {spec}"))
+        .map_err(fail(EXIT_STORE))
+}
+
+fn run_worker(
+    cli: &Cli,
+    worker_id: Option<&str>,
+    lease_ms: u64,
+    exit_when_done: bool,
+) -> Result<(), Failure> {
+    let config = load_config(cli, false)?;
+    let url = store_spec(cli, false);
+    worker::check_url(&url).map_err(fail(EXIT_CONFIG))?;
+    if !(100..=600_000).contains(&lease_ms) {
+        return Err(fail(EXIT_CONFIG)(anyhow!(
+            "--lease-ms {lease_ms} is out of range: 100 to 600000"
+        )));
+    }
+    let default_id = format!("worker-{}", std::process::id());
+    let dir = open_dir(cli, false)?;
+    let cancel = CancelToken::new();
+    let handler_token = cancel.clone();
+    let _ = ctrlc::set_handler(move || handler_token.cancel());
+    let options = worker::WorkerOptions {
+        url: &url,
+        worker_id: worker_id.unwrap_or(&default_id),
+        lease: std::time::Duration::from_millis(lease_ms),
+        batch_size: cli.batch_size,
+        exit_when_done,
+        json: cli.json,
+        quiet: cli.quiet,
+    };
+    worker::run(&config, &dir, &options, &cancel).map_err(fail(EXIT_PROJECTION))?;
+    if cancel.is_cancelled() {
+        return Err(fail(EXIT_CANCELLED)(anyhow!(
+            "worker interrupted; its leases expire and other workers take over"
+        )));
+    }
+    Ok(())
+}
+
 fn run_status(cli: &Cli) -> Result<(), Failure> {
     let config = load_config(cli, false)?;
     let dir_path = cli
@@ -541,7 +617,9 @@ fn run_status(cli: &Cli) -> Result<(), Failure> {
         .unwrap_or_else(|| default_path(false, "projections"));
     let head = match open_store(cli, false) {
         Ok(store) => Some(
-            GlobalReader::<serde_json::Value>::head(&store)
+            store
+                .reader()
+                .head()
                 .map_err(|e| fail(EXIT_STORE)(e.into()))?,
         ),
         Err(_) => None,

@@ -91,7 +91,7 @@ impl Leases {
             .lock()
             .query_opt(
                 "INSERT INTO projection_leases AS l (projection, owner, epoch, expires_at)
-                 VALUES ($1, $2, 1, now() + $3 * interval '1 millisecond')
+                 VALUES ($1, $2, 1, now() + $3::bigint * interval '1 millisecond')
                  ON CONFLICT (projection) DO UPDATE
                     SET owner = excluded.owner, epoch = l.epoch + 1, expires_at = excluded.expires_at, done_hash = NULL
                   WHERE l.expires_at < now() AND l.done_hash IS DISTINCT FROM $4
@@ -115,7 +115,7 @@ impl Leases {
         let n = self
             .lock()
             .execute(
-                "UPDATE projection_leases SET expires_at = now() + $4 * interval '1 millisecond'
+                "UPDATE projection_leases SET expires_at = now() + $4::bigint * interval '1 millisecond'
                  WHERE projection = $1 AND owner = $2 AND epoch = $3 AND expires_at > now()",
                 &[&lease.projection, &self.owner, &lease.epoch, &ttl_ms],
             )

@@ -1,0 +1,58 @@
+//! The event store named by `--store`: an SQLite file (the default) or a
+//! PostgreSQL URL (`postgres://...`).
+
+use anyhow::{Context, anyhow};
+use projectionist::{Appended, GlobalReader, SqliteEventStore, StreamAppend};
+use projectionist_postgres::PostgresEventStore;
+use serde_json::Value;
+
+/// An open event store.
+pub enum Store {
+    /// The embedded default.
+    Sqlite(SqliteEventStore),
+    /// PostgreSQL.
+    Postgres(PostgresEventStore),
+}
+
+impl Store {
+    /// Whether `spec` names a PostgreSQL server rather than a file.
+    pub fn is_postgres(spec: &str) -> bool {
+        spec.starts_with("postgres://") || spec.starts_with("postgresql://")
+    }
+
+    /// Opens an existing store; a missing SQLite file is an error, not a new empty log.
+    pub fn open_existing(spec: &str) -> anyhow::Result<Store> {
+        if Self::is_postgres(spec) {
+            let store = PostgresEventStore::connect(spec)?;
+            // Fails clearly when the events table is missing.
+            GlobalReader::<Value>::head(&store)
+                .context("read the events table (run `projectionist demo` or create it first)")?;
+            return Ok(Store::Postgres(store));
+        }
+        if !std::path::Path::new(spec).is_file() {
+            return Err(anyhow!("event store {spec} does not exist"));
+        }
+        let store =
+            SqliteEventStore::open(spec).with_context(|| format!("open event store {spec}"))?;
+        Ok(Store::Sqlite(store))
+    }
+
+    /// The reader the engine uses.
+    pub fn reader(&self) -> &dyn GlobalReader<Value> {
+        match self {
+            Store::Sqlite(s) => s,
+            Store::Postgres(s) => s,
+        }
+    }
+
+    /// Appends to several streams atomically.
+    pub fn append_batch(
+        &self,
+        appends: &[StreamAppend<'_>],
+    ) -> projectionist::Result<Vec<Appended>> {
+        match self {
+            Store::Sqlite(s) => s.append_batch(appends),
+            Store::Postgres(s) => s.append_batch(appends),
+        }
+    }
+}
