@@ -14,7 +14,7 @@ use std::time::Duration;
 use postgres::Client;
 use projectionist::{Error, Result};
 
-use crate::store::{connect_client, pg_error};
+use crate::store::{connect_client, init_schema, pg_error};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS projection_leases (
@@ -69,9 +69,7 @@ impl Leases {
     /// # Errors
     /// Server errors.
     pub fn init(&self) -> Result<()> {
-        self.lock()
-            .batch_execute(SCHEMA)
-            .map_err(pg_error("create projection_leases"))
+        init_schema(&mut self.lock(), SCHEMA).map_err(pg_error("create projection_leases"))
     }
 
     /// This worker's name.

@@ -189,9 +189,7 @@ impl PostgresEventStore {
     /// # Errors
     /// [`Error::External`] on a server error.
     pub fn init(&self) -> Result<()> {
-        self.lock()
-            .batch_execute(SCHEMA)
-            .map_err(pg_error("create events table"))
+        init_schema(&mut self.lock(), SCHEMA).map_err(pg_error("create events table"))
     }
 
     /// Appends to one stream if it is still at `expected_version` (0 for a new stream).
@@ -460,6 +458,39 @@ fn to_event<E: DeserializeOwned>(row: &Row) -> Result<GlobalEvent<E>> {
         data: decoded,
         metadata: row.get(5),
         recorded_at: row.get::<_, Option<String>>(6).unwrap_or_default(),
+    })
+}
+
+/// Runs idempotent DDL. Concurrent `CREATE TABLE IF NOT EXISTS` from several
+/// workers can still race in PostgreSQL's catalog (a duplicate key on the
+/// table's row type); the loser retries and then finds the table.
+pub(crate) fn init_schema(
+    client: &mut Client,
+    ddl: &str,
+) -> std::result::Result<(), postgres::Error> {
+    let mut attempt = 0;
+    loop {
+        match client.batch_execute(ddl) {
+            Ok(()) => return Ok(()),
+            Err(e) if attempt < INIT_RETRIES_MAX && is_creation_race(&e) => {
+                attempt += 1;
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Retries of schema creation lost to a concurrent creator; one is enough in
+/// practice, since the winner has committed when the loser fails.
+const INIT_RETRIES_MAX: u32 = 3;
+
+fn is_creation_race(e: &postgres::Error) -> bool {
+    use postgres::error::SqlState;
+    e.code().is_some_and(|c| {
+        *c == SqlState::UNIQUE_VIOLATION
+            || *c == SqlState::DUPLICATE_TABLE
+            || *c == SqlState::DUPLICATE_OBJECT
     })
 }
 
