@@ -128,7 +128,7 @@ enum Command {
         /// Seed of the generated log.
         #[arg(long, default_value_t = 42)]
         seed: u64,
-        /// Variants to run, comma-separated (a1 is always run first: it is the reference digest).
+        /// Variants to run, comma-separated; the first one's digest is the reference.
         #[arg(long, value_delimiter = ',', default_values_t = bench::VARIANTS.map(String::from))]
         variants: Vec<String>,
     },
