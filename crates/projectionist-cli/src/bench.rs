@@ -34,6 +34,9 @@ const BENCH_CHANNEL_BATCHES: usize = projectionist::limits::CHANNEL_BATCHES_MAX;
 /// The variants, in report order.
 pub const VARIANTS: [&str; 5] = ["a1", "a2", "b", "c", "d"];
 
+/// Variant (c) reading the same log from PostgreSQL; runs when `--pg-url` is given.
+pub const PG_VARIANT: &str = "c-pg";
+
 /// The payload of every orders event, decoded with serde.
 #[derive(Debug, Deserialize)]
 pub struct OrderData {
@@ -334,6 +337,28 @@ fn run_c(store: &Path, dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// (c) with the log in PostgreSQL: `url` already names the bench schema.
+fn run_c_pg(url: &str, dir: &Path) -> anyhow::Result<()> {
+    let store = projectionist_postgres::PostgresEventStore::connect(url)?;
+    let dir = ProjectionDir::open(dir)?;
+    let dbs = Projection::ALL.map(|p| dir.db(p.name()));
+    let mut handlers = Projection::ALL.map(RustHandler);
+    let mut targets = Vec::new();
+    for ((db, handler), projection) in dbs.iter().zip(handlers.iter_mut()).zip(Projection::ALL) {
+        let db = db.as_ref().map_err(|e| anyhow!("{e}"))?;
+        targets.push(ProjectionTarget {
+            db,
+            handler: handler as &mut dyn Handler<OrderData>,
+            checkpoint: CheckpointLocation::InFile,
+            consumer_id: projection.name(),
+        });
+    }
+    for result in rebuild_shared(&store, targets, &options()) {
+        result?;
+    }
+    Ok(())
+}
+
 fn run_d(store: &Path, dir: &Path) -> anyhow::Result<()> {
     let config = ProjectionsConfig::parse(crate::DEMO_CONFIG, "examples/orders/projections.toml")?;
     let store = SqliteEventStore::open(store)?;
@@ -378,6 +403,7 @@ pub fn run_child(variant: &str, store: &Path, dir: &Path) -> anyhow::Result<()> 
         "b" => run_b(store, dir),
         "c" => run_c(store, dir),
         "d" => run_d(store, dir),
+        PG_VARIANT => run_c_pg(&store.display().to_string(), dir),
         other => bail!("unknown variant {other}"),
     }?;
     let seconds = started.elapsed().as_secs_f64();
@@ -429,6 +455,7 @@ pub fn run_parent(
     work: &Path,
     seed: u64,
     variants: &[String],
+    pg_url: Option<&str>,
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(work)?;
     let exe = std::env::current_exe()?;
@@ -440,9 +467,17 @@ pub fn run_parent(
         let mut reference: Option<String> = None;
         // The first variant's digest is the reference every other must match (a1
         // unless it was left out with --variants).
-        let chosen = VARIANTS
+        let mut chosen: Vec<&'static str> = VARIANTS
             .into_iter()
-            .filter(|v| variants.iter().any(|c| c == v));
+            .filter(|v| variants.iter().any(|c| c == v))
+            .collect();
+        let pg_store = match pg_url {
+            Some(url) => {
+                chosen.push(PG_VARIANT);
+                Some(prepare_pg_log(url, &store, n_events, seed)?)
+            }
+            None => None,
+        };
         for variant in chosen {
             let mut m = Measured {
                 variant,
@@ -452,9 +487,13 @@ pub fn run_parent(
             };
             for run in 0..runs {
                 let dir = work.join(format!("run-{variant}"));
+                let source = match (&pg_store, variant) {
+                    (Some(url), PG_VARIANT) => std::ffi::OsString::from(url),
+                    _ => store.clone().into_os_string(),
+                };
                 let out = Command::new(&exe)
                     .args(["bench-run", "--variant", variant, "--bench-store"])
-                    .arg(&store)
+                    .arg(&source)
                     .arg("--bench-dir")
                     .arg(&dir)
                     .output()?;
@@ -486,6 +525,53 @@ pub fn run_parent(
     }
     print_targets(&medians);
     Ok(())
+}
+
+/// The same log in PostgreSQL, in schema `bench_{n}_{seed}`: copied once from the
+/// SQLite log (so both hold identical events) and reused. Returns the URL.
+fn prepare_pg_log(url: &str, sqlite: &Path, n_events: u64, seed: u64) -> anyhow::Result<String> {
+    let url = projectionist_postgres::url_with_schema(url, &format!("bench_{n_events}_{seed}"))?;
+    let pg = projectionist_postgres::PostgresEventStore::connect(&url)?;
+    pg.init()?;
+    let head = projectionist::GlobalReader::<serde_json::Value>::head(&pg)?;
+    if head == n_events {
+        return Ok(url);
+    }
+    if head != 0 {
+        bail!("the PostgreSQL bench schema holds {head} events, not {n_events}; drop it");
+    }
+    eprintln!("bench: copying {n_events} events into PostgreSQL");
+    let source = SqliteEventStore::open(sqlite)?;
+    let mut after = 0;
+    loop {
+        let batch: Vec<GlobalEvent<serde_json::Value>> =
+            projectionist::GlobalReader::read_after(&source, after, 10_000)?;
+        let Some(last) = batch.last() else { break };
+        after = last.sequence;
+        let events: Vec<(String, u64, [projectionist::NewEvent; 1])> = batch
+            .iter()
+            .map(|e| {
+                let event = projectionist::NewEvent {
+                    event_type: e.event_type.clone(),
+                    data: e.data.to_string(),
+                    metadata: None,
+                };
+                (e.stream_id.clone(), e.stream_version - 1, [event])
+            })
+            .collect();
+        let appends: Vec<projectionist::StreamAppend<'_>> = events
+            .iter()
+            .map(
+                |(stream_id, expected_version, events)| projectionist::StreamAppend {
+                    stream_id,
+                    expected_version: *expected_version,
+                    events,
+                },
+            )
+            .collect();
+        pg.append_batch(&appends)?;
+    }
+    Ok(url)
 }
 
 /// The demo log of `n_events` events, generated once and reused.

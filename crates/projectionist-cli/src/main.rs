@@ -128,6 +128,10 @@ enum Command {
         /// Seed of the generated log.
         #[arg(long, default_value_t = 42)]
         seed: u64,
+        /// Also rebuild from PostgreSQL (variant c-pg) on this server; the log is
+        /// copied into a schema of its own.
+        #[arg(long)]
+        pg_url: Option<String>,
         /// Variants to run, comma-separated; the first one's digest is the reference.
         #[arg(long, value_delimiter = ',', default_values_t = bench::VARIANTS.map(String::from))]
         variants: Vec<String>,
@@ -211,6 +215,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             work,
             seed,
             variants,
+            pg_url,
         } => {
             let mut sizes = events.clone();
             if *huge && !sizes.contains(&10_000_000) {
@@ -228,7 +233,8 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                     bench::VARIANTS.join(", ")
                 )));
             }
-            bench::run_parent(&sizes, *runs, work, *seed, variants).map_err(fail(EXIT_PROJECTION))
+            bench::run_parent(&sizes, *runs, work, *seed, variants, pg_url.as_deref())
+                .map_err(fail(EXIT_PROJECTION))
         }
         Command::BenchRun {
             variant,

@@ -19,4 +19,4 @@ mod lease;
 mod store;
 
 pub use lease::{Lease, Leases};
-pub use store::PostgresEventStore;
+pub use store::{PostgresEventStore, url_with_schema};

@@ -528,3 +528,34 @@ fn redact(url: &str) -> String {
         _ => url.to_owned(),
     }
 }
+
+/// Creates `schema` if it is missing and returns `url` with that schema as its
+/// search path, so a store and its leases live apart from other data (tests,
+/// benchmarks, several deployments on one database).
+///
+/// # Errors
+/// [`Error::InvalidOptions`] for a schema name that is not a plain identifier;
+/// server errors.
+pub fn url_with_schema(url: &str, schema: &str) -> Result<String> {
+    let plain = schema
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && schema
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && schema.len() <= 63;
+    if !plain {
+        return Err(Error::InvalidOptions(format!(
+            "schema {schema:?} is not a plain lower-case identifier"
+        )));
+    }
+    let mut client = connect_client(url)?;
+    init_schema(
+        &mut client,
+        &format!("CREATE SCHEMA IF NOT EXISTS {schema}"),
+    )
+    .map_err(pg_error(format!("create schema {schema}")))?;
+    let sep = if url.contains('?') { '&' } else { '?' };
+    Ok(format!("{url}{sep}options=-c%20search_path%3D{schema}"))
+}
