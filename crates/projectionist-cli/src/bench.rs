@@ -5,6 +5,8 @@
 //! - `a1` hand-written, single-threaded, the two projections one after the other;
 //! - `a2` hand-written, one reader thread fanning batches out to a writer thread per projection;
 //! - `b`  projectionist with Rust handlers, one projection after the other;
+//! - `b1` as `b`, but committing after every batch like the hand-written loops
+//!   (`commit_interval` zero): isolates the engine's overhead from commit groups;
 //! - `c`  projectionist with both at once (one read, fanned out);
 //! - `d`  the declarative config (sqlview) through the path the CLI uses.
 //!
@@ -32,7 +34,7 @@ const BENCH_BATCH_SIZE: u32 = 500;
 const BENCH_CHANNEL_BATCHES: usize = projectionist::limits::CHANNEL_BATCHES_MAX;
 
 /// The variants, in report order.
-pub const VARIANTS: [&str; 5] = ["a1", "a2", "b", "c", "d"];
+pub const VARIANTS: [&str; 6] = ["a1", "a2", "b", "b1", "c", "d"];
 
 /// Variant (c) reading the same log from PostgreSQL; runs when `--pg-url` is given.
 pub const PG_VARIANT: &str = "c-pg";
@@ -296,7 +298,7 @@ fn options() -> RebuildOptions<'static> {
     }
 }
 
-fn run_b(store: &Path, dir: &Path) -> anyhow::Result<()> {
+fn run_b(store: &Path, dir: &Path, options: RebuildOptions<'_>) -> anyhow::Result<()> {
     let store = SqliteEventStore::open(store)?;
     let dir = ProjectionDir::open(dir)?;
     for projection in Projection::ALL {
@@ -310,36 +312,29 @@ fn run_b(store: &Path, dir: &Path) -> anyhow::Result<()> {
                 checkpoint: CheckpointLocation::InFile,
                 consumer_id: projection.name(),
             },
-            options: options(),
+            options,
         })?;
     }
     Ok(())
 }
 
 fn run_c(store: &Path, dir: &Path) -> anyhow::Result<()> {
-    let store = SqliteEventStore::open(store)?;
-    let dir = ProjectionDir::open(dir)?;
-    let dbs = Projection::ALL.map(|p| dir.db(p.name()));
-    let mut handlers = Projection::ALL.map(RustHandler);
-    let mut targets = Vec::new();
-    for ((db, handler), projection) in dbs.iter().zip(handlers.iter_mut()).zip(Projection::ALL) {
-        let db = db.as_ref().map_err(|e| anyhow!("{e}"))?;
-        targets.push(ProjectionTarget {
-            db,
-            handler: handler as &mut dyn Handler<OrderData>,
-            checkpoint: CheckpointLocation::InFile,
-            consumer_id: projection.name(),
-        });
-    }
-    for result in rebuild_shared(&store, targets, &options()) {
-        result?;
-    }
-    Ok(())
+    run_shared(&SqliteEventStore::open(store)?, dir)
 }
 
 /// (c) with the log in PostgreSQL: `url` already names the bench schema.
 fn run_c_pg(url: &str, dir: &Path) -> anyhow::Result<()> {
-    let store = projectionist_postgres::PostgresEventStore::connect(url)?;
+    run_shared(
+        &projectionist_postgres::PostgresEventStore::connect(url)?,
+        dir,
+    )
+}
+
+/// Both Rust projections at once from one read of `reader`.
+fn run_shared(
+    reader: &dyn projectionist::GlobalReader<OrderData>,
+    dir: &Path,
+) -> anyhow::Result<()> {
     let dir = ProjectionDir::open(dir)?;
     let dbs = Projection::ALL.map(|p| dir.db(p.name()));
     let mut handlers = Projection::ALL.map(RustHandler);
@@ -353,7 +348,7 @@ fn run_c_pg(url: &str, dir: &Path) -> anyhow::Result<()> {
             consumer_id: projection.name(),
         });
     }
-    for result in rebuild_shared(&store, targets, &options()) {
+    for result in rebuild_shared(reader, targets, &options()) {
         result?;
     }
     Ok(())
@@ -400,7 +395,15 @@ pub fn run_child(variant: &str, store: &Path, dir: &Path) -> anyhow::Result<()> 
     match variant {
         "a1" => run_a1(store, dir),
         "a2" => run_a2(store, dir),
-        "b" => run_b(store, dir),
+        "b" => run_b(store, dir, options()),
+        "b1" => run_b(
+            store,
+            dir,
+            RebuildOptions {
+                commit_interval: std::time::Duration::ZERO,
+                ..options()
+            },
+        ),
         "c" => run_c(store, dir),
         "d" => run_d(store, dir),
         PG_VARIANT => run_c_pg(&store.display().to_string(), dir),
