@@ -292,7 +292,8 @@ pub(crate) fn begin_immediate(conn: &mut Connection) -> rusqlite::Result<Transac
 
 /// Opens a projection file: WAL, `synchronous=NORMAL` (a projection can be
 /// rebuilt, so losing the last commits to a power cut is acceptable; a process
-/// crash loses nothing), busy timeout, and the `_checkpoint` table.
+/// crash loses nothing), in-memory temp store, busy timeout, and the
+/// `_checkpoint` table.
 fn open_projection(path: &Path) -> Result<Connection> {
     let step = || format!("open projection file {}", path.display());
     let conn = Connection::open(path).map_err(Error::sqlite(step()))?;
@@ -301,6 +302,11 @@ fn open_projection(path: &Path) -> Result<Connection> {
     conn.pragma_update(None, "journal_mode", "WAL")
         .map_err(Error::sqlite(step()))?;
     conn.pragma_update(None, "synchronous", "NORMAL")
+        .map_err(Error::sqlite(step()))?;
+    // Each batch runs in a savepoint, whose undo pages go to a statement journal:
+    // in memory that is a copy, on disk it was a write of every touched page
+    // (measured: 144k instead of 82k page writes per 100k events).
+    conn.pragma_update(None, "temp_store", "MEMORY")
         .map_err(Error::sqlite(step()))?;
     conn.execute_batch(CHECKPOINT_SCHEMA)
         .map_err(Error::sqlite(step()))?;
