@@ -36,11 +36,7 @@ impl Display {
             ProgressDrawTarget::stderr()
         };
         let multi = MultiProgress::with_draw_target(target);
-        let style = ProgressStyle::with_template(
-            "{prefix:>16} [{bar:30}] {pos}/{len} events {per_sec} eta {eta} {msg}",
-        )
-        .expect("valid template")
-        .progress_chars("=> ");
+        let style = bar_style("{prefix:>16} [{bar:30}] {pos}/{len} events {rate} eta {eta} {msg}");
         let bars = names
             .map(|name| {
                 let bar = multi.add(ProgressBar::new(total));
@@ -101,13 +97,9 @@ pub fn generation_bar(hidden: bool, n_events: u64) -> ProgressBar {
         ProgressDrawTarget::stderr()
     };
     let bar = ProgressBar::with_draw_target(Some(n_events), target);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{prefix:>16} [{bar:30}] {pos}/{len} events {per_sec} eta {eta}",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
+    bar.set_style(bar_style(
+        "{prefix:>16} [{bar:30}] {pos}/{len} events {rate} eta {eta}",
+    ));
     bar.set_prefix("generating log");
     bar
 }
@@ -192,4 +184,17 @@ pub fn status_table(json: bool, rows: &[StatusRow], head: Option<u64>) {
             r.size
         );
     }
+}
+
+/// A bar style with a whole-number `{rate}` ("12345 events/s").
+fn bar_style(template: &str) -> ProgressStyle {
+    ProgressStyle::with_template(template)
+        .expect("valid template")
+        .with_key(
+            "rate",
+            |state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                let _ = write!(w, "{:.0}/s", state.per_sec());
+            },
+        )
+        .progress_chars("=> ")
 }
