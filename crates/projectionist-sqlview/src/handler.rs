@@ -1,7 +1,7 @@
 //! `SqlHandler`: applies events to a declared projection by binding event fields
 //! to its prepared statements; and the stored definition used to detect changes.
 
-use projectionist::rusqlite::types::Value as SqlValue;
+use projectionist::rusqlite::types::{ToSqlOutput, Value as SqlValue, ValueRef};
 use projectionist::rusqlite::{Connection, OptionalExtension, Transaction};
 use projectionist::{BoxError, GlobalEvent, Handler};
 use serde_json::Value;
@@ -109,7 +109,6 @@ impl Handler<Value> for SqlHandler<'_> {
         tx: &Transaction<'_>,
         events: &[GlobalEvent<Value>],
     ) -> Result<(), BoxError> {
-        let mut values: Vec<SqlValue> = Vec::new();
         for event in events {
             let Some(statements) = self.projection.on.get(&event.event_type) else {
                 continue;
@@ -124,7 +123,8 @@ impl Handler<Value> for SqlHandler<'_> {
                         idx + 1
                     )
                 };
-                values.clear();
+                // Values borrow from the event: no copy of its strings.
+                let mut values: Vec<ToSqlOutput<'_>> = Vec::with_capacity(statement.params.len());
                 for param in &statement.params {
                     values.push(bind(param, event).map_err(|why| format!("{}: {why}", place()))?);
                 }
@@ -137,22 +137,21 @@ impl Handler<Value> for SqlHandler<'_> {
     }
 }
 
-fn bind(param: &Param, event: &GlobalEvent<Value>) -> Result<SqlValue, String> {
+fn bind<'e>(param: &Param, event: &'e GlobalEvent<Value>) -> Result<ToSqlOutput<'e>, String> {
+    let text = |s: &'e str| ToSqlOutput::Borrowed(ValueRef::Text(s.as_bytes()));
+    let integer =
+        |n: u64| ToSqlOutput::Owned(SqlValue::Integer(i64::try_from(n).unwrap_or(i64::MAX)));
     match param {
         Param::Envelope(field) => Ok(match field {
-            Envelope::Sequence => {
-                SqlValue::Integer(i64::try_from(event.sequence).unwrap_or(i64::MAX))
-            }
-            Envelope::StreamId => SqlValue::Text(event.stream_id.clone()),
-            Envelope::StreamVersion => {
-                SqlValue::Integer(i64::try_from(event.stream_version).unwrap_or(i64::MAX))
-            }
-            Envelope::EventType => SqlValue::Text(event.event_type.clone()),
-            Envelope::RecordedAt => SqlValue::Text(event.recorded_at.clone()),
+            Envelope::Sequence => integer(event.sequence),
+            Envelope::StreamId => text(&event.stream_id),
+            Envelope::StreamVersion => integer(event.stream_version),
+            Envelope::EventType => text(&event.event_type),
+            Envelope::RecordedAt => text(&event.recorded_at),
             Envelope::Metadata => event
                 .metadata
-                .clone()
-                .map_or(SqlValue::Null, SqlValue::Text),
+                .as_deref()
+                .map_or(ToSqlOutput::Owned(SqlValue::Null), text),
         }),
         Param::Field { path, required } => {
             let mut current = &event.data;
@@ -167,7 +166,7 @@ fn bind(param: &Param, event: &GlobalEvent<Value>) -> Result<SqlValue, String> {
                     None if *required => {
                         return Err(format!("required field {} is missing", path.join(".")));
                     }
-                    None => return Ok(SqlValue::Null),
+                    None => return Ok(ToSqlOutput::Owned(SqlValue::Null)),
                 }
             }
             if current.is_null() && *required {
@@ -178,15 +177,16 @@ fn bind(param: &Param, event: &GlobalEvent<Value>) -> Result<SqlValue, String> {
     }
 }
 
-fn json_to_sql(value: &Value) -> SqlValue {
+fn json_to_sql(value: &Value) -> ToSqlOutput<'_> {
     match value {
-        Value::Null => SqlValue::Null,
-        Value::Bool(b) => SqlValue::Integer(i64::from(*b)),
-        Value::Number(n) => n
-            .as_i64()
-            .map(SqlValue::Integer)
-            .unwrap_or_else(|| SqlValue::Real(n.as_f64().unwrap_or(f64::NAN))),
-        Value::String(s) => SqlValue::Text(s.clone()),
-        Value::Array(_) | Value::Object(_) => SqlValue::Text(value.to_string()),
+        Value::Null => ToSqlOutput::Owned(SqlValue::Null),
+        Value::Bool(b) => ToSqlOutput::Owned(SqlValue::Integer(i64::from(*b))),
+        Value::Number(n) => ToSqlOutput::Owned(
+            n.as_i64()
+                .map(SqlValue::Integer)
+                .unwrap_or_else(|| SqlValue::Real(n.as_f64().unwrap_or(f64::NAN))),
+        ),
+        Value::String(s) => ToSqlOutput::Borrowed(ValueRef::Text(s.as_bytes())),
+        Value::Array(_) | Value::Object(_) => ToSqlOutput::Owned(SqlValue::Text(value.to_string())),
     }
 }
