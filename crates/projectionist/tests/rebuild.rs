@@ -312,12 +312,8 @@ fn progress_reports_every_batch_and_the_end() {
     let seen = Mutex::new(Vec::new());
     let progress = |p: &projectionist::Progress| seen.lock().unwrap().push(p.clone());
     let opts = RebuildOptions {
-        batch_size: 300,
-        commit_interval: projectionist::limits::COMMIT_INTERVAL_DEFAULT,
         progress: Some(&progress),
-        cancel: None,
-        step_hook: None,
-        commit_guard: None,
+        ..options(300)
     };
     rebuild(config(&f.store, &db, &mut BankHandler::default(), opts)).unwrap();
     let seen = seen.into_inner().unwrap();
@@ -345,12 +341,8 @@ fn failed_run_reports_err_in_last_progress() {
     let last = Mutex::new(None);
     let progress = |p: &projectionist::Progress| *last.lock().unwrap() = Some(p.clone());
     let opts = RebuildOptions {
-        batch_size: 300,
-        commit_interval: projectionist::limits::COMMIT_INTERVAL_DEFAULT,
         progress: Some(&progress),
-        cancel: None,
-        step_hook: None,
-        commit_guard: None,
+        ..options(300)
     };
     let mut handler = BankHandler { fail_at: Some(700) };
     rebuild(config(&f.store, &db, &mut handler, opts)).unwrap_err();
@@ -371,12 +363,8 @@ fn batch_size_zero_means_default_and_over_max_is_an_error() {
         }
     };
     let opts = RebuildOptions {
-        batch_size: 0,
-        commit_interval: projectionist::limits::COMMIT_INTERVAL_DEFAULT,
         progress: Some(&progress),
-        cancel: None,
-        step_hook: None,
-        commit_guard: None,
+        ..options(0)
     };
     rebuild(config(&f.store, &db, &mut BankHandler::default(), opts)).unwrap();
     assert_eq!(
@@ -482,12 +470,8 @@ fn rebuild_concurrent_caps_parallelism_and_keeps_order() {
                 consumer_id: "c",
             },
             options: RebuildOptions {
-                batch_size: 100,
-                commit_interval: projectionist::limits::COMMIT_INTERVAL_DEFAULT,
                 progress: Some(&done),
-                cancel: None,
-                step_hook: None,
-                commit_guard: None,
+                ..options(100)
             },
         })
         .collect();
