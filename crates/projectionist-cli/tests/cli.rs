@@ -23,9 +23,10 @@ impl Env {
     fn path(&self, name: &str) -> PathBuf {
         self.tmp.path().join(name)
     }
-    /// Runs the binary with `--store`, `--dir` and `--config` inside the temp dir.
-    fn run(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_projectionist"))
+    /// The binary with `--store`, `--dir` and `--config` inside the temp dir.
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_projectionist"));
+        command
             .current_dir(self.tmp.path())
             .args([
                 "--store",
@@ -35,9 +36,12 @@ impl Env {
                 "--config",
                 "projections.toml",
             ])
-            .args(args)
-            .output()
-            .unwrap()
+            .args(args);
+        command
+    }
+    /// Runs the binary to completion (see [`Env::command`]).
+    fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().unwrap()
     }
     fn write_config(&self, text: &str) {
         std::fs::write(self.path("projections.toml"), text).unwrap();
@@ -401,20 +405,8 @@ fn sigint_stops_at_a_batch_boundary_and_resume_matches() {
     env.demo_log(60_000);
     assert!(env.run(&["--quiet", "rebuild"]).status.success());
     let reference = (env.digest("order_summary"), env.digest("customer_stats"));
-    let child = Command::new(env!("CARGO_BIN_EXE_projectionist"))
-        .current_dir(env.tmp.path())
-        .args([
-            "--store",
-            "events.db",
-            "--dir",
-            "projections",
-            "--config",
-            "projections.toml",
-            "--batch-size",
-            "50",
-            "--json",
-            "rebuild",
-        ])
+    let child = env
+        .command(&["--batch-size", "50", "--json", "rebuild"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
