@@ -16,11 +16,11 @@ use std::time::Instant;
 
 use anyhow::{Context, anyhow};
 use clap::{Parser, Subcommand};
-use projectionist::rusqlite::{Connection, OpenFlags};
+use projectionist::rusqlite::{self, Connection, OpenFlags};
 use projectionist::{
-    CancelToken, CheckpointLocation, Error, GlobalReader, ProjectionDir, ProjectionTarget,
-    RebuildOptions, RebuildResult, SqliteCheckpoint, SqliteEventStore, rebuild_shared,
-    resume_shared,
+    CancelToken, CheckpointLocation, Error, FileKind, GlobalReader, ProjectionDir,
+    ProjectionTarget, RebuildOptions, RebuildResult, SqliteCheckpoint, SqliteEventStore,
+    rebuild_shared, resume_shared,
 };
 use projectionist_sqlview::{ProjectionsConfig, SqlHandler, SqlProjection, stored_definition};
 use store::Store;
@@ -188,25 +188,16 @@ fn run(cli: &Cli) -> Result<(), Failure> {
         Command::Rebuild { names } => run_replay(cli, names, false).map(|_| ()),
         Command::Resume { names } => run_replay(cli, names, true).map(|_| ()),
         Command::Status => run_status(cli),
-        Command::List => {
-            let dir = open_dir(cli, false)?;
-            let names = dir.list().map_err(|e| fail(EXIT_PROJECTION)(e.into()))?;
-            for name in names {
-                if cli.json {
-                    ui::json_line(
-                        &serde_json::json!({"event": "projection", "name": name.as_str()}),
-                    );
-                } else {
-                    println!("{name}");
-                }
-            }
-            Ok(())
-        }
+        Command::List => run_list(cli),
         Command::Remove { name } => {
-            let dir = open_dir(cli, false)?;
+            let dir = open_existing_dir(cli)?;
             dir.remove(name)
                 .with_context(|| format!("remove projection {name}"))
-                .map_err(|e| fail(code_of_error(&e))(e))
+                .map_err(|e| fail(code_of_error(&e))(e))?;
+            if !cli.quiet && !cli.json {
+                eprintln!("removed {name}");
+            }
+            Ok(())
         }
         Command::Bench {
             events,
@@ -246,13 +237,78 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             lease_ms,
             exit_when_done,
         } => run_worker(cli, worker_id.as_deref(), *lease_ms, *exit_when_done),
-        Command::RemoveAll => {
-            let dir = open_dir(cli, false)?;
-            dir.remove_all()
-                .context("remove all projections")
-                .map_err(|e| fail(code_of_error(&e))(e))
+        Command::RemoveAll => run_remove_all(cli),
+    }
+}
+
+/// `list`: the projections of the directory; other `*.db` files are named on
+/// stderr as left alone.
+fn run_list(cli: &Cli) -> Result<(), Failure> {
+    let dir = open_existing_dir(cli)?;
+    let files = dir.scan().map_err(|e| fail(EXIT_PROJECTION)(e.into()))?;
+    for file in files {
+        match file.kind {
+            FileKind::Projection => {
+                if cli.json {
+                    ui::json_line(
+                        &serde_json::json!({"event": "projection", "name": file.name.as_str()}),
+                    );
+                } else {
+                    ui::out_line(file.name.as_str());
+                }
+            }
+            FileKind::Empty => {}
+            FileKind::NotAProjection(reason) | FileKind::Corrupt(reason) => {
+                if !cli.quiet {
+                    eprintln!(
+                        "warning: {} is not a projection ({reason}); not listed",
+                        file.path.display()
+                    );
+                }
+            }
         }
     }
+    Ok(())
+}
+
+/// `remove-all`: every projection or none (each lock is taken before anything is
+/// deleted); says what it removed and what it left alone.
+fn run_remove_all(cli: &Cli) -> Result<(), Failure> {
+    let dir = open_existing_dir(cli)?;
+    let skipped: Vec<_> = dir
+        .scan()
+        .map_err(|e| fail(EXIT_PROJECTION)(e.into()))?
+        .into_iter()
+        .filter(|f| !matches!(f.kind, FileKind::Projection | FileKind::Empty))
+        .collect();
+    let removed = dir
+        .remove_all()
+        .context("remove all projections (nothing was removed)")
+        .map_err(|e| fail(code_of_error(&e))(e))?;
+    for name in &removed {
+        if cli.json {
+            ui::json_line(&serde_json::json!({"event": "removed", "projection": name.as_str()}));
+        } else if !cli.quiet {
+            eprintln!("removed {name}");
+        }
+    }
+    if !cli.quiet {
+        for file in skipped {
+            eprintln!("left alone: {} (not a projection)", file.path.display());
+        }
+    }
+    Ok(())
+}
+
+/// Opens `--dir`, which must exist (for commands that only look or remove).
+fn open_existing_dir(cli: &Cli) -> Result<ProjectionDir, Failure> {
+    let path = cli
+        .dir
+        .clone()
+        .unwrap_or_else(|| default_path(false, "projections"));
+    ProjectionDir::open_existing(&path)
+        .with_context(|| format!("projection directory {}", path.display()))
+        .map_err(fail(EXIT_CONFIG))
 }
 
 /// The error and its causes, each once: library errors already quote their
@@ -273,7 +329,7 @@ fn error_text(error: &anyhow::Error) -> String {
 
 fn code_of_error(error: &anyhow::Error) -> u8 {
     match error.downcast_ref::<Error>() {
-        Some(Error::InvalidName { .. }) => EXIT_CONFIG,
+        Some(Error::InvalidName { .. } | Error::NoSuchProjection { .. }) => EXIT_CONFIG,
         _ => EXIT_PROJECTION,
     }
 }
@@ -324,8 +380,15 @@ fn select<'c>(
     if names.is_empty() {
         return Ok(config.projections.iter().collect());
     }
-    names
-        .iter()
+    // A name given twice means the same projection: run it once.
+    let mut unique: Vec<&String> = Vec::with_capacity(names.len());
+    for name in names {
+        if !unique.contains(&name) {
+            unique.push(name);
+        }
+    }
+    unique
+        .into_iter()
         .map(|name| {
             config.get(name).ok_or_else(|| {
                 let known: Vec<&str> = config.projections.iter().map(|p| p.name.as_str()).collect();
@@ -558,24 +621,74 @@ fn open_demo_store(spec: &str) -> Result<Store, Failure> {
             .with_context(|| format!("create {}", parent.display()))
             .map_err(fail(EXIT_STORE))?;
     }
-    // The demo is deterministic: start from an empty log.
-    for suffix in ["", "-wal", "-shm"] {
-        let mut file = path.clone().into_os_string();
-        file.push(suffix);
-        match std::fs::remove_file(&file) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(fail(EXIT_STORE)(anyhow!(
-                    "remove old demo store {spec}: {e}"
-                )));
+    // The demo is deterministic and starts from an empty log, but it never
+    // replaces a log it did not make: only a file carrying its mark is replaced.
+    if path.exists() {
+        check_replaceable_demo_store(&path, spec)?;
+        for suffix in ["", "-wal", "-shm"] {
+            let mut file = path.clone().into_os_string();
+            file.push(suffix);
+            match std::fs::remove_file(&file) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(fail(EXIT_STORE)(anyhow!(
+                        "remove old demo store {spec}: {e}"
+                    )));
+                }
             }
         }
     }
-    SqliteEventStore::open(&path)
-        .map(Store::Sqlite)
+    let store = SqliteEventStore::open(&path)
         .with_context(|| format!("create demo store {spec}"))
-        .map_err(fail(EXIT_STORE))
+        .map_err(fail(EXIT_STORE))?;
+    Connection::open(&path)
+        .and_then(|conn| conn.execute_batch(DEMO_MARK_SQL))
+        .with_context(|| format!("mark demo store {spec}"))
+        .map_err(fail(EXIT_STORE))?;
+    Ok(Store::Sqlite(store))
+}
+
+/// The table that marks an event store as made by `demo`, so a later `demo` may
+/// replace it (and nothing else).
+const DEMO_MARK_TABLE: &str = "_projectionist_demo";
+const DEMO_MARK_SQL: &str = "CREATE TABLE IF NOT EXISTS _projectionist_demo (made_by TEXT)";
+
+/// An existing file may be replaced by the demo only when the demo made it (or
+/// it is empty); anything else is refused, naming the file and what to do.
+fn check_replaceable_demo_store(path: &Path, spec: &str) -> Result<(), Failure> {
+    let refuse = |what: String| {
+        fail(EXIT_STORE)(anyhow!(
+            "{spec} already exists and {what}; the demo never replaces a log it did not make: \
+             pass --store with a new file, or delete {spec} yourself if you mean to"
+        ))
+    };
+    if path.is_dir() {
+        return Err(refuse("is a directory".into()));
+    }
+    if std::fs::metadata(path).is_ok_and(|m| m.len() == 0) {
+        return Ok(());
+    }
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .map_err(|e| refuse(format!("cannot be read ({e})")))?;
+    let marked: rusqlite::Result<bool> = conn.query_row(
+        "SELECT count(*) > 0 FROM sqlite_master WHERE name = ?1",
+        [DEMO_MARK_TABLE],
+        |row| row.get(0),
+    );
+    match marked {
+        Ok(true) => Ok(()),
+        Ok(false) => {
+            let events: Option<i64> = conn
+                .query_row("SELECT count(*) FROM events", [], |row| row.get(0))
+                .ok();
+            Err(refuse(match events {
+                Some(n) => format!("holds an event log of {n} events"),
+                None => "is another program's database".into(),
+            }))
+        }
+        Err(e) => Err(refuse(format!("is not an SQLite database ({e})"))),
+    }
 }
 
 fn run_worker(

@@ -29,12 +29,17 @@ impl Store {
                 .context("read the events table (run `projectionist demo` or create it first)")?;
             return Ok(Store::Postgres(store));
         }
-        if !std::path::Path::new(spec).is_file() {
+        let path = std::path::Path::new(spec);
+        if path.is_dir() {
+            return Err(anyhow!(
+                "event store {spec} is a directory, not an SQLite file"
+            ));
+        }
+        if !path.exists() {
             return Err(anyhow!("event store {spec} does not exist"));
         }
-        let store =
-            SqliteEventStore::open(spec).with_context(|| format!("open event store {spec}"))?;
-        Ok(Store::Sqlite(store))
+        // Read-only: a store opened for reading is never created or altered.
+        Ok(Store::Sqlite(SqliteEventStore::open_read_only(spec)?))
     }
 
     /// The reader the engine uses.

@@ -14,6 +14,13 @@ pub fn json_line(value: &serde_json::Value) {
     let _ = writeln!(out, "{value}");
 }
 
+/// Writes one line of text to stdout; a closed pipe is not an error (the
+/// reader has what it wanted, as with `status | head -1`).
+pub fn out_line(text: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{text}");
+}
+
 /// Progress of a run: one bar per projection, or JSON lines, or nothing.
 pub struct Display {
     json: bool,

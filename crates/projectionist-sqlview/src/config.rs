@@ -9,6 +9,7 @@ use projectionist::rusqlite::Connection;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
+use crate::confine::{Confinement, vacuums};
 use crate::params::{Param, rewrite};
 
 /// Longest config file read, in bytes: a config is hand-written text; anything
@@ -206,14 +207,24 @@ fn validate_projection(raw: RawProjection) -> Result<SqlProjection, Failure> {
             "handles no event type (add [projection.on.EventType])".into(),
         ));
     }
+    // The scratch database looks like a projection file (the engine's tables
+    // exist) and runs the schema inside a transaction under the same confinement
+    // as at run time, so what would fail there fails here, before any replay.
     let scratch = Connection::open_in_memory().map_err(|e| (place.clone(), e.to_string()))?;
     scratch
+        .execute_batch(SCRATCH_ENGINE_TABLES)
+        .map_err(|e| (place.clone(), e.to_string()))?;
+    let confinement = Confinement::default();
+    confinement
+        .install(&scratch)
+        .map_err(|e| (place.clone(), e.to_string()))?;
+    let enforced = confinement.enforce();
+    scratch
         .execute_batch(&raw.schema)
-        .map_err(|e| (format!("{place}, schema"), e.to_string()))?;
-    check_reserved_tables(&scratch).map_err(|message| (format!("{place}, schema"), message))?;
+        .map_err(|e| (format!("{place}, schema"), confinement.explain(&e)))?;
     let mut on = BTreeMap::new();
     for (event_type, handler) in raw.on {
-        let event_place = format!("{place}, event {event_type}");
+        let event_place = format!("{place}, event {}", escape_controls(&event_type));
         if event_type.is_empty()
             || !event_type
                 .chars()
@@ -234,10 +245,14 @@ fn validate_projection(raw: RawProjection) -> Result<SqlProjection, Failure> {
         let mut statements = Vec::with_capacity(texts.len());
         for (idx, text) in texts.into_iter().enumerate() {
             let statement_place = format!("{event_place}, statement {}", idx + 1);
-            statements.push(prepare(&scratch, text).map_err(|message| (statement_place, message))?);
+            statements.push(
+                prepare(&scratch, &confinement, text)
+                    .map_err(|message| (statement_place, message))?,
+            );
         }
         on.insert(event_type, statements);
     }
+    drop(enforced);
     let hash = definition_hash(raw.version, &raw.schema, &on);
     Ok(SqlProjection {
         name,
@@ -248,38 +263,52 @@ fn validate_projection(raw: RawProjection) -> Result<SqlProjection, Failure> {
     })
 }
 
+/// The engine's own tables, as a projection file has them.
+const SCRATCH_ENGINE_TABLES: &str = "
+BEGIN;
+CREATE TABLE _checkpoint (consumer_id TEXT PRIMARY KEY, sequence INTEGER NOT NULL);
+CREATE TABLE _projectionist_definition (version INTEGER NOT NULL, hash TEXT NOT NULL);
+";
+
 /// Rewrites the parameters and prepares the statement against the schema.
-fn prepare(scratch: &Connection, text: String) -> Result<Statement, String> {
-    let (sql, params) = rewrite(&text).map_err(|e| format!("{e} in {:?}", text.trim()))?;
+fn prepare(
+    scratch: &Connection,
+    confinement: &Confinement,
+    text: String,
+) -> Result<Statement, String> {
+    let quoted = escape(text.trim());
+    let (sql, params) = rewrite(&text).map_err(|e| format!("{e} in {quoted}"))?;
     let stmt = scratch
         .prepare(&sql)
-        .map_err(|e| format!("{e} in {:?}", text.trim()))?;
+        .map_err(|e| format!("{} in {quoted}", confinement.explain(&e)))?;
     // Anything left over would run unchecked, or not at all.
     if stmt.parameter_count() != params.len() {
-        return Err(format!("unexpected parameters in {:?}", text.trim()));
+        return Err(format!("unexpected parameters in {quoted}"));
     }
     if stmt.readonly() {
-        return Err(format!(
-            "statement changes nothing (a SELECT?): {:?}",
-            text.trim()
-        ));
+        return Err(format!("statement changes nothing (a SELECT?): {quoted}"));
     }
     drop(stmt);
+    if vacuums(scratch, &sql).map_err(|e| format!("{e} in {quoted}"))? {
+        return Err(format!(
+            "VACUUM is not allowed: projection SQL may only change its own tables, in {quoted}"
+        ));
+    }
     Ok(Statement { text, sql, params })
 }
 
-/// The schema must not create tables the engine owns.
-fn check_reserved_tables(scratch: &Connection) -> Result<(), String> {
-    let mut stmt = scratch
-        .prepare("SELECT name FROM sqlite_master WHERE name = '_checkpoint' OR name LIKE '\\_projectionist\\_%' ESCAPE '\\'")
-        .map_err(|e| e.to_string())?;
-    let reserved: Vec<String> = stmt
-        .query_map([], |row| row.get(0))
-        .and_then(Iterator::collect)
-        .map_err(|e| e.to_string())?;
-    match reserved.first() {
-        Some(name) => Err(format!("table name {name} is reserved for projectionist")),
-        None => Ok(()),
+/// Text from the config, quoted with control characters escaped, for messages.
+pub(crate) fn escape(text: &str) -> String {
+    format!("{text:?}")
+}
+
+/// A name from the config as is, unless it holds control characters, which
+/// would garble a terminal: then quoted and escaped.
+pub(crate) fn escape_controls(text: &str) -> String {
+    if text.chars().any(char::is_control) {
+        escape(text)
+    } else {
+        text.to_owned()
     }
 }
 

@@ -7,6 +7,7 @@ use projectionist::{BoxError, GlobalEvent, Handler};
 use serde_json::Value;
 
 use crate::config::SqlProjection;
+use crate::confine::Confinement;
 use crate::params::{Envelope, Param};
 
 /// The table in each projection file recording which definition built it.
@@ -54,17 +55,22 @@ pub fn stored_definition(
     .optional()
 }
 
-/// Applies events to one declared projection.
-#[derive(Clone, Copy, Debug)]
+/// Applies events to one declared projection. Its SQL runs confined to the
+/// projection's own tables (see `confine.rs`).
+#[derive(Clone, Debug)]
 pub struct SqlHandler<'a> {
     projection: &'a SqlProjection,
+    confinement: Confinement,
 }
 
 impl<'a> SqlHandler<'a> {
     /// A handler for `projection`.
     #[must_use]
     pub fn new(projection: &'a SqlProjection) -> Self {
-        SqlHandler { projection }
+        SqlHandler {
+            projection,
+            confinement: Confinement::default(),
+        }
     }
 }
 
@@ -75,6 +81,7 @@ impl Handler<Value> for SqlHandler<'_> {
     fn setup(&mut self, tx: &Transaction<'_>) -> Result<(), BoxError> {
         let n_statements: usize = self.projection.on.values().map(Vec::len).sum();
         tx.set_prepared_statement_cache_capacity(n_statements + STATEMENT_CACHE_SPARE);
+        self.confinement.install(tx)?;
         match stored_definition(tx)? {
             Some(stored) if stored.hash == self.projection.hash => Ok(()),
             Some(stored) => Err(format!(
@@ -87,7 +94,16 @@ impl Handler<Value> for SqlHandler<'_> {
             )
             .into()),
             None => {
-                tx.execute_batch(&self.projection.schema)?;
+                {
+                    let _enforced = self.confinement.enforce();
+                    tx.execute_batch(&self.projection.schema).map_err(|e| {
+                        format!(
+                            "projection {}: schema: {}",
+                            self.projection.name,
+                            self.confinement.explain(&e)
+                        )
+                    })?;
+                }
                 tx.execute_batch(&format!(
                     "CREATE TABLE IF NOT EXISTS {DEFINITION_TABLE} (version INTEGER NOT NULL, hash TEXT NOT NULL)"
                 ))?;
@@ -109,6 +125,7 @@ impl Handler<Value> for SqlHandler<'_> {
         tx: &Transaction<'_>,
         events: &[GlobalEvent<Value>],
     ) -> Result<(), BoxError> {
+        let _enforced = self.confinement.enforce();
         for event in events {
             let Some(statements) = self.projection.on.get(&event.event_type) else {
                 continue;
@@ -128,9 +145,23 @@ impl Handler<Value> for SqlHandler<'_> {
                 for param in &statement.params {
                     values.push(bind(param, event).map_err(|why| format!("{}: {why}", place()))?);
                 }
-                let mut stmt = tx.prepare_cached(&statement.sql)?;
+                let mut stmt = tx.prepare_cached(&statement.sql).map_err(|e| {
+                    format!(
+                        "{}: {} in {:?}",
+                        place(),
+                        self.confinement.explain(&e),
+                        statement.text.trim()
+                    )
+                })?;
                 stmt.execute(projectionist::rusqlite::params_from_iter(values.iter()))
-                    .map_err(|e| format!("{}: {e}", place()))?;
+                    .map_err(|e| {
+                        format!(
+                            "{}: {} in {:?}",
+                            place(),
+                            self.confinement.explain(&e),
+                            statement.text.trim()
+                        )
+                    })?;
             }
         }
         Ok(())

@@ -13,6 +13,7 @@
 //! SQL. Every statement is prepared against the schema when the file loads.
 
 mod config;
+mod confine;
 mod handler;
 mod params;
 

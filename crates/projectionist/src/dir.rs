@@ -1,5 +1,9 @@
 //! `ProjectionDir`: the directory of projection files, one SQLite file per
-//! projection (`{dir}/{name}.db`), each with its own lock and writer connection.
+//! projection (`{dir}/{name}.db`), each with its own lock and writer connection;
+//! and the rules that tell a projection file from anything else in the directory.
+//!
+//! A file is a projection only when something inside it says so (see
+//! [`classify_file`]); nothing else is listed, opened for writing or deleted.
 
 use std::collections::HashMap;
 use std::fs::{self, File, TryLockError};
@@ -16,8 +20,48 @@ use crate::name::ProjectionName;
 
 /// File-name suffix of a projection database.
 const DB_SUFFIX: &str = ".db";
-/// Sidecar files SQLite keeps beside a WAL-mode database.
-const SIDECARS: [&str; 2] = ["-wal", "-shm"];
+/// Sidecar files SQLite keeps beside a database (`-journal` only outside WAL mode).
+const SIDECARS: [&str; 3] = ["-wal", "-shm", "-journal"];
+
+/// `PRAGMA application_id` of every projection file: the bytes `Pjst`. Written
+/// into new files before they switch to WAL (so it is in the main file's header at
+/// once), and into files of earlier versions the first time they are opened.
+pub const APPLICATION_ID: i32 = 0x506A_7374;
+
+/// The first bytes of every SQLite database file.
+const SQLITE_MAGIC: &[u8; 16] = b"SQLite format 3\0";
+
+/// Attempts to take a lock file that a concurrent `remove` keeps deleting; each
+/// failed attempt means another process removed the projection in between.
+const LOCK_ATTEMPTS_MAX: u32 = 8;
+
+/// What a file at a projection's path is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FileKind {
+    /// A projection file: its header carries [`APPLICATION_ID`], or (files of
+    /// earlier versions) it has the `_checkpoint(consumer_id, sequence)` table.
+    Projection,
+    /// An empty file (a creation interrupted before SQLite wrote anything): holds
+    /// nothing, so it may become a projection; it is never listed.
+    Empty,
+    /// Anything else: another program's database, a symbolic link, not a regular
+    /// file. Never opened for writing, listed or deleted.
+    NotAProjection(String),
+    /// It says it is ours (application id), or it is where a projection should be,
+    /// but SQLite cannot read it.
+    Corrupt(String),
+}
+
+/// One `{name}.db` entry of the directory and what it is.
+#[derive(Clone, Debug)]
+pub struct ScannedFile {
+    /// The name the file would have as a projection.
+    pub name: ProjectionName,
+    /// The file.
+    pub path: PathBuf,
+    /// What it is.
+    pub kind: FileKind,
+}
 
 /// The directory of projection files.
 ///
@@ -46,6 +90,27 @@ impl ProjectionDir {
         })
     }
 
+    /// Opens a directory that must already exist; creates nothing (for commands
+    /// that only look, or remove).
+    ///
+    /// # Errors
+    /// [`Error::Io`] (not found) when the path is missing or not a directory.
+    pub fn open_existing(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        if !path.is_dir() {
+            let kind = if path.exists() {
+                std::io::ErrorKind::NotADirectory
+            } else {
+                std::io::ErrorKind::NotFound
+            };
+            return Err(Error::io("open projection directory", &path)(kind.into()));
+        }
+        Ok(ProjectionDir {
+            path,
+            open: Mutex::new(HashMap::new()),
+        })
+    }
+
     /// The directory.
     #[must_use]
     pub fn path(&self) -> &Path {
@@ -65,22 +130,36 @@ impl ProjectionDir {
     /// missing. Repeated calls return the same handle and so share one writer.
     ///
     /// # Errors
-    /// [`Error::InvalidName`], [`Error::Locked`] when another process holds the
-    /// projection, [`Error::Io`] / [`Error::Sqlite`] when the file cannot be opened.
+    /// [`Error::InvalidName`]; [`Error::Locked`] when another process holds the
+    /// projection; [`Error::NotAProjection`] when the file (or its lock file or a
+    /// sidecar) exists and is not a projection, e.g. another program's database or
+    /// a symbolic link; [`Error::CorruptProjection`] when SQLite cannot read it;
+    /// [`Error::Io`] / [`Error::Sqlite`] when the file cannot be opened.
     pub fn db(&self, name: &str) -> Result<Arc<ProjectionDb>> {
         let name = ProjectionName::new(name)?;
         let mut open = self.lock_open();
         if let Some(db) = open.get(&name) {
             return Ok(Arc::clone(db));
         }
-        let lock = self.acquire_lock(&name)?;
         let path = self.db_path(&name);
-        if !path.exists() {
-            // A `-wal` left beside a missing database would be replayed into the new,
-            // empty file and bring old rows back. Only the lock holder gets here.
-            remove_sidecars(&path)?;
-        }
-        let conn = open_projection(&path)?;
+        let lock = self.acquire_lock(&name)?;
+        refuse_symlinked_sidecars(&path)?;
+        let conn = match classify_file(&path)? {
+            None => {
+                // A `-wal` left beside a missing database would be replayed into the
+                // new, empty file and bring old rows back. Only the lock holder gets here.
+                remove_sidecars(&path)?;
+                open_projection(&path, true)?
+            }
+            Some(FileKind::Empty) => open_projection(&path, true)?,
+            Some(FileKind::Projection) => open_projection(&path, false)?,
+            Some(FileKind::NotAProjection(reason)) => {
+                return Err(Error::NotAProjection { path, reason });
+            }
+            Some(FileKind::Corrupt(reason)) => {
+                return Err(Error::CorruptProjection { path, reason });
+            }
+        };
         let db = Arc::new(ProjectionDb {
             name: name.clone(),
             path,
@@ -91,64 +170,171 @@ impl ProjectionDir {
         Ok(db)
     }
 
-    /// The names of the projections in the directory, sorted. Only `{name}.db`
-    /// files with a valid name count: not `-wal`/`-shm` sidecars, lock files or
-    /// other strays.
+    /// The names of the projections in the directory, sorted: `{name}.db` files
+    /// that are recognisably projections (see [`classify_file`]). Other databases,
+    /// sidecars, lock files and strays are not listed; [`ProjectionDir::scan`]
+    /// shows them too.
     ///
     /// # Errors
     /// [`Error::Io`] when the directory cannot be read.
     pub fn list(&self) -> Result<Vec<ProjectionName>> {
+        Ok(self
+            .scan()?
+            .into_iter()
+            .filter(|f| f.kind == FileKind::Projection)
+            .map(|f| f.name)
+            .collect())
+    }
+
+    /// Every `{name}.db` entry with a valid name, sorted, and what it is.
+    ///
+    /// # Errors
+    /// [`Error::Io`] when the directory cannot be read.
+    pub fn scan(&self) -> Result<Vec<ScannedFile>> {
         let entries =
             fs::read_dir(&self.path).map_err(Error::io("list projections in", &self.path))?;
-        let mut names = Vec::new();
+        let mut files = Vec::new();
         for entry in entries {
             let entry = entry.map_err(Error::io("list projections in", &self.path))?;
             let file_name = entry.file_name();
             let Some(stem) = file_name.to_str().and_then(|f| f.strip_suffix(DB_SUFFIX)) else {
                 continue;
             };
-            let is_file = entry.file_type().is_ok_and(|t| t.is_file());
-            if let (true, Ok(name)) = (is_file, ProjectionName::new(stem)) {
-                names.push(name);
-            }
+            let Ok(name) = ProjectionName::new(stem) else {
+                continue;
+            };
+            let path = entry.path();
+            let kind = if self.lock_open().contains_key(&name) {
+                FileKind::Projection
+            } else {
+                match classify_file(&path) {
+                    Ok(Some(kind)) => kind,
+                    Ok(None) => continue,
+                    Err(e) => FileKind::NotAProjection(e.to_string()),
+                }
+            };
+            files.push(ScannedFile { name, path, kind });
         }
-        names.sort();
-        Ok(names)
+        files.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(files)
     }
 
-    /// Closes the projection's connection and deletes its file with its `-wal` and
-    /// `-shm`, so the next `db(name)` starts empty with checkpoint 0. Removing a
-    /// projection that does not exist is not an error. Handles still held elsewhere
-    /// return [`Error::Closed`] from then on.
+    /// Closes the projection's connection and deletes its file with its `-wal`,
+    /// `-shm` and lock file, so the next `db(name)` starts empty with checkpoint 0.
+    /// Handles still held elsewhere return [`Error::Closed`] from then on.
     ///
     /// Other processes must not have the file open (SQLite forbids deleting an
     /// open database); the lock keeps other `projectionist` writers away.
     ///
     /// # Errors
-    /// [`Error::InvalidName`], [`Error::Locked`], [`Error::Io`].
+    /// [`Error::InvalidName`]; [`Error::NoSuchProjection`] when there is no such
+    /// file; [`Error::NotAProjection`] when the file is not a projection (it is
+    /// left alone); [`Error::Locked`]; [`Error::Io`].
     pub fn remove(&self, name: &str) -> Result<()> {
         let name = ProjectionName::new(name)?;
         let mut open = self.lock_open();
+        let path = self.db_path(&name);
         let lock = match open.remove(&name) {
             Some(db) => db.close_inner()?,
-            None => Some(self.acquire_lock(&name)?),
+            None => {
+                if fs::symlink_metadata(&path).is_err() {
+                    return Err(Error::NoSuchProjection {
+                        name: name.to_string(),
+                        dir: self.path.clone(),
+                    });
+                }
+                let lock = self.acquire_lock(&name)?;
+                match classify_file(&path)? {
+                    Some(FileKind::Projection | FileKind::Empty) => {}
+                    None => {
+                        return Err(Error::NoSuchProjection {
+                            name: name.to_string(),
+                            dir: self.path.clone(),
+                        });
+                    }
+                    Some(FileKind::NotAProjection(reason) | FileKind::Corrupt(reason)) => {
+                        return Err(Error::NotAProjection { path, reason });
+                    }
+                }
+                Some(lock)
+            }
         };
-        let path = self.db_path(&name);
-        remove_file_if_exists(&path)?;
-        remove_sidecars(&path)?;
+        self.delete_files(&name)?;
         drop(lock);
         Ok(())
     }
 
-    /// Removes every projection in the directory (see [`ProjectionDir::remove`]).
+    /// Removes every projection in the directory (see [`ProjectionDir::remove`]),
+    /// all or nothing: every projection's lock is taken first, so a projection held
+    /// by another process fails the call before anything is deleted. Files that are
+    /// not projections are left alone. Returns the names removed.
     ///
     /// # Errors
-    /// The first failure; projections before it are removed.
-    pub fn remove_all(&self) -> Result<()> {
-        for name in self.list()? {
-            self.remove(name.as_str())?;
+    /// [`Error::Locked`] naming the first projection another process holds
+    /// (nothing was removed); [`Error::Io`] when a deletion fails (the names
+    /// before it are gone).
+    pub fn remove_all(&self) -> Result<Vec<ProjectionName>> {
+        let names = self.list()?;
+        let mut open = self.lock_open();
+        let mut locks = Vec::with_capacity(names.len());
+        for name in &names {
+            if !open.contains_key(name) {
+                // On error the locks taken so far are dropped: nothing was deleted.
+                locks.push(self.acquire_lock(name)?);
+            }
         }
-        Ok(())
+        for name in &names {
+            if let Some(db) = open.remove(name) {
+                locks.extend(db.close_inner()?);
+            }
+            self.delete_files(name)?;
+        }
+        drop(locks);
+        Ok(names)
+    }
+
+    /// Moves a projection file that SQLite cannot read aside, with its sidecars,
+    /// to `{name}.db.corrupt-{unix seconds}` (never a projection's name), so that
+    /// the next `db(name)` starts afresh and nothing is deleted. Returns the new
+    /// path of the database file.
+    ///
+    /// # Errors
+    /// [`Error::NotAProjection`] unless the file is corrupt (or not an SQLite
+    /// database at all); [`Error::Locked`]; [`Error::Io`].
+    pub fn move_aside_corrupt(&self, name: &str) -> Result<PathBuf> {
+        let name = ProjectionName::new(name)?;
+        let mut open = self.lock_open();
+        let lock = match open.remove(&name) {
+            Some(db) => db.close_inner()?.ok_or_else(|| Error::Closed {
+                name: name.to_string(),
+            })?,
+            None => self.acquire_lock(&name)?,
+        };
+        let path = self.db_path(&name);
+        match classify_file(&path)? {
+            Some(FileKind::Corrupt(_)) => {}
+            Some(FileKind::NotAProjection(reason)) if reason.starts_with(NOT_SQLITE) => {}
+            _ => {
+                return Err(Error::NotAProjection {
+                    path,
+                    reason: "only a corrupt projection file is moved aside".into(),
+                });
+            }
+        }
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let target = self.path.join(format!("{name}{DB_SUFFIX}.corrupt-{stamp}"));
+        for suffix in SIDECARS {
+            let from = sidecar(&path, suffix);
+            if from.exists() {
+                let to = sidecar(&target, suffix);
+                fs::rename(&from, &to).map_err(Error::io("move aside", &from))?;
+            }
+        }
+        fs::rename(&path, &target).map_err(Error::io("move aside", &path))?;
+        drop(lock);
+        Ok(target)
     }
 
     /// Closes every open projection and releases its lock.
@@ -170,22 +356,50 @@ impl ProjectionDir {
         self.path.join(format!("{name}{DB_SUFFIX}"))
     }
 
+    fn lock_path(&self, name: &ProjectionName) -> PathBuf {
+        self.path.join(format!(".{name}.lock"))
+    }
+
+    /// Deletes a projection's file, sidecars and lock file; the caller holds the lock.
+    fn delete_files(&self, name: &ProjectionName) -> Result<()> {
+        let path = self.db_path(name);
+        remove_file_if_exists(&path)?;
+        remove_sidecars(&path)?;
+        remove_file_if_exists(&self.lock_path(name))
+    }
+
+    /// Takes the projection's lock file. A lock file that is a symbolic link is
+    /// refused. Because `remove` deletes lock files, a lock taken on a file that
+    /// was deleted in the meantime is worthless: the path is checked to still be
+    /// the locked file, and the attempt repeated otherwise.
     fn acquire_lock(&self, name: &ProjectionName) -> Result<File> {
-        let path = self.path.join(format!(".{name}.lock"));
-        let file = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(Error::io("open lock file", &path))?;
-        match file.try_lock() {
-            Ok(()) => Ok(file),
-            Err(TryLockError::WouldBlock) => Err(Error::Locked {
-                name: name.to_string(),
-                path,
-            }),
-            Err(TryLockError::Error(e)) => Err(Error::io("lock", path)(e)),
+        let path = self.lock_path(name);
+        for _ in 0..LOCK_ATTEMPTS_MAX {
+            refuse_symlink(&path)?;
+            let file = File::options()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .map_err(Error::io("open lock file", &path))?;
+            match file.try_lock() {
+                Ok(()) => {}
+                Err(TryLockError::WouldBlock) => {
+                    return Err(Error::Locked {
+                        name: name.to_string(),
+                        path,
+                    });
+                }
+                Err(TryLockError::Error(e)) => return Err(Error::io("lock", path)(e)),
+            }
+            if same_file(&file, &path) {
+                return Ok(file);
+            }
         }
+        Err(Error::Locked {
+            name: name.to_string(),
+            path,
+        })
     }
 
     fn lock_open(&self) -> MutexGuard<'_, HashMap<ProjectionName, Arc<ProjectionDb>>> {
@@ -293,14 +507,30 @@ pub(crate) fn begin_immediate(conn: &mut Connection) -> rusqlite::Result<Transac
 /// Opens a projection file: WAL, `synchronous=NORMAL` (a projection can be
 /// rebuilt, so losing the last commits to a power cut is acceptable; a process
 /// crash loses nothing), in-memory temp store, busy timeout, and the
-/// `_checkpoint` table.
-fn open_projection(path: &Path) -> Result<Connection> {
+/// `_checkpoint` table. A new file gets [`APPLICATION_ID`] before it switches to
+/// WAL, so the mark is in the file's header at once; a file of an earlier version
+/// gets it now. A file SQLite cannot read is [`Error::CorruptProjection`].
+fn open_projection(path: &Path, new: bool) -> Result<Connection> {
     let step = || format!("open projection file {}", path.display());
+    let corrupt = |source: rusqlite::Error| match corruption(&source) {
+        Some(reason) => Error::CorruptProjection {
+            path: path.to_path_buf(),
+            reason,
+        },
+        None => Error::sqlite(step())(source),
+    };
     let conn = Connection::open(path).map_err(Error::sqlite(step()))?;
     conn.busy_timeout(Duration::from_millis(u64::from(BUSY_TIMEOUT_MS)))
         .map_err(Error::sqlite(step()))?;
+    let application_id: i32 = conn
+        .pragma_query_value(None, "application_id", |row| row.get(0))
+        .map_err(corrupt)?;
+    if new || application_id != APPLICATION_ID {
+        conn.pragma_update(None, "application_id", APPLICATION_ID)
+            .map_err(corrupt)?;
+    }
     conn.pragma_update(None, "journal_mode", "WAL")
-        .map_err(Error::sqlite(step()))?;
+        .map_err(corrupt)?;
     conn.pragma_update(None, "synchronous", "NORMAL")
         .map_err(Error::sqlite(step()))?;
     // Each batch runs in a savepoint, whose undo pages go to a statement journal:
@@ -308,16 +538,161 @@ fn open_projection(path: &Path) -> Result<Connection> {
     // (measured: 144k instead of 82k page writes per 100k events).
     conn.pragma_update(None, "temp_store", "MEMORY")
         .map_err(Error::sqlite(step()))?;
-    conn.execute_batch(CHECKPOINT_SCHEMA)
-        .map_err(Error::sqlite(step()))?;
+    conn.execute_batch(CHECKPOINT_SCHEMA).map_err(corrupt)?;
+    // A cheap check that the schema and the checkpoint are readable; damaged
+    // pages elsewhere are found by `PRAGMA quick_check` (`status --check`).
+    conn.query_row("SELECT count(*) FROM _checkpoint", [], |_| Ok(()))
+        .map_err(corrupt)?;
     Ok(conn)
+}
+
+/// What a file at a projection's path is; `None` when there is no file.
+///
+/// A projection file is an SQLite database whose header carries
+/// [`APPLICATION_ID`], or (written by earlier versions, before the mark existed)
+/// one with a `_checkpoint` table that has `consumer_id` and `sequence` columns.
+/// The header is read directly; only an unmarked SQLite file is opened, read-only,
+/// to look for the table. Symbolic links are never followed.
+///
+/// # Errors
+/// [`Error::Io`] when the file cannot be read.
+pub fn classify_file(path: &Path) -> Result<Option<FileKind>> {
+    let metadata = match fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io("inspect", path)(e)),
+    };
+    if metadata.file_type().is_symlink() {
+        return Ok(Some(FileKind::NotAProjection("a symbolic link".into())));
+    }
+    if !metadata.is_file() {
+        return Ok(Some(FileKind::NotAProjection("not a regular file".into())));
+    }
+    if metadata.len() == 0 {
+        return Ok(Some(FileKind::Empty));
+    }
+    let mut header = [0u8; 100];
+    let n_read = read_prefix(path, &mut header)?;
+    if n_read < header.len() || header[..16] != SQLITE_MAGIC[..] {
+        return Ok(Some(FileKind::NotAProjection(format!(
+            "{NOT_SQLITE} (no SQLite header)"
+        ))));
+    }
+    let application_id = i32::from_be_bytes([header[68], header[69], header[70], header[71]]);
+    if application_id == APPLICATION_ID {
+        return Ok(Some(FileKind::Projection));
+    }
+    if application_id != 0 {
+        return Ok(Some(FileKind::NotAProjection(format!(
+            "another program's SQLite database (application id {application_id:#x})"
+        ))));
+    }
+    Ok(Some(classify_unmarked(path)))
+}
+
+/// The start of the reason given for a file that is not an SQLite database.
+const NOT_SQLITE: &str = "not an SQLite database";
+
+/// An SQLite file without an application id: a projection of an earlier version
+/// (its mark may also still sit in its `-wal`), or someone else's database.
+fn classify_unmarked(path: &Path) -> FileKind {
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let look = || -> rusqlite::Result<FileKind> {
+        let conn = Connection::open_with_flags(path, flags)?;
+        conn.busy_timeout(Duration::from_millis(u64::from(BUSY_TIMEOUT_MS)))?;
+        let application_id: i32 =
+            conn.pragma_query_value(None, "application_id", |row| row.get(0))?;
+        if application_id == APPLICATION_ID {
+            return Ok(FileKind::Projection);
+        }
+        let columns: i64 = conn.query_row(
+            "SELECT count(*) FROM pragma_table_info('_checkpoint')
+             WHERE name IN ('consumer_id', 'sequence')",
+            [],
+            |row| row.get(0),
+        )?;
+        Ok(if columns == 2 {
+            FileKind::Projection
+        } else {
+            FileKind::NotAProjection("an SQLite database without a _checkpoint table".into())
+        })
+    };
+    match look() {
+        Ok(kind) => kind,
+        Err(e) => match corruption(&e) {
+            Some(reason) => FileKind::Corrupt(reason),
+            None => FileKind::NotAProjection(format!("cannot be read: {e}")),
+        },
+    }
+}
+
+/// The reason, when a SQLite error says the file is damaged or not a database.
+pub(crate) fn corruption(error: &rusqlite::Error) -> Option<String> {
+    match error.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase) => {
+            Some(error.to_string())
+        }
+        _ => None,
+    }
+}
+
+fn read_prefix(path: &Path, buf: &mut [u8]) -> Result<usize> {
+    use std::io::Read;
+    let mut file = File::open(path).map_err(Error::io("read", path))?;
+    let mut n_read = 0;
+    while n_read < buf.len() {
+        match file.read(&mut buf[n_read..]) {
+            Ok(0) => break,
+            Ok(n) => n_read += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Error::io("read", path)(e)),
+        }
+    }
+    Ok(n_read)
+}
+
+fn refuse_symlink(path: &Path) -> Result<()> {
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => Err(Error::NotAProjection {
+            path: path.to_path_buf(),
+            reason: "a symbolic link; projectionist does not follow links in its directory".into(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+fn refuse_symlinked_sidecars(db_path: &Path) -> Result<()> {
+    refuse_symlink(db_path)?;
+    for suffix in SIDECARS {
+        refuse_symlink(&sidecar(db_path, suffix))?;
+    }
+    Ok(())
+}
+
+fn sidecar(db_path: &Path, suffix: &str) -> PathBuf {
+    let mut name = db_path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+/// Whether `path` still names the open `file` (same device and inode).
+#[cfg(unix)]
+fn same_file(file: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), fs::symlink_metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+#[cfg(not(unix))]
+fn same_file(_file: &File, path: &Path) -> bool {
+    path.exists()
 }
 
 fn remove_sidecars(db_path: &Path) -> Result<()> {
     for suffix in SIDECARS {
-        let mut sidecar = db_path.as_os_str().to_owned();
-        sidecar.push(suffix);
-        remove_file_if_exists(Path::new(&sidecar))?;
+        remove_file_if_exists(&sidecar(db_path, suffix))?;
     }
     Ok(())
 }

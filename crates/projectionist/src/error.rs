@@ -35,6 +35,72 @@ pub enum Error {
         path: PathBuf,
     },
 
+    /// A file where a projection would live that is not recognisably a projection
+    /// (another program's database, a symbolic link, a stray file): it is left alone.
+    #[error("{} is not a projection file ({reason}); it was left alone", path.display())]
+    NotAProjection {
+        /// The file.
+        path: PathBuf,
+        /// Why it is not taken for a projection.
+        reason: String,
+    },
+
+    /// A projection file that SQLite cannot read (a damaged header or pages).
+    #[error("projection file {} is corrupt: {reason}", path.display())]
+    CorruptProjection {
+        /// The file.
+        path: PathBuf,
+        /// What SQLite said.
+        reason: String,
+    },
+
+    /// A projection that does not exist in the directory.
+    #[error("no projection {name} in {}", dir.display())]
+    NoSuchProjection {
+        /// The projection.
+        name: String,
+        /// The directory.
+        dir: PathBuf,
+    },
+
+    /// A projection whose checkpoint is past the end of the event log: it was built
+    /// from another (or a longer) log, so resuming it would report a wrong state.
+    #[error(
+        "projection {name}: checkpoint {checkpoint} is beyond the event store's head {head}; \
+         was it built from another store? rebuild it to start over"
+    )]
+    CheckpointBeyondHead {
+        /// The projection.
+        name: String,
+        /// Its checkpoint.
+        checkpoint: u64,
+        /// The store's last sequence.
+        head: u64,
+    },
+
+    /// An event whose stored data cannot be read at all (not UTF-8, not JSON text).
+    #[error("event at sequence {sequence} (stream {stream_id}, type {event_type}): {reason}")]
+    InvalidEvent {
+        /// The event's global sequence.
+        sequence: u64,
+        /// The event's stream.
+        stream_id: String,
+        /// The event's type.
+        event_type: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// The event store exists but is not one this command can read (no events
+    /// table, a missing column); nothing was created or changed in it.
+    #[error("event store {store}: {reason}")]
+    NotAnEventStore {
+        /// The file or server.
+        store: String,
+        /// What is missing.
+        reason: String,
+    },
+
     /// The projection was removed or its directory closed while a handle was still held.
     #[error("projection {name} is closed")]
     Closed {

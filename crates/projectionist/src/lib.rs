@@ -85,7 +85,7 @@ mod writer;
 
 pub use checkpoint::{Checkpoint, SqliteCheckpoint};
 pub use digest::{DigestScope, projection_digest};
-pub use dir::{ProjectionDb, ProjectionDir};
+pub use dir::{APPLICATION_ID, FileKind, ProjectionDb, ProjectionDir, ScannedFile, classify_file};
 pub use error::{BoxError, Error, Result};
 pub use event::{Appended, GlobalEvent, NewEvent};
 pub use handler::{Handler, SchemaHandler};

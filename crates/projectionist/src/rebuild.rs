@@ -250,6 +250,20 @@ fn validate_options(options: &RebuildOptions<'_>) -> Result<(u32, Duration)> {
     Ok((batch_size, options.commit_interval))
 }
 
+/// One projection file twice in one run would have two writer threads wait on
+/// one connection forever; it is a usage error.
+fn check_distinct<E>(projections: &[ProjectionTarget<'_, E>]) -> Result<()> {
+    let mut paths: Vec<&std::path::Path> = projections.iter().map(|p| p.db.path()).collect();
+    paths.sort();
+    match paths.windows(2).find(|pair| pair[0] == pair[1]) {
+        Some(pair) => Err(Error::InvalidOptions(format!(
+            "projection file {} appears twice in one run",
+            pair[0].display()
+        ))),
+        None => Ok(()),
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Start {
     Reset,
@@ -282,12 +296,17 @@ fn run<E: Send + Sync>(
     options: &RebuildOptions<'_>,
     start: Start,
 ) -> Vec<Result<RebuildResult>> {
-    let (batch_size, commit_interval) = match validate_options(options) {
+    let valid = validate_options(options).and_then(|valid| {
+        check_distinct(&projections)?;
+        Ok(valid)
+    });
+    let (batch_size, commit_interval) = match valid {
         Ok(valid) => valid,
-        Err(_) => {
+        Err(e) => {
+            let message = e.to_string();
             return projections
                 .iter()
-                .map(|_| Err(validate_options(options).unwrap_err()))
+                .map(|_| Err(Error::InvalidOptions(message.clone())))
                 .collect();
         }
     };

@@ -336,14 +336,32 @@ fn begin_run<E>(projection: &mut ProjectionTarget<'_, E>, context: &RunContext<'
             source,
         })?;
         let checkpoint = SqliteCheckpoint::load_in(&tx, consumer_id)?;
+        check_within_head(&name, checkpoint, context)?;
         guard(context, &name, checkpoint)?;
         tx.commit().map_err(Error::sqlite(step()))?;
         Ok(checkpoint)
     })?;
     match projection.checkpoint {
         CheckpointLocation::InFile => Ok(in_file_checkpoint),
-        CheckpointLocation::External(checkpoint) => checkpoint.load(consumer_id),
+        CheckpointLocation::External(checkpoint) => {
+            let checkpoint = checkpoint.load(consumer_id)?;
+            check_within_head(&name, checkpoint, context)?;
+            Ok(checkpoint)
+        }
     }
+}
+
+/// A checkpoint past the log's head means the projection was built from another
+/// (or a longer) log: resuming would call it current when it is not.
+fn check_within_head(name: &str, checkpoint: u64, context: &RunContext<'_>) -> Result<()> {
+    if checkpoint > context.total {
+        return Err(Error::CheckpointBeyondHead {
+            name: name.to_owned(),
+            checkpoint,
+            head: context.total,
+        });
+    }
+    Ok(())
 }
 
 /// Drops every table and view of the projection except `_checkpoint` (so also

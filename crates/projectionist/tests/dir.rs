@@ -232,15 +232,179 @@ fn remove_closes_handles_and_remove_all_empties_the_directory() {
     dir.remove("a").unwrap();
     let err = held.write(|_| Ok(())).unwrap_err();
     assert!(matches!(err, Error::Closed { .. }), "{err:?}");
-    dir.remove("never-existed").unwrap();
     assert_eq!(dir.list().unwrap().len(), 1);
-    dir.remove_all().unwrap();
+    let removed = dir.remove_all().unwrap();
+    assert_eq!(removed.len(), 1);
     assert!(dir.list().unwrap().is_empty());
-    assert!(
-        tree(tmp.path()).iter().all(|f| f.ends_with(".lock")),
-        "{:?}",
-        tree(tmp.path())
+    // Lock files go with their projection (issue 8, item 16).
+    assert_eq!(tree(tmp.path()), Vec::<String>::new());
+}
+
+/// Issue 8, item 16: removing a projection that does not exist is an error,
+/// and creates no lock file.
+#[test]
+fn r8_removing_an_unknown_projection_is_an_error_and_leaves_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = ProjectionDir::open(tmp.path()).unwrap();
+    let err = dir.remove("nope").unwrap_err();
+    assert!(matches!(err, Error::NoSuchProjection { .. }), "{err:?}");
+    assert!(err.to_string().contains("no projection nope"), "{err}");
+    assert_eq!(tree(tmp.path()), Vec::<String>::new());
+    let missing = tmp.path().join("missing");
+    assert!(ProjectionDir::open_existing(&missing).is_err());
+    assert!(!missing.exists(), "open_existing creates nothing");
+}
+
+/// Issue 8, item 1: only files that say they are projections are listed or
+/// removed; an event log and another program's database beside them are left
+/// alone, byte for byte. A projection written before the application id existed
+/// (only a `_checkpoint` table) still counts.
+#[test]
+fn r8_files_that_are_not_projections_are_never_listed_or_removed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = projectionist::SqliteEventStore::open(tmp.path().join("events.db")).unwrap();
+    drop(store);
+    let notes = projectionist::rusqlite::Connection::open(tmp.path().join("notes.db")).unwrap();
+    notes
+        .execute_batch("CREATE TABLE notes (text TEXT); INSERT INTO notes VALUES ('keep me');")
+        .unwrap();
+    drop(notes);
+    let other_app = projectionist::rusqlite::Connection::open(tmp.path().join("app.db")).unwrap();
+    other_app
+        .execute_batch(
+            "PRAGMA application_id = 42; CREATE TABLE _checkpoint (consumer_id, sequence);",
+        )
+        .unwrap();
+    drop(other_app);
+    fs::write(
+        tmp.path().join("text.db"),
+        b"just some text, long enough to not be empty",
+    )
+    .unwrap();
+    // A projection file as earlier versions wrote it: no application id.
+    let legacy = projectionist::rusqlite::Connection::open(tmp.path().join("legacy.db")).unwrap();
+    legacy
+        .execute_batch(
+            "PRAGMA journal_mode = WAL;
+             CREATE TABLE _checkpoint (consumer_id TEXT PRIMARY KEY, sequence INTEGER NOT NULL);
+             INSERT INTO _checkpoint VALUES ('legacy', 7);",
+        )
+        .unwrap();
+    drop(legacy);
+    let dir = ProjectionDir::open(tmp.path()).unwrap();
+    dir.db("fresh").unwrap();
+    let names: Vec<String> = dir
+        .list()
+        .unwrap()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(names, ["fresh", "legacy"]);
+    let foreign = ["events.db", "notes.db", "app.db", "text.db"];
+    let before: Vec<Vec<u8>> = foreign
+        .iter()
+        .map(|f| fs::read(tmp.path().join(f)).unwrap())
+        .collect();
+    for name in ["events", "notes", "app", "text"] {
+        let err = dir.remove(name).unwrap_err();
+        assert!(
+            matches!(err, Error::NotAProjection { .. }),
+            "{name}: {err:?}"
+        );
+        let err = dir.db(name).unwrap_err();
+        assert!(
+            matches!(err, Error::NotAProjection { .. }),
+            "{name}: {err:?}"
+        );
+    }
+    let removed: Vec<String> = dir
+        .remove_all()
+        .unwrap()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(removed, ["fresh", "legacy"]);
+    let after: Vec<Vec<u8>> = foreign
+        .iter()
+        .map(|f| fs::read(tmp.path().join(f)).unwrap())
+        .collect();
+    assert!(before == after, "a file that is not a projection changed");
+    // The legacy file got the mark when opened; a new file has it in its header.
+    let fresh = dir.db("fresh").unwrap();
+    let header = fs::read(fresh.path()).unwrap();
+    assert_eq!(
+        &header[68..72],
+        &projectionist::APPLICATION_ID.to_be_bytes()
     );
+}
+
+/// Issue 8, item 5: a projection file, lock file or sidecar that is a symbolic
+/// link is refused, and the link's target is never written.
+#[cfg(unix)]
+#[test]
+fn r8_symbolic_links_in_the_directory_are_refused() {
+    use std::os::unix::fs::symlink;
+    let tmp = tempfile::tempdir().unwrap();
+    let outside = tmp.path().join("outside");
+    fs::create_dir(&outside).unwrap();
+    let victim = outside.join("victim.db");
+    let conn = projectionist::rusqlite::Connection::open(&victim).unwrap();
+    conn.execute_batch("CREATE TABLE v (x); INSERT INTO v VALUES (1);")
+        .unwrap();
+    drop(conn);
+    // A victim that even looks like a projection must not be followed.
+    let marked = outside.join("marked.db");
+    ProjectionDir::open(&outside).unwrap().db("marked").unwrap();
+    let dir_path = tmp.path().join("projections");
+    fs::create_dir(&dir_path).unwrap();
+    symlink(&victim, dir_path.join("a.db")).unwrap();
+    symlink(&marked, dir_path.join("b.db")).unwrap();
+    symlink(outside.join("lock"), dir_path.join(".c.lock")).unwrap();
+    symlink(outside.join("wal"), dir_path.join("d.db-wal")).unwrap();
+    let before = tree(&outside);
+    let victim_bytes = fs::read(&victim).unwrap();
+    let dir = ProjectionDir::open(&dir_path).unwrap();
+    for name in ["a", "b", "c", "d"] {
+        let err = dir.db(name).unwrap_err();
+        assert!(
+            matches!(err, Error::NotAProjection { .. }),
+            "{name}: {err:?}"
+        );
+        assert!(err.to_string().contains("symbolic link"), "{err}");
+    }
+    assert!(dir.list().unwrap().is_empty());
+    dir.remove_all().unwrap();
+    assert!(dir.remove("a").is_err());
+    assert_eq!(tree(&outside), before);
+    assert_eq!(fs::read(&victim).unwrap(), victim_bytes);
+}
+
+/// Issue 8, item 6: with one projection held by another process, `remove_all`
+/// removes nothing and names the held one.
+#[test]
+fn r8_remove_all_is_all_or_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let first = ProjectionDir::open(tmp.path()).unwrap();
+    for name in ["a", "b", "c"] {
+        first.db(name).unwrap();
+    }
+    first.close().unwrap();
+    let holder = ProjectionDir::open(tmp.path()).unwrap();
+    let _held = holder.db("b").unwrap();
+    let other = ProjectionDir::open(tmp.path()).unwrap();
+    let err = other.remove_all().unwrap_err();
+    assert!(
+        matches!(err, Error::Locked { ref name, .. } if name == "b"),
+        "{err:?}"
+    );
+    for name in ["a", "b", "c"] {
+        assert!(
+            tmp.path().join(format!("{name}.db")).is_file(),
+            "{name} was removed"
+        );
+    }
+    holder.close().unwrap();
+    assert_eq!(other.remove_all().unwrap().len(), 3);
 }
 
 #[test]

@@ -116,22 +116,47 @@ impl SqliteEventStore {
         Self::finish(path, reader, Some(writer), &mapping)
     }
 
+    /// Opens an existing event store with this crate's schema for reading only.
+    /// Nothing in the file is created or changed: no table, no index, no journal
+    /// mode (the connection is read-only). Use [`SqliteEventStore::open`] to create
+    /// a store or to append.
+    ///
+    /// # Errors
+    /// [`Error::Io`] when the file is missing or is a directory;
+    /// [`Error::NotAnEventStore`] when it has no events table (or a column is
+    /// missing), naming the file.
+    pub fn open_read_only(path: impl AsRef<Path>) -> Result<Self> {
+        Self::open_mapped(path, &EventTableMapping::default())
+    }
+
     /// Opens an existing events table of another program, read-only, through a
-    /// column mapping. The table and columns are checked now.
+    /// column mapping. The table and columns are checked now. Nothing in the file
+    /// is created or changed (the connection is read-only).
     ///
     /// # Errors
     /// [`Error::InvalidOptions`] for a name that is not a plain identifier;
-    /// [`Error::Sqlite`] when the file, table or a column does not exist.
+    /// [`Error::Io`] when the file is missing or a directory;
+    /// [`Error::NotAnEventStore`] when the table or a column does not exist.
     pub fn open_mapped(path: impl AsRef<Path>, mapping: &EventTableMapping) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
-        if !path.exists() {
+        let kind = match std::fs::metadata(&path) {
+            Ok(m) if m.is_dir() => Some(std::io::ErrorKind::IsADirectory),
+            Ok(_) => None,
+            Err(e) => Some(e.kind()),
+        };
+        if let Some(kind) = kind {
             return Err(Error::Io {
                 step: "open event store",
                 path,
-                source: std::io::ErrorKind::NotFound.into(),
+                source: kind.into(),
             });
         }
-        let reader = open_connection(&path, OpenFlags::SQLITE_OPEN_READ_WRITE)?;
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let step = || format!("open event store {}", path.display());
+        let reader = Connection::open_with_flags(&path, flags).map_err(Error::sqlite(step()))?;
+        reader
+            .busy_timeout(std::time::Duration::from_millis(u64::from(BUSY_TIMEOUT_MS)))
+            .map_err(Error::sqlite(step()))?;
         Self::finish(path, reader, None, mapping)
     }
 
@@ -143,11 +168,9 @@ impl SqliteEventStore {
     ) -> Result<Self> {
         let (read_sql, read_types_sql, head_sql) = mapping_sql(mapping)?;
         for sql in [&read_sql, &read_types_sql, &head_sql] {
-            reader.prepare(sql).map_err(Error::sqlite(format!(
-                "read events table {:?} in {}",
-                mapping.table,
-                path.display()
-            )))?;
+            reader
+                .prepare(sql)
+                .map_err(|e| not_an_event_store(&path, mapping, &e))?;
         }
         Ok(SqliteEventStore {
             path,
@@ -389,6 +412,36 @@ fn append_stream(tx: &rusqlite::Transaction<'_>, append: &StreamAppend<'_>) -> R
         appended.last_sequence = sequence;
     }
     Ok(appended)
+}
+
+/// Why a file cannot be read as an events table, in the user's words.
+fn not_an_event_store(path: &Path, mapping: &EventTableMapping, error: &rusqlite::Error) -> Error {
+    let store = path.display().to_string();
+    if let Some(code @ (rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt)) =
+        error.sqlite_error_code()
+    {
+        let what = if code == rusqlite::ErrorCode::NotADatabase {
+            "not an SQLite database"
+        } else {
+            "the file is corrupt"
+        };
+        return Error::NotAnEventStore {
+            store,
+            reason: what.into(),
+        };
+    }
+    let message = error.to_string();
+    let reason = if message.contains("no such table") {
+        format!(
+            "no events table {:?} (create the store with `projectionist demo` or by appending through the library, or map your own table)",
+            mapping.table
+        )
+    } else if let Some(column) = message.strip_prefix("no such column: ") {
+        format!("events table {:?} has no column {column:?}", mapping.table)
+    } else {
+        format!("cannot read events table {:?}: {message}", mapping.table)
+    };
+    Error::NotAnEventStore { store, reason }
 }
 
 /// Opens a connection to the event store: WAL, busy timeout, `synchronous=FULL`.
