@@ -734,14 +734,24 @@ fn run_status(cli: &Cli) -> Result<(), Failure> {
         .dir
         .clone()
         .unwrap_or_else(|| default_path(false, "projections"));
-    let head = match open_store(cli, false) {
-        Ok(store) => Some(
+    // Without a store, status still shows the files; a store that exists but
+    // cannot be read is an error.
+    let spec = store_spec(cli, false);
+    let head = if Store::is_postgres(&spec) || Path::new(&spec).exists() {
+        let store = open_store(cli, false)?;
+        Some(
             store
                 .reader()
                 .head()
                 .map_err(|e| fail(EXIT_STORE)(e.into()))?,
-        ),
-        Err(_) => None,
+        )
+    } else {
+        if !cli.quiet {
+            eprintln!(
+                "warning: event store {spec} does not exist; showing the projection files only"
+            );
+        }
+        None
     };
     let mut names: Vec<String> = config
         .projections

@@ -2,81 +2,13 @@
 //! demo, every subcommand, `--json` output, bad configs, hostile event data,
 //! Ctrl-C then resume, and stale definitions.
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
+mod common;
 
+use std::process::Command;
+
+use common::{DEMO_CONFIG, Env, json_lines, stderr, stdout};
 use projectionist::rusqlite::Connection;
-use projectionist::{DigestScope, NewEvent, SqliteEventStore, projection_digest};
-
-const DEMO_CONFIG: &str = include_str!("../../../examples/orders/projections.toml");
-
-struct Env {
-    tmp: tempfile::TempDir,
-}
-
-impl Env {
-    fn new() -> Self {
-        Env {
-            tmp: tempfile::tempdir().unwrap(),
-        }
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.tmp.path().join(name)
-    }
-    /// The binary with `--store`, `--dir` and `--config` inside the temp dir.
-    fn command(&self, args: &[&str]) -> Command {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_projectionist"));
-        command
-            .current_dir(self.tmp.path())
-            .args([
-                "--store",
-                "events.db",
-                "--dir",
-                "projections",
-                "--config",
-                "projections.toml",
-            ])
-            .args(args);
-        command
-    }
-    /// Runs the binary to completion (see [`Env::command`]).
-    fn run(&self, args: &[&str]) -> Output {
-        self.command(args).output().unwrap()
-    }
-    fn write_config(&self, text: &str) {
-        std::fs::write(self.path("projections.toml"), text).unwrap();
-    }
-    /// A demo log of `n` events and the demo config.
-    fn demo_log(&self, n: u64) {
-        self.write_config(DEMO_CONFIG);
-        let out = self.run(&["--quiet", "demo", "--events", &n.to_string()]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        self.write_config(DEMO_CONFIG);
-    }
-    fn digest(&self, name: &str) -> String {
-        let conn = Connection::open(self.path(&format!("projections/{name}.db"))).unwrap();
-        projection_digest(&conn, DigestScope::All).unwrap()
-    }
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn json_lines(out: &Output) -> Vec<serde_json::Value> {
-    stdout(out)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
-        .collect()
-}
+use projectionist::{NewEvent, SqliteEventStore};
 
 #[test]
 fn demo_generates_rebuilds_and_summarises() {

@@ -595,11 +595,18 @@ const NOT_SQLITE: &str = "not an SQLite database";
 
 /// An SQLite file without an application id: a projection of an earlier version
 /// (its mark may also still sit in its `-wal`), or someone else's database.
+///
+/// The file is opened `immutable`: SQLite then reads the main file only and
+/// creates no `-wal`/`-shm` beside someone else's database. A projection of an
+/// earlier version has its `_checkpoint` table in the main file once any
+/// connection to it has closed cleanly.
 fn classify_unmarked(path: &Path) -> FileKind {
-    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        | OpenFlags::SQLITE_OPEN_URI;
     let look = || -> rusqlite::Result<FileKind> {
-        let conn = Connection::open_with_flags(path, flags)?;
-        conn.busy_timeout(Duration::from_millis(u64::from(BUSY_TIMEOUT_MS)))?;
+        let uri = format!("file:{}?immutable=1", uri_path(path));
+        let conn = Connection::open_with_flags(uri, flags)?;
         let application_id: i32 =
             conn.pragma_query_value(None, "application_id", |row| row.get(0))?;
         if application_id == APPLICATION_ID {
@@ -634,6 +641,19 @@ pub(crate) fn corruption(error: &rusqlite::Error) -> Option<String> {
         }
         _ => None,
     }
+}
+
+/// A path for an SQLite `file:` URI: every byte but unreserved ones escaped.
+fn uri_path(path: &Path) -> String {
+    let mut out = String::new();
+    for byte in path.as_os_str().as_encoded_bytes() {
+        if byte.is_ascii_alphanumeric() || b"/._-~".contains(byte) {
+            out.push(char::from(*byte));
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
 }
 
 fn read_prefix(path: &Path, buf: &mut [u8]) -> Result<usize> {

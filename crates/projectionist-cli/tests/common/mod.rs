@@ -1,0 +1,87 @@
+//! What the end-to-end tests of the binary share: a temporary working directory
+//! and the binary run inside it.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use projectionist::rusqlite::Connection;
+use projectionist::{DigestScope, projection_digest};
+
+pub const DEMO_CONFIG: &str = include_str!("../../../../examples/orders/projections.toml");
+
+pub struct Env {
+    pub tmp: tempfile::TempDir,
+}
+
+impl Env {
+    pub fn new() -> Self {
+        Env {
+            tmp: tempfile::tempdir().unwrap(),
+        }
+    }
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.tmp.path().join(name)
+    }
+    /// The binary with `--store`, `--dir` and `--config` inside the temp dir.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_projectionist"));
+        command
+            .current_dir(self.tmp.path())
+            .args([
+                "--store",
+                "events.db",
+                "--dir",
+                "projections",
+                "--config",
+                "projections.toml",
+            ])
+            .args(args);
+        command
+    }
+    /// Runs the binary in the temp dir with only `args` (no default options).
+    pub fn run_bare(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_projectionist"))
+            .current_dir(self.tmp.path())
+            .args(args)
+            .output()
+            .unwrap()
+    }
+    /// Runs the binary to completion (see [`Env::command`]).
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().unwrap()
+    }
+    pub fn write_config(&self, text: &str) {
+        std::fs::write(self.path("projections.toml"), text).unwrap();
+    }
+    /// A demo log of `n` events and the demo config.
+    pub fn demo_log(&self, n: u64) {
+        self.write_config(DEMO_CONFIG);
+        let out = self.run(&["--quiet", "demo", "--events", &n.to_string()]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.write_config(DEMO_CONFIG);
+    }
+    pub fn digest(&self, name: &str) -> String {
+        let conn = Connection::open(self.path(&format!("projections/{name}.db"))).unwrap();
+        projection_digest(&conn, DigestScope::All).unwrap()
+    }
+}
+
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+pub fn json_lines(out: &Output) -> Vec<serde_json::Value> {
+    stdout(out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect()
+}

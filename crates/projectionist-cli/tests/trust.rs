@@ -1,0 +1,367 @@
+//! Issue 8 ("Trust"), end to end on the real binary: no command destroys, writes
+//! into or misreports what is not ours. Each test names the item it covers, and
+//! checks that files that are not ours are unchanged byte for byte.
+
+mod common;
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::{DEMO_CONFIG, Env, stderr, stdout};
+use projectionist::rusqlite::Connection;
+use projectionist::{NewEvent, ProjectionDir, SqliteEventStore};
+
+/// Every file below `root` with its bytes, to prove nothing changed.
+fn snapshot(root: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let meta = std::fs::symlink_metadata(&path).unwrap();
+            let name = path.strip_prefix(root).unwrap().display().to_string();
+            if meta.is_dir() {
+                stack.push(path);
+            } else if meta.is_file() {
+                out.push((name, std::fs::read(&path).unwrap()));
+            } else {
+                out.push((name, Vec::new()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// [`snapshot`] without SQLite's `-shm`/`-wal` sidecars: reading a WAL database
+/// may create them; the databases themselves must not change.
+fn databases(root: &Path) -> Vec<(String, Vec<u8>)> {
+    snapshot(root)
+        .into_iter()
+        .filter(|(name, _)| !name.ends_with("-shm") && !name.ends_with("-wal"))
+        .collect()
+}
+
+fn notes_db(path: &Path) {
+    let conn = Connection::open(path).unwrap();
+    conn.execute_batch("CREATE TABLE notes (text TEXT); INSERT INTO notes VALUES ('keep me');")
+        .unwrap();
+}
+
+/// Item 1: with the event log and another program's database in the projection
+/// directory, `list` shows only projections and `remove-all` leaves both alone.
+#[test]
+fn r8_1_list_and_remove_all_touch_only_projections() {
+    let env = Env::new();
+    env.demo_log(500);
+    let dir = env.path("projections");
+    std::fs::copy(env.path("events.db"), dir.join("events.db")).unwrap();
+    notes_db(&dir.join("notes.db"));
+    let foreign = |d: &Path| {
+        snapshot(d)
+            .into_iter()
+            .filter(|(n, _)| n.starts_with("events.db") || n.starts_with("notes.db"))
+            .collect::<Vec<_>>()
+    };
+    let before = foreign(&dir);
+    let out = env.run(&["list"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "customer_stats\norder_summary\n");
+    assert!(
+        stderr(&out).contains("notes.db is not a projection"),
+        "{}",
+        stderr(&out)
+    );
+    let out = env.run(&["remove", "notes"]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("not a projection file"),
+        "{}",
+        stderr(&out)
+    );
+    let out = env.run(&["remove-all"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("removed order_summary"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(stderr(&out).contains("left alone"), "{}", stderr(&out));
+    assert!(
+        foreign(&dir) == before,
+        "a file that is not a projection changed"
+    );
+    assert_eq!(stdout(&env.run(&["list"])), "");
+}
+
+/// Item 2: `demo --store` never replaces a log it did not make.
+#[test]
+fn r8_2_demo_refuses_to_replace_an_existing_log() {
+    let env = Env::new();
+    env.write_config(DEMO_CONFIG);
+    let store = SqliteEventStore::open(env.path("events.db")).unwrap();
+    let event = NewEvent::json("Noted", &serde_json::json!({"n": 1})).unwrap();
+    for stream in 0..100 {
+        store
+            .append(&format!("s-{stream}"), 0, std::slice::from_ref(&event))
+            .unwrap();
+    }
+    drop(store);
+    notes_db(&env.path("app.db"));
+    let before = databases(env.tmp.path());
+    for target in ["events.db", "app.db"] {
+        let out = env.run_bare(&["--store", target, "--dir", "p", "demo", "--events", "1000"]);
+        assert_eq!(out.status.code(), Some(3), "{target}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(
+            err.contains(target) && err.contains("never replaces"),
+            "{err}"
+        );
+    }
+    assert!(stderr(&env.run(&["demo", "--events", "10"])).contains("100 events"));
+    assert!(databases(env.tmp.path()) == before, "a file changed");
+}
+
+/// Item 3: reading commands never create or alter anything in the store they
+/// are given; a file without an events table is a store error; a projection
+/// ahead of the store's head is an error, not "current".
+#[test]
+fn r8_3_read_only_commands_never_write_into_the_store() {
+    let env = Env::new();
+    env.demo_log(2_000);
+    notes_db(&env.path("app.db"));
+    std::fs::write(env.path("empty.db"), b"").unwrap();
+    let digest_before = env.digest("order_summary");
+    for store in ["app.db", "empty.db", "projections/order_summary.db"] {
+        let before = databases(env.tmp.path());
+        for command in ["status", "rebuild", "resume"] {
+            let out = env.run_bare(&[
+                "--store",
+                store,
+                "--dir",
+                "projections",
+                "--config",
+                "projections.toml",
+                command,
+            ]);
+            assert_eq!(
+                out.status.code(),
+                Some(3),
+                "{store} {command}: {}",
+                stderr(&out)
+            );
+            assert!(stderr(&out).contains(store), "{}", stderr(&out));
+            assert!(stderr(&out).contains("no events table"), "{}", stderr(&out));
+        }
+        assert!(databases(env.tmp.path()) == before, "{store} changed");
+    }
+    assert_eq!(env.digest("order_summary"), digest_before);
+    // A store with fewer events than the projections have applied.
+    let short = SqliteEventStore::open(env.path("short.db")).unwrap();
+    short
+        .append(
+            "s",
+            0,
+            &[NewEvent::json("OrderPlaced", &serde_json::json!({})).unwrap()],
+        )
+        .unwrap();
+    drop(short);
+    let out = env.run_bare(&[
+        "--store",
+        "short.db",
+        "--dir",
+        "projections",
+        "--config",
+        "projections.toml",
+        "resume",
+    ]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("beyond the event store's head 1"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(env.digest("order_summary"), digest_before);
+    // A directory as the store says so.
+    std::fs::create_dir(env.path("a_dir")).unwrap();
+    let out = env.run_bare(&["--store", "a_dir", "--config", "projections.toml", "status"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(stderr(&out).contains("is a directory"), "{}", stderr(&out));
+}
+
+/// Item 4: config SQL that tries to reach outside its projection is a config
+/// error (exit 2) naming the place, for every command, and creates nothing.
+#[test]
+fn r8_4_config_sql_is_confined_to_its_projection() {
+    let outside = tempfile::tempdir().unwrap();
+    let target = |name: &str| outside.path().join(name).display().to_string();
+    let schema = "CREATE TABLE t (id TEXT PRIMARY KEY, n INTEGER);";
+    let insert = "INSERT INTO t VALUES (:id, 1)";
+    let cases: Vec<(String, String, &str)> = vec![
+        (
+            format!("{schema} ATTACH DATABASE '{}' AS x;", target("x.db")),
+            insert.into(),
+            "ATTACH",
+        ),
+        (
+            format!("{schema} VACUUM INTO '{}';", target("y.db")),
+            insert.into(),
+            "VACUUM",
+        ),
+        (
+            schema.into(),
+            format!("VACUUM INTO '{}'", target("z.db")),
+            "VACUUM is not allowed",
+        ),
+        (
+            format!("{schema} PRAGMA writable_schema = 1;"),
+            insert.into(),
+            "PRAGMA writable_schema",
+        ),
+        (
+            format!("{schema} DROP TABLE _checkpoint;"),
+            insert.into(),
+            "_checkpoint (reserved",
+        ),
+        (
+            format!(
+                "{schema} CREATE TRIGGER tr AFTER INSERT ON t BEGIN UPDATE _checkpoint SET sequence = 0; END;"
+            ),
+            insert.into(),
+            "writing to table _checkpoint",
+        ),
+        (
+            schema.into(),
+            "UPDATE _checkpoint SET sequence = 0 WHERE consumer_id = :id".into(),
+            "writing to table _checkpoint",
+        ),
+        (
+            schema.into(),
+            "DELETE FROM _projectionist_definition WHERE :id".into(),
+            "_projectionist_definition",
+        ),
+        (
+            schema.into(),
+            "INSERT INTO t SELECT load_extension(:id), 1".into(),
+            "load_extension",
+        ),
+        (schema.into(), "COMMIT".into(), "transaction control"),
+        (
+            format!("{schema} CREATE TABLE pragma_probe AS SELECT * FROM pragma_database_list;"),
+            insert.into(),
+            "PRAGMA",
+        ),
+    ];
+    for (schema, sql, expected) in cases {
+        let env = Env::new();
+        env.demo_log(100);
+        let config = format!(
+            "[[projection]]\nname = \"p\"\nversion = 1\nschema = {}\n[projection.on.OrderPlaced]\nsql = {}\n",
+            toml_string(&schema),
+            toml_string(&sql)
+        );
+        env.write_config(&config);
+        let before = snapshot(env.tmp.path());
+        for command in ["status", "rebuild"] {
+            let out = env.run(&[command]);
+            assert_eq!(
+                out.status.code(),
+                Some(2),
+                "{command} {config}\n{}",
+                stderr(&out)
+            );
+            let err = stderr(&out);
+            assert!(
+                err.contains(expected),
+                "expected {expected:?} for\n{config}\ngot: {err}"
+            );
+            assert!(err.contains("projection \"p\""), "{err}");
+        }
+        assert!(
+            snapshot(env.tmp.path()) == before,
+            "{config}: files changed"
+        );
+        assert!(
+            snapshot(outside.path()).is_empty(),
+            "{config}: wrote outside"
+        );
+    }
+}
+
+fn toml_string(text: &str) -> String {
+    serde_json::to_string(text).unwrap()
+}
+
+/// Item 5: a projection file that is a symbolic link is refused, and its target
+/// is not written.
+#[cfg(unix)]
+#[test]
+fn r8_5_a_symlinked_projection_file_is_refused() {
+    let env = Env::new();
+    env.demo_log(300);
+    let outside = tempfile::tempdir().unwrap();
+    let victim = outside.path().join("victim.db");
+    notes_db(&victim);
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(env.path(&format!("projections/order_summary.db{suffix}")));
+    }
+    std::os::unix::fs::symlink(&victim, env.path("projections/order_summary.db")).unwrap();
+    let before = snapshot(outside.path());
+    let out = env.run(&["rebuild"]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert!(stderr(&out).contains("symbolic link"), "{}", stderr(&out));
+    // The other projection was rebuilt all the same.
+    assert!(env.path("projections/customer_stats.db").is_file());
+    assert!(snapshot(outside.path()) == before);
+}
+
+/// Item 6: `remove-all` with one projection held by another process removes
+/// nothing and says which one is held.
+#[test]
+fn r8_6_remove_all_is_all_or_nothing() {
+    let env = Env::new();
+    env.demo_log(300);
+    let held_dir = ProjectionDir::open(env.path("projections")).unwrap();
+    let held = held_dir.db("customer_stats").unwrap();
+    let before = snapshot(&env.path("projections"));
+    let out = env.run(&["remove-all"]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("customer_stats is locked") && err.contains("nothing was removed"),
+        "{err}"
+    );
+    assert!(snapshot(&env.path("projections")) == before);
+    drop(held);
+    held_dir.close().unwrap();
+    assert!(env.run(&["remove-all"]).status.success());
+    assert_eq!(stdout(&env.run(&["list"])), "");
+}
+
+/// Item 8: a repeated name runs the projection once instead of hanging.
+#[test]
+fn r8_8_a_repeated_name_does_not_hang() {
+    let env = Env::new();
+    env.demo_log(1_000);
+    for command in ["rebuild", "resume"] {
+        let mut child = env
+            .command(&["--quiet", command, "order_summary", "order_summary"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                child.kill().unwrap();
+                panic!("{command} with a repeated name hung");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(status.success(), "{command}");
+    }
+}
