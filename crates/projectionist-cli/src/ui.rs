@@ -83,15 +83,26 @@ impl Display {
 pub fn result_line(json: bool, quiet: bool, r: &RebuildResult) {
     let seconds = r.elapsed.as_secs_f64();
     let rate = r.processed as f64 / seconds.max(1e-9);
+    let below_head = r.checkpoint < r.total;
     if json {
         json_line(&serde_json::json!({
             "event": "result", "projection": r.projection_name, "processed": r.processed,
             "checkpoint": r.checkpoint, "head": r.total, "seconds": seconds,
+            "below_head": below_head,
         }));
     } else if !quiet {
         eprintln!(
             "{}: {} events in {seconds:.2}s ({rate:.0} events/s), checkpoint {}",
             r.projection_name, r.processed, r.checkpoint
+        );
+    }
+    if below_head && !json {
+        // A run never ends below the head silently (a PostgreSQL hole whose
+        // transaction is still running holds the events after it back).
+        eprintln!(
+            "warning: {} stopped at {}, below the head {}: the event after it is held by a \
+             transaction that is still running; run resume again once it has ended",
+            r.projection_name, r.checkpoint, r.total
         );
     }
 }

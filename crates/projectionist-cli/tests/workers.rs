@@ -116,13 +116,13 @@ fn wait_for_live_lease(client: &mut Client, worker: &str, deadline: Instant) -> 
 }
 
 #[test]
+#[cfg_attr(
+    not(pg_tests),
+    ignore = "set PROJECTIONIST_TEST_PG_URL to run the PostgreSQL tests"
+)]
 fn three_workers_share_six_projections_through_kill_and_pause() {
-    let Ok(base) = std::env::var("PROJECTIONIST_TEST_PG_URL") else {
-        eprintln!(
-            "NOTICE: three_workers_share_six_projections_through_kill_and_pause NOT RUN: set PROJECTIONIST_TEST_PG_URL"
-        );
-        return;
-    };
+    let base = std::env::var("PROJECTIONIST_TEST_PG_URL")
+        .expect("set PROJECTIONIST_TEST_PG_URL to run the PostgreSQL tests");
     let pg = Pg {
         base,
         schema: format!("pj_workers_{}", std::process::id()),

@@ -13,10 +13,14 @@
 //! transaction id below it (appends take their transaction id before their first
 //! sequence number). Once the oldest running transaction (the snapshot's `xmin`)
 //! is at or past that `xmax`, all of them have ended; if the number is still
-//! missing it was rolled back, and the read passes the hole.
+//! missing it was rolled back, and the read passes the hole. A read looks at a
+//! hole again, in new snapshots, for a bounded time, so a process that starts
+//! after the hole was made passes it on its first read (nothing about holes has
+//! to survive a process).
 
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use postgres::{Client, IsolationLevel, NoTls, Row};
 use projectionist::{
@@ -351,44 +355,98 @@ impl PostgresEventStore {
     }
 
     /// Keeps the unbroken run of rows after `after`, passing a hole only once no
-    /// transaction that could fill it is still running.
-    fn contiguous(&self, after: u64, rows: Vec<Row>, xmin: i64, xmax: i64) -> Vec<Row> {
+    /// transaction that could fill it is still running. Also says whether the run
+    /// stopped at a hole it cannot pass yet.
+    fn contiguous(
+        &self,
+        after: u64,
+        rows: Vec<Row>,
+        xmin: i64,
+        xmax: i64,
+    ) -> (Vec<Row>, Option<i64>) {
         let mut gaps = self.gaps.lock().unwrap_or_else(PoisonError::into_inner);
+        // A hole once passed stays passed (it is remembered until the reader is
+        // past it): forgetting it would make the next look at the same position
+        // wait for it all over again.
+        gaps.retain(|&sequence, _| sequence > after);
         let mut expected = after + 1;
         let mut kept = Vec::with_capacity(rows.len());
         for row in rows {
             let sequence = row.get::<_, i64>(0).cast_unsigned();
             if sequence != expected {
-                match gaps.get(&expected) {
+                match gaps.get_mut(&expected) {
                     // Everything that was running when the hole was first seen has
                     // ended, and the number is still missing: rolled back.
                     Some(seen_xmax) if xmin >= *seen_xmax => {
-                        gaps.remove(&expected);
+                        *seen_xmax = i64::MIN;
                     }
-                    Some(_) => break,
+                    Some(seen_xmax) => return (kept, Some(*seen_xmax)),
+                    // No transaction at all is running in this snapshot, so the
+                    // one that took the number has ended: a rollback hole.
+                    None if xmin >= xmax => {
+                        gaps.insert(expected, i64::MIN);
+                    }
                     None => {
                         if gaps.len() >= GAPS_REMEMBERED_MAX {
                             gaps.clear();
                         }
                         gaps.insert(expected, xmax);
-                        break;
+                        return (kept, Some(xmax));
                     }
                 }
             }
             expected = sequence + 1;
             kept.push(row);
         }
-        kept
+        (kept, None)
+    }
+
+    /// One gap-safe read: the unbroken run after `after`. At a hole that was
+    /// there when the call began, the read looks again, in new snapshots, for up
+    /// to [`HOLE_WAIT_MAX`]: once every transaction that was running at the first
+    /// look has ended (a rollback hole, or another worker's short lease update),
+    /// it is passed in this very call. So nothing about holes needs to outlive a
+    /// process: a new process passes an old hole on its first read, and only a
+    /// transaction that stays open longer than the wait holds a run back (the run
+    /// then ends below the head, and says so). Holes that appear during the call
+    /// (new appends still in flight at the head) are not waited for.
+    fn read_contiguous(
+        &self,
+        after: u64,
+        limit: u32,
+        types: Option<&[String]>,
+    ) -> Result<(Vec<Row>, usize)> {
+        let started = Instant::now();
+        let mut pause = HOLE_RETRY_PAUSE_MIN;
+        let mut first_xmax = None;
+        loop {
+            let (rows, xmin, xmax) = self.read_rows(after, limit, types)?;
+            let first_xmax = *first_xmax.get_or_insert(xmax);
+            let n_rows = rows.len();
+            let (kept, held_since) = self.contiguous(after, rows, xmin, xmax);
+            let wait = held_since.is_some_and(|seen| seen <= first_xmax);
+            if !wait || started.elapsed() >= HOLE_WAIT_MAX {
+                return Ok((kept, n_rows));
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(HOLE_RETRY_PAUSE_MAX);
+        }
     }
 }
 
+/// How long one read waits at a hole for the transactions that could fill it
+/// to end. Rolled-back appends and short transactions end within milliseconds;
+/// a transaction held open longer than this stops the run below the head (a
+/// later run, or a follower's next poll, goes on) instead of stalling it.
+const HOLE_WAIT_MAX: Duration = Duration::from_secs(2);
+/// First and longest pause between looks at a hole.
+const HOLE_RETRY_PAUSE_MIN: Duration = Duration::from_millis(2);
+const HOLE_RETRY_PAUSE_MAX: Duration = Duration::from_millis(100);
+
 impl<E: DeserializeOwned> GlobalReader<E> for PostgresEventStore {
     fn read_after(&self, after: u64, limit: u32) -> Result<Vec<GlobalEvent<E>>> {
-        let (rows, xmin, xmax) = self.read_rows(after, limit, None)?;
-        self.contiguous(after, rows, xmin, xmax)
-            .iter()
-            .map(to_event)
-            .collect()
+        let (kept, _) = self.read_contiguous(after, limit, None)?;
+        kept.iter().map(to_event).collect()
     }
 
     fn read_after_types(
@@ -402,9 +460,7 @@ impl<E: DeserializeOwned> GlobalReader<E> for PostgresEventStore {
         // Other types' rows come back without payload; keep reading until `limit`
         // matches, the end of the log, or an unresolved gap.
         loop {
-            let (rows, xmin, xmax) = self.read_rows(position, limit, Some(event_types))?;
-            let n_rows = rows.len();
-            let kept = self.contiguous(position, rows, xmin, xmax);
+            let (kept, n_rows) = self.read_contiguous(position, limit, Some(event_types))?;
             let stopped_early = kept.len() < n_rows || n_rows < limit as usize;
             for row in &kept {
                 if events.len() == limit as usize {

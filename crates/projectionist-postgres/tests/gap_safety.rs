@@ -53,6 +53,10 @@ fn naive_read(client: &mut Client, after: u64) -> Vec<u64> {
 }
 
 #[test]
+#[cfg_attr(
+    not(pg_tests),
+    ignore = "set PROJECTIONIST_TEST_PG_URL to run the PostgreSQL tests"
+)]
 fn held_sequence_is_not_skipped_and_rollback_holes_are_passed() {
     let Some(pg) = PgSchema::new("held") else {
         return;
@@ -121,6 +125,10 @@ fn held_sequence_is_not_skipped_and_rollback_holes_are_passed() {
 }
 
 #[test]
+#[cfg_attr(
+    not(pg_tests),
+    ignore = "set PROJECTIONIST_TEST_PG_URL to run the PostgreSQL tests"
+)]
 fn append_conflicts_write_nothing_and_mapped_tables_read() {
     let Some(pg) = PgSchema::new("append") else {
         return;
@@ -170,6 +178,10 @@ fn append_conflicts_write_nothing_and_mapped_tables_read() {
 }
 
 #[test]
+#[cfg_attr(
+    not(pg_tests),
+    ignore = "set PROJECTIONIST_TEST_PG_URL to run the PostgreSQL tests"
+)]
 fn concurrent_writers_with_delays_and_rollbacks_lose_nothing() {
     let Some(pg) = PgSchema::new("stress") else {
         return;
