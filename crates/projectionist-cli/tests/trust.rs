@@ -365,3 +365,96 @@ fn r8_8_a_repeated_name_does_not_hang() {
         assert!(status.success(), "{command}");
     }
 }
+
+/// Two projections over one log: `placed` handles only OrderPlaced, `items`
+/// only ItemAdded.
+const TWO_PROJECTIONS: &str = r#"
+[[projection]]
+name = "placed"
+version = 1
+schema = "CREATE TABLE placed (order_id TEXT PRIMARY KEY)"
+[projection.on.OrderPlaced]
+sql = "INSERT INTO placed VALUES (:order_id!)"
+
+[[projection]]
+name = "items"
+version = 1
+schema = "CREATE TABLE items (order_id TEXT, qty INTEGER)"
+[projection.on.ItemAdded]
+sql = "INSERT INTO items VALUES (:order_id!, :qty!)"
+"#;
+
+/// A log of `n` events alternating OrderPlaced and ItemAdded, with the raw data
+/// of some events replaced (written as another program could).
+fn log_with_raw_data(env: &Env, n: u64, raw: &[(u64, &str)]) {
+    let store = SqliteEventStore::open(env.path("events.db")).unwrap();
+    for i in 1..=n {
+        let (event_type, data) = if i % 2 == 1 {
+            (
+                "OrderPlaced",
+                serde_json::json!({"order_id": format!("o{i}")}),
+            )
+        } else {
+            (
+                "ItemAdded",
+                serde_json::json!({"order_id": format!("o{}", i - 1), "qty": 1}),
+            )
+        };
+        store
+            .append(
+                &format!("s{i}"),
+                0,
+                &[NewEvent::json(event_type, &data).unwrap()],
+            )
+            .unwrap();
+    }
+    drop(store);
+    let conn = Connection::open(env.path("events.db")).unwrap();
+    for (sequence, sql_value) in raw {
+        conn.execute(
+            &format!("UPDATE events SET data = {sql_value} WHERE sequence = ?1"),
+            [i64::try_from(*sequence).unwrap()],
+        )
+        .unwrap();
+    }
+}
+
+fn checkpoint(env: &Env, name: &str) -> u64 {
+    let conn = Connection::open(env.path(&format!("projections/{name}.db"))).unwrap();
+    projectionist::SqliteCheckpoint::load_in(&conn, name).unwrap()
+}
+
+/// Item 11: an undecodable event stops only the projections that handle its
+/// type; the others finish, up to the last sequence read, and a later shared
+/// resume does not report them failed. Non-UTF-8 data names its event too.
+#[test]
+fn r8_11_a_poison_event_stops_only_the_projections_that_handle_it() {
+    for (raw, what) in [("'{not json'", "decode event"), ("X'FFFE00'", "not UTF-8")] {
+        let env = Env::new();
+        env.write_config(TWO_PROJECTIONS);
+        // Event 1,000 is an ItemAdded; the log ends with another ItemAdded.
+        log_with_raw_data(&env, 2_000, &[(1_000, raw)]);
+        for command in ["rebuild", "resume"] {
+            let out = env.run(&["--batch-size", "100", command]);
+            assert_eq!(out.status.code(), Some(4), "{command}: {}", stderr(&out));
+            let err = stderr(&out);
+            assert!(err.contains(what), "{err}");
+            assert!(
+                err.contains("projection items")
+                    && err.contains("sequence 1000 (stream s1000, type ItemAdded)"),
+                "{err}"
+            );
+            assert!(
+                !err.contains("projection placed"),
+                "placed must not fail: {err}"
+            );
+            assert_eq!(checkpoint(&env, "placed"), 2_000, "{command}");
+            assert_eq!(checkpoint(&env, "items"), 999, "{command}");
+        }
+        let placed: i64 = Connection::open(env.path("projections/placed.db"))
+            .unwrap()
+            .query_row("SELECT count(*) FROM placed", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(placed, 1_000);
+    }
+}

@@ -116,7 +116,9 @@ fn apply_all<E>(
             let batch = match message {
                 Ok(Message::Batch(batch)) => batch,
                 Ok(Message::End { through }) => break Stop::End { through },
-                Ok(Message::Failed(source)) => break Stop::Replay(source),
+                Ok(Message::Failed(source) | Message::Poison(source)) => {
+                    break Stop::Replay(source);
+                }
                 Err(mpsc::RecvError) => {
                     break Stop::Replay(Arc::new(Error::InvalidOptions(
                         "the event reader stopped".into(),

@@ -294,7 +294,19 @@ impl SqliteEventStore {
             let stream_id = column_text(row.get_ref(1).map_err(sql_err)?, "stream_id")?;
             let stream_version = column_u64(row.get_ref(2).map_err(sql_err)?, "stream_version")?;
             let event_type = column_text(row.get_ref(3).map_err(sql_err)?, "event_type")?;
-            let data = column_str(row.get_ref(4).map_err(sql_err)?, "data")?;
+            // Data that is not text is this event's problem (a poison event for the
+            // projections that handle its type), not the store's.
+            let data = column_str(row.get_ref(4).map_err(sql_err)?, "data").map_err(|e| {
+                Error::InvalidEvent {
+                    sequence,
+                    stream_id: stream_id.clone(),
+                    event_type: event_type.clone(),
+                    reason: match e {
+                        Error::CorruptStore(reason) => reason,
+                        other => other.to_string(),
+                    },
+                }
+            })?;
             let metadata = match row.get_ref(5).map_err(sql_err)? {
                 ValueRef::Null => None,
                 value => Some(column_text(value, "metadata")?),
