@@ -612,16 +612,16 @@ fn print_table(n_events: u64, measured: &[Measured]) {
             .map_or(f64::NAN, Measured::median_rate)
     };
     let (a1, a2) = (rate("a1"), rate("a2"));
-    println!("\n### {n_events} events\n");
-    println!(
+    out!("\n### {n_events} events\n");
+    out!(
         "| variant | events/s median | min | max | vs a1 | vs a2 | wall s (median) | peak RSS MiB |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    out!("|---|---|---|---|---|---|---|---|");
     for m in measured {
         let min = m.rates.iter().copied().fold(f64::INFINITY, f64::min);
         let max = m.rates.iter().copied().fold(0.0, f64::max);
         let median = m.median_rate();
-        println!(
+        out!(
             "| {} | {:.0} | {:.0} | {:.0} | {:.2}x | {:.2}x | {:.2} | {:.1} |",
             m.variant,
             median,
@@ -636,7 +636,7 @@ fn print_table(n_events: u64, measured: &[Measured]) {
 }
 
 fn print_targets(medians: &[(u64, Vec<Measured>)]) {
-    println!("\n### Targets\n");
+    out!("\n### Targets\n");
     for (n_events, m) in medians {
         let rate = |v: &str| {
             m.iter()
@@ -649,28 +649,28 @@ fn print_targets(medians: &[(u64, Vec<Measured>)]) {
                 .map_or(f64::NAN, Measured::median_seconds)
         };
         let check = |ok: bool| if ok { "met" } else { "MISSED" };
-        println!(
+        out!(
             "- {n_events} events: (b)/(a1) = {:.2} (target >= 0.95: {})",
             rate("b") / rate("a1"),
             check(rate("b") / rate("a1") >= 0.95)
         );
-        println!(
+        out!(
             "- {n_events} events: (c)/(a2) = {:.2} (target >= 0.95: {})",
             rate("c") / rate("a2"),
             check(rate("c") / rate("a2") >= 0.95)
         );
-        println!(
+        out!(
             "- {n_events} events: wall (c)/(b) = {:.2} (target <= 0.55: {})",
             secs("c") / secs("b"),
             check(secs("c") / secs("b") <= 0.55)
         );
-        println!(
+        out!(
             "- {n_events} events: (d)/(b) = {:.2} (target >= 0.8: {})",
             rate("d") / rate("b"),
             check(rate("d") / rate("b") >= 0.8)
         );
         let rss_c = m.iter().find(|x| x.variant == "c").map_or(0, |x| x.rss_kb);
-        println!(
+        out!(
             "- {n_events} events: peak RSS (c) = {:.1} MiB",
             rss_c as f64 / 1024.0
         );
@@ -685,7 +685,7 @@ fn print_targets(medians: &[(u64, Vec<Measured>)]) {
                 .map_or(f64::NAN, Measured::median_seconds)
         };
         let ratio = secs(m2) / secs(m1);
-        println!(
+        out!(
             "- time (c) at {n2} / at {n1} = {ratio:.1}x (target <= 11x: {})",
             if ratio <= 11.0 { "met" } else { "MISSED" }
         );

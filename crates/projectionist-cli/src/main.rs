@@ -4,6 +4,14 @@
 //! Exit codes: 0 success; 2 usage or config error; 3 event store error;
 //! 4 a projection failed; 130 interrupted (Ctrl-C), resumable.
 
+/// `println!` that treats a closed pipe (`status | head -1`) as the reader
+/// having what it wanted: the line is dropped instead of panicking.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::ui::out_line(&format!($($arg)*))
+    };
+}
+
 mod bench;
 mod demo;
 mod store;
@@ -12,15 +20,16 @@ mod worker;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, anyhow};
 use clap::{Parser, Subcommand};
 use projectionist::rusqlite::{self, Connection, OpenFlags};
 use projectionist::{
-    CancelToken, CheckpointLocation, Error, FileKind, GlobalReader, ProjectionDir,
+    CancelToken, CheckpointLocation, Error, FileKind, GlobalReader, ProjectionDb, ProjectionDir,
     ProjectionTarget, RebuildOptions, RebuildResult, SqliteCheckpoint, SqliteEventStore,
-    rebuild_shared, resume_shared,
+    classify_file, last_run, rebuild_shared, resume_shared,
 };
 use projectionist_sqlview::{ProjectionsConfig, SqlHandler, SqlProjection, stored_definition};
 use store::Store;
@@ -88,8 +97,14 @@ enum Command {
         /// Projections to resume.
         names: Vec<String>,
     },
-    /// Checkpoint, log head, lag, definition version, staleness and size per projection.
-    Status,
+    /// State, checkpoint, log head, lag, definition version and size per projection;
+    /// exits 4 when a projection is failed, corrupt, ahead of the store or not a projection.
+    Status {
+        /// Also run SQLite's `PRAGMA quick_check` on every projection file (reads
+        /// each file whole).
+        #[arg(long)]
+        check: bool,
+    },
     /// Names of the projection files in the directory.
     List,
     /// Delete one projection file (data and checkpoint).
@@ -187,7 +202,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
         Command::Demo { events, seed } => run_demo(cli, *events, *seed),
         Command::Rebuild { names } => run_replay(cli, names, false).map(|_| ()),
         Command::Resume { names } => run_replay(cli, names, true).map(|_| ()),
-        Command::Status => run_status(cli),
+        Command::Status { check } => run_status(cli, *check),
         Command::List => run_list(cli),
         Command::Remove { name } => {
             let dir = open_existing_dir(cli)?;
@@ -406,8 +421,42 @@ fn run_replay(cli: &Cli, names: &[String], resume: bool) -> Result<Vec<RebuildRe
     let selected = select(&config, names)?;
     let store = open_store(cli, false)?;
     let dir = open_dir(cli, false)?;
-    replay(cli, store.reader(), &dir, &selected, resume)
+    let hint = command_hint(cli, false, "resume");
+    replay(cli, store.reader(), &dir, &selected, resume, &hint)
 }
+
+/// The command that continues where this one stopped, with the user's own
+/// `--store`, `--dir` and `--config` (or the demo's).
+fn command_hint(cli: &Cli, demo: bool, command: &str) -> String {
+    let config = match (&cli.config, demo) {
+        (Some(path), _) => path.display().to_string(),
+        (None, true) => DEMO_CONFIG_FILE.to_owned(),
+        (None, false) => "projectionist.toml".to_owned(),
+    };
+    let dir = cli
+        .dir
+        .clone()
+        .unwrap_or_else(|| default_path(demo, "projections"));
+    let quote = |text: &str| {
+        if text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/._-:@=".contains(c))
+        {
+            text.to_owned()
+        } else {
+            format!("'{}'", text.replace('\'', "'\\''"))
+        }
+    };
+    format!(
+        "projectionist --store {} --dir {} --config {} {command}",
+        quote(&store_spec(cli, demo)),
+        quote(&dir.display().to_string()),
+        quote(&config)
+    )
+}
+
+/// Where the demo leaves its config, so the commands it suggests find it.
+const DEMO_CONFIG_FILE: &str = "demo/projectionist.toml";
 
 /// Rebuilds (or resumes) the selected projections with one shared read per group,
 /// showing progress; maps failures to exit codes.
@@ -417,19 +466,23 @@ fn replay(
     dir: &ProjectionDir,
     selected: &[&SqlProjection],
     resume: bool,
+    hint: &str,
 ) -> Result<Vec<RebuildResult>, Failure> {
-    let dbs = selected
-        .iter()
-        .map(|p| {
-            dir.db(p.name.as_str())
-                .with_context(|| format!("open projection {}", p.name))
-        })
-        .collect::<anyhow::Result<Vec<_>>>()
-        .map_err(fail(EXIT_PROJECTION))?;
+    // A projection that cannot be opened fails alone; the others run.
+    let mut open_errors = Vec::new();
+    let mut opened: Vec<(&SqlProjection, Arc<ProjectionDb>)> = Vec::new();
+    for projection in selected {
+        match open_for_run(cli, dir, projection) {
+            Ok(db) => opened.push((projection, db)),
+            Err(e) => open_errors.push(e),
+        }
+    }
+    let selected: Vec<&SqlProjection> = opened.iter().map(|(p, _)| *p).collect();
+    let dbs: Vec<Arc<ProjectionDb>> = opened.iter().map(|(_, db)| Arc::clone(db)).collect();
     // A projection built from another definition cannot be resumed: rebuild it.
     let stale: Vec<bool> = dbs
         .iter()
-        .zip(selected)
+        .zip(&selected)
         .map(|(db, projection)| {
             let stored = db.with_connection(|conn| Ok(stored_definition(conn).ok().flatten()));
             !resume
@@ -503,18 +556,75 @@ fn replay(
             .expect("one result each")
         })
         .collect();
-    report(cli, &results, started.elapsed().as_secs_f64())
+    report(
+        cli,
+        &results,
+        &open_errors,
+        started.elapsed().as_secs_f64(),
+        hint,
+    )
+}
+
+/// Opens a projection for a run. A corrupt file (SQLite cannot read it, or
+/// `PRAGMA quick_check` fails) is derived data: it is moved aside, named in a
+/// warning, and the projection starts afresh; nothing is deleted.
+fn open_for_run(
+    cli: &Cli,
+    dir: &ProjectionDir,
+    projection: &SqlProjection,
+) -> anyhow::Result<Arc<ProjectionDb>> {
+    let name = projection.name.as_str();
+    let context = || format!("open projection {name}");
+    let corrupt = match dir.db(name) {
+        Ok(db) => match quick_check(&db) {
+            Ok(None) => return Ok(db),
+            Ok(Some(problem)) => problem,
+            Err(e) => return Err(e).with_context(context),
+        },
+        Err(Error::CorruptProjection { reason, .. }) => reason,
+        Err(Error::NotAProjection { reason, .. }) if reason.starts_with("not an SQLite") => reason,
+        Err(e) => return Err(e).with_context(context),
+    };
+    let moved = dir.move_aside_corrupt(name).with_context(context)?;
+    if !cli.quiet {
+        eprintln!(
+            "warning: projection {name} was corrupt ({}); moved it to {} and rebuilding it",
+            ui::escape_controls(&corrupt),
+            moved.display()
+        );
+    }
+    dir.db(name).with_context(context)
+}
+
+/// `PRAGMA quick_check` of a projection file: `None` when it is sound. Reads
+/// the whole file, so it runs only for files that exist and hold data.
+fn quick_check(db: &ProjectionDb) -> projectionist::Result<Option<String>> {
+    db.with_connection(|conn| {
+        let result: rusqlite::Result<String> =
+            conn.query_row("PRAGMA quick_check(1)", [], |r| r.get(0));
+        match result {
+            Ok(text) if text == "ok" => Ok(None),
+            Ok(text) => Ok(Some(text)),
+            Err(e) if is_corruption(&e) => Ok(Some(e.to_string())),
+            Err(e) => Err(Error::Sqlite {
+                step: format!("check projection {}", db.name()),
+                source: e,
+            }),
+        }
+    })
 }
 
 /// Prints each projection's outcome and picks the exit code.
 fn report(
     cli: &Cli,
     results: &[projectionist::Result<RebuildResult>],
+    open_errors: &[anyhow::Error],
     seconds: f64,
+    hint: &str,
 ) -> Result<Vec<RebuildResult>, Failure> {
     let mut ok = Vec::new();
     let mut cancelled = false;
-    let mut failed = Vec::new();
+    let mut failed: Vec<String> = open_errors.iter().map(error_text).collect();
     for result in results {
         match result {
             Ok(r) => {
@@ -522,7 +632,12 @@ fn report(
                 ok.push(r.clone());
             }
             Err(Error::Cancelled { .. }) => cancelled = true,
-            Err(e) => failed.push(e.to_string()),
+            Err(e) => {
+                if cli.json {
+                    ui::json_line(&ui::error_json(e));
+                }
+                failed.push(ui::escape_controls(&e.to_string()));
+            }
         }
     }
     if !failed.is_empty() {
@@ -535,7 +650,7 @@ fn report(
             .map(|e| e.to_string())
             .collect();
         return Err(fail(EXIT_CANCELLED)(anyhow!(
-            "interrupted at a batch boundary after {seconds:.1}s; nothing half-applied.\n{}\nrun `projectionist resume` to continue from the checkpoints",
+            "interrupted at a batch boundary after {seconds:.1}s; nothing half-applied.\n{}\nto continue from the checkpoints, run: {hint}",
             committed.join("\n")
         )));
     }
@@ -569,9 +684,13 @@ fn run_demo(cli: &Cli, n_events: u64, seed: u64) -> Result<(), Failure> {
     let dir = open_dir(cli, true)?;
     dir.remove_all()
         .map_err(|e| fail(EXIT_PROJECTION)(e.into()))?;
+    if cli.config.is_none() {
+        write_demo_config()?;
+    }
     let selected: Vec<&SqlProjection> = config.projections.iter().collect();
     let started = Instant::now();
-    let results = replay(cli, store.reader(), &dir, &selected, false)?;
+    let hint = command_hint(cli, true, "resume");
+    let results = replay(cli, store.reader(), &dir, &selected, false, &hint)?;
     let seconds = started.elapsed().as_secs_f64();
     if cli.quiet {
         return Ok(());
@@ -583,7 +702,7 @@ fn run_demo(cli: &Cli, n_events: u64, seed: u64) -> Result<(), Failure> {
         );
         return Ok(());
     }
-    println!(
+    out!(
         "\nrebuilt {} projections over {n_events} events in {seconds:.2}s ({rate:.0} events/s)",
         results.len()
     );
@@ -596,7 +715,31 @@ fn run_demo(cli: &Cli, n_events: u64, seed: u64) -> Result<(), Failure> {
             .map_err(|e| fail(EXIT_PROJECTION)(e.into()))?;
         ui::sample_rows(&conn, projection.name.as_str()).map_err(fail(EXIT_PROJECTION))?;
     }
+    out!("\nnext, for example: {}", command_hint(cli, true, "status"));
     Ok(())
+}
+
+/// Leaves the demo's config at [`DEMO_CONFIG_FILE`] for the commands that
+/// follow; a file the user changed there is kept.
+fn write_demo_config() -> Result<(), Failure> {
+    let path = Path::new(DEMO_CONFIG_FILE);
+    match std::fs::read_to_string(path) {
+        Ok(text) if text == DEMO_CONFIG => return Ok(()),
+        Ok(_) => {
+            return Err(fail(EXIT_CONFIG)(anyhow!(
+                "{DEMO_CONFIG_FILE} exists and differs from the demo's config; pass --config to use it, or move it away"
+            )));
+        }
+        Err(_) => {}
+    }
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("create {}", parent.display()))
+            .map_err(fail(EXIT_CONFIG))?;
+    }
+    std::fs::write(path, DEMO_CONFIG)
+        .with_context(|| format!("write {DEMO_CONFIG_FILE}"))
+        .map_err(fail(EXIT_CONFIG))
 }
 
 /// The demo's store, empty: an SQLite file is recreated; a PostgreSQL store gets
@@ -728,7 +871,7 @@ fn run_worker(
     Ok(())
 }
 
-fn run_status(cli: &Cli) -> Result<(), Failure> {
+fn run_status(cli: &Cli, check: bool) -> Result<(), Failure> {
     let config = load_config(cli, false)?;
     let dir_path = cli
         .dir
@@ -769,46 +912,141 @@ fn run_status(cli: &Cli) -> Result<(), Failure> {
     let mut rows = Vec::new();
     for name in &names {
         let path = dir_path.join(format!("{name}.db"));
-        rows.push(status_row(name, &path, config.get(name), head).map_err(fail(EXIT_PROJECTION))?);
+        rows.push(
+            status_row(name, &path, config.get(name), head, check)
+                .map_err(fail(EXIT_PROJECTION))?,
+        );
     }
     ui::status_table(cli.json, &rows, head);
-    Ok(())
+    let troubled: Vec<&str> = rows
+        .iter()
+        .filter(|r| STATES_FAILING_STATUS.contains(&r.state))
+        .map(|r| r.name.as_str())
+        .collect();
+    if troubled.is_empty() {
+        return Ok(());
+    }
+    Err(fail(EXIT_PROJECTION)(anyhow!(
+        "{} need attention: {}",
+        troubled.len(),
+        troubled.join(", ")
+    )))
 }
 
+/// States that make `status` exit with 4.
+const STATES_FAILING_STATUS: [&str; 4] = ["failed", "corrupt", "ahead", "not a projection"];
+
+/// One projection's row. States, first match wins: `not a projection`,
+/// `corrupt`, `not in config`, `rebuilding`, `failed`, `interrupted`, `stale`,
+/// `ahead`, `not built`, `behind`, `current`.
 fn status_row(
     name: &str,
     path: &Path,
     projection: Option<&SqlProjection>,
     head: Option<u64>,
+    check: bool,
 ) -> anyhow::Result<ui::StatusRow> {
-    let exists = path.is_file();
-    let (checkpoint, stored) = if exists {
-        // Read-only, without taking the lock: status works while a rebuild runs.
-        let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .with_context(|| format!("open {}", path.display()))?;
-        let checkpoint = SqliteCheckpoint::load_in(&conn, name).unwrap_or(0);
-        (checkpoint, stored_definition(&conn).ok().flatten())
-    } else {
-        (0, None)
-    };
-    let size: u64 = ["", "-wal"]
-        .iter()
-        .filter_map(|suffix| std::fs::metadata(format!("{}{suffix}", path.display())).ok())
-        .map(|m| m.len())
-        .sum();
-    let state = match (projection, &stored, exists) {
-        (None, _, _) => "not in config",
-        (Some(_), _, false) => "not built",
-        (Some(p), Some(s), true) if s.hash == p.hash => "current",
-        (Some(_), _, true) => "stale",
-    };
-    Ok(ui::StatusRow {
+    let mut row = ui::StatusRow {
         name: name.to_owned(),
-        checkpoint,
-        lag: head.map(|h| h.saturating_sub(checkpoint)),
+        checkpoint: 0,
+        lag: head,
         config_version: projection.map(|p| p.version),
-        built_version: stored.map(|s| s.version),
-        state,
-        size,
-    })
+        built_version: None,
+        state: "not built",
+        size: ["", "-wal"]
+            .iter()
+            .filter_map(|suffix| std::fs::metadata(format!("{}{suffix}", path.display())).ok())
+            .map(|m| m.len())
+            .sum(),
+        error: None,
+        last_run: None,
+    };
+    let troubled = |mut row: ui::StatusRow, state, reason: String| {
+        row.state = state;
+        row.error = Some(reason);
+        Ok(row)
+    };
+    match classify_file(path)? {
+        None | Some(FileKind::Empty) => return Ok(row),
+        Some(FileKind::NotAProjection(reason)) => {
+            // Where the config expects a projection, a file that is not even an
+            // SQLite database is one whose header was destroyed.
+            let state = if projection.is_some() && reason.starts_with("not an SQLite database") {
+                "corrupt"
+            } else {
+                "not a projection"
+            };
+            return troubled(row, state, reason);
+        }
+        Some(FileKind::Corrupt(reason)) => return troubled(row, "corrupt", reason),
+        Some(FileKind::Projection) => {}
+    }
+    let read = || -> rusqlite::Result<_> {
+        // Read-only, without taking the lock: status works while a rebuild runs.
+        let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+        let problem = if check {
+            let result: String = conn.query_row("PRAGMA quick_check(1)", [], |r| r.get(0))?;
+            (result != "ok").then_some(result)
+        } else {
+            None
+        };
+        let checkpoint = SqliteCheckpoint::load_in(&conn, name).unwrap_or(0);
+        let stored = stored_definition(&conn)?;
+        let last = last_run(&conn, name).ok().flatten();
+        Ok((problem, checkpoint, stored, last))
+    };
+    let (problem, checkpoint, stored, last) = match read() {
+        Ok(read) => read,
+        Err(e) if is_corruption(&e) => return troubled(row, "corrupt", e.to_string()),
+        Err(e) => {
+            return Err(e).with_context(|| format!("read projection file {}", path.display()));
+        }
+    };
+    if let Some(problem) = problem {
+        return troubled(row, "corrupt", format!("quick_check: {problem}"));
+    }
+    row.checkpoint = checkpoint;
+    row.lag = head.map(|h| h.saturating_sub(checkpoint));
+    row.built_version = stored.as_ref().map(|s| s.version);
+    let running = last
+        .as_ref()
+        .is_some_and(|l| l.state == "running" && l.pid.is_none_or(process_alive));
+    let state_of_last = last.as_ref().map(|l| l.state.as_str());
+    row.state = match projection {
+        None => "not in config",
+        Some(_) if running => "rebuilding",
+        Some(_) if state_of_last == Some("failed") => "failed",
+        Some(_) if matches!(state_of_last, Some("running" | "cancelled")) => "interrupted",
+        Some(p) if stored.as_ref().is_some_and(|s| s.hash != p.hash) => "stale",
+        Some(_) if stored.is_none() && checkpoint > 0 => "stale",
+        Some(_) if head.is_some_and(|h| checkpoint > h) => "ahead",
+        Some(_) if stored.is_none() => "not built",
+        Some(_) if row.lag.is_some_and(|lag| lag > 0) => "behind",
+        Some(_) => "current",
+    };
+    if row.state == "failed" {
+        row.error = last.as_ref().and_then(|l| l.error.clone());
+    }
+    if row.state == "ahead" {
+        row.error = Some(format!(
+            "checkpoint {checkpoint} is beyond the store's head; built from another store?"
+        ));
+    }
+    row.last_run = last;
+    Ok(row)
+}
+
+/// Whether a SQLite error says the file is damaged or not a database.
+fn is_corruption(error: &rusqlite::Error) -> bool {
+    matches!(
+        error.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase)
+    )
+}
+
+/// Whether the process that recorded a run still exists (Linux: `/proc`;
+/// elsewhere it is assumed to).
+fn process_alive(pid: u32) -> bool {
+    let proc = Path::new("/proc");
+    !proc.is_dir() || proc.join(pid.to_string()).exists()
 }

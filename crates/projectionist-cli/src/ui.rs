@@ -21,6 +21,25 @@ pub fn out_line(text: &str) {
     let _ = writeln!(out, "{text}");
 }
 
+/// A failed projection as a JSON `error` event, with the event that failed it
+/// (sequence, stream, type) and the last committed sequence when known.
+pub fn error_json(error: &projectionist::Error) -> serde_json::Value {
+    let event = error.event();
+    let projection = match error {
+        projectionist::Error::Handler { name, .. }
+        | projectionist::Error::Replay { name, .. }
+        | projectionist::Error::Fenced { name, .. }
+        | projectionist::Error::Setup { name, .. }
+        | projectionist::Error::CheckpointBeyondHead { name, .. } => Some(name.as_str()),
+        _ => None,
+    };
+    serde_json::json!({
+        "event": "error", "projection": projection, "committed": error.committed(),
+        "sequence": event.map(|e| e.0), "stream": event.map(|e| e.1),
+        "event_type": event.map(|e| e.2), "message": error.to_string(),
+    })
+}
+
 /// Progress of a run: one bar per projection, or JSON lines, or nothing.
 pub struct Display {
     json: bool,
@@ -139,7 +158,7 @@ pub fn sample_rows(conn: &Connection, name: &str) -> anyhow::Result<()> {
         .iter()
         .map(|c| (*c).to_owned())
         .collect();
-    println!("\n{name} (top 3):\n  {}", columns.join(" | "));
+    out!("\n{name} (top 3):\n  {}", columns.join(" | "));
     let mut rows = stmt.query([])?;
     while let Some(row) = rows.next()? {
         let values: Vec<String> = (0..columns.len())
@@ -154,7 +173,7 @@ pub fn sample_rows(conn: &Connection, name: &str) -> anyhow::Result<()> {
                 Err(e) => e.to_string(),
             })
             .collect();
-        println!("  {}", values.join(" | "));
+        out!("  {}", values.join(" | "));
     }
     Ok(())
 }
@@ -166,32 +185,43 @@ pub struct StatusRow {
     pub lag: Option<u64>,
     pub config_version: Option<u32>,
     pub built_version: Option<u32>,
-    /// `current`, `stale`, `not built` or `not in config`.
+    /// See `status_row` in main.rs for the states and their precedence.
     pub state: &'static str,
     pub size: u64,
+    /// Why the projection is failed, corrupt, ahead or not a projection.
+    pub error: Option<String>,
+    /// The last run recorded in the file.
+    pub last_run: Option<projectionist::LastRun>,
 }
 
 /// Prints the status rows.
 pub fn status_table(json: bool, rows: &[StatusRow], head: Option<u64>) {
     if json {
         for r in rows {
+            let event = r.last_run.as_ref().and_then(|l| l.event.as_ref());
             json_line(&serde_json::json!({
                 "event": "status", "projection": r.name, "checkpoint": r.checkpoint, "head": head,
                 "lag": r.lag, "config_version": r.config_version, "built_version": r.built_version,
                 "stale": r.state == "stale", "state": r.state, "size_bytes": r.size,
+                "error": r.error,
+                "error_sequence": event.map(|e| e.0),
+                "error_stream": event.map(|e| &e.1),
+                "error_event_type": event.map(|e| &e.2),
+                "last_run": r.last_run.as_ref().map(|l| &l.state),
+                "last_run_at": r.last_run.as_ref().map(|l| &l.updated_at),
             }));
         }
         return;
     }
     let head_text = head.map_or("no store".to_owned(), |h| h.to_string());
-    println!(
-        "{:<24} {:>12} {:>12} {:>10} {:>8} {:>8} {:<14} {:>12}",
+    out_line(&format!(
+        "{:<24} {:>12} {:>12} {:>10} {:>8} {:>8} {:<16} {:>12}",
         "projection", "checkpoint", "head", "lag", "config", "built", "state", "bytes"
-    );
+    ));
     for r in rows {
         let opt = |v: Option<u32>| v.map_or("-".to_owned(), |v| format!("v{v}"));
-        println!(
-            "{:<24} {:>12} {:>12} {:>10} {:>8} {:>8} {:<14} {:>12}",
+        out_line(&format!(
+            "{:<24} {:>12} {:>12} {:>10} {:>8} {:>8} {:<16} {:>12}",
             r.name,
             r.checkpoint,
             head_text,
@@ -200,8 +230,31 @@ pub fn status_table(json: bool, rows: &[StatusRow], head: Option<u64>) {
             opt(r.built_version),
             r.state,
             r.size
-        );
+        ));
+        if let Some(error) = &r.error {
+            let when = r
+                .last_run
+                .as_ref()
+                .filter(|_| r.state == "failed")
+                .map(|l| format!(" (at {})", l.updated_at))
+                .unwrap_or_default();
+            out_line(&format!("  {}{when}: {}", r.state, escape_controls(error)));
+        }
     }
+}
+
+/// Text from data (events, files) with control characters escaped, so it
+/// cannot garble the terminal.
+pub fn escape_controls(text: &str) -> String {
+    text.chars()
+        .flat_map(|c| {
+            if c.is_control() && c != '\n' {
+                c.escape_default().collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
+        })
+        .collect()
 }
 
 /// A bar style with a whole-number `{rate}` ("12345 events/s").

@@ -368,8 +368,11 @@ fn sigint_stops_at_a_batch_boundary_and_resume_matches() {
     assert!(kill.success());
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
+    // The hint carries the user's own options (issue 8, item 13).
     assert!(
-        stderr(&out).contains("projectionist resume"),
+        stderr(&out).contains(
+            "run: projectionist --store events.db --dir projections --config projections.toml resume"
+        ),
         "{}",
         stderr(&out)
     );

@@ -3,7 +3,7 @@
 
 use projectionist::rusqlite::types::{ToSqlOutput, Value as SqlValue, ValueRef};
 use projectionist::rusqlite::{Connection, OptionalExtension, Transaction};
-use projectionist::{BoxError, GlobalEvent, Handler};
+use projectionist::{BoxError, EventFailure, GlobalEvent, Handler};
 use serde_json::Value;
 
 use crate::config::SqlProjection;
@@ -131,37 +131,32 @@ impl Handler<Value> for SqlHandler<'_> {
                 continue;
             };
             for (idx, statement) in statements.iter().enumerate() {
-                let place = || {
-                    format!(
-                        "event {} (stream {}, type {}), statement {}",
-                        event.sequence,
-                        event.stream_id,
-                        event.event_type,
-                        idx + 1
-                    )
+                // The event that failed, named for the operator and for `status`.
+                let failure = |message: String| -> BoxError {
+                    Box::new(EventFailure {
+                        sequence: event.sequence,
+                        stream_id: event.stream_id.clone(),
+                        event_type: event.event_type.clone(),
+                        message: format!("statement {}: {message}", idx + 1),
+                    })
+                };
+                let sql_failure = |e: &projectionist::rusqlite::Error| {
+                    failure(format!(
+                        "{} in {:?}",
+                        self.confinement.explain(e),
+                        statement.text.trim()
+                    ))
                 };
                 // Values borrow from the event: no copy of its strings.
                 let mut values: Vec<ToSqlOutput<'_>> = Vec::with_capacity(statement.params.len());
                 for param in &statement.params {
-                    values.push(bind(param, event).map_err(|why| format!("{}: {why}", place()))?);
+                    values.push(bind(param, event).map_err(failure)?);
                 }
-                let mut stmt = tx.prepare_cached(&statement.sql).map_err(|e| {
-                    format!(
-                        "{}: {} in {:?}",
-                        place(),
-                        self.confinement.explain(&e),
-                        statement.text.trim()
-                    )
-                })?;
+                let mut stmt = tx
+                    .prepare_cached(&statement.sql)
+                    .map_err(|e| sql_failure(&e))?;
                 stmt.execute(projectionist::rusqlite::params_from_iter(values.iter()))
-                    .map_err(|e| {
-                        format!(
-                            "{}: {} in {:?}",
-                            place(),
-                            self.confinement.explain(&e),
-                            statement.text.trim()
-                        )
-                    })?;
+                    .map_err(|e| sql_failure(&e))?;
             }
         }
         Ok(())

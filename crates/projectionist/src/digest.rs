@@ -12,7 +12,9 @@ use crate::error::{Error, Result};
 /// Which tables a digest covers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DigestScope {
-    /// Every table, including `_checkpoint`.
+    /// Every table, including `_checkpoint` (but not the run record
+    /// `_projectionist_run`: when and by which process a run happened is not
+    /// content).
     All,
     /// The projection's own tables: everything but `_checkpoint` and internal
     /// `_projectionist_*` tables.
@@ -36,6 +38,9 @@ pub fn projection_digest(conn: &Connection, scope: DigestScope) -> Result<String
         .map_err(Error::sqlite(step()))?;
     let mut hasher = Sha256::new();
     for table in tables {
+        if table == crate::outcome::RUN_TABLE {
+            continue;
+        }
         let internal = table == "_checkpoint" || table.starts_with("_projectionist_");
         if internal && scope == DigestScope::ProjectionTables {
             continue;

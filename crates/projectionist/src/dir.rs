@@ -17,6 +17,7 @@ use crate::checkpoint::CHECKPOINT_SCHEMA;
 use crate::error::{BoxError, Error, Result};
 use crate::limits::BUSY_TIMEOUT_MS;
 use crate::name::ProjectionName;
+use crate::outcome::RUN_SCHEMA;
 
 /// File-name suffix of a projection database.
 const DB_SUFFIX: &str = ".db";
@@ -293,14 +294,16 @@ impl ProjectionDir {
         Ok(names)
     }
 
-    /// Moves a projection file that SQLite cannot read aside, with its sidecars,
-    /// to `{name}.db.corrupt-{unix seconds}` (never a projection's name), so that
-    /// the next `db(name)` starts afresh and nothing is deleted. Returns the new
-    /// path of the database file.
+    /// Moves a corrupt projection file aside, with its sidecars, to
+    /// `{name}.db.corrupt-{unix seconds}` (never a projection's name), so that the
+    /// next `db(name)` starts afresh and nothing is deleted. The caller has found
+    /// it corrupt (SQLite cannot open it, or `PRAGMA quick_check` fails); a file
+    /// that is not an SQLite database at all counts too, but another program's
+    /// database and symbolic links are refused. Returns the new path.
     ///
     /// # Errors
-    /// [`Error::NotAProjection`] unless the file is corrupt (or not an SQLite
-    /// database at all); [`Error::Locked`]; [`Error::Io`].
+    /// [`Error::NotAProjection`] for another program's database or a link;
+    /// [`Error::Locked`]; [`Error::Io`].
     pub fn move_aside_corrupt(&self, name: &str) -> Result<PathBuf> {
         let name = ProjectionName::new(name)?;
         let mut open = self.lock_open();
@@ -312,12 +315,15 @@ impl ProjectionDir {
         };
         let path = self.db_path(&name);
         match classify_file(&path)? {
-            Some(FileKind::Corrupt(_)) => {}
+            Some(FileKind::Corrupt(_) | FileKind::Projection | FileKind::Empty) => {}
             Some(FileKind::NotAProjection(reason)) if reason.starts_with(NOT_SQLITE) => {}
-            _ => {
-                return Err(Error::NotAProjection {
-                    path,
-                    reason: "only a corrupt projection file is moved aside".into(),
+            Some(FileKind::NotAProjection(reason)) => {
+                return Err(Error::NotAProjection { path, reason });
+            }
+            None => {
+                return Err(Error::NoSuchProjection {
+                    name: name.to_string(),
+                    dir: self.path.clone(),
                 });
             }
         }
@@ -539,6 +545,7 @@ fn open_projection(path: &Path, new: bool) -> Result<Connection> {
     conn.pragma_update(None, "temp_store", "MEMORY")
         .map_err(Error::sqlite(step()))?;
     conn.execute_batch(CHECKPOINT_SCHEMA).map_err(corrupt)?;
+    conn.execute_batch(RUN_SCHEMA).map_err(corrupt)?;
     // A cheap check that the schema and the checkpoint are readable; damaged
     // pages elsewhere are found by `PRAGMA quick_check` (`status --check`).
     conn.query_row("SELECT count(*) FROM _checkpoint", [], |_| Ok(()))

@@ -9,6 +9,21 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 /// Result with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// A handler's error about one event: handlers return it (boxed) so that the
+/// engine, the CLI and `status` can name the event that failed.
+#[derive(Debug, thiserror::Error)]
+#[error("event {sequence} (stream {stream_id}, type {event_type}): {message}")]
+pub struct EventFailure {
+    /// The event's global sequence.
+    pub sequence: u64,
+    /// The event's stream.
+    pub stream_id: String,
+    /// The event's type.
+    pub event_type: String,
+    /// What went wrong.
+    pub message: String,
+}
+
 /// Everything that can go wrong in the library.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -183,6 +198,17 @@ pub enum Error {
         source: BoxError,
     },
 
+    /// The handler's `setup` (creating the projection's tables) failed; nothing
+    /// was applied.
+    #[error("projection {name}: setup (creating its tables) failed: {source}")]
+    Setup {
+        /// The projection.
+        name: String,
+        /// The handler's error.
+        #[source]
+        source: BoxError,
+    },
+
     /// A checkpoint save that would move the checkpoint backwards.
     #[error("checkpoint of {consumer_id} would go back from {current} to {new}")]
     CheckpointBackwards {
@@ -255,6 +281,32 @@ impl Error {
     ) -> impl FnOnce(std::io::Error) -> Error {
         let path = path.into();
         move |source| Error::Io { step, path, source }
+    }
+
+    /// The event an error is about, when it is about one: its sequence, stream
+    /// and type (a poison event, or a handler that failed on an event and said
+    /// which with [`EventFailure`]).
+    #[must_use]
+    pub fn event(&self) -> Option<(u64, &str, &str)> {
+        match self {
+            Error::Decode {
+                sequence,
+                stream_id,
+                event_type,
+                ..
+            }
+            | Error::InvalidEvent {
+                sequence,
+                stream_id,
+                event_type,
+                ..
+            } => Some((*sequence, stream_id, event_type)),
+            Error::Replay { source, .. } => source.event(),
+            Error::Handler { source, .. } => source
+                .downcast_ref::<EventFailure>()
+                .map(|f| (f.sequence, f.stream_id.as_str(), f.event_type.as_str())),
+            _ => None,
+        }
     }
 
     /// The last committed sequence, for errors that stop a projection.

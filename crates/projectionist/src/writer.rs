@@ -22,6 +22,7 @@ use crate::dir::begin_immediate;
 use crate::error::{BoxError, Error, Result};
 use crate::event::GlobalEvent;
 use crate::handler::Handler;
+use crate::outcome::{record_outcome, record_running};
 use crate::progress::{BatchStep, CancelToken, Progress};
 use crate::rebuild::{
     CheckpointLocation, Message, ProjectionTarget, RebuildResult, RunContext, Start,
@@ -49,6 +50,12 @@ pub(crate) fn write_projection<E>(
             Err(e)
         }
     };
+    // Best effort: the outcome is for `status`; failing to record it must not
+    // hide the run's own result.
+    let _ = projection.db.with_connection(|conn| {
+        record_outcome(conn, projection.consumer_id, &result)
+            .map_err(Error::sqlite("record the outcome"))
+    });
     let name = projection.db.name().to_string();
     report(context, &name, &state, true, result.as_ref().err());
     result.map(|()| RebuildResult {
@@ -251,8 +258,8 @@ fn commit_group<E>(
     // On refusal the group is dropped, which rolls it back.
     guard(context, name.as_str(), state.committed)?;
     group.tx.commit().map_err(Error::sqlite(format!(
-        "projection {name}: commit through {}",
-        state.applied
+        "projection {name}: commit of the events up to {} failed (rolled back); committed through sequence {}",
+        state.applied, state.committed
     )))?;
     step(context, name.as_str(), BatchStep::Committed, state.batches);
     if let CheckpointLocation::External(checkpoint) = projection.checkpoint {
@@ -330,13 +337,11 @@ fn begin_run<E>(projection: &mut ProjectionTarget<'_, E>, context: &RunContext<'
             drop_projection_objects(&tx).map_err(Error::sqlite(step()))?;
             SqliteCheckpoint::reset_in(&tx, consumer_id)?;
         }
-        handler.setup(&tx).map_err(|source| Error::Handler {
+        handler.setup(&tx).map_err(|source| Error::Setup {
             name: name.clone(),
-            committed: 0,
-            first_sequence: 0,
-            last_sequence: 0,
             source,
         })?;
+        record_running(&tx, consumer_id).map_err(Error::sqlite(step()))?;
         let checkpoint = SqliteCheckpoint::load_in(&tx, consumer_id)?;
         check_within_head(&name, checkpoint, context)?;
         guard(context, &name, checkpoint)?;
@@ -366,16 +371,16 @@ fn check_within_head(name: &str, checkpoint: u64, context: &RunContext<'_>) -> R
     Ok(())
 }
 
-/// Drops every table and view of the projection except `_checkpoint` (so also
-/// `_projectionist_*` tables, which describe the content being dropped); indexes
-/// and triggers go with them.
+/// Drops every table and view of the projection except `_checkpoint` and the
+/// run record `_projectionist_run` (so also the other `_projectionist_*` tables,
+/// which describe the content being dropped); indexes and triggers go with them.
 fn drop_projection_objects(tx: &Transaction<'_>) -> rusqlite::Result<()> {
     let objects: Vec<(String, String)> = tx
         .prepare(
             "SELECT type, name FROM sqlite_master
              WHERE type IN ('table', 'view')
                AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\'
-               AND name <> '_checkpoint'
+               AND name NOT IN ('_checkpoint', '_projectionist_run')
              ORDER BY type DESC",
         )?
         .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
