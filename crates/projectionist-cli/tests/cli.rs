@@ -376,10 +376,20 @@ fn sigint_stops_at_a_batch_boundary_and_resume_matches() {
         "{}",
         stderr(&out)
     );
+    // Status, in a new process, does not call it current (issue 8, item 9).
+    let status = json_lines(&env.run(&["--json", "status"]));
+    assert!(
+        status
+            .iter()
+            .all(|r| r["state"] == "interrupted" && r["last_run"] == "cancelled"),
+        "{status:?}"
+    );
     let out = env.run(&["--quiet", "resume"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(
         (env.digest("order_summary"), env.digest("customer_stats")),
         reference
     );
+    let status = json_lines(&env.run(&["--json", "status"]));
+    assert!(status.iter().all(|r| r["state"] == "current"), "{status:?}");
 }

@@ -458,3 +458,201 @@ fn r8_11_a_poison_event_stops_only_the_projections_that_handle_it() {
         assert_eq!(placed, 1_000);
     }
 }
+
+fn status_json(env: &Env, extra: &[&str]) -> (Option<i32>, Vec<serde_json::Value>) {
+    let mut args = vec!["--json", "status"];
+    args.extend_from_slice(extra);
+    let out = env.run(&args);
+    let rows = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))
+        .collect();
+    (out.status.code(), rows)
+}
+
+fn row<'a>(rows: &'a [serde_json::Value], name: &str) -> &'a serde_json::Value {
+    rows.iter()
+        .find(|r| r["projection"] == name)
+        .unwrap_or_else(|| panic!("no row for {name}: {rows:?}"))
+}
+
+/// Item 9: status tells failed, behind and current apart, from the file, in a
+/// new process; `--json` prints only JSON lines with today's keys and the
+/// failing event's fields.
+#[test]
+fn r8_9_status_reports_failed_behind_and_current() {
+    let env = Env::new();
+    env.write_config(TWO_PROJECTIONS);
+    log_with_raw_data(&env, 400, &[(200, "'{broken'")]);
+    assert_eq!(env.run(&["rebuild"]).status.code(), Some(4));
+    let (code, rows) = status_json(&env, &[]);
+    assert_eq!(code, Some(4), "a failed projection makes status exit 4");
+    let items = row(&rows, "items");
+    assert_eq!(items["state"], "failed", "{items}");
+    assert_eq!(items["error_sequence"], 200, "{items}");
+    assert_eq!(items["error_stream"], "s200", "{items}");
+    assert_eq!(items["error_event_type"], "ItemAdded", "{items}");
+    assert!(
+        items["error"].as_str().unwrap().contains("decode event"),
+        "{items}"
+    );
+    for key in [
+        "checkpoint",
+        "head",
+        "lag",
+        "stale",
+        "config_version",
+        "built_version",
+        "size_bytes",
+        "last_run_at",
+    ] {
+        assert!(items.get(key).is_some(), "{key} missing: {items}");
+    }
+    assert_eq!(items["stale"], false);
+    assert_eq!(row(&rows, "placed")["state"], "current");
+    // New events: behind.
+    let store = SqliteEventStore::open(env.path("events.db")).unwrap();
+    store
+        .append(
+            "late",
+            0,
+            &[NewEvent::json("OrderPlaced", &serde_json::json!({"order_id": "late"})).unwrap()],
+        )
+        .unwrap();
+    drop(store);
+    let (_, rows) = status_json(&env, &[]);
+    assert_eq!(row(&rows, "placed")["state"], "behind");
+    assert_eq!(row(&rows, "placed")["lag"], 1);
+    // The text table says it too, with the event.
+    let out = env.run(&["status"]);
+    assert!(
+        stdout(&out).contains("failed") && stdout(&out).contains("sequence 200"),
+        "{}",
+        stdout(&out)
+    );
+}
+
+/// Overwrites `len` bytes of `path` at `offset`.
+fn scribble(path: &Path, offset: u64, len: usize) {
+    use std::io::{Seek, SeekFrom, Write};
+    let mut file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    file.seek(SeekFrom::Start(offset)).unwrap();
+    file.write_all(&vec![0xA5; len]).unwrap();
+}
+
+/// Item 10: a projection whose header or pages are damaged is reported as
+/// corrupt (exit 4), and `rebuild` moves it aside (named in the message) and
+/// builds it anew, equal to a clean build.
+#[test]
+fn r8_10_corrupt_projection_files_are_reported_and_replaced() {
+    let env = Env::new();
+    env.demo_log(20_000);
+    let reference = env.digest("order_summary");
+    let file = env.path("projections/order_summary.db");
+    assert!(!env.path("projections/order_summary.db-wal").exists());
+    let size = std::fs::metadata(&file).unwrap().len();
+    for (what, offset, len, needs_check) in [
+        ("header", 0, 100, false),
+        ("pages", size / 2, 3 * 4096, true),
+    ] {
+        scribble(&file, offset, len);
+        let (code, rows) = status_json(&env, &[]);
+        if needs_check {
+            let (code, rows) = status_json(&env, &["--check"]);
+            assert_eq!(code, Some(4), "{what}");
+            assert_eq!(
+                row(&rows, "order_summary")["state"],
+                "corrupt",
+                "{what}: {rows:?}"
+            );
+        } else {
+            assert_eq!(code, Some(4), "{what}");
+            assert_eq!(
+                row(&rows, "order_summary")["state"],
+                "corrupt",
+                "{what}: {rows:?}"
+            );
+        }
+        assert_eq!(row(&rows, "customer_stats")["state"], "current", "{what}");
+        let out = env.run(&["rebuild"]);
+        assert!(out.status.success(), "{what}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(
+            err.contains("was corrupt") && err.contains("order_summary.db.corrupt-"),
+            "{err}"
+        );
+        assert_eq!(env.digest("order_summary"), reference, "{what}");
+        let kept: Vec<_> = std::fs::read_dir(env.path("projections"))
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().contains(".corrupt-"))
+            .collect();
+        assert!(!kept.is_empty(), "the corrupt file is kept, not deleted");
+        for entry in kept {
+            std::fs::remove_file(entry.path()).unwrap();
+        }
+        let (code, _) = status_json(&env, &["--check"]);
+        assert_eq!(code, Some(0), "{what}");
+    }
+}
+
+/// Item 13: after `demo`, the command it suggests works as printed.
+#[test]
+fn r8_13_the_demo_leaves_what_the_next_command_needs() {
+    let env = Env::new();
+    let out = env.run_bare(&["demo", "--events", "2000"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let hint = text
+        .lines()
+        .find_map(|l| l.strip_prefix("next, for example: "))
+        .unwrap_or_else(|| panic!("no hint: {text}"));
+    let args: Vec<&str> = hint.split_whitespace().skip(1).collect();
+    let out = env.run_bare(&args);
+    assert!(out.status.success(), "{hint}: {}", stderr(&out));
+    assert!(stdout(&out).contains("current"), "{}", stdout(&out));
+}
+
+/// Item 14: a closed pipe on stdout is not a crash.
+#[test]
+fn r8_14_a_closed_pipe_is_not_a_panic() {
+    let env = Env::new();
+    env.demo_log(500);
+    for args in [&["status"][..], &["list"], &["--json", "rebuild"]] {
+        let mut child = env
+            .command(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            !stderr(&out).contains("panicked"),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {}", stderr(&out));
+    }
+}
+
+/// Item 16: removing an unknown projection is an error; lock files go with
+/// their projection; `list` creates no directory.
+#[test]
+fn r8_16_remove_and_list_create_nothing() {
+    let env = Env::new();
+    env.demo_log(300);
+    let out = env.run(&["remove", "nope"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no projection nope"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!env.path("projections/.nope.lock").exists());
+    assert!(env.run(&["remove", "order_summary"]).status.success());
+    assert!(!env.path("projections/.order_summary.lock").exists());
+    let out = env.run_bare(&["--dir", "missing", "list"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(!env.path("missing").exists());
+}
