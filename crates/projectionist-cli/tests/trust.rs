@@ -656,3 +656,72 @@ fn r8_16_remove_and_list_create_nothing() {
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(!env.path("missing").exists());
 }
+
+/// Item 12: typed parameters turn a value of the wrong JSON type into a poison
+/// event naming the field, both types and the event, instead of a silent 0.
+#[test]
+fn r8_12_typed_parameters_refuse_values_of_another_type() {
+    let config = r#"
+[[projection]]
+name = "items"
+version = 1
+schema = "CREATE TABLE items (order_id TEXT, qty INTEGER, note TEXT)"
+[projection.on.ItemAdded]
+sql = "INSERT INTO items VALUES (:order_id!text, :qty!int * 2, :note?text)"
+"#;
+    let cases = [
+        (
+            r#"'{"order_id": "o", "qty": "five"}'"#,
+            "field qty must be a JSON integer (int), but is a string \"five\"",
+        ),
+        (
+            r#"'{"order_id": "o", "qty": {"a": 1}}'"#,
+            "field qty must be a JSON integer (int), but is an object",
+        ),
+        (
+            r#"'{"order_id": "o", "qty": 1.5}'"#,
+            "but is a real number 1.5",
+        ),
+        (
+            r#"'{"order_id": "o", "qty": 1, "note": 7}'"#,
+            "field note must be a JSON string (text), but is an integer 7",
+        ),
+        (
+            r#"'[1, 2]'"#,
+            "required field order_id is missing: the data holds an array [1,2], not an object",
+        ),
+        (
+            r#"'"text"'"#,
+            "the data holds a string \"text\", not an object",
+        ),
+        ("'null'", "the data holds null null, not an object"),
+    ];
+    for (raw, expected) in cases {
+        let env = Env::new();
+        env.write_config(config);
+        log_with_raw_data(&env, 4, &[(4, raw)]);
+        let out = env.run(&["--batch-size", "1", "rebuild"]);
+        assert_eq!(out.status.code(), Some(4), "{raw}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(
+            err.contains(expected),
+            "{raw}: expected {expected:?} in {err}"
+        );
+        assert!(err.contains("event 4 (stream s4, type ItemAdded)"), "{err}");
+        // Event 2 (the only other ItemAdded) is committed; event 3 is not its type.
+        assert_eq!(checkpoint(&env, "items"), 2, "{raw}");
+    }
+    // Well-typed values, and a missing optional one, apply.
+    let env = Env::new();
+    env.write_config(config);
+    log_with_raw_data(&env, 4, &[(4, r#"'{"order_id": "o", "qty": 3}'"#)]);
+    let out = env.run(&["rebuild"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let qty: i64 = Connection::open(env.path("projections/items.db"))
+        .unwrap()
+        .query_row("SELECT qty FROM items WHERE order_id = 'o'", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(qty, 6);
+}

@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use crate::config::SqlProjection;
 use crate::confine::Confinement;
-use crate::params::{Envelope, Param};
+use crate::params::{Envelope, Param, ValueKind};
 
 /// The table in each projection file recording which definition built it.
 pub const DEFINITION_TABLE: &str = "_projectionist_definition";
@@ -179,9 +179,14 @@ fn bind<'e>(param: &Param, event: &'e GlobalEvent<Value>) -> Result<ToSqlOutput<
                 .as_deref()
                 .map_or(ToSqlOutput::Owned(SqlValue::Null), text),
         }),
-        Param::Field { path, required } => {
+        Param::Field {
+            path,
+            required,
+            kind,
+        } => {
+            let field = path.join(".");
             let mut current = &event.data;
-            for segment in path {
+            for (depth, segment) in path.iter().enumerate() {
                 let next = match current {
                     Value::Object(map) => map.get(segment),
                     Value::Array(items) => segment.parse::<usize>().ok().and_then(|i| items.get(i)),
@@ -190,18 +195,103 @@ fn bind<'e>(param: &Param, event: &'e GlobalEvent<Value>) -> Result<ToSqlOutput<
                 match next {
                     Some(value) => current = value,
                     None if *required => {
-                        return Err(format!("required field {} is missing", path.join(".")));
+                        let indexable = match current {
+                            Value::Object(_) => true,
+                            Value::Array(_) => segment.parse::<usize>().is_ok(),
+                            _ => false,
+                        };
+                        if indexable {
+                            return Err(format!("required field {field} is missing"));
+                        }
+                        let holder = if depth == 0 {
+                            "the data".to_owned()
+                        } else {
+                            format!("field {}", path[..depth].join("."))
+                        };
+                        return Err(format!(
+                            "required field {field} is missing: {holder} holds {} {}, not an object",
+                            json_kind(current),
+                            short(current)
+                        ));
                     }
                     None => return Ok(ToSqlOutput::Owned(SqlValue::Null)),
                 }
             }
-            if current.is_null() && *required {
-                return Err(format!("required field {} is null", path.join(".")));
+            if current.is_null() {
+                if *required {
+                    return Err(format!("required field {field} is null"));
+                }
+                return Ok(ToSqlOutput::Owned(SqlValue::Null));
             }
-            Ok(json_to_sql(current))
+            match kind {
+                None => Ok(json_to_sql(current)),
+                Some(kind) => typed(current, *kind).ok_or_else(|| {
+                    format!(
+                        "field {field} must be {} ({}), but is {} {}",
+                        kind_article(*kind),
+                        kind.name(),
+                        json_kind(current),
+                        short(current)
+                    )
+                }),
+            }
         }
     }
 }
+
+/// `value` bound as `kind` demands, or `None` when it is of another JSON type.
+fn typed(value: &Value, kind: ValueKind) -> Option<ToSqlOutput<'_>> {
+    let owned = |v: SqlValue| Some(ToSqlOutput::Owned(v));
+    match (kind, value) {
+        (ValueKind::Int, Value::Number(n)) => n.as_i64().and_then(|i| owned(SqlValue::Integer(i))),
+        (ValueKind::Real, Value::Number(n)) => n.as_f64().and_then(|x| owned(SqlValue::Real(x))),
+        (ValueKind::Text, Value::String(s)) => {
+            Some(ToSqlOutput::Borrowed(ValueRef::Text(s.as_bytes())))
+        }
+        (ValueKind::Bool, Value::Bool(b)) => owned(SqlValue::Integer(i64::from(*b))),
+        (ValueKind::Json, Value::Object(_) | Value::Array(_)) => {
+            owned(SqlValue::Text(value.to_string()))
+        }
+        _ => None,
+    }
+}
+
+fn kind_article(kind: ValueKind) -> &'static str {
+    match kind {
+        ValueKind::Int => "a JSON integer",
+        ValueKind::Real => "a JSON number",
+        ValueKind::Text => "a JSON string",
+        ValueKind::Bool => "a JSON boolean",
+        ValueKind::Json => "a JSON object or array",
+    }
+}
+
+/// The JSON type of a value, in words.
+fn json_kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(n) if n.is_i64() || n.is_u64() => "an integer",
+        Value::Number(_) => "a real number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// A value for a message: its JSON text, cut at [`VALUE_IN_MESSAGE_MAX`] characters.
+fn short(value: &Value) -> String {
+    let text = value.to_string();
+    if text.chars().count() <= VALUE_IN_MESSAGE_MAX {
+        return text;
+    }
+    let cut: String = text.chars().take(VALUE_IN_MESSAGE_MAX).collect();
+    format!("{cut}...")
+}
+
+/// Longest value quoted in a poison-event message: enough to recognise it,
+/// short enough for one line (and for no secret-sized payload in a log).
+const VALUE_IN_MESSAGE_MAX: usize = 40;
 
 fn json_to_sql(value: &Value) -> ToSqlOutput<'_> {
     match value {

@@ -19,7 +19,7 @@ mod params;
 
 pub use config::{ConfigError, ProjectionsConfig, SqlProjection, Statement};
 pub use handler::{DEFINITION_TABLE, SqlHandler, StoredDefinition, stored_definition};
-pub use params::{Envelope, Param};
+pub use params::{Envelope, Param, ValueKind};
 
 /// The raw, unvalidated shape of the file, as serde reads it.
 pub mod raw {

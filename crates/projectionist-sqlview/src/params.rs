@@ -28,16 +28,54 @@ const ENVELOPE: [(&str, Envelope); 6] = [
     ("_metadata", Envelope::Metadata),
 ];
 
+/// The JSON type a typed parameter demands (`:qty!int`, `:note?text`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ValueKind {
+    /// `int`: a JSON integer (bound as INTEGER).
+    Int,
+    /// `real`: any JSON number (bound as REAL).
+    Real,
+    /// `text`: a JSON string (bound as TEXT).
+    Text,
+    /// `bool`: `true` or `false` (bound as 1 or 0).
+    Bool,
+    /// `json`: an object or an array (bound as its JSON text).
+    Json,
+}
+
+impl ValueKind {
+    const ALL: [(&'static str, ValueKind); 5] = [
+        ("int", ValueKind::Int),
+        ("real", ValueKind::Real),
+        ("text", ValueKind::Text),
+        ("bool", ValueKind::Bool),
+        ("json", ValueKind::Json),
+    ];
+
+    /// The name used in the config.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(_, kind)| *kind == self)
+            .map_or("?", |(name, _)| name)
+    }
+}
+
 /// What one placeholder is bound to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Param {
     /// A field of the event's JSON data, by path. Absent (or null) binds NULL,
-    /// unless `required`, when it is a poison-event error.
+    /// unless `required`, when it is a poison-event error. With a `kind`, a value
+    /// of another JSON type is a poison event too.
     Field {
         /// Path segments: object keys, or array indexes.
         path: Vec<String>,
         /// Marked with `!`.
         required: bool,
+        /// The JSON type after the marker (`!int`, `?text`); `None` for plain
+        /// `:field` and `:field!`, which bind whatever the value is.
+        kind: Option<ValueKind>,
     },
     /// An envelope field.
     Envelope(Envelope),
@@ -95,9 +133,20 @@ pub(crate) fn rewrite(sql: &str) -> Result<(String, Vec<Param>), String> {
                 end += 1;
             }
             let name: String = chars[start..end].iter().collect();
-            let required = chars.get(end) == Some(&'!');
-            let param = parse_param(&name, required)?;
-            let key = format!("{name}{}", if required { "!" } else { "" });
+            // `!` (required) or `?` (optional), then an optional type word.
+            let marker = chars.get(end).copied().filter(|c| matches!(c, '!' | '?'));
+            let required = marker == Some('!');
+            let type_start = end + usize::from(marker.is_some());
+            let mut type_end = type_start;
+            if marker.is_some() {
+                while type_end < chars.len() && chars[type_end].is_ascii_alphabetic() {
+                    type_end += 1;
+                }
+            }
+            let type_word: String = chars[type_start..type_end].iter().collect();
+            let kind = parse_kind(&name, marker, &type_word)?;
+            let param = parse_param(&name, required, kind)?;
+            let key: String = chars[start..type_end].iter().collect();
             let number = match names.iter().position(|n| *n == key) {
                 Some(p) => p + 1,
                 None => {
@@ -107,7 +156,7 @@ pub(crate) fn rewrite(sql: &str) -> Result<(String, Vec<Param>), String> {
                 }
             };
             out.push_str(&format!("?{number}"));
-            idx = end + usize::from(required);
+            idx = type_end;
         } else if matches!(c, '?' | '$' | '@') {
             return Err(format!(
                 "placeholder '{c}' at character {idx}: only :name parameters are supported"
@@ -124,8 +173,41 @@ pub(crate) fn rewrite(sql: &str) -> Result<(String, Vec<Param>), String> {
     Ok((out, params))
 }
 
-fn parse_param(name: &str, required: bool) -> Result<Param, String> {
+/// The type after a `!` or `?` marker.
+fn parse_kind(name: &str, marker: Option<char>, word: &str) -> Result<Option<ValueKind>, String> {
+    let known = || {
+        ValueKind::ALL
+            .iter()
+            .map(|(n, _)| *n)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match (marker, word) {
+        (None, _) | (Some('!'), "") => Ok(None),
+        (Some(marker), "") => Err(format!(
+            "parameter :{name}{marker} needs a type ({}), e.g. :{name}?text",
+            known()
+        )),
+        (Some(marker), word) => ValueKind::ALL
+            .iter()
+            .find(|(n, _)| *n == word)
+            .map(|(_, kind)| Some(*kind))
+            .ok_or_else(|| {
+                format!(
+                    "unknown type {word:?} in :{name}{marker}{word} (known: {})",
+                    known()
+                )
+            }),
+    }
+}
+
+fn parse_param(name: &str, required: bool, kind: Option<ValueKind>) -> Result<Param, String> {
     if name.starts_with('_') {
+        if kind.is_some() {
+            return Err(format!(
+                "envelope parameter :{name} takes no type: its type is fixed"
+            ));
+        }
         return ENVELOPE
             .iter()
             .find(|(n, _)| *n == name)
@@ -142,7 +224,11 @@ fn parse_param(name: &str, required: bool) -> Result<Param, String> {
     if path.iter().any(String::is_empty) {
         return Err(format!("parameter :{name} has an empty path segment"));
     }
-    Ok(Param::Field { path, required })
+    Ok(Param::Field {
+        path,
+        required,
+        kind,
+    })
 }
 
 #[cfg(test)]
@@ -161,7 +247,7 @@ mod tests {
     fn rewrites_names_and_skips_quotes_and_comments() {
         check(
             "INSERT INTO t VALUES (:a, :b.c!, :a)",
-            r#"INSERT INTO t VALUES (?1, ?2, ?1) [Field { path: ["a"], required: false }, Field { path: ["b", "c"], required: true }]"#,
+            r#"INSERT INTO t VALUES (?1, ?2, ?1) [Field { path: ["a"], required: false, kind: None }, Field { path: ["b", "c"], required: true, kind: None }]"#,
         );
         check(
             "SELECT ':x', \":y\", [:z] -- :w\n/* :v */ , :_sequence",
@@ -169,7 +255,27 @@ mod tests {
         );
         check(
             "SELECT :items.0.sku",
-            r#"SELECT ?1 [Field { path: ["items", "0", "sku"], required: false }]"#,
+            r#"SELECT ?1 [Field { path: ["items", "0", "sku"], required: false, kind: None }]"#,
+        );
+    }
+
+    #[test]
+    fn typed_parameters() {
+        check(
+            "VALUES (:qty!int, :price!real * :qty!int, :note?text, :qty, :doc!json, :f?bool)",
+            r#"VALUES (?1, ?2 * ?1, ?3, ?4, ?5, ?6) [Field { path: ["qty"], required: true, kind: Some(Int) }, Field { path: ["price"], required: true, kind: Some(Real) }, Field { path: ["note"], required: false, kind: Some(Text) }, Field { path: ["qty"], required: false, kind: None }, Field { path: ["doc"], required: true, kind: Some(Json) }, Field { path: ["f"], required: false, kind: Some(Bool) }]"#,
+        );
+        check(
+            "VALUES (:qty!integer)",
+            r#"error: unknown type "integer" in :qty!integer (known: int, real, text, bool, json)"#,
+        );
+        check(
+            "VALUES (:note?)",
+            "error: parameter :note? needs a type (int, real, text, bool, json), e.g. :note?text",
+        );
+        check(
+            "VALUES (:_sequence!int)",
+            "error: envelope parameter :_sequence takes no type: its type is fixed",
         );
     }
 
