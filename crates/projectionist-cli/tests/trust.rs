@@ -725,3 +725,33 @@ sql = "INSERT INTO items VALUES (:order_id!text, :qty!int * 2, :note?text)"
         .unwrap();
     assert_eq!(qty, 6);
 }
+
+/// Item 18: a projection file that another connection is writing fails that
+/// projection quickly; the other projections of the run do not wait for it.
+#[test]
+fn r8_18_a_locked_projection_does_not_hold_back_the_others() {
+    let env = Env::new();
+    env.demo_log(3_000);
+    let store = SqliteEventStore::open(env.path("events.db")).unwrap();
+    store
+        .append(
+            "late",
+            0,
+            &[NewEvent::json("Noted", &serde_json::json!({})).unwrap()],
+        )
+        .unwrap();
+    drop(store);
+    let writer = Connection::open(env.path("projections/order_summary.db")).unwrap();
+    writer.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let started = Instant::now();
+    let out = env.run(&["rebuild"]);
+    let elapsed = started.elapsed();
+    writer.execute_batch("ROLLBACK").unwrap();
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert!(stderr(&out).contains("order_summary"), "{}", stderr(&out));
+    assert!(
+        elapsed < Duration::from_secs(5),
+        "the run waited {elapsed:?} for a locked projection"
+    );
+    assert_eq!(checkpoint(&env, "customer_stats"), 3_001);
+}

@@ -15,7 +15,7 @@ use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior};
 
 use crate::checkpoint::CHECKPOINT_SCHEMA;
 use crate::error::{BoxError, Error, Result};
-use crate::limits::BUSY_TIMEOUT_MS;
+use crate::limits::{BUSY_TIMEOUT_MS, START_BUSY_TIMEOUT_MS};
 use crate::name::ProjectionName;
 use crate::outcome::RUN_SCHEMA;
 
@@ -526,7 +526,7 @@ fn open_projection(path: &Path, new: bool) -> Result<Connection> {
         None => Error::sqlite(step())(source),
     };
     let conn = Connection::open(path).map_err(Error::sqlite(step()))?;
-    conn.busy_timeout(Duration::from_millis(u64::from(BUSY_TIMEOUT_MS)))
+    conn.busy_timeout(Duration::from_millis(u64::from(START_BUSY_TIMEOUT_MS)))
         .map_err(Error::sqlite(step()))?;
     let application_id: i32 = conn
         .pragma_query_value(None, "application_id", |row| row.get(0))
@@ -550,6 +550,8 @@ fn open_projection(path: &Path, new: bool) -> Result<Connection> {
     // pages elsewhere are found by `PRAGMA quick_check` (`status --check`).
     conn.query_row("SELECT count(*) FROM _checkpoint", [], |_| Ok(()))
         .map_err(corrupt)?;
+    conn.busy_timeout(Duration::from_millis(u64::from(BUSY_TIMEOUT_MS)))
+        .map_err(Error::sqlite(step()))?;
     Ok(conn)
 }
 

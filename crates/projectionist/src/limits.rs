@@ -48,6 +48,13 @@ pub const CONSUMER_ID_LEN_MAX: usize = 256;
 /// another writer, short enough that a stuck process surfaces as an error.
 pub const BUSY_TIMEOUT_MS: u32 = 10_000;
 
+/// How long a projection waits for another connection's write lock while it
+/// opens and starts a run, in milliseconds. Every projection of a run must start
+/// before the shared read begins, so one file held by a foreign writer (a shell,
+/// another tool) would hold back all the others for [`BUSY_TIMEOUT_MS`]; with
+/// this short wait it fails alone ("database is locked") and the others go on.
+pub const START_BUSY_TIMEOUT_MS: u32 = 200;
+
 /// Events one append call may write: an append is one transaction held in memory.
 pub const APPEND_EVENTS_MAX: usize = 100_000;
 
@@ -58,5 +65,6 @@ const _: () = {
     assert!(0 < CHANNEL_BATCHES_MAX);
     assert!(NAME_LEN_MAX + 16 < 255);
     assert!(0 < BUSY_TIMEOUT_MS);
+    assert!(START_BUSY_TIMEOUT_MS <= BUSY_TIMEOUT_MS);
     assert!(COMMIT_INTERVAL_DEFAULT.as_millis() <= COMMIT_INTERVAL_MAX.as_millis());
 };

@@ -13,7 +13,7 @@
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, Transaction, TransactionBehavior};
 
@@ -22,6 +22,7 @@ use crate::dir::begin_immediate;
 use crate::error::{BoxError, Error, Result};
 use crate::event::GlobalEvent;
 use crate::handler::Handler;
+use crate::limits::{BUSY_TIMEOUT_MS, START_BUSY_TIMEOUT_MS};
 use crate::outcome::{record_outcome, record_running};
 use crate::progress::{BatchStep, CancelToken, Progress};
 use crate::rebuild::{
@@ -52,9 +53,14 @@ pub(crate) fn write_projection<E>(
     };
     // Best effort: the outcome is for `status`; failing to record it must not
     // hide the run's own result.
+    // Waiting long for a file another connection holds would delay the run's
+    // end for the others: the record waits no longer than a start does.
     let _ = projection.db.with_connection(|conn| {
-        record_outcome(conn, projection.consumer_id, &result)
-            .map_err(Error::sqlite("record the outcome"))
+        let wait = |ms: u32| Duration::from_millis(u64::from(ms));
+        let _ = conn.busy_timeout(wait(START_BUSY_TIMEOUT_MS));
+        let recorded = record_outcome(conn, projection.consumer_id, &result);
+        let _ = conn.busy_timeout(wait(BUSY_TIMEOUT_MS));
+        recorded.map_err(Error::sqlite("record the outcome"))
     });
     let name = projection.db.name().to_string();
     report(context, &name, &state, true, result.as_ref().err());
@@ -332,7 +338,18 @@ fn begin_run<E>(projection: &mut ProjectionTarget<'_, E>, context: &RunContext<'
     }
     let in_file_checkpoint = projection.db.with_connection(|conn| {
         let step = || format!("projection {name}: start");
-        let tx = begin_immediate(conn).map_err(Error::sqlite(step()))?;
+        // A file another connection is writing fails this projection quickly
+        // instead of holding back every projection of the run.
+        let wait = |ms: u32| Duration::from_millis(u64::from(ms));
+        conn.busy_timeout(wait(START_BUSY_TIMEOUT_MS))
+            .map_err(Error::sqlite(step()))?;
+        let conn: &Connection = conn;
+        let began = Transaction::new_unchecked(conn, TransactionBehavior::Immediate);
+        conn.busy_timeout(wait(BUSY_TIMEOUT_MS))
+            .map_err(Error::sqlite(step()))?;
+        let tx = began.map_err(Error::sqlite(format!(
+            "projection {name}: start (another connection is writing to its file)"
+        )))?;
         if start == Start::Reset {
             drop_projection_objects(&tx).map_err(Error::sqlite(step()))?;
             SqliteCheckpoint::reset_in(&tx, consumer_id)?;
