@@ -184,7 +184,8 @@ fn main() -> ExitCode {
                     &serde_json::json!({"event": "error", "code": failure.code, "message": message}),
                 );
             }
-            eprintln!("error: {message}");
+            // Names and data can hold control characters: never echo them raw.
+            eprintln!("error: {}", ui::escape_controls(&message));
             ExitCode::from(failure.code)
         }
     }

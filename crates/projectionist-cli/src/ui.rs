@@ -79,13 +79,16 @@ impl Display {
         if self.json {
             json_line(&serde_json::json!({
                 "event": "progress", "projection": p.projection_name, "processed": p.processed,
-                "checkpoint": p.checkpoint, "total": p.total, "done": p.done, "err": p.err,
+                "checkpoint": p.checkpoint, "started_from": p.started_from, "total": p.total,
+                "done": p.done, "err": p.err,
             }));
             return;
         }
         if let Some(bar) = self.bars.get(&p.projection_name) {
-            bar.set_length(p.total.max(p.checkpoint));
-            bar.set_position(p.checkpoint);
+            // This run's span only: a resume's rate and ETA must not count the
+            // events applied before it.
+            bar.set_length(p.total.max(p.checkpoint).saturating_sub(p.started_from));
+            bar.set_position(p.checkpoint.saturating_sub(p.started_from));
             if p.done {
                 bar.finish_with_message(if p.err.is_some() { "failed" } else { "done" });
             }

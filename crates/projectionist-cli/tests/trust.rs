@@ -755,3 +755,91 @@ fn r8_18_a_locked_projection_does_not_hold_back_the_others() {
     );
     assert_eq!(checkpoint(&env, "customer_stats"), 3_001);
 }
+
+/// Item 15: a resume's progress measures this run's span (what the bars' rate
+/// and ETA use), not the events applied before it.
+#[test]
+fn r8_15_resume_progress_counts_only_this_run() {
+    let env = Env::new();
+    env.demo_log(1_000);
+    let store = SqliteEventStore::open(env.path("events.db")).unwrap();
+    let placed = serde_json::json!({"order_id": "late", "customer_id": "c"});
+    store
+        .append(
+            "late",
+            0,
+            &[NewEvent::json("OrderPlaced", &placed).unwrap()],
+        )
+        .unwrap();
+    drop(store);
+    let out = env.run(&["--json", "resume"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let progress: Vec<serde_json::Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|l| l["event"] == "progress")
+        .collect();
+    assert!(!progress.is_empty());
+    for p in &progress {
+        assert_eq!(p["started_from"], 1_000, "{p}");
+        assert!(p["processed"].as_u64().unwrap() <= 1, "{p}");
+    }
+    assert!(
+        progress
+            .iter()
+            .any(|p| p["done"] == true && p["checkpoint"] == 1_001)
+    );
+}
+
+/// Item 17: messages name things once, escape control characters, and quote
+/// the user's statement rather than its rewritten form.
+#[test]
+fn r8_17_messages_are_plain_and_quote_what_the_user_wrote() {
+    let env = Env::new();
+    env.write_config(
+        "[[projection]]\nname = \"p\"\nversion = 1\nschema = \"CREATE TABLE t (id TEXT PRIMARY KEY, n INTEGER CHECK (n > 0))\"\n[projection.on.\"E\\u001b[31m\"]\nsql = \"INSERT INTO t VALUES (:id, 1)\"\n",
+    );
+    SqliteEventStore::open(env.path("events.db")).unwrap();
+    let out = env.run(&["rebuild"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        !stderr(&out).contains('\u{1b}'),
+        "raw escape in {:?}",
+        stderr(&out)
+    );
+    assert!(stderr(&out).contains("\\u{1b}"), "{}", stderr(&out));
+    // A statement that fails at run time is quoted as written.
+    env.write_config(
+        "[[projection]]\nname = \"p\"\nversion = 1\nschema = \"CREATE TABLE t (id TEXT PRIMARY KEY, n INTEGER CHECK (n > 0))\"\n[projection.on.E]\nsql = \"INSERT INTO t VALUES (:id!text, :n)\"\n",
+    );
+    let store = SqliteEventStore::open(env.path("events.db")).unwrap();
+    store
+        .append(
+            "s",
+            0,
+            &[NewEvent::json("E", &serde_json::json!({"id": "a", "n": -1})).unwrap()],
+        )
+        .unwrap();
+    drop(store);
+    let out = env.run(&["rebuild"]);
+    assert_eq!(out.status.code(), Some(4));
+    let err = stderr(&out);
+    assert!(err.contains("INSERT INTO t VALUES (:id!text, :n)"), "{err}");
+    assert!(!err.contains("?1"), "{err}");
+    // A file that is not a database, as the store: named once, exit 3.
+    std::fs::write(env.path("junk.db"), vec![b'x'; 4096]).unwrap();
+    let out = env.run_bare(&[
+        "--store",
+        "junk.db",
+        "--config",
+        "projections.toml",
+        "status",
+    ]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert_eq!(
+        stderr(&out).matches("junk.db").count(),
+        1,
+        "{}",
+        stderr(&out)
+    );
+}

@@ -15,6 +15,9 @@ pub struct Progress {
     pub total: u64,
     /// The projection's committed checkpoint.
     pub checkpoint: u64,
+    /// The checkpoint this run started from (0 for a rebuild): rates and ETAs
+    /// over `checkpoint - started_from` measure this run alone.
+    pub started_from: u64,
     /// True for the last report of the run.
     pub done: bool,
     /// The error that ended the run, on the last report of a failed run.

@@ -42,6 +42,7 @@ pub(crate) fn write_projection<E>(
         Ok(committed) => {
             state.committed = committed;
             state.applied = committed;
+            state.started_from = committed;
             let _ = start_tx.send(Some(committed));
             drop(start_tx);
             apply_all(&mut projection, batches, context, &mut state)
@@ -83,6 +84,8 @@ struct WriterState {
     processed: u64,
     /// Batches applied in this run; numbers the batches for the step hook.
     batches: u64,
+    /// The checkpoint the run started from.
+    started_from: u64,
 }
 
 /// Why the batch loop stopped.
@@ -463,6 +466,7 @@ fn report(
         processed: state.processed,
         total: context.total,
         checkpoint: state.committed,
+        started_from: state.started_from,
         done,
         err: err.map(ToString::to_string),
     });
