@@ -8,15 +8,19 @@
 //! flight, move its checkpoint to 11, and never see 10.
 //!
 //! How reads stay safe: events are handed out only in an unbroken run from the
-//! checkpoint. At a missing number the read stops and records the `xmax` of its
-//! snapshot: every transaction that could hold the missing number had an
-//! transaction id below it (appends take their transaction id before their first
-//! sequence number). Once the oldest running transaction (the snapshot's `xmin`)
-//! is at or past that `xmax`, all of them have ended; if the number is still
-//! missing it was rolled back, and the read passes the hole. A read looks at a
-//! hole again, in new snapshots, for a bounded time, so a process that starts
-//! after the hole was made passes it on its first read (nothing about holes has
-//! to survive a process).
+//! checkpoint. At a missing number N the read takes a fresh transaction id Y (in
+//! a transaction of its own): the transaction that drew N took its own id before
+//! N (appends take their transaction id before their first sequence number), N
+//! was drawn before a later number that is already committed and visible, so
+//! that id is below Y. Once the oldest running transaction (a snapshot's `xmin`)
+//! is at or past Y, every such transaction has ended; if N is still missing it
+//! was rolled back, and the read passes the hole. (A snapshot's own `xmax` is not
+//! a safe bound: it is one past the latest *completed* transaction, and a
+//! transaction that took an id earlier can still run above it; an earlier
+//! version used it and could skip an event under heavy concurrency.) A read
+//! looks at a hole again, in new snapshots, for a bounded time, so a process that
+//! starts after the hole was made passes it on its first read: nothing about
+//! holes has to survive a process.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
@@ -321,13 +325,13 @@ impl PostgresEventStore {
     }
 
     /// One snapshot-consistent read: the rows after `after`, and the snapshot's
-    /// xmin and xmax.
+    /// xmin.
     fn read_rows(
         &self,
         after: u64,
         limit: u32,
         types: Option<&[String]>,
-    ) -> Result<(Vec<Row>, i64, i64)> {
+    ) -> Result<(Vec<Row>, i64)> {
         let mut client = self.lock();
         let step = || format!("read events after {after} from {}", self.url_for_errors);
         let mut tx = client
@@ -338,7 +342,7 @@ impl PostgresEventStore {
             .map_err(pg_error(step()))?;
         let snapshot = tx
             .query_one(
-                "SELECT pg_snapshot_xmin(s)::text::bigint, pg_snapshot_xmax(s)::text::bigint FROM pg_current_snapshot() s",
+                "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint",
                 &[],
             )
             .map_err(pg_error(step()))?;
@@ -351,19 +355,12 @@ impl PostgresEventStore {
         }
         .map_err(pg_error(step()))?;
         tx.commit().map_err(pg_error(step()))?;
-        Ok((rows, snapshot.get(0), snapshot.get(1)))
+        Ok((rows, snapshot.get(0)))
     }
 
     /// Keeps the unbroken run of rows after `after`, passing a hole only once no
-    /// transaction that could fill it is still running. Also says whether the run
-    /// stopped at a hole it cannot pass yet.
-    fn contiguous(
-        &self,
-        after: u64,
-        rows: Vec<Row>,
-        xmin: i64,
-        xmax: i64,
-    ) -> (Vec<Row>, Option<i64>) {
+    /// transaction that could fill it is still running; says where it stopped.
+    fn contiguous(&self, after: u64, rows: Vec<Row>, xmin: i64) -> (Vec<Row>, Stop) {
         let mut gaps = self.gaps.lock().unwrap_or_else(PoisonError::into_inner);
         // A hole once passed stays passed (it is remembered until the reader is
         // past it): forgetting it would make the next look at the same position
@@ -375,41 +372,45 @@ impl PostgresEventStore {
             let sequence = row.get::<_, i64>(0).cast_unsigned();
             if sequence != expected {
                 match gaps.get_mut(&expected) {
-                    // Everything that was running when the hole was first seen has
-                    // ended, and the number is still missing: rolled back.
-                    Some(seen_xmax) if xmin >= *seen_xmax => {
-                        *seen_xmax = i64::MIN;
-                    }
-                    Some(seen_xmax) => return (kept, Some(*seen_xmax)),
-                    // No transaction at all is running in this snapshot, so the
-                    // one that took the number has ended: a rollback hole.
-                    None if xmin >= xmax => {
-                        gaps.insert(expected, i64::MIN);
-                    }
-                    None => {
-                        if gaps.len() >= GAPS_REMEMBERED_MAX {
-                            gaps.clear();
-                        }
-                        gaps.insert(expected, xmax);
-                        return (kept, Some(xmax));
-                    }
+                    // Every transaction that had a transaction id when the hole was
+                    // first seen has ended, and the number is still missing: it
+                    // was rolled back.
+                    Some(bound) if xmin >= *bound => *bound = i64::MIN,
+                    Some(_) => return (kept, Stop::Held),
+                    None => return (kept, Stop::NewHole { sequence: expected }),
                 }
             }
             expected = sequence + 1;
             kept.push(row);
         }
-        (kept, None)
+        (kept, Stop::Complete)
+    }
+
+    /// An upper bound on every transaction id assigned so far: a new one, taken
+    /// in a transaction of its own that ends at once. (A snapshot's `xmax` is not
+    /// such a bound: it is one past the latest *completed* transaction, and a
+    /// transaction that took its id earlier can still be running above it.)
+    fn xid_bound(&self) -> Result<i64> {
+        let row = self
+            .lock()
+            .query_one("SELECT pg_current_xact_id()::text::bigint", &[])
+            .map_err(pg_error(format!(
+                "take a transaction id to wait out a hole in {}",
+                self.url_for_errors
+            )))?;
+        Ok(row.get(0))
     }
 
     /// One gap-safe read: the unbroken run after `after`. At a hole that was
     /// there when the call began, the read looks again, in new snapshots, for up
-    /// to [`HOLE_WAIT_MAX`]: once every transaction that was running at the first
-    /// look has ended (a rollback hole, or another worker's short lease update),
-    /// it is passed in this very call. So nothing about holes needs to outlive a
-    /// process: a new process passes an old hole on its first read, and only a
-    /// transaction that stays open longer than the wait holds a run back (the run
-    /// then ends below the head, and says so). Holes that appear during the call
-    /// (new appends still in flight at the head) are not waited for.
+    /// to [`HOLE_WAIT_MAX`]: once every transaction that could hold the missing
+    /// number has ended (a rollback hole, or another worker's short lease
+    /// update), it is passed in this very call. So nothing about holes needs to
+    /// outlive a process: a new process passes an old hole on its first read,
+    /// and only a transaction that stays open longer than the wait holds a run
+    /// back (the run then ends below the head, and says so). A hole is waited for
+    /// whether it is old or new to this process: a process that starts later
+    /// meets old rollback holes as new ones, and must pass them all the same.
     fn read_contiguous(
         &self,
         after: u64,
@@ -418,20 +419,54 @@ impl PostgresEventStore {
     ) -> Result<(Vec<Row>, usize)> {
         let started = Instant::now();
         let mut pause = HOLE_RETRY_PAUSE_MIN;
-        let mut first_xmax = None;
+        let mut waiting_at = None;
         loop {
-            let (rows, xmin, xmax) = self.read_rows(after, limit, types)?;
-            let first_xmax = *first_xmax.get_or_insert(xmax);
+            let (rows, xmin) = self.read_rows(after, limit, types)?;
             let n_rows = rows.len();
-            let (kept, held_since) = self.contiguous(after, rows, xmin, xmax);
-            let wait = held_since.is_some_and(|seen| seen <= first_xmax);
-            if !wait || started.elapsed() >= HOLE_WAIT_MAX {
-                return Ok((kept, n_rows));
+            let (kept, stop) = self.contiguous(after, rows, xmin);
+            let at = kept.last().map(|row| row.get::<_, i64>(0));
+            match stop {
+                Stop::Complete => return Ok((kept, n_rows)),
+                // The bound is taken after the hole was seen, so its holder has
+                // often ended already: look again at once.
+                Stop::NewHole { sequence } => {
+                    let bound = self.xid_bound()?;
+                    let mut gaps = self.gaps.lock().unwrap_or_else(PoisonError::into_inner);
+                    if gaps.len() >= GAPS_REMEMBERED_MAX {
+                        gaps.clear();
+                    }
+                    gaps.entry(sequence).or_insert(bound);
+                    drop(gaps);
+                    if started.elapsed() >= HOLE_WAIT_MAX {
+                        return Ok((kept, n_rows));
+                    }
+                }
+                Stop::Held if started.elapsed() >= HOLE_WAIT_MAX => {
+                    return Ok((kept, n_rows));
+                }
+                // Back off while the same hole holds; start over at the next one.
+                Stop::Held => {
+                    if waiting_at != Some(at) {
+                        waiting_at = Some(at);
+                        pause = HOLE_RETRY_PAUSE_MIN;
+                    }
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(HOLE_RETRY_PAUSE_MAX);
+                }
             }
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(HOLE_RETRY_PAUSE_MAX);
         }
     }
+}
+
+/// Where [`PostgresEventStore::contiguous`] stopped.
+enum Stop {
+    /// At the end of the rows read.
+    Complete,
+    /// At a known hole, until a snapshot's `xmin` reaches the bound recorded
+    /// for it.
+    Held,
+    /// At a hole not seen before.
+    NewHole { sequence: u64 },
 }
 
 /// How long one read waits at a hole for the transactions that could fill it

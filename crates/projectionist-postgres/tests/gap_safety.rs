@@ -297,3 +297,48 @@ fn concurrent_writers_with_delays_and_rollbacks_lose_nothing() {
     );
     assert_eq!(seen, committed, "exactly the committed events, in order");
 }
+
+/// Issue 8, item 7: a snapshot's `xmax` is one past the latest *completed*
+/// transaction, so a transaction that took its id after another one, drew the
+/// lower sequence and is still running sits at or above that `xmax`, outside
+/// the snapshot's running list. A reader that treats `xmax` as the bound of the
+/// hole's holder skips its event; this one must not.
+#[test]
+#[cfg_attr(
+    not(pg_tests),
+    ignore = "set PROJECTIONIST_TEST_PG_URL to run the PostgreSQL tests"
+)]
+fn a_holder_above_the_snapshot_xmax_is_not_skipped() {
+    let Some(pg) = PgSchema::new("above_xmax") else {
+        return;
+    };
+    let store = store(&pg);
+    let mut first = pg.client();
+    let mut holder = pg.client();
+    // `first` takes its transaction id before `holder`, `holder` draws the lower
+    // sequence, and only `first` commits: the latest completed transaction is
+    // then below the holder's id.
+    let mut first_tx = first.transaction().unwrap();
+    first_tx
+        .execute("SELECT pg_current_xact_id()", &[])
+        .unwrap();
+    let mut held_tx = holder.transaction().unwrap();
+    let held = insert_held(&mut held_tx, "held");
+    let committed = first_tx
+        .query_one(
+            "INSERT INTO events (stream_id, stream_version, event_type, data) VALUES ('first', 1, 'Held', '{}') RETURNING sequence",
+            &[],
+        )
+        .unwrap()
+        .get::<_, i64>(0) as u64;
+    first_tx.commit().unwrap();
+    assert_eq!((held, committed), (1, 2));
+    // Twice, as a follower would poll: the held event is never passed.
+    for _ in 0..2 {
+        let events: Vec<GlobalEvent<Value>> = store.read_after(0, 100).unwrap();
+        assert_eq!(sequences(&events), Vec::<u64>::new());
+    }
+    held_tx.commit().unwrap();
+    let events: Vec<GlobalEvent<Value>> = store.read_after(0, 100).unwrap();
+    assert_eq!(sequences(&events), [1, 2]);
+}
