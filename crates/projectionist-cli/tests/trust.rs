@@ -43,6 +43,14 @@ fn databases(root: &Path) -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
+/// Appends one event to the store file `store` (created if missing).
+fn append_one(env: &Env, store: &str, stream: &str, event_type: &str, data: serde_json::Value) {
+    let store = SqliteEventStore::open(env.path(store)).unwrap();
+    store
+        .append(stream, 0, &[NewEvent::json(event_type, &data).unwrap()])
+        .unwrap();
+}
+
 fn notes_db(path: &Path) {
     let conn = Connection::open(path).unwrap();
     conn.execute_batch("CREATE TABLE notes (text TEXT); INSERT INTO notes VALUES ('keep me');")
@@ -158,15 +166,7 @@ fn r8_3_read_only_commands_never_write_into_the_store() {
     }
     assert_eq!(env.digest("order_summary"), digest_before);
     // A store with fewer events than the projections have applied.
-    let short = SqliteEventStore::open(env.path("short.db")).unwrap();
-    short
-        .append(
-            "s",
-            0,
-            &[NewEvent::json("OrderPlaced", &serde_json::json!({})).unwrap()],
-        )
-        .unwrap();
-    drop(short);
+    append_one(&env, "short.db", "s", "OrderPlaced", serde_json::json!({}));
     let out = env.run_bare(&[
         "--store",
         "short.db",
@@ -511,15 +511,13 @@ fn r8_9_status_reports_failed_behind_and_current() {
     assert_eq!(items["stale"], false);
     assert_eq!(row(&rows, "placed")["state"], "current");
     // New events: behind.
-    let store = SqliteEventStore::open(env.path("events.db")).unwrap();
-    store
-        .append(
-            "late",
-            0,
-            &[NewEvent::json("OrderPlaced", &serde_json::json!({"order_id": "late"})).unwrap()],
-        )
-        .unwrap();
-    drop(store);
+    append_one(
+        &env,
+        "events.db",
+        "late",
+        "OrderPlaced",
+        serde_json::json!({"order_id": "late"}),
+    );
     let (_, rows) = status_json(&env, &[]);
     assert_eq!(row(&rows, "placed")["state"], "behind");
     assert_eq!(row(&rows, "placed")["lag"], 1);
@@ -732,15 +730,7 @@ sql = "INSERT INTO items VALUES (:order_id!text, :qty!int * 2, :note?text)"
 fn r8_18_a_locked_projection_does_not_hold_back_the_others() {
     let env = Env::new();
     env.demo_log(3_000);
-    let store = SqliteEventStore::open(env.path("events.db")).unwrap();
-    store
-        .append(
-            "late",
-            0,
-            &[NewEvent::json("Noted", &serde_json::json!({})).unwrap()],
-        )
-        .unwrap();
-    drop(store);
+    append_one(&env, "events.db", "late", "Noted", serde_json::json!({}));
     let writer = Connection::open(env.path("projections/order_summary.db")).unwrap();
     writer.execute_batch("BEGIN IMMEDIATE").unwrap();
     let started = Instant::now();
@@ -762,16 +752,13 @@ fn r8_18_a_locked_projection_does_not_hold_back_the_others() {
 fn r8_15_resume_progress_counts_only_this_run() {
     let env = Env::new();
     env.demo_log(1_000);
-    let store = SqliteEventStore::open(env.path("events.db")).unwrap();
-    let placed = serde_json::json!({"order_id": "late", "customer_id": "c"});
-    store
-        .append(
-            "late",
-            0,
-            &[NewEvent::json("OrderPlaced", &placed).unwrap()],
-        )
-        .unwrap();
-    drop(store);
+    append_one(
+        &env,
+        "events.db",
+        "late",
+        "OrderPlaced",
+        serde_json::json!({"order_id": "late", "customer_id": "c"}),
+    );
     let out = env.run(&["--json", "resume"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let progress: Vec<serde_json::Value> = stdout(&out)
@@ -812,15 +799,13 @@ fn r8_17_messages_are_plain_and_quote_what_the_user_wrote() {
     env.write_config(
         "[[projection]]\nname = \"p\"\nversion = 1\nschema = \"CREATE TABLE t (id TEXT PRIMARY KEY, n INTEGER CHECK (n > 0))\"\n[projection.on.E]\nsql = \"INSERT INTO t VALUES (:id!text, :n)\"\n",
     );
-    let store = SqliteEventStore::open(env.path("events.db")).unwrap();
-    store
-        .append(
-            "s",
-            0,
-            &[NewEvent::json("E", &serde_json::json!({"id": "a", "n": -1})).unwrap()],
-        )
-        .unwrap();
-    drop(store);
+    append_one(
+        &env,
+        "events.db",
+        "s",
+        "E",
+        serde_json::json!({"id": "a", "n": -1}),
+    );
     let out = env.run(&["rebuild"]);
     assert_eq!(out.status.code(), Some(4));
     let err = stderr(&out);

@@ -9,6 +9,10 @@ use std::path::Path;
 use common::{BankHandler, bank_store, checkpoint, config, digest, options};
 use projectionist::{Error, ProjectionDir, rebuild};
 
+fn strings(names: &[projectionist::ProjectionName]) -> Vec<String> {
+    names.iter().map(ToString::to_string).collect()
+}
+
 /// Every file below `root`, as sorted relative paths.
 fn tree(root: &Path) -> Vec<String> {
     let mut out = Vec::new();
@@ -293,18 +297,15 @@ fn r8_files_that_are_not_projections_are_never_listed_or_removed() {
     drop(legacy);
     let dir = ProjectionDir::open(tmp.path()).unwrap();
     dir.db("fresh").unwrap();
-    let names: Vec<String> = dir
-        .list()
-        .unwrap()
-        .iter()
-        .map(ToString::to_string)
-        .collect();
-    assert_eq!(names, ["fresh", "legacy"]);
+    assert_eq!(strings(&dir.list().unwrap()), ["fresh", "legacy"]);
     let foreign = ["events.db", "notes.db", "app.db", "text.db"];
-    let before: Vec<Vec<u8>> = foreign
-        .iter()
-        .map(|f| fs::read(tmp.path().join(f)).unwrap())
-        .collect();
+    let read_foreign = || -> Vec<Vec<u8>> {
+        foreign
+            .iter()
+            .map(|f| fs::read(tmp.path().join(f)).unwrap())
+            .collect()
+    };
+    let before = read_foreign();
     for name in ["events", "notes", "app", "text"] {
         let err = dir.remove(name).unwrap_err();
         assert!(
@@ -317,17 +318,8 @@ fn r8_files_that_are_not_projections_are_never_listed_or_removed() {
             "{name}: {err:?}"
         );
     }
-    let removed: Vec<String> = dir
-        .remove_all()
-        .unwrap()
-        .iter()
-        .map(ToString::to_string)
-        .collect();
-    assert_eq!(removed, ["fresh", "legacy"]);
-    let after: Vec<Vec<u8>> = foreign
-        .iter()
-        .map(|f| fs::read(tmp.path().join(f)).unwrap())
-        .collect();
+    assert_eq!(strings(&dir.remove_all().unwrap()), ["fresh", "legacy"]);
+    let after = read_foreign();
     assert!(before == after, "a file that is not a projection changed");
     // The legacy file got the mark when opened; a new file has it in its header.
     let fresh = dir.db("fresh").unwrap();
