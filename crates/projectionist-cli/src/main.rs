@@ -35,7 +35,7 @@ use projectionist_sqlview::{ProjectionsConfig, SqlHandler, SqlProjection, stored
 use store::Store;
 
 /// The sample config the demo uses when no `--config` is given.
-const DEMO_CONFIG: &str = include_str!("../../../examples/orders/projections.toml");
+const DEMO_CONFIG: &str = include_str!("demo_projections.toml");
 
 /// Exit code: usage or config error.
 const EXIT_CONFIG: u8 = 2;

@@ -393,3 +393,14 @@ fn sigint_stops_at_a_batch_boundary_and_resume_matches() {
     let status = json_lines(&env.run(&["--json", "status"]));
     assert!(status.iter().all(|r| r["state"] == "current"), "{status:?}");
 }
+
+/// The binary embeds its own copy of the demo config (a packaged crate cannot
+/// reach outside its directory); it must stay equal to the example users read.
+#[test]
+fn the_embedded_demo_config_equals_the_example() {
+    assert_eq!(
+        include_str!("../src/demo_projections.toml"),
+        include_str!("../../../examples/orders/projections.toml"),
+        "copy examples/orders/projections.toml to crates/projectionist-cli/src/demo_projections.toml"
+    );
+}

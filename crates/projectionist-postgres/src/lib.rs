@@ -14,6 +14,23 @@
 //!
 //! The `postgres` client is blocking and runs its own small runtime: do not call
 //! it from inside a tokio worker thread (use `spawn_blocking`).
+//!
+//! The example needs a server, so it is compiled, not run, by `cargo test`:
+//!
+//! ```no_run
+//! use projectionist::{GlobalReader, NewEvent};
+//! use projectionist_postgres::PostgresEventStore;
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let store = PostgresEventStore::connect("postgres://postgres@127.0.0.1:5432/test")?;
+//! store.init()?; // our events table, if it is missing
+//! store.append("acc-1", 0, &[NewEvent::json("Deposited", &serde_json::json!({"cents": 5}))?])?;
+//! // Gap-safe: never past a sequence that a running transaction may still commit.
+//! let events = GlobalReader::<serde_json::Value>::read_after(&store, 0, 500)?;
+//! assert!(!events.is_empty());
+//! # Ok(())
+//! # }
+//! ```
 
 mod lease;
 mod store;

@@ -11,6 +11,53 @@
 //! fields `:_sequence`, `:_stream_id`, `:_stream_version`, `:_event_type`,
 //! `:_recorded_at`, `:_metadata`. Parameters are always bound, never spliced into
 //! SQL. Every statement is prepared against the schema when the file loads.
+//! A type after the marker checks the value: `:qty!int`, `:price!real`,
+//! `:name!text`, `:flag!bool`, `:doc!json`, and optional typed `:note?text`.
+//! Config SQL may change only its own projection's tables (SQLite's authorizer).
+//!
+//! ```
+//! use projectionist::{
+//!     CheckpointLocation, MemoryEventStore, ProjectionDir, ProjectionTarget, RebuildConfig,
+//!     RebuildOptions, rebuild,
+//! };
+//! use projectionist_sqlview::{ProjectionsConfig, SqlHandler};
+//! use serde_json::json;
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = ProjectionsConfig::parse(r#"
+//!     [[projection]]
+//!     name = "totals"
+//!     version = 1
+//!     schema = "CREATE TABLE totals (account TEXT PRIMARY KEY, cents INTEGER NOT NULL)"
+//!     [projection.on.Deposited]
+//!     sql = """INSERT INTO totals VALUES (:_stream_id, :cents!int)
+//!              ON CONFLICT (account) DO UPDATE SET cents = cents + excluded.cents"""
+//! "#, "example")?;
+//!
+//! let store = MemoryEventStore::new();
+//! store.append("acc-1", 0, vec![("Deposited".into(), json!({"cents": 500}))])?;
+//! store.append("acc-1", 1, vec![("Deposited".into(), json!({"cents": 25}))])?;
+//!
+//! let tmp = tempfile::tempdir()?;
+//! let dir = ProjectionDir::open(tmp.path())?;
+//! let projection = &config.projections[0];
+//! let db = dir.db(projection.name.as_str())?;
+//! let mut handler = SqlHandler::new(projection);
+//! rebuild(RebuildConfig {
+//!     reader: &store,
+//!     projection: ProjectionTarget {
+//!         db: &db,
+//!         handler: &mut handler,
+//!         checkpoint: CheckpointLocation::InFile,
+//!         consumer_id: projection.name.as_str(),
+//!     },
+//!     options: RebuildOptions::default(),
+//! })?;
+//! let cents: i64 = db.open_reader()?.query_row("SELECT cents FROM totals", [], |r| r.get(0))?;
+//! assert_eq!(cents, 525);
+//! # Ok(())
+//! # }
+//! ```
 
 mod config;
 mod confine;
