@@ -28,8 +28,8 @@ use clap::{Parser, Subcommand};
 use projectionist::rusqlite::{self, Connection, OpenFlags};
 use projectionist::{
     CancelToken, CheckpointLocation, Error, FileKind, GlobalReader, ProjectionDb, ProjectionDir,
-    ProjectionTarget, RebuildOptions, RebuildResult, SqliteCheckpoint, SqliteEventStore,
-    classify_file, last_run, rebuild_shared, resume_shared,
+    ProjectionTarget, RebuildOptions, RebuildResult, SqliteCheckpoint, SqliteEventStore, Start,
+    classify_file, last_run, replay_shared,
 };
 use projectionist_sqlview::{ProjectionsConfig, SqlHandler, SqlProjection, stored_definition};
 use store::Store;
@@ -514,49 +514,26 @@ fn replay(
         commit_guard: None,
     };
     let mut handlers: Vec<SqlHandler<'_>> = selected.iter().map(|p| SqlHandler::new(p)).collect();
-    let mut rebuild_targets = Vec::new();
-    let mut resume_targets = Vec::new();
-    let mut order = Vec::new();
-    for (idx, (handler, db)) in handlers.iter_mut().zip(&dbs).enumerate() {
-        let target = ProjectionTarget {
-            db,
-            handler: handler as &mut dyn projectionist::Handler<serde_json::Value>,
-            checkpoint: CheckpointLocation::InFile,
-            consumer_id: selected[idx].name.as_str(),
-        };
-        if stale[idx] {
-            order.push((true, rebuild_targets.len()));
-            rebuild_targets.push(target);
-        } else {
-            order.push((false, resume_targets.len()));
-            resume_targets.push(target);
-        }
-    }
-    let started = Instant::now();
-    let rebuilt = if rebuild_targets.is_empty() {
-        Vec::new()
-    } else {
-        rebuild_shared(store, rebuild_targets, &options)
-    };
-    let resumed = if resume_targets.is_empty() {
-        Vec::new()
-    } else {
-        resume_shared(store, resume_targets, &options)
-    };
-    display.finish();
-    let mut rebuilt = rebuilt.into_iter().map(Some).collect::<Vec<_>>();
-    let mut resumed = resumed.into_iter().map(Some).collect::<Vec<_>>();
-    let results: Vec<projectionist::Result<RebuildResult>> = order
-        .into_iter()
-        .map(|(was_rebuild, i)| {
-            if was_rebuild {
-                rebuilt[i].take()
-            } else {
-                resumed[i].take()
-            }
-            .expect("one result each")
+    // One read of the log for all: stale projections start from scratch, the
+    // others from their checkpoints.
+    let targets: Vec<(ProjectionTarget<'_, serde_json::Value>, Start)> = handlers
+        .iter_mut()
+        .zip(&dbs)
+        .zip(&selected)
+        .zip(&stale)
+        .map(|(((handler, db), projection), stale)| {
+            let target = ProjectionTarget {
+                db,
+                handler: handler as &mut dyn projectionist::Handler<serde_json::Value>,
+                checkpoint: CheckpointLocation::InFile,
+                consumer_id: projection.name.as_str(),
+            };
+            (target, if *stale { Start::Reset } else { Start::Resume })
         })
         .collect();
+    let started = Instant::now();
+    let results = replay_shared(store, targets, &options);
+    display.finish();
     report(
         cli,
         &results,

@@ -9,14 +9,6 @@ use crate::dir::{ProjectionDb, begin_immediate};
 use crate::error::{Error, Result};
 use crate::limits::CONSUMER_ID_LEN_MAX;
 
-/// The `_checkpoint` table, created in every projection file.
-pub(crate) const CHECKPOINT_SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS _checkpoint (
-    consumer_id TEXT PRIMARY KEY,
-    sequence    INTEGER NOT NULL CHECK (sequence >= 0)
-);
-";
-
 /// Where a consumer has got to in the global log: the sequence of the last event
 /// whose effects are committed. 0 means nothing has been applied.
 ///

@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior};
 
-use crate::checkpoint::CHECKPOINT_SCHEMA;
 use crate::error::{BoxError, Error, Result};
 use crate::limits::{BUSY_TIMEOUT_MS, START_BUSY_TIMEOUT_MS};
 use crate::name::ProjectionName;
@@ -23,6 +22,14 @@ use crate::outcome::RUN_SCHEMA;
 const DB_SUFFIX: &str = ".db";
 /// Sidecar files SQLite keeps beside a database (`-journal` only outside WAL mode).
 const SIDECARS: [&str; 3] = ["-wal", "-shm", "-journal"];
+
+/// The `_checkpoint` table, created in every projection file.
+pub(crate) const CHECKPOINT_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS _checkpoint (
+    consumer_id TEXT PRIMARY KEY,
+    sequence    INTEGER NOT NULL CHECK (sequence >= 0)
+);
+";
 
 /// `PRAGMA application_id` of every projection file: the bytes `Pjst`. Written
 /// into new files before they switch to WAL (so it is in the main file's header at

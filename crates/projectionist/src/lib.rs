@@ -54,7 +54,7 @@
 //!         checkpoint: CheckpointLocation::InFile,
 //!         consumer_id: "balances",
 //!     },
-//!     options: RebuildOptions { batch_size: 500, commit_interval: projectionist::limits::COMMIT_INTERVAL_DEFAULT, progress: None, cancel: None, step_hook: None , commit_guard: None,},
+//!     options: RebuildOptions { batch_size: 500, ..RebuildOptions::default() },
 //! })?;
 //! assert_eq!(result.processed, 3);
 //! assert_eq!(result.checkpoint, 3);
@@ -82,7 +82,6 @@ mod progress;
 mod reader;
 mod rebuild;
 mod store;
-mod writer;
 
 pub use checkpoint::{Checkpoint, SqliteCheckpoint};
 pub use digest::{DigestScope, projection_digest};
@@ -95,8 +94,9 @@ pub use outcome::{LastRun, last_run};
 pub use progress::{BatchStep, CancelToken, CommitGuardFn, Progress, ProgressFn, StepHookFn};
 pub use reader::{GlobalReader, TypedBatch};
 pub use rebuild::{
-    CheckpointLocation, ProjectionTarget, RebuildConfig, RebuildOptions, RebuildResult, rebuild,
-    rebuild_concurrent, rebuild_shared, resume, resume_shared, validate_batch_size,
+    CheckpointLocation, ProjectionTarget, RebuildConfig, RebuildOptions, RebuildResult, Start,
+    rebuild, rebuild_concurrent, rebuild_shared, replay_shared, resume, resume_shared,
+    validate_batch_size,
 };
 pub use store::{EventTableMapping, MemoryEventStore, SqliteEventStore, StreamAppend};
 

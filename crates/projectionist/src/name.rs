@@ -6,6 +6,11 @@ use std::fmt;
 use crate::error::{Error, Result};
 use crate::limits::NAME_LEN_MAX;
 
+/// The message for a name over [`NAME_LEN_MAX`] (a `&'static str`, so the
+/// number is checked against the bound at compile time below).
+const NAME_TOO_LONG: &str = "name is longer than 128 bytes";
+const _: () = assert!(NAME_LEN_MAX == 128, "update NAME_TOO_LONG");
+
 /// A validated projection name.
 ///
 /// Allowed: 1 to [`NAME_LEN_MAX`] bytes of ASCII letters, digits, `_`, `-` and `.`,
@@ -61,7 +66,7 @@ fn check(name: &str) -> std::result::Result<(), &'static str> {
         return Err("name is empty");
     }
     if name.len() > NAME_LEN_MAX {
-        return Err("name is longer than 128 bytes");
+        return Err(NAME_TOO_LONG);
     }
     if name.contains('/') || name.contains('\\') {
         return Err("name contains a path separator");

@@ -4,7 +4,8 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-/// One progress report: after every committed batch, and once at the end.
+/// One progress report: after every applied batch (committed, or in the open
+/// commit group; `checkpoint` is what is committed), and once at the end.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Progress {
     /// The projection.
@@ -59,7 +60,8 @@ impl CancelToken {
 /// `Begun`, `Applied`, `Committed`, `CheckpointSaved`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum BatchStep {
-    /// The write transaction has begun.
+    /// The batch's savepoint has begun (inside the commit group's write
+    /// transaction).
     Begun,
     /// The handler has applied the batch (not yet committed).
     Applied,

@@ -660,10 +660,31 @@ fn decode_error_stops_at_last_committed_batch_and_names_the_event() {
 
 #[test]
 fn external_checkpoint_is_saved_after_each_batch() {
+    /// Records every value saved, so the test sees each save, not only the last.
+    struct Recording<'a> {
+        inner: SqliteCheckpoint,
+        saved: &'a Mutex<Vec<u64>>,
+    }
+    impl Checkpoint for Recording<'_> {
+        fn load(&self, consumer_id: &str) -> projectionist::Result<u64> {
+            self.inner.load(consumer_id)
+        }
+        fn save(&self, consumer_id: &str, sequence: u64) -> projectionist::Result<()> {
+            self.saved.lock().unwrap().push(sequence);
+            self.inner.save(consumer_id, sequence)
+        }
+        fn reset(&self, consumer_id: &str) -> projectionist::Result<()> {
+            self.inner.reset(consumer_id)
+        }
+    }
     let f = fixture(1_000);
     let db = f.dir.db("bank").unwrap();
     let checkpoint_db = f.dir.db("checkpoints").unwrap();
-    let external = SqliteCheckpoint::new(checkpoint_db.clone());
+    let saved = Mutex::new(Vec::new());
+    let external = Recording {
+        inner: SqliteCheckpoint::new(checkpoint_db.clone()),
+        saved: &saved,
+    };
     let mut handler = BankHandler::default();
     let result = rebuild(RebuildConfig {
         reader: &f.store,
@@ -673,11 +694,16 @@ fn external_checkpoint_is_saved_after_each_batch() {
             checkpoint: CheckpointLocation::External(&external),
             consumer_id: "bank",
         },
-        options: options(300),
+        options: RebuildOptions {
+            // One commit per batch: a save after each.
+            commit_interval: Duration::ZERO,
+            ..options(300)
+        },
     })
     .unwrap();
     assert_eq!(result.checkpoint, 1_000);
     assert_eq!(external.load("bank").unwrap(), 1_000);
+    assert_eq!(*saved.lock().unwrap(), [300, 600, 900, 1_000]);
     assert_eq!(
         checkpoint(&db, "bank"),
         0,
@@ -852,4 +878,68 @@ fn commit_guard_refusal_rolls_back_and_stops_the_projection() {
         .query_row("SELECT SUM(n) FROM totals", [], |r| r.get(0))
         .unwrap();
     assert_eq!(n, 300, "the refused batch was rolled back");
+}
+
+/// Issue 9: a mixed run, one projection rebuilt from scratch and one resumed
+/// from its checkpoint, reads the log once (as many reads as a rebuild of one
+/// projection alone), and both end equal to a rebuild from scratch.
+#[test]
+fn r9_a_mixed_run_reads_the_log_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = bank_store(&tmp.path().join("events.db"), N_EVENTS, 7);
+    let dir = ProjectionDir::open(tmp.path().join("p")).unwrap();
+    let (fresh, behind) = (dir.db("fresh").unwrap(), dir.db("behind").unwrap());
+    let reference = dir.db("reference").unwrap();
+    rebuild(config(
+        &store,
+        &reference,
+        &mut BankHandler::default(),
+        options(500),
+    ))
+    .unwrap();
+    // `behind` got half way before.
+    let mut cut = BankHandler {
+        fail_at: Some(N_EVENTS / 2 + 1),
+    };
+    rebuild(config(&store, &behind, &mut cut, options(500))).unwrap_err();
+    assert!(checkpoint(&behind, "bank") > 0);
+    let counting = CountingReader {
+        inner: &store,
+        reads: AtomicUsize::new(0),
+    };
+    let run_options = options(500);
+    let (mut h1, mut h2) = (BankHandler::default(), BankHandler::default());
+    let target = |db, handler, name| ProjectionTarget {
+        db,
+        handler,
+        checkpoint: CheckpointLocation::InFile,
+        consumer_id: name,
+    };
+    let results = projectionist::replay_shared(
+        &counting,
+        vec![
+            (target(&fresh, &mut h1, "bank"), projectionist::Start::Reset),
+            (
+                target(&behind, &mut h2, "bank"),
+                projectionist::Start::Resume,
+            ),
+        ],
+        &run_options,
+    );
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    let mixed_reads = counting.reads.swap(0, Ordering::SeqCst);
+    let mut h3 = BankHandler::default();
+    rebuild(RebuildConfig {
+        reader: &counting,
+        projection: target(&fresh, &mut h3, "bank"),
+        options: options(500),
+    })
+    .unwrap();
+    let alone_reads = counting.reads.load(Ordering::SeqCst);
+    assert_eq!(
+        mixed_reads, alone_reads,
+        "a mixed run read the log more than once"
+    );
+    assert_eq!(digest(&fresh), digest(&reference));
+    assert_eq!(digest(&behind), digest(&reference));
 }

@@ -25,20 +25,22 @@ use crate::handler::Handler;
 use crate::limits::{BUSY_TIMEOUT_MS, START_BUSY_TIMEOUT_MS};
 use crate::outcome::{record_outcome, record_running};
 use crate::progress::{BatchStep, CancelToken, Progress};
-use crate::rebuild::{
+
+use super::types::{
     CheckpointLocation, Message, ProjectionTarget, RebuildResult, RunContext, Start,
 };
 
 /// The writer thread of one projection: start, then apply batches until the end.
-pub(crate) fn write_projection<E>(
+pub(super) fn write_projection<E>(
     mut projection: ProjectionTarget<'_, E>,
+    start: Start,
     batches: &Receiver<Message<E>>,
     start_tx: Sender<Option<u64>>,
     context: &RunContext<'_>,
 ) -> Result<RebuildResult> {
     let started = Instant::now();
     let mut state = WriterState::default();
-    let result = match begin_run(&mut projection, context) {
+    let result = match begin_run(&mut projection, start, context) {
         Ok(committed) => {
             state.committed = committed;
             state.applied = committed;
@@ -320,8 +322,11 @@ fn finish_at_head<E>(
 }
 
 /// Prepares a run; returns the checkpoint it starts from.
-fn begin_run<E>(projection: &mut ProjectionTarget<'_, E>, context: &RunContext<'_>) -> Result<u64> {
-    let start = context.start;
+fn begin_run<E>(
+    projection: &mut ProjectionTarget<'_, E>,
+    start: Start,
+    context: &RunContext<'_>,
+) -> Result<u64> {
     validate_consumer_id(projection.consumer_id)?;
     let name = projection.db.name().to_string();
     let consumer_id = projection.consumer_id;

@@ -1,0 +1,323 @@
+//! The rebuild engine: replay the global log through projection handlers in
+//! bounded batches, one transaction per batch, with the checkpoint inside it.
+//!
+//! Reading and writing are pipelined. The calling thread reads and decodes each
+//! batch once and fans it out, through a bounded channel per projection, to one
+//! writer thread per projection; each writer owns its projection file. So one
+//! projection overlaps reading with writing, and many projections share one read.
+//!
+//! A writer applies each batch in a savepoint of an IMMEDIATE write transaction,
+//! saving the checkpoint in the same transaction, and commits every
+//! `commit_interval` (see `write.rs`). A crash at any point leaves either a batch
+//! with its checkpoint, or neither (exactly-once). With an external [`Checkpoint`]
+//! the checkpoint is saved after the commit, so a crash between the two replays
+//! those batches (at-least-once).
+//!
+//! Where things live: this file has the entry points and the run itself
+//! (`run`, `run_group`: validate, spawn the writers, read); `read.rs` the read
+//! side (one read per batch, fanned out; poison events); `write.rs` the write side
+//! (start, apply in savepoints, checkpoint, commit, record the outcome);
+//! `types.rs` what both sides share. The children import `types.rs`, never this
+//! file, so no two files import each other.
+
+mod read;
+mod types;
+mod write;
+
+use std::collections::VecDeque;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread;
+use std::time::Duration;
+
+use crate::checkpoint::SqliteCheckpoint;
+use crate::error::{Error, Result};
+use crate::limits::{
+    BATCH_SIZE_DEFAULT, BATCH_SIZE_MAX, CHANNEL_BATCHES_MAX, COMMIT_INTERVAL_MAX,
+    CONCURRENT_REBUILDS_MAX,
+};
+use crate::reader::GlobalReader;
+use read::{Source, read_loop};
+use types::RunContext;
+pub use types::{
+    CheckpointLocation, ProjectionTarget, RebuildConfig, RebuildOptions, RebuildResult, Start,
+};
+
+/// Rebuilds one projection from scratch: in one transaction, drops the
+/// projection's tables and views (everything but `_checkpoint`), resets the
+/// checkpoint to 0 and runs the handler's `setup`; then replays the whole log.
+///
+/// # Errors
+/// [`Error::InvalidOptions`] before anything is touched; [`Error::Handler`],
+/// [`Error::Replay`] or [`Error::Cancelled`] naming the last committed sequence,
+/// from which [`resume`] continues.
+pub fn rebuild<E: Send + Sync>(config: RebuildConfig<'_, E>) -> Result<RebuildResult> {
+    let mut results = run(
+        config.reader,
+        vec![(config.projection, Start::Reset)],
+        &config.options,
+    );
+    results.pop().expect("one result per projection")
+}
+
+/// Continues a projection from its checkpoint, without resetting it; use after an
+/// interrupted [`rebuild`], or to catch up with new events.
+///
+/// # Errors
+/// As [`rebuild`].
+pub fn resume<E: Send + Sync>(config: RebuildConfig<'_, E>) -> Result<RebuildResult> {
+    let mut results = run(
+        config.reader,
+        vec![(config.projection, Start::Resume)],
+        &config.options,
+    );
+    results.pop().expect("one result per projection")
+}
+
+/// Rebuilds independent projections in parallel, each with its own reader, at
+/// most [`CONCURRENT_REBUILDS_MAX`] (32) at a time; more wait for a free slot.
+/// Returns one result per config, in input order, once all have finished; one
+/// failure does not stop the others.
+#[must_use]
+pub fn rebuild_concurrent<E: Send + Sync>(
+    configs: Vec<RebuildConfig<'_, E>>,
+) -> Vec<Result<RebuildResult>> {
+    let n_configs = configs.len();
+    let queue = Mutex::new(configs.into_iter().enumerate().collect::<VecDeque<_>>());
+    let results: Mutex<Vec<Option<Result<RebuildResult>>>> =
+        Mutex::new((0..n_configs).map(|_| None).collect());
+    let workers = n_configs.min(CONCURRENT_REBUILDS_MAX as usize);
+    thread::scope(|scope| {
+        for _ in 0..workers {
+            scope.spawn(|| {
+                loop {
+                    let next = queue
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .pop_front();
+                    let Some((idx, config)) = next else { break };
+                    let result = rebuild(config);
+                    results.lock().unwrap_or_else(PoisonError::into_inner)[idx] = Some(result);
+                }
+            });
+        }
+    });
+    let results = results.into_inner().unwrap_or_else(PoisonError::into_inner);
+    results
+        .into_iter()
+        .map(|r| r.expect("every config ran"))
+        .collect()
+}
+
+/// Rebuilds several projections from ONE read of the log: each batch is read and
+/// decoded once and handed to every projection's writer thread. At most
+/// [`CONCURRENT_REBUILDS_MAX`] writers run at once; more projections run in
+/// further passes. Results come in input order.
+#[must_use]
+pub fn rebuild_shared<E: Send + Sync>(
+    reader: &dyn GlobalReader<E>,
+    projections: Vec<ProjectionTarget<'_, E>>,
+    options: &RebuildOptions<'_>,
+) -> Vec<Result<RebuildResult>> {
+    let projections = projections.into_iter().map(|p| (p, Start::Reset)).collect();
+    run(reader, projections, options)
+}
+
+/// Like [`rebuild_shared`], but each projection continues from its checkpoint.
+/// The log is read from the smallest checkpoint; each projection skips what it
+/// already has.
+#[must_use]
+pub fn resume_shared<E: Send + Sync>(
+    reader: &dyn GlobalReader<E>,
+    projections: Vec<ProjectionTarget<'_, E>>,
+    options: &RebuildOptions<'_>,
+) -> Vec<Result<RebuildResult>> {
+    let projections = projections
+        .into_iter()
+        .map(|p| (p, Start::Resume))
+        .collect();
+    run(reader, projections, options)
+}
+
+/// Like [`rebuild_shared`], with a start of its own for each projection: some
+/// rebuilt from scratch ([`Start::Reset`]), some continuing from their
+/// checkpoints ([`Start::Resume`]), all from ONE read of the log (from the
+/// smallest starting checkpoint). Results come in input order.
+#[must_use]
+pub fn replay_shared<E: Send + Sync>(
+    reader: &dyn GlobalReader<E>,
+    projections: Vec<(ProjectionTarget<'_, E>, Start)>,
+    options: &RebuildOptions<'_>,
+) -> Vec<Result<RebuildResult>> {
+    run(reader, projections, options)
+}
+
+/// Checks a batch size: 0 means the default; above the maximum is an error.
+///
+/// # Errors
+/// [`Error::InvalidOptions`] naming the bound.
+pub fn validate_batch_size(batch_size: u32) -> Result<u32> {
+    match batch_size {
+        0 => Ok(BATCH_SIZE_DEFAULT),
+        n if n > BATCH_SIZE_MAX => Err(Error::InvalidOptions(format!(
+            "batch size {n} exceeds the maximum of {BATCH_SIZE_MAX}"
+        ))),
+        n => Ok(n),
+    }
+}
+
+/// Checks the options of a run; returns the batch size and commit interval to use.
+fn validate_options(options: &RebuildOptions<'_>) -> Result<(u32, Duration)> {
+    let batch_size = validate_batch_size(options.batch_size)?;
+    if options.commit_interval > COMMIT_INTERVAL_MAX {
+        return Err(Error::InvalidOptions(format!(
+            "commit interval {:?} exceeds the maximum of {COMMIT_INTERVAL_MAX:?}",
+            options.commit_interval
+        )));
+    }
+    Ok((batch_size, options.commit_interval))
+}
+
+/// One projection file twice in one run would have two writer threads wait on
+/// one connection forever; it is a usage error.
+fn check_distinct<E>(projections: &[(ProjectionTarget<'_, E>, Start)]) -> Result<()> {
+    let mut paths: Vec<&std::path::Path> = projections.iter().map(|(p, _)| p.db.path()).collect();
+    paths.sort();
+    match paths.windows(2).find(|pair| pair[0] == pair[1]) {
+        Some(pair) => Err(Error::InvalidOptions(format!(
+            "projection file {} appears twice in one run",
+            pair[0].display()
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// The run, top down: validate, then for each group of at most
+/// [`CONCURRENT_REBUILDS_MAX`] projections, one read of the log feeding one
+/// writer per projection.
+fn run<E: Send + Sync>(
+    reader: &dyn GlobalReader<E>,
+    mut projections: Vec<(ProjectionTarget<'_, E>, Start)>,
+    options: &RebuildOptions<'_>,
+) -> Vec<Result<RebuildResult>> {
+    let valid = validate_options(options).and_then(|valid| {
+        check_distinct(&projections)?;
+        Ok(valid)
+    });
+    let (batch_size, commit_interval) = match valid {
+        Ok(valid) => valid,
+        Err(e) => {
+            let message = e.to_string();
+            return projections
+                .iter()
+                .map(|_| Err(Error::InvalidOptions(message.clone())))
+                .collect();
+        }
+    };
+    let mut results = Vec::with_capacity(projections.len());
+    while !projections.is_empty() {
+        let rest = projections.split_off(projections.len().min(CONCURRENT_REBUILDS_MAX as usize));
+        let group = std::mem::replace(&mut projections, rest);
+        results.extend(run_group(
+            reader,
+            group,
+            batch_size,
+            commit_interval,
+            options,
+        ));
+    }
+    results
+}
+
+/// One pass: up to [`CONCURRENT_REBUILDS_MAX`] writer threads fed by one reader.
+fn run_group<E: Send + Sync>(
+    reader: &dyn GlobalReader<E>,
+    group: Vec<(ProjectionTarget<'_, E>, Start)>,
+    batch_size: u32,
+    commit_interval: Duration,
+    options: &RebuildOptions<'_>,
+) -> Vec<Result<RebuildResult>> {
+    assert!(
+        group.len() <= CONCURRENT_REBUILDS_MAX as usize,
+        "group of {}",
+        group.len()
+    );
+    let total = match reader.head() {
+        Ok(head) => head,
+        Err(e) => {
+            let e = Arc::new(e);
+            return group
+                .iter()
+                .map(|(p, _)| Err(replay_error(p, Arc::clone(&e))))
+                .collect();
+        }
+    };
+    let context = RunContext {
+        options,
+        total,
+        commit_interval,
+    };
+    let types_per_writer: Vec<Option<Vec<String>>> =
+        group.iter().map(|(p, _)| p.handler.event_types()).collect();
+    thread::scope(|scope| {
+        let (start_tx, start_rx) = mpsc::channel::<Option<u64>>();
+        let mut senders = Vec::with_capacity(group.len());
+        let mut writers = Vec::with_capacity(group.len());
+        for (projection, start) in group {
+            let (batch_tx, batch_rx) = mpsc::sync_channel(CHANNEL_BATCHES_MAX);
+            let start_tx = start_tx.clone();
+            let context = &context;
+            // Named threads show up in profilers and panic messages.
+            let thread_name = format!("pj-{}", projection.db.name());
+            let writer = thread::Builder::new()
+                .name(thread_name)
+                .spawn_scoped(scope, move || {
+                    write::write_projection(projection, start, &batch_rx, start_tx, context)
+                })
+                .expect("spawn a writer thread");
+            writers.push(writer);
+            senders.push(Some(batch_tx));
+        }
+        drop(start_tx);
+        // Every writer reports where it starts (None if it failed to start); the
+        // log is read from the smallest checkpoint.
+        let position = start_rx.iter().flatten().min();
+        if let Some(position) = position {
+            let mut source = Source {
+                reader,
+                types_per_writer,
+                event_types: None,
+            };
+            source.narrow_to(&senders);
+            read_loop(
+                &mut source,
+                &mut senders,
+                position,
+                batch_size,
+                options.cancel,
+            );
+        }
+        drop(senders);
+        writers
+            .into_iter()
+            .map(|w| {
+                w.join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
+            .collect()
+    })
+}
+
+fn replay_error<E>(projection: &ProjectionTarget<'_, E>, source: Arc<Error>) -> Error {
+    let committed = match projection.checkpoint {
+        CheckpointLocation::InFile => projection
+            .db
+            .with_connection(|conn| SqliteCheckpoint::load_in(conn, projection.consumer_id)),
+        CheckpointLocation::External(checkpoint) => checkpoint.load(projection.consumer_id),
+    };
+    Error::Replay {
+        name: projection.db.name().to_string(),
+        committed: committed.unwrap_or(0),
+        source,
+    }
+}

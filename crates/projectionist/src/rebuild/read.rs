@@ -1,0 +1,215 @@
+//! The read side of a run: read each batch once, check it, and hand it to every
+//! live writer; at a poison event, stop only the writers that handle its type.
+
+use std::sync::Arc;
+use std::sync::mpsc::SyncSender;
+
+use super::types::Message;
+use crate::error::{Error, Result};
+use crate::event::GlobalEvent;
+use crate::progress::CancelToken;
+use crate::reader::GlobalReader;
+
+/// The log as a run reads it: everything, or only the event types its live
+/// projections handle.
+pub(super) struct Source<'a, E> {
+    pub(super) reader: &'a dyn GlobalReader<E>,
+    /// What each writer's handler asked for (`None`: every event).
+    pub(super) types_per_writer: Vec<Option<Vec<String>>>,
+    /// The union over the writers still running, or `None` when one of them
+    /// wants all events.
+    pub(super) event_types: Option<Vec<String>>,
+}
+
+impl<E> Source<'_, E> {
+    /// One batch, and the sequence through which the log was scanned.
+    fn read(&self, after: u64, limit: u32) -> Result<(Vec<GlobalEvent<E>>, u64)> {
+        match &self.event_types {
+            None => {
+                let events = self.reader.read_after(after, limit)?;
+                let through = events.last().map_or(after, |e| e.sequence);
+                Ok((events, through))
+            }
+            Some(types) => {
+                let batch = self.reader.read_after_types(after, limit, types)?;
+                Ok((batch.events, batch.scanned_through))
+            }
+        }
+    }
+
+    /// Reads only what the writers still running handle.
+    pub(super) fn narrow_to<S>(&mut self, senders: &[Option<S>]) {
+        let mut union: Vec<String> = Vec::new();
+        for (slot, types) in senders.iter().zip(&self.types_per_writer) {
+            if slot.is_none() {
+                continue;
+            }
+            let Some(types) = types else {
+                self.event_types = None;
+                return;
+            };
+            union.extend(types.iter().cloned());
+        }
+        union.sort();
+        union.dedup();
+        self.event_types = Some(union);
+    }
+
+    /// Whether writer `idx` handles events of `event_type`.
+    fn handles(&self, idx: usize, event_type: &str) -> bool {
+        self.types_per_writer[idx]
+            .as_ref()
+            .is_none_or(|types| types.iter().any(|t| t == event_type))
+    }
+
+    /// The events before a poison event: the longest batch from `after` that
+    /// reads without error (a binary search on the batch size; a poison event
+    /// is rare, so the extra reads do not matter).
+    fn read_before_poison(&self, after: u64, limit: u32) -> Result<(Vec<GlobalEvent<E>>, u64)> {
+        let (mut good, mut bad) = (0u32, limit);
+        let mut best = (Vec::new(), after);
+        while bad - good > 1 {
+            let mid = good + (bad - good) / 2;
+            match self.read(after, mid) {
+                Ok(read) => {
+                    good = mid;
+                    best = read;
+                }
+                Err(e) if poison(&e).is_some() => bad = mid,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(best)
+    }
+}
+
+/// The sequence and type of a poison event, when `error` is one.
+fn poison(error: &Error) -> Option<(u64, &str)> {
+    match error {
+        Error::Decode {
+            sequence,
+            event_type,
+            ..
+        }
+        | Error::InvalidEvent {
+            sequence,
+            event_type,
+            ..
+        } => Some((*sequence, event_type)),
+        _ => None,
+    }
+}
+
+/// Reads batches from `position` and hands each to every live writer, until the
+/// log ends, the run is cancelled, reading fails, or no writer is left. A poison
+/// event stops only the writers that handle its type.
+pub(super) fn read_loop<E>(
+    reader: &mut Source<'_, E>,
+    senders: &mut [Option<SyncSender<Message<E>>>],
+    mut position: u64,
+    batch_size: u32,
+    cancel: Option<&CancelToken>,
+) {
+    loop {
+        if senders.iter().all(Option::is_none) || cancel.is_some_and(CancelToken::is_cancelled) {
+            return;
+        }
+        let read = reader.read(position, batch_size).and_then(|read| {
+            check_batch(position, batch_size, &read.0)?;
+            Ok(read)
+        });
+        let (events, through) = match read {
+            Ok(read) => read,
+            Err(e) if poison(&e).is_some() => {
+                match pass_poison(reader, senders, position, batch_size, e) {
+                    Ok(after_poison) => position = after_poison,
+                    Err(e) => {
+                        broadcast(senders, &Message::Failed(Arc::new(e)));
+                        return;
+                    }
+                }
+                continue;
+            }
+            Err(e) => {
+                broadcast(senders, &Message::Failed(Arc::new(e)));
+                return;
+            }
+        };
+        let at_end = events.len() < batch_size as usize;
+        if let Some(last) = events.last() {
+            position = last.sequence;
+            broadcast(senders, &Message::Batch(Arc::new(events)));
+        }
+        if at_end {
+            broadcast(senders, &Message::End { through });
+            return;
+        }
+    }
+}
+
+/// Hands every writer the events before a poison event, stops the writers that
+/// handle its type, and narrows the read to the others. Returns the poison
+/// event's sequence, from which the others read on.
+fn pass_poison<E>(
+    reader: &mut Source<'_, E>,
+    senders: &mut [Option<SyncSender<Message<E>>>],
+    position: u64,
+    batch_size: u32,
+    error: Error,
+) -> Result<u64> {
+    let (sequence, event_type) = poison(&error).expect("a poison event");
+    let event_type = event_type.to_owned();
+    let (before, _) = reader.read_before_poison(position, batch_size)?;
+    check_batch(position, batch_size, &before)?;
+    if !before.is_empty() {
+        broadcast(senders, &Message::Batch(Arc::new(before)));
+    }
+    let error = Arc::new(error);
+    for (idx, slot) in senders.iter_mut().enumerate() {
+        if slot.is_some()
+            && reader.handles(idx, &event_type)
+            && let Some(sender) = slot.take()
+        {
+            let _ = sender.send(Message::Poison(Arc::clone(&error)));
+        }
+    }
+    reader.narrow_to(senders);
+    Ok(sequence)
+}
+
+/// A reader's batch is input: check it rather than trust it.
+fn check_batch<E>(after: u64, batch_size: u32, events: &[GlobalEvent<E>]) -> Result<()> {
+    if events.len() > batch_size as usize {
+        return Err(Error::CorruptStore(format!(
+            "reader returned {} events for a batch of {batch_size}",
+            events.len()
+        )));
+    }
+    let mut previous = after;
+    for event in events {
+        if event.sequence <= previous {
+            return Err(Error::CorruptStore(format!(
+                "event sequence {} follows {previous}; sequences must strictly increase",
+                event.sequence
+            )));
+        }
+        previous = event.sequence;
+    }
+    Ok(())
+}
+
+fn broadcast<E>(senders: &mut [Option<SyncSender<Message<E>>>], message: &Message<E>) {
+    for slot in senders.iter_mut() {
+        let Some(sender) = slot else { continue };
+        let copy = match message {
+            Message::Batch(batch) => Message::Batch(Arc::clone(batch)),
+            Message::End { through } => Message::End { through: *through },
+            Message::Failed(e) => Message::Failed(Arc::clone(e)),
+            Message::Poison(e) => Message::Poison(Arc::clone(e)),
+        };
+        // A writer that stopped (error or cancel) dropped its receiver.
+        if sender.send(copy).is_err() {
+            *slot = None;
+        }
+    }
+}

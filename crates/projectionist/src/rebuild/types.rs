@@ -1,0 +1,145 @@
+//! The engine's data: what a caller hands in (targets, options), what comes out
+//! (results), and what the read side and the write side pass each other
+//! (messages, the shared run context). Both sides import it; it imports
+//! neither.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::checkpoint::Checkpoint;
+use crate::dir::ProjectionDb;
+use crate::error::Error;
+use crate::event::GlobalEvent;
+use crate::handler::Handler;
+use crate::limits::{BATCH_SIZE_DEFAULT, COMMIT_INTERVAL_DEFAULT};
+use crate::progress::{CancelToken, CommitGuardFn, ProgressFn, StepHookFn};
+use crate::reader::GlobalReader;
+
+/// Where a projection's checkpoint is kept.
+#[derive(Clone, Copy)]
+pub enum CheckpointLocation<'a> {
+    /// In the projection's own file (table `_checkpoint`), committed in the same
+    /// transaction as the batch: exactly-once. The default, and the recommended one.
+    InFile,
+    /// Somewhere else. The batch commits first, then the checkpoint is saved, so a
+    /// crash between the two applies that batch again on resume: at-least-once.
+    /// Handlers used this way must be idempotent.
+    External(&'a dyn Checkpoint),
+}
+
+impl Default for RebuildOptions<'_> {
+    fn default() -> Self {
+        RebuildOptions {
+            batch_size: BATCH_SIZE_DEFAULT,
+            commit_interval: COMMIT_INTERVAL_DEFAULT,
+            progress: None,
+            cancel: None,
+            step_hook: None,
+            commit_guard: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for CheckpointLocation<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CheckpointLocation::InFile => f.write_str("InFile"),
+            CheckpointLocation::External(_) => f.write_str("External(..)"),
+        }
+    }
+}
+
+/// How a run behaves; shared by all projections of a run.
+#[derive(Clone, Copy)]
+pub struct RebuildOptions<'a> {
+    /// Events per batch: one read, one handler call, one savepoint. 0 means
+    /// [`BATCH_SIZE_DEFAULT`] (500); above [`BATCH_SIZE_MAX`] (50,000) is an error.
+    pub batch_size: u32,
+    /// How long a write transaction may keep collecting batches before it commits
+    /// (it also commits at the end, on cancellation and on failure). Every batch
+    /// and its checkpoint are in the same transaction either way; a longer interval
+    /// means fewer commits (faster rebuilds) and more work lost to a crash.
+    /// `Duration::ZERO` commits after every batch. Default
+    /// [`COMMIT_INTERVAL_DEFAULT`]; above [`COMMIT_INTERVAL_MAX`] is an error.
+    pub commit_interval: Duration,
+    /// Called after every applied batch (see [`Progress`](crate::Progress)) and
+    /// once at the end. Default: none.
+    pub progress: Option<&'a ProgressFn<'a>>,
+    /// Stops the run at the next batch boundary. Default: none.
+    pub cancel: Option<&'a CancelToken>,
+    /// Called at every step of every batch; for fault-injection tests. Default: none.
+    pub step_hook: Option<&'a StepHookFn<'a>>,
+    /// Asked before every commit; an error rolls the transaction back and stops
+    /// the projection (lease fencing). Default: none.
+    pub commit_guard: Option<&'a CommitGuardFn<'a>>,
+}
+
+/// One projection to replay into.
+pub struct ProjectionTarget<'a, E> {
+    /// The projection's database (from [`ProjectionDir::db`](crate::ProjectionDir::db));
+    /// it also names the projection.
+    pub db: &'a ProjectionDb,
+    /// Applies batches.
+    pub handler: &'a mut dyn Handler<E>,
+    /// Where the checkpoint lives.
+    pub checkpoint: CheckpointLocation<'a>,
+    /// The checkpoint's consumer id (1 to 256 bytes).
+    pub consumer_id: &'a str,
+}
+
+/// Everything one rebuild needs.
+pub struct RebuildConfig<'a, E> {
+    /// The event log.
+    pub reader: &'a dyn GlobalReader<E>,
+    /// The projection.
+    pub projection: ProjectionTarget<'a, E>,
+    /// Batch size, progress, cancellation.
+    pub options: RebuildOptions<'a>,
+}
+
+/// What a successful run did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RebuildResult {
+    /// The projection.
+    pub projection_name: String,
+    /// Events applied in this run.
+    pub processed: u64,
+    /// The committed checkpoint at the end.
+    pub checkpoint: u64,
+    /// The log's head when the run started.
+    pub total: u64,
+    /// Wall time of the run.
+    pub elapsed: Duration,
+}
+
+/// Where one projection of a run starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Start {
+    /// From scratch: in one transaction, drop the projection's tables (all but
+    /// `_checkpoint` and the run record), reset the checkpoint, run `setup`.
+    Reset,
+    /// From its checkpoint.
+    Resume,
+}
+
+pub(crate) enum Message<E> {
+    Batch(Arc<Vec<GlobalEvent<E>>>),
+    /// The log is read to its end: every event up to `through` was considered.
+    End {
+        /// Every event up to this sequence was considered by the reader.
+        through: u64,
+    },
+    /// Reading failed; every projection stops at its last committed batch.
+    Failed(Arc<Error>),
+    /// An event of a type this projection handles cannot be decoded (a poison
+    /// event): the projection stops at its last committed batch; the others go on.
+    Poison(Arc<Error>),
+}
+
+/// What every writer of one run shares.
+pub(crate) struct RunContext<'a> {
+    pub(crate) options: &'a RebuildOptions<'a>,
+    pub(crate) total: u64,
+    /// Validated `options.commit_interval`.
+    pub(crate) commit_interval: Duration,
+}
