@@ -18,6 +18,8 @@ use std::sync::Arc;
 use std::sync::mpsc::sync_channel;
 use std::time::Instant;
 
+use crate::args::VARIANTS;
+use crate::ui::out;
 use anyhow::{Context, anyhow, bail};
 use projectionist::rusqlite::{Connection, Transaction, TransactionBehavior, params};
 use projectionist::{
@@ -32,9 +34,6 @@ use serde::Deserialize;
 const BENCH_BATCH_SIZE: u32 = 500;
 /// Batches in flight per writer in the hand-written fan-out (same as the engine's).
 const BENCH_CHANNEL_BATCHES: usize = projectionist::limits::CHANNEL_BATCHES_MAX;
-
-/// The variants, in report order.
-pub const VARIANTS: [&str; 6] = ["a1", "a2", "b", "b1", "c", "d"];
 
 /// Variant (c) reading the same log from PostgreSQL; runs when `--pg-url` is given.
 pub const PG_VARIANT: &str = "c-pg";
@@ -355,7 +354,8 @@ fn run_shared(
 }
 
 fn run_d(store: &Path, dir: &Path) -> anyhow::Result<()> {
-    let config = ProjectionsConfig::parse(crate::DEMO_CONFIG, "examples/orders/projections.toml")?;
+    let config =
+        ProjectionsConfig::parse(crate::app::DEMO_CONFIG, "examples/orders/projections.toml")?;
     let store = SqliteEventStore::open(store)?;
     let dir = ProjectionDir::open(dir)?;
     let dbs = config

@@ -2,6 +2,22 @@
 //! items, and orders are shipped or cancelled, with many streams interleaved.
 
 use projectionist::{Appended, NewEvent, StreamAppend};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, anyhow};
+use projectionist::rusqlite::{self, Connection, OpenFlags};
+use projectionist::{GlobalReader, SqliteEventStore};
+use projectionist_sqlview::SqlProjection;
+
+use crate::app::{
+    DEMO_CONFIG, DEMO_CONFIG_FILE, EXIT_CONFIG, EXIT_PROJECTION, EXIT_STORE, Failure, command_hint,
+    fail, load_config, open_dir, store_spec,
+};
+use crate::args::Cli;
+use crate::replay::replay;
+use crate::store::Store;
+use crate::ui::{self, out};
 
 /// Customers in the demo domain.
 const CUSTOMERS: u64 = 10_000;
@@ -123,4 +139,186 @@ fn step(
         NewEvent::json(event_type, &base)?
     };
     Ok((stream, expected, event))
+}
+
+// The `demo` command: the sample store (never replacing a log it did not
+// make), its config for the commands that follow, and a rebuild.
+
+pub(crate) fn run_demo(cli: &Cli, n_events: u64, seed: u64) -> Result<(), Failure> {
+    let config = load_config(cli, true)?;
+    let spec = store_spec(cli, true);
+    let store = open_demo_store(&spec)?;
+    let generating = Instant::now();
+    let bar = ui::generation_bar(cli.json || cli.quiet, n_events);
+    generate(
+        &|appends| store.append_batch(appends),
+        n_events,
+        seed,
+        &|written| {
+            bar.set_position(written);
+        },
+    )
+    .context("generate the demo log")
+    .map_err(fail(EXIT_STORE))?;
+    bar.finish_and_clear();
+    if !cli.quiet && !cli.json {
+        eprintln!(
+            "generated {n_events} events in {:.1}s into {}",
+            generating.elapsed().as_secs_f64(),
+            spec
+        );
+    }
+    let dir = open_dir(cli, true)?;
+    dir.remove_all()
+        .map_err(|e| fail(EXIT_PROJECTION)(e.into()))?;
+    if cli.config.is_none() {
+        write_demo_config()?;
+    }
+    let selected: Vec<&SqlProjection> = config.projections.iter().collect();
+    let started = Instant::now();
+    let hint = command_hint(cli, true, "resume");
+    let results = replay(cli, store.reader(), &dir, &selected, false, &hint)?;
+    let seconds = started.elapsed().as_secs_f64();
+    if cli.quiet {
+        return Ok(());
+    }
+    let rate = n_events as f64 / seconds.max(1e-9);
+    if cli.json {
+        ui::json_line(
+            &serde_json::json!({"event": "summary", "events": n_events, "projections": results.len(), "seconds": seconds, "events_per_second": rate}),
+        );
+        return Ok(());
+    }
+    out!(
+        "\nrebuilt {} projections over {n_events} events in {seconds:.2}s ({rate:.0} events/s)",
+        results.len()
+    );
+    for projection in &selected {
+        let db = dir
+            .db(projection.name.as_str())
+            .map_err(|e| fail(EXIT_PROJECTION)(e.into()))?;
+        let conn = db
+            .open_reader()
+            .map_err(|e| fail(EXIT_PROJECTION)(e.into()))?;
+        ui::sample_rows(&conn, projection.name.as_str()).map_err(fail(EXIT_PROJECTION))?;
+    }
+    out!("\nnext, for example: {}", command_hint(cli, true, "status"));
+    Ok(())
+}
+
+/// Leaves the demo's config at [`DEMO_CONFIG_FILE`] for the commands that
+/// follow; a file the user changed there is kept.
+pub(crate) fn write_demo_config() -> Result<(), Failure> {
+    let path = Path::new(DEMO_CONFIG_FILE);
+    match std::fs::read_to_string(path) {
+        Ok(text) if text == DEMO_CONFIG => return Ok(()),
+        Ok(_) => {
+            return Err(fail(EXIT_CONFIG)(anyhow!(
+                "{DEMO_CONFIG_FILE} exists and differs from the demo's config; pass --config to use it, or move it away"
+            )));
+        }
+        Err(_) => {}
+    }
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("create {}", parent.display()))
+            .map_err(fail(EXIT_CONFIG))?;
+    }
+    std::fs::write(path, DEMO_CONFIG)
+        .with_context(|| format!("write {DEMO_CONFIG_FILE}"))
+        .map_err(fail(EXIT_CONFIG))
+}
+
+/// The demo's store, empty: an SQLite file is recreated; a PostgreSQL store gets
+/// our schema and must have no events yet (the demo never deletes a server's data).
+pub(crate) fn open_demo_store(spec: &str) -> Result<Store, Failure> {
+    if Store::is_postgres(spec) {
+        let store = projectionist_postgres::PostgresEventStore::connect(spec)
+            .map_err(|e| fail(EXIT_STORE)(e.into()))?;
+        store.init().map_err(|e| fail(EXIT_STORE)(e.into()))?;
+        let head = GlobalReader::<serde_json::Value>::head(&store)
+            .map_err(|e| fail(EXIT_STORE)(e.into()))?;
+        if head > 0 {
+            return Err(fail(EXIT_STORE)(anyhow!(
+                "the demo needs an empty events table, and this PostgreSQL store holds {head} events; use a schema or database of its own"
+            )));
+        }
+        return Ok(Store::Postgres(store));
+    }
+    let path = PathBuf::from(spec);
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("create {}", parent.display()))
+            .map_err(fail(EXIT_STORE))?;
+    }
+    // The demo is deterministic and starts from an empty log, but it never
+    // replaces a log it did not make: only a file carrying its mark is replaced.
+    if path.exists() {
+        check_replaceable_demo_store(&path, spec)?;
+        for suffix in ["", "-wal", "-shm"] {
+            let mut file = path.clone().into_os_string();
+            file.push(suffix);
+            match std::fs::remove_file(&file) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(fail(EXIT_STORE)(anyhow!(
+                        "remove old demo store {spec}: {e}"
+                    )));
+                }
+            }
+        }
+    }
+    let store = SqliteEventStore::open(&path)
+        .with_context(|| format!("create demo store {spec}"))
+        .map_err(fail(EXIT_STORE))?;
+    Connection::open(&path)
+        .and_then(|conn| conn.execute_batch(DEMO_MARK_SQL))
+        .with_context(|| format!("mark demo store {spec}"))
+        .map_err(fail(EXIT_STORE))?;
+    Ok(Store::Sqlite(store))
+}
+
+/// The table that marks an event store as made by `demo`, so a later `demo` may
+/// replace it (and nothing else).
+pub(crate) const DEMO_MARK_TABLE: &str = "_projectionist_demo";
+
+pub(crate) const DEMO_MARK_SQL: &str =
+    "CREATE TABLE IF NOT EXISTS _projectionist_demo (made_by TEXT)";
+
+/// An existing file may be replaced by the demo only when the demo made it (or
+/// it is empty); anything else is refused, naming the file and what to do.
+pub(crate) fn check_replaceable_demo_store(path: &Path, spec: &str) -> Result<(), Failure> {
+    let refuse = |what: String| {
+        fail(EXIT_STORE)(anyhow!(
+            "{spec} already exists and {what}; the demo never replaces a log it did not make: \
+             pass --store with a new file, or delete {spec} yourself if you mean to"
+        ))
+    };
+    if path.is_dir() {
+        return Err(refuse("is a directory".into()));
+    }
+    if std::fs::metadata(path).is_ok_and(|m| m.len() == 0) {
+        return Ok(());
+    }
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .map_err(|e| refuse(format!("cannot be read ({e})")))?;
+    let marked: rusqlite::Result<bool> = conn.query_row(
+        "SELECT count(*) > 0 FROM sqlite_master WHERE name = ?1",
+        [DEMO_MARK_TABLE],
+        |row| row.get(0),
+    );
+    match marked {
+        Ok(true) => Ok(()),
+        Ok(false) => {
+            let events: Option<i64> = conn
+                .query_row("SELECT count(*) FROM events", [], |row| row.get(0))
+                .ok();
+            Err(refuse(match events {
+                Some(n) => format!("holds an event log of {n} events"),
+                None => "is another program's database".into(),
+            }))
+        }
+        Err(e) => Err(refuse(format!("is not an SQLite database ({e})"))),
+    }
 }

@@ -8,6 +8,15 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use projectionist::rusqlite::Connection;
 use projectionist::{Progress, RebuildResult};
 
+/// `println!` that treats a closed pipe (`status | head -1`) as the reader
+/// having what it wanted: the line is dropped instead of panicking.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::ui::out_line(&format!($($arg)*))
+    };
+}
+pub(crate) use out;
+
 /// Writes one JSON line to stdout; a closed pipe is not an error.
 pub fn json_line(value: &serde_json::Value) {
     let mut out = std::io::stdout().lock();

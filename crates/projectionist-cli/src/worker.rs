@@ -14,6 +14,13 @@ use projectionist_postgres::{Lease, Leases, PostgresEventStore};
 use projectionist_sqlview::{ProjectionsConfig, SqlHandler, SqlProjection};
 
 use crate::ui::json_line;
+use anyhow::anyhow;
+use projectionist::CancelToken;
+
+use crate::app::{
+    EXIT_CANCELLED, EXIT_CONFIG, EXIT_PROJECTION, Failure, fail, load_config, open_dir, store_spec,
+};
+use crate::args::Cli;
 
 /// How long a worker waits before looking for work again when it found none.
 const IDLE_POLL: Duration = Duration::from_millis(200);
@@ -151,4 +158,41 @@ pub fn check_url(url: &str) -> anyhow::Result<()> {
         Err(anyhow::anyhow!("worker needs --store postgres://...; an SQLite store has one machine and needs no coordination"))
             .context("worker")
     }
+}
+
+pub(crate) fn run_worker(
+    cli: &Cli,
+    worker_id: Option<&str>,
+    lease_ms: u64,
+    exit_when_done: bool,
+) -> Result<(), Failure> {
+    let config = load_config(cli, false)?;
+    let url = store_spec(cli, false);
+    check_url(&url).map_err(fail(EXIT_CONFIG))?;
+    if !(100..=600_000).contains(&lease_ms) {
+        return Err(fail(EXIT_CONFIG)(anyhow!(
+            "--lease-ms {lease_ms} is out of range: 100 to 600000"
+        )));
+    }
+    let default_id = format!("worker-{}", std::process::id());
+    let dir = open_dir(cli, false)?;
+    let cancel = CancelToken::new();
+    let handler_token = cancel.clone();
+    let _ = ctrlc::set_handler(move || handler_token.cancel());
+    let options = WorkerOptions {
+        url: &url,
+        worker_id: worker_id.unwrap_or(&default_id),
+        lease: std::time::Duration::from_millis(lease_ms),
+        batch_size: cli.batch_size,
+        exit_when_done,
+        json: cli.json,
+        quiet: cli.quiet,
+    };
+    run(&config, &dir, &options, &cancel).map_err(fail(EXIT_PROJECTION))?;
+    if cancel.is_cancelled() {
+        return Err(fail(EXIT_CANCELLED)(anyhow!(
+            "worker interrupted; its leases expire and other workers take over"
+        )));
+    }
+    Ok(())
 }

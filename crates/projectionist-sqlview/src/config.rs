@@ -186,6 +186,21 @@ impl ProjectionsConfig {
 }
 
 impl SqlProjection {
+    /// Whether the projection file behind `conn` was built from another
+    /// definition of this projection (version or content) and so must be
+    /// rebuilt rather than resumed. A file with no recorded definition (new, or
+    /// built by a Rust handler) does not: setting it up records this one.
+    ///
+    /// # Errors
+    /// SQLite errors reading the file.
+    pub fn needs_rebuild(
+        &self,
+        conn: &projectionist::rusqlite::Connection,
+    ) -> Result<bool, projectionist::rusqlite::Error> {
+        Ok(crate::definition::stored_definition(conn)?
+            .is_some_and(|stored| stored.hash != self.hash))
+    }
+
     /// The event types this projection handles.
     #[must_use]
     pub fn event_types(&self) -> Vec<String> {

@@ -1,59 +1,19 @@
 //! `SqlHandler`: applies events to a declared projection by binding event fields
 //! to its prepared statements; and the stored definition used to detect changes.
 
+use projectionist::rusqlite::Transaction;
 use projectionist::rusqlite::types::{ToSqlOutput, Value as SqlValue, ValueRef};
-use projectionist::rusqlite::{Connection, OptionalExtension, Transaction};
 use projectionist::{BoxError, EventFailure, GlobalEvent, Handler};
 use serde_json::Value;
 
 use crate::config::SqlProjection;
 use crate::confine::Confinement;
+use crate::definition::{DEFINITION_TABLE, stored_definition};
 use crate::params::{Envelope, Param, ValueKind};
-
-/// The table in each projection file recording which definition built it.
-pub const DEFINITION_TABLE: &str = "_projectionist_definition";
 
 /// Prepared statements kept per projection connection beyond the projection's own
 /// statements; rusqlite's default cache (16) would thrash on larger configs.
 const STATEMENT_CACHE_SPARE: usize = 16;
-
-/// The definition a projection file was built with.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct StoredDefinition {
-    /// Declared version.
-    pub version: u32,
-    /// Definition hash.
-    pub hash: String,
-}
-
-/// The definition stored in a projection file, `None` when it has none (new file,
-/// or built by a Rust handler).
-///
-/// # Errors
-/// SQLite errors reading the table.
-pub fn stored_definition(
-    conn: &Connection,
-) -> Result<Option<StoredDefinition>, projectionist::rusqlite::Error> {
-    let exists: bool = conn.query_row(
-        "SELECT COUNT(*) > 0 FROM sqlite_master WHERE name = ?1",
-        [DEFINITION_TABLE],
-        |row| row.get(0),
-    )?;
-    if !exists {
-        return Ok(None);
-    }
-    conn.query_row(
-        &format!("SELECT version, hash FROM {DEFINITION_TABLE} LIMIT 1"),
-        [],
-        |row| {
-            Ok(StoredDefinition {
-                version: row.get(0)?,
-                hash: row.get(1)?,
-            })
-        },
-    )
-    .optional()
-}
 
 /// Applies events to one declared projection. Its SQL runs confined to the
 /// projection's own tables (see `confine.rs`).

@@ -61,11 +61,13 @@
 
 mod config;
 mod confine;
+mod definition;
 mod handler;
 mod params;
 
 pub use config::{ConfigError, ProjectionsConfig, SqlProjection, Statement};
-pub use handler::{DEFINITION_TABLE, SqlHandler, StoredDefinition, stored_definition};
+pub use definition::{DEFINITION_TABLE, StoredDefinition, stored_definition};
+pub use handler::SqlHandler;
 pub use params::{Envelope, Param, ValueKind};
 
 /// The raw, unvalidated shape of the file, as serde reads it.

@@ -1,0 +1,170 @@
+//! What every command shares: exit codes, failures and their messages, the
+//! options' defaults, and opening the config, the store and the directory.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, anyhow};
+use projectionist::{Error, ProjectionDir};
+use projectionist_sqlview::{ProjectionsConfig, SqlProjection};
+
+use crate::args::Cli;
+use crate::store::Store;
+
+/// The sample config the demo uses when no `--config` is given.
+pub(crate) const DEMO_CONFIG: &str = include_str!("demo_projections.toml");
+
+/// Exit code: usage or config error.
+pub(crate) const EXIT_CONFIG: u8 = 2;
+
+/// Exit code: the event store could not be opened or read.
+pub(crate) const EXIT_STORE: u8 = 3;
+
+/// Exit code: at least one projection failed.
+pub(crate) const EXIT_PROJECTION: u8 = 4;
+
+/// Exit code: interrupted by Ctrl-C at a batch boundary.
+pub(crate) const EXIT_CANCELLED: u8 = 130;
+
+/// A failure, with the exit code it maps to.
+pub(crate) struct Failure {
+    pub(crate) code: u8,
+    pub(crate) error: anyhow::Error,
+}
+
+pub(crate) fn fail(code: u8) -> impl FnOnce(anyhow::Error) -> Failure {
+    move |error| Failure { code, error }
+}
+
+/// The error and its causes, each once: library errors already quote their
+/// source in their own message, so a cause already shown is skipped.
+pub(crate) fn error_text(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let part = cause.to_string();
+        if !text.contains(&part) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&part);
+        }
+    }
+    text
+}
+
+pub(crate) fn code_of_error(error: &anyhow::Error) -> u8 {
+    match error.downcast_ref::<Error>() {
+        Some(Error::InvalidName { .. } | Error::NoSuchProjection { .. }) => EXIT_CONFIG,
+        _ => EXIT_PROJECTION,
+    }
+}
+
+pub(crate) fn open_dir(cli: &Cli, demo: bool) -> Result<ProjectionDir, Failure> {
+    let path = cli
+        .dir
+        .clone()
+        .unwrap_or_else(|| default_path(demo, "projections"));
+    ProjectionDir::open(&path).map_err(|e| fail(EXIT_PROJECTION)(e.into()))
+}
+
+/// Opens `--dir`, which must exist (for commands that only look or remove).
+pub(crate) fn open_existing_dir(cli: &Cli) -> Result<ProjectionDir, Failure> {
+    let path = cli
+        .dir
+        .clone()
+        .unwrap_or_else(|| default_path(false, "projections"));
+    ProjectionDir::open_existing(&path)
+        .with_context(|| format!("projection directory {}", path.display()))
+        .map_err(fail(EXIT_CONFIG))
+}
+
+pub(crate) fn default_path(demo: bool, name: &str) -> PathBuf {
+    match (demo, name) {
+        (true, "events") => PathBuf::from("demo/events.db"),
+        (true, _) => PathBuf::from("demo/projections"),
+        (false, "events") => PathBuf::from("events.db"),
+        (false, _) => PathBuf::from("projections"),
+    }
+}
+
+pub(crate) fn load_config(cli: &Cli, demo: bool) -> Result<ProjectionsConfig, Failure> {
+    let loaded = match (&cli.config, demo) {
+        (Some(path), _) => ProjectionsConfig::load(path),
+        (None, true) => ProjectionsConfig::parse(DEMO_CONFIG, "examples/orders/projections.toml"),
+        (None, false) => ProjectionsConfig::load(Path::new("projectionist.toml")),
+    };
+    loaded.map_err(|e| fail(EXIT_CONFIG)(e.into()))
+}
+
+/// Opens the existing event store named by `--store`.
+pub(crate) fn open_store(cli: &Cli, demo: bool) -> Result<Store, Failure> {
+    Store::open_existing(&store_spec(cli, demo)).map_err(fail(EXIT_STORE))
+}
+
+/// `--store`, or the default file.
+pub(crate) fn store_spec(cli: &Cli, demo: bool) -> String {
+    cli.store
+        .clone()
+        .unwrap_or_else(|| default_path(demo, "events").display().to_string())
+}
+
+/// Which projections of the config to run: the named ones, or all.
+pub(crate) fn select<'c>(
+    config: &'c ProjectionsConfig,
+    names: &[String],
+) -> Result<Vec<&'c SqlProjection>, Failure> {
+    if names.is_empty() {
+        return Ok(config.projections.iter().collect());
+    }
+    // A name given twice means the same projection: run it once.
+    let mut unique: Vec<&String> = Vec::with_capacity(names.len());
+    for name in names {
+        if !unique.contains(&name) {
+            unique.push(name);
+        }
+    }
+    unique
+        .into_iter()
+        .map(|name| {
+            config.get(name).ok_or_else(|| {
+                let known: Vec<&str> = config.projections.iter().map(|p| p.name.as_str()).collect();
+                fail(EXIT_CONFIG)(anyhow!(
+                    "no projection {name:?} in the config (it has: {})",
+                    known.join(", ")
+                ))
+            })
+        })
+        .collect()
+}
+
+/// The command that continues where this one stopped, with the user's own
+/// `--store`, `--dir` and `--config` (or the demo's).
+pub(crate) fn command_hint(cli: &Cli, demo: bool, command: &str) -> String {
+    let config = match (&cli.config, demo) {
+        (Some(path), _) => path.display().to_string(),
+        (None, true) => DEMO_CONFIG_FILE.to_owned(),
+        (None, false) => "projectionist.toml".to_owned(),
+    };
+    let dir = cli
+        .dir
+        .clone()
+        .unwrap_or_else(|| default_path(demo, "projections"));
+    let quote = |text: &str| {
+        if text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/._-:@=".contains(c))
+        {
+            text.to_owned()
+        } else {
+            format!("'{}'", text.replace('\'', "'\\''"))
+        }
+    };
+    format!(
+        "projectionist --store {} --dir {} --config {} {command}",
+        quote(&store_spec(cli, demo)),
+        quote(&dir.display().to_string()),
+        quote(&config)
+    )
+}
+
+/// Where the demo leaves its config, so the commands it suggests find it.
+pub(crate) const DEMO_CONFIG_FILE: &str = "demo/projectionist.toml";

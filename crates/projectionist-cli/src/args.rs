@@ -1,0 +1,125 @@
+//! The command line as clap reads it: global options and one subcommand each.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "projectionist",
+    version,
+    about = "Rebuild and manage the projections of an event-sourced system"
+)]
+pub(crate) struct Cli {
+    /// Event store: an SQLite file, or a PostgreSQL URL (postgres://...)
+    /// [default: events.db; demo: demo/events.db].
+    #[arg(long, global = true)]
+    pub(crate) store: Option<String>,
+    /// Directory of projection files [default: projections; demo: demo/projections].
+    #[arg(long, global = true)]
+    pub(crate) dir: Option<PathBuf>,
+    /// Projections config (TOML) [default: projectionist.toml; demo: the built-in orders config].
+    #[arg(long, global = true)]
+    pub(crate) config: Option<PathBuf>,
+    /// Events per batch (one transaction each), 1 to 50000.
+    #[arg(long, global = true, default_value_t = projectionist::limits::BATCH_SIZE_DEFAULT)]
+    pub(crate) batch_size: u32,
+    /// Machine-readable JSON lines on stdout instead of text and progress bars.
+    #[arg(long, global = true)]
+    pub(crate) json: bool,
+    /// No progress bars and no summary; errors only.
+    #[arg(long, global = true)]
+    pub(crate) quiet: bool,
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum Command {
+    /// Generate a deterministic orders log and rebuild the sample projections.
+    Demo {
+        /// Events to generate.
+        #[arg(long, default_value_t = 1_000_000)]
+        events: u64,
+        /// Seed of the generator.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
+    /// Rebuild projections from scratch (all in the config by default), reading the log once.
+    Rebuild {
+        /// Projections to rebuild.
+        names: Vec<String>,
+    },
+    /// Continue projections from their checkpoints; a stale projection is rebuilt.
+    Resume {
+        /// Projections to resume.
+        names: Vec<String>,
+    },
+    /// State, checkpoint, log head, lag, definition version and size per projection;
+    /// exits 4 when a projection is failed, corrupt, ahead of the store or not a projection.
+    Status {
+        /// Also run SQLite's `PRAGMA quick_check` on every projection file (reads
+        /// each file whole).
+        #[arg(long)]
+        check: bool,
+    },
+    /// Names of the projection files in the directory.
+    List,
+    /// Delete one projection file (data and checkpoint).
+    Remove {
+        /// The projection.
+        name: String,
+    },
+    /// Delete every projection file in the directory.
+    RemoveAll,
+    /// Share the projections of a PostgreSQL store with other workers (leases with fencing).
+    Worker {
+        /// This worker's name, unique among the workers [default: host-pid].
+        #[arg(long)]
+        worker_id: Option<String>,
+        /// How long a claimed projection stays this worker's without a commit, in milliseconds.
+        #[arg(long, default_value_t = 5_000)]
+        lease_ms: u64,
+        /// Exit once every projection of the config is done.
+        #[arg(long)]
+        exit_when_done: bool,
+    },
+    /// Measure rebuild throughput against a hand-written rusqlite loop (see BENCHMARKS.md).
+    Bench {
+        /// Log sizes, comma-separated.
+        #[arg(long, value_delimiter = ',', default_values_t = [100_000u64, 1_000_000])]
+        events: Vec<u64>,
+        /// Also measure 10,000,000 events.
+        #[arg(long)]
+        huge: bool,
+        /// Runs per variant (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        runs: u32,
+        /// Where logs and projection files go.
+        #[arg(long, default_value = "target/bench")]
+        work: PathBuf,
+        /// Seed of the generated log.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Also rebuild from PostgreSQL (variant c-pg) on this server; the log is
+        /// copied into a schema of its own.
+        #[arg(long)]
+        pg_url: Option<String>,
+        /// Variants to run, comma-separated; the first one's digest is the reference.
+        #[arg(long, value_delimiter = ',', default_values_t = VARIANTS.map(String::from))]
+        variants: Vec<String>,
+    },
+    /// One benchmark run in a child process (internal).
+    #[command(hide = true)]
+    BenchRun {
+        #[arg(long)]
+        variant: String,
+        #[arg(long)]
+        bench_store: PathBuf,
+        #[arg(long)]
+        bench_dir: PathBuf,
+    },
+}
+
+/// The variants, in report order.
+pub(crate) const VARIANTS: [&str; 6] = ["a1", "a2", "b", "b1", "c", "d"];

@@ -1,0 +1,209 @@
+//! `rebuild` and `resume`: open the selected projections (a corrupt one is moved
+//! aside and rebuilt), decide each one's start, run them from one read of the
+//! log with progress, and report.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, anyhow};
+use projectionist::rusqlite;
+use projectionist::{
+    CancelToken, CheckpointLocation, Error, GlobalReader, ProjectionDb, ProjectionDir,
+    ProjectionTarget, RebuildOptions, RebuildResult, Start, replay_shared,
+};
+use projectionist_sqlview::{SqlHandler, SqlProjection};
+
+use crate::app::{
+    EXIT_CANCELLED, EXIT_PROJECTION, EXIT_STORE, Failure, command_hint, error_text, fail,
+    load_config, open_dir, open_store, select,
+};
+use crate::args::Cli;
+use crate::status::is_corruption;
+use crate::ui;
+
+pub(crate) fn run_replay(
+    cli: &Cli,
+    names: &[String],
+    resume: bool,
+) -> Result<Vec<RebuildResult>, Failure> {
+    let config = load_config(cli, false)?;
+    let selected = select(&config, names)?;
+    let store = open_store(cli, false)?;
+    let dir = open_dir(cli, false)?;
+    let hint = command_hint(cli, false, "resume");
+    replay(cli, store.reader(), &dir, &selected, resume, &hint)
+}
+
+/// Rebuilds (or resumes) the selected projections with one shared read per group,
+/// showing progress; maps failures to exit codes.
+pub(crate) fn replay(
+    cli: &Cli,
+    store: &dyn GlobalReader<serde_json::Value>,
+    dir: &ProjectionDir,
+    selected: &[&SqlProjection],
+    resume: bool,
+    hint: &str,
+) -> Result<Vec<RebuildResult>, Failure> {
+    // A projection that cannot be opened fails alone; the others run.
+    let mut open_errors = Vec::new();
+    let mut opened: Vec<(&SqlProjection, Arc<ProjectionDb>)> = Vec::new();
+    for projection in selected {
+        match open_for_run(cli, dir, projection) {
+            Ok(db) => opened.push((projection, db)),
+            Err(e) => open_errors.push(e),
+        }
+    }
+    let selected: Vec<&SqlProjection> = opened.iter().map(|(p, _)| *p).collect();
+    let dbs: Vec<Arc<ProjectionDb>> = opened.iter().map(|(_, db)| Arc::clone(db)).collect();
+    // A projection built from another definition cannot be resumed: rebuild it.
+    let stale: Vec<bool> = dbs
+        .iter()
+        .zip(&selected)
+        .map(|(db, projection)| {
+            !resume
+                || db
+                    .with_connection(|conn| Ok(projection.needs_rebuild(conn).unwrap_or(true)))
+                    .unwrap_or(true)
+        })
+        .collect();
+    let cancel = CancelToken::new();
+    let handler_token = cancel.clone();
+    // Ignore a failure to install the handler (e.g. one already installed in tests).
+    let _ = ctrlc::set_handler(move || handler_token.cancel());
+    let head = store.head().map_err(|e| fail(EXIT_STORE)(e.into()))?;
+    let display = ui::Display::new(
+        cli.json,
+        cli.quiet,
+        selected.iter().map(|p| p.name.as_str()),
+        head,
+    );
+    let progress = |p: &projectionist::Progress| display.progress(p);
+    let options = RebuildOptions {
+        batch_size: cli.batch_size,
+        commit_interval: projectionist::limits::COMMIT_INTERVAL_DEFAULT,
+        progress: Some(&progress),
+        cancel: Some(&cancel),
+        step_hook: None,
+        commit_guard: None,
+    };
+    let mut handlers: Vec<SqlHandler<'_>> = selected.iter().map(|p| SqlHandler::new(p)).collect();
+    // One read of the log for all: stale projections start from scratch, the
+    // others from their checkpoints.
+    let targets: Vec<(ProjectionTarget<'_, serde_json::Value>, Start)> = handlers
+        .iter_mut()
+        .zip(&dbs)
+        .zip(&selected)
+        .zip(&stale)
+        .map(|(((handler, db), projection), stale)| {
+            let target = ProjectionTarget {
+                db,
+                handler: handler as &mut dyn projectionist::Handler<serde_json::Value>,
+                checkpoint: CheckpointLocation::InFile,
+                consumer_id: projection.name.as_str(),
+            };
+            (target, if *stale { Start::Reset } else { Start::Resume })
+        })
+        .collect();
+    let started = Instant::now();
+    let results = replay_shared(store, targets, &options);
+    display.finish();
+    report(
+        cli,
+        &results,
+        &open_errors,
+        started.elapsed().as_secs_f64(),
+        hint,
+    )
+}
+
+/// Opens a projection for a run. A corrupt file (SQLite cannot read it, or
+/// `PRAGMA quick_check` fails) is derived data: it is moved aside, named in a
+/// warning, and the projection starts afresh; nothing is deleted.
+pub(crate) fn open_for_run(
+    cli: &Cli,
+    dir: &ProjectionDir,
+    projection: &SqlProjection,
+) -> anyhow::Result<Arc<ProjectionDb>> {
+    let name = projection.name.as_str();
+    let context = || format!("open projection {name}");
+    let corrupt = match dir.db(name) {
+        Ok(db) => match quick_check(&db) {
+            Ok(None) => return Ok(db),
+            Ok(Some(problem)) => problem,
+            Err(e) => return Err(e).with_context(context),
+        },
+        Err(Error::CorruptProjection { reason, .. }) => reason,
+        Err(Error::NotAProjection { reason, .. }) if reason.starts_with("not an SQLite") => reason,
+        Err(e) => return Err(e).with_context(context),
+    };
+    let moved = dir.move_aside_corrupt(name).with_context(context)?;
+    if !cli.quiet {
+        eprintln!(
+            "warning: projection {name} was corrupt ({}); moved it to {} and rebuilding it",
+            ui::escape_controls(&corrupt),
+            moved.display()
+        );
+    }
+    dir.db(name).with_context(context)
+}
+
+/// `PRAGMA quick_check` of a projection file: `None` when it is sound. Reads
+/// the whole file, so it runs only for files that exist and hold data.
+pub(crate) fn quick_check(db: &ProjectionDb) -> projectionist::Result<Option<String>> {
+    db.with_connection(|conn| {
+        let result: rusqlite::Result<String> =
+            conn.query_row("PRAGMA quick_check(1)", [], |r| r.get(0));
+        match result {
+            Ok(text) if text == "ok" => Ok(None),
+            Ok(text) => Ok(Some(text)),
+            Err(e) if is_corruption(&e) => Ok(Some(e.to_string())),
+            Err(e) => Err(Error::Sqlite {
+                step: format!("check projection {}", db.name()),
+                source: e,
+            }),
+        }
+    })
+}
+
+/// Prints each projection's outcome and picks the exit code.
+pub(crate) fn report(
+    cli: &Cli,
+    results: &[projectionist::Result<RebuildResult>],
+    open_errors: &[anyhow::Error],
+    seconds: f64,
+    hint: &str,
+) -> Result<Vec<RebuildResult>, Failure> {
+    let mut ok = Vec::new();
+    let mut cancelled = false;
+    let mut failed: Vec<String> = open_errors.iter().map(error_text).collect();
+    for result in results {
+        match result {
+            Ok(r) => {
+                ui::result_line(cli.json, cli.quiet, r);
+                ok.push(r.clone());
+            }
+            Err(Error::Cancelled { .. }) => cancelled = true,
+            Err(e) => {
+                if cli.json {
+                    ui::json_line(&ui::error_json(e));
+                }
+                failed.push(ui::escape_controls(&e.to_string()));
+            }
+        }
+    }
+    if !failed.is_empty() {
+        return Err(fail(EXIT_PROJECTION)(anyhow!("{}", failed.join("\n"))));
+    }
+    if cancelled {
+        let committed: Vec<String> = results
+            .iter()
+            .filter_map(|r| r.as_ref().err())
+            .map(|e| e.to_string())
+            .collect();
+        return Err(fail(EXIT_CANCELLED)(anyhow!(
+            "interrupted at a batch boundary after {seconds:.1}s; nothing half-applied.\n{}\nto continue from the checkpoints, run: {hint}",
+            committed.join("\n")
+        )));
+    }
+    Ok(ok)
+}

@@ -1,0 +1,198 @@
+//! `status`: each projection's state, read from its file in a process of its
+//! own (it works while a run goes on), with the precedence documented in the
+//! README.
+
+use std::path::Path;
+
+use anyhow::{Context, anyhow};
+use projectionist::rusqlite::{self, Connection, OpenFlags};
+use projectionist::{FileKind, ProjectionDir, SqliteCheckpoint, classify_file, last_run};
+use projectionist_sqlview::{SqlProjection, stored_definition};
+
+use crate::app::{
+    EXIT_PROJECTION, EXIT_STORE, Failure, default_path, fail, load_config, open_store, store_spec,
+};
+use crate::args::Cli;
+use crate::store::Store;
+use crate::ui;
+
+pub(crate) fn run_status(cli: &Cli, check: bool) -> Result<(), Failure> {
+    let config = load_config(cli, false)?;
+    let dir_path = cli
+        .dir
+        .clone()
+        .unwrap_or_else(|| default_path(false, "projections"));
+    // Without a store, status still shows the files; a store that exists but
+    // cannot be read is an error.
+    let spec = store_spec(cli, false);
+    let head = if Store::is_postgres(&spec) || Path::new(&spec).exists() {
+        let store = open_store(cli, false)?;
+        Some(
+            store
+                .reader()
+                .head()
+                .map_err(|e| fail(EXIT_STORE)(e.into()))?,
+        )
+    } else {
+        if !cli.quiet {
+            eprintln!(
+                "warning: event store {spec} does not exist; showing the projection files only"
+            );
+        }
+        None
+    };
+    let mut names: Vec<String> = config
+        .projections
+        .iter()
+        .map(|p| p.name.to_string())
+        .collect();
+    if dir_path.is_dir() {
+        let dir = ProjectionDir::open(&dir_path).map_err(|e| fail(EXIT_PROJECTION)(e.into()))?;
+        for name in dir.list().map_err(|e| fail(EXIT_PROJECTION)(e.into()))? {
+            if !names.iter().any(|n| n == name.as_str()) {
+                names.push(name.to_string());
+            }
+        }
+    }
+    let mut rows = Vec::new();
+    for name in &names {
+        let path = dir_path.join(format!("{name}.db"));
+        rows.push(
+            status_row(name, &path, config.get(name), head, check)
+                .map_err(fail(EXIT_PROJECTION))?,
+        );
+    }
+    ui::status_table(cli.json, &rows, head);
+    let troubled: Vec<&str> = rows
+        .iter()
+        .filter(|r| STATES_FAILING_STATUS.contains(&r.state))
+        .map(|r| r.name.as_str())
+        .collect();
+    if troubled.is_empty() {
+        return Ok(());
+    }
+    Err(fail(EXIT_PROJECTION)(anyhow!(
+        "{} need attention: {}",
+        troubled.len(),
+        troubled.join(", ")
+    )))
+}
+
+/// States that make `status` exit with 4.
+pub(crate) const STATES_FAILING_STATUS: [&str; 4] =
+    ["failed", "corrupt", "ahead", "not a projection"];
+
+/// One projection's row. States, first match wins: `not a projection`,
+/// `corrupt`, `not in config`, `rebuilding`, `failed`, `interrupted`, `stale`,
+/// `ahead`, `not built`, `behind`, `current`.
+pub(crate) fn status_row(
+    name: &str,
+    path: &Path,
+    projection: Option<&SqlProjection>,
+    head: Option<u64>,
+    check: bool,
+) -> anyhow::Result<ui::StatusRow> {
+    let mut row = ui::StatusRow {
+        name: name.to_owned(),
+        checkpoint: 0,
+        lag: head,
+        config_version: projection.map(|p| p.version),
+        built_version: None,
+        state: "not built",
+        size: ["", "-wal"]
+            .iter()
+            .filter_map(|suffix| std::fs::metadata(format!("{}{suffix}", path.display())).ok())
+            .map(|m| m.len())
+            .sum(),
+        error: None,
+        last_run: None,
+    };
+    let troubled = |mut row: ui::StatusRow, state, reason: String| {
+        row.state = state;
+        row.error = Some(reason);
+        Ok(row)
+    };
+    match classify_file(path)? {
+        None | Some(FileKind::Empty) => return Ok(row),
+        Some(FileKind::NotAProjection(reason)) => {
+            // Where the config expects a projection, a file that is not even an
+            // SQLite database is one whose header was destroyed.
+            let state = if projection.is_some() && reason.starts_with("not an SQLite database") {
+                "corrupt"
+            } else {
+                "not a projection"
+            };
+            return troubled(row, state, reason);
+        }
+        Some(FileKind::Corrupt(reason)) => return troubled(row, "corrupt", reason),
+        Some(FileKind::Projection) => {}
+    }
+    let read = || -> rusqlite::Result<_> {
+        // Read-only, without taking the lock: status works while a rebuild runs.
+        let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+        let problem = if check {
+            let result: String = conn.query_row("PRAGMA quick_check(1)", [], |r| r.get(0))?;
+            (result != "ok").then_some(result)
+        } else {
+            None
+        };
+        let checkpoint = SqliteCheckpoint::load_in(&conn, name).unwrap_or(0);
+        let stored = stored_definition(&conn)?;
+        let last = last_run(&conn, name).ok().flatten();
+        Ok((problem, checkpoint, stored, last))
+    };
+    let (problem, checkpoint, stored, last) = match read() {
+        Ok(read) => read,
+        Err(e) if is_corruption(&e) => return troubled(row, "corrupt", e.to_string()),
+        Err(e) => {
+            return Err(e).with_context(|| format!("read projection file {}", path.display()));
+        }
+    };
+    if let Some(problem) = problem {
+        return troubled(row, "corrupt", format!("quick_check: {problem}"));
+    }
+    row.checkpoint = checkpoint;
+    row.lag = head.map(|h| h.saturating_sub(checkpoint));
+    row.built_version = stored.as_ref().map(|s| s.version);
+    let running = last
+        .as_ref()
+        .is_some_and(|l| l.state == "running" && l.pid.is_none_or(process_alive));
+    let state_of_last = last.as_ref().map(|l| l.state.as_str());
+    row.state = match projection {
+        None => "not in config",
+        Some(_) if running => "rebuilding",
+        Some(_) if state_of_last == Some("failed") => "failed",
+        Some(_) if matches!(state_of_last, Some("running" | "cancelled")) => "interrupted",
+        Some(p) if stored.as_ref().is_some_and(|s| s.hash != p.hash) => "stale",
+        Some(_) if stored.is_none() && checkpoint > 0 => "stale",
+        Some(_) if head.is_some_and(|h| checkpoint > h) => "ahead",
+        Some(_) if stored.is_none() => "not built",
+        Some(_) if row.lag.is_some_and(|lag| lag > 0) => "behind",
+        Some(_) => "current",
+    };
+    if row.state == "failed" {
+        row.error = last.as_ref().and_then(|l| l.error.clone());
+    }
+    if row.state == "ahead" {
+        row.error = Some(format!(
+            "checkpoint {checkpoint} is beyond the store's head; built from another store?"
+        ));
+    }
+    row.last_run = last;
+    Ok(row)
+}
+
+/// Whether a SQLite error says the file is damaged or not a database.
+pub(crate) fn is_corruption(error: &rusqlite::Error) -> bool {
+    matches!(
+        error.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase)
+    )
+}
+
+/// Whether the process that recorded a run still exists (Linux: `/proc`;
+/// elsewhere it is assumed to).
+pub(crate) fn process_alive(pid: u32) -> bool {
+    let proc = Path::new("/proc");
+    !proc.is_dir() || proc.join(pid.to_string()).exists()
+}
