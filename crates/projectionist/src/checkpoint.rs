@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
-use crate::dir::{ProjectionDb, begin_immediate};
+use crate::dir::{ProjectionDb, write_transaction};
 use crate::error::{Error, Result};
 use crate::limits::CONSUMER_ID_LEN_MAX;
 
@@ -125,11 +125,9 @@ impl Checkpoint for SqliteCheckpoint {
     }
 
     fn save(&self, consumer_id: &str, sequence: u64) -> Result<()> {
+        let label = || format!("save checkpoint of {consumer_id}");
         self.db.with_connection(|conn| {
-            let step = || format!("save checkpoint of {consumer_id}");
-            let tx = begin_immediate(conn).map_err(Error::sqlite(step()))?;
-            Self::save_in(&tx, consumer_id, sequence)?;
-            tx.commit().map_err(Error::sqlite(step()))
+            write_transaction(conn, label, |tx| Self::save_in(tx, consumer_id, sequence))
         })
     }
 
@@ -138,11 +136,9 @@ impl Checkpoint for SqliteCheckpoint {
     }
 
     fn reset(&self, consumer_id: &str) -> Result<()> {
+        let label = || format!("reset checkpoint of {consumer_id}");
         self.db.with_connection(|conn| {
-            let step = || format!("reset checkpoint of {consumer_id}");
-            let tx = begin_immediate(conn).map_err(Error::sqlite(step()))?;
-            Self::reset_in(&tx, consumer_id)?;
-            tx.commit().map_err(Error::sqlite(step()))
+            write_transaction(conn, label, |tx| Self::reset_in(tx, consumer_id))
         })
     }
 }

@@ -463,15 +463,14 @@ impl ProjectionDb {
         &self,
         f: impl FnOnce(&Transaction<'_>) -> std::result::Result<T, BoxError>,
     ) -> Result<T> {
+        let label = || format!("write projection {}", self.name);
         self.with_connection(|conn| {
-            let step = || format!("write projection {}", self.name);
-            let tx = begin_immediate(conn).map_err(Error::sqlite(step()))?;
-            let value = f(&tx).map_err(|source| Error::External {
-                step: step(),
-                source,
-            })?;
-            tx.commit().map_err(Error::sqlite(step()))?;
-            Ok(value)
+            write_transaction(conn, label, |tx| {
+                f(tx).map_err(|source| Error::External {
+                    step: label(),
+                    source,
+                })
+            })
         })
     }
 
@@ -515,6 +514,25 @@ impl ProjectionDb {
 /// upgrades from read to write fails with `SQLITE_BUSY` without waiting.
 pub(crate) fn begin_immediate(conn: &mut Connection) -> rusqlite::Result<Transaction<'_>> {
     conn.transaction_with_behavior(TransactionBehavior::Immediate)
+}
+
+/// Runs `f` in one IMMEDIATE write transaction and commits it; rolls back when
+/// `f` fails. SQLite errors name the step with `label`.
+pub(crate) fn write_transaction<T>(
+    conn: &mut Connection,
+    label: impl Fn() -> String,
+    f: impl FnOnce(&Transaction<'_>) -> Result<T>,
+) -> Result<T> {
+    let tx = begin_immediate(conn).map_err(|source| Error::Sqlite {
+        step: label(),
+        source,
+    })?;
+    let value = f(&tx)?;
+    tx.commit().map_err(|source| Error::Sqlite {
+        step: label(),
+        source,
+    })?;
+    Ok(value)
 }
 
 /// Opens a projection file: WAL, `synchronous=NORMAL` (a projection can be

@@ -20,6 +20,7 @@
 //! `types.rs` what both sides share. The children import `types.rs`, never this
 //! file, so no two files import each other.
 
+mod keeper;
 mod read;
 mod types;
 mod write;
@@ -30,13 +31,13 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
 use std::time::Duration;
 
-use crate::checkpoint::SqliteCheckpoint;
 use crate::error::{Error, Result};
 use crate::limits::{
     BATCH_SIZE_DEFAULT, BATCH_SIZE_MAX, CHANNEL_BATCHES_MAX, COMMIT_INTERVAL_MAX,
     CONCURRENT_REBUILDS_MAX,
 };
 use crate::reader::GlobalReader;
+use keeper::Keeper;
 use read::{Source, read_loop};
 use types::RunContext;
 pub use types::{
@@ -309,15 +310,10 @@ fn run_group<E: Send + Sync>(
 }
 
 fn replay_error<E>(projection: &ProjectionTarget<'_, E>, source: Arc<Error>) -> Error {
-    let committed = match projection.checkpoint {
-        CheckpointLocation::InFile => projection
-            .db
-            .with_connection(|conn| SqliteCheckpoint::load_in(conn, projection.consumer_id)),
-        CheckpointLocation::External(checkpoint) => checkpoint.load(projection.consumer_id),
-    };
+    let keeper = Keeper::new(projection.checkpoint, projection.consumer_id);
     Error::Replay {
         name: projection.db.name().to_string(),
-        committed: committed.unwrap_or(0),
+        committed: keeper.committed(projection.db).unwrap_or(0),
         source,
     }
 }

@@ -17,8 +17,7 @@ use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, Transaction, TransactionBehavior};
 
-use crate::checkpoint::{SqliteCheckpoint, validate_consumer_id};
-use crate::dir::begin_immediate;
+use crate::checkpoint::validate_consumer_id;
 use crate::error::{BoxError, Error, Result};
 use crate::event::GlobalEvent;
 use crate::handler::Handler;
@@ -26,9 +25,8 @@ use crate::limits::{BUSY_TIMEOUT_MS, START_BUSY_TIMEOUT_MS};
 use crate::outcome::{record_outcome, record_running};
 use crate::progress::{BatchStep, CancelToken, Progress};
 
-use super::types::{
-    CheckpointLocation, Message, ProjectionTarget, RebuildResult, RunContext, Start,
-};
+use super::keeper::Keeper;
+use super::types::{Message, ProjectionTarget, RebuildResult, RunContext, Start};
 
 /// The writer thread of one projection: start, then apply batches until the end.
 pub(super) fn write_projection<E>(
@@ -40,14 +38,15 @@ pub(super) fn write_projection<E>(
 ) -> Result<RebuildResult> {
     let started = Instant::now();
     let mut state = WriterState::default();
-    let result = match begin_run(&mut projection, start, context) {
+    let keeper = Keeper::new(projection.checkpoint, projection.consumer_id);
+    let result = match begin_run(&mut projection, &keeper, start, context) {
         Ok(committed) => {
             state.committed = committed;
             state.applied = committed;
             state.started_from = committed;
             let _ = start_tx.send(Some(committed));
             drop(start_tx);
-            apply_all(&mut projection, batches, context, &mut state)
+            apply_all(&mut projection, &keeper, batches, context, &mut state)
         }
         Err(e) => {
             let _ = start_tx.send(None);
@@ -113,6 +112,7 @@ struct Group<'c> {
 
 fn apply_all<E>(
     projection: &mut ProjectionTarget<'_, E>,
+    keeper: &Keeper<'_>,
     batches: &Receiver<Message<E>>,
     context: &RunContext<'_>,
     state: &mut WriterState,
@@ -167,12 +167,12 @@ fn apply_all<E>(
             }
             let open = group.as_ref().expect("a group is open");
             state.batches += 1;
-            if let Err(stop) = apply_batch(projection, &open.tx, events, state, context) {
+            if let Err(stop) = apply_batch(projection, keeper, &open.tx, events, state, context) {
                 break stop;
             }
             if open.started.elapsed() >= context.commit_interval {
                 let open = group.take().expect("a group is open");
-                if let Err(e) = commit_group(projection, open, state, context) {
+                if let Err(e) = commit_group(projection, keeper, open, state, context) {
                     break Stop::Failed(e);
                 }
             }
@@ -181,13 +181,13 @@ fn apply_all<E>(
         // Whatever stopped the loop, the batches applied so far are complete:
         // commit them with their checkpoint.
         if let Some(open) = group.take() {
-            commit_group(projection, open, state, context)?;
+            commit_group(projection, keeper, open, state, context)?;
         }
         Ok(stop)
     })?;
     let committed = state.committed;
     match stop {
-        Stop::End { through } => finish_at_head(projection, through, state, context),
+        Stop::End { through } => finish_at_head(projection, keeper, through, state, context),
         Stop::Cancelled => Err(Error::Cancelled { name, committed }),
         Stop::Handler {
             first,
@@ -213,6 +213,7 @@ fn apply_all<E>(
 /// checkpoint (when it lives in the file) in the same transaction.
 fn apply_batch<E>(
     projection: &mut ProjectionTarget<'_, E>,
+    keeper: &Keeper<'_>,
     tx: &Transaction<'_>,
     events: &[GlobalEvent<E>],
     state: &mut WriterState,
@@ -243,8 +244,7 @@ fn apply_batch<E>(
         });
     }
     step(context, &name, BatchStep::Applied, state.batches);
-    if matches!(projection.checkpoint, CheckpointLocation::InFile) {
-        SqliteCheckpoint::save_in(tx, projection.consumer_id, last).map_err(Stop::Failed)?;
+    if keeper.in_batch(tx, last).map_err(Stop::Failed)? {
         step(context, &name, BatchStep::CheckpointSaved, state.batches);
     }
     tx.execute_batch("RELEASE batch").map_err(sql_failed)?;
@@ -261,6 +261,7 @@ fn apply_batch<E>(
 /// Commits the open group; then, for an external checkpoint, saves it.
 fn commit_group<E>(
     projection: &ProjectionTarget<'_, E>,
+    keeper: &Keeper<'_>,
     group: Group<'_>,
     state: &mut WriterState,
     context: &RunContext<'_>,
@@ -273,10 +274,7 @@ fn commit_group<E>(
         state.applied, state.committed
     )))?;
     step(context, name.as_str(), BatchStep::Committed, state.batches);
-    if let CheckpointLocation::External(checkpoint) = projection.checkpoint {
-        if state.applied > state.committed {
-            checkpoint.save(projection.consumer_id, state.applied)?;
-        }
+    if keeper.after_commit(state.applied, state.committed)? {
         step(
             context,
             name.as_str(),
@@ -293,6 +291,7 @@ fn commit_group<E>(
 /// that, and the events in between are of types this run does not handle.
 fn finish_at_head<E>(
     projection: &ProjectionTarget<'_, E>,
+    keeper: &Keeper<'_>,
     head: u64,
     state: &mut WriterState,
     context: &RunContext<'_>,
@@ -301,21 +300,7 @@ fn finish_at_head<E>(
         return Ok(());
     }
     guard(context, projection.db.name().as_str(), state.committed)?;
-    let consumer_id = projection.consumer_id;
-    match projection.checkpoint {
-        CheckpointLocation::InFile => projection.db.with_connection(|conn| {
-            let step = || {
-                format!(
-                    "projection {}: advance checkpoint to {head}",
-                    projection.db.name()
-                )
-            };
-            let tx = begin_immediate(conn).map_err(Error::sqlite(step()))?;
-            SqliteCheckpoint::save_in(&tx, consumer_id, head)?;
-            tx.commit().map_err(Error::sqlite(step()))
-        })?,
-        CheckpointLocation::External(checkpoint) => checkpoint.save(consumer_id, head)?,
-    }
+    keeper.advance(projection.db, head)?;
     state.committed = head;
     state.applied = head;
     Ok(())
@@ -324,6 +309,7 @@ fn finish_at_head<E>(
 /// Prepares a run; returns the checkpoint it starts from.
 fn begin_run<E>(
     projection: &mut ProjectionTarget<'_, E>,
+    keeper: &Keeper<'_>,
     start: Start,
     context: &RunContext<'_>,
 ) -> Result<u64> {
@@ -331,19 +317,8 @@ fn begin_run<E>(
     let name = projection.db.name().to_string();
     let consumer_id = projection.consumer_id;
     let handler = &mut *projection.handler;
-    if let CheckpointLocation::External(checkpoint) = projection.checkpoint
-        && checkpoint.projection_file() == Some(projection.db.path())
-    {
-        return Err(Error::InvalidOptions(format!(
-            "projection {name}: its own file's checkpoint is CheckpointLocation::InFile, not External"
-        )));
-    }
-    if let (Start::Reset, CheckpointLocation::External(checkpoint)) = (start, projection.checkpoint)
-    {
-        // Reset the checkpoint before the tables: a crash in between replays
-        // events onto old rows (at-least-once) instead of skipping them.
-        checkpoint.reset(consumer_id)?;
-    }
+    keeper.check(projection.db)?;
+    keeper.before_start(start)?;
     let in_file_checkpoint = projection.db.with_connection(|conn| {
         let step = || format!("projection {name}: start");
         // A file another connection is writing fails this projection quickly
@@ -360,27 +335,21 @@ fn begin_run<E>(
         )))?;
         if start == Start::Reset {
             drop_projection_objects(&tx).map_err(Error::sqlite(step()))?;
-            SqliteCheckpoint::reset_in(&tx, consumer_id)?;
         }
+        let checkpoint = keeper.in_start(&tx, start)?;
         handler.setup(&tx).map_err(|source| Error::Setup {
             name: name.clone(),
             source,
         })?;
         record_running(&tx, consumer_id).map_err(Error::sqlite(step()))?;
-        let checkpoint = SqliteCheckpoint::load_in(&tx, consumer_id)?;
         check_within_head(&name, checkpoint, context)?;
         guard(context, &name, checkpoint)?;
         tx.commit().map_err(Error::sqlite(step()))?;
         Ok(checkpoint)
     })?;
-    match projection.checkpoint {
-        CheckpointLocation::InFile => Ok(in_file_checkpoint),
-        CheckpointLocation::External(checkpoint) => {
-            let checkpoint = checkpoint.load(consumer_id)?;
-            check_within_head(&name, checkpoint, context)?;
-            Ok(checkpoint)
-        }
-    }
+    let checkpoint = keeper.start_point(in_file_checkpoint)?;
+    check_within_head(&name, checkpoint, context)?;
+    Ok(checkpoint)
 }
 
 /// A checkpoint past the log's head means the projection was built from another
