@@ -21,7 +21,7 @@ pub(crate) struct Cli {
     /// Projections config (TOML) [default: projectionist.toml; demo: the built-in orders config].
     #[arg(long, global = true)]
     pub(crate) config: Option<PathBuf>,
-    /// Events per batch (one transaction each), 1 to 50000.
+    /// Events per batch (one transaction each), up to 50000; 0 means the default.
     #[arg(long, global = true, default_value_t = projectionist::limits::BATCH_SIZE_DEFAULT)]
     pub(crate) batch_size: u32,
     /// Machine-readable JSON lines on stdout instead of text and progress bars.

@@ -49,13 +49,9 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: &Cli) -> Result<(), Failure> {
-    if cli.batch_size == 0 || cli.batch_size > projectionist::limits::BATCH_SIZE_MAX {
-        return Err(fail(EXIT_CONFIG)(anyhow!(
-            "--batch-size {} is out of range: 1 to {}",
-            cli.batch_size,
-            projectionist::limits::BATCH_SIZE_MAX
-        )));
-    }
+    // The library's rule, once: 0 means the default, above the maximum is an error.
+    projectionist::validate_batch_size(cli.batch_size)
+        .map_err(|e| fail(EXIT_CONFIG)(anyhow::Error::from(e).context("--batch-size")))?;
     match &cli.command {
         Command::Demo { events, seed } => run_demo(cli, *events, *seed),
         Command::Rebuild { names } => run_replay(cli, names, false).map(|_| ()),

@@ -6,7 +6,9 @@ use std::path::Path;
 
 use anyhow::{Context, anyhow};
 use projectionist::rusqlite::{self, Connection, OpenFlags};
-use projectionist::{FileKind, ProjectionDir, SqliteCheckpoint, classify_file, last_run};
+use projectionist::{
+    FileKind, ProjectionDir, ProjectionFiles, SqliteCheckpoint, classify_file, last_run,
+};
 use projectionist_sqlview::{SqlProjection, stored_definition};
 
 use crate::app::{
@@ -56,9 +58,10 @@ pub(crate) fn run_status(cli: &Cli, check: bool) -> Result<(), Failure> {
     }
     let mut rows = Vec::new();
     for name in &names {
-        let path = dir_path.join(format!("{name}.db"));
+        let files =
+            ProjectionFiles::new(&dir_path, name).map_err(|e| fail(EXIT_PROJECTION)(e.into()))?;
         rows.push(
-            status_row(name, &path, config.get(name), head, check)
+            status_row(name, &files, config.get(name), head, check)
                 .map_err(fail(EXIT_PROJECTION))?,
         );
     }
@@ -87,7 +90,7 @@ pub(crate) const STATES_FAILING_STATUS: [&str; 4] =
 /// `ahead`, `not built`, `behind`, `current`.
 pub(crate) fn status_row(
     name: &str,
-    path: &Path,
+    files: &ProjectionFiles,
     projection: Option<&SqlProjection>,
     head: Option<u64>,
     check: bool,
@@ -99,14 +102,11 @@ pub(crate) fn status_row(
         config_version: projection.map(|p| p.version),
         built_version: None,
         state: "not built",
-        size: ["", "-wal"]
-            .iter()
-            .filter_map(|suffix| std::fs::metadata(format!("{}{suffix}", path.display())).ok())
-            .map(|m| m.len())
-            .sum(),
+        size: files.size_bytes(),
         error: None,
         last_run: None,
     };
+    let path = files.db.as_path();
     let troubled = |mut row: ui::StatusRow, state, reason: String| {
         row.state = state;
         row.error = Some(reason);

@@ -112,87 +112,16 @@ const GOOD_SCHEMA: &str = "schema = \"CREATE TABLE t (id TEXT PRIMARY KEY, n INT
 
 #[test]
 fn bad_configs_fail_clearly_and_create_nothing() {
+    // The full table of bad configs lives in projectionist-sqlview
+    // (config.rs tests); here, that the binary maps them to exit 2 and
+    // creates nothing.
     let cases: Vec<(String, &str)> = vec![
         ("[[projection]\nname = ".into(), "TOML parse error"),
-        (
-            format!(
-                "[[projection]]\nname = \"p\"\nversion = 1\n{GOOD_SCHEMA}\n[projection.on.E]\nsql = \"INSERT INTO t VALUES (:id, :n)\"\nextra = 1\n"
-            ),
-            "unknown field `extra`",
-        ),
         (
             format!(
                 "[[projection]]\nname = \"p\"\nversion = 1\n{GOOD_SCHEMA}\n[projection.on.E]\nsql = \"INSERT INTO t VALUE (:id)\"\n"
             ),
             "projection \"p\", event E, statement 1",
-        ),
-        (
-            format!(
-                "[[projection]]\nname = \"p\"\nversion = 1\n{GOOD_SCHEMA}\n[projection.on.E]\nsql = \"INSERT INTO t (id, nope) VALUES (:id, :n)\"\n"
-            ),
-            "no column named nope",
-        ),
-        (
-            format!(
-                "[[projection]]\nname = \"p\"\nversion = 1\n{GOOD_SCHEMA}\n[projection.on.E]\nsql = \"INSERT INTO missing VALUES (:id)\"\n"
-            ),
-            "no such table: missing",
-        ),
-        (
-            format!(
-                "[[projection]]\nname = \"p\"\nversion = 1\n{GOOD_SCHEMA}\n[projection.on.E]\nsql = \"INSERT INTO t VALUES (:id, 1)\"\n[[projection]]\nname = \"p\"\nversion = 1\n{GOOD_SCHEMA}\n[projection.on.E]\nsql = \"INSERT INTO t VALUES (:id, 1)\"\n"
-            ),
-            "is declared twice",
-        ),
-        (
-            format!(
-                "[[projection]]\nname = \"../evil\"\nversion = 1\n{GOOD_SCHEMA}\n[projection.on.E]\nsql = \"INSERT INTO t VALUES (:id, 1)\"\n"
-            ),
-            "invalid projection name \"../evil\"",
-        ),
-        (
-            "[[projection]]\nname = \"p\"\nversion = 1\n[projection.on.E]\nsql = \"SELECT 1\"\n"
-                .into(),
-            "missing field `schema`",
-        ),
-        (
-            format!(
-                "[[projection]]\nname = \"p\"\nversion = 1\n{GOOD_SCHEMA}\n[projection.on.E]\nsql = \"INSERT INTO t VALUES (:_seq, 1)\"\n"
-            ),
-            "unknown envelope parameter :_seq",
-        ),
-        (
-            format!(
-                "[[projection]]\nname = \"p\"\nversion = 1\n{GOOD_SCHEMA}\n[projection.on.E]\nsql = \"INSERT INTO t VALUES (?, 1)\"\n"
-            ),
-            "only :name parameters are supported",
-        ),
-        (
-            format!(
-                "[[projection]]\nname = \"p\"\nversion = 1\n{GOOD_SCHEMA}\n[projection.on.E]\nsql = \"INSERT INTO t VALUES (:id, 1); DROP TABLE t\"\n"
-            ),
-            "projection \"p\", event E, statement 1",
-        ),
-        (
-            format!(
-                "[[projection]]\nname = \"p\"\nversion = 1\n{GOOD_SCHEMA}\n[projection.on.\"E; DROP TABLE t\"]\nsql = \"INSERT INTO t VALUES (:id, 1)\"\n"
-            ),
-            "event type may contain only",
-        ),
-        (
-            "[[projection]]\nname = \"p\"\nversion = 1\nschema = \"CREATE TABLE _checkpoint (x)\"\n[projection.on.E]\nsql = \"INSERT INTO _checkpoint VALUES (:id)\"\n".to_string(),
-            "reserved for projectionist",
-        ),
-        (
-            format!(
-                "[[projection]]\nname = \"p\"\nversion = 1\n{GOOD_SCHEMA}\n[projection.on.E]\nsql = \"SELECT * FROM t WHERE id = :id\"\n"
-            ),
-            "changes nothing",
-        ),
-        ("".into(), "declares no [[projection]]"),
-        (
-            format!("[[projection]]\nname = \"p\"\nversion = -1\n{GOOD_SCHEMA}\n"),
-            "version",
         ),
     ];
     for (config, expected) in cases {

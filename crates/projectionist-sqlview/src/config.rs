@@ -352,6 +352,107 @@ fn definition_hash(version: u32, schema: &str, on: &BTreeMap<String, Vec<Stateme
 mod tests {
     use super::*;
 
+    const GOOD_SCHEMA: &str = "schema = \"CREATE TABLE t (id TEXT PRIMARY KEY, n INTEGER)\"";
+
+    /// Bad configs, each with a piece of the message it must give (which names
+    /// the place).
+    #[test]
+    fn bad_configs_are_refused_with_the_place_named() {
+        let cases: Vec<(String, &str)> = vec![
+        ("[[projection]\nname = ".into(), "TOML parse error"),
+        (
+            format!(
+                "[[projection]]\nname = \"p\"\nversion = 1\n{GOOD_SCHEMA}\n[projection.on.E]\nsql = \"INSERT INTO t VALUES (:id, :n)\"\nextra = 1\n"
+            ),
+            "unknown field `extra`",
+        ),
+        (
+            format!(
+                "[[projection]]\nname = \"p\"\nversion = 1\n{GOOD_SCHEMA}\n[projection.on.E]\nsql = \"INSERT INTO t VALUE (:id)\"\n"
+            ),
+            "projection \"p\", event E, statement 1",
+        ),
+        (
+            format!(
+                "[[projection]]\nname = \"p\"\nversion = 1\n{GOOD_SCHEMA}\n[projection.on.E]\nsql = \"INSERT INTO t (id, nope) VALUES (:id, :n)\"\n"
+            ),
+            "no column named nope",
+        ),
+        (
+            format!(
+                "[[projection]]\nname = \"p\"\nversion = 1\n{GOOD_SCHEMA}\n[projection.on.E]\nsql = \"INSERT INTO missing VALUES (:id)\"\n"
+            ),
+            "no such table: missing",
+        ),
+        (
+            format!(
+                "[[projection]]\nname = \"p\"\nversion = 1\n{GOOD_SCHEMA}\n[projection.on.E]\nsql = \"INSERT INTO t VALUES (:id, 1)\"\n[[projection]]\nname = \"p\"\nversion = 1\n{GOOD_SCHEMA}\n[projection.on.E]\nsql = \"INSERT INTO t VALUES (:id, 1)\"\n"
+            ),
+            "is declared twice",
+        ),
+        (
+            format!(
+                "[[projection]]\nname = \"../evil\"\nversion = 1\n{GOOD_SCHEMA}\n[projection.on.E]\nsql = \"INSERT INTO t VALUES (:id, 1)\"\n"
+            ),
+            "invalid projection name \"../evil\"",
+        ),
+        (
+            "[[projection]]\nname = \"p\"\nversion = 1\n[projection.on.E]\nsql = \"SELECT 1\"\n"
+                .into(),
+            "missing field `schema`",
+        ),
+        (
+            format!(
+                "[[projection]]\nname = \"p\"\nversion = 1\n{GOOD_SCHEMA}\n[projection.on.E]\nsql = \"INSERT INTO t VALUES (:_seq, 1)\"\n"
+            ),
+            "unknown envelope parameter :_seq",
+        ),
+        (
+            format!(
+                "[[projection]]\nname = \"p\"\nversion = 1\n{GOOD_SCHEMA}\n[projection.on.E]\nsql = \"INSERT INTO t VALUES (?, 1)\"\n"
+            ),
+            "only :name parameters are supported",
+        ),
+        (
+            format!(
+                "[[projection]]\nname = \"p\"\nversion = 1\n{GOOD_SCHEMA}\n[projection.on.E]\nsql = \"INSERT INTO t VALUES (:id, 1); DROP TABLE t\"\n"
+            ),
+            "projection \"p\", event E, statement 1",
+        ),
+        (
+            format!(
+                "[[projection]]\nname = \"p\"\nversion = 1\n{GOOD_SCHEMA}\n[projection.on.\"E; DROP TABLE t\"]\nsql = \"INSERT INTO t VALUES (:id, 1)\"\n"
+            ),
+            "event type may contain only",
+        ),
+        (
+            "[[projection]]\nname = \"p\"\nversion = 1\nschema = \"CREATE TABLE _checkpoint (x)\"\n[projection.on.E]\nsql = \"INSERT INTO _checkpoint VALUES (:id)\"\n".to_string(),
+            "reserved for projectionist",
+        ),
+        (
+            format!(
+                "[[projection]]\nname = \"p\"\nversion = 1\n{GOOD_SCHEMA}\n[projection.on.E]\nsql = \"SELECT * FROM t WHERE id = :id\"\n"
+            ),
+            "changes nothing",
+        ),
+        ("".into(), "declares no [[projection]]"),
+        (
+            format!("[[projection]]\nname = \"p\"\nversion = -1\n{GOOD_SCHEMA}\n"),
+            "version",
+        ),
+    ];
+        for (text, expected) in cases {
+            let err = ProjectionsConfig::parse(&text, "projections.toml")
+                .expect_err(&text)
+                .to_string();
+            assert!(
+                err.contains(expected),
+                "expected {expected:?} for\n{text}\ngot: {err}"
+            );
+            assert!(err.contains("projections.toml"), "the file is named: {err}");
+        }
+    }
+
     #[test]
     fn the_demo_config_loads() {
         let path =

@@ -580,6 +580,48 @@ fn open_projection(path: &Path, new: bool) -> Result<Connection> {
     Ok(conn)
 }
 
+/// The files of one projection in a directory: the database, its SQLite
+/// sidecars and its lock file (whether or not they exist).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProjectionFiles {
+    /// `{name}.db`.
+    pub db: PathBuf,
+    /// `{name}.db-wal`.
+    pub wal: PathBuf,
+    /// `{name}.db-shm`.
+    pub shm: PathBuf,
+    /// `.{name}.lock`.
+    pub lock: PathBuf,
+}
+
+impl ProjectionFiles {
+    /// The files of projection `name` in `dir`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidName`] for a name that is not a safe file name.
+    pub fn new(dir: &Path, name: &str) -> Result<Self> {
+        let name = ProjectionName::new(name)?;
+        let db = dir.join(format!("{name}{DB_SUFFIX}"));
+        Ok(ProjectionFiles {
+            wal: sidecar(&db, "-wal"),
+            shm: sidecar(&db, "-shm"),
+            lock: dir.join(format!(".{name}.lock")),
+            db,
+        })
+    }
+
+    /// Bytes on disk of the database and its `-wal` (what the projection holds;
+    /// the `-shm` is an index rebuilt on open).
+    #[must_use]
+    pub fn size_bytes(&self) -> u64 {
+        [&self.db, &self.wal]
+            .iter()
+            .filter_map(|path| fs::metadata(path).ok())
+            .map(|m| m.len())
+            .sum()
+    }
+}
+
 /// What a file at a projection's path is; `None` when there is no file.
 ///
 /// A projection file is an SQLite database whose header carries

@@ -85,7 +85,10 @@ mod store;
 
 pub use checkpoint::{Checkpoint, SqliteCheckpoint};
 pub use digest::{DigestScope, projection_digest};
-pub use dir::{APPLICATION_ID, FileKind, ProjectionDb, ProjectionDir, ScannedFile, classify_file};
+pub use dir::{
+    APPLICATION_ID, FileKind, ProjectionDb, ProjectionDir, ProjectionFiles, ScannedFile,
+    classify_file,
+};
 pub use error::{BoxError, Error, EventFailure, Result};
 pub use event::{Appended, GlobalEvent, NewEvent};
 pub use handler::{Handler, SchemaHandler};
