@@ -124,14 +124,14 @@ pub(super) fn read_loop<E>(
                 match pass_poison(reader, senders, position, batch_size, e) {
                     Ok(after_poison) => position = after_poison,
                     Err(e) => {
-                        broadcast(senders, &Message::Failed(Arc::new(e)));
+                        broadcast(senders, &Message::ReadFailed(Arc::new(e)));
                         return;
                     }
                 }
                 continue;
             }
             Err(e) => {
-                broadcast(senders, &Message::Failed(Arc::new(e)));
+                broadcast(senders, &Message::ReadFailed(Arc::new(e)));
                 return;
             }
         };
@@ -204,7 +204,7 @@ fn broadcast<E>(senders: &mut [Option<SyncSender<Message<E>>>], message: &Messag
         let copy = match message {
             Message::Batch(batch) => Message::Batch(Arc::clone(batch)),
             Message::End { through } => Message::End { through: *through },
-            Message::Failed(e) => Message::Failed(Arc::clone(e)),
+            Message::ReadFailed(e) => Message::ReadFailed(Arc::clone(e)),
             Message::Poison(e) => Message::Poison(Arc::clone(e)),
         };
         // A writer that stopped (error or cancel) dropped its receiver.

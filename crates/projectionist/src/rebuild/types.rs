@@ -130,7 +130,7 @@ pub(crate) enum Message<E> {
         through: u64,
     },
     /// Reading failed; every projection stops at its last committed batch.
-    Failed(Arc<Error>),
+    ReadFailed(Arc<Error>),
     /// An event of a type this projection handles cannot be decoded (a poison
     /// event): the projection stops at its last committed batch; the others go on.
     Poison(Arc<Error>),

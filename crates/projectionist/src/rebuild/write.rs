@@ -101,7 +101,7 @@ enum Stop {
         source: BoxError,
     },
     Failed(Error),
-    Replay(Arc<Error>),
+    ReadFailed(Arc<Error>),
 }
 
 /// One open write transaction holding one or more batches.
@@ -134,13 +134,16 @@ fn apply_all<E>(
             let batch = match message {
                 Ok(Message::Batch(batch)) => batch,
                 Ok(Message::End { through }) => break Stop::End { through },
-                Ok(Message::Failed(source) | Message::Poison(source)) => {
-                    break Stop::Replay(source);
+                Ok(Message::ReadFailed(source) | Message::Poison(source)) => {
+                    break Stop::ReadFailed(source);
                 }
+                // The reader ended without saying why (it panicked): the
+                // projection stops at its last commit, like any read failure.
                 Err(mpsc::RecvError) => {
-                    break Stop::Replay(Arc::new(Error::InvalidOptions(
-                        "the event reader stopped".into(),
-                    )));
+                    break Stop::ReadFailed(Arc::new(Error::External {
+                        step: "read the event log".into(),
+                        source: "the reader stopped without finishing".into(),
+                    }));
                 }
             };
             // Skip what this projection already has (projections resumed from
@@ -201,7 +204,7 @@ fn apply_all<E>(
             source,
         }),
         Stop::Failed(e) => Err(e),
-        Stop::Replay(source) => Err(Error::Replay {
+        Stop::ReadFailed(source) => Err(Error::Replay {
             name,
             committed,
             source,
@@ -320,31 +323,31 @@ fn begin_run<E>(
     keeper.check(projection.db)?;
     keeper.before_start(start)?;
     let in_file_checkpoint = projection.db.with_connection(|conn| {
-        let step = || format!("projection {name}: start");
+        let label = || format!("projection {name}: start");
         // A file another connection is writing fails this projection quickly
         // instead of holding back every projection of the run.
         let wait = |ms: u32| Duration::from_millis(u64::from(ms));
         conn.busy_timeout(wait(START_BUSY_TIMEOUT_MS))
-            .map_err(Error::sqlite(step()))?;
+            .map_err(Error::sqlite(label()))?;
         let conn: &Connection = conn;
         let began = Transaction::new_unchecked(conn, TransactionBehavior::Immediate);
         conn.busy_timeout(wait(BUSY_TIMEOUT_MS))
-            .map_err(Error::sqlite(step()))?;
+            .map_err(Error::sqlite(label()))?;
         let tx = began.map_err(Error::sqlite(format!(
             "projection {name}: start (another connection is writing to its file)"
         )))?;
         if start == Start::Reset {
-            drop_projection_objects(&tx).map_err(Error::sqlite(step()))?;
+            drop_projection_objects(&tx).map_err(Error::sqlite(label()))?;
         }
         let checkpoint = keeper.in_start(&tx, start)?;
         handler.setup(&tx).map_err(|source| Error::Setup {
             name: name.clone(),
             source,
         })?;
-        record_running(&tx, consumer_id).map_err(Error::sqlite(step()))?;
+        record_running(&tx, consumer_id).map_err(Error::sqlite(label()))?;
         check_within_head(&name, checkpoint, context)?;
         guard(context, &name, checkpoint)?;
-        tx.commit().map_err(Error::sqlite(step()))?;
+        tx.commit().map_err(Error::sqlite(label()))?;
         Ok(checkpoint)
     })?;
     let checkpoint = keeper.start_point(in_file_checkpoint)?;
