@@ -138,10 +138,15 @@ pub(crate) fn status_row(
         };
         let checkpoint = SqliteCheckpoint::load_in(&conn, name).unwrap_or(0);
         let stored = stored_definition(&conn)?;
+        // The same question the run asks before resuming.
+        let needs_rebuild = match projection {
+            Some(p) => p.needs_rebuild(&conn)?,
+            None => false,
+        };
         let last = last_run(&conn, name).ok().flatten();
-        Ok((problem, checkpoint, stored, last))
+        Ok((problem, checkpoint, stored, last, needs_rebuild))
     };
-    let (problem, checkpoint, stored, last) = match read() {
+    let (problem, checkpoint, stored, last, needs_rebuild) = match read() {
         Ok(read) => read,
         Err(e) if is_corruption(&e) => return troubled(row, "corrupt", e.to_string()),
         Err(e) => {
@@ -163,7 +168,7 @@ pub(crate) fn status_row(
         Some(_) if running => "rebuilding",
         Some(_) if state_of_last == Some("failed") => "failed",
         Some(_) if matches!(state_of_last, Some("running" | "cancelled")) => "interrupted",
-        Some(p) if stored.as_ref().is_some_and(|s| s.hash != p.hash) => "stale",
+        Some(_) if needs_rebuild => "stale",
         Some(_) if stored.is_none() && checkpoint > 0 => "stale",
         Some(_) if head.is_some_and(|h| checkpoint > h) => "ahead",
         Some(_) if stored.is_none() => "not built",

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use postgres::{Client, IsolationLevel, NoTls, Row};
 use projectionist::{
     Appended, Error, EventTableMapping, GlobalEvent, GlobalReader, NewEvent, Result, StreamAppend,
-    TypedBatch,
+    TypedBatch, plain_identifier,
 };
 use serde::de::DeserializeOwned;
 
@@ -102,21 +102,8 @@ impl PostgresEventStore {
     /// [`Error::InvalidOptions`] for a name that is not a plain identifier;
     /// [`Error::External`] when the server, table or a column is missing.
     pub fn connect_mapped(url: &str, mapping: &EventTableMapping) -> Result<Self> {
-        let ident = |name: &str| -> Result<String> {
-            let ok = name
-                .chars()
-                .next()
-                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-                && name.len() <= 63;
-            if ok {
-                Ok(format!("\"{name}\""))
-            } else {
-                Err(Error::InvalidOptions(format!(
-                    "event table mapping: {name:?} is not a plain SQL identifier"
-                )))
-            }
-        };
+        let ident =
+            |name: &str| -> Result<String> { Ok(format!("\"{}\"", plain_identifier(name)?)) };
         let optional = |name: &Option<String>| -> Result<String> {
             name.as_deref().map_or(Ok("NULL".to_owned()), |n| {
                 Ok(format!("{}::text", ident(n)?))

@@ -15,9 +15,8 @@ use projectionist::rusqlite::{self, Connection, config::DbConfig};
 /// (SQLite's own `sqlite_*` tables change with every `CREATE`; SQLite itself
 /// keeps them from direct writes while `writable_schema` is off, and defensive
 /// mode keeps it off.)
-pub(crate) fn is_reserved_table(name: &str) -> bool {
-    let lower = name.to_ascii_lowercase();
-    lower == "_checkpoint" || lower.starts_with("_projectionist_")
+fn is_reserved_table(name: &str) -> bool {
+    projectionist::is_reserved_table(name)
 }
 
 /// The confinement of one connection: the authorizer is installed once per run

@@ -144,7 +144,8 @@ fn bind<'e>(param: &Param, event: &'e GlobalEvent<Value>) -> Result<ToSqlOutput<
             required,
             kind,
         } => {
-            let field = path.join(".");
+            // Only for messages: built when something is wrong, not per event.
+            let field = || path.join(".");
             let mut current = &event.data;
             for (depth, segment) in path.iter().enumerate() {
                 let next = match current {
@@ -161,7 +162,7 @@ fn bind<'e>(param: &Param, event: &'e GlobalEvent<Value>) -> Result<ToSqlOutput<
                             _ => false,
                         };
                         if indexable {
-                            return Err(format!("required field {field} is missing"));
+                            return Err(format!("required field {} is missing", field()));
                         }
                         let holder = if depth == 0 {
                             "the data".to_owned()
@@ -169,7 +170,8 @@ fn bind<'e>(param: &Param, event: &'e GlobalEvent<Value>) -> Result<ToSqlOutput<
                             format!("field {}", path[..depth].join("."))
                         };
                         return Err(format!(
-                            "required field {field} is missing: {holder} holds {} {}, not an object",
+                            "required field {} is missing: {holder} holds {} {}, not an object",
+                            field(),
                             json_kind(current),
                             short(current)
                         ));
@@ -179,7 +181,7 @@ fn bind<'e>(param: &Param, event: &'e GlobalEvent<Value>) -> Result<ToSqlOutput<
             }
             if current.is_null() {
                 if *required {
-                    return Err(format!("required field {field} is null"));
+                    return Err(format!("required field {} is null", field()));
                 }
                 return Ok(ToSqlOutput::Owned(SqlValue::Null));
             }
@@ -187,7 +189,8 @@ fn bind<'e>(param: &Param, event: &'e GlobalEvent<Value>) -> Result<ToSqlOutput<
                 None => Ok(json_to_sql(current)),
                 Some(kind) => typed(current, *kind).ok_or_else(|| {
                     format!(
-                        "field {field} must be {} ({}), but is {} {}",
+                        "field {} must be {} ({}), but is {} {}",
+                        field(),
                         kind_article(*kind),
                         kind.name(),
                         json_kind(current),

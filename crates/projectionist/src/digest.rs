@@ -41,7 +41,7 @@ pub fn projection_digest(conn: &Connection, scope: DigestScope) -> Result<String
         if table == crate::outcome::RUN_TABLE {
             continue;
         }
-        let internal = table == "_checkpoint" || table.starts_with("_projectionist_");
+        let internal = crate::dir::is_reserved_table(&table);
         if internal && scope == DigestScope::ProjectionTables {
             continue;
         }

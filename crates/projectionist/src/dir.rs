@@ -622,6 +622,37 @@ impl ProjectionFiles {
     }
 }
 
+/// Whether a table name is one projectionist owns in a projection file
+/// (`_checkpoint`, `_projectionist_*`): handlers and config SQL may read these,
+/// never change them, and digests of a projection's own tables leave them out.
+#[must_use]
+pub fn is_reserved_table(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    lower == "_checkpoint" || lower.starts_with("_projectionist_")
+}
+
+/// Drops every table and view of the projection except `_checkpoint` and the
+/// run record `_projectionist_run` (so also the other `_projectionist_*` tables,
+/// which describe the content being dropped); indexes and triggers go with them.
+pub(crate) fn drop_projection_objects(tx: &Transaction<'_>) -> rusqlite::Result<()> {
+    let objects: Vec<(String, String)> = tx
+        .prepare(
+            "SELECT type, name FROM sqlite_master
+             WHERE type IN ('table', 'view')
+               AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\'
+               AND name NOT IN ('_checkpoint', '_projectionist_run')
+             ORDER BY type DESC",
+        )?
+        .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    for (kind, name) in objects {
+        let kind = if kind == "view" { "VIEW" } else { "TABLE" };
+        let quoted = name.replace('"', "\"\"");
+        tx.execute_batch(&format!("DROP {kind} IF EXISTS \"{quoted}\""))?;
+    }
+    Ok(())
+}
+
 /// What a file at a projection's path is; `None` when there is no file.
 ///
 /// A projection file is an SQLite database whose header carries

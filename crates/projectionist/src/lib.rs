@@ -87,7 +87,7 @@ pub use checkpoint::{Checkpoint, SqliteCheckpoint};
 pub use digest::{DigestScope, projection_digest};
 pub use dir::{
     APPLICATION_ID, FileKind, ProjectionDb, ProjectionDir, ProjectionFiles, ScannedFile,
-    classify_file,
+    classify_file, is_reserved_table,
 };
 pub use error::{BoxError, Error, EventFailure, Result};
 pub use event::{Appended, GlobalEvent, NewEvent};
@@ -101,7 +101,9 @@ pub use rebuild::{
     rebuild, rebuild_concurrent, rebuild_shared, replay_shared, resume, resume_shared,
     validate_batch_size,
 };
-pub use store::{EventTableMapping, MemoryEventStore, SqliteEventStore, StreamAppend};
+pub use store::{
+    EventTableMapping, MemoryEventStore, SqliteEventStore, StreamAppend, plain_identifier,
+};
 
 /// Re-export of the SQLite driver whose `Transaction` handlers receive.
 pub use rusqlite;

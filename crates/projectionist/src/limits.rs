@@ -55,6 +55,11 @@ pub const BUSY_TIMEOUT_MS: u32 = 10_000;
 /// this short wait it fails alone ("database is locked") and the others go on.
 pub const START_BUSY_TIMEOUT_MS: u32 = 200;
 
+/// Longest table or column name in an event table mapping, in bytes:
+/// PostgreSQL's identifier limit (`NAMEDATALEN` - 1), so a mapping valid for
+/// one store is valid for the other.
+pub const IDENTIFIER_LEN_MAX: usize = 63;
+
 /// Events one append call may write: an append is one transaction held in memory.
 pub const APPEND_EVENTS_MAX: usize = 100_000;
 

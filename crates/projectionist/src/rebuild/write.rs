@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use rusqlite::{Connection, Transaction, TransactionBehavior};
 
 use crate::checkpoint::validate_consumer_id;
+use crate::dir::drop_projection_objects;
 use crate::error::{BoxError, Error, Result};
 use crate::event::GlobalEvent;
 use crate::handler::Handler;
@@ -364,28 +365,6 @@ fn check_within_head(name: &str, checkpoint: u64, context: &RunContext<'_>) -> R
             checkpoint,
             head: context.total,
         });
-    }
-    Ok(())
-}
-
-/// Drops every table and view of the projection except `_checkpoint` and the
-/// run record `_projectionist_run` (so also the other `_projectionist_*` tables,
-/// which describe the content being dropped); indexes and triggers go with them.
-fn drop_projection_objects(tx: &Transaction<'_>) -> rusqlite::Result<()> {
-    let objects: Vec<(String, String)> = tx
-        .prepare(
-            "SELECT type, name FROM sqlite_master
-             WHERE type IN ('table', 'view')
-               AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\'
-               AND name NOT IN ('_checkpoint', '_projectionist_run')
-             ORDER BY type DESC",
-        )?
-        .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
-        .collect::<rusqlite::Result<_>>()?;
-    for (kind, name) in objects {
-        let kind = if kind == "view" { "VIEW" } else { "TABLE" };
-        let quoted = name.replace('"', "\"\"");
-        tx.execute_batch(&format!("DROP {kind} IF EXISTS \"{quoted}\""))?;
     }
     Ok(())
 }

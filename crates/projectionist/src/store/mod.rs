@@ -4,4 +4,4 @@ mod memory;
 mod sqlite;
 
 pub use memory::MemoryEventStore;
-pub use sqlite::{EventTableMapping, SqliteEventStore, StreamAppend};
+pub use sqlite::{EventTableMapping, SqliteEventStore, StreamAppend, plain_identifier};

@@ -10,7 +10,7 @@ use serde::de::DeserializeOwned;
 
 use crate::error::{Error, Result};
 use crate::event::{Appended, GlobalEvent, NewEvent, decode};
-use crate::limits::{APPEND_EVENTS_MAX, BATCH_SIZE_MAX, BUSY_TIMEOUT_MS};
+use crate::limits::{APPEND_EVENTS_MAX, BATCH_SIZE_MAX, BUSY_TIMEOUT_MS, IDENTIFIER_LEN_MAX};
 use crate::reader::{GlobalReader, TypedBatch};
 
 /// Our own events table. `sequence` is the rowid, so SQLite assigns it as one past
@@ -69,6 +69,30 @@ impl Default for EventTableMapping {
             metadata: Some("metadata".into()),
             recorded_at: Some("recorded_at".into()),
         }
+    }
+}
+
+/// Checks a name from an [`EventTableMapping`]: a plain SQL identifier
+/// (`[A-Za-z_][A-Za-z0-9_]*`, at most [`IDENTIFIER_LEN_MAX`] bytes), so it can
+/// be quoted into SQL without ever being free text. Every store uses this one
+/// rule.
+///
+/// # Errors
+/// [`Error::InvalidOptions`] naming the name.
+pub fn plain_identifier(name: &str) -> Result<&str> {
+    let mut chars = name.chars();
+    let first_ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+    if first_ok
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && name.len() <= IDENTIFIER_LEN_MAX
+    {
+        Ok(name)
+    } else {
+        Err(Error::InvalidOptions(format!(
+            "event table mapping: {name:?} is not a plain SQL identifier (letters, digits, '_', at most {IDENTIFIER_LEN_MAX} bytes)"
+        )))
     }
 }
 
@@ -471,21 +495,9 @@ fn open_connection(path: &Path, flags: OpenFlags) -> Result<Connection> {
 
 /// The read, filtered-read and head queries for a mapping.
 fn mapping_sql(mapping: &EventTableMapping) -> Result<(String, String, String)> {
-    let ident = |name: &str| -> Result<String> {
-        let mut chars = name.chars();
-        let first_ok = chars
-            .next()
-            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
-        if first_ok && chars.all(|c| c.is_ascii_alphanumeric() || c == '_') && name.len() <= 64 {
-            // Brackets, not double quotes: SQLite reads a double-quoted name that
-            // matches no column as a string literal, which would hide a typo.
-            Ok(format!("[{name}]"))
-        } else {
-            Err(Error::InvalidOptions(format!(
-                "event table mapping: {name:?} is not a plain SQL identifier"
-            )))
-        }
-    };
+    // Brackets, not double quotes: SQLite reads a double-quoted name that
+    // matches no column as a string literal, which would hide a typo.
+    let ident = |name: &str| -> Result<String> { Ok(format!("[{}]", plain_identifier(name)?)) };
     let optional = |name: &Option<String>| -> Result<String> {
         name.as_deref().map_or(Ok("NULL".to_owned()), ident)
     };
