@@ -53,14 +53,14 @@ impl std::fmt::Debug for CheckpointLocation<'_> {
 #[derive(Clone, Copy)]
 pub struct RebuildOptions<'a> {
     /// Events per batch: one read, one handler call, one savepoint. 0 means
-    /// [`BATCH_SIZE_DEFAULT`] (500); above [`BATCH_SIZE_MAX`] (50,000) is an error.
+    /// [`BATCH_SIZE_DEFAULT`] (500); above [`BATCH_SIZE_MAX`](crate::limits::BATCH_SIZE_MAX) (50,000) is an error.
     pub batch_size: u32,
     /// How long a write transaction may keep collecting batches before it commits
     /// (it also commits at the end, on cancellation and on failure). Every batch
     /// and its checkpoint are in the same transaction either way; a longer interval
     /// means fewer commits (faster rebuilds) and more work lost to a crash.
     /// `Duration::ZERO` commits after every batch. Default
-    /// [`COMMIT_INTERVAL_DEFAULT`]; above [`COMMIT_INTERVAL_MAX`] is an error.
+    /// [`COMMIT_INTERVAL_DEFAULT`]; above [`COMMIT_INTERVAL_MAX`](crate::limits::COMMIT_INTERVAL_MAX) is an error.
     pub commit_interval: Duration,
     /// Called after every applied batch (see [`Progress`](crate::Progress)) and
     /// once at the end. Default: none.
