@@ -96,8 +96,12 @@ pub(crate) fn load_config(cli: &Cli, demo: bool) -> Result<ProjectionsConfig, Fa
 }
 
 /// Opens the existing event store named by `--store`.
-pub(crate) fn open_store(cli: &Cli, demo: bool) -> Result<Store, Failure> {
-    Store::open_existing(&store_spec(cli, demo)).map_err(fail(EXIT_STORE))
+pub(crate) fn open_store(
+    cli: &Cli,
+    demo: bool,
+    config: &ProjectionsConfig,
+) -> Result<Store, Failure> {
+    Store::open_existing(&store_spec(cli, demo), config.source.as_ref()).map_err(fail(EXIT_STORE))
 }
 
 /// `--store`, or the default file.

@@ -28,7 +28,7 @@ pub(crate) fn run_replay(
 ) -> Result<Vec<RebuildResult>, Failure> {
     let config = load_config(cli, false)?;
     let selected = select(&config, names)?;
-    let store = open_store(cli, false)?;
+    let store = open_store(cli, false, &config)?;
     let dir = open_dir(cli, false)?;
     let hint = command_hint(cli, false, "resume");
     replay(cli, store.reader(), &dir, &selected, resume, &hint)

@@ -28,7 +28,7 @@ pub(crate) fn run_status(cli: &Cli, check: bool) -> Result<(), Failure> {
     // cannot be read is an error.
     let spec = store_spec(cli, false);
     let head = if Store::is_postgres(&spec) || Path::new(&spec).exists() {
-        let store = open_store(cli, false)?;
+        let store = open_store(cli, false, &config)?;
         Some(
             store
                 .reader()

@@ -2,7 +2,7 @@
 //! PostgreSQL URL (`postgres://...`).
 
 use anyhow::{Context, anyhow};
-use projectionist::{Appended, GlobalReader, SqliteEventStore, StreamAppend};
+use projectionist::{Appended, EventTableMapping, GlobalReader, SqliteEventStore, StreamAppend};
 use projectionist_postgres::PostgresEventStore;
 use serde_json::Value;
 
@@ -20,10 +20,14 @@ impl Store {
         spec.starts_with("postgres://") || spec.starts_with("postgresql://")
     }
 
-    /// Opens an existing store; a missing SQLite file is an error, not a new empty log.
-    pub fn open_existing(spec: &str) -> anyhow::Result<Store> {
+    /// Opens an existing store, through `mapping` when the config has a
+    /// `[source]`; a missing SQLite file is an error, not a new empty log.
+    pub fn open_existing(spec: &str, mapping: Option<&EventTableMapping>) -> anyhow::Result<Store> {
         if Self::is_postgres(spec) {
-            let store = PostgresEventStore::connect(spec)?;
+            let store = match mapping {
+                Some(mapping) => PostgresEventStore::connect_mapped(spec, mapping)?,
+                None => PostgresEventStore::connect(spec)?,
+            };
             // Fails clearly when the events table is missing.
             GlobalReader::<Value>::head(&store)
                 .context("read the events table (run `projectionist demo` or create it first)")?;
@@ -39,7 +43,10 @@ impl Store {
             return Err(anyhow!("event store {spec} does not exist"));
         }
         // Read-only: a store opened for reading is never created or altered.
-        Ok(Store::Sqlite(SqliteEventStore::open_read_only(spec)?))
+        Ok(Store::Sqlite(match mapping {
+            Some(mapping) => SqliteEventStore::open_mapped(spec, mapping)?,
+            None => SqliteEventStore::open_read_only(spec)?,
+        }))
     }
 
     /// The reader the engine uses.

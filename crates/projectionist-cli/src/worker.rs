@@ -44,7 +44,10 @@ pub fn run(
     options: &WorkerOptions<'_>,
     cancel: &projectionist::CancelToken,
 ) -> anyhow::Result<()> {
-    let store = PostgresEventStore::connect(options.url)?;
+    let store = match &config.source {
+        Some(mapping) => PostgresEventStore::connect_mapped(options.url, mapping)?,
+        None => PostgresEventStore::connect(options.url)?,
+    };
     let leases = Leases::connect(options.url, options.worker_id, options.lease)?;
     leases.init()?;
     let wanted: Vec<(String, String)> = config

@@ -828,3 +828,95 @@ fn r8_17_messages_are_plain_and_quote_what_the_user_wrote() {
         stderr(&out)
     );
 }
+
+/// Issue 13 (first part): a log in a layout that is not ours, read through
+/// `[source]`, rebuilds the same projections as the same log in our layout, and
+/// the store file is not changed. Bad mappings are clear errors.
+#[test]
+fn r13_a_foreign_events_table_is_read_through_source() {
+    let env = Env::new();
+    env.demo_log(3_000);
+    // Another program's layout: other names, data as BLOB, integer timestamps.
+    let foreign = Connection::open(env.path("foreign.db")).unwrap();
+    foreign
+        .execute_batch(&format!(
+            "ATTACH DATABASE '{}' AS ours;
+             CREATE TABLE log (seq INTEGER PRIMARY KEY, stream_id TEXT NOT NULL,
+                               version INTEGER NOT NULL, type TEXT NOT NULL,
+                               data BLOB NOT NULL, recorded_at INTEGER NOT NULL);
+             INSERT INTO log SELECT sequence, stream_id, stream_version, event_type,
+                                    CAST(data AS BLOB), 1700000000 + sequence
+                             FROM ours.events ORDER BY sequence;
+             DETACH DATABASE ours;",
+            env.path("events.db").display()
+        ))
+        .unwrap();
+    drop(foreign);
+    let source = "\n[source]\ntable = \"log\"\nsequence = \"seq\"\nstream_id = \"stream_id\"\nstream_version = \"version\"\nevent_type = \"type\"\ndata = \"data\"\nrecorded_at = \"recorded_at\"\n";
+    std::fs::write(env.path("foreign.toml"), format!("{DEMO_CONFIG}{source}")).unwrap();
+    let before = std::fs::read(env.path("foreign.db")).unwrap();
+    let args = |command: &'static str| {
+        [
+            "--store",
+            "foreign.db",
+            "--dir",
+            "foreign-projections",
+            "--config",
+            "foreign.toml",
+            command,
+        ]
+    };
+    let out = env.run_bare(&args("rebuild"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let digest = |name: &str| {
+        let conn = Connection::open(env.path(&format!("foreign-projections/{name}.db"))).unwrap();
+        projectionist::projection_digest(&conn, projectionist::DigestScope::ProjectionTables)
+            .unwrap()
+    };
+    let own = |name: &str| {
+        let conn = Connection::open(env.path(&format!("projections/{name}.db"))).unwrap();
+        projectionist::projection_digest(&conn, projectionist::DigestScope::ProjectionTables)
+            .unwrap()
+    };
+    assert_eq!(digest("order_summary"), own("order_summary"));
+    assert_eq!(digest("customer_stats"), own("customer_stats"));
+    let out = env.run_bare(&args("status"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("current"), "{}", stdout(&out));
+    assert!(
+        std::fs::read(env.path("foreign.db")).unwrap() == before,
+        "the store changed"
+    );
+    // A missing column: a store error naming it; SQL in a name: a config error.
+    std::fs::write(
+        env.path("foreign.toml"),
+        format!("{DEMO_CONFIG}{}", source.replace("\"version\"", "\"ver\"")),
+    )
+    .unwrap();
+    let out = env.run_bare(&args("rebuild"));
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no column \"ver\""),
+        "{}",
+        stderr(&out)
+    );
+    std::fs::write(
+        env.path("foreign.toml"),
+        format!(
+            "{DEMO_CONFIG}{}",
+            source.replace("\"log\"", "\"log; DROP TABLE log\"")
+        ),
+    )
+    .unwrap();
+    let out = env.run_bare(&args("rebuild"));
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("not a plain SQL identifier"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        std::fs::read(env.path("foreign.db")).unwrap() == before,
+        "the store changed"
+    );
+}

@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use projectionist::ProjectionName;
 use projectionist::rusqlite::Connection;
+use projectionist::{EventTableMapping, ProjectionName, plain_identifier};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
@@ -56,6 +56,33 @@ pub struct RawConfig {
     /// The `[[projection]]` tables.
     #[serde(default)]
     pub projection: Vec<RawProjection>,
+    /// `[source]`: the events table to read, when it is not ours.
+    #[serde(default)]
+    pub source: Option<RawSource>,
+}
+
+/// `[source]` as written: the events table and its columns. A key left out
+/// names our own column (`sequence`, `stream_id`, ...); `metadata` and
+/// `recorded_at` left out mean the table has no such column.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSource {
+    /// Table name. Default `events`.
+    pub table: Option<String>,
+    /// Global sequence column. Default `sequence`.
+    pub sequence: Option<String>,
+    /// Stream id column. Default `stream_id`.
+    pub stream_id: Option<String>,
+    /// Stream version column. Default `stream_version`.
+    pub stream_version: Option<String>,
+    /// Event type column. Default `event_type`.
+    pub event_type: Option<String>,
+    /// Payload column (JSON as text or blob). Default `data`.
+    pub data: Option<String>,
+    /// Metadata column, if any.
+    pub metadata: Option<String>,
+    /// Timestamp column (text or integer), if any.
+    pub recorded_at: Option<String>,
 }
 
 /// One `[[projection]]` as written.
@@ -96,6 +123,8 @@ pub enum RawStatements {
 pub struct ProjectionsConfig {
     /// The projections, in file order.
     pub projections: Vec<SqlProjection>,
+    /// The events table to read, from `[source]`; `None` for our own layout.
+    pub source: Option<EventTableMapping>,
 }
 
 /// One validated projection.
@@ -175,7 +204,16 @@ impl ProjectionsConfig {
             }
             projections.push(projection);
         }
-        Ok(ProjectionsConfig { projections })
+        let source = raw
+            .source
+            .map(|raw_source| {
+                validate_source(raw_source).map_err(|m| invalid("[source]".into(), m))
+            })
+            .transpose()?;
+        Ok(ProjectionsConfig {
+            projections,
+            source,
+        })
     }
 
     /// The projection called `name`.
@@ -209,6 +247,37 @@ impl SqlProjection {
 }
 
 type Failure = (String, String);
+
+/// `[source]` to a mapping; every name must be a plain identifier.
+fn validate_source(raw: RawSource) -> Result<EventTableMapping, String> {
+    let defaults = EventTableMapping::default();
+    let mapping = EventTableMapping {
+        table: raw.table.unwrap_or(defaults.table),
+        sequence: raw.sequence.unwrap_or(defaults.sequence),
+        stream_id: raw.stream_id.unwrap_or(defaults.stream_id),
+        stream_version: raw.stream_version.unwrap_or(defaults.stream_version),
+        event_type: raw.event_type.unwrap_or(defaults.event_type),
+        data: raw.data.unwrap_or(defaults.data),
+        metadata: raw.metadata,
+        recorded_at: raw.recorded_at,
+    };
+    let names = [
+        &mapping.table,
+        &mapping.sequence,
+        &mapping.stream_id,
+        &mapping.stream_version,
+        &mapping.event_type,
+        &mapping.data,
+    ];
+    for name in names
+        .into_iter()
+        .chain(mapping.metadata.as_ref())
+        .chain(mapping.recorded_at.as_ref())
+    {
+        plain_identifier(name).map_err(|e| e.to_string())?;
+    }
+    Ok(mapping)
+}
 
 fn validate_projection(raw: RawProjection) -> Result<SqlProjection, Failure> {
     let place = format!("projection {:?}", raw.name);

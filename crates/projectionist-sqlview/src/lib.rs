@@ -72,5 +72,5 @@ pub use params::{Envelope, Param, ValueKind};
 
 /// The raw, unvalidated shape of the file, as serde reads it.
 pub mod raw {
-    pub use crate::config::{RawConfig, RawHandler, RawProjection, RawStatements};
+    pub use crate::config::{RawConfig, RawHandler, RawProjection, RawSource, RawStatements};
 }

@@ -472,7 +472,9 @@ fn not_an_event_store(path: &Path, mapping: &EventTableMapping, error: &rusqlite
             "no events table {:?} (create the store with `projectionist demo` or by appending through the library, or map your own table)",
             mapping.table
         )
-    } else if let Some(column) = message.strip_prefix("no such column: ") {
+    } else if let Some(rest) = message.strip_prefix("no such column: ") {
+        // SQLite appends the statement ("... in SELECT ... at offset N").
+        let column = rest.split_whitespace().next().unwrap_or(rest);
         format!("events table {:?} has no column {column:?}", mapping.table)
     } else {
         format!("cannot read events table {:?}: {message}", mapping.table)
