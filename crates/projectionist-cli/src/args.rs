@@ -72,6 +72,13 @@ pub(crate) enum Command {
     },
     /// Delete every projection file in the directory.
     RemoveAll,
+    /// Event types in the store with counts, sequences and the JSON fields seen
+    /// (with `--config`, through its `[source]`).
+    Inspect {
+        /// Print a starter config instead: one statement per event type.
+        #[arg(long)]
+        config_skeleton: bool,
+    },
     /// Share the projections of a PostgreSQL store with other workers (leases with fencing).
     Worker {
         /// This worker's name, unique among the workers [default: host-pid].

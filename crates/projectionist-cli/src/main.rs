@@ -8,6 +8,7 @@ mod app;
 mod args;
 mod bench;
 mod demo;
+mod inspect;
 mod manage;
 mod replay;
 mod status;
@@ -25,6 +26,7 @@ use app::{
 };
 use args::{Cli, Command};
 use demo::run_demo;
+use inspect::run_inspect;
 use manage::{run_list, run_remove_all};
 use replay::run_replay;
 use status::run_status;
@@ -107,5 +109,6 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             exit_when_done,
         } => run_worker(cli, worker_id.as_deref(), *lease_ms, *exit_when_done),
         Command::RemoveAll => run_remove_all(cli),
+        Command::Inspect { config_skeleton } => run_inspect(cli, *config_skeleton),
     }
 }

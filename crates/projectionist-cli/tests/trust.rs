@@ -920,3 +920,53 @@ fn r13_a_foreign_events_table_is_read_through_source() {
         "the store changed"
     );
 }
+
+/// Issue 13 (`inspect`): event types with exact counts and their fields, an
+/// undecodable event noted and passed, and a starter config that loads.
+#[test]
+fn r13_inspect_lists_event_types_and_writes_a_starter_config() {
+    let env = Env::new();
+    env.write_config(TWO_PROJECTIONS);
+    log_with_raw_data(&env, 200, &[(100, "'{broken'")]);
+    let out = env.run(&["--json", "inspect"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let rows: Vec<serde_json::Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let placed = rows
+        .iter()
+        .find(|r| r["event_type"] == "OrderPlaced")
+        .unwrap();
+    let added = rows
+        .iter()
+        .find(|r| r["event_type"] == "ItemAdded")
+        .unwrap();
+    assert_eq!(placed["count"], 100);
+    assert_eq!(
+        added["count"], 99,
+        "the undecodable ItemAdded is not counted"
+    );
+    assert_eq!(added["first_sequence"], 2);
+    assert_eq!(added["last_sequence"], 200);
+    assert_eq!(added["fields"]["qty"]["type"], "int");
+    assert_eq!(added["fields"]["order_id"]["type"], "text");
+    let text = stdout(&env.run(&["inspect"]));
+    assert!(
+        text.contains("undecodable events (not JSON): sequences [100]"),
+        "{text}"
+    );
+    let out = env.run(&["inspect", "--config-skeleton"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    std::fs::write(env.path("skeleton.toml"), stdout(&out)).unwrap();
+    let out = env.run_bare(&[
+        "--store",
+        "events.db",
+        "--dir",
+        "sk",
+        "--config",
+        "skeleton.toml",
+        "status",
+    ]);
+    assert!(out.status.success(), "the skeleton loads: {}", stderr(&out));
+}
