@@ -915,6 +915,38 @@ fn r13_a_foreign_events_table_is_read_through_source() {
         "{}",
         stderr(&out)
     );
+    // A sequence column that does not hold integers: a store error that says so.
+    std::fs::write(
+        env.path("foreign.toml"),
+        format!(
+            "{DEMO_CONFIG}{}",
+            source.replace("sequence = \"seq\"", "sequence = \"type\"")
+        ),
+    )
+    .unwrap();
+    let out = env.run_bare(&args("rebuild"));
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("the sequence column holds"),
+        "{}",
+        stderr(&out)
+    );
+    // A data column of the wrong type: each event is a poison event, named.
+    std::fs::write(
+        env.path("foreign.toml"),
+        format!(
+            "{DEMO_CONFIG}{}",
+            source.replace("data = \"data\"", "data = \"version\"")
+        ),
+    )
+    .unwrap();
+    let out = env.run_bare(&args("rebuild"));
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("event at sequence 1 (stream ") && err.contains("column data holds Integer"),
+        "{err}"
+    );
     assert!(
         std::fs::read(env.path("foreign.db")).unwrap() == before,
         "the store changed"

@@ -396,13 +396,22 @@ impl<E: DeserializeOwned> GlobalReader<E> for SqliteEventStore {
             .reader
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let head: i64 = conn
+        let head: rusqlite::types::Value = conn
             .query_row(&self.head_sql, [], |row| row.get(0))
             .map_err(Error::sqlite(format!(
                 "read head of {}",
                 self.path.display()
             )))?;
-        u64::try_from(head).map_err(|_| Error::CorruptStore(format!("negative head {head}")))
+        match head {
+            rusqlite::types::Value::Integer(n) if n >= 0 => Ok(n.cast_unsigned()),
+            other => Err(Error::NotAnEventStore {
+                store: self.path.display().to_string(),
+                reason: format!(
+                    "the sequence column holds {other:?} at its maximum, not a non-negative integer; \
+                     it must hold strictly increasing integers in commit order"
+                ),
+            }),
+        }
     }
 }
 
