@@ -6,10 +6,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, anyhow};
-use projectionist::rusqlite;
 use projectionist::{
     CancelToken, CheckpointLocation, Error, GlobalReader, ProjectionDb, ProjectionDir,
-    ProjectionTarget, RebuildOptions, RebuildResult, Start, replay_shared,
+    ProjectionTarget, RebuildOptions, RebuildResult, Start, quick_check, replay_shared,
 };
 use projectionist_sqlview::{SqlHandler, SqlProjection};
 
@@ -18,7 +17,6 @@ use crate::app::{
     load_config, open_dir, open_store, select,
 };
 use crate::args::Cli;
-use crate::status::is_corruption;
 use crate::ui;
 
 pub(crate) fn run_replay(
@@ -127,7 +125,7 @@ pub(crate) fn open_for_run(
     let name = projection.name.as_str();
     let context = || format!("open projection {name}");
     let corrupt = match dir.db(name) {
-        Ok(db) => match quick_check(&db) {
+        Ok(db) => match db.with_connection(|conn| quick_check(conn)) {
             Ok(None) => return Ok(db),
             Ok(Some(problem)) => problem,
             Err(e) => return Err(e).with_context(context),
@@ -145,24 +143,6 @@ pub(crate) fn open_for_run(
         );
     }
     dir.db(name).with_context(context)
-}
-
-/// `PRAGMA quick_check` of a projection file: `None` when it is sound. Reads
-/// the whole file, so it runs only for files that exist and hold data.
-pub(crate) fn quick_check(db: &ProjectionDb) -> projectionist::Result<Option<String>> {
-    db.with_connection(|conn| {
-        let result: rusqlite::Result<String> =
-            conn.query_row("PRAGMA quick_check(1)", [], |r| r.get(0));
-        match result {
-            Ok(text) if text == "ok" => Ok(None),
-            Ok(text) => Ok(Some(text)),
-            Err(e) if is_corruption(&e) => Ok(Some(e.to_string())),
-            Err(e) => Err(Error::Sqlite {
-                step: format!("check projection {}", db.name()),
-                source: e,
-            }),
-        }
-    })
 }
 
 /// Prints each projection's outcome and picks the exit code.

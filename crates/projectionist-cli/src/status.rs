@@ -4,10 +4,11 @@
 
 use std::path::Path;
 
-use anyhow::{Context, anyhow};
-use projectionist::rusqlite::{self, Connection, OpenFlags};
+use anyhow::anyhow;
+use projectionist::rusqlite::{Connection, OpenFlags};
 use projectionist::{
-    FileKind, ProjectionDir, ProjectionFiles, SqliteCheckpoint, classify_file, last_run,
+    FileKind, ProjectionDir, ProjectionFiles, SqliteCheckpoint, classify_file, is_corruption,
+    last_run, quick_check,
 };
 use projectionist_sqlview::{SqlProjection, stored_definition};
 
@@ -127,31 +128,31 @@ pub(crate) fn status_row(
         Some(FileKind::Corrupt(reason)) => return troubled(row, "corrupt", reason),
         Some(FileKind::Projection) => {}
     }
-    let read = || -> rusqlite::Result<_> {
-        // Read-only, without taking the lock: status works while a rebuild runs.
-        let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
-        let problem = if check {
-            let result: String = conn.query_row("PRAGMA quick_check(1)", [], |r| r.get(0))?;
-            (result != "ok").then_some(result)
-        } else {
-            None
+    let read = || -> projectionist::Result<_> {
+        let sqlite = |e| projectionist::Error::Sqlite {
+            step: format!("read projection file {}", path.display()),
+            source: e,
         };
+        // Read-only, without taking the lock: status works while a rebuild runs.
+        let conn =
+            Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(sqlite)?;
         let checkpoint = SqliteCheckpoint::load_in(&conn, name).unwrap_or(0);
-        let stored = stored_definition(&conn)?;
+        let stored = stored_definition(&conn).map_err(sqlite)?;
         // The same question the run asks before resuming.
         let needs_rebuild = match projection {
-            Some(p) => p.needs_rebuild(&conn)?,
+            Some(p) => p.needs_rebuild(&conn).map_err(sqlite)?,
             None => false,
         };
         let last = last_run(&conn, name).ok().flatten();
+        let problem = if check { quick_check(&conn)? } else { None };
         Ok((problem, checkpoint, stored, last, needs_rebuild))
     };
     let (problem, checkpoint, stored, last, needs_rebuild) = match read() {
         Ok(read) => read,
-        Err(e) if is_corruption(&e) => return troubled(row, "corrupt", e.to_string()),
-        Err(e) => {
-            return Err(e).with_context(|| format!("read projection file {}", path.display()));
+        Err(projectionist::Error::Sqlite { source, .. }) if is_corruption(&source) => {
+            return troubled(row, "corrupt", source.to_string());
         }
+        Err(e) => return Err(e.into()),
     };
     if let Some(problem) = problem {
         return troubled(row, "corrupt", format!("quick_check: {problem}"));
@@ -185,14 +186,6 @@ pub(crate) fn status_row(
     }
     row.last_run = last;
     Ok(row)
-}
-
-/// Whether a SQLite error says the file is damaged or not a database.
-pub(crate) fn is_corruption(error: &rusqlite::Error) -> bool {
-    matches!(
-        error.sqlite_error_code(),
-        Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase)
-    )
 }
 
 /// Whether the process that recorded a run still exists (Linux: `/proc`;

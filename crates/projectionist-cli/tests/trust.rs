@@ -868,18 +868,17 @@ fn r13_a_foreign_events_table_is_read_through_source() {
     };
     let out = env.run_bare(&args("rebuild"));
     assert!(out.status.success(), "{}", stderr(&out));
-    let digest = |name: &str| {
-        let conn = Connection::open(env.path(&format!("foreign-projections/{name}.db"))).unwrap();
+    let digest = |dir: &str, name: &str| {
+        let conn = Connection::open(env.path(&format!("{dir}/{name}.db"))).unwrap();
         projectionist::projection_digest(&conn, projectionist::DigestScope::ProjectionTables)
             .unwrap()
     };
-    let own = |name: &str| {
-        let conn = Connection::open(env.path(&format!("projections/{name}.db"))).unwrap();
-        projectionist::projection_digest(&conn, projectionist::DigestScope::ProjectionTables)
-            .unwrap()
-    };
-    assert_eq!(digest("order_summary"), own("order_summary"));
-    assert_eq!(digest("customer_stats"), own("customer_stats"));
+    for name in ["order_summary", "customer_stats"] {
+        assert_eq!(
+            digest("foreign-projections", name),
+            digest("projections", name)
+        );
+    }
     let out = env.run_bare(&args("status"));
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains("current"), "{}", stdout(&out));
@@ -887,66 +886,40 @@ fn r13_a_foreign_events_table_is_read_through_source() {
         std::fs::read(env.path("foreign.db")).unwrap() == before,
         "the store changed"
     );
-    // A missing column: a store error naming it; SQL in a name: a config error.
-    std::fs::write(
-        env.path("foreign.toml"),
-        format!("{DEMO_CONFIG}{}", source.replace("\"version\"", "\"ver\"")),
-    )
-    .unwrap();
-    let out = env.run_bare(&args("rebuild"));
-    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
-    assert!(
-        stderr(&out).contains("no column \"ver\""),
-        "{}",
-        stderr(&out)
-    );
-    std::fs::write(
-        env.path("foreign.toml"),
-        format!(
-            "{DEMO_CONFIG}{}",
-            source.replace("\"log\"", "\"log; DROP TABLE log\"")
+    // Bad mappings, each with its exit code and message: a missing column and a
+    // sequence column that holds text are store errors, SQL in a name is a
+    // config error, a data column of the wrong type makes each event a poison
+    // event, named.
+    let bad_mappings = [
+        ("\"version\"", "\"ver\"", 3, "no column \"ver\""),
+        (
+            "\"log\"",
+            "\"log; DROP TABLE log\"",
+            2,
+            "not a plain SQL identifier",
         ),
-    )
-    .unwrap();
-    let out = env.run_bare(&args("rebuild"));
-    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
-    assert!(
-        stderr(&out).contains("not a plain SQL identifier"),
-        "{}",
-        stderr(&out)
-    );
-    // A sequence column that does not hold integers: a store error that says so.
-    std::fs::write(
-        env.path("foreign.toml"),
-        format!(
-            "{DEMO_CONFIG}{}",
-            source.replace("sequence = \"seq\"", "sequence = \"type\"")
+        (
+            "sequence = \"seq\"",
+            "sequence = \"type\"",
+            3,
+            "the sequence column holds",
         ),
-    )
-    .unwrap();
-    let out = env.run_bare(&args("rebuild"));
-    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
-    assert!(
-        stderr(&out).contains("the sequence column holds"),
-        "{}",
-        stderr(&out)
-    );
-    // A data column of the wrong type: each event is a poison event, named.
-    std::fs::write(
-        env.path("foreign.toml"),
-        format!(
-            "{DEMO_CONFIG}{}",
-            source.replace("data = \"data\"", "data = \"version\"")
+        (
+            "data = \"data\"",
+            "data = \"version\"",
+            4,
+            "column data holds Integer",
         ),
-    )
-    .unwrap();
-    let out = env.run_bare(&args("rebuild"));
-    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
-    let err = stderr(&out);
-    assert!(
-        err.contains("event at sequence 1 (stream ") && err.contains("column data holds Integer"),
-        "{err}"
-    );
+    ];
+    for (from, to, code, expected) in bad_mappings {
+        let mapping = source.replace(from, to);
+        std::fs::write(env.path("foreign.toml"), format!("{DEMO_CONFIG}{mapping}")).unwrap();
+        let out = env.run_bare(&args("rebuild"));
+        assert_eq!(out.status.code(), Some(code), "{to}: {}", stderr(&out));
+        assert!(stderr(&out).contains(expected), "{to}: {}", stderr(&out));
+    }
+    let err = stderr(&env.run_bare(&args("rebuild")));
+    assert!(err.contains("event at sequence 1 (stream "), "{err}");
     assert!(
         std::fs::read(env.path("foreign.db")).unwrap() == before,
         "the store changed"

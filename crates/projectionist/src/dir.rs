@@ -740,6 +740,28 @@ fn classify_unmarked(path: &Path) -> FileKind {
     }
 }
 
+/// Whether a SQLite error says the file is damaged or not a database.
+#[must_use]
+pub fn is_corruption(error: &rusqlite::Error) -> bool {
+    corruption(error).is_some()
+}
+
+/// `PRAGMA quick_check` of a projection file through any connection to it:
+/// `None` when it is sound, else what is wrong. Reads the whole file.
+///
+/// # Errors
+/// [`Error::Sqlite`] for a failure that is not the file's damage (I/O, locks).
+pub fn quick_check(conn: &Connection) -> Result<Option<String>> {
+    match conn.query_row("PRAGMA quick_check(1)", [], |row| row.get::<_, String>(0)) {
+        Ok(text) if text == "ok" => Ok(None),
+        Ok(text) => Ok(Some(text)),
+        Err(e) => match corruption(&e) {
+            Some(reason) => Ok(Some(reason)),
+            None => Err(Error::sqlite("check projection file")(e)),
+        },
+    }
+}
+
 /// The reason, when a SQLite error says the file is damaged or not a database.
 pub(crate) fn corruption(error: &rusqlite::Error) -> Option<String> {
     match error.sqlite_error_code() {

@@ -87,7 +87,7 @@ pub use checkpoint::{Checkpoint, SqliteCheckpoint};
 pub use digest::{DigestScope, projection_digest};
 pub use dir::{
     APPLICATION_ID, FileKind, ProjectionDb, ProjectionDir, ProjectionFiles, ScannedFile,
-    classify_file, is_reserved_table,
+    classify_file, is_corruption, is_reserved_table, quick_check,
 };
 pub use error::{BoxError, Error, EventFailure, Result};
 pub use event::{Appended, GlobalEvent, NewEvent};
