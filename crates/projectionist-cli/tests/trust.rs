@@ -975,3 +975,41 @@ fn r13_inspect_lists_event_types_and_writes_a_starter_config() {
     ]);
     assert!(out.status.success(), "the skeleton loads: {}", stderr(&out));
 }
+
+/// Item 9, across a crash: a run killed with SIGKILL leaves `running` with a
+/// process that no longer exists; `status` in a new process says
+/// `interrupted`, and `resume` in another new process finishes it.
+#[test]
+fn r8_9_a_killed_run_shows_as_interrupted_in_a_new_process() {
+    let env = Env::new();
+    env.demo_log(60_000);
+    let mut child = env
+        .command(&["--quiet", "--batch-size", "50", "rebuild"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let committed = Connection::open(env.path("projections/order_summary.db"))
+            .ok()
+            .and_then(|c| projectionist::SqliteCheckpoint::load_in(&c, "order_summary").ok())
+            .unwrap_or(0);
+        if (1..60_000).contains(&committed) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the rebuild never got under way");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let (_, rows) = status_json(&env, &[]);
+    let row = row(&rows, "order_summary");
+    assert_eq!(row["state"], "interrupted", "{row}");
+    assert_eq!(row["last_run"], "running", "{row}");
+    let out = env.run(&["--quiet", "resume"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (code, rows) = status_json(&env, &[]);
+    assert_eq!(code, Some(0));
+    assert!(rows.iter().all(|r| r["state"] == "current"), "{rows:?}");
+}
