@@ -98,7 +98,7 @@ pub use progress::{BatchStep, CancelToken, CommitGuardFn, Progress, ProgressFn, 
 pub use reader::{GlobalReader, TypedBatch};
 pub use rebuild::{
     CheckpointLocation, ProjectionTarget, RebuildConfig, RebuildOptions, RebuildResult, Start,
-    rebuild, rebuild_concurrent, rebuild_shared, replay_shared, resume, resume_shared,
+    follow, rebuild, rebuild_concurrent, rebuild_shared, replay_shared, resume, resume_shared,
     validate_batch_size,
 };
 pub use store::{

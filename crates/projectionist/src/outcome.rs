@@ -29,7 +29,7 @@ pub(crate) const RUN_TABLE: &str = "_projectionist_run";
 /// How the last run of a projection ended, as recorded in its file.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LastRun {
-    /// `running`, `done`, `cancelled` or `failed`.
+    /// `running`, `following`, `done`, `cancelled` or `failed`.
     pub state: String,
     /// The process that ran it.
     pub pid: Option<u32>,
@@ -87,6 +87,13 @@ pub fn last_run(conn: &Connection, consumer_id: &str) -> Result<Option<LastRun>>
 /// Records that a run of `consumer_id` starts, inside the caller's transaction.
 pub(crate) fn record_running(conn: &Connection, consumer_id: &str) -> rusqlite::Result<()> {
     record(conn, consumer_id, "running", None)
+}
+
+/// Records that a follower caught up and follows the log, inside the caller's
+/// transaction. A follower that dies leaves this behind: its projection is
+/// complete up to its checkpoint, not half-built.
+pub(crate) fn record_following(conn: &Connection, consumer_id: &str) -> rusqlite::Result<()> {
+    record(conn, consumer_id, "following", None)
 }
 
 /// Records how a run ended: `done`, `cancelled`, or `failed` with its error.

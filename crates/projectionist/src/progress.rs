@@ -12,7 +12,8 @@ pub struct Progress {
     pub projection_name: String,
     /// Events applied to the projection in this run.
     pub processed: u64,
-    /// The log's head sequence when the run started.
+    /// The log's head sequence when the run started; for a follower, as of its
+    /// latest read.
     pub total: u64,
     /// The projection's committed checkpoint.
     pub checkpoint: u64,
@@ -23,6 +24,10 @@ pub struct Progress {
     pub done: bool,
     /// The error that ended the run, on the last report of a failed run.
     pub err: Option<String>,
+    /// The projection has caught up with the log and follows it
+    /// ([`follow`](crate::follow) only; a report is also made each time it
+    /// catches up, even when nothing was applied).
+    pub following: bool,
 }
 
 /// A progress callback. It runs on the projection's writer thread, between

@@ -1,7 +1,10 @@
 //! The `GlobalReader` trait: how the rebuild engine reads the global log.
 
+use std::time::Duration;
+
 use crate::error::Result;
 use crate::event::GlobalEvent;
+use crate::limits::FOLLOW_POLL_INTERVAL_DEFAULT;
 
 /// The answer to a filtered read: the matching events, and the sequence through
 /// which the log was scanned (so a projection's checkpoint can move past events
@@ -75,4 +78,24 @@ pub trait GlobalReader<E>: Send + Sync {
     /// # Errors
     /// Store errors.
     fn head(&self) -> Result<u64>;
+
+    /// A cheap value that changes whenever the log may have changed (SQLite:
+    /// `PRAGMA data_version`, which moves when another connection commits), or
+    /// `None` when the store has no such signal. A follower that is caught up
+    /// asks for it every [`poll_interval`](GlobalReader::poll_interval) and
+    /// reads only when it moved; without it, it reads every interval. A false
+    /// alarm costs one empty read; a missed change is a bug.
+    ///
+    /// # Errors
+    /// Store errors.
+    fn change_token(&self) -> Result<Option<u64>> {
+        Ok(None)
+    }
+
+    /// How often a caught-up follower checks for new events: asks for the
+    /// [`change_token`](GlobalReader::change_token), or reads when there is none.
+    /// Default [`FOLLOW_POLL_INTERVAL_DEFAULT`].
+    fn poll_interval(&self) -> Duration {
+        FOLLOW_POLL_INTERVAL_DEFAULT
+    }
 }

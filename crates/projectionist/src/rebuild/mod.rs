@@ -26,6 +26,7 @@ mod types;
 mod write;
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
@@ -36,6 +37,7 @@ use crate::limits::{
     BATCH_SIZE_DEFAULT, BATCH_SIZE_MAX, CHANNEL_BATCHES_MAX, COMMIT_INTERVAL_MAX,
     CONCURRENT_REBUILDS_MAX,
 };
+use crate::progress::CancelToken;
 use crate::reader::GlobalReader;
 use keeper::Keeper;
 use read::{Source, read_loop};
@@ -57,6 +59,7 @@ pub fn rebuild<E: Send + Sync>(config: RebuildConfig<'_, E>) -> Result<RebuildRe
         config.reader,
         vec![(config.projection, Start::Reset)],
         &config.options,
+        None,
     );
     results.pop().expect("one result per projection")
 }
@@ -71,6 +74,7 @@ pub fn resume<E: Send + Sync>(config: RebuildConfig<'_, E>) -> Result<RebuildRes
         config.reader,
         vec![(config.projection, Start::Resume)],
         &config.options,
+        None,
     );
     results.pop().expect("one result per projection")
 }
@@ -121,7 +125,7 @@ pub fn rebuild_shared<E: Send + Sync>(
     options: &RebuildOptions<'_>,
 ) -> Vec<Result<RebuildResult>> {
     let projections = projections.into_iter().map(|p| (p, Start::Reset)).collect();
-    run(reader, projections, options)
+    run(reader, projections, options, None)
 }
 
 /// Like [`rebuild_shared`], but each projection continues from its checkpoint.
@@ -137,7 +141,7 @@ pub fn resume_shared<E: Send + Sync>(
         .into_iter()
         .map(|p| (p, Start::Resume))
         .collect();
-    run(reader, projections, options)
+    run(reader, projections, options, None)
 }
 
 /// Like [`rebuild_shared`], with a start of its own for each projection: some
@@ -150,7 +154,38 @@ pub fn replay_shared<E: Send + Sync>(
     projections: Vec<(ProjectionTarget<'_, E>, Start)>,
     options: &RebuildOptions<'_>,
 ) -> Vec<Result<RebuildResult>> {
-    run(reader, projections, options)
+    run(reader, projections, options, None)
+}
+
+/// Keeps projections current as the log grows, until `stop` is set.
+///
+/// First brings every projection up to date from ONE read of the log, each from
+/// its own start ([`Start::Reset`] for one that must be rebuilt, [`Start::Resume`]
+/// for one to continue), committing in groups as a rebuild does. Then follows
+/// the log: whenever a read returns fewer events than a batch, each projection
+/// commits at once, so a new event is visible to readers within milliseconds;
+/// between reads it waits for the log to change (see
+/// [`GlobalReader::change_token`] and [`GlobalReader::poll_interval`]) without
+/// reading it. Every batch commits with its checkpoint (exactly-once), as in a
+/// rebuild.
+///
+/// `stop` ends the run cleanly: the batches read so far are applied and
+/// committed and each result is `Ok`. `options.cancel` aborts instead
+/// ([`Error::Cancelled`], the last group committed). A poison event or a
+/// failing handler stops only its projection (recorded in its file for
+/// `status`); the others go on following. A read error stops all of them
+/// (restart the follower; it resumes from the checkpoints).
+///
+/// More than [`CONCURRENT_REBUILDS_MAX`] projections are followed in groups of
+/// that size, each group with its own read of the log, all at once.
+#[must_use]
+pub fn follow<E: Send + Sync>(
+    reader: &dyn GlobalReader<E>,
+    projections: Vec<(ProjectionTarget<'_, E>, Start)>,
+    options: &RebuildOptions<'_>,
+    stop: &CancelToken,
+) -> Vec<Result<RebuildResult>> {
+    run(reader, projections, options, Some(stop))
 }
 
 /// Checks a batch size: 0 means the default; above the maximum is an error.
@@ -195,11 +230,13 @@ fn check_distinct<E>(projections: &[(ProjectionTarget<'_, E>, Start)]) -> Result
 
 /// The run, top down: validate, then for each group of at most
 /// [`CONCURRENT_REBUILDS_MAX`] projections, one read of the log feeding one
-/// writer per projection.
+/// writer per projection. Groups run one after the other, or, when following
+/// (they never end on their own), all at once.
 fn run<E: Send + Sync>(
     reader: &dyn GlobalReader<E>,
     mut projections: Vec<(ProjectionTarget<'_, E>, Start)>,
     options: &RebuildOptions<'_>,
+    follow: Option<&CancelToken>,
 ) -> Vec<Result<RebuildResult>> {
     let valid = validate_options(options).and_then(|valid| {
         check_distinct(&projections)?;
@@ -215,19 +252,29 @@ fn run<E: Send + Sync>(
                 .collect();
         }
     };
-    let mut results = Vec::with_capacity(projections.len());
+    let mut groups = Vec::new();
     while !projections.is_empty() {
         let rest = projections.split_off(projections.len().min(CONCURRENT_REBUILDS_MAX as usize));
-        let group = std::mem::replace(&mut projections, rest);
-        results.extend(run_group(
-            reader,
-            group,
-            batch_size,
-            commit_interval,
-            options,
-        ));
+        groups.push(std::mem::replace(&mut projections, rest));
     }
-    results
+    let run_one = |group| run_group(reader, group, batch_size, commit_interval, options, follow);
+    if follow.is_none() || groups.len() == 1 {
+        return groups.into_iter().flat_map(run_one).collect();
+    }
+    thread::scope(|scope| {
+        let running: Vec<_> = groups
+            .into_iter()
+            .map(|group| scope.spawn(move || run_one(group)))
+            .collect();
+        running
+            .into_iter()
+            .flat_map(|group| {
+                group
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
+            .collect()
+    })
 }
 
 /// One pass: up to [`CONCURRENT_REBUILDS_MAX`] writer threads fed by one reader.
@@ -237,6 +284,7 @@ fn run_group<E: Send + Sync>(
     batch_size: u32,
     commit_interval: Duration,
     options: &RebuildOptions<'_>,
+    follow: Option<&CancelToken>,
 ) -> Vec<Result<RebuildResult>> {
     assert!(
         group.len() <= CONCURRENT_REBUILDS_MAX as usize,
@@ -255,7 +303,8 @@ fn run_group<E: Send + Sync>(
     };
     let context = RunContext {
         options,
-        total,
+        head: AtomicU64::new(total),
+        writers_ended: AtomicUsize::new(0),
         commit_interval,
     };
     let types_per_writer: Vec<Option<Vec<String>>> =
@@ -295,7 +344,8 @@ fn run_group<E: Send + Sync>(
                 &mut senders,
                 position,
                 batch_size,
-                options.cancel,
+                &context,
+                follow,
             );
         }
         drop(senders);

@@ -2,9 +2,10 @@
 //! live writer; at a poison event, stop only the writers that handle its type.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::SyncSender;
 
-use super::types::Message;
+use super::types::{Message, RunContext};
 use crate::error::{Error, Result};
 use crate::event::GlobalEvent;
 use crate::progress::CancelToken;
@@ -103,17 +104,35 @@ fn poison(error: &Error) -> Option<(u64, &str)> {
 /// Reads batches from `position` and hands each to every live writer, until the
 /// log ends, the run is cancelled, reading fails, or no writer is left. A poison
 /// event stops only the writers that handle its type.
+///
+/// With `follow`, the end of the log is not the end of the run: the writers are
+/// told they caught up (so they commit at once), the loop waits for the log to
+/// change, and reads on, until `follow` is set; then the writers get the end.
 pub(super) fn read_loop<E>(
     reader: &mut Source<'_, E>,
     senders: &mut [Option<SyncSender<Message<E>>>],
     mut position: u64,
     batch_size: u32,
-    cancel: Option<&CancelToken>,
+    context: &RunContext<'_>,
+    follow: Option<&CancelToken>,
 ) {
+    let cancel = context.options.cancel;
     loop {
         if senders.iter().all(Option::is_none) || cancel.is_some_and(CancelToken::is_cancelled) {
             return;
         }
+        if follow.is_some_and(CancelToken::is_cancelled) {
+            broadcast(senders, &Message::End { through: position });
+            return;
+        }
+        // Taken before the read, so a commit after the read moves it.
+        let token = match follow.map(|_| reader.reader.change_token()).transpose() {
+            Ok(token) => token.flatten(),
+            Err(e) => {
+                broadcast(senders, &Message::ReadFailed(Arc::new(e)));
+                return;
+            }
+        };
         let read = reader.read(position, batch_size).and_then(|read| {
             check_batch(position, batch_size, &read.0)?;
             Ok(read)
@@ -140,9 +159,44 @@ pub(super) fn read_loop<E>(
             position = last.sequence;
             broadcast(senders, &Message::Batch(Arc::new(events)));
         }
-        if at_end {
+        if !at_end {
+            continue;
+        }
+        let Some(stop) = follow else {
             broadcast(senders, &Message::End { through });
             return;
+        };
+        position = position.max(through);
+        context.saw_head(through);
+        broadcast(senders, &Message::CaughtUp { through });
+        let writers = senders.len();
+        let all_ended = || context.writers_ended.load(Ordering::SeqCst) >= writers;
+        if let Err(e) = wait_for_change(reader.reader, token, stop, cancel, &all_ended) {
+            broadcast(senders, &Message::ReadFailed(Arc::new(e)));
+            return;
+        }
+    }
+}
+
+/// Waits, without reading the log, until it may have changed since `token`
+/// was taken, or until the follower is stopped or cancelled, or no writer is
+/// left.
+fn wait_for_change<E>(
+    reader: &dyn GlobalReader<E>,
+    token: Option<u64>,
+    stop: &CancelToken,
+    cancel: Option<&CancelToken>,
+    all_ended: &dyn Fn() -> bool,
+) -> Result<()> {
+    let interval = reader.poll_interval();
+    loop {
+        if stop.is_cancelled() || cancel.is_some_and(CancelToken::is_cancelled) || all_ended() {
+            return Ok(());
+        }
+        std::thread::sleep(interval);
+        match (token, reader.change_token()?) {
+            (Some(before), Some(now)) if before == now => {}
+            _ => return Ok(()),
         }
     }
 }
@@ -204,6 +258,7 @@ fn broadcast<E>(senders: &mut [Option<SyncSender<Message<E>>>], message: &Messag
         let copy = match message {
             Message::Batch(batch) => Message::Batch(Arc::clone(batch)),
             Message::End { through } => Message::End { through: *through },
+            Message::CaughtUp { through } => Message::CaughtUp { through: *through },
             Message::ReadFailed(e) => Message::ReadFailed(Arc::clone(e)),
             Message::Poison(e) => Message::Poison(Arc::clone(e)),
         };

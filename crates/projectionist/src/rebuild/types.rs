@@ -4,6 +4,7 @@
 //! neither.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crate::checkpoint::Checkpoint;
@@ -106,7 +107,7 @@ pub struct RebuildResult {
     pub processed: u64,
     /// The committed checkpoint at the end.
     pub checkpoint: u64,
-    /// The log's head when the run started.
+    /// The log's head when the run started (for a follower: when it stopped).
     pub total: u64,
     /// Wall time of the run.
     pub elapsed: Duration,
@@ -124,6 +125,12 @@ pub enum Start {
 
 pub(crate) enum Message<E> {
     Batch(Arc<Vec<GlobalEvent<E>>>),
+    /// A follower read to the head: every event up to `through` was
+    /// considered. Commit now, so readers see new events at once.
+    CaughtUp {
+        /// Every event up to this sequence was considered by the reader.
+        through: u64,
+    },
     /// The log is read to its end: every event up to `through` was considered.
     End {
         /// Every event up to this sequence was considered by the reader.
@@ -139,7 +146,28 @@ pub(crate) enum Message<E> {
 /// What every writer of one run shares.
 pub(crate) struct RunContext<'a> {
     pub(crate) options: &'a RebuildOptions<'a>,
-    pub(crate) total: u64,
+    /// The log's head: when the run started, raised by a follower's reads.
+    pub(crate) head: AtomicU64,
+    /// Writers of the group that have ended (a follower stops waiting for
+    /// new events when none is left).
+    pub(crate) writers_ended: AtomicUsize,
     /// Validated `options.commit_interval`.
     pub(crate) commit_interval: Duration,
+}
+
+impl RunContext<'_> {
+    /// The log's head as last seen.
+    pub(crate) fn head(&self) -> u64 {
+        self.head.load(Ordering::Relaxed)
+    }
+
+    /// A writer has ended.
+    pub(crate) fn writer_ended(&self) {
+        self.writers_ended.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// A read saw the log reach `through`.
+    pub(crate) fn saw_head(&self, through: u64) {
+        self.head.fetch_max(through, Ordering::Relaxed);
+    }
 }

@@ -23,7 +23,7 @@ use crate::error::{BoxError, Error, Result};
 use crate::event::GlobalEvent;
 use crate::handler::Handler;
 use crate::limits::{BUSY_TIMEOUT_MS, START_BUSY_TIMEOUT_MS};
-use crate::outcome::{record_outcome, record_running};
+use crate::outcome::{record_following, record_outcome, record_running};
 use crate::progress::{BatchStep, CancelToken, Progress};
 
 use super::keeper::Keeper;
@@ -67,11 +67,12 @@ pub(super) fn write_projection<E>(
     });
     let name = projection.db.name().to_string();
     report(context, &name, &state, true, result.as_ref().err());
+    context.writer_ended();
     result.map(|()| RebuildResult {
         projection_name: name,
         processed: state.processed,
         checkpoint: state.committed,
-        total: context.total,
+        total: context.head(),
         elapsed: started.elapsed(),
     })
 }
@@ -88,6 +89,8 @@ struct WriterState {
     batches: u64,
     /// The checkpoint the run started from.
     started_from: u64,
+    /// Caught up with the log in a follow run.
+    following: bool,
 }
 
 /// Why the batch loop stopped.
@@ -135,6 +138,15 @@ fn apply_all<E>(
             let batch = match message {
                 Ok(Message::Batch(batch)) => batch,
                 Ok(Message::End { through }) => break Stop::End { through },
+                Ok(Message::CaughtUp { through }) => {
+                    if let Err(e) = catch_up(
+                        projection, keeper, conn, &mut group, through, state, context,
+                    ) {
+                        break Stop::Failed(e);
+                    }
+                    report(context, &name, state, false, None);
+                    continue;
+                }
                 Ok(Message::ReadFailed(source) | Message::Poison(source)) => {
                     break Stop::ReadFailed(source);
                 }
@@ -290,6 +302,45 @@ fn commit_group<E>(
     Ok(())
 }
 
+/// A follower reached the head: commits the open group at once (a new event
+/// must not wait for the commit interval), with the checkpoint moved up to
+/// where the reader scanned through; the first time, records `following`.
+fn catch_up<'c, E>(
+    projection: &ProjectionTarget<'_, E>,
+    keeper: &Keeper<'_>,
+    conn: &'c Connection,
+    group: &mut Option<Group<'c>>,
+    through: u64,
+    state: &mut WriterState,
+    context: &RunContext<'_>,
+) -> Result<()> {
+    let name = projection.db.name();
+    let news = through > state.applied || !state.following;
+    if group.is_none() && news {
+        let tx = Transaction::new_unchecked(conn, TransactionBehavior::Immediate)
+            .map_err(Error::sqlite(format!("projection {name}: begin")))?;
+        *group = Some(Group {
+            tx,
+            started: Instant::now(),
+        });
+    }
+    let Some(open) = group.take() else {
+        return Ok(());
+    };
+    if through > state.applied {
+        keeper.in_batch(&open.tx, through)?;
+        state.applied = through;
+    }
+    if !state.following {
+        record_following(&open.tx, projection.consumer_id).map_err(Error::sqlite(format!(
+            "projection {name}: record following"
+        )))?;
+    }
+    commit_group(projection, keeper, open, state, context)?;
+    state.following = true;
+    Ok(())
+}
+
 /// At the end of the log, moves the checkpoint up to where the reader scanned
 /// through: with an event-type filter the last matching event can be well below
 /// that, and the events in between are of types this run does not handle.
@@ -359,11 +410,11 @@ fn begin_run<E>(
 /// A checkpoint past the log's head means the projection was built from another
 /// (or a longer) log: resuming would call it current when it is not.
 fn check_within_head(name: &str, checkpoint: u64, context: &RunContext<'_>) -> Result<()> {
-    if checkpoint > context.total {
+    if checkpoint > context.head() {
         return Err(Error::CheckpointBeyondHead {
             name: name.to_owned(),
             checkpoint,
-            head: context.total,
+            head: context.head(),
         });
     }
     Ok(())
@@ -420,10 +471,11 @@ fn report(
     progress(&Progress {
         projection_name: name.to_owned(),
         processed: state.processed,
-        total: context.total,
+        total: context.head(),
         checkpoint: state.committed,
         started_from: state.started_from,
         done,
         err: err.map(ToString::to_string),
+        following: state.following && !done,
     });
 }

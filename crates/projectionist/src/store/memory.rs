@@ -117,4 +117,13 @@ impl<E: Clone + Send + Sync> GlobalReader<E> for MemoryEventStore<E> {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         Ok(inner.events.len() as u64)
     }
+
+    /// Events are never removed, so the head is a change signal.
+    fn change_token(&self) -> Result<Option<u64>> {
+        GlobalReader::<E>::head(self).map(Some)
+    }
+
+    fn poll_interval(&self) -> std::time::Duration {
+        crate::limits::SQLITE_CHANGE_POLL_INTERVAL
+    }
 }

@@ -413,6 +413,27 @@ impl<E: DeserializeOwned> GlobalReader<E> for SqliteEventStore {
             }),
         }
     }
+
+    /// `PRAGMA data_version` of the reading connection: it changes whenever
+    /// another connection (any process, any program) commits to the file.
+    fn change_token(&self) -> Result<Option<u64>> {
+        let conn = self
+            .reader
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let version: i64 = conn
+            .prepare_cached("PRAGMA data_version")
+            .and_then(|mut stmt| stmt.query_row([], |row| row.get(0)))
+            .map_err(Error::sqlite(format!(
+                "check {} for new events",
+                self.path.display()
+            )))?;
+        Ok(Some(version.cast_unsigned()))
+    }
+
+    fn poll_interval(&self) -> std::time::Duration {
+        crate::limits::SQLITE_CHANGE_POLL_INTERVAL
+    }
 }
 
 fn append_stream(tx: &rusqlite::Transaction<'_>, append: &StreamAppend<'_>) -> Result<Appended> {
