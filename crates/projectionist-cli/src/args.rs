@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
 #[command(
@@ -28,8 +28,14 @@ pub(crate) struct Cli {
     #[arg(long, global = true)]
     pub(crate) json: bool,
     /// No progress bars and no summary; errors only.
-    #[arg(long, global = true)]
+    #[arg(long, short = 'q', global = true)]
     pub(crate) quiet: bool,
+    /// More log detail on stderr (-v debug, -vv trace); `RUST_LOG` overrides.
+    #[arg(long, short = 'v', global = true, action = clap::ArgAction::Count)]
+    pub(crate) verbose: u8,
+    /// Log lines as text or as JSON objects (for log shippers).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub(crate) log_format: LogFormat,
     #[command(subcommand)]
     pub(crate) command: Command,
 }
@@ -48,6 +54,12 @@ pub(crate) enum Command {
     /// Rebuild projections from scratch (all in the config by default), reading the log once.
     Rebuild {
         /// Projections to rebuild.
+        names: Vec<String>,
+    },
+    /// Keep projections current: catch up, then apply new events as they are
+    /// appended, until SIGINT or SIGTERM (exits 0 after committing).
+    Follow {
+        /// Projections to follow [default: all in the config].
         names: Vec<String>,
     },
     /// Continue projections from their checkpoints; a stale projection is rebuilt.
@@ -130,3 +142,12 @@ pub(crate) enum Command {
 
 /// The variants, in report order.
 pub(crate) const VARIANTS: [&str; 6] = ["a1", "a2", "b", "b1", "c", "d"];
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum LogFormat {
+    /// One human-readable line per event.
+    Text,
+    /// One JSON object per line.
+    Json,
+}

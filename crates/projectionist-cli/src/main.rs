@@ -8,6 +8,7 @@ mod app;
 mod args;
 mod bench;
 mod demo;
+mod follow;
 mod inspect;
 mod manage;
 mod replay;
@@ -26,6 +27,7 @@ use app::{
 };
 use args::{Cli, Command};
 use demo::run_demo;
+use follow::run_follow;
 use inspect::run_inspect;
 use manage::{run_list, run_remove_all};
 use replay::run_replay;
@@ -34,6 +36,7 @@ use worker::run_worker;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    init_logs(&cli);
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {
@@ -58,6 +61,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
         Command::Demo { events, seed } => run_demo(cli, *events, *seed),
         Command::Rebuild { names } => run_replay(cli, names, false).map(|_| ()),
         Command::Resume { names } => run_replay(cli, names, true).map(|_| ()),
+        Command::Follow { names } => run_follow(cli, names),
         Command::Status { check } => run_status(cli, *check),
         Command::List => run_list(cli),
         Command::Remove { name } => {
@@ -111,4 +115,28 @@ fn run(cli: &Cli) -> Result<(), Failure> {
         Command::RemoveAll => run_remove_all(cli),
         Command::Inspect { config_skeleton } => run_inspect(cli, *config_skeleton),
     }
+}
+
+/// Logs go to stderr through `tracing`. Only long-running commands (`follow`,
+/// `worker`) log; the others report on their own. On a terminal, where
+/// progress lines are drawn, only warnings and errors are logged by default.
+fn init_logs(cli: &Cli) {
+    use std::io::IsTerminal;
+    use tracing_subscriber::EnvFilter;
+    let default = match (cli.quiet, cli.verbose, std::io::stderr().is_terminal()) {
+        (true, _, _) => "error",
+        (false, 0, true) => "warn",
+        (false, 0, false) => "info",
+        (false, 1, _) => "debug",
+        (false, _, _) => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    let _ = match cli.log_format {
+        args::LogFormat::Json => logs.json().try_init(),
+        args::LogFormat::Text => logs.try_init(),
+    };
 }

@@ -42,28 +42,12 @@ pub(crate) fn replay(
     resume: bool,
     hint: &str,
 ) -> Result<Vec<RebuildResult>, Failure> {
-    // A projection that cannot be opened fails alone; the others run.
-    let mut open_errors = Vec::new();
-    let mut opened: Vec<(&SqlProjection, Arc<ProjectionDb>)> = Vec::new();
-    for projection in selected {
-        match open_for_run(cli, dir, projection) {
-            Ok(db) => opened.push((projection, db)),
-            Err(e) => open_errors.push(e),
-        }
-    }
-    let selected: Vec<&SqlProjection> = opened.iter().map(|(p, _)| *p).collect();
-    let dbs: Vec<Arc<ProjectionDb>> = opened.iter().map(|(_, db)| Arc::clone(db)).collect();
-    // A projection built from another definition cannot be resumed: rebuild it.
-    let stale: Vec<bool> = dbs
-        .iter()
-        .zip(&selected)
-        .map(|(db, projection)| {
-            !resume
-                || db
-                    .with_connection(|conn| Ok(projection.needs_rebuild(conn).unwrap_or(true)))
-                    .unwrap_or(true)
-        })
-        .collect();
+    let Opened {
+        selected,
+        dbs,
+        starts,
+        errors: open_errors,
+    } = open_selected(cli, dir, selected, resume);
     let cancel = CancelToken::new();
     let handler_token = cancel.clone();
     // Ignore a failure to install the handler (e.g. one already installed in tests).
@@ -91,15 +75,15 @@ pub(crate) fn replay(
         .iter_mut()
         .zip(&dbs)
         .zip(&selected)
-        .zip(&stale)
-        .map(|(((handler, db), projection), stale)| {
+        .zip(&starts)
+        .map(|(((handler, db), projection), start)| {
             let target = ProjectionTarget {
                 db,
                 handler: handler as &mut dyn projectionist::Handler<serde_json::Value>,
                 checkpoint: CheckpointLocation::InFile,
                 consumer_id: projection.name.as_str(),
             };
-            (target, if *stale { Start::Reset } else { Start::Resume })
+            (target, *start)
         })
         .collect();
     let started = Instant::now();
@@ -112,6 +96,51 @@ pub(crate) fn replay(
         started.elapsed().as_secs_f64(),
         hint,
     )
+}
+
+/// The projections of a run, opened, each with where it starts.
+pub(crate) struct Opened<'a> {
+    pub(crate) selected: Vec<&'a SqlProjection>,
+    pub(crate) dbs: Vec<Arc<ProjectionDb>>,
+    pub(crate) starts: Vec<Start>,
+    /// The projections that could not be opened: they fail alone.
+    pub(crate) errors: Vec<anyhow::Error>,
+}
+
+/// Opens the selected projections. Each starts from scratch for a rebuild, or,
+/// resuming, when it was built from another definition (or never); otherwise
+/// from its checkpoint.
+pub(crate) fn open_selected<'a>(
+    cli: &Cli,
+    dir: &ProjectionDir,
+    selected: &[&'a SqlProjection],
+    resume: bool,
+) -> Opened<'a> {
+    let mut opened = Opened {
+        selected: Vec::new(),
+        dbs: Vec::new(),
+        starts: Vec::new(),
+        errors: Vec::new(),
+    };
+    for projection in selected {
+        let db = match open_for_run(cli, dir, projection) {
+            Ok(db) => db,
+            Err(e) => {
+                opened.errors.push(e);
+                continue;
+            }
+        };
+        let stale = !resume
+            || db
+                .with_connection(|conn| Ok(projection.needs_rebuild(conn).unwrap_or(true)))
+                .unwrap_or(true);
+        opened.selected.push(projection);
+        opened.dbs.push(db);
+        opened
+            .starts
+            .push(if stale { Start::Reset } else { Start::Resume });
+    }
+    opened
 }
 
 /// Opens a projection for a run. A corrupt file (SQLite cannot read it, or

@@ -87,7 +87,8 @@ pub(crate) const STATES_FAILING_STATUS: [&str; 4] =
     ["failed", "corrupt", "ahead", "not a projection"];
 
 /// One projection's row. States, first match wins: `not a projection`,
-/// `corrupt`, `not in config`, `rebuilding`, `failed`, `interrupted`, `stale`,
+/// `corrupt`, `not in config`, `rebuilding`, `resuming`, `following`, `failed`,
+/// `interrupted`, `stale`,
 /// `ahead`, `not built`, `behind`, `current`.
 pub(crate) fn status_row(
     name: &str,
@@ -160,13 +161,23 @@ pub(crate) fn status_row(
     row.checkpoint = checkpoint;
     row.lag = head.map(|h| h.saturating_sub(checkpoint));
     row.built_version = stored.as_ref().map(|s| s.version);
-    let running = last
-        .as_ref()
-        .is_some_and(|l| l.state == "running" && l.pid.is_none_or(process_alive));
+    let alive_in = |state: &str| {
+        last.as_ref()
+            .is_some_and(|l| l.state == state && l.pid.is_none_or(process_alive))
+    };
+    let (running, resuming, following) = (
+        alive_in("running"),
+        alive_in("resuming"),
+        alive_in("following"),
+    );
     let state_of_last = last.as_ref().map(|l| l.state.as_str());
     row.state = match projection {
         None => "not in config",
         Some(_) if running => "rebuilding",
+        Some(_) if resuming => "resuming",
+        // A follower that died left its projection complete up to its
+        // checkpoint: that is `behind` or `current`, not `interrupted`.
+        Some(_) if following => "following",
         Some(_) if state_of_last == Some("failed") => "failed",
         Some(_) if matches!(state_of_last, Some("running" | "cancelled")) => "interrupted",
         Some(_) if needs_rebuild => "stale",

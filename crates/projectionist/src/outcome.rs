@@ -29,7 +29,8 @@ pub(crate) const RUN_TABLE: &str = "_projectionist_run";
 /// How the last run of a projection ended, as recorded in its file.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LastRun {
-    /// `running`, `following`, `done`, `cancelled` or `failed`.
+    /// `running` (from scratch), `resuming`, `following`, `done`, `cancelled`
+    /// or `failed`.
     pub state: String,
     /// The process that ran it.
     pub pid: Option<u32>,
@@ -84,9 +85,17 @@ pub fn last_run(conn: &Connection, consumer_id: &str) -> Result<Option<LastRun>>
     .map_err(Error::sqlite(step()))
 }
 
-/// Records that a run of `consumer_id` starts, inside the caller's transaction.
-pub(crate) fn record_running(conn: &Connection, consumer_id: &str) -> rusqlite::Result<()> {
-    record(conn, consumer_id, "running", None)
+/// Records that a run of `consumer_id` starts, inside the caller's transaction:
+/// `running` for a rebuild from scratch (a crash leaves it half-built:
+/// `interrupted`), `resuming` for a run from the checkpoint (a crash leaves it
+/// complete up to its checkpoint, only behind).
+pub(crate) fn record_running(
+    conn: &Connection,
+    consumer_id: &str,
+    from_scratch: bool,
+) -> rusqlite::Result<()> {
+    let state = if from_scratch { "running" } else { "resuming" };
+    record(conn, consumer_id, state, None)
 }
 
 /// Records that a follower caught up and follows the log, inside the caller's

@@ -396,7 +396,7 @@ fn begin_run<E>(
             name: name.clone(),
             source,
         })?;
-        record_running(&tx, consumer_id).map_err(Error::sqlite(label()))?;
+        record_running(&tx, consumer_id, start == Start::Reset).map_err(Error::sqlite(label()))?;
         check_within_head(&name, checkpoint, context)?;
         guard(context, &name, checkpoint)?;
         tx.commit().map_err(Error::sqlite(label()))?;

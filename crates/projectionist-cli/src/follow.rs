@@ -1,0 +1,307 @@
+//! `follow`: bring the selected projections up to date, then keep them current
+//! as the log grows, until SIGINT or SIGTERM; then finish the batch in hand,
+//! commit, and exit 0.
+//!
+//! What it shows: on a terminal, one line per projection (a progress bar while
+//! it catches up, then checkpoint, lag and events/s); with `--json`, a `state`
+//! line on every change of a projection's state and a `status` line per
+//! projection every [`STATUS_INTERVAL`]; logs (through `tracing`, on stderr)
+//! for starts, state changes, failures and the stop, never one per event.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use projectionist::{
+    CancelToken, CheckpointLocation, Progress, ProjectionTarget, RebuildOptions, Start,
+};
+use projectionist_sqlview::SqlHandler;
+
+use crate::app::{
+    EXIT_STORE, Failure, command_hint, fail, load_config, open_dir, open_store, select,
+};
+use crate::args::Cli;
+use crate::replay::{Opened, open_selected, report};
+use crate::ui;
+
+/// How often `--json` prints a `status` line per projection (and the terminal
+/// line's events/s is measured): often enough for a dashboard, rare enough
+/// that a log of a week-long run stays small.
+const STATUS_INTERVAL: Duration = Duration::from_secs(5);
+
+/// How often the terminal lines are redrawn while following.
+const REDRAW_INTERVAL: Duration = Duration::from_millis(500);
+
+pub(crate) fn run_follow(cli: &Cli, names: &[String]) -> Result<(), Failure> {
+    // First of all: SIGINT and SIGTERM (and SIGHUP) stop at the next batch
+    // boundary, even while the follower is still opening its projections.
+    let stop = CancelToken::new();
+    let token = stop.clone();
+    let _ = ctrlc::set_handler(move || token.cancel());
+    let config = load_config(cli, false)?;
+    let selected = select(&config, names)?;
+    let store = open_store(cli, false, &config)?;
+    let dir = open_dir(cli, false)?;
+    let reader = store.reader();
+    let Opened {
+        selected,
+        dbs,
+        starts,
+        errors,
+    } = open_selected(cli, &dir, &selected, true);
+    for e in &errors {
+        tracing::error!(error = %ui::escape_controls(&crate::app::error_text(e)), "a projection cannot be opened");
+    }
+    let head = reader.head().map_err(|e| fail(EXIT_STORE)(e.into()))?;
+    let live = Live::new(cli, selected.iter().map(|p| p.name.as_str()), head);
+    for (projection, start) in selected.iter().zip(&starts) {
+        tracing::info!(
+            projection = %projection.name,
+            start = if *start == Start::Reset { "rebuild" } else { "resume" },
+            head,
+            "following starts"
+        );
+    }
+    let progress = |p: &Progress| live.progress(p);
+    let options = RebuildOptions {
+        batch_size: cli.batch_size,
+        commit_interval: projectionist::limits::COMMIT_INTERVAL_DEFAULT,
+        progress: Some(&progress),
+        cancel: None,
+        step_hook: None,
+        commit_guard: None,
+    };
+    let mut handlers: Vec<SqlHandler<'_>> = selected.iter().map(|p| SqlHandler::new(p)).collect();
+    let targets: Vec<(ProjectionTarget<'_, serde_json::Value>, Start)> = handlers
+        .iter_mut()
+        .zip(&dbs)
+        .zip(&selected)
+        .zip(&starts)
+        .map(|(((handler, db), projection), start)| {
+            let target = ProjectionTarget {
+                db,
+                handler: handler as &mut dyn projectionist::Handler<serde_json::Value>,
+                checkpoint: CheckpointLocation::InFile,
+                consumer_id: projection.name.as_str(),
+            };
+            (target, *start)
+        })
+        .collect();
+    let started = Instant::now();
+    let finished = AtomicBool::new(false);
+    let results = std::thread::scope(|scope| {
+        scope.spawn(|| live.tick_until(&finished));
+        let results = projectionist::follow(reader, targets, &options, &stop);
+        finished.store(true, Ordering::SeqCst);
+        results
+    });
+    live.finish();
+    tracing::info!(
+        seconds = started.elapsed().as_secs_f64(),
+        "following stopped"
+    );
+    let hint = command_hint(cli, false, "follow");
+    report(
+        cli,
+        &results,
+        &errors,
+        started.elapsed().as_secs_f64(),
+        &hint,
+    )
+    .map(|_| ())
+}
+
+/// What is known of one projection while following.
+#[derive(Clone)]
+struct State {
+    checkpoint: u64,
+    head: u64,
+    processed: u64,
+    following: bool,
+    failed: Option<String>,
+    done: bool,
+    /// `processed` at the last status line, for events/s.
+    processed_at_tick: u64,
+    rate: f64,
+}
+
+impl State {
+    fn name(&self) -> &'static str {
+        match (&self.failed, self.done, self.following) {
+            (Some(_), _, _) => "failed",
+            (None, true, _) => "stopped",
+            (None, false, true) => "following",
+            (None, false, false) => "catching up",
+        }
+    }
+
+    fn lag(&self) -> u64 {
+        self.head.saturating_sub(self.checkpoint)
+    }
+}
+
+/// The follower's display: bars and lines on a terminal, JSON lines, logs.
+struct Live {
+    json: bool,
+    multi: MultiProgress,
+    bars: HashMap<String, ProgressBar>,
+    states: Mutex<HashMap<String, State>>,
+}
+
+impl Live {
+    fn new<'a>(cli: &Cli, names: impl Iterator<Item = &'a str>, head: u64) -> Self {
+        let target = if cli.json || cli.quiet {
+            ProgressDrawTarget::hidden()
+        } else {
+            ProgressDrawTarget::stderr()
+        };
+        let multi = MultiProgress::with_draw_target(target);
+        let mut bars = HashMap::new();
+        let mut states = HashMap::new();
+        for name in names {
+            let bar = multi.add(ProgressBar::new(head));
+            bar.set_style(catching_up_style());
+            bar.set_prefix(name.to_owned());
+            bars.insert(name.to_owned(), bar);
+            states.insert(
+                name.to_owned(),
+                State {
+                    checkpoint: 0,
+                    head,
+                    processed: 0,
+                    following: false,
+                    failed: None,
+                    done: false,
+                    processed_at_tick: 0,
+                    rate: 0.0,
+                },
+            );
+        }
+        Live {
+            json: cli.json,
+            multi,
+            bars,
+            states: Mutex::new(states),
+        }
+    }
+
+    /// One report from the engine (on a writer thread): update, and announce
+    /// a change of state.
+    fn progress(&self, p: &Progress) {
+        let mut states = self.states.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(state) = states.get_mut(&p.projection_name) else {
+            return;
+        };
+        let before = state.name();
+        state.checkpoint = p.checkpoint;
+        state.head = p.total.max(p.checkpoint);
+        state.processed = p.processed;
+        state.following = p.following;
+        state.done = p.done;
+        state.failed.clone_from(&p.err);
+        let after = state.name();
+        if let Some(bar) = self.bars.get(&p.projection_name) {
+            if state.following || state.done {
+                bar.set_style(following_style());
+                bar.set_message(line(state));
+            } else {
+                bar.set_length(p.total.max(p.checkpoint).saturating_sub(p.started_from));
+                bar.set_position(p.checkpoint.saturating_sub(p.started_from));
+            }
+        }
+        if before != after {
+            self.announce(&p.projection_name, state);
+        }
+    }
+
+    fn announce(&self, name: &str, state: &State) {
+        match &state.failed {
+            Some(error) => tracing::error!(
+                projection = name,
+                checkpoint = state.checkpoint,
+                error = %ui::escape_controls(error),
+                "projection failed; the others go on"
+            ),
+            None => tracing::info!(
+                projection = name,
+                state = state.name(),
+                checkpoint = state.checkpoint,
+                lag = state.lag(),
+                "projection state"
+            ),
+        }
+        if self.json {
+            ui::json_line(&serde_json::json!({
+                "event": "state", "projection": name, "state": state.name(),
+                "checkpoint": state.checkpoint, "head": state.head, "lag": state.lag(),
+                "error": state.failed,
+            }));
+        }
+    }
+
+    /// Redraws the lines and prints the periodic status, until `finished`.
+    fn tick_until(&self, finished: &AtomicBool) {
+        let mut last_status = Instant::now();
+        while !finished.load(Ordering::SeqCst) {
+            std::thread::sleep(REDRAW_INTERVAL);
+            let elapsed = last_status.elapsed();
+            let status_due = elapsed >= STATUS_INTERVAL;
+            let mut states = self.states.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut names: Vec<&String> = states.keys().collect();
+            names.sort();
+            let names: Vec<String> = names.into_iter().cloned().collect();
+            for name in names {
+                let state = states.get_mut(&name).expect("a known projection");
+                if status_due {
+                    let applied = state.processed.saturating_sub(state.processed_at_tick);
+                    state.rate = applied as f64 / elapsed.as_secs_f64();
+                    state.processed_at_tick = state.processed;
+                    if self.json {
+                        ui::json_line(&serde_json::json!({
+                            "event": "status", "projection": name, "state": state.name(),
+                            "checkpoint": state.checkpoint, "head": state.head,
+                            "lag": state.lag(), "events_per_second": state.rate,
+                        }));
+                    }
+                }
+                if state.following
+                    && let Some(bar) = self.bars.get(&name)
+                {
+                    bar.set_message(line(state));
+                }
+            }
+            if status_due {
+                last_status = Instant::now();
+            }
+        }
+    }
+
+    fn finish(&self) {
+        let _ = self.multi.clear();
+    }
+}
+
+/// A following projection's terminal line.
+fn line(state: &State) -> String {
+    format!(
+        "{:<11} checkpoint {:>10}  lag {:>8}  {:>8.0} events/s",
+        state.name(),
+        state.checkpoint,
+        state.lag(),
+        state.rate
+    )
+}
+
+fn catching_up_style() -> ProgressStyle {
+    ProgressStyle::with_template(
+        "{prefix:>16} [{bar:30}] {pos}/{len} events {per_sec} eta {eta} catching up",
+    )
+    .expect("valid template")
+    .progress_chars("=> ")
+}
+
+fn following_style() -> ProgressStyle {
+    ProgressStyle::with_template("{prefix:>16} {msg}").expect("valid template")
+}

@@ -1,0 +1,448 @@
+//! `projectionist follow` end to end, across processes: appends made with plain
+//! SQL by other processes are applied while `status` in another process says
+//! `following`; SIGTERM exits 0 with everything committed; a poison event stops
+//! only the projection that handles it; and seeded SIGKILLs of the follower
+//! while two processes append leave the projections equal to a fresh rebuild.
+//!
+//! The appending processes are this test binary started again in helper mode
+//! (the ignored test `appender_process`): they write with rusqlite and plain
+//! SQL, as any other program would, never through our library.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Env, json_lines, stderr};
+use projectionist::rusqlite::Connection;
+
+/// How long a test waits for the follower: a bound for a broken follower, not
+/// a speed requirement.
+const WAIT_MAX: Duration = Duration::from_secs(60);
+
+/// SIGKILLs of the follower in the crash test; `PROJECTIONIST_SOAK=N` runs N.
+const KILLS_DEFAULT: u64 = 30;
+
+/// The environment variable that turns this binary into an appender.
+const APPENDER: &str = "PROJECTIONIST_TEST_APPENDER";
+
+/// Not a test: the appending process. `PROJECTIONIST_TEST_APPENDER` holds
+/// `store,tag,count,seed`: append `count` order events for orders
+/// `{tag}-{i}`, mostly one per transaction, some in small batches, with
+/// plain SQL, pausing a little between transactions.
+#[test]
+#[ignore = "a helper process that the follow tests start"]
+fn appender_process() {
+    let Ok(spec) = std::env::var(APPENDER) else {
+        return;
+    };
+    let parts: Vec<&str> = spec.split(',').collect();
+    let (store, tag) = (parts[0], parts[1]);
+    let count: u64 = parts[2].parse().unwrap();
+    let mut rng = fastrand::Rng::with_seed(parts[3].parse().unwrap());
+    let mut conn = Connection::open(store).unwrap();
+    conn.busy_timeout(Duration::from_secs(30)).unwrap();
+    let mut written = 0;
+    let mut order = 0;
+    while written < count {
+        let in_tx = if rng.u8(..10) == 0 { rng.u64(2..20) } else { 1 }.min(count - written);
+        let tx = conn.transaction().unwrap();
+        for _ in 0..in_tx {
+            let (stream, version, event_type, data) = order_event(tag, order, written, &mut rng);
+            tx.execute(
+                "INSERT INTO events (stream_id, stream_version, event_type, data) VALUES (?1, ?2, ?3, ?4)",
+                (stream, version, event_type, data),
+            )
+            .unwrap();
+            written += 1;
+            if version == 4 {
+                order += 1;
+            }
+        }
+        tx.commit().unwrap();
+        std::thread::sleep(Duration::from_micros(rng.u64(0..6_000)));
+    }
+}
+
+/// The `n`th event of the appender `tag`: orders of four events each.
+fn order_event(
+    tag: &str,
+    order: u64,
+    n: u64,
+    rng: &mut fastrand::Rng,
+) -> (String, i64, &'static str, String) {
+    let order_id = format!("{tag}-{order}");
+    let customer = format!("c{}", order % 7);
+    let version = (n % 4) as i64 + 1;
+    let (event_type, data) = match version {
+        1 => (
+            "OrderPlaced",
+            serde_json::json!({"order_id": order_id, "customer_id": customer}),
+        ),
+        2 | 3 => (
+            "ItemAdded",
+            serde_json::json!({"order_id": order_id, "customer_id": customer,
+                "sku": "s", "qty": rng.i64(1..5), "unit_price_cents": rng.i64(100..900)}),
+        ),
+        _ => (
+            "OrderShipped",
+            serde_json::json!({"order_id": order_id, "customer_id": customer}),
+        ),
+    };
+    (
+        format!("order-{order_id}"),
+        version,
+        event_type,
+        data.to_string(),
+    )
+}
+
+/// Starts an appending process.
+fn appender(env: &Env, tag: &str, count: u64, seed: u64) -> Child {
+    let spec = format!("{},{tag},{count},{seed}", env.path("events.db").display());
+    Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "appender_process", "--ignored", "--quiet"])
+        .env(APPENDER, spec)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn head(env: &Env) -> u64 {
+    let conn = Connection::open(env.path("events.db")).unwrap();
+    conn.query_row("SELECT coalesce(max(sequence), 0) FROM events", [], |r| {
+        r.get::<_, i64>(0)
+    })
+    .unwrap()
+    .cast_unsigned()
+}
+
+fn checkpoint(env: &Env, name: &str) -> u64 {
+    Connection::open(env.path(&format!("projections/{name}.db")))
+        .ok()
+        .and_then(|c| projectionist::SqliteCheckpoint::load_in(&c, name).ok())
+        .unwrap_or(0)
+}
+
+/// Waits until every named projection's checkpoint reaches `sequence`.
+fn wait_for(env: &Env, names: &[&str], sequence: u64) {
+    let deadline = Instant::now() + WAIT_MAX;
+    for name in names {
+        while checkpoint(env, name) < sequence {
+            assert!(
+                Instant::now() < deadline,
+                "{name} did not reach {sequence}; at {}",
+                checkpoint(env, name)
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+fn status(env: &Env) -> Vec<serde_json::Value> {
+    json_lines(&env.run(&["--json", "status"]))
+}
+
+fn row<'a>(rows: &'a [serde_json::Value], name: &str) -> &'a serde_json::Value {
+    rows.iter()
+        .find(|r| r["projection"] == name)
+        .unwrap_or_else(|| panic!("no row for {name}: {rows:?}"))
+}
+
+fn signal(child: &Child, signal: &str) {
+    let status = Command::new("kill")
+        .args([signal, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Waits until `status` in another process reports every named projection
+/// `following` (the follower is past its start: its signal handler is set).
+fn wait_following(env: &Env, names: &[&str]) {
+    let deadline = Instant::now() + WAIT_MAX;
+    loop {
+        let rows = status(env);
+        if names
+            .iter()
+            .all(|name| row(&rows, name)["state"] == "following")
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "never following: {rows:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Waits for a child to exit, within `WAIT_MAX`.
+fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
+    let deadline = Instant::now() + WAIT_MAX;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "the process did not exit");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The digests of the demo projections rebuilt from scratch into a directory
+/// of their own, from the log as it is now.
+fn fresh_digests(env: &Env) -> Vec<String> {
+    let out = env.run_bare(&[
+        "--quiet",
+        "--store",
+        "events.db",
+        "--dir",
+        "reference",
+        "--config",
+        "projections.toml",
+        "rebuild",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    ["order_summary", "customer_stats"]
+        .iter()
+        .map(|name| {
+            let conn = Connection::open(env.path(&format!("reference/{name}.db"))).unwrap();
+            projectionist::projection_digest(&conn, projectionist::DigestScope::ProjectionTables)
+                .unwrap()
+        })
+        .collect()
+}
+
+fn digests(env: &Env) -> Vec<String> {
+    ["order_summary", "customer_stats"]
+        .iter()
+        .map(|name| {
+            let conn = Connection::open(env.path(&format!("projections/{name}.db"))).unwrap();
+            projectionist::projection_digest(&conn, projectionist::DigestScope::ProjectionTables)
+                .unwrap()
+        })
+        .collect()
+}
+
+const DEMO: [&str; 2] = ["order_summary", "customer_stats"];
+
+#[test]
+fn follow_applies_appends_of_another_process_and_sigterm_exits_0() {
+    let env = Env::new();
+    env.demo_log(3_000);
+    let mut follower = env
+        .command(&["--json", "follow"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(&env, &DEMO, 3_000);
+    let mut writer = appender(&env, "a", 400, 1);
+    assert!(wait_exit(&mut writer).success());
+    let head = head(&env);
+    assert_eq!(head, 3_400);
+    wait_for(&env, &DEMO, head);
+    // Another process sees the follower at work.
+    let rows = status(&env);
+    for name in DEMO {
+        let r = row(&rows, name);
+        assert_eq!(r["state"], "following", "{r}");
+        assert_eq!(r["lag"], 0, "{r}");
+    }
+    signal(&follower, "-TERM");
+    let exit = wait_exit(&mut follower);
+    let out = follower.wait_with_output().unwrap();
+    assert_eq!(exit.code(), Some(0), "{}", stderr(&out));
+    let lines = json_lines(&out);
+    for name in DEMO {
+        let states: Vec<&str> = lines
+            .iter()
+            .filter(|l| l["event"] == "state" && l["projection"] == name)
+            .map(|l| l["state"].as_str().unwrap())
+            .collect();
+        assert_eq!(states, ["following", "stopped"], "{name}");
+        let result = lines
+            .iter()
+            .find(|l| l["event"] == "result" && l["projection"] == name)
+            .unwrap();
+        assert_eq!(result["checkpoint"], head);
+    }
+    assert!(digests(&env) == fresh_digests(&env), "follower = rebuild");
+    let rows = status(&env);
+    assert!(rows.iter().all(|r| r["state"] == "current"), "{rows:?}");
+}
+
+#[test]
+fn seeded_sigkills_of_the_follower_while_two_processes_append_lose_and_repeat_nothing() {
+    let kills: u64 = std::env::var("PROJECTIONIST_SOAK")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(KILLS_DEFAULT);
+    let seed: u64 = std::env::var("PROJECTIONIST_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| fastrand::u64(..));
+    eprintln!(
+        "follow crash test: seed {seed} (PROJECTIONIST_SEED={seed} repeats it), {kills} kills"
+    );
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let env = Env::new();
+    env.demo_log(2_000);
+    let per_writer = 600 + kills * 40;
+    let mut writers = [
+        appender(&env, "w1", per_writer, seed ^ 1),
+        appender(&env, "w2", per_writer, seed ^ 2),
+    ];
+    for kill in 0..kills {
+        let mut follower = env
+            .command(&[
+                "--quiet",
+                "--batch-size",
+                &rng.u32(1..200).to_string(),
+                "follow",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(rng.u64(20..250)));
+        if let Some(exit) = follower.try_wait().unwrap() {
+            let out = follower.wait_with_output().unwrap();
+            panic!(
+                "kill {kill}: the follower exited early with {exit}: {}",
+                stderr(&out)
+            );
+        }
+        follower.kill().unwrap();
+        follower.wait().unwrap();
+        // A killed follower leaves complete projections, never `interrupted`
+        // unless it died while rebuilding from scratch (never here).
+        let rows = status(&env);
+        for name in DEMO {
+            let state = row(&rows, name)["state"].as_str().unwrap().to_owned();
+            assert!(
+                ["behind", "current"].contains(&state.as_str()),
+                "kill {kill} (seed {seed}): {name} is {state}"
+            );
+        }
+    }
+    for writer in &mut writers {
+        assert!(wait_exit(writer).success());
+    }
+    let head = head(&env);
+    assert_eq!(head, 2_000 + 2 * per_writer);
+    let mut follower = env
+        .command(&["--quiet", "follow"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(&env, &DEMO, head);
+    wait_following(&env, &DEMO);
+    signal(&follower, "-TERM");
+    assert_eq!(wait_exit(&mut follower).code(), Some(0));
+    assert!(
+        digests(&env) == fresh_digests(&env),
+        "after {kills} kills (seed {seed}) the projections differ from a rebuild"
+    );
+}
+
+/// Two projections: only `placed` handles `OrderPlaced`.
+const SPLIT_CONFIG: &str = r#"
+[[projection]]
+name = "placed"
+version = 1
+schema = "CREATE TABLE placed (order_id TEXT PRIMARY KEY, seq INTEGER NOT NULL);"
+[projection.on.OrderPlaced]
+sql = "INSERT INTO placed VALUES (:order_id!text, :_sequence)"
+
+[[projection]]
+name = "items"
+version = 1
+schema = "CREATE TABLE items (n INTEGER NOT NULL); INSERT INTO items VALUES (0);"
+[projection.on.ItemAdded]
+sql = "UPDATE items SET n = n + :qty!int"
+"#;
+
+#[test]
+fn a_poison_event_stops_only_its_projection_and_a_fix_recovers_it() {
+    let env = Env::new();
+    env.demo_log(1_000);
+    env.write_config(SPLIT_CONFIG);
+    let mut follower = env
+        .command(&["--json", "follow"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(&env, &["placed", "items"], 1_000);
+    let conn = Connection::open(env.path("events.db")).unwrap();
+    conn.busy_timeout(Duration::from_secs(10)).unwrap();
+    // An order id that is a number, where the projection requires text.
+    conn.execute(
+        "INSERT INTO events (stream_id, stream_version, event_type, data) VALUES ('bad', 1, 'OrderPlaced', '{\"order_id\": 7}')",
+        [],
+    )
+    .unwrap();
+    for version in 2..=4 {
+        conn.execute(
+            "INSERT INTO events (stream_id, stream_version, event_type, data) VALUES ('bad', ?1, 'ItemAdded', '{\"qty\": 1}')",
+            [version],
+        )
+        .unwrap();
+    }
+    wait_for(&env, &["items"], 1_004);
+    let deadline = Instant::now() + WAIT_MAX;
+    let failed = loop {
+        let rows = status(&env);
+        let placed = row(&rows, "placed").clone();
+        if placed["state"] == "failed" {
+            assert_eq!(row(&rows, "items")["state"], "following");
+            break placed;
+        }
+        assert!(Instant::now() < deadline, "placed never failed: {placed}");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(failed["error_sequence"], 1_001, "{failed}");
+    assert_eq!(failed["error_stream"], "bad", "{failed}");
+    assert_eq!(failed["error_event_type"], "OrderPlaced", "{failed}");
+    assert_eq!(
+        checkpoint(&env, "placed"),
+        1_000,
+        "nothing past the poison event"
+    );
+    signal(&follower, "-TERM");
+    let exit = wait_exit(&mut follower);
+    let out = follower.wait_with_output().unwrap();
+    assert_eq!(
+        exit.code(),
+        Some(4),
+        "a failed projection: {}",
+        stderr(&out)
+    );
+    let lines = json_lines(&out);
+    assert!(
+        lines.iter().any(|l| l["event"] == "state"
+            && l["projection"] == "placed"
+            && l["state"] == "failed"),
+        "{lines:?}"
+    );
+    // The user fixes the event; the next follower recovers the projection.
+    conn.execute(
+        "UPDATE events SET data = '{\"order_id\": \"7\"}' WHERE sequence = 1001",
+        [],
+    )
+    .unwrap();
+    let mut follower = env
+        .command(&["--quiet", "follow"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(&env, &["placed", "items"], 1_004);
+    wait_following(&env, &["placed", "items"]);
+    signal(&follower, "-TERM");
+    assert_eq!(wait_exit(&mut follower).code(), Some(0));
+    let placed: i64 = Connection::open(env.path("projections/placed.db"))
+        .unwrap()
+        .query_row("SELECT seq FROM placed WHERE order_id = '7'", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(placed, 1_001);
+}
