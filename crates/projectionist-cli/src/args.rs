@@ -61,6 +61,14 @@ pub(crate) enum Command {
     Follow {
         /// Projections to follow [default: all in the config].
         names: Vec<String>,
+        /// Serve Prometheus metrics (`/metrics`) and a health check (`/health`)
+        /// over HTTP on this address, e.g. 127.0.0.1:9187.
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<String>,
+        /// `/health` turns unhealthy when a projection lags more than this
+        /// many events behind the head (or has failed).
+        #[arg(long, default_value_t = 10_000)]
+        max_lag: u64,
     },
     /// Continue projections from their checkpoints; a stale projection is rebuilt.
     Resume {
@@ -127,6 +135,38 @@ pub(crate) enum Command {
         /// Variants to run, comma-separated; the first one's digest is the reference.
         #[arg(long, value_delimiter = ',', default_values_t = VARIANTS.map(String::from))]
         variants: Vec<String>,
+    },
+    /// Measure `follow` from outside: catch-up, idle CPU, event-to-reader
+    /// latency, sustained appends, shutdown (see BENCHMARKS.md).
+    BenchFollow {
+        /// Events in the log before the follower starts.
+        #[arg(long, default_value_t = 100_000)]
+        events: u64,
+        /// Appends per second in the latency phase, one event per transaction.
+        #[arg(long, default_value_t = 500)]
+        rate: u32,
+        /// Seconds of the latency phase.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Seconds of the idle phase (CPU of a follower with nothing to do).
+        #[arg(long, default_value_t = 3)]
+        idle_seconds: u64,
+        /// Events per second in the sustained phase (batched appends); 0 skips it.
+        #[arg(long, default_value_t = 20_000)]
+        sustained_rate: u32,
+        /// Seconds of the sustained phase.
+        #[arg(long, default_value_t = 60)]
+        sustained_seconds: u64,
+        /// Where logs and projection files go.
+        #[arg(long, default_value = "target/bench")]
+        work: PathBuf,
+        /// Seed of the initial log.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Also measure against this PostgreSQL server (the log is copied into
+        /// schemas of its own).
+        #[arg(long)]
+        pg_url: Option<String>,
     },
     /// One benchmark run in a child process (internal).
     #[command(hide = true)]

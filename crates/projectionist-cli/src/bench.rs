@@ -532,7 +532,12 @@ pub fn run_parent(
 
 /// The same log in PostgreSQL, in schema `bench_{n}_{seed}`: copied once from the
 /// SQLite log (so both hold identical events) and reused. Returns the URL.
-fn prepare_pg_log(url: &str, sqlite: &Path, n_events: u64, seed: u64) -> anyhow::Result<String> {
+pub(crate) fn prepare_pg_log(
+    url: &str,
+    sqlite: &Path,
+    n_events: u64,
+    seed: u64,
+) -> anyhow::Result<String> {
     let url = projectionist_postgres::url_with_schema(url, &format!("bench_{n_events}_{seed}"))?;
     let pg = projectionist_postgres::PostgresEventStore::connect(&url)?;
     pg.init()?;
@@ -545,10 +550,19 @@ fn prepare_pg_log(url: &str, sqlite: &Path, n_events: u64, seed: u64) -> anyhow:
     }
     eprintln!("bench: copying {n_events} events into PostgreSQL");
     let source = SqliteEventStore::open(sqlite)?;
+    copy_into_pg(&source, &pg)?;
+    Ok(url)
+}
+
+/// Appends every event of `source` to `pg`, in order, in transactions of up to
+/// 10,000 events.
+pub(crate) fn copy_into_pg(
+    source: &dyn projectionist::GlobalReader<serde_json::Value>,
+    pg: &projectionist_postgres::PostgresEventStore,
+) -> anyhow::Result<()> {
     let mut after = 0;
     loop {
-        let batch: Vec<GlobalEvent<serde_json::Value>> =
-            projectionist::GlobalReader::read_after(&source, after, 10_000)?;
+        let batch: Vec<GlobalEvent<serde_json::Value>> = source.read_after(after, 10_000)?;
         let Some(last) = batch.last() else { break };
         after = last.sequence;
         let events: Vec<(String, u64, [projectionist::NewEvent; 1])> = batch
@@ -574,11 +588,11 @@ fn prepare_pg_log(url: &str, sqlite: &Path, n_events: u64, seed: u64) -> anyhow:
             .collect();
         pg.append_batch(&appends)?;
     }
-    Ok(url)
+    Ok(())
 }
 
 /// The demo log of `n_events` events, generated once and reused.
-fn prepare_log(work: &Path, n_events: u64, seed: u64) -> anyhow::Result<PathBuf> {
+pub(crate) fn prepare_log(work: &Path, n_events: u64, seed: u64) -> anyhow::Result<PathBuf> {
     let path = work.join(format!("events-{n_events}-seed{seed}.db"));
     if path.exists() {
         let store = SqliteEventStore::open(&path)?;

@@ -9,8 +9,8 @@
 //! for starts, state changes, failures and the stop, never one per event.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -20,9 +20,10 @@ use projectionist::{
 use projectionist_sqlview::SqlHandler;
 
 use crate::app::{
-    EXIT_STORE, Failure, command_hint, fail, load_config, open_dir, open_store, select,
+    EXIT_CONFIG, EXIT_STORE, Failure, command_hint, fail, load_config, open_dir, open_store, select,
 };
 use crate::args::Cli;
+use crate::metrics::{Metrics, Observed, Server};
 use crate::replay::{Opened, open_selected, report};
 use crate::ui;
 
@@ -34,7 +35,12 @@ const STATUS_INTERVAL: Duration = Duration::from_secs(5);
 /// How often the terminal lines are redrawn while following.
 const REDRAW_INTERVAL: Duration = Duration::from_millis(500);
 
-pub(crate) fn run_follow(cli: &Cli, names: &[String]) -> Result<(), Failure> {
+pub(crate) fn run_follow(
+    cli: &Cli,
+    names: &[String],
+    metrics_addr: Option<&str>,
+    max_lag: u64,
+) -> Result<(), Failure> {
     // First of all: SIGINT and SIGTERM (and SIGHUP) stop at the next batch
     // boundary, even while the follower is still opening its projections.
     let stop = CancelToken::new();
@@ -55,7 +61,21 @@ pub(crate) fn run_follow(cli: &Cli, names: &[String]) -> Result<(), Failure> {
         tracing::error!(error = %ui::escape_controls(&crate::app::error_text(e)), "a projection cannot be opened");
     }
     let head = reader.head().map_err(|e| fail(EXIT_STORE)(e.into()))?;
-    let live = Live::new(cli, selected.iter().map(|p| p.name.as_str()), head);
+    let metrics = Arc::new(Metrics::new(max_lag));
+    let _server = match metrics_addr {
+        Some(addr) => {
+            let server = Server::start(addr, Arc::clone(&metrics)).map_err(fail(EXIT_CONFIG))?;
+            tracing::info!(addr, "serving /metrics and /health");
+            Some(server)
+        }
+        None => None,
+    };
+    let live = Live::new(
+        cli,
+        selected.iter().map(|p| p.name.as_str()),
+        head,
+        metrics_addr.map(|_| metrics),
+    );
     for (projection, start) in selected.iter().zip(&starts) {
         tracing::info!(
             projection = %projection.name,
@@ -90,11 +110,12 @@ pub(crate) fn run_follow(cli: &Cli, names: &[String]) -> Result<(), Failure> {
         })
         .collect();
     let started = Instant::now();
-    let finished = AtomicBool::new(false);
+    let (finished, until) = std::sync::mpsc::channel::<()>();
     let results = std::thread::scope(|scope| {
-        scope.spawn(|| live.tick_until(&finished));
+        let live = &live;
+        scope.spawn(move || live.tick_until(&until));
         let results = projectionist::follow(reader, targets, &options, &stop);
-        finished.store(true, Ordering::SeqCst);
+        drop(finished);
         results
     });
     live.finish();
@@ -148,10 +169,16 @@ struct Live {
     multi: MultiProgress,
     bars: HashMap<String, ProgressBar>,
     states: Mutex<HashMap<String, State>>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl Live {
-    fn new<'a>(cli: &Cli, names: impl Iterator<Item = &'a str>, head: u64) -> Self {
+    fn new<'a>(
+        cli: &Cli,
+        names: impl Iterator<Item = &'a str>,
+        head: u64,
+        metrics: Option<Arc<Metrics>>,
+    ) -> Self {
         let target = if cli.json || cli.quiet {
             ProgressDrawTarget::hidden()
         } else {
@@ -184,6 +211,7 @@ impl Live {
             multi,
             bars,
             states: Mutex::new(states),
+            metrics,
         }
     }
 
@@ -195,6 +223,17 @@ impl Live {
             return;
         };
         let before = state.name();
+        if let Some(metrics) = &self.metrics {
+            metrics.observe(&Observed {
+                name: &p.projection_name,
+                checkpoint: p.checkpoint,
+                head: p.total.max(p.checkpoint),
+                following: p.following,
+                failed: p.err.is_some(),
+                processed: p.processed.saturating_sub(state.processed),
+                committed: p.checkpoint > state.checkpoint,
+            });
+        }
         state.checkpoint = p.checkpoint;
         state.head = p.total.max(p.checkpoint);
         state.processed = p.processed;
@@ -241,11 +280,11 @@ impl Live {
         }
     }
 
-    /// Redraws the lines and prints the periodic status, until `finished`.
-    fn tick_until(&self, finished: &AtomicBool) {
+    /// Redraws the lines and prints the periodic status, until the other end
+    /// of `finished` is dropped.
+    fn tick_until(&self, finished: &Receiver<()>) {
         let mut last_status = Instant::now();
-        while !finished.load(Ordering::SeqCst) {
-            std::thread::sleep(REDRAW_INTERVAL);
+        while let Err(RecvTimeoutError::Timeout) = finished.recv_timeout(REDRAW_INTERVAL) {
             let elapsed = last_status.elapsed();
             let status_due = elapsed >= STATUS_INTERVAL;
             let mut states = self.states.lock().unwrap_or_else(PoisonError::into_inner);

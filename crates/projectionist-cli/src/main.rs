@@ -7,10 +7,12 @@
 mod app;
 mod args;
 mod bench;
+mod bench_follow;
 mod demo;
 mod follow;
 mod inspect;
 mod manage;
+mod metrics;
 mod replay;
 mod status;
 mod store;
@@ -61,7 +63,11 @@ fn run(cli: &Cli) -> Result<(), Failure> {
         Command::Demo { events, seed } => run_demo(cli, *events, *seed),
         Command::Rebuild { names } => run_replay(cli, names, false).map(|_| ()),
         Command::Resume { names } => run_replay(cli, names, true).map(|_| ()),
-        Command::Follow { names } => run_follow(cli, names),
+        Command::Follow {
+            names,
+            metrics,
+            max_lag,
+        } => run_follow(cli, names, metrics.as_deref(), *max_lag),
         Command::Status { check } => run_status(cli, *check),
         Command::List => run_list(cli),
         Command::Remove { name } => {
@@ -101,6 +107,35 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             }
             bench::run_parent(&sizes, *runs, work, *seed, variants, pg_url.as_deref())
                 .map_err(fail(EXIT_PROJECTION))
+        }
+        Command::BenchFollow {
+            events,
+            rate,
+            seconds,
+            idle_seconds,
+            sustained_rate,
+            sustained_seconds,
+            work,
+            seed,
+            pg_url,
+        } => {
+            if *rate == 0 || *seconds == 0 {
+                return Err(fail(EXIT_CONFIG)(anyhow!(
+                    "--rate and --seconds must be at least 1"
+                )));
+            }
+            bench_follow::run(&bench_follow::FollowBench {
+                events: *events,
+                rate: *rate,
+                seconds: *seconds,
+                idle_seconds: *idle_seconds,
+                sustained_rate: *sustained_rate,
+                sustained_seconds: *sustained_seconds,
+                work: work.clone(),
+                seed: *seed,
+                pg_url: pg_url.clone(),
+            })
+            .map_err(fail(EXIT_PROJECTION))
         }
         Command::BenchRun {
             variant,

@@ -360,18 +360,66 @@ schema = "CREATE TABLE items (n INTEGER NOT NULL); INSERT INTO items VALUES (0);
 sql = "UPDATE items SET n = n + :qty!int"
 "#;
 
+/// A free local port (there is a small window in which another process could
+/// take it; good enough for a test).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `GET path` over plain HTTP/1.0: the status code and the body.
+fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let deadline = Instant::now() + WAIT_MAX;
+    let mut stream = loop {
+        match std::net::TcpStream::connect(addr) {
+            Ok(stream) => break stream,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "connect to {addr}: {e}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    };
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let code = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map_or(String::new(), |(_, body)| body.to_owned());
+    (code, body)
+}
+
 #[test]
 fn a_poison_event_stops_only_its_projection_and_a_fix_recovers_it() {
     let env = Env::new();
     env.demo_log(1_000);
     env.write_config(SPLIT_CONFIG);
+    let addr = format!("127.0.0.1:{}", free_port());
     let mut follower = env
-        .command(&["--json", "follow"])
+        .command(&[
+            "--json",
+            "follow",
+            "--metrics",
+            &addr,
+            "--max-lag",
+            "100000",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     wait_for(&env, &["placed", "items"], 1_000);
+    wait_following(&env, &["placed", "items"]);
+    let (code, body) = http_get(&addr, "/health");
+    assert_eq!((code, body.as_str()), (200, "ok\n"));
     let conn = Connection::open(env.path("events.db")).unwrap();
     conn.busy_timeout(Duration::from_secs(10)).unwrap();
     // An order id that is a number, where the projection requires text.
@@ -407,6 +455,35 @@ fn a_poison_event_stops_only_its_projection_and_a_fix_recovers_it() {
         1_000,
         "nothing past the poison event"
     );
+    let (code, body) = http_get(&addr, "/health");
+    assert_eq!(code, 503, "{body}");
+    assert_eq!(body, "placed: failed\n");
+    let (code, body) = http_get(&addr, "/metrics");
+    assert_eq!(code, 200);
+    // Both types are read for both projections through the poison event
+    // (valid JSON that `placed`'s statement refuses); after it, `items` alone
+    // reads its three events.
+    let read_before: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM events WHERE sequence <= 1001 AND event_type IN ('ItemAdded', 'OrderPlaced')",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let processed = format!(
+        "projectionist_events_processed_total{{projection=\"items\"}} {}",
+        read_before + 3
+    );
+    for line in [
+        processed.as_str(),
+        "projectionist_failures_total{projection=\"placed\"} 1",
+        "projectionist_failures_total{projection=\"items\"} 0",
+        "projectionist_checkpoint{projection=\"items\"} 1004",
+        "projectionist_following{projection=\"items\"} 1",
+        "projectionist_lag_events{projection=\"items\"} 0",
+    ] {
+        assert!(body.lines().any(|l| l == line), "no {line:?} in:\n{body}");
+    }
     signal(&follower, "-TERM");
     let exit = wait_exit(&mut follower);
     let out = follower.wait_with_output().unwrap();

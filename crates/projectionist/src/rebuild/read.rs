@@ -4,10 +4,12 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::SyncSender;
+use std::time::Instant;
 
 use super::types::{Message, RunContext};
 use crate::error::{Error, Result};
 use crate::event::GlobalEvent;
+use crate::limits::{FOLLOW_QUIET_POLL_DIVISOR, FOLLOW_QUIET_POLL_MAX};
 use crate::progress::CancelToken;
 use crate::reader::GlobalReader;
 
@@ -117,6 +119,9 @@ pub(super) fn read_loop<E>(
     follow: Option<&CancelToken>,
 ) {
     let cancel = context.options.cancel;
+    // When the log last grew, as far as this follower saw: a quiet log is
+    // polled less often.
+    let mut news_at = Instant::now();
     loop {
         if senders.iter().all(Option::is_none) || cancel.is_some_and(CancelToken::is_cancelled) {
             return;
@@ -155,6 +160,9 @@ pub(super) fn read_loop<E>(
             }
         };
         let at_end = events.len() < batch_size as usize;
+        if through > position {
+            news_at = Instant::now();
+        }
         if let Some(last) = events.last() {
             position = last.sequence;
             broadcast(senders, &Message::Batch(Arc::new(events)));
@@ -171,7 +179,7 @@ pub(super) fn read_loop<E>(
         broadcast(senders, &Message::CaughtUp { through });
         let writers = senders.len();
         let all_ended = || context.writers_ended.load(Ordering::SeqCst) >= writers;
-        if let Err(e) = wait_for_change(reader.reader, token, stop, cancel, &all_ended) {
+        if let Err(e) = wait_for_change(reader.reader, token, news_at, stop, cancel, &all_ended) {
             broadcast(senders, &Message::ReadFailed(Arc::new(e)));
             return;
         }
@@ -184,12 +192,17 @@ pub(super) fn read_loop<E>(
 fn wait_for_change<E>(
     reader: &dyn GlobalReader<E>,
     token: Option<u64>,
+    news_at: Instant,
     stop: &CancelToken,
     cancel: Option<&CancelToken>,
     all_ended: &dyn Fn() -> bool,
 ) -> Result<()> {
-    let interval = reader.poll_interval();
+    let busy = reader.poll_interval();
     loop {
+        // A poll waits a hundredth of the quiet so far (bounded): the first
+        // event after a quiet spell is delayed by at most 1% of it.
+        let quiet = news_at.elapsed() / FOLLOW_QUIET_POLL_DIVISOR;
+        let interval = busy.max(quiet.min(FOLLOW_QUIET_POLL_MAX));
         if stop.is_cancelled() || cancel.is_some_and(CancelToken::is_cancelled) || all_ended() {
             return Ok(());
         }

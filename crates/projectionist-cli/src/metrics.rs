@@ -1,0 +1,252 @@
+//! `follow --metrics ADDR`: Prometheus metrics and a health endpoint over HTTP.
+//!
+//! `GET /metrics` answers in the OpenMetrics text format (which Prometheus
+//! scrapes), encoded by `prometheus-client`; `GET /health` answers 200 `ok`,
+//! or 503 naming each projection that failed or lags more than `--max-lag`
+//! events behind the head. The server is `tiny_http` on a thread of its own.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Mutex, PoisonError};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, anyhow};
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// One label: the projection's name.
+type Labels = Vec<(&'static str, String)>;
+
+/// A projection as the health check sees it.
+#[derive(Clone, Default)]
+struct Health {
+    failed: bool,
+    lag: u64,
+}
+
+/// The follower's metrics.
+pub(crate) struct Metrics {
+    registry: Registry,
+    checkpoint: Family<Labels, Gauge>,
+    head: Family<Labels, Gauge>,
+    lag: Family<Labels, Gauge>,
+    following: Family<Labels, Gauge>,
+    processed: Family<Labels, Counter>,
+    failures: Family<Labels, Counter>,
+    last_commit: Family<Labels, Gauge<f64, AtomicU64>>,
+    health: Mutex<BTreeMap<String, Health>>,
+    max_lag: u64,
+}
+
+/// What a projection reports, for the metrics.
+pub(crate) struct Observed<'a> {
+    pub(crate) name: &'a str,
+    pub(crate) checkpoint: u64,
+    pub(crate) head: u64,
+    pub(crate) following: bool,
+    pub(crate) failed: bool,
+    /// Events processed since the last observation.
+    pub(crate) processed: u64,
+    /// The checkpoint moved since the last observation.
+    pub(crate) committed: bool,
+}
+
+impl Metrics {
+    pub(crate) fn new(max_lag: u64) -> Self {
+        let mut registry = Registry::with_prefix("projectionist");
+        let checkpoint = Family::<Labels, Gauge>::default();
+        let head = Family::<Labels, Gauge>::default();
+        let lag = Family::<Labels, Gauge>::default();
+        let following = Family::<Labels, Gauge>::default();
+        let processed = Family::<Labels, Counter>::default();
+        let failures = Family::<Labels, Counter>::default();
+        let last_commit = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "checkpoint",
+            "Committed checkpoint (sequence)",
+            checkpoint.clone(),
+        );
+        registry.register(
+            "head",
+            "The log's head as the follower last read it",
+            head.clone(),
+        );
+        registry.register(
+            "lag_events",
+            "Events between the checkpoint and the head",
+            lag.clone(),
+        );
+        registry.register(
+            "following",
+            "1 when the projection has caught up and follows the log",
+            following.clone(),
+        );
+        registry.register(
+            "events_processed",
+            "Events handed to the projection by this process (of the types its run reads)",
+            processed.clone(),
+        );
+        registry.register(
+            "failures",
+            "Times the projection failed and stopped",
+            failures.clone(),
+        );
+        registry.register(
+            "last_commit_timestamp_seconds",
+            "Unix time of the last commit that moved the checkpoint",
+            last_commit.clone(),
+        );
+        let info = Family::<Vec<(&'static str, &'static str)>, Gauge>::default();
+        info.get_or_create(&vec![("version", env!("CARGO_PKG_VERSION"))])
+            .set(1);
+        registry.register("build", "The running projectionist's version", info);
+        let started = Gauge::<f64, AtomicU64>::default();
+        started.set(unix_now());
+        registry.register(
+            "start_time_seconds",
+            "Unix time the process started following",
+            started,
+        );
+        Metrics {
+            registry,
+            checkpoint,
+            head,
+            lag,
+            following,
+            processed,
+            failures,
+            last_commit,
+            health: Mutex::new(BTreeMap::new()),
+            max_lag,
+        }
+    }
+
+    /// Records one projection's report.
+    pub(crate) fn observe(&self, o: &Observed<'_>) {
+        let labels = vec![("projection", o.name.to_owned())];
+        let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        let lag = o.head.saturating_sub(o.checkpoint);
+        self.checkpoint
+            .get_or_create(&labels)
+            .set(gauge(o.checkpoint));
+        self.head.get_or_create(&labels).set(gauge(o.head));
+        self.lag.get_or_create(&labels).set(gauge(lag));
+        self.following
+            .get_or_create(&labels)
+            .set(i64::from(o.following));
+        self.processed.get_or_create(&labels).inc_by(o.processed);
+        if o.committed {
+            self.last_commit.get_or_create(&labels).set(unix_now());
+        }
+        let mut health = self.health.lock().unwrap_or_else(PoisonError::into_inner);
+        let entry = health.entry(o.name.to_owned()).or_default();
+        // Created at 0, so a scrape shows every projection's count.
+        let failures = self.failures.get_or_create(&labels);
+        if o.failed && !entry.failed {
+            failures.inc();
+        }
+        entry.failed = o.failed;
+        entry.lag = lag;
+    }
+
+    /// The metrics in the OpenMetrics text format.
+    fn text(&self) -> String {
+        let mut text = String::new();
+        encode(&mut text, &self.registry).expect("writing to a String cannot fail");
+        text
+    }
+
+    /// `None` when healthy, else what is wrong.
+    fn unhealthy(&self) -> Option<String> {
+        let health = self.health.lock().unwrap_or_else(PoisonError::into_inner);
+        let problems: Vec<String> = health
+            .iter()
+            .filter_map(|(name, h)| {
+                if h.failed {
+                    Some(format!("{name}: failed"))
+                } else if h.lag > self.max_lag {
+                    Some(format!("{name}: lag {} > {}", h.lag, self.max_lag))
+                } else {
+                    None
+                }
+            })
+            .collect();
+        (!problems.is_empty()).then(|| problems.join("\n"))
+    }
+}
+
+/// The HTTP server, listening until dropped.
+pub(crate) struct Server {
+    server: std::sync::Arc<tiny_http::Server>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Server {
+    /// Listens on `addr` and answers from `metrics` on a thread of its own.
+    pub(crate) fn start(addr: &str, metrics: std::sync::Arc<Metrics>) -> anyhow::Result<Self> {
+        let server = tiny_http::Server::http(addr)
+            .map_err(|e| anyhow!("{e}"))
+            .with_context(|| format!("listen for --metrics on {addr}"))?;
+        let server = std::sync::Arc::new(server);
+        let serving = std::sync::Arc::clone(&server);
+        let thread = std::thread::Builder::new()
+            .name("pj-metrics".into())
+            .spawn(move || {
+                for request in serving.incoming_requests() {
+                    let _ = answer(request, &metrics);
+                }
+            })
+            .context("start the metrics thread")?;
+        Ok(Server {
+            server,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.server.unblock();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn answer(request: tiny_http::Request, metrics: &Metrics) -> std::io::Result<()> {
+    let header = |value: &str| {
+        tiny_http::Header::from_bytes(&b"Content-Type"[..], value.as_bytes())
+            .expect("a valid header")
+    };
+    let path = request.url().split('?').next().unwrap_or("").to_owned();
+    let (code, content_type, body) = match (request.method(), path.as_str()) {
+        (tiny_http::Method::Get, "/metrics") => (
+            200,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            metrics.text(),
+        ),
+        (tiny_http::Method::Get, "/health") => match metrics.unhealthy() {
+            None => (200, "text/plain; charset=utf-8", "ok\n".to_owned()),
+            Some(problems) => (503, "text/plain; charset=utf-8", format!("{problems}\n")),
+        },
+        _ => (
+            404,
+            "text/plain; charset=utf-8",
+            "not found: GET /metrics or /health\n".to_owned(),
+        ),
+    };
+    request.respond(
+        tiny_http::Response::from_string(body)
+            .with_status_code(code)
+            .with_header(header(content_type)),
+    )
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
