@@ -523,3 +523,164 @@ fn a_poison_event_stops_only_its_projection_and_a_fix_recovers_it() {
         .unwrap();
     assert_eq!(placed, 1_001);
 }
+
+/// SIGKILLs of a PostgreSQL follower while several connections append, some
+/// transactions rolled back, some committing late: afterwards the projections
+/// equal a fresh rebuild (no event skipped at a hole, none applied twice).
+#[test]
+#[cfg_attr(
+    not(pg_tests),
+    ignore = "set PROJECTIONIST_TEST_PG_URL to run the PostgreSQL tests"
+)]
+fn postgres_follower_sigkilled_beside_late_and_rolled_back_appends_loses_nothing() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let kills: u64 = std::env::var("PROJECTIONIST_SOAK")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(KILLS_DEFAULT);
+    let seed: u64 = std::env::var("PROJECTIONIST_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| fastrand::u64(..));
+    eprintln!(
+        "PostgreSQL follow crash test: seed {seed} (PROJECTIONIST_SEED={seed} repeats it), {kills} kills"
+    );
+    let schema = common::pg::Schema::new("follow_kills");
+    let url = schema.url();
+    let env = Env::new();
+    env.write_config(common::DEMO_CONFIG);
+    let command_in = |dir: &str, args: &[&str]| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_projectionist"));
+        command
+            .current_dir(env.path(""))
+            .args([
+                "--store",
+                &url,
+                "--dir",
+                dir,
+                "--config",
+                "projections.toml",
+            ])
+            .args(args);
+        command
+    };
+    let command = |args: &[&str]| command_in("projections", args);
+    let out = command(&["--quiet", "demo", "--events", "500"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let stop = AtomicBool::new(false);
+    let mut rng = fastrand::Rng::with_seed(seed);
+    std::thread::scope(|scope| {
+        for writer in 0..4u64 {
+            let (url, stop) = (&url, &stop);
+            let mut rng = fastrand::Rng::with_seed(seed ^ (writer + 1));
+            scope.spawn(move || {
+                let mut client = postgres::Client::connect(url, postgres::NoTls).unwrap();
+                let mut order = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let mut tx = client.transaction().unwrap();
+                    // The transaction id first, as appends to our layout do.
+                    tx.execute("SELECT pg_current_xact_id()", &[]).unwrap();
+                    let order_id = format!("w{writer}-{order}");
+                    order += 1;
+                    let placed = format!(r#"{{"order_id": "{order_id}", "customer_id": "c{}"}}"#, order % 5);
+                    let item = format!(
+                        r#"{{"order_id": "{order_id}", "customer_id": "c{}", "qty": {}, "unit_price_cents": 100}}"#,
+                        order % 5,
+                        rng.u8(1..9)
+                    );
+                    tx.execute(
+                        "INSERT INTO events (stream_id, stream_version, event_type, data)
+                         VALUES ($1, 1, 'OrderPlaced', $2::text::jsonb), ($1, 2, 'ItemAdded', $3::text::jsonb)",
+                        &[&format!("order-{order_id}"), &placed, &item],
+                    )
+                    .unwrap();
+                    match rng.u8(..10) {
+                        0 => tx.rollback().unwrap(),
+                        1 | 2 => {
+                            // Committing late: others commit above it meanwhile.
+                            std::thread::sleep(Duration::from_millis(rng.u64(20..150)));
+                            tx.commit().unwrap();
+                        }
+                        _ => tx.commit().unwrap(),
+                    }
+                    std::thread::sleep(Duration::from_millis(rng.u64(0..10)));
+                }
+            });
+        }
+        for kill in 0..kills {
+            let mut follower = command(&[
+                "--quiet",
+                "--batch-size",
+                &rng.u32(1..100).to_string(),
+                "follow",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+            std::thread::sleep(Duration::from_millis(rng.u64(50..400)));
+            if let Some(exit) = follower.try_wait().unwrap() {
+                let out = follower.wait_with_output().unwrap();
+                panic!(
+                    "kill {kill} (seed {seed}): the follower exited early with {exit}: {}",
+                    stderr(&out)
+                );
+            }
+            follower.kill().unwrap();
+            follower.wait().unwrap();
+        }
+        stop.store(true, Ordering::Relaxed);
+    });
+    let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let head: i64 = client
+        .query_one("SELECT max(sequence) FROM events", &[])
+        .unwrap()
+        .get(0);
+    let rolled_back: i64 = client
+        .query_one("SELECT $1 - count(*) FROM events", &[&head])
+        .unwrap()
+        .get(0);
+    eprintln!("{head} sequences drawn, {rolled_back} of them rolled back");
+    let mut follower = command(&["--quiet", "follow"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(&env, &DEMO, head.cast_unsigned());
+    let deadline = Instant::now() + WAIT_MAX;
+    while !DEMO
+        .iter()
+        .all(|name| status_of(&command, name) == "following")
+    {
+        assert!(Instant::now() < deadline, "never following");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    signal(&follower, "-TERM");
+    assert_eq!(wait_exit(&mut follower).code(), Some(0));
+    let out = command_in("reference", &["--quiet", "rebuild"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    for name in DEMO {
+        let digest = |dir: &str| {
+            let conn = Connection::open(env.path(&format!("{dir}/{name}.db"))).unwrap();
+            projectionist::projection_digest(&conn, projectionist::DigestScope::ProjectionTables)
+                .unwrap()
+        };
+        assert!(
+            digest("projections") == digest("reference"),
+            "{name}: after {kills} kills (seed {seed}) the follower differs from a rebuild"
+        );
+    }
+}
+
+/// A projection's state as `status --json` in another process reports it.
+fn status_of(command: &dyn Fn(&[&str]) -> Command, name: &str) -> String {
+    let out = command(&["--json", "status"]).output().unwrap();
+    json_lines(&out)
+        .iter()
+        .find(|r| r["projection"] == name)
+        .map(|r| r["state"].as_str().unwrap_or_default().to_owned())
+        .unwrap_or_default()
+}

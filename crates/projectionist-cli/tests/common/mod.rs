@@ -2,6 +2,8 @@
 //! and the binary run inside it.
 #![allow(dead_code)]
 
+pub mod pg;
+
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
