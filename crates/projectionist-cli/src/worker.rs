@@ -4,6 +4,7 @@
 //! marked done; every commit first renews the lease, so a worker that lost its
 //! lease (it hung, or was paused past the lease) commits nothing.
 
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -21,6 +22,7 @@ use crate::app::{
     EXIT_CANCELLED, EXIT_CONFIG, EXIT_PROJECTION, Failure, fail, load_config, open_dir, store_spec,
 };
 use crate::args::Cli;
+use crate::replay::open_selected;
 
 /// How long a worker waits before looking for work again when it found none.
 const IDLE_POLL: Duration = Duration::from_millis(200);
@@ -92,6 +94,269 @@ pub fn run(
         }
     }
     Ok(())
+}
+
+/// How often a following worker renews the leases it holds and looks for
+/// projections that nobody holds (a dead or paused worker's): a third of the
+/// lease, at most this, so an orphan is claimed within the lease plus this.
+const KEEPER_INTERVAL_MAX: Duration = Duration::from_millis(500);
+
+/// Runs a following worker: holds as many projections as it can claim, keeps
+/// them all current from one shared read (`projectionist::follow`), renews its
+/// leases between commits as well as at every commit, and claims projections
+/// whose lease expired, even while it is busy. Its set of projections changes
+/// by stopping the run (each projection commits its batch in hand) and
+/// starting it again with the new set, each from its checkpoint. Until
+/// cancelled.
+pub fn run_following(
+    cli: &Cli,
+    config: &ProjectionsConfig,
+    dir: &ProjectionDir,
+    options: &WorkerOptions<'_>,
+    cancel: &CancelToken,
+) -> anyhow::Result<()> {
+    let store = match &config.source {
+        Some(mapping) => PostgresEventStore::connect_mapped(options.url, mapping)?,
+        None => PostgresEventStore::connect(options.url)?,
+    };
+    let leases = Leases::connect(options.url, options.worker_id, options.lease)?;
+    leases.init()?;
+    let interval = (options.lease / 3).min(KEEPER_INTERVAL_MAX);
+    let held: Mutex<Vec<Lease>> = Mutex::new(Vec::new());
+    let by_name = |name: &str| config.get(name).expect("a projection of the config");
+    while !cancel.is_cancelled() {
+        let share = fair_share(config, &leases)?;
+        claim_free(config, &leases, &held, share, options)?;
+        let current: Vec<Lease> = held.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        if current.is_empty() {
+            std::thread::sleep(interval);
+            continue;
+        }
+        let stop = CancelToken::new();
+        let results = std::thread::scope(|scope| {
+            scope.spawn(|| keep(config, &leases, &held, options, interval, &stop, cancel));
+            let results = follow_held(
+                cli, &store, dir, &current, &by_name, &leases, options, &stop,
+            );
+            stop.cancel();
+            results
+        });
+        for (lease, result) in current.iter().zip(results) {
+            let projection = by_name(&lease.projection);
+            let error = match result {
+                Ok(()) => continue,
+                Err(e) => e,
+            };
+            let fenced = matches!(error.downcast_ref::<Error>(), Some(Error::Fenced { .. }));
+            let event = if fenced { "fenced" } else { "failed" };
+            let mut held = held.lock().unwrap_or_else(PoisonError::into_inner);
+            if !held.contains(lease) {
+                continue; // the keeper found it lost and said so
+            }
+            held.retain(|l| l != lease);
+            drop(held);
+            say_error(options, event, projection, lease, &error);
+            if !fenced {
+                leases.release(lease)?;
+            }
+        }
+    }
+    for lease in held.into_inner().unwrap_or_else(PoisonError::into_inner) {
+        leases.release(&lease)?;
+    }
+    leases.leave()?;
+    Ok(())
+}
+
+/// How many projections this worker should hold: an even share among the live
+/// workers, rounded up.
+fn fair_share(config: &ProjectionsConfig, leases: &Leases) -> anyhow::Result<usize> {
+    let live = leases.heartbeat()?;
+    Ok(config.projections.len().div_ceil(live))
+}
+
+/// Claims projections that nobody holds, up to `share` held in all; true
+/// when it claimed one.
+fn claim_free(
+    config: &ProjectionsConfig,
+    leases: &Leases,
+    held: &Mutex<Vec<Lease>>,
+    share: usize,
+    options: &WorkerOptions<'_>,
+) -> anyhow::Result<bool> {
+    let mut claimed = false;
+    for projection in &config.projections {
+        let name = projection.name.as_str();
+        {
+            let held = held.lock().unwrap_or_else(PoisonError::into_inner);
+            if held.len() >= share || held.iter().any(|l| l.projection == name) {
+                continue;
+            }
+        }
+        if let Some(lease) = leases.try_hold(name)? {
+            say(options, "claimed", projection, &lease, None);
+            held.lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(lease);
+            claimed = true;
+        }
+    }
+    Ok(claimed)
+}
+
+/// Beside a run: renews the held leases every `interval` and claims free
+/// projections; stops the run when the set changes (a lease lost, one
+/// claimed) or the worker is cancelled.
+fn keep(
+    config: &ProjectionsConfig,
+    leases: &Leases,
+    held: &Mutex<Vec<Lease>>,
+    options: &WorkerOptions<'_>,
+    interval: Duration,
+    stop: &CancelToken,
+    cancel: &CancelToken,
+) {
+    while !stop.is_cancelled() {
+        if cancel.is_cancelled() {
+            stop.cancel();
+            return;
+        }
+        std::thread::sleep(interval);
+        let current: Vec<Lease> = held.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        for lease in current {
+            // A lost lease also fails the projection's next commit (the
+            // guard); stopping the run sets the others going without it.
+            if !matches!(leases.renew(&lease), Ok(true)) {
+                held.lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .retain(|l| *l != lease);
+                let error = anyhow!("lease epoch {} was lost", lease.epoch);
+                if let Some(projection) = config.get(&lease.projection) {
+                    say_error(options, "fenced", projection, &lease, &error);
+                }
+                stop.cancel();
+            }
+        }
+        let Ok(share) = fair_share(config, leases) else {
+            continue;
+        };
+        // More than a fair share (another worker joined): hand the extra back.
+        let extra: Vec<Lease> = {
+            let mut held = held.lock().unwrap_or_else(PoisonError::into_inner);
+            let keep = held.len().min(share);
+            held.split_off(keep)
+        };
+        for lease in &extra {
+            if leases.release(lease).is_ok()
+                && let Some(projection) = config.get(&lease.projection)
+            {
+                say(options, "released", projection, lease, None);
+            }
+            stop.cancel();
+        }
+        if matches!(claim_free(config, leases, held, share, options), Ok(true)) {
+            stop.cancel();
+        }
+    }
+}
+
+/// Follows the held projections until `stop`; one result per lease.
+#[allow(clippy::too_many_arguments)]
+fn follow_held<'c>(
+    cli: &Cli,
+    store: &PostgresEventStore,
+    dir: &ProjectionDir,
+    current: &[Lease],
+    by_name: &dyn Fn(&str) -> &'c SqlProjection,
+    leases: &Leases,
+    options: &WorkerOptions<'_>,
+    stop: &CancelToken,
+) -> Vec<anyhow::Result<()>> {
+    let selected: Vec<&SqlProjection> = current.iter().map(|l| by_name(&l.projection)).collect();
+    let opened = open_selected(cli, dir, &selected, true);
+    let mut errors = opened.errors.into_iter();
+    // Renewing the lease is the fence: a commit happens only while this worker
+    // still holds the projection at its epoch.
+    let guard = |name: &str| -> Result<(), projectionist::BoxError> {
+        let lease = current
+            .iter()
+            .find(|l| l.projection == name)
+            .ok_or("no lease")?;
+        match leases.renew(lease) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(format!("lease epoch {} was lost", lease.epoch).into()),
+            Err(e) => Err(Box::new(e)),
+        }
+    };
+    let follow_options = RebuildOptions {
+        batch_size: options.batch_size,
+        commit_interval: projectionist::limits::COMMIT_INTERVAL_DEFAULT,
+        progress: None,
+        cancel: None,
+        step_hook: None,
+        commit_guard: Some(&guard),
+    };
+    let mut handlers: Vec<SqlHandler<'_>> =
+        opened.selected.iter().map(|p| SqlHandler::new(p)).collect();
+    let targets = handlers
+        .iter_mut()
+        .zip(&opened.dbs)
+        .zip(&opened.selected)
+        .zip(&opened.starts)
+        .map(|(((handler, db), projection), start)| {
+            let target = ProjectionTarget {
+                db,
+                handler: handler as &mut dyn projectionist::Handler<serde_json::Value>,
+                checkpoint: CheckpointLocation::InFile,
+                consumer_id: projection.name.as_str(),
+            };
+            (target, *start)
+        })
+        .collect();
+    let mut results = projectionist::follow(store, targets, &follow_options, stop).into_iter();
+    // In lease order: a projection that could not be opened has its error.
+    current
+        .iter()
+        .map(|lease| {
+            if opened
+                .selected
+                .iter()
+                .any(|p| p.name.as_str() == lease.projection)
+            {
+                results
+                    .next()
+                    .expect("one result per opened projection")
+                    .map(|_| ())
+                    .map_err(anyhow::Error::from)
+            } else {
+                Err(errors
+                    .next()
+                    .unwrap_or_else(|| anyhow!("could not be opened")))
+            }
+        })
+        .collect()
+}
+
+fn say_error(
+    options: &WorkerOptions<'_>,
+    event: &str,
+    projection: &SqlProjection,
+    lease: &Lease,
+    error: &anyhow::Error,
+) {
+    let text = crate::app::error_text(error);
+    tracing::warn!(worker = options.worker_id, projection = %projection.name, epoch = lease.epoch, error = %text, "{event}");
+    if options.json {
+        json_line(&serde_json::json!({
+            "event": event, "worker": options.worker_id, "projection": projection.name.as_str(),
+            "epoch": lease.epoch, "error": text,
+        }));
+    } else if !options.quiet {
+        eprintln!(
+            "{} {event} {} (epoch {}): {text}",
+            options.worker_id, projection.name, lease.epoch
+        );
+    }
 }
 
 fn rebuild_one(
@@ -191,6 +456,11 @@ pub(crate) fn run_worker(
         json: cli.json,
         quiet: cli.quiet,
     };
+    if !exit_when_done {
+        // A following worker stopped by a signal has committed its batches and
+        // released its leases: a clean stop.
+        return run_following(cli, &config, &dir, &options, &cancel).map_err(fail(EXIT_PROJECTION));
+    }
     run(&config, &dir, &options, &cancel).map_err(fail(EXIT_PROJECTION))?;
     if cancel.is_cancelled() {
         return Err(fail(EXIT_CANCELLED)(anyhow!(

@@ -13,7 +13,7 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Env, json_lines, stderr};
+use common::{Env, Reaped, SetOnDrop, json_lines, stderr};
 use projectionist::rusqlite::Connection;
 
 /// How long a test waits for the follower: a bound for a broken follower, not
@@ -98,13 +98,14 @@ fn order_event(
 }
 
 /// Starts an appending process.
-fn appender(env: &Env, tag: &str, count: u64, seed: u64) -> Child {
+fn appender(env: &Env, tag: &str, count: u64, seed: u64) -> Reaped {
     let spec = format!("{},{tag},{count},{seed}", env.path("events.db").display());
     Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "appender_process", "--ignored", "--quiet"])
         .env(APPENDER, spec)
         .stdout(Stdio::null())
         .spawn()
+        .map(Reaped::new)
         .unwrap()
 }
 
@@ -232,6 +233,7 @@ fn follow_applies_appends_of_another_process_and_sigterm_exits_0() {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
+        .map(Reaped::new)
         .unwrap();
     wait_for(&env, &DEMO, 3_000);
     let mut writer = appender(&env, "a", 400, 1);
@@ -248,7 +250,7 @@ fn follow_applies_appends_of_another_process_and_sigterm_exits_0() {
     }
     signal(&follower, "-TERM");
     let exit = wait_exit(&mut follower);
-    let out = follower.wait_with_output().unwrap();
+    let out = follower.into_inner().wait_with_output().unwrap();
     assert_eq!(exit.code(), Some(0), "{}", stderr(&out));
     let lines = json_lines(&out);
     for name in DEMO {
@@ -301,10 +303,11 @@ fn seeded_sigkills_of_the_follower_while_two_processes_append_lose_and_repeat_no
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
+            .map(Reaped::new)
             .unwrap();
         std::thread::sleep(Duration::from_millis(rng.u64(20..250)));
         if let Some(exit) = follower.try_wait().unwrap() {
-            let out = follower.wait_with_output().unwrap();
+            let out = follower.into_inner().wait_with_output().unwrap();
             panic!(
                 "kill {kill}: the follower exited early with {exit}: {}",
                 stderr(&out)
@@ -332,6 +335,7 @@ fn seeded_sigkills_of_the_follower_while_two_processes_append_lose_and_repeat_no
         .command(&["--quiet", "follow"])
         .stdout(Stdio::null())
         .spawn()
+        .map(Reaped::new)
         .unwrap();
     wait_for(&env, &DEMO, head);
     wait_following(&env, &DEMO);
@@ -415,6 +419,7 @@ fn a_poison_event_stops_only_its_projection_and_a_fix_recovers_it() {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
+        .map(Reaped::new)
         .unwrap();
     wait_for(&env, &["placed", "items"], 1_000);
     wait_following(&env, &["placed", "items"]);
@@ -486,7 +491,7 @@ fn a_poison_event_stops_only_its_projection_and_a_fix_recovers_it() {
     }
     signal(&follower, "-TERM");
     let exit = wait_exit(&mut follower);
-    let out = follower.wait_with_output().unwrap();
+    let out = follower.into_inner().wait_with_output().unwrap();
     assert_eq!(
         exit.code(),
         Some(4),
@@ -510,6 +515,7 @@ fn a_poison_event_stops_only_its_projection_and_a_fix_recovers_it() {
         .command(&["--quiet", "follow"])
         .stdout(Stdio::null())
         .spawn()
+        .map(Reaped::new)
         .unwrap();
     wait_for(&env, &["placed", "items"], 1_004);
     wait_following(&env, &["placed", "items"]);
@@ -572,6 +578,7 @@ fn postgres_follower_sigkilled_beside_late_and_rolled_back_appends_loses_nothing
     let stop = AtomicBool::new(false);
     let mut rng = fastrand::Rng::with_seed(seed);
     std::thread::scope(|scope| {
+        let _stop_writers = SetOnDrop(&stop);
         for writer in 0..4u64 {
             let (url, stop) = (&url, &stop);
             let mut rng = fastrand::Rng::with_seed(seed ^ (writer + 1));
@@ -619,10 +626,11 @@ fn postgres_follower_sigkilled_beside_late_and_rolled_back_appends_loses_nothing
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
+            .map(Reaped::new)
             .unwrap();
             std::thread::sleep(Duration::from_millis(rng.u64(50..400)));
             if let Some(exit) = follower.try_wait().unwrap() {
-                let out = follower.wait_with_output().unwrap();
+                let out = follower.into_inner().wait_with_output().unwrap();
                 panic!(
                     "kill {kill} (seed {seed}): the follower exited early with {exit}: {}",
                     stderr(&out)
@@ -646,6 +654,7 @@ fn postgres_follower_sigkilled_beside_late_and_rolled_back_appends_loses_nothing
     let mut follower = command(&["--quiet", "follow"])
         .stdout(Stdio::null())
         .spawn()
+        .map(Reaped::new)
         .unwrap();
     wait_for(&env, &DEMO, head.cast_unsigned());
     let deadline = Instant::now() + WAIT_MAX;

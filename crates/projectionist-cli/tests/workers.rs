@@ -10,6 +10,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use postgres::{Client, NoTls};
+
+mod common;
+use common::{Reaped, SetOnDrop};
 use projectionist::rusqlite::Connection;
 use projectionist::{DigestScope, projection_digest};
 
@@ -177,9 +180,10 @@ fn three_workers_share_six_projections_through_kill_and_pause() {
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
+        .map(Reaped::new)
         .unwrap()
     };
-    let mut workers: Vec<Child> = ["w0", "w1", "w2"].iter().map(|id| spawn(id)).collect();
+    let mut workers: Vec<Reaped> = ["w0", "w1", "w2"].iter().map(|id| spawn(id)).collect();
     let mut monitor = Client::connect(&url, NoTls).unwrap();
     let deadline = Instant::now() + Duration::from_secs(120);
 
@@ -219,7 +223,7 @@ fn three_workers_share_six_projections_through_kill_and_pause() {
 
     let mut outputs = HashMap::new();
     for (id, child) in ["w1", "w2"].iter().zip(workers.drain(1..)) {
-        let out = child.wait_with_output().unwrap();
+        let out = child.into_inner().wait_with_output().unwrap();
         assert!(out.status.success(), "{id} exited {}", out.status);
         outputs.insert(*id, String::from_utf8_lossy(&out.stdout).into_owned());
     }
@@ -268,4 +272,252 @@ fn three_workers_share_six_projections_through_kill_and_pause() {
         completed_by.get(&killed_projection).map(String::as_str),
         Some("w0")
     );
+}
+
+/// Following workers (no `--exit-when-done`) keep six projections current
+/// while a connection appends (some transactions rolled back): a SIGKILLed
+/// worker's projections are claimed by the others within the lease plus a
+/// little, even while they are busy; a worker SIGSTOPped past its lease is
+/// fenced when it wakes, says so and commits nothing; in the end every
+/// projection, in its final owner's directory, equals a single-process
+/// rebuild of the final log.
+#[test]
+#[cfg_attr(
+    not(pg_tests),
+    ignore = "set PROJECTIONIST_TEST_PG_URL to run the PostgreSQL tests"
+)]
+fn following_workers_keep_six_projections_current_through_kill_and_pause() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let base = std::env::var("PROJECTIONIST_TEST_PG_URL")
+        .expect("set PROJECTIONIST_TEST_PG_URL to run the PostgreSQL tests");
+    let pg = Pg {
+        base,
+        schema: format!("pj_following_{}", std::process::id()),
+    };
+    let mut client = Client::connect(&pg.base, NoTls).unwrap();
+    client
+        .batch_execute(&format!("CREATE SCHEMA {}", pg.schema))
+        .unwrap();
+    let url = pg.url();
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    std::fs::write(root.join("projectionist.toml"), six_projections()).unwrap();
+    let status = projectionist(
+        root,
+        &[
+            "--quiet", "--store", &url, "--dir", "demo", "demo", "--events", "5000",
+        ],
+    )
+    .status()
+    .unwrap();
+    assert!(status.success());
+
+    let lease_ms = LEASE_MS.to_string();
+    let spawn = |id: &str| {
+        projectionist(
+            root,
+            &[
+                "--json",
+                "--batch-size",
+                "50",
+                "--store",
+                &url,
+                "--dir",
+                id,
+                "worker",
+                "--worker-id",
+                id,
+                "--lease-ms",
+                &lease_ms,
+            ],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map(Reaped::new)
+        .unwrap()
+    };
+    let stopped = AtomicBool::new(false);
+    let mut monitor = Client::connect(&url, NoTls).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let (outputs, paused_projection, final_owners) = std::thread::scope(|scope| {
+        let _stop_appending = SetOnDrop(&stopped);
+        scope.spawn(|| {
+            let mut client = Client::connect(&url, NoTls).unwrap();
+            let mut order = 0u64;
+            while !stopped.load(Ordering::Relaxed) {
+                let mut tx = client.transaction().unwrap();
+                tx.execute("SELECT pg_current_xact_id()", &[]).unwrap();
+                let id = format!("live-{order}");
+                let data = format!(r#"{{"order_id": "{id}", "customer_id": "c{}"}}"#, order % 9);
+                tx.execute(
+                    "INSERT INTO events (stream_id, stream_version, event_type, data)
+                         VALUES ($1, 1, 'OrderPlaced', $2::text::jsonb)",
+                    &[&format!("order-{id}"), &data],
+                )
+                .unwrap();
+                if order.is_multiple_of(13) {
+                    tx.rollback().unwrap();
+                } else {
+                    tx.commit().unwrap();
+                }
+                order += 1;
+                std::thread::sleep(Duration::from_millis(3));
+            }
+        });
+        let mut workers: Vec<Reaped> = ["w0", "w1", "w2"].iter().map(|id| spawn(id)).collect();
+        let live_owners = |monitor: &mut Client| -> HashMap<String, (String, i64)> {
+            leases(monitor)
+                .into_iter()
+                .filter(|(_, _, _, live, _)| *live)
+                .map(|(p, o, e, _, _)| (p, (o, e)))
+                .collect()
+        };
+        // Every projection held, and each worker holding some.
+        let owners = loop {
+            let owners = live_owners(&mut monitor);
+            if owners.len() == 6
+                && owners.values().any(|(o, _)| o == "w0")
+                && owners.values().any(|(o, _)| o == "w1")
+            {
+                break owners;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "projections never shared: {owners:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+
+        // SIGKILL w0: its projections are claimed by the others.
+        signal(&workers[0], "-KILL");
+        let killed_at = Instant::now();
+        workers[0].wait().unwrap();
+        let orphans: Vec<String> = owners
+            .iter()
+            .filter(|(_, (o, _))| o == "w0")
+            .map(|(p, _)| p.clone())
+            .collect();
+        loop {
+            let now = live_owners(&mut monitor);
+            if orphans
+                .iter()
+                .all(|p| now.get(p).is_some_and(|(o, _)| o != "w0"))
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "w0's projections never taken over"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let takeover = killed_at.elapsed();
+        eprintln!(
+            "w0's {} projections taken over {takeover:?} after the SIGKILL (lease {LEASE_MS} ms)",
+            orphans.len()
+        );
+        assert!(
+            takeover < Duration::from_millis(LEASE_MS + 3_000),
+            "takeover took {takeover:?}"
+        );
+
+        // SIGSTOP w1 past its lease; wait until one of its projections moves on.
+        let now = live_owners(&mut monitor);
+        let (paused_projection, (_, paused_epoch)) = now
+            .iter()
+            .find(|(_, (o, _))| o == "w1")
+            .map(|(p, oe)| (p.clone(), oe.clone()))
+            .expect("w1 holds a projection");
+        signal(&workers[1], "-STOP");
+        loop {
+            let now = live_owners(&mut monitor);
+            if now
+                .get(&paused_projection)
+                .is_some_and(|(_, e)| *e > paused_epoch)
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{paused_projection} never taken over"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let paused_file = root.join("w1").join(format!("{paused_projection}.db"));
+        let checkpoint_when_paused = checkpoint_of(&paused_file, &paused_projection);
+        signal(&workers[1], "-CONT");
+        // Awake, w1 holds a stale epoch: it must commit nothing to the
+        // projection until it claims it again (a new epoch; the workers
+        // rebalance once it is back, so it may).
+        let watch = Instant::now();
+        while watch.elapsed() < Duration::from_millis(1_000) {
+            let reclaimed = leases(&mut monitor)
+                .iter()
+                .any(|(p, o, e, _, _)| *p == paused_projection && o == "w1" && *e > paused_epoch);
+            if reclaimed {
+                break;
+            }
+            assert_eq!(
+                checkpoint_of(&paused_file, &paused_projection),
+                checkpoint_when_paused,
+                "the paused worker committed after losing its lease"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(1_000).saturating_sub(watch.elapsed()));
+        stopped.store(true, Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(100));
+
+        // Every projection reaches the head in its owner's directory.
+        let head: i64 = monitor
+            .query_one("SELECT max(sequence) FROM events", &[])
+            .unwrap()
+            .get(0);
+        let final_owners = loop {
+            let now = live_owners(&mut monitor);
+            let done = now.len() == 6
+                && now.iter().all(|(p, (o, _))| {
+                    checkpoint_of(&root.join(o).join(format!("{p}.db")), p) == head.cast_unsigned()
+                });
+            if done {
+                break now;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "never all at the head {head}: {now:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut outputs = HashMap::new();
+        for (id, child) in ["w1", "w2"].iter().zip(workers.drain(1..)) {
+            signal(&child, "-TERM");
+            let out = child.into_inner().wait_with_output().unwrap();
+            assert!(out.status.success(), "{id} exited {}", out.status);
+            outputs.insert(*id, String::from_utf8_lossy(&out.stdout).into_owned());
+        }
+        (outputs, paused_projection, final_owners)
+    });
+    let fenced = outputs["w1"]
+        .lines()
+        .any(|l| l.contains("\"fenced\"") && l.contains(&format!("\"{paused_projection}\"")));
+    assert!(fenced, "w1 reported the fence: {}", outputs["w1"]);
+    let status = projectionist(
+        root,
+        &["--quiet", "--store", &url, "--dir", "reference", "rebuild"],
+    )
+    .status()
+    .unwrap();
+    assert!(status.success());
+    // The owners when every projection was at the head (on SIGTERM the
+    // workers release their leases, and one stopping after the other may take
+    // a projection over for its last moments, from an older copy).
+    for (projection, (owner, _)) in final_owners {
+        let file = root.join(&owner).join(format!("{projection}.db"));
+        let reference = root.join("reference").join(format!("{projection}.db"));
+        assert!(
+            digest(&file) == digest(&reference),
+            "{projection} followed by {owner} equals a rebuild"
+        );
+    }
 }

@@ -24,6 +24,10 @@ CREATE TABLE IF NOT EXISTS projection_leases (
     expires_at TIMESTAMPTZ NOT NULL,
     done_hash  TEXT
 );
+CREATE TABLE IF NOT EXISTS projection_workers (
+    owner      TEXT        PRIMARY KEY,
+    expires_at TIMESTAMPTZ NOT NULL
+);
 ";
 
 /// A held lease: the projection and the fencing epoch it was claimed at.
@@ -84,6 +88,22 @@ impl Leases {
     /// # Errors
     /// Server errors.
     pub fn try_claim(&self, projection: &str, hash: &str) -> Result<Option<Lease>> {
+        self.claim(projection, Some(hash))
+    }
+
+    /// Claims `projection` to keep it current (a following worker): like
+    /// [`Leases::try_claim`], but a projection marked done is claimed too (a
+    /// finished rebuild goes stale as the log grows), and the mark is cleared.
+    ///
+    /// # Errors
+    /// Server errors.
+    pub fn try_hold(&self, projection: &str) -> Result<Option<Lease>> {
+        self.claim(projection, None)
+    }
+
+    /// Claims `projection` when free or expired, and, given a `done` hash, not
+    /// done with it; clears the done mark.
+    fn claim(&self, projection: &str, done: Option<&str>) -> Result<Option<Lease>> {
         let ttl_ms = i64::try_from(self.ttl.as_millis()).unwrap_or(i64::MAX);
         let row = self
             .lock()
@@ -92,9 +112,10 @@ impl Leases {
                  VALUES ($1, $2, 1, now() + $3::bigint * interval '1 millisecond')
                  ON CONFLICT (projection) DO UPDATE
                     SET owner = excluded.owner, epoch = l.epoch + 1, expires_at = excluded.expires_at, done_hash = NULL
-                  WHERE l.expires_at < now() AND l.done_hash IS DISTINCT FROM $4
+                  WHERE l.expires_at < now()
+                    AND ($4::text IS NULL OR l.done_hash IS DISTINCT FROM $4::text)
                  RETURNING epoch",
-                &[&projection, &self.owner, &ttl_ms, &hash],
+                &[&projection, &self.owner, &ttl_ms, &done],
             )
             .map_err(pg_error(format!("claim projection {projection}")))?;
         Ok(row.map(|r| Lease {
@@ -157,6 +178,47 @@ impl Leases {
                 &[&lease.projection, &self.owner, &lease.epoch],
             )
             .map_err(pg_error(format!("release {}", lease.projection)))?;
+        Ok(())
+    }
+
+    /// Says this worker is alive for another lease period, and returns how many
+    /// workers are alive (this one included): following workers share the
+    /// projections evenly among the live ones.
+    ///
+    /// # Errors
+    /// Server errors.
+    pub fn heartbeat(&self) -> Result<usize> {
+        let ttl_ms = i64::try_from(self.ttl.as_millis()).unwrap_or(i64::MAX);
+        let mut client = self.lock();
+        client
+            .execute(
+                "INSERT INTO projection_workers (owner, expires_at)
+                 VALUES ($1, now() + $2::bigint * interval '1 millisecond')
+                 ON CONFLICT (owner) DO UPDATE SET expires_at = excluded.expires_at",
+                &[&self.owner, &ttl_ms],
+            )
+            .map_err(pg_error("heartbeat"))?;
+        let live: i64 = client
+            .query_one(
+                "SELECT count(*) FROM projection_workers WHERE expires_at > now()",
+                &[],
+            )
+            .map_err(pg_error("count live workers"))?
+            .get(0);
+        Ok(usize::try_from(live).unwrap_or(1).max(1))
+    }
+
+    /// Says this worker is gone (on a clean stop), so the others rebalance at once.
+    ///
+    /// # Errors
+    /// Server errors.
+    pub fn leave(&self) -> Result<()> {
+        self.lock()
+            .execute(
+                "DELETE FROM projection_workers WHERE owner = $1",
+                &[&self.owner],
+            )
+            .map_err(pg_error("leave"))?;
         Ok(())
     }
 
