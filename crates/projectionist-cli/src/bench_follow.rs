@@ -373,6 +373,17 @@ fn phases(
                 let first = rss.first().copied().unwrap_or(0);
                 let max = rss.iter().copied().max().unwrap_or(0);
                 let last = rss.last().copied().unwrap_or(0);
+                let wal = |name: &str| {
+                    std::fs::metadata(dir.join(format!("{name}.db-wal"))).map_or(0, |m| m.len())
+                };
+                rows.push((
+                    "projection files' -wal after sustained".into(),
+                    PROJECTIONS
+                        .iter()
+                        .map(|name| format!("{name} {:.1} MiB", wal(name) as f64 / 1048576.0))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                ));
                 rows.push((
                     "follower RSS during sustained".into(),
                     format!(

@@ -14,9 +14,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use projectionist::{
-    CancelToken, CheckpointLocation, Progress, ProjectionTarget, RebuildOptions, Start,
-};
+use projectionist::{CancelToken, Progress, RebuildOptions, Start};
 use projectionist_sqlview::SqlHandler;
 
 use crate::app::{
@@ -24,7 +22,7 @@ use crate::app::{
 };
 use crate::args::Cli;
 use crate::metrics::{Metrics, Observed, Server};
-use crate::replay::{Opened, open_selected, report};
+use crate::replay::{Opened, open_selected, report, targets};
 use crate::ui;
 
 /// How often `--json` prints a `status` line per projection (and the terminal
@@ -94,21 +92,7 @@ pub(crate) fn run_follow(
         commit_guard: None,
     };
     let mut handlers: Vec<SqlHandler<'_>> = selected.iter().map(|p| SqlHandler::new(p)).collect();
-    let targets: Vec<(ProjectionTarget<'_, serde_json::Value>, Start)> = handlers
-        .iter_mut()
-        .zip(&dbs)
-        .zip(&selected)
-        .zip(&starts)
-        .map(|(((handler, db), projection), start)| {
-            let target = ProjectionTarget {
-                db,
-                handler: handler as &mut dyn projectionist::Handler<serde_json::Value>,
-                checkpoint: CheckpointLocation::InFile,
-                consumer_id: projection.name.as_str(),
-            };
-            (target, *start)
-        })
-        .collect();
+    let targets = targets(&mut handlers, &dbs, &selected, &starts);
     let started = Instant::now();
     let (finished, until) = std::sync::mpsc::channel::<()>();
     let results = std::thread::scope(|scope| {

@@ -71,21 +71,7 @@ pub(crate) fn replay(
     let mut handlers: Vec<SqlHandler<'_>> = selected.iter().map(|p| SqlHandler::new(p)).collect();
     // One read of the log for all: stale projections start from scratch, the
     // others from their checkpoints.
-    let targets: Vec<(ProjectionTarget<'_, serde_json::Value>, Start)> = handlers
-        .iter_mut()
-        .zip(&dbs)
-        .zip(&selected)
-        .zip(&starts)
-        .map(|(((handler, db), projection), start)| {
-            let target = ProjectionTarget {
-                db,
-                handler: handler as &mut dyn projectionist::Handler<serde_json::Value>,
-                checkpoint: CheckpointLocation::InFile,
-                consumer_id: projection.name.as_str(),
-            };
-            (target, *start)
-        })
-        .collect();
+    let targets = targets(&mut handlers, &dbs, &selected, &starts);
     let started = Instant::now();
     let results = replay_shared(store, targets, &options);
     display.finish();
@@ -141,6 +127,31 @@ pub(crate) fn open_selected<'a>(
             .push(if stale { Start::Reset } else { Start::Resume });
     }
     opened
+}
+
+/// The engine's targets: each opened projection with its handler (one per
+/// projection, in order), where it starts, and its checkpoint in its file.
+pub(crate) fn targets<'a, 'p: 'a>(
+    handlers: &'a mut [SqlHandler<'p>],
+    dbs: &'a [Arc<ProjectionDb>],
+    selected: &[&'a SqlProjection],
+    starts: &[Start],
+) -> Vec<(ProjectionTarget<'a, serde_json::Value>, Start)> {
+    handlers
+        .iter_mut()
+        .zip(dbs)
+        .zip(selected)
+        .zip(starts)
+        .map(|(((handler, db), projection), start)| {
+            let target = ProjectionTarget {
+                db,
+                handler: handler as &mut dyn projectionist::Handler<serde_json::Value>,
+                checkpoint: CheckpointLocation::InFile,
+                consumer_id: projection.name.as_str(),
+            };
+            (target, *start)
+        })
+        .collect()
 }
 
 /// Opens a projection for a run. A corrupt file (SQLite cannot read it, or

@@ -22,7 +22,7 @@ use crate::app::{
     EXIT_CANCELLED, EXIT_CONFIG, EXIT_PROJECTION, Failure, fail, load_config, open_dir, store_spec,
 };
 use crate::args::Cli;
-use crate::replay::open_selected;
+use crate::replay::{open_selected, targets};
 
 /// How long a worker waits before looking for work again when it found none.
 const IDLE_POLL: Duration = Duration::from_millis(200);
@@ -38,6 +38,20 @@ pub struct WorkerOptions<'a> {
     pub quiet: bool,
 }
 
+/// The store (through the config's `[source]`, if any) and the lease table.
+fn connect(
+    config: &ProjectionsConfig,
+    options: &WorkerOptions<'_>,
+) -> anyhow::Result<(PostgresEventStore, Leases)> {
+    let store = match &config.source {
+        Some(mapping) => PostgresEventStore::connect_mapped(options.url, mapping)?,
+        None => PostgresEventStore::connect(options.url)?,
+    };
+    let leases = Leases::connect(options.url, options.worker_id, options.lease)?;
+    leases.init()?;
+    Ok((store, leases))
+}
+
 /// Runs the worker loop: claim a free projection, rebuild it, mark it done;
 /// until cancelled, or (with `exit_when_done`) until every projection is done.
 pub fn run(
@@ -46,12 +60,7 @@ pub fn run(
     options: &WorkerOptions<'_>,
     cancel: &projectionist::CancelToken,
 ) -> anyhow::Result<()> {
-    let store = match &config.source {
-        Some(mapping) => PostgresEventStore::connect_mapped(options.url, mapping)?,
-        None => PostgresEventStore::connect(options.url)?,
-    };
-    let leases = Leases::connect(options.url, options.worker_id, options.lease)?;
-    leases.init()?;
+    let (store, leases) = connect(config, options)?;
     let wanted: Vec<(String, String)> = config
         .projections
         .iter()
@@ -115,12 +124,7 @@ pub fn run_following(
     options: &WorkerOptions<'_>,
     cancel: &CancelToken,
 ) -> anyhow::Result<()> {
-    let store = match &config.source {
-        Some(mapping) => PostgresEventStore::connect_mapped(options.url, mapping)?,
-        None => PostgresEventStore::connect(options.url)?,
-    };
-    let leases = Leases::connect(options.url, options.worker_id, options.lease)?;
-    leases.init()?;
+    let (store, leases) = connect(config, options)?;
     let interval = (options.lease / 3).min(KEEPER_INTERVAL_MAX);
     let held: Mutex<Vec<Lease>> = Mutex::new(Vec::new());
     let by_name = |name: &str| config.get(name).expect("a projection of the config");
@@ -282,11 +286,7 @@ fn follow_held<'c>(
             .iter()
             .find(|l| l.projection == name)
             .ok_or("no lease")?;
-        match leases.renew(lease) {
-            Ok(true) => Ok(()),
-            Ok(false) => Err(format!("lease epoch {} was lost", lease.epoch).into()),
-            Err(e) => Err(Box::new(e)),
-        }
+        fence(leases, lease)
     };
     let follow_options = RebuildOptions {
         batch_size: options.batch_size,
@@ -298,21 +298,7 @@ fn follow_held<'c>(
     };
     let mut handlers: Vec<SqlHandler<'_>> =
         opened.selected.iter().map(|p| SqlHandler::new(p)).collect();
-    let targets = handlers
-        .iter_mut()
-        .zip(&opened.dbs)
-        .zip(&opened.selected)
-        .zip(&opened.starts)
-        .map(|(((handler, db), projection), start)| {
-            let target = ProjectionTarget {
-                db,
-                handler: handler as &mut dyn projectionist::Handler<serde_json::Value>,
-                checkpoint: CheckpointLocation::InFile,
-                consumer_id: projection.name.as_str(),
-            };
-            (target, *start)
-        })
-        .collect();
+    let targets = targets(&mut handlers, &opened.dbs, &opened.selected, &opened.starts);
     let mut results = projectionist::follow(store, targets, &follow_options, stop).into_iter();
     // In lease order: a projection that could not be opened has its error.
     current
@@ -372,13 +358,7 @@ fn rebuild_one(
     let mut handler = SqlHandler::new(projection);
     // Renewing the lease is the fence: it succeeds only while this worker still
     // holds the projection at this epoch.
-    let guard = |_: &str| -> Result<(), projectionist::BoxError> {
-        match leases.renew(lease) {
-            Ok(true) => Ok(()),
-            Ok(false) => Err(format!("lease epoch {} was lost", lease.epoch).into()),
-            Err(e) => Err(Box::new(e)),
-        }
-    };
+    let guard = |_: &str| fence(leases, lease);
     let rebuild_options = RebuildOptions {
         batch_size: options.batch_size,
         commit_interval: projectionist::limits::COMMIT_INTERVAL_DEFAULT,
@@ -395,6 +375,16 @@ fn rebuild_one(
     };
     let mut results = rebuild_shared(store, vec![target], &rebuild_options);
     results.pop().expect("one result").map(|_| ())
+}
+
+/// The commit guard: renews the lease, which succeeds only while this worker
+/// still holds the projection at this epoch.
+fn fence(leases: &Leases, lease: &Lease) -> Result<(), projectionist::BoxError> {
+    match leases.renew(lease) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(format!("lease epoch {} was lost", lease.epoch).into()),
+        Err(e) => Err(Box::new(e)),
+    }
 }
 
 fn say(

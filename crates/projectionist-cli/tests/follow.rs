@@ -175,6 +175,36 @@ fn wait_following(env: &Env, names: &[&str]) {
     }
 }
 
+/// The number of SIGKILLs (`PROJECTIONIST_SOAK`, default [`KILLS_DEFAULT`]) and
+/// the seed (`PROJECTIONIST_SEED`, default random) of a crash test.
+fn kills_and_seed() -> (u64, u64) {
+    let var = |name: &str| std::env::var(name).ok().and_then(|v| v.parse().ok());
+    let kills = var("PROJECTIONIST_SOAK").unwrap_or(KILLS_DEFAULT);
+    let seed = var("PROJECTIONIST_SEED").unwrap_or_else(|| fastrand::u64(..));
+    (kills, seed)
+}
+
+/// Starts a follower, lets it run for `alive`, and SIGKILLs it; it must not
+/// have exited on its own.
+fn run_and_kill(mut follower: Command, alive: Duration, kill: u64, seed: u64) {
+    let mut follower = follower
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map(Reaped::new)
+        .unwrap();
+    std::thread::sleep(alive);
+    if let Some(exit) = follower.try_wait().unwrap() {
+        let out = follower.into_inner().wait_with_output().unwrap();
+        panic!(
+            "kill {kill} (seed {seed}): the follower exited early with {exit}: {}",
+            stderr(&out)
+        );
+    }
+    follower.kill().unwrap();
+    follower.wait().unwrap();
+}
+
 /// Waits for a child to exit, within `WAIT_MAX`.
 fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
     let deadline = Instant::now() + WAIT_MAX;
@@ -273,14 +303,7 @@ fn follow_applies_appends_of_another_process_and_sigterm_exits_0() {
 
 #[test]
 fn seeded_sigkills_of_the_follower_while_two_processes_append_lose_and_repeat_nothing() {
-    let kills: u64 = std::env::var("PROJECTIONIST_SOAK")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(KILLS_DEFAULT);
-    let seed: u64 = std::env::var("PROJECTIONIST_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| fastrand::u64(..));
+    let (kills, seed) = kills_and_seed();
     eprintln!(
         "follow crash test: seed {seed} (PROJECTIONIST_SEED={seed} repeats it), {kills} kills"
     );
@@ -293,28 +316,14 @@ fn seeded_sigkills_of_the_follower_while_two_processes_append_lose_and_repeat_no
         appender(&env, "w2", per_writer, seed ^ 2),
     ];
     for kill in 0..kills {
-        let mut follower = env
-            .command(&[
-                "--quiet",
-                "--batch-size",
-                &rng.u32(1..200).to_string(),
-                "follow",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map(Reaped::new)
-            .unwrap();
-        std::thread::sleep(Duration::from_millis(rng.u64(20..250)));
-        if let Some(exit) = follower.try_wait().unwrap() {
-            let out = follower.into_inner().wait_with_output().unwrap();
-            panic!(
-                "kill {kill}: the follower exited early with {exit}: {}",
-                stderr(&out)
-            );
-        }
-        follower.kill().unwrap();
-        follower.wait().unwrap();
+        let batch = rng.u32(1..200).to_string();
+        let follower = env.command(&["--quiet", "--batch-size", &batch, "follow"]);
+        run_and_kill(
+            follower,
+            Duration::from_millis(rng.u64(20..250)),
+            kill,
+            seed,
+        );
         // A killed follower leaves complete projections, never `interrupted`
         // unless it died while rebuilding from scratch (never here).
         let rows = status(&env);
@@ -540,14 +549,7 @@ fn a_poison_event_stops_only_its_projection_and_a_fix_recovers_it() {
 )]
 fn postgres_follower_sigkilled_beside_late_and_rolled_back_appends_loses_nothing() {
     use std::sync::atomic::{AtomicBool, Ordering};
-    let kills: u64 = std::env::var("PROJECTIONIST_SOAK")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(KILLS_DEFAULT);
-    let seed: u64 = std::env::var("PROJECTIONIST_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| fastrand::u64(..));
+    let (kills, seed) = kills_and_seed();
     eprintln!(
         "PostgreSQL follow crash test: seed {seed} (PROJECTIONIST_SEED={seed} repeats it), {kills} kills"
     );
@@ -617,27 +619,14 @@ fn postgres_follower_sigkilled_beside_late_and_rolled_back_appends_loses_nothing
             });
         }
         for kill in 0..kills {
-            let mut follower = command(&[
-                "--quiet",
-                "--batch-size",
-                &rng.u32(1..100).to_string(),
-                "follow",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map(Reaped::new)
-            .unwrap();
-            std::thread::sleep(Duration::from_millis(rng.u64(50..400)));
-            if let Some(exit) = follower.try_wait().unwrap() {
-                let out = follower.into_inner().wait_with_output().unwrap();
-                panic!(
-                    "kill {kill} (seed {seed}): the follower exited early with {exit}: {}",
-                    stderr(&out)
-                );
-            }
-            follower.kill().unwrap();
-            follower.wait().unwrap();
+            let batch = rng.u32(1..100).to_string();
+            let follower = command(&["--quiet", "--batch-size", &batch, "follow"]);
+            run_and_kill(
+                follower,
+                Duration::from_millis(rng.u64(50..400)),
+                kill,
+                seed,
+            );
         }
         stop.store(true, Ordering::Relaxed);
     });

@@ -1,8 +1,9 @@
 //! Several `projectionist worker` processes sharing six projections of a
-//! PostgreSQL store: one is SIGKILLed mid-rebuild, another SIGSTOPped past its
-//! lease. Their projections are taken over, every projection ends equal (by
-//! digest) to a single-process rebuild, and the paused worker, once continued,
-//! commits nothing more. Needs `PROJECTIONIST_TEST_PG_URL`.
+//! PostgreSQL store, rebuilding once (`--exit-when-done`) or following under
+//! continuous appends: one is SIGKILLed, another SIGSTOPped past its lease.
+//! Their projections are taken over, every projection ends equal (by digest)
+//! to a single-process rebuild, and the paused worker, once continued, commits
+//! nothing more under its old lease. Needs `PROJECTIONIST_TEST_PG_URL`.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -12,35 +13,12 @@ use std::time::{Duration, Instant};
 use postgres::{Client, NoTls};
 
 mod common;
-use common::{Reaped, SetOnDrop};
+use common::pg::Schema;
+use common::{DEMO_CONFIG, Reaped, SetOnDrop};
 use projectionist::rusqlite::Connection;
 use projectionist::{DigestScope, projection_digest};
 
-const DEMO_CONFIG: &str = include_str!("../../../examples/orders/projections.toml");
 const LEASE_MS: u64 = 1_500;
-
-struct Pg {
-    base: String,
-    schema: String,
-}
-
-impl Pg {
-    fn url(&self) -> String {
-        let sep = if self.base.contains('?') { '&' } else { '?' };
-        format!(
-            "{}{sep}options=-c%20search_path%3D{}",
-            self.base, self.schema
-        )
-    }
-}
-
-impl Drop for Pg {
-    fn drop(&mut self) {
-        if let Ok(mut c) = Client::connect(&self.base, NoTls) {
-            let _ = c.batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.schema));
-        }
-    }
-}
 
 /// Six projections: the demo's two, three times under other names.
 fn six_projections() -> String {
@@ -60,6 +38,22 @@ fn six_projections() -> String {
         config.push('\n');
     }
     config
+}
+
+/// A schema of its own holding a demo log of `events` events, and a directory
+/// whose `projectionist.toml` declares six projections.
+fn six_projections_over_a_log(test: &str, events: u64) -> (Schema, tempfile::TempDir) {
+    let schema = Schema::new(test);
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("projectionist.toml"), six_projections()).unwrap();
+    let url = schema.url();
+    let events = events.to_string();
+    let args = [
+        "--quiet", "--store", &url, "--dir", "demo", "demo", "--events", &events,
+    ];
+    let status = projectionist(tmp.path(), &args).status().unwrap();
+    assert!(status.success());
+    (schema, tmp)
 }
 
 fn projectionist(dir: &Path, args: &[&str]) -> Command {
@@ -124,31 +118,10 @@ fn wait_for_live_lease(client: &mut Client, worker: &str, deadline: Instant) -> 
     ignore = "set PROJECTIONIST_TEST_PG_URL to run the PostgreSQL tests"
 )]
 fn three_workers_share_six_projections_through_kill_and_pause() {
-    let base = std::env::var("PROJECTIONIST_TEST_PG_URL")
-        .expect("set PROJECTIONIST_TEST_PG_URL to run the PostgreSQL tests");
-    let pg = Pg {
-        base,
-        schema: format!("pj_workers_{}", std::process::id()),
-    };
-    let mut client = Client::connect(&pg.base, NoTls).unwrap();
-    client
-        .batch_execute(&format!("CREATE SCHEMA {}", pg.schema))
-        .unwrap();
-    let url = pg.url();
-    let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path();
-    std::fs::write(root.join("projectionist.toml"), six_projections()).unwrap();
-
     // The log, loaded into PostgreSQL by the demo, and the single-process reference.
-    let status = projectionist(
-        root,
-        &[
-            "--quiet", "--store", &url, "--dir", "demo", "demo", "--events", "30000",
-        ],
-    )
-    .status()
-    .unwrap();
-    assert!(status.success());
+    let (schema, tmp) = six_projections_over_a_log("workers", 30_000);
+    let url = schema.url();
+    let root = tmp.path();
     let status = projectionist(
         root,
         &["--quiet", "--store", &url, "--dir", "reference", "rebuild"],
@@ -288,29 +261,9 @@ fn three_workers_share_six_projections_through_kill_and_pause() {
 )]
 fn following_workers_keep_six_projections_current_through_kill_and_pause() {
     use std::sync::atomic::{AtomicBool, Ordering};
-    let base = std::env::var("PROJECTIONIST_TEST_PG_URL")
-        .expect("set PROJECTIONIST_TEST_PG_URL to run the PostgreSQL tests");
-    let pg = Pg {
-        base,
-        schema: format!("pj_following_{}", std::process::id()),
-    };
-    let mut client = Client::connect(&pg.base, NoTls).unwrap();
-    client
-        .batch_execute(&format!("CREATE SCHEMA {}", pg.schema))
-        .unwrap();
-    let url = pg.url();
-    let tmp = tempfile::tempdir().unwrap();
+    let (schema, tmp) = six_projections_over_a_log("following", 5_000);
+    let url = schema.url();
     let root = tmp.path();
-    std::fs::write(root.join("projectionist.toml"), six_projections()).unwrap();
-    let status = projectionist(
-        root,
-        &[
-            "--quiet", "--store", &url, "--dir", "demo", "demo", "--events", "5000",
-        ],
-    )
-    .status()
-    .unwrap();
-    assert!(status.success());
 
     let lease_ms = LEASE_MS.to_string();
     let spawn = |id: &str| {

@@ -8,10 +8,9 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{BankEvent, BankHandler, bank_store, checkpoint, digest, options};
-use projectionist::rusqlite::Transaction;
+use common::{BankEvent, BankHandler, OpenedOnly, bank_store, checkpoint, digest, options};
 use projectionist::{
-    BoxError, CancelToken, CheckpointLocation, Error, GlobalEvent, GlobalReader, Handler, NewEvent,
+    CancelToken, CheckpointLocation, Error, GlobalEvent, GlobalReader, Handler, NewEvent,
     ProjectionDb, ProjectionDir, ProjectionTarget, RebuildConfig, SqliteEventStore, Start, follow,
     last_run, rebuild,
 };
@@ -143,29 +142,6 @@ fn a_follower_applies_appends_from_another_connection_and_stops_cleanly() {
         .unwrap()
         .unwrap();
     assert_eq!(run.state, "done", "a clean stop is recorded");
-}
-
-/// Handles only `Opened` events and says so, so the read is filtered for it.
-struct OpenedOnly;
-
-impl Handler<BankEvent> for OpenedOnly {
-    fn setup(&mut self, tx: &Transaction<'_>) -> Result<(), BoxError> {
-        tx.execute_batch("CREATE TABLE IF NOT EXISTS opened (sequence INTEGER PRIMARY KEY)")?;
-        Ok(())
-    }
-    fn event_types(&self) -> Option<Vec<String>> {
-        Some(vec!["Opened".to_owned()])
-    }
-    fn apply(
-        &mut self,
-        tx: &Transaction<'_>,
-        events: &[GlobalEvent<BankEvent>],
-    ) -> Result<(), BoxError> {
-        for e in events {
-            tx.execute("INSERT INTO opened VALUES (?1)", [e.sequence as i64])?;
-        }
-        Ok(())
-    }
 }
 
 #[test]

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{BankEvent, BankHandler, bank_store, checkpoint, config, digest, options};
+use common::{BankEvent, BankHandler, OpenedOnly, bank_store, checkpoint, config, digest, options};
 use projectionist::rusqlite::Transaction;
 use projectionist::{
     BoxError, CancelToken, Checkpoint, CheckpointLocation, Error, GlobalEvent, GlobalReader,
@@ -767,30 +767,6 @@ fn commit_interval_over_max_and_own_file_as_external_checkpoint_are_rejected() {
         "{err}"
     );
     assert_eq!(checkpoint(&db, "bank"), 0, "nothing ran");
-}
-
-/// Handles only `Opened` events and says so, so the store filters the read.
-struct OpenedOnly;
-
-impl Handler<BankEvent> for OpenedOnly {
-    fn setup(&mut self, tx: &Transaction<'_>) -> Result<(), BoxError> {
-        tx.execute_batch("CREATE TABLE IF NOT EXISTS opened (sequence INTEGER PRIMARY KEY)")?;
-        Ok(())
-    }
-    fn event_types(&self) -> Option<Vec<String>> {
-        Some(vec!["Opened".to_owned()])
-    }
-    fn apply(
-        &mut self,
-        tx: &Transaction<'_>,
-        events: &[GlobalEvent<BankEvent>],
-    ) -> Result<(), BoxError> {
-        for e in events {
-            assert_eq!(e.event_type, "Opened", "the filter was applied");
-            tx.execute("INSERT INTO opened VALUES (?1)", [e.sequence as i64])?;
-        }
-        Ok(())
-    }
 }
 
 #[test]

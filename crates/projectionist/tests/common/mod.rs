@@ -184,3 +184,28 @@ pub fn config<'a>(
         options,
     }
 }
+
+/// Handles only `Opened` events and says so, so the read is filtered for it:
+/// one row per event in table `opened`.
+pub struct OpenedOnly;
+
+impl Handler<BankEvent> for OpenedOnly {
+    fn setup(&mut self, tx: &Transaction<'_>) -> Result<(), BoxError> {
+        tx.execute_batch("CREATE TABLE IF NOT EXISTS opened (sequence INTEGER PRIMARY KEY)")?;
+        Ok(())
+    }
+    fn event_types(&self) -> Option<Vec<String>> {
+        Some(vec!["Opened".to_owned()])
+    }
+    fn apply(
+        &mut self,
+        tx: &Transaction<'_>,
+        events: &[GlobalEvent<BankEvent>],
+    ) -> Result<(), BoxError> {
+        for e in events {
+            assert_eq!(e.event_type, "Opened", "the filter was applied");
+            tx.execute("INSERT INTO opened VALUES (?1)", [e.sequence as i64])?;
+        }
+        Ok(())
+    }
+}
