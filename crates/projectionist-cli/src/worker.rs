@@ -124,13 +124,58 @@ pub fn run_following(
     options: &WorkerOptions<'_>,
     cancel: &CancelToken,
 ) -> anyhow::Result<()> {
-    let (store, leases) = connect(config, options)?;
     let interval = (options.lease / 3).min(KEEPER_INTERVAL_MAX);
     let held: Mutex<Vec<Lease>> = Mutex::new(Vec::new());
+    let mut backoff = interval;
+    while !cancel.is_cancelled() {
+        let started = std::time::Instant::now();
+        let session = connect(config, options).and_then(|(store, leases)| {
+            follow_session(cli, config, dir, options, cancel, &store, &leases, &held)
+        });
+        let Err(error) = session else {
+            return Ok(());
+        };
+        // The server went away (restart, failover, a killed connection): the
+        // leases held so far stay this worker's if it is back within the lease.
+        if started.elapsed() > RECONNECT_BACKOFF_MAX {
+            backoff = interval;
+        }
+        let text = crate::app::error_text(&error);
+        tracing::warn!(worker = options.worker_id, error = %text, retry_in_ms = backoff.as_millis(), "PostgreSQL unreachable; reconnecting");
+        if options.json {
+            json_line(&serde_json::json!({
+                "event": "reconnecting", "worker": options.worker_id, "error": text,
+                "retry_in_ms": backoff.as_millis(),
+            }));
+        }
+        std::thread::sleep(backoff);
+        backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
+    }
+    Ok(())
+}
+
+/// The longest wait between two attempts to reach PostgreSQL again.
+const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// One connection's worth of following: until cancelled (then the leases and
+/// the heartbeat are given up: `Ok`), or until the store or the lease table
+/// cannot be reached (`Err`: reconnect and go on).
+#[allow(clippy::too_many_arguments)]
+fn follow_session(
+    cli: &Cli,
+    config: &ProjectionsConfig,
+    dir: &ProjectionDir,
+    options: &WorkerOptions<'_>,
+    cancel: &CancelToken,
+    store: &PostgresEventStore,
+    leases: &Leases,
+    held: &Mutex<Vec<Lease>>,
+) -> anyhow::Result<()> {
+    let interval = (options.lease / 3).min(KEEPER_INTERVAL_MAX);
     let by_name = |name: &str| config.get(name).expect("a projection of the config");
     while !cancel.is_cancelled() {
-        let share = fair_share(config, &leases)?;
-        claim_free(config, &leases, &held, share, options)?;
+        let share = fair_share(config, leases)?;
+        claim_free(config, leases, held, share, options)?;
         let current: Vec<Lease> = held.lock().unwrap_or_else(PoisonError::into_inner).clone();
         if current.is_empty() {
             std::thread::sleep(interval);
@@ -138,19 +183,23 @@ pub fn run_following(
         }
         let stop = CancelToken::new();
         let results = std::thread::scope(|scope| {
-            scope.spawn(|| keep(config, &leases, &held, options, interval, &stop, cancel));
-            let results = follow_held(
-                cli, &store, dir, &current, &by_name, &leases, options, &stop,
-            );
+            scope.spawn(|| keep(config, leases, held, options, interval, &stop, cancel));
+            let results = follow_held(cli, store, dir, &current, &by_name, leases, options, &stop);
             stop.cancel();
             results
         });
+        let mut unreachable = None;
         for (lease, result) in current.iter().zip(results) {
             let projection = by_name(&lease.projection);
             let error = match result {
                 Ok(()) => continue,
                 Err(e) => e,
             };
+            if is_store_failure(&error) {
+                // Not the projection's fault: keep its lease, reconnect.
+                unreachable = Some(error);
+                continue;
+            }
             let fenced = matches!(error.downcast_ref::<Error>(), Some(Error::Fenced { .. }));
             let event = if fenced { "fenced" } else { "failed" };
             let mut held = held.lock().unwrap_or_else(PoisonError::into_inner);
@@ -164,12 +213,24 @@ pub fn run_following(
                 leases.release(lease)?;
             }
         }
+        if let Some(error) = unreachable {
+            return Err(error);
+        }
     }
-    for lease in held.into_inner().unwrap_or_else(PoisonError::into_inner) {
+    for lease in std::mem::take(&mut *held.lock().unwrap_or_else(PoisonError::into_inner)) {
         leases.release(&lease)?;
     }
     leases.leave()?;
     Ok(())
+}
+
+/// A run that stopped because the log could not be read (not because of an
+/// event in it).
+fn is_store_failure(error: &anyhow::Error) -> bool {
+    match error.downcast_ref::<Error>() {
+        Some(Error::Replay { source, .. }) => source.event().is_none(),
+        _ => false,
+    }
 }
 
 /// How many projections this worker should hold: an even share among the live

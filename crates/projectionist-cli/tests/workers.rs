@@ -70,9 +70,14 @@ fn digest(file: &Path) -> String {
     .unwrap()
 }
 
+/// The checkpoint in a projection file; 0 while there is no file (read-only:
+/// a test must not create a file where a worker will).
 fn checkpoint_of(file: &Path, name: &str) -> u64 {
-    let conn = Connection::open(file).unwrap();
-    projectionist::SqliteCheckpoint::load_in(&conn, name).unwrap_or(0)
+    let flags = projectionist::rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY;
+    Connection::open_with_flags(file, flags)
+        .ok()
+        .and_then(|conn| projectionist::SqliteCheckpoint::load_in(&conn, name).ok())
+        .unwrap_or(0)
 }
 
 /// (projection, owner, epoch, live, done) rows of the lease table.
@@ -471,6 +476,103 @@ fn following_workers_keep_six_projections_current_through_kill_and_pause() {
         assert!(
             digest(&file) == digest(&reference),
             "{projection} followed by {owner} equals a rebuild"
+        );
+    }
+}
+
+/// A following worker whose PostgreSQL connections are killed (as a server
+/// restart or a failover would) says so, reconnects with backoff, and goes on
+/// following: the events appended meanwhile reach every projection once.
+#[test]
+#[cfg_attr(
+    not(pg_tests),
+    ignore = "set PROJECTIONIST_TEST_PG_URL to run the PostgreSQL tests"
+)]
+fn a_following_worker_reconnects_after_its_connections_are_killed() {
+    let (schema, tmp) = six_projections_over_a_log("reconnect", 2_000);
+    let root = tmp.path();
+    let app = format!("pj_reconnect_{}", std::process::id());
+    let url = format!("{}&application_name={app}", schema.url());
+    let lease_ms = LEASE_MS.to_string();
+    let worker = projectionist(
+        root,
+        &[
+            "--json",
+            "--store",
+            &url,
+            "--dir",
+            "w",
+            "worker",
+            "--worker-id",
+            "w",
+            "--lease-ms",
+            &lease_ms,
+        ],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null())
+    .spawn()
+    .map(Reaped::new)
+    .unwrap();
+    let names: Vec<String> = ["order_summary", "customer_stats"]
+        .iter()
+        .flat_map(|n| (1..=3).map(move |c| format!("{n}_{c}")))
+        .collect();
+    let at_head = |head: u64| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !names
+            .iter()
+            .all(|n| checkpoint_of(&root.join("w").join(format!("{n}.db")), n) == head)
+        {
+            assert!(Instant::now() < deadline, "the worker never reached {head}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    at_head(2_000);
+    let mut monitor = Client::connect(&schema.url(), NoTls).unwrap();
+    let killed: i64 = monitor
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1",
+            &[&app],
+        )
+        .unwrap()
+        .get(0);
+    assert!(
+        killed >= 2,
+        "the worker's store and lease connections: {killed}"
+    );
+    for i in 0..50 {
+        let mut tx = monitor.transaction().unwrap();
+        tx.execute("SELECT pg_current_xact_id()", &[]).unwrap();
+        let data = format!(r#"{{"order_id": "late-{i}", "customer_id": "c1"}}"#);
+        tx.execute(
+            "INSERT INTO events (stream_id, stream_version, event_type, data)
+             VALUES ($1, 1, 'OrderPlaced', $2::text::jsonb)",
+            &[&format!("order-late-{i}"), &data],
+        )
+        .unwrap();
+        tx.commit().unwrap();
+    }
+    at_head(2_050);
+    signal(&worker, "-TERM");
+    let out = worker.into_inner().wait_with_output().unwrap();
+    assert!(out.status.success(), "worker exited {}", out.status);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("\"reconnecting\""), "{stdout}");
+    let url = schema.url();
+    let status = projectionist(
+        root,
+        &["--quiet", "--store", &url, "--dir", "reference", "rebuild"],
+    )
+    .status()
+    .unwrap();
+    assert!(status.success());
+    for name in &names {
+        let file = root.join("w").join(format!("{name}.db"));
+        let reference = root.join("reference").join(format!("{name}.db"));
+        assert!(
+            digest(&file) == digest(&reference),
+            "{name} equals a rebuild"
         );
     }
 }
