@@ -36,4 +36,4 @@ mod lease;
 mod store;
 
 pub use lease::{Lease, Leases};
-pub use store::{PostgresEventStore, url_with_schema};
+pub use store::{NOTIFY_CHANNEL, PostgresEventStore, url_with_schema};

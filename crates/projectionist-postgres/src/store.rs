@@ -26,6 +26,8 @@ use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use postgres::fallible_iterator::FallibleIterator;
+
 use postgres::{Client, IsolationLevel, NoTls, Row};
 use projectionist::{
     Appended, Error, EventTableMapping, GlobalEvent, GlobalReader, NewEvent, Result, StreamAppend,
@@ -63,7 +65,19 @@ pub struct PostgresEventStore {
     head_sql: String,
     writable: bool,
     gaps: Mutex<HashMap<u64, i64>>,
+    /// To open the listening connection (never shown: it may hold a password).
+    url: String,
+    /// A connection that `LISTEN`s on [`NOTIFY_CHANNEL`], opened when a
+    /// follower first waits; `None` again after an error.
+    listener: Mutex<Option<Box<Client>>>,
 }
+
+/// The channel our appends notify on commit (`pg_notify` in the append's
+/// transaction, so a rolled-back append sends nothing). Another program's
+/// writers notify only if the user installs the trigger from
+/// `docs/postgres.md`. A notification is a hint: the follower reads through the
+/// gap-safe reader either way, and polls when none comes.
+pub const NOTIFY_CHANNEL: &str = "projectionist_events";
 
 impl std::fmt::Debug for PostgresEventStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -176,6 +190,8 @@ impl PostgresEventStore {
             head_sql,
             writable,
             gaps: Mutex::new(HashMap::new()),
+            url: url.to_owned(),
+            listener: Mutex::new(None),
         }
     }
 
@@ -286,6 +302,9 @@ impl PostgresEventStore {
             .map(|r| r.get::<_, i64>(0).cast_unsigned())
             .collect();
         sequences.sort_unstable();
+        // Delivered to listening followers when (and only if) this commits.
+        tx.execute("SELECT pg_notify($1, '')", &[&NOTIFY_CHANNEL])
+            .map_err(pg_error("notify followers"))?;
         tx.commit().map_err(|e| match e.code() {
             Some(code) if *code == postgres::error::SqlState::UNIQUE_VIOLATION => Error::Conflict {
                 stream_id: appends
@@ -504,6 +523,34 @@ impl<E: DeserializeOwned> GlobalReader<E> for PostgresEventStore {
                 });
             }
         }
+    }
+
+    /// Waits for a notification on [`NOTIFY_CHANNEL`] (our appends send one as
+    /// they commit), or until `timeout`. A listener that fails is dropped and
+    /// opened again at the next wait; the wait then just sleeps.
+    fn wait_for_hint(&self, timeout: Duration) -> Result<()> {
+        let started = std::time::Instant::now();
+        let mut listener = self.listener.lock().unwrap_or_else(PoisonError::into_inner);
+        if listener.is_none() {
+            *listener = connect_client(&self.url).ok().and_then(|mut client| {
+                client
+                    .batch_execute(&format!("LISTEN {NOTIFY_CHANNEL}"))
+                    .ok()
+                    .map(|()| Box::new(client))
+            });
+        }
+        let listened = listener.as_mut().map(|client| {
+            let mut notifications = client.notifications();
+            let first = notifications.timeout_iter(timeout).next();
+            // Several appends may have notified: one read takes them all.
+            let rest = notifications.iter().count();
+            first.is_ok() && rest.is_ok()
+        });
+        if listened != Some(true) {
+            *listener = None;
+            std::thread::sleep(timeout.saturating_sub(started.elapsed()));
+        }
+        Ok(())
     }
 
     fn head(&self) -> Result<u64> {

@@ -342,3 +342,48 @@ fn a_holder_above_the_snapshot_xmax_is_not_skipped() {
     let events: Vec<GlobalEvent<Value>> = store.read_after(0, 100).unwrap();
     assert_eq!(sequences(&events), [1, 2]);
 }
+
+/// A follower waiting for a hint wakes when an append commits in another
+/// connection (our appends notify as they commit), and a rolled-back append
+/// wakes nobody.
+#[test]
+#[cfg_attr(
+    not(pg_tests),
+    ignore = "set PROJECTIONIST_TEST_PG_URL to run the PostgreSQL tests"
+)]
+fn a_waiting_follower_wakes_on_a_committed_append_only() {
+    let Some(pg) = PgSchema::new("hints") else {
+        return;
+    };
+    let reader = store(&pg);
+    let appender = store(&pg);
+    // The first wait opens the listener; nothing is appended meanwhile.
+    GlobalReader::<Value>::wait_for_hint(&reader, Duration::from_millis(50)).unwrap();
+    let waited = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            std::thread::sleep(Duration::from_millis(200));
+            let event = NewEvent::json("Opened", &serde_json::json!({})).unwrap();
+            appender.append("hinted", 0, &[event]).unwrap();
+        });
+        let started = Instant::now();
+        // A bound for a broken listener, not a speed requirement.
+        GlobalReader::<Value>::wait_for_hint(&reader, Duration::from_secs(30)).unwrap();
+        started.elapsed()
+    });
+    assert!(waited < Duration::from_secs(20), "woke after {waited:?}");
+    // A transaction that rolls back notifies nobody: the wait runs out.
+    let mut client = Client::connect(&pg.url(), postgres::NoTls).unwrap();
+    let mut tx = client.transaction().unwrap();
+    tx.execute(
+        "SELECT pg_notify($1, '')",
+        &[&projectionist_postgres::NOTIFY_CHANNEL],
+    )
+    .unwrap();
+    tx.rollback().unwrap();
+    let started = Instant::now();
+    GlobalReader::<Value>::wait_for_hint(&reader, Duration::from_millis(300)).unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "woken by a rollback"
+    );
+}

@@ -92,6 +92,18 @@ pub trait GlobalReader<E>: Send + Sync {
         Ok(None)
     }
 
+    /// Waits until the store has a hint that the log may have grown (for
+    /// example a PostgreSQL notification), or until `timeout` passes. A hint is
+    /// only a hint: the follower checks the log either way. Default: sleeps
+    /// `timeout`.
+    ///
+    /// # Errors
+    /// Store errors (a store should rather fall back to sleeping).
+    fn wait_for_hint(&self, timeout: Duration) -> Result<()> {
+        std::thread::sleep(timeout);
+        Ok(())
+    }
+
     /// How often a caught-up follower checks for new events: asks for the
     /// [`change_token`](GlobalReader::change_token), or reads when there is none.
     /// Default [`FOLLOW_POLL_INTERVAL_DEFAULT`].

@@ -206,7 +206,7 @@ fn wait_for_change<E>(
         if stop.is_cancelled() || cancel.is_some_and(CancelToken::is_cancelled) || all_ended() {
             return Ok(());
         }
-        std::thread::sleep(interval);
+        reader.wait_for_hint(interval)?;
         match (token, reader.change_token()?) {
             (Some(before), Some(now)) if before == now => {}
             _ => return Ok(()),
