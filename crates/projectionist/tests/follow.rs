@@ -8,7 +8,9 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{BankEvent, BankHandler, OpenedOnly, bank_store, checkpoint, digest, options};
+use common::{
+    BankEvent, BankHandler, CancelOnDrop, OpenedOnly, bank_store, checkpoint, digest, options,
+};
 use projectionist::{
     CancelToken, CheckpointLocation, Error, GlobalEvent, GlobalReader, Handler, NewEvent,
     ProjectionDb, ProjectionDir, ProjectionTarget, RebuildConfig, SqliteEventStore, Start, follow,
@@ -105,6 +107,7 @@ fn a_follower_applies_appends_from_another_connection_and_stops_cleanly() {
     }
     let stop = CancelToken::new();
     let results = std::thread::scope(|scope| {
+        let _stop_on_panic = CancelOnDrop(&stop);
         let follower = scope.spawn(|| {
             let (mut a, mut b) = (BankHandler::default(), BankHandler::default());
             let targets = vec![
@@ -155,6 +158,7 @@ fn a_poison_event_while_following_stops_only_the_projections_that_handle_it() {
     let opened = dir.db("opened").unwrap();
     let stop = CancelToken::new();
     let results = std::thread::scope(|scope| {
+        let _stop_on_panic = CancelOnDrop(&stop);
         let follower = scope.spawn(|| {
             let mut a = BankHandler::default();
             let mut b = OpenedOnly;
@@ -234,6 +238,7 @@ fn more_projections_than_one_group_follow_at_once() {
     let dbs: Vec<Arc<ProjectionDb>> = (0..n).map(|i| dir.db(&format!("p{i}")).unwrap()).collect();
     let stop = CancelToken::new();
     let results = std::thread::scope(|scope| {
+        let _stop_on_panic = CancelOnDrop(&stop);
         let follower = scope.spawn(|| {
             let mut handlers: Vec<BankHandler> = (0..n).map(|_| BankHandler::default()).collect();
             let targets = handlers
