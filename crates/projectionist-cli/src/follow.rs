@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use projectionist::{CancelToken, Progress, RebuildOptions, Start};
+use projectionist::{CancelToken, Progress, RebuildOptions, RebuildResult, Start};
 use projectionist_sqlview::SqlHandler;
 
 use crate::app::{
@@ -48,7 +48,6 @@ pub(crate) fn run_follow(
     let selected = select(&config, names)?;
     let store = open_store(cli, false, &config)?;
     let dir = open_dir(cli, false)?;
-    let reader = store.reader();
     let Opened {
         selected,
         dbs,
@@ -58,7 +57,10 @@ pub(crate) fn run_follow(
     for e in &errors {
         tracing::error!(error = %ui::escape_controls(&crate::app::error_text(e)), "a projection cannot be opened");
     }
-    let head = reader.head().map_err(|e| fail(EXIT_STORE)(e.into()))?;
+    let head = store
+        .reader()
+        .head()
+        .map_err(|e| fail(EXIT_STORE)(e.into()))?;
     let metrics = Arc::new(Metrics::new(max_lag));
     let _server = match metrics_addr {
         Some(addr) => {
@@ -92,16 +94,68 @@ pub(crate) fn run_follow(
         commit_guard: None,
     };
     let mut handlers: Vec<SqlHandler<'_>> = selected.iter().map(|p| SqlHandler::new(p)).collect();
-    let targets = targets(&mut handlers, &dbs, &selected, &starts);
     let started = Instant::now();
     let (finished, until) = std::sync::mpsc::channel::<()>();
-    let results = std::thread::scope(|scope| {
+    let mut store = store;
+    let mut starts = starts;
+    let mut results: Vec<Option<projectionist::Result<RebuildResult>>> =
+        selected.iter().map(|_| None).collect();
+    let mut backoff = RECONNECT_BACKOFF_MIN;
+    std::thread::scope(|scope| {
         let live = &live;
         scope.spawn(move || live.tick_until(&until));
-        let results = projectionist::follow(reader, targets, &options, &stop);
+        // Rounds: a store that cannot be read (a server restart, a dropped
+        // connection) ends a round; the projections resume in the next one,
+        // with the store opened again, after a backoff.
+        loop {
+            let running: Vec<usize> = (0..results.len())
+                .filter(|&i| results[i].is_none())
+                .collect();
+            if running.is_empty() {
+                break;
+            }
+            let round_targets: Vec<_> = targets(&mut handlers, &dbs, &selected, &starts)
+                .into_iter()
+                .enumerate()
+                .filter(|(i, _)| results[*i].is_none())
+                .map(|(_, target)| target)
+                .collect();
+            let round = projectionist::follow(store.reader(), round_targets, &options, &stop);
+            let mut unreachable = None;
+            for (&i, result) in running.iter().zip(round) {
+                match result {
+                    Err(e) if is_store_failure(&e) && !stop.is_cancelled() => {
+                        starts[i] = Start::Resume;
+                        unreachable = Some(e);
+                    }
+                    result => results[i] = Some(result),
+                }
+            }
+            let Some(error) = unreachable else {
+                continue;
+            };
+            let text = ui::escape_controls(&error.to_string());
+            tracing::warn!(error = %text, retry_in_ms = backoff.as_millis(), "the event store cannot be read; reconnecting");
+            if cli.json {
+                ui::json_line(&serde_json::json!({
+                    "event": "reconnecting", "error": text, "retry_in_ms": backoff.as_millis(),
+                }));
+            }
+            let until = Instant::now() + backoff;
+            while Instant::now() < until && !stop.is_cancelled() {
+                std::thread::sleep(RECONNECT_BACKOFF_MIN.min(until - Instant::now()));
+            }
+            backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
+            if let Ok(reopened) = open_store(cli, false, &config) {
+                store = reopened;
+            }
+        }
         drop(finished);
-        results
     });
+    let results: Vec<projectionist::Result<RebuildResult>> = results
+        .into_iter()
+        .map(|r| r.expect("every projection has its result"))
+        .collect();
     live.finish();
     tracing::info!(
         seconds = started.elapsed().as_secs_f64(),
@@ -116,6 +170,19 @@ pub(crate) fn run_follow(
         &hint,
     )
     .map(|_| ())
+}
+
+/// The first wait before opening the store again after it could not be read;
+/// it doubles up to [`RECONNECT_BACKOFF_MAX`].
+const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(250);
+
+/// The longest wait between two attempts to open the store again.
+const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// A run that stopped because the log could not be read (not because of an
+/// event in it).
+fn is_store_failure(error: &projectionist::Error) -> bool {
+    matches!(error, projectionist::Error::Replay { source, .. } if source.event().is_none())
 }
 
 /// What is known of one projection while following.

@@ -682,3 +682,104 @@ fn status_of(command: &dyn Fn(&[&str]) -> Command, name: &str) -> String {
         .map(|r| r["state"].as_str().unwrap_or_default().to_owned())
         .unwrap_or_default()
 }
+
+/// A PostgreSQL follower whose connection is killed (as a server restart or a
+/// failover would) says `reconnecting`, opens the store again and goes on:
+/// the events appended meanwhile are applied once, and SIGTERM exits 0.
+#[test]
+#[cfg_attr(
+    not(pg_tests),
+    ignore = "set PROJECTIONIST_TEST_PG_URL to run the PostgreSQL tests"
+)]
+fn a_postgres_follower_reconnects_after_its_connection_is_killed() {
+    let schema = common::pg::Schema::new("follow_reconnect");
+    let url = schema.url();
+    let app = format!("pj_follow_reconnect_{}", std::process::id());
+    let follower_url = format!("{url}&application_name={app}");
+    let env = Env::new();
+    env.write_config(common::DEMO_CONFIG);
+    let command = |url: &str, args: &[&str]| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_projectionist"));
+        command
+            .current_dir(env.path(""))
+            .args([
+                "--store",
+                url,
+                "--dir",
+                "projections",
+                "--config",
+                "projections.toml",
+            ])
+            .args(args);
+        command
+    };
+    let out = command(&url, &["--quiet", "demo", "--events", "300"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut follower = command(&follower_url, &["--json", "follow"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map(Reaped::new)
+        .unwrap();
+    let status_command = |args: &[&str]| command(&url, args);
+    let deadline = Instant::now() + WAIT_MAX;
+    while !DEMO
+        .iter()
+        .all(|name| status_of(&status_command, name) == "following")
+    {
+        assert!(Instant::now() < deadline, "never following");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let killed: i64 = client
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1",
+            &[&app],
+        )
+        .unwrap()
+        .get(0);
+    assert!(killed >= 1, "the follower's connections: {killed}");
+    for i in 0..20 {
+        let mut tx = client.transaction().unwrap();
+        common::pg::insert(&mut tx, &format!("late-{i}"));
+        tx.commit().unwrap();
+    }
+    wait_for(&env, &DEMO, 320);
+    signal(&follower, "-TERM");
+    let exit = wait_exit(&mut follower);
+    let out = follower.into_inner().wait_with_output().unwrap();
+    assert_eq!(exit.code(), Some(0), "{}", stderr(&out));
+    let lines = json_lines(&out);
+    assert!(
+        lines.iter().any(|l| l["event"] == "reconnecting"),
+        "{lines:?}"
+    );
+    let reference = Command::new(env!("CARGO_BIN_EXE_projectionist"))
+        .current_dir(env.path(""))
+        .args([
+            "--quiet",
+            "--store",
+            &url,
+            "--dir",
+            "reference",
+            "--config",
+            "projections.toml",
+            "rebuild",
+        ])
+        .output()
+        .unwrap();
+    assert!(reference.status.success(), "{}", stderr(&reference));
+    for name in DEMO {
+        let digest = |dir: &str| {
+            let conn = Connection::open(env.path(&format!("{dir}/{name}.db"))).unwrap();
+            projectionist::projection_digest(&conn, projectionist::DigestScope::ProjectionTables)
+                .unwrap()
+        };
+        assert!(
+            digest("projections") == digest("reference"),
+            "{name} equals a rebuild"
+        );
+    }
+}
