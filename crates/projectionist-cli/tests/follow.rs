@@ -217,35 +217,27 @@ fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
     }
 }
 
-/// The digests of the demo projections rebuilt from scratch into a directory
-/// of their own, from the log as it is now.
-fn fresh_digests(env: &Env) -> Vec<String> {
-    let out = env.run_bare(&[
-        "--quiet",
-        "--store",
-        "events.db",
-        "--dir",
-        "reference",
-        "--config",
-        "projections.toml",
-        "rebuild",
-    ]);
+/// The digests of the demo projections rebuilt from scratch from `store` into
+/// a directory of their own, from the log as it is now.
+fn fresh_digests(env: &Env, store: &str) -> Vec<String> {
+    let out = env
+        .command_with(store, "reference", &["--quiet", "rebuild"])
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
-    ["order_summary", "customer_stats"]
-        .iter()
-        .map(|name| {
-            let conn = Connection::open(env.path(&format!("reference/{name}.db"))).unwrap();
-            projectionist::projection_digest(&conn, projectionist::DigestScope::ProjectionTables)
-                .unwrap()
-        })
-        .collect()
+    digests_in(env, "reference")
 }
 
+/// The digests of the demo projections the follower built.
 fn digests(env: &Env) -> Vec<String> {
-    ["order_summary", "customer_stats"]
-        .iter()
+    digests_in(env, "projections")
+}
+
+/// The digests of the demo projections' own tables in directory `dir`.
+fn digests_in(env: &Env, dir: &str) -> Vec<String> {
+    DEMO.iter()
         .map(|name| {
-            let conn = Connection::open(env.path(&format!("projections/{name}.db"))).unwrap();
+            let conn = Connection::open(env.path(&format!("{dir}/{name}.db"))).unwrap();
             projectionist::projection_digest(&conn, projectionist::DigestScope::ProjectionTables)
                 .unwrap()
         })
@@ -296,7 +288,10 @@ fn follow_applies_appends_of_another_process_and_sigterm_exits_0() {
             .unwrap();
         assert_eq!(result["checkpoint"], head);
     }
-    assert!(digests(&env) == fresh_digests(&env), "follower = rebuild");
+    assert!(
+        digests(&env) == fresh_digests(&env, "events.db"),
+        "follower = rebuild"
+    );
     let rows = status(&env);
     assert!(rows.iter().all(|r| r["state"] == "current"), "{rows:?}");
 }
@@ -351,7 +346,7 @@ fn seeded_sigkills_of_the_follower_while_two_processes_append_lose_and_repeat_no
     signal(&follower, "-TERM");
     assert_eq!(wait_exit(&mut follower).code(), Some(0));
     assert!(
-        digests(&env) == fresh_digests(&env),
+        digests(&env) == fresh_digests(&env, "events.db"),
         "after {kills} kills (seed {seed}) the projections differ from a rebuild"
     );
 }
@@ -557,22 +552,7 @@ fn postgres_follower_sigkilled_beside_late_and_rolled_back_appends_loses_nothing
     let url = schema.url();
     let env = Env::new();
     env.write_config(common::DEMO_CONFIG);
-    let command_in = |dir: &str, args: &[&str]| {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_projectionist"));
-        command
-            .current_dir(env.path(""))
-            .args([
-                "--store",
-                &url,
-                "--dir",
-                dir,
-                "--config",
-                "projections.toml",
-            ])
-            .args(args);
-        command
-    };
-    let command = |args: &[&str]| command_in("projections", args);
+    let command = |args: &[&str]| env.command_with(&url, "projections", args);
     let out = command(&["--quiet", "demo", "--events", "500"])
         .output()
         .unwrap();
@@ -656,21 +636,10 @@ fn postgres_follower_sigkilled_beside_late_and_rolled_back_appends_loses_nothing
     }
     signal(&follower, "-TERM");
     assert_eq!(wait_exit(&mut follower).code(), Some(0));
-    let out = command_in("reference", &["--quiet", "rebuild"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
-    for name in DEMO {
-        let digest = |dir: &str| {
-            let conn = Connection::open(env.path(&format!("{dir}/{name}.db"))).unwrap();
-            projectionist::projection_digest(&conn, projectionist::DigestScope::ProjectionTables)
-                .unwrap()
-        };
-        assert!(
-            digest("projections") == digest("reference"),
-            "{name}: after {kills} kills (seed {seed}) the follower differs from a rebuild"
-        );
-    }
+    assert!(
+        digests(&env) == fresh_digests(&env, &url),
+        "after {kills} kills (seed {seed}) the follower differs from a rebuild"
+    );
 }
 
 /// A projection's state as `status --json` in another process reports it.
@@ -698,21 +667,7 @@ fn a_postgres_follower_reconnects_after_its_connection_is_killed() {
     let follower_url = format!("{url}&application_name={app}");
     let env = Env::new();
     env.write_config(common::DEMO_CONFIG);
-    let command = |url: &str, args: &[&str]| {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_projectionist"));
-        command
-            .current_dir(env.path(""))
-            .args([
-                "--store",
-                url,
-                "--dir",
-                "projections",
-                "--config",
-                "projections.toml",
-            ])
-            .args(args);
-        command
-    };
+    let command = |url: &str, args: &[&str]| env.command_with(url, "projections", args);
     let out = command(&url, &["--quiet", "demo", "--events", "300"])
         .output()
         .unwrap();
@@ -756,30 +711,8 @@ fn a_postgres_follower_reconnects_after_its_connection_is_killed() {
         lines.iter().any(|l| l["event"] == "reconnecting"),
         "{lines:?}"
     );
-    let reference = Command::new(env!("CARGO_BIN_EXE_projectionist"))
-        .current_dir(env.path(""))
-        .args([
-            "--quiet",
-            "--store",
-            &url,
-            "--dir",
-            "reference",
-            "--config",
-            "projections.toml",
-            "rebuild",
-        ])
-        .output()
-        .unwrap();
-    assert!(reference.status.success(), "{}", stderr(&reference));
-    for name in DEMO {
-        let digest = |dir: &str| {
-            let conn = Connection::open(env.path(&format!("{dir}/{name}.db"))).unwrap();
-            projectionist::projection_digest(&conn, projectionist::DigestScope::ProjectionTables)
-                .unwrap()
-        };
-        assert!(
-            digest("projections") == digest("reference"),
-            "{name} equals a rebuild"
-        );
-    }
+    assert!(
+        digests(&env) == fresh_digests(&env, &url),
+        "the follower equals a rebuild"
+    );
 }

@@ -27,14 +27,19 @@ impl Env {
     }
     /// The binary with `--store`, `--dir` and `--config` inside the temp dir.
     pub fn command(&self, args: &[&str]) -> Command {
+        self.command_with("events.db", "projections", args)
+    }
+    /// The binary with this `--store` and `--dir`, and `--config
+    /// projections.toml`, inside the temp dir.
+    pub fn command_with(&self, store: &str, dir: &str, args: &[&str]) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_projectionist"));
         command
             .current_dir(self.tmp.path())
             .args([
                 "--store",
-                "events.db",
+                store,
                 "--dir",
-                "projections",
+                dir,
                 "--config",
                 "projections.toml",
             ])
