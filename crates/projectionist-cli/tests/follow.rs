@@ -161,16 +161,17 @@ fn signal(child: &Child, signal: &str) {
 /// Waits until `status` in another process reports every named projection
 /// `following` (the follower is past its start: its signal handler is set).
 fn wait_following(env: &Env, names: &[&str]) {
+    wait_following_by(&|args: &[&str]| env.command(args), names);
+}
+
+/// As [`wait_following`], with `status` run by `command`.
+fn wait_following_by(command: &dyn Fn(&[&str]) -> Command, names: &[&str]) {
     let deadline = Instant::now() + WAIT_MAX;
-    loop {
-        let rows = status(env);
-        if names
-            .iter()
-            .all(|name| row(&rows, name)["state"] == "following")
-        {
-            return;
-        }
-        assert!(Instant::now() < deadline, "never following: {rows:?}");
+    while !names
+        .iter()
+        .all(|name| status_of(command, name) == "following")
+    {
+        assert!(Instant::now() < deadline, "never following");
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -626,14 +627,7 @@ fn postgres_follower_sigkilled_beside_late_and_rolled_back_appends_loses_nothing
         .map(Reaped::new)
         .unwrap();
     wait_for(&env, &DEMO, head.cast_unsigned());
-    let deadline = Instant::now() + WAIT_MAX;
-    while !DEMO
-        .iter()
-        .all(|name| status_of(&command, name) == "following")
-    {
-        assert!(Instant::now() < deadline, "never following");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_following_by(&command, &DEMO);
     signal(&follower, "-TERM");
     assert_eq!(wait_exit(&mut follower).code(), Some(0));
     assert!(
@@ -678,15 +672,7 @@ fn a_postgres_follower_reconnects_after_its_connection_is_killed() {
         .spawn()
         .map(Reaped::new)
         .unwrap();
-    let status_command = |args: &[&str]| command(&url, args);
-    let deadline = Instant::now() + WAIT_MAX;
-    while !DEMO
-        .iter()
-        .all(|name| status_of(&status_command, name) == "following")
-    {
-        assert!(Instant::now() < deadline, "never following");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_following_by(&|args: &[&str]| command(&url, args), &DEMO);
     let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
     let killed: i64 = client
         .query_one(
