@@ -13,8 +13,8 @@ use crate::error::{Error, Result};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DigestScope {
     /// Every table, including `_checkpoint` (but not the run record
-    /// `_projectionist_run`: when and by which process a run happened is not
-    /// content).
+    /// `_projectionist_run` nor the version stamp `_projectionist_version`:
+    /// when and by which process a run or publish happened is not content).
     All,
     /// The projection's own tables: everything but `_checkpoint` and internal
     /// `_projectionist_*` tables.
@@ -38,7 +38,7 @@ pub fn projection_digest(conn: &Connection, scope: DigestScope) -> Result<String
         .map_err(Error::sqlite(step()))?;
     let mut hasher = Sha256::new();
     for table in tables {
-        if table == crate::outcome::RUN_TABLE {
+        if table == crate::outcome::RUN_TABLE || table == crate::versions::VERSION_TABLE {
             continue;
         }
         let internal = crate::dir::is_reserved_table(&table);

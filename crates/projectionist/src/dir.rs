@@ -82,6 +82,8 @@ pub struct ScannedFile {
 pub struct ProjectionDir {
     path: PathBuf,
     open: Mutex<HashMap<ProjectionName, Arc<ProjectionDb>>>,
+    /// Open shadows (see `versions.rs`), each covered by its live file's lock.
+    shadows: Mutex<HashMap<ProjectionName, Arc<ProjectionDb>>>,
 }
 
 impl ProjectionDir {
@@ -95,6 +97,7 @@ impl ProjectionDir {
         Ok(ProjectionDir {
             path,
             open: Mutex::new(HashMap::new()),
+            shadows: Mutex::new(HashMap::new()),
         })
     }
 
@@ -116,6 +119,7 @@ impl ProjectionDir {
         Ok(ProjectionDir {
             path,
             open: Mutex::new(HashMap::new()),
+            shadows: Mutex::new(HashMap::new()),
         })
     }
 
@@ -157,10 +161,10 @@ impl ProjectionDir {
                 // A `-wal` left beside a missing database would be replayed into the
                 // new, empty file and bring old rows back. Only the lock holder gets here.
                 remove_sidecars(&path)?;
-                open_projection(&path, true)?
+                open_projection(&path, true, None)?
             }
-            Some(FileKind::Empty) => open_projection(&path, true)?,
-            Some(FileKind::Projection) => open_projection(&path, false)?,
+            Some(FileKind::Empty) => open_projection(&path, true, None)?,
+            Some(FileKind::Projection) => open_projection(&path, false, None)?,
             Some(FileKind::NotAProjection(reason)) => {
                 return Err(Error::NotAProjection { path, reason });
             }
@@ -168,12 +172,10 @@ impl ProjectionDir {
                 return Err(Error::CorruptProjection { path, reason });
             }
         };
-        let db = Arc::new(ProjectionDb {
-            name: name.clone(),
-            path,
-            writer: Mutex::new(Some(conn)),
-            lock: Mutex::new(Some(lock)),
-        });
+        // A publish or rollback that crashed is finished or undone before
+        // anything else happens to the projection.
+        crate::versions::recover(&self.path, &name, &conn)?;
+        let db = Arc::new(ProjectionDb::new(name.clone(), path, conn, Some(lock)));
         open.insert(name, Arc::clone(&db));
         Ok(db)
     }
@@ -357,7 +359,8 @@ impl ProjectionDir {
     pub fn close(self) -> Result<()> {
         let mut open = self.lock_open();
         let mut first_error = None;
-        for (_, db) in open.drain() {
+        let shadows: Vec<_> = self.lock_shadows().drain().collect();
+        for (_, db) in shadows.into_iter().chain(open.drain()) {
             if let Err(e) = db.close_inner() {
                 first_error.get_or_insert(e);
             }
@@ -373,11 +376,20 @@ impl ProjectionDir {
         self.path.join(format!(".{name}.lock"))
     }
 
-    /// Deletes a projection's file, sidecars and lock file; the caller holds the lock.
+    /// Deletes a projection's file, sidecars, other versions (shadow, previous)
+    /// and lock file; the caller holds the lock.
     fn delete_files(&self, name: &ProjectionName) -> Result<()> {
+        if let Some(shadow) = self.lock_shadows().remove(name) {
+            shadow.close_inner()?;
+        }
         let path = self.db_path(name);
         remove_file_if_exists(&path)?;
         remove_sidecars(&path)?;
+        let versions = crate::versions::VersionFiles::of(&self.path, name);
+        for other in [&versions.shadow, &versions.previous, &versions.previous_new] {
+            remove_file_if_exists(other)?;
+            remove_sidecars(other)?;
+        }
         remove_file_if_exists(&self.lock_path(name))
     }
 
@@ -418,6 +430,12 @@ impl ProjectionDir {
     fn lock_open(&self) -> MutexGuard<'_, HashMap<ProjectionName, Arc<ProjectionDb>>> {
         self.open.lock().unwrap_or_else(PoisonError::into_inner)
     }
+
+    pub(crate) fn lock_shadows(
+        &self,
+    ) -> MutexGuard<'_, HashMap<ProjectionName, Arc<ProjectionDb>>> {
+        self.shadows.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 /// One open projection: its file, its single writer connection and its lock.
@@ -430,6 +448,20 @@ pub struct ProjectionDb {
 }
 
 impl ProjectionDb {
+    pub(crate) fn new(
+        name: ProjectionName,
+        path: PathBuf,
+        conn: Connection,
+        lock: Option<File>,
+    ) -> Self {
+        ProjectionDb {
+            name,
+            path,
+            writer: Mutex::new(Some(conn)),
+            lock: Mutex::new(lock),
+        }
+    }
+
     /// The projection's name.
     #[must_use]
     pub fn name(&self) -> &ProjectionName {
@@ -490,7 +522,7 @@ impl ProjectionDb {
 
     /// Closes the writer and hands back the lock, so the caller decides when to
     /// release it (after deleting files, for `remove`).
-    fn close_inner(&self) -> Result<Option<File>> {
+    pub(crate) fn close_inner(&self) -> Result<Option<File>> {
         let conn = self
             .writer
             .lock()
@@ -541,7 +573,11 @@ pub(crate) fn write_transaction<T>(
 /// `_checkpoint` table. A new file gets [`APPLICATION_ID`] before it switches to
 /// WAL, so the mark is in the file's header at once; a file of an earlier version
 /// gets it now. A file SQLite cannot read is [`Error::CorruptProjection`].
-fn open_projection(path: &Path, new: bool) -> Result<Connection> {
+pub(crate) fn open_projection(
+    path: &Path,
+    new: bool,
+    page_size: Option<i64>,
+) -> Result<Connection> {
     let step = || format!("open projection file {}", path.display());
     let corrupt = |source: rusqlite::Error| match corruption(&source) {
         Some(reason) => Error::CorruptProjection {
@@ -553,6 +589,11 @@ fn open_projection(path: &Path, new: bool) -> Result<Connection> {
     let conn = Connection::open(path).map_err(Error::sqlite(step()))?;
     conn.busy_timeout(Duration::from_millis(u64::from(START_BUSY_TIMEOUT_MS)))
         .map_err(Error::sqlite(step()))?;
+    if let (true, Some(page_size)) = (new, page_size) {
+        // Before the first write, which fixes the page size of the file.
+        conn.pragma_update(None, "page_size", page_size)
+            .map_err(Error::sqlite(step()))?;
+    }
     let application_id: i32 = conn
         .pragma_query_value(None, "application_id", |row| row.get(0))
         .map_err(corrupt)?;
@@ -810,7 +851,7 @@ fn refuse_symlink(path: &Path) -> Result<()> {
     }
 }
 
-fn refuse_symlinked_sidecars(db_path: &Path) -> Result<()> {
+pub(crate) fn refuse_symlinked_sidecars(db_path: &Path) -> Result<()> {
     refuse_symlink(db_path)?;
     for suffix in SIDECARS {
         refuse_symlink(&sidecar(db_path, suffix))?;
@@ -818,7 +859,7 @@ fn refuse_symlinked_sidecars(db_path: &Path) -> Result<()> {
     Ok(())
 }
 
-fn sidecar(db_path: &Path, suffix: &str) -> PathBuf {
+pub(crate) fn sidecar(db_path: &Path, suffix: &str) -> PathBuf {
     let mut name = db_path.as_os_str().to_owned();
     name.push(suffix);
     PathBuf::from(name)
@@ -839,14 +880,14 @@ fn same_file(_file: &File, path: &Path) -> bool {
     path.exists()
 }
 
-fn remove_sidecars(db_path: &Path) -> Result<()> {
+pub(crate) fn remove_sidecars(db_path: &Path) -> Result<()> {
     for suffix in SIDECARS {
         remove_file_if_exists(&sidecar(db_path, suffix))?;
     }
     Ok(())
 }
 
-fn remove_file_if_exists(path: &Path) -> Result<()> {
+pub(crate) fn remove_file_if_exists(path: &Path) -> Result<()> {
     match fs::remove_file(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),

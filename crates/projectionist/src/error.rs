@@ -256,6 +256,34 @@ pub enum Error {
         source: std::sync::Arc<Error>,
     },
 
+    /// A publish or rollback that cannot go ahead: no shadow or previous version
+    /// to publish, a shadow behind the live file, or files that cannot be copied
+    /// into each other. The live projection is unchanged.
+    #[error("projection {name}: {reason}")]
+    Version {
+        /// The projection.
+        name: String,
+        /// What stands in the way.
+        reason: String,
+    },
+
+    /// Not enough free disk space for a shadow rebuild or a publish; nothing was
+    /// written.
+    #[error(
+        "not enough free disk space in {} to {step}: {needed} bytes needed, {available} available",
+        path.display()
+    )]
+    DiskSpace {
+        /// What needed the space.
+        step: String,
+        /// The directory.
+        path: PathBuf,
+        /// Bytes needed.
+        needed: u64,
+        /// Bytes free for this process.
+        available: u64,
+    },
+
     /// An error from a store or checkpoint implemented outside this crate.
     #[error("{step}: {source}")]
     External {

@@ -82,6 +82,7 @@ mod progress;
 mod reader;
 mod rebuild;
 mod store;
+mod versions;
 
 pub use checkpoint::{Checkpoint, SqliteCheckpoint};
 pub use digest::{DigestScope, projection_digest};
@@ -103,6 +104,9 @@ pub use rebuild::{
 };
 pub use store::{
     EventTableMapping, MemoryEventStore, SqliteEventStore, StreamAppend, plain_identifier,
+};
+pub use versions::{
+    PublishHookFn, PublishOptions, PublishStep, Published, VersionFiles, VersionInfo, version_info,
 };
 
 /// Re-export of the SQLite driver whose `Transaction` handlers receive.

@@ -55,6 +55,13 @@ pub const BUSY_TIMEOUT_MS: u32 = 10_000;
 /// this short wait it fails alone ("database is locked") and the others go on.
 pub const START_BUSY_TIMEOUT_MS: u32 = 200;
 
+/// How long a publish waits for readers to leave the old snapshot so that it
+/// can move the live file's `-wal` (a whole copy of the projection after a
+/// publish) into the main file and truncate it, in milliseconds. Best effort:
+/// if readers stay, SQLite's automatic checkpoints do it later; a longer wait
+/// would only delay the end of the publish, never a reader.
+pub const PUBLISH_CHECKPOINT_BUSY_MS: u64 = 1_000;
+
 /// Longest table or column name in an event table mapping, in bytes:
 /// PostgreSQL's identifier limit (`NAMEDATALEN` - 1), so a mapping valid for
 /// one store is valid for the other.
