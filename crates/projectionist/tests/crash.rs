@@ -11,7 +11,11 @@
 //! - random SIGKILLs (seeded; `PROJECTIONIST_SEED` replays, and
 //!   `PROJECTIONIST_KILL_ITERATIONS` scales the soak, default 50);
 //! - a second process cannot open a projection for writing while one holds it;
-//! - a projection left with a hot `-wal` by a crashed writer is removed cleanly.
+//! - a projection left with a hot `-wal` by a crashed writer is removed cleanly;
+//! - a publish (and a rollback) aborted after each of its steps, and SIGKILLed
+//!   at random moments of back-to-back rollbacks: the next open leaves the live
+//!   file exactly the old or the new version (digests), the kept previous
+//!   version the other one, and no half-made copy behind.
 //!
 //! `harness = false`: this file has its own `main`, and prints the runner's
 //! closing line itself.
@@ -27,8 +31,8 @@ use std::time::{Duration, Instant};
 use common::{BankHandler, bank_store, config};
 use projectionist::{
     BatchStep, CheckpointLocation, DigestScope, Error, ProjectionDir, ProjectionTarget,
-    RebuildConfig, RebuildOptions, SqliteCheckpoint, SqliteEventStore, projection_digest, rebuild,
-    resume,
+    PublishOptions, PublishStep, RebuildConfig, RebuildOptions, SqliteCheckpoint, SqliteEventStore,
+    VersionFiles, projection_digest, rebuild, resume,
 };
 
 const CHILD_ENV: &str = "PROJECTIONIST_CHILD";
@@ -51,7 +55,7 @@ fn main() {
         .skip(1)
         .filter(|a| !a.starts_with('-'))
         .collect();
-    let tests: [(&str, TestFn); 6] = [
+    let tests: [(&str, TestFn); 8] = [
         (
             "second_process_gets_the_lock_error",
             second_process_gets_the_lock_error,
@@ -75,6 +79,14 @@ fn main() {
         (
             "random_sigkills_resume_to_the_same_digest",
             random_sigkills_resume_to_the_same_digest,
+        ),
+        (
+            "publish_and_rollback_crash_points_leave_one_whole_version",
+            publish_and_rollback_crash_points_leave_one_whole_version,
+        ),
+        (
+            "random_sigkills_of_swaps_leave_one_whole_version",
+            random_sigkills_of_swaps_leave_one_whole_version,
         ),
     ];
     let (mut passed, mut failed) = (0, 0);
@@ -139,6 +151,31 @@ fn child(role: &str) {
             std::process::abort();
         }
         "rebuild" | "resume" => run_bank_child(role, &args),
+        "publish" | "rollback" => {
+            let dir = ProjectionDir::open(&args[0]).unwrap();
+            let crash_at = args[1].clone();
+            let hook = move |_: &str, step: PublishStep| {
+                if step.as_str() == crash_at {
+                    std::process::abort();
+                }
+            };
+            let options = PublishOptions::new().step_hook(&hook);
+            if role == "publish" {
+                dir.shadow("bank").unwrap();
+                dir.publish("bank", "bank", &options).unwrap();
+            } else {
+                dir.rollback("bank", "bank", &options).unwrap();
+            }
+        }
+        "swap-forever" => {
+            let dir = ProjectionDir::open(&args[0]).unwrap();
+            println!("started");
+            std::io::stdout().flush().unwrap();
+            loop {
+                dir.rollback("bank", "bank", &PublishOptions::default())
+                    .unwrap();
+            }
+        }
         other => panic!("unknown child role {other}"),
     }
 }
@@ -594,6 +631,227 @@ fn random_sigkills_resume_to_the_same_digest() -> Result<(), String> {
         return Err(format!(
             "only {mid_run} of {iterations} kills landed mid-rebuild"
         ));
+    }
+    Ok(())
+}
+
+// ------------------------------------------------------- publish and rollback
+
+/// A directory with the bank projection built from the first 1,500 events
+/// (the old version) and a finished shadow built from all 3,000 (the new one),
+/// and the digests of both.
+struct Versions {
+    _tmp: tempfile::TempDir,
+    template: PathBuf,
+    old: String,
+    new: String,
+}
+
+fn versions() -> Versions {
+    let tmp = tempfile::tempdir().unwrap();
+    // The same seed: the longer log starts with the shorter one.
+    let short = bank_store(&tmp.path().join("short.db"), 1_500, 3);
+    let full = bank_store(&tmp.path().join("full.db"), 3_000, 3);
+    let template = tmp.path().join("template");
+    let dir = ProjectionDir::open(&template).unwrap();
+    let live = dir.db("bank").unwrap();
+    rebuild(config(
+        &short,
+        &live,
+        &mut BankHandler::default(),
+        options100(),
+    ))
+    .unwrap();
+    let shadow = dir.shadow("bank").unwrap();
+    rebuild(config(
+        &full,
+        &shadow,
+        &mut BankHandler::default(),
+        options100(),
+    ))
+    .unwrap();
+    let old = common::digest(&live);
+    let new = common::digest(&shadow);
+    assert_ne!(old, new);
+    drop((live, shadow));
+    dir.close().unwrap();
+    Versions {
+        _tmp: tmp,
+        template,
+        old,
+        new,
+    }
+}
+
+fn options100() -> RebuildOptions<'static> {
+    common::options(100)
+}
+
+/// Copies the files of a closed projection directory.
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+}
+
+/// Digest of a version file's projection tables, opened afresh; `None` when
+/// the file does not exist.
+fn file_digest(path: &Path) -> Option<String> {
+    if !path.exists() {
+        return None;
+    }
+    let conn = projectionist::rusqlite::Connection::open(path).unwrap();
+    Some(projection_digest(&conn, DigestScope::ProjectionTables).unwrap())
+}
+
+/// Opens the directory as the next process would (finishing or undoing what a
+/// crash left) and returns the digests of the live file, the previous version
+/// and the shadow; fails if a half-made copy is left.
+fn after_crash(path: &Path) -> Result<(String, Option<String>, Option<String>), String> {
+    let dir = ProjectionDir::open(path).map_err(|e| e.to_string())?;
+    let live = dir.db("bank").map_err(|e| e.to_string())?;
+    let files = VersionFiles::new(path, "bank").unwrap();
+    if files.previous_new.exists() {
+        return Err("the copy of the live file was left behind".into());
+    }
+    let digests = (
+        common::digest(&live),
+        file_digest(&files.previous),
+        file_digest(&files.shadow),
+    );
+    Ok(digests)
+}
+
+fn publish_and_rollback_crash_points_leave_one_whole_version() -> Result<(), String> {
+    let v = versions();
+    let mut failures = Vec::new();
+    let (old, new) = (Some(v.old.clone()), Some(v.new.clone()));
+    for step in PublishStep::ALL {
+        // Publish: before the copy commits, the old version stays live and the
+        // shadow stays publishable; after it, the new one is live, the old one kept.
+        let path = v._tmp.path().join(format!("publish-{}", step.as_str()));
+        copy_dir(&v.template, &path);
+        let status = run_child("publish", &[path_str(&path), step.as_str()]);
+        let published = !matches!(step, PublishStep::Stamped | PublishStep::PreviousCopied);
+        let expected = if published {
+            (v.new.clone(), old.clone(), None)
+        } else {
+            (v.old.clone(), None, new.clone())
+        };
+        match after_crash(&path) {
+            _ if status.signal() != Some(SIGABRT) => {
+                failures.push(format!("publish {}: no crash ({status})", step.as_str()));
+            }
+            Ok(got) if got == expected => {}
+            Ok(got) => failures.push(format!(
+                "publish {}: live/previous/shadow {got:?}, expected {expected:?}",
+                step.as_str()
+            )),
+            Err(why) => failures.push(format!("publish {}: {why}", step.as_str())),
+        }
+        if !published {
+            // What was left can still be published.
+            let dir = ProjectionDir::open(&path).unwrap();
+            dir.shadow("bank").unwrap();
+            dir.publish("bank", "bank", &PublishOptions::default())
+                .unwrap();
+            let live = dir.db("bank").unwrap();
+            if common::digest(&live) != v.new {
+                failures.push(format!("publish {}: republish differs", step.as_str()));
+            }
+        }
+        if step == PublishStep::ShadowRemoved {
+            continue; // a rollback has no shadow to remove
+        }
+        // Rollback of a published directory: live new, previous old.
+        let path = v._tmp.path().join(format!("rollback-{}", step.as_str()));
+        copy_dir(&v.template, &path);
+        {
+            let dir = ProjectionDir::open(&path).unwrap();
+            dir.shadow("bank").unwrap();
+            dir.publish("bank", "bank", &PublishOptions::default())
+                .unwrap();
+        }
+        let status = run_child("rollback", &[path_str(&path), step.as_str()]);
+        let expected = if published {
+            (v.old.clone(), new.clone(), None)
+        } else {
+            (v.new.clone(), old.clone(), None)
+        };
+        match after_crash(&path) {
+            _ if status.signal() != Some(SIGABRT) => {
+                failures.push(format!("rollback {}: no crash ({status})", step.as_str()));
+            }
+            Ok(got) if got == expected => {}
+            Ok(got) => failures.push(format!(
+                "rollback {}: live/previous/shadow {got:?}, expected {expected:?}",
+                step.as_str()
+            )),
+            Err(why) => failures.push(format!("rollback {}: {why}", step.as_str())),
+        }
+    }
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(failures.join("\n    "))
+    }
+}
+
+fn random_sigkills_of_swaps_leave_one_whole_version() -> Result<(), String> {
+    let seed: u64 = std::env::var("PROJECTIONIST_SEED")
+        .ok()
+        .map(|s| s.parse().expect("PROJECTIONIST_SEED is a number"))
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    let iterations: u32 = std::env::var("PROJECTIONIST_KILL_ITERATIONS")
+        .ok()
+        .map(|s| {
+            s.parse()
+                .expect("PROJECTIONIST_KILL_ITERATIONS is a number")
+        })
+        .unwrap_or(30);
+    println!(
+        "    swap kills: seed {seed} (replay with PROJECTIONIST_SEED={seed}), {iterations} iterations"
+    );
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let v = versions();
+    let path = v._tmp.path().join("swaps");
+    copy_dir(&v.template, &path);
+    {
+        let dir = ProjectionDir::open(&path).unwrap();
+        dir.shadow("bank").unwrap();
+        dir.publish("bank", "bank", &PublishOptions::default())
+            .unwrap();
+    }
+    let both = [v.old.clone(), v.new.clone()];
+    for iteration in 0..iterations {
+        // The same directory throughout: every kill's leftovers meet the next run.
+        let mut child = spawn_child("swap-forever", &[path_str(&path)]);
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(rng.u64(1..40)));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        let (live, previous, shadow) = after_crash(&path)
+            .map_err(|why| format!("seed {seed}, iteration {iteration}: {why}"))?;
+        let previous = previous.unwrap_or_default();
+        if !both.contains(&live)
+            || !both.contains(&previous)
+            || live == previous
+            || shadow.is_some()
+        {
+            return Err(format!(
+                "seed {seed}, iteration {iteration}: live {live}, previous {previous}, shadow {shadow:?}"
+            ));
+        }
     }
     Ok(())
 }
