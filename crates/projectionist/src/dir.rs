@@ -814,7 +814,7 @@ pub(crate) fn corruption(error: &rusqlite::Error) -> Option<String> {
 }
 
 /// A path for an SQLite `file:` URI: every byte but unreserved ones escaped.
-fn uri_path(path: &Path) -> String {
+pub(crate) fn uri_path(path: &Path) -> String {
     let mut out = String::new();
     for byte in path.as_os_str().as_encoded_bytes() {
         if byte.is_ascii_alphanumeric() || b"/._-~".contains(byte) {

@@ -85,7 +85,7 @@ mod store;
 mod versions;
 
 pub use checkpoint::{Checkpoint, SqliteCheckpoint};
-pub use digest::{DigestScope, projection_digest};
+pub use digest::{DigestScope, TableDifference, compare_projections, projection_digest};
 pub use dir::{
     APPLICATION_ID, FileKind, ProjectionDb, ProjectionDir, ProjectionFiles, ScannedFile,
     classify_file, is_corruption, is_reserved_table, quick_check,
@@ -96,7 +96,7 @@ pub use handler::{Handler, SchemaHandler};
 pub use name::ProjectionName;
 pub use outcome::{LastRun, last_run};
 pub use progress::{BatchStep, CancelToken, CommitGuardFn, Progress, ProgressFn, StepHookFn};
-pub use reader::{GlobalReader, TypedBatch};
+pub use reader::{GlobalReader, TypedBatch, UpTo};
 pub use rebuild::{
     CheckpointLocation, ProjectionTarget, RebuildConfig, RebuildOptions, RebuildResult, Start,
     follow, rebuild, rebuild_concurrent, rebuild_shared, replay_shared, resume, resume_shared,

@@ -323,3 +323,44 @@ fn a_shadow_gets_the_live_files_page_size() {
         .unwrap();
     assert_eq!(digest(&live), new);
 }
+
+#[test]
+fn a_shadow_built_up_to_the_live_checkpoint_compares_equal_until_a_row_is_edited() {
+    let t = two_versions(1_000, 1_000);
+    let dir = ProjectionDir::open(t.tmp.path().join("p")).unwrap();
+    let live = dir.db("bank").unwrap();
+    let shadow = dir.shadow("bank").unwrap();
+    let up_to = projectionist::UpTo::new(&t.store, checkpoint(&live, "bank"));
+    let config = projectionist::RebuildConfig {
+        reader: &up_to,
+        projection: projectionist::ProjectionTarget {
+            db: &shadow,
+            handler: &mut BankHandler::default(),
+            checkpoint: projectionist::CheckpointLocation::InFile,
+            consumer_id: "bank",
+        },
+        options: options(64),
+    };
+    rebuild(config).unwrap();
+    assert_eq!(checkpoint(&shadow, "bank"), 1_000);
+    let conn = live.open_reader().unwrap();
+    let same = projectionist::compare_projections(&conn, shadow.path(), 5).unwrap();
+    assert!(same.is_empty(), "{same:?}");
+
+    // A hand edit in the live file: one changed row, one extra row.
+    live.with_connection(|c| {
+        c.execute_batch(
+            "UPDATE account SET balance = balance + 1 WHERE id = 'acc-3';
+             INSERT INTO totals VALUES ('planted', 1, 1);",
+        )
+        .unwrap();
+        Ok(())
+    })
+    .unwrap();
+    let diff = projectionist::compare_projections(&conn, shadow.path(), 5).unwrap();
+    let tables: Vec<&str> = diff.iter().map(|d| d.table.as_str()).collect();
+    assert_eq!(tables, ["account", "totals"], "{diff:?}");
+    assert_eq!(diff[0].examples, ["changed ('acc-3')"]);
+    assert_eq!(diff[1].examples, ["only in first ('planted')"]);
+    assert_eq!(diff[1].rows_first, diff[1].rows_second.map(|n| n + 1));
+}
