@@ -254,7 +254,7 @@ fn differing_rows(conn: &Connection, quoted: &str, max: usize) -> rusqlite::Resu
         }
     }
     for k in &only_second {
-        if !(only_first.contains(k) && !key.is_empty()) {
+        if !only_first.contains(k) || key.is_empty() {
             examples.push(format!("only in second ({k})"));
         }
     }
