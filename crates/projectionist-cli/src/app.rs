@@ -22,6 +22,10 @@ pub(crate) const EXIT_STORE: u8 = 3;
 /// Exit code: at least one projection failed.
 pub(crate) const EXIT_PROJECTION: u8 = 4;
 
+/// Exit code: `rebuild --verify` found a projection that differs from a fresh
+/// rebuild (as `diff` and `cmp` exit 1 on a difference).
+pub(crate) const EXIT_DIFFERENT: u8 = 1;
+
 /// Exit code: interrupted by Ctrl-C at a batch boundary.
 pub(crate) const EXIT_CANCELLED: u8 = 130;
 

@@ -52,9 +52,36 @@ pub(crate) enum Command {
         seed: u64,
     },
     /// Rebuild projections from scratch (all in the config by default), reading the log once.
+    ///
+    /// A projection that is already built keeps serving readers while its new
+    /// version is built in a shadow file beside it; the new version replaces
+    /// it in one transaction when complete, and the replaced one is kept for
+    /// `rollback`.
     Rebuild {
         /// Projections to rebuild.
         names: Vec<String>,
+        /// Reset and replay the live file itself: readers see the projection
+        /// empty and refilling until the rebuild ends (no shadow, no extra disk).
+        #[arg(long, conflicts_with_all = ["verify", "no_keep_previous"])]
+        in_place: bool,
+        /// Do not keep the replaced version (no rollback; saves its disk space).
+        #[arg(long)]
+        no_keep_previous: bool,
+        /// Build the shadow up to the live projection's checkpoint and compare
+        /// the two table by table (rows, digests, differing rows by primary
+        /// key); publish nothing. Exits 1 when they differ.
+        #[arg(long)]
+        verify: bool,
+        /// With --verify: when nothing differs, catch the shadow up and publish it.
+        #[arg(long, requires = "verify")]
+        publish_if_equal: bool,
+    },
+    /// Restore the version a rebuild replaced (kept beside the live file), in
+    /// one transaction; the replaced version is kept in turn, so a second
+    /// rollback undoes the first.
+    Rollback {
+        /// The projection.
+        name: String,
     },
     /// Keep projections current: catch up, then apply new events as they are
     /// appended, until SIGINT or SIGTERM (exits 0 after committing).

@@ -177,7 +177,11 @@ pub(crate) fn run_demo(cli: &Cli, n_events: u64, seed: u64) -> Result<(), Failur
     let selected: Vec<&SqlProjection> = config.projections.iter().collect();
     let started = Instant::now();
     let hint = command_hint(cli, true, "resume");
-    let results = replay(cli, store.reader(), &dir, &selected, false, &hint)?;
+    let plan = crate::replay::Plan::Rebuild {
+        in_place: false,
+        keep_previous: true,
+    };
+    let results = replay(cli, store.reader(), &dir, &selected, plan, &hint)?;
     let seconds = started.elapsed().as_secs_f64();
     if cli.quiet {
         return Ok(());

@@ -22,7 +22,9 @@ use crate::app::{
 };
 use crate::args::Cli;
 use crate::metrics::{Metrics, Observed, Server};
-use crate::replay::{Opened, open_selected, report, targets};
+use crate::replay::{
+    Opened, Plan, open_selected, publish_shadows, published_line, report, targets,
+};
 use crate::ui;
 
 /// How often `--json` prints a `status` line per projection (and the terminal
@@ -48,19 +50,21 @@ pub(crate) fn run_follow(
     let selected = select(&config, names)?;
     let store = open_store(cli, false, &config)?;
     let dir = open_dir(cli, false)?;
+    let head = store
+        .reader()
+        .head()
+        .map_err(|e| fail(EXIT_STORE)(e.into()))?;
+    let opened = open_selected(cli, &dir, &selected, Plan::Resume, Some(head));
     let Opened {
         selected,
         dbs,
         starts,
         errors,
-    } = open_selected(cli, &dir, &selected, true);
+        ..
+    } = shadows_first(cli, store.reader(), &dir, opened, &stop);
     for e in &errors {
         tracing::error!(error = %ui::escape_controls(&crate::app::error_text(e)), "a projection cannot be opened");
     }
-    let head = store
-        .reader()
-        .head()
-        .map_err(|e| fail(EXIT_STORE)(e.into()))?;
     let metrics = Arc::new(Metrics::new(max_lag));
     let _server = match metrics_addr {
         Some(addr) => {
@@ -165,11 +169,120 @@ pub(crate) fn run_follow(
     report(
         cli,
         &results,
+        &[],
         &errors,
         started.elapsed().as_secs_f64(),
         &hint,
     )
     .map(|_| ())
+}
+
+/// Projections that must be rebuilt while their live files serve readers are
+/// built in their shadows first, from one read, and published; then all are
+/// followed in their live files. (Until then the others wait: the follower
+/// does not yet switch a projection to a new version while following.) A
+/// projection whose shadow fails is reported and not followed; its live file
+/// is unchanged.
+fn shadows_first<'a>(
+    cli: &Cli,
+    store: &dyn projectionist::GlobalReader<serde_json::Value>,
+    dir: &projectionist::ProjectionDir,
+    mut opened: Opened<'a>,
+    stop: &CancelToken,
+) -> Opened<'a> {
+    let building: Vec<usize> = (0..opened.selected.len())
+        .filter(|&i| opened.shadowed[i])
+        .collect();
+    if building.is_empty() {
+        return opened;
+    }
+    for &i in &building {
+        tracing::info!(projection = %opened.selected[i].name, "rebuilding in its shadow before following; the live file keeps serving");
+    }
+    let selected: Vec<_> = building.iter().map(|&i| opened.selected[i]).collect();
+    let writes: Vec<_> = building
+        .iter()
+        .map(|&i| Arc::clone(&opened.writes[i]))
+        .collect();
+    let starts: Vec<_> = building.iter().map(|&i| opened.starts[i]).collect();
+    let display = ui::Display::new(
+        cli.json,
+        cli.quiet,
+        selected.iter().map(|p| p.name.as_str()),
+        store.head().unwrap_or(0),
+    );
+    let progress = |p: &Progress| display.progress(p);
+    let options = RebuildOptions {
+        batch_size: cli.batch_size,
+        commit_interval: projectionist::limits::COMMIT_INTERVAL_DEFAULT,
+        progress: Some(&progress),
+        cancel: Some(stop),
+        step_hook: None,
+        commit_guard: None,
+    };
+    let mut handlers: Vec<SqlHandler<'_>> = selected.iter().map(|p| SqlHandler::new(p)).collect();
+    let targets = targets(&mut handlers, &writes, &selected, &starts);
+    let results = projectionist::replay_shared(store, targets, &options);
+    display.finish();
+    let shadowed = vec![true; selected.len()];
+    let publishing = publish_shadows(dir, &selected, &results, &shadowed, true);
+    for p in &publishing.published {
+        tracing::info!(
+            projection = p.name,
+            checkpoint = p.checkpoint,
+            lock_held_ms = p.lock_held.as_secs_f64() * 1e3,
+            "published"
+        );
+        published_line(cli, p);
+    }
+    let failures = publishing.failures;
+    let failed: Vec<usize> = building
+        .iter()
+        .zip(&results)
+        .filter(|(_, r)| r.is_err())
+        .map(|(&i, _)| i)
+        .collect();
+    for (&i, result) in building.iter().zip(&results) {
+        if let Err(e) = result {
+            opened.errors.push(anyhow::anyhow!(
+                "{}: its rebuild failed; the live file is unchanged and not followed: {}",
+                opened.selected[i].name,
+                ui::escape_controls(&e.to_string())
+            ));
+        }
+    }
+    let unpublished: Vec<usize> = failures
+        .iter()
+        .map(|(name, _)| {
+            opened
+                .selected
+                .iter()
+                .position(|p| p.name.as_str() == name)
+                .expect("a selected projection")
+        })
+        .collect();
+    opened.errors.extend(failures.into_iter().map(|(_, e)| e));
+    // Published: followed from the live file, from its new checkpoint.
+    for &i in &building {
+        opened.writes[i] = Arc::clone(&opened.dbs[i]);
+        opened.shadowed[i] = false;
+        opened.starts[i] = Start::Resume;
+    }
+    let keep: Vec<bool> = (0..opened.selected.len())
+        .map(|i| !failed.contains(&i) && !unpublished.contains(&i))
+        .collect();
+    retain_by(&mut opened.selected, &keep);
+    retain_by(&mut opened.dbs, &keep);
+    retain_by(&mut opened.writes, &keep);
+    retain_by(&mut opened.shadowed, &keep);
+    retain_by(&mut opened.starts, &keep);
+    opened
+}
+
+/// Keeps the items whose flag is set.
+fn retain_by<T>(items: &mut Vec<T>, keep: &[bool]) {
+    let mut flags = keep.iter();
+    items.retain(|_| *flags.next().unwrap_or(&true));
 }
 
 /// The first wait before opening the store again after it could not be read;

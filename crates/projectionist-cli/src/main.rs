@@ -17,6 +17,7 @@ mod replay;
 mod status;
 mod store;
 mod ui;
+mod versions;
 mod worker;
 
 use std::process::ExitCode;
@@ -32,8 +33,9 @@ use demo::run_demo;
 use follow::run_follow;
 use inspect::run_inspect;
 use manage::{run_list, run_remove_all};
-use replay::run_replay;
+use replay::{Plan, run_replay};
 use status::run_status;
+use versions::{run_rollback, run_verify};
 use worker::run_worker;
 
 fn main() -> ExitCode {
@@ -61,8 +63,25 @@ fn run(cli: &Cli) -> Result<(), Failure> {
         .map_err(|e| fail(EXIT_CONFIG)(anyhow::Error::from(e).context("--batch-size")))?;
     match &cli.command {
         Command::Demo { events, seed } => run_demo(cli, *events, *seed),
-        Command::Rebuild { names } => run_replay(cli, names, false).map(|_| ()),
-        Command::Resume { names } => run_replay(cli, names, true).map(|_| ()),
+        Command::Rebuild {
+            names,
+            in_place,
+            no_keep_previous,
+            verify,
+            publish_if_equal,
+        } => {
+            if *verify {
+                run_verify(cli, names, *publish_if_equal, !*no_keep_previous)
+            } else {
+                let plan = Plan::Rebuild {
+                    in_place: *in_place,
+                    keep_previous: !*no_keep_previous,
+                };
+                run_replay(cli, names, plan)
+            }
+        }
+        Command::Rollback { name } => run_rollback(cli, name),
+        Command::Resume { names } => run_replay(cli, names, Plan::Resume),
         Command::Follow {
             names,
             metrics,

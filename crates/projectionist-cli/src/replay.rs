@@ -1,6 +1,8 @@
 //! `rebuild` and `resume`: open the selected projections (a corrupt one is moved
-//! aside and rebuilt), decide each one's start, run them from one read of the
-//! log with progress, and report.
+//! aside and rebuilt), decide each one's start and which file it is built in
+//! (a projection that serves readers is rebuilt in its shadow and published
+//! when complete), run them from one read of the log with progress, publish,
+//! and report. `rebuild --verify` compares a shadow with the live file.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -8,7 +10,8 @@ use std::time::Instant;
 use anyhow::{Context, anyhow};
 use projectionist::{
     CancelToken, CheckpointLocation, Error, GlobalReader, ProjectionDb, ProjectionDir,
-    ProjectionTarget, RebuildOptions, RebuildResult, Start, quick_check, replay_shared,
+    ProjectionTarget, PublishOptions, Published, RebuildOptions, RebuildResult, SqliteCheckpoint,
+    Start, VersionFiles, quick_check, replay_shared, version_info,
 };
 use projectionist_sqlview::{SqlHandler, SqlProjection};
 
@@ -19,17 +22,27 @@ use crate::app::{
 use crate::args::Cli;
 use crate::ui;
 
-pub(crate) fn run_replay(
-    cli: &Cli,
-    names: &[String],
-    resume: bool,
-) -> Result<Vec<RebuildResult>, Failure> {
+/// How a run treats projections that must be built from scratch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Plan {
+    /// `rebuild`: every projection from scratch. One whose live file serves a
+    /// built projection is built in its shadow and published when complete,
+    /// unless `in_place`.
+    Rebuild { in_place: bool, keep_previous: bool },
+    /// `resume`, `follow`: from the checkpoints. A stale projection is rebuilt
+    /// in its shadow; an interrupted shadow rebuild continues.
+    Resume,
+    /// `worker`: as `Resume`, but a stale projection is rebuilt in place.
+    ResumeInPlace,
+}
+
+pub(crate) fn run_replay(cli: &Cli, names: &[String], plan: Plan) -> Result<(), Failure> {
     let config = load_config(cli, false)?;
     let selected = select(&config, names)?;
     let store = open_store(cli, false, &config)?;
     let dir = open_dir(cli, false)?;
     let hint = command_hint(cli, false, "resume");
-    replay(cli, store.reader(), &dir, &selected, resume, &hint)
+    replay(cli, store.reader(), &dir, &selected, plan, &hint).map(|_| ())
 }
 
 /// Rebuilds (or resumes) the selected projections with one shared read per group,
@@ -39,20 +52,22 @@ pub(crate) fn replay(
     store: &dyn GlobalReader<serde_json::Value>,
     dir: &ProjectionDir,
     selected: &[&SqlProjection],
-    resume: bool,
+    plan: Plan,
     hint: &str,
 ) -> Result<Vec<RebuildResult>, Failure> {
+    let head = store.head().map_err(|e| fail(EXIT_STORE)(e.into()))?;
     let Opened {
         selected,
-        dbs,
+        dbs: _,
+        writes,
+        shadowed,
         starts,
-        errors: open_errors,
-    } = open_selected(cli, dir, selected, resume);
+        errors: mut open_errors,
+    } = open_selected(cli, dir, selected, plan, Some(head));
     let cancel = CancelToken::new();
     let handler_token = cancel.clone();
     // Ignore a failure to install the handler (e.g. one already installed in tests).
     let _ = ctrlc::set_handler(move || handler_token.cancel());
-    let head = store.head().map_err(|e| fail(EXIT_STORE)(e.into()))?;
     let display = ui::Display::new(
         cli.json,
         cli.quiet,
@@ -71,13 +86,20 @@ pub(crate) fn replay(
     let mut handlers: Vec<SqlHandler<'_>> = selected.iter().map(|p| SqlHandler::new(p)).collect();
     // One read of the log for all: stale projections start from scratch, the
     // others from their checkpoints.
-    let targets = targets(&mut handlers, &dbs, &selected, &starts);
+    let targets = targets(&mut handlers, &writes, &selected, &starts);
     let started = Instant::now();
     let results = replay_shared(store, targets, &options);
     display.finish();
+    let keep_previous = match plan {
+        Plan::Rebuild { keep_previous, .. } => keep_previous,
+        Plan::Resume | Plan::ResumeInPlace => true,
+    };
+    let publishing = publish_shadows(dir, &selected, &results, &shadowed, keep_previous);
+    open_errors.extend(publishing.failures.into_iter().map(|(_, e)| e));
     report(
         cli,
         &results,
+        &publishing.published,
         &open_errors,
         started.elapsed().as_secs_f64(),
         hint,
@@ -87,46 +109,175 @@ pub(crate) fn replay(
 /// The projections of a run, opened, each with where it starts.
 pub(crate) struct Opened<'a> {
     pub(crate) selected: Vec<&'a SqlProjection>,
+    /// The live files.
     pub(crate) dbs: Vec<Arc<ProjectionDb>>,
+    /// The files the run writes: the live file, or its shadow.
+    pub(crate) writes: Vec<Arc<ProjectionDb>>,
+    /// Whether each is built in its shadow (to be published when complete).
+    pub(crate) shadowed: Vec<bool>,
     pub(crate) starts: Vec<Start>,
     /// The projections that could not be opened: they fail alone.
     pub(crate) errors: Vec<anyhow::Error>,
 }
 
-/// Opens the selected projections. Each starts from scratch for a rebuild, or,
-/// resuming, when it was built from another definition (or never); otherwise
-/// from its checkpoint.
+/// Opens the selected projections and decides, by `plan`, where each starts
+/// and which file it is built in (`head`: the store's, when known).
 pub(crate) fn open_selected<'a>(
     cli: &Cli,
     dir: &ProjectionDir,
     selected: &[&'a SqlProjection],
-    resume: bool,
+    plan: Plan,
+    head: Option<u64>,
 ) -> Opened<'a> {
     let mut opened = Opened {
         selected: Vec::new(),
         dbs: Vec::new(),
+        writes: Vec::new(),
+        shadowed: Vec::new(),
         starts: Vec::new(),
         errors: Vec::new(),
     };
     for projection in selected {
-        let db = match open_for_run(cli, dir, projection) {
-            Ok(db) => db,
+        let decided = open_for_run(cli, dir, projection)
+            .and_then(|db| decide(dir, projection, &db, plan, head).map(|d| (db, d)));
+        let (db, (writes, start, shadowed)) = match decided {
+            Ok(decided) => decided,
             Err(e) => {
                 opened.errors.push(e);
                 continue;
             }
         };
-        let stale = !resume
-            || db
-                .with_connection(|conn| Ok(projection.needs_rebuild(conn).unwrap_or(true)))
-                .unwrap_or(true);
         opened.selected.push(projection);
         opened.dbs.push(db);
-        opened
-            .starts
-            .push(if stale { Start::Reset } else { Start::Resume });
+        opened.writes.push(writes);
+        opened.shadowed.push(shadowed);
+        opened.starts.push(start);
     }
     opened
+}
+
+/// Which file a projection is built in (live or shadow), and from where.
+///
+/// A live file that serves a built projection (checkpoint > 0) is never
+/// emptied by a rebuild: the new version goes into the shadow, published when
+/// complete. `resume` continues an interrupted shadow rebuild (or starts it
+/// over when the config changed since). A rolled-back projection whose
+/// definition differs from the config is left alone until `rebuild`. A live
+/// file whose checkpoint is past the store's head was built from another log:
+/// it has nothing to serve, and is rebuilt in place.
+fn decide(
+    dir: &ProjectionDir,
+    projection: &SqlProjection,
+    db: &Arc<ProjectionDb>,
+    plan: Plan,
+    head: Option<u64>,
+) -> anyhow::Result<(Arc<ProjectionDb>, Start, bool)> {
+    let name = projection.name.as_str();
+    let (checkpoint, stale, rolled_back) = db.with_connection(|conn| {
+        Ok((
+            SqliteCheckpoint::load_in(conn, name).unwrap_or(0),
+            projection.needs_rebuild(conn).unwrap_or(true),
+            version_info(conn).is_ok_and(|v| v.rolled_back_at.is_some()),
+        ))
+    })?;
+    let has_shadow = VersionFiles::new(dir.path(), name)?.shadow.exists();
+    let ahead = head.is_some_and(|h| checkpoint > h);
+    let context = || format!("open the shadow of projection {name}");
+    let in_shadow =
+        |start| -> anyhow::Result<_> { Ok((dir.shadow(name).with_context(context)?, start, true)) };
+    match plan {
+        Plan::Rebuild { in_place, .. } if in_place || checkpoint == 0 || ahead => {
+            if has_shadow {
+                dir.discard_shadow(name).with_context(context)?;
+            }
+            Ok((Arc::clone(db), Start::Reset, false))
+        }
+        Plan::Rebuild { .. } => in_shadow(Start::Reset),
+        Plan::Resume if has_shadow => {
+            let shadow = dir.shadow(name).with_context(context)?;
+            let shadow_stale = shadow
+                .with_connection(|conn| Ok(projection.needs_rebuild(conn).unwrap_or(true)))?;
+            let start = if shadow_stale {
+                Start::Reset
+            } else {
+                Start::Resume
+            };
+            Ok((shadow, start, true))
+        }
+        _ if stale && rolled_back => Err(anyhow!(
+            "projection {name} was rolled back to a version built from another definition \
+             than the config's; it is left as it is until you rebuild it"
+        )),
+        Plan::Resume if stale && checkpoint > 0 && !ahead => in_shadow(Start::Reset),
+        _ => {
+            let start = if stale { Start::Reset } else { Start::Resume };
+            Ok((Arc::clone(db), start, false))
+        }
+    }
+}
+
+/// What publishing the shadows of a run did.
+pub(crate) struct Publishing {
+    pub(crate) published: Vec<Published>,
+    /// The projections that could not be published (their live files are
+    /// unchanged), with why.
+    pub(crate) failures: Vec<(String, anyhow::Error)>,
+}
+
+/// Publishes every shadow whose build succeeded.
+pub(crate) fn publish_shadows(
+    dir: &ProjectionDir,
+    selected: &[&SqlProjection],
+    results: &[projectionist::Result<RebuildResult>],
+    shadowed: &[bool],
+    keep_previous: bool,
+) -> Publishing {
+    let mut publishing = Publishing {
+        published: Vec::new(),
+        failures: Vec::new(),
+    };
+    for ((projection, result), shadowed) in selected.iter().zip(results).zip(shadowed) {
+        if *shadowed && result.is_ok() {
+            let name = projection.name.as_str();
+            let options = PublishOptions::new().keep_previous(keep_previous);
+            match dir.publish(name, name, &options) {
+                Ok(published) => publishing.published.push(published),
+                Err(e) => publishing.failures.push((
+                    name.to_owned(),
+                    anyhow::Error::from(e)
+                        .context(format!("publish {name} (the live file is unchanged)")),
+                )),
+            }
+        }
+    }
+    publishing
+}
+
+/// One line per publish.
+pub(crate) fn published_line(cli: &Cli, p: &Published) {
+    if cli.json {
+        ui::json_line(&serde_json::json!({
+            "event": "published", "projection": p.name, "checkpoint": p.checkpoint,
+            "bytes": p.bytes, "lock_held_ms": p.lock_held.as_secs_f64() * 1e3,
+            "seconds": p.elapsed.as_secs_f64(), "previous_kept": p.previous_kept,
+        }));
+    } else if !cli.quiet {
+        let kept = if p.previous_kept {
+            format!(
+                "; the replaced version is kept (projectionist rollback {})",
+                p.name
+            )
+        } else {
+            String::new()
+        };
+        eprintln!(
+            "{}: published (checkpoint {}, {} bytes, write lock held {:.1} ms){kept}",
+            p.name,
+            p.checkpoint,
+            p.bytes,
+            p.lock_held.as_secs_f64() * 1e3
+        );
+    }
 }
 
 /// The engine's targets: each opened projection with its handler (one per
@@ -189,6 +340,7 @@ pub(crate) fn open_for_run(
 pub(crate) fn report(
     cli: &Cli,
     results: &[projectionist::Result<RebuildResult>],
+    published: &[Published],
     open_errors: &[anyhow::Error],
     seconds: f64,
     hint: &str,
@@ -200,6 +352,9 @@ pub(crate) fn report(
         match result {
             Ok(r) => {
                 ui::result_line(cli.json, cli.quiet, r);
+                if let Some(p) = published.iter().find(|p| p.name == r.projection_name) {
+                    published_line(cli, p);
+                }
                 ok.push(r.clone());
             }
             Err(Error::Cancelled { .. }) => cancelled = true,

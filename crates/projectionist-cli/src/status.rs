@@ -7,8 +7,8 @@ use std::path::Path;
 use anyhow::anyhow;
 use projectionist::rusqlite::{Connection, OpenFlags};
 use projectionist::{
-    FileKind, ProjectionDir, ProjectionFiles, SqliteCheckpoint, classify_file, is_corruption,
-    last_run, quick_check,
+    FileKind, ProjectionDir, ProjectionFiles, SqliteCheckpoint, VersionFiles, classify_file,
+    is_corruption, last_run, quick_check, version_info,
 };
 use projectionist_sqlview::{SqlProjection, stored_definition};
 
@@ -107,6 +107,7 @@ pub(crate) fn status_row(
         size: files.size_bytes(),
         error: None,
         last_run: None,
+        versions: ui::VersionsRow::default(),
     };
     let path = files.db.as_path();
     let troubled = |mut row: ui::StatusRow, state, reason: String| {
@@ -196,7 +197,49 @@ pub(crate) fn status_row(
         ));
     }
     row.last_run = last;
+    row.versions = versions_row(files, name);
+    if row.versions.shadow_alive && matches!(row.state, "current" | "behind" | "stale") {
+        row.state = "rebuilding";
+    }
     Ok(row)
+}
+
+/// The projection's other versions: the kept previous one and a shadow
+/// rebuild, read without locks (a publish may be under way: what cannot be
+/// read is shown as absent).
+fn versions_row(files: &ProjectionFiles, name: &str) -> ui::VersionsRow {
+    let mut row = ui::VersionsRow::default();
+    let Some(dir) = files.db.parent() else {
+        return row;
+    };
+    let Ok(versions) = VersionFiles::new(dir, name) else {
+        return row;
+    };
+    if let Ok(Some(FileKind::Projection)) = classify_file(&versions.previous) {
+        // `immutable`: no -wal or -shm is created beside it; a previous version
+        // is written whole, under the projection's lock, never in place.
+        let uri = projectionist::immutable_uri(&versions.previous);
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_URI;
+        if let Ok(conn) = Connection::open_with_flags(uri, flags) {
+            row.previous = Some(ui::PreviousRow {
+                checkpoint: SqliteCheckpoint::load_in(&conn, name).unwrap_or(0),
+                built_version: stored_definition(&conn).ok().flatten().map(|d| d.version),
+            });
+        }
+    }
+    if let Ok(Some(FileKind::Projection)) = classify_file(&versions.shadow)
+        && let Ok(conn) =
+            Connection::open_with_flags(&versions.shadow, OpenFlags::SQLITE_OPEN_READ_ONLY)
+    {
+        row.shadow_checkpoint = Some(SqliteCheckpoint::load_in(&conn, name).unwrap_or(0));
+        row.shadow_alive = last_run(&conn, name).ok().flatten().is_some_and(|l| {
+            matches!(l.state.as_str(), "running" | "resuming") && l.pid.is_none_or(process_alive)
+        });
+    }
+    if let Ok(conn) = Connection::open_with_flags(&files.db, OpenFlags::SQLITE_OPEN_READ_ONLY) {
+        row.rolled_back_at = version_info(&conn).ok().and_then(|v| v.rolled_back_at);
+    }
+    row
 }
 
 /// Whether the process that recorded a run still exists (Linux: `/proc`;

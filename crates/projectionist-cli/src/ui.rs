@@ -204,6 +204,27 @@ pub struct StatusRow {
     pub error: Option<String>,
     /// The last run recorded in the file.
     pub last_run: Option<projectionist::LastRun>,
+    /// The projection's other versions (shadow, previous).
+    pub versions: VersionsRow,
+}
+
+/// A projection's other versions, in `status`.
+#[derive(Default)]
+pub struct VersionsRow {
+    /// The version kept for `rollback`.
+    pub previous: Option<PreviousRow>,
+    /// The checkpoint of a shadow rebuild, running or interrupted.
+    pub shadow_checkpoint: Option<u64>,
+    /// A process is building the shadow now.
+    pub shadow_alive: bool,
+    /// When the live version was restored by `rollback`.
+    pub rolled_back_at: Option<String>,
+}
+
+/// The kept previous version.
+pub struct PreviousRow {
+    pub checkpoint: u64,
+    pub built_version: Option<u32>,
 }
 
 /// Prints the status rows.
@@ -221,6 +242,11 @@ pub fn status_table(json: bool, rows: &[StatusRow], head: Option<u64>) {
                 "error_event_type": event.map(|e| &e.2),
                 "last_run": r.last_run.as_ref().map(|l| &l.state),
                 "last_run_at": r.last_run.as_ref().map(|l| &l.updated_at),
+                "previous_kept": r.versions.previous.is_some(),
+                "previous_version": r.versions.previous.as_ref().and_then(|p| p.built_version),
+                "previous_checkpoint": r.versions.previous.as_ref().map(|p| p.checkpoint),
+                "rolled_back_at": r.versions.rolled_back_at,
+                "shadow_checkpoint": r.versions.shadow_checkpoint,
             }));
         }
         return;
@@ -251,6 +277,25 @@ pub fn status_table(json: bool, rows: &[StatusRow], head: Option<u64>) {
                 .map(|l| format!(" (at {})", l.updated_at))
                 .unwrap_or_default();
             out_line(&format!("  {}{when}: {}", r.state, escape_controls(error)));
+        }
+        let v = &r.versions;
+        if let Some(at) = &v.rolled_back_at {
+            out_line(&format!("  rolled back at {at}"));
+        }
+        if let Some(checkpoint) = v.shadow_checkpoint {
+            let what = if v.shadow_alive {
+                "being rebuilt beside the live file"
+            } else {
+                "an interrupted rebuild (resume continues it, rebuild starts it over)"
+            };
+            out_line(&format!("  shadow at checkpoint {checkpoint}: {what}"));
+        }
+        if let Some(p) = &v.previous {
+            out_line(&format!(
+                "  previous version kept: {} at checkpoint {} (rollback restores it)",
+                opt(p.built_version),
+                p.checkpoint
+            ));
         }
     }
 }

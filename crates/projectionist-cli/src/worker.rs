@@ -22,7 +22,7 @@ use crate::app::{
     EXIT_CANCELLED, EXIT_CONFIG, EXIT_PROJECTION, Failure, fail, load_config, open_dir, store_spec,
 };
 use crate::args::Cli;
-use crate::replay::{open_selected, targets};
+use crate::replay::{Plan, open_selected, targets};
 
 /// How long a worker waits before looking for work again when it found none.
 const IDLE_POLL: Duration = Duration::from_millis(200);
@@ -338,7 +338,7 @@ fn follow_held<'c>(
     stop: &CancelToken,
 ) -> Vec<anyhow::Result<()>> {
     let selected: Vec<&SqlProjection> = current.iter().map(|l| by_name(&l.projection)).collect();
-    let opened = open_selected(cli, dir, &selected, true);
+    let opened = open_selected(cli, dir, &selected, Plan::ResumeInPlace, None);
     let mut errors = opened.errors.into_iter();
     // Renewing the lease is the fence: a commit happens only while this worker
     // still holds the projection at its epoch.

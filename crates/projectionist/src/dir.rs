@@ -753,7 +753,7 @@ fn classify_unmarked(path: &Path) -> FileKind {
         | OpenFlags::SQLITE_OPEN_NO_MUTEX
         | OpenFlags::SQLITE_OPEN_URI;
     let look = || -> rusqlite::Result<FileKind> {
-        let uri = format!("file:{}?immutable=1", uri_path(path));
+        let uri = immutable_uri(path);
         let conn = Connection::open_with_flags(uri, flags)?;
         let application_id: i32 =
             conn.pragma_query_value(None, "application_id", |row| row.get(0))?;
@@ -811,6 +811,15 @@ pub(crate) fn corruption(error: &rusqlite::Error) -> Option<String> {
         }
         _ => None,
     }
+}
+
+/// An SQLite URI that opens `path` as `immutable` (open it with
+/// `SQLITE_OPEN_URI`): read-only, without locks, creating no `-wal` or `-shm`
+/// beside it. Only for files that nobody writes while they are read, such as a
+/// kept previous version or someone else's database being inspected.
+#[must_use]
+pub fn immutable_uri(path: &Path) -> String {
+    format!("file:{}?immutable=1", uri_path(path))
 }
 
 /// A path for an SQLite `file:` URI: every byte but unreserved ones escaped.

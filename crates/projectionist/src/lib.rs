@@ -88,7 +88,7 @@ pub use checkpoint::{Checkpoint, SqliteCheckpoint};
 pub use digest::{DigestScope, TableDifference, compare_projections, projection_digest};
 pub use dir::{
     APPLICATION_ID, FileKind, ProjectionDb, ProjectionDir, ProjectionFiles, ScannedFile,
-    classify_file, is_corruption, is_reserved_table, quick_check,
+    classify_file, immutable_uri, is_corruption, is_reserved_table, quick_check,
 };
 pub use error::{BoxError, Error, EventFailure, Result};
 pub use event::{Appended, GlobalEvent, NewEvent};
