@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, anyhow};
+use projectionist::limits::{BUSY_TIMEOUT_MS, START_BUSY_TIMEOUT_MS};
 use projectionist::{
     CancelToken, CheckpointLocation, Error, GlobalReader, ProjectionDb, ProjectionDir,
     ProjectionTarget, PublishOptions, Published, RebuildOptions, RebuildResult, SqliteCheckpoint,
@@ -183,8 +184,11 @@ fn decide(
     let has_shadow = VersionFiles::new(dir.path(), name)?.shadow.exists();
     let ahead = head.is_some_and(|h| checkpoint > h);
     let context = || format!("open the shadow of projection {name}");
-    let in_shadow =
-        |start| -> anyhow::Result<_> { Ok((dir.shadow(name).with_context(context)?, start, true)) };
+    let open_shadow = || -> anyhow::Result<Arc<ProjectionDb>> {
+        writable_now(db).with_context(|| format!("projection {name}"))?;
+        dir.shadow(name).with_context(context)
+    };
+    let in_shadow = |start| -> anyhow::Result<_> { Ok((open_shadow()?, start, true)) };
     match plan {
         Plan::Rebuild { in_place, .. } if in_place || checkpoint == 0 || ahead => {
             if has_shadow {
@@ -194,7 +198,7 @@ fn decide(
         }
         Plan::Rebuild { .. } => in_shadow(Start::Reset),
         Plan::Resume if has_shadow => {
-            let shadow = dir.shadow(name).with_context(context)?;
+            let shadow = open_shadow()?;
             let shadow_stale = shadow
                 .with_connection(|conn| Ok(projection.needs_rebuild(conn).unwrap_or(true)))?;
             let start = if shadow_stale {
@@ -251,6 +255,24 @@ pub(crate) fn publish_shadows(
         }
     }
     publishing
+}
+
+/// Fails at once when another connection holds the live file's write lock
+/// (a shell, another tool), as a run that writes the live file does at its
+/// start: a shadow rebuild would otherwise find out only when it publishes.
+fn writable_now(db: &ProjectionDb) -> anyhow::Result<()> {
+    db.with_connection(|conn| {
+        let wait = |ms: u32| conn.busy_timeout(std::time::Duration::from_millis(u64::from(ms)));
+        let sqlite = |e| Error::Sqlite {
+            step: "check that the live file can be published to".into(),
+            source: e,
+        };
+        wait(START_BUSY_TIMEOUT_MS).map_err(sqlite)?;
+        let probe = conn.execute_batch("BEGIN IMMEDIATE; ROLLBACK;");
+        wait(BUSY_TIMEOUT_MS).map_err(sqlite)?;
+        probe.map_err(sqlite)
+    })?;
+    Ok(())
 }
 
 /// One line per publish.

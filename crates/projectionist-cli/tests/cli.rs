@@ -261,12 +261,34 @@ fn changed_version_is_stale_and_rebuild_fixes_it() {
 
 #[test]
 fn sigint_stops_at_a_batch_boundary_and_resume_matches() {
+    sigint_then_resume(true);
+}
+
+/// A rebuild of a served projection builds in its shadow: interrupted, the
+/// live file is untouched (the old version, whole), and `resume` continues
+/// the shadow and publishes it.
+#[test]
+fn sigint_of_a_shadow_rebuild_leaves_the_live_file_and_resume_publishes() {
+    sigint_then_resume(false);
+}
+
+fn sigint_then_resume(in_place: bool) {
     let env = Env::new();
     env.demo_log(60_000);
     assert!(env.run(&["--quiet", "rebuild"]).status.success());
     let reference = (env.digest("order_summary"), env.digest("customer_stats"));
+    let mut args = vec!["--batch-size", "50", "--json", "rebuild"];
+    if in_place {
+        args.push("--in-place");
+    }
+    // Where the rebuild writes.
+    let written = if in_place {
+        "projections/order_summary.db"
+    } else {
+        "projections/.order_summary.shadow.db"
+    };
     let child = env
-        .command(&["--batch-size", "50", "--json", "rebuild"])
+        .command(&args)
         // Not piped: nobody reads it until the end, and a full pipe would stall
         // the progress callback before the first commit.
         .stdout(std::process::Stdio::null())
@@ -276,7 +298,11 @@ fn sigint_stops_at_a_batch_boundary_and_resume_matches() {
     // Interrupt once the rebuild is under way.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
-        let conn = Connection::open(env.path("projections/order_summary.db")).ok();
+        let conn = Connection::open_with_flags(
+            env.path(written),
+            projectionist::rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .ok();
         let checkpoint = conn
             .and_then(|c| projectionist::SqliteCheckpoint::load_in(&c, "order_summary").ok())
             .unwrap_or(0);
@@ -304,14 +330,28 @@ fn sigint_stops_at_a_batch_boundary_and_resume_matches() {
         "{}",
         stderr(&out)
     );
-    // Status, in a new process, does not call it current (issue 8, item 9).
     let status = json_lines(&env.run(&["--json", "status"]));
-    assert!(
-        status
-            .iter()
-            .all(|r| r["state"] == "interrupted" && r["last_run"] == "cancelled"),
-        "{status:?}"
-    );
+    if in_place {
+        // Status, in a new process, does not call it current (issue 8, item 9).
+        assert!(
+            status
+                .iter()
+                .all(|r| r["state"] == "interrupted" && r["last_run"] == "cancelled"),
+            "{status:?}"
+        );
+    } else {
+        // The live files still serve the whole old version; the interrupted
+        // shadows are shown, and nothing was published.
+        assert_eq!(
+            (env.digest("order_summary"), env.digest("customer_stats")),
+            reference
+        );
+        assert!(
+            status.iter().all(|r| r["state"] == "current"
+                && r["shadow_checkpoint"].as_u64().is_some_and(|c| c < 60_000)),
+            "{status:?}"
+        );
+    }
     let out = env.run(&["--quiet", "resume"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(
@@ -319,7 +359,13 @@ fn sigint_stops_at_a_batch_boundary_and_resume_matches() {
         reference
     );
     let status = json_lines(&env.run(&["--json", "status"]));
-    assert!(status.iter().all(|r| r["state"] == "current"), "{status:?}");
+    assert!(
+        status
+            .iter()
+            .all(|r| r["state"] == "current" && r["shadow_checkpoint"].is_null()),
+        "{status:?}"
+    );
+    assert!(!env.path(written).exists() || in_place);
 }
 
 /// The binary embeds its own copy of the demo config (a packaged crate cannot

@@ -978,13 +978,15 @@ fn r13_inspect_lists_event_types_and_writes_a_starter_config() {
 
 /// Item 9, across a crash: a run killed with SIGKILL leaves `running` with a
 /// process that no longer exists; `status` in a new process says
-/// `interrupted`, and `resume` in another new process finishes it.
+/// `interrupted`, and `resume` in another new process finishes it. (An
+/// in-place rebuild: a shadow rebuild leaves the live file whole, see
+/// `versions.rs`.)
 #[test]
 fn r8_9_a_killed_run_shows_as_interrupted_in_a_new_process() {
     let env = Env::new();
     env.demo_log(60_000);
     let mut child = env
-        .command(&["--quiet", "--batch-size", "50", "rebuild"])
+        .command(&["--quiet", "--batch-size", "50", "rebuild", "--in-place"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
