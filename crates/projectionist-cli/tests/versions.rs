@@ -1,0 +1,447 @@
+//! Zero-downtime rebuilds through the real binary: a reader in another process
+//! holding ONE connection while a projection is rebuilt under a new definition
+//! and published, rolled back and verified; SIGKILLs during shadow rebuilds.
+//! The reader is this test binary again (the ignored test `reader_process`).
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Env, Reaped, json_lines, stderr, stdout};
+use projectionist::rusqlite::{Connection, OpenFlags};
+
+/// `path,stop-file` of the reading process.
+const READER: &str = "PROJECTIONIST_TEST_READER";
+
+/// How often the reader asks (as an application polling its read model).
+const READ_EVERY: Duration = Duration::from_millis(2);
+
+/// What the reader asks: the orders projection's size and total.
+const QUESTION: &str = "SELECT count(*), total(total_cents) FROM orders";
+
+/// Not a test: the reading process. `PROJECTIONIST_TEST_READER` holds the
+/// projection file and a stop file. It opens ONE read-only connection (with a
+/// busy timeout, as an application would) and prints every answer, or the
+/// error, one line each, until the stop file exists.
+#[test]
+#[ignore = "a helper process for the tests below, not a test"]
+fn reader_process() {
+    let Ok(spec) = std::env::var(READER) else {
+        return;
+    };
+    let (path, stop) = spec.split_once(',').unwrap();
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+    conn.busy_timeout(Duration::from_secs(10)).unwrap();
+    println!("ready");
+    while !std::path::Path::new(stop).exists() {
+        let answer = conn.query_row(QUESTION, [], |r| {
+            Ok(format!("{} {}", r.get::<_, i64>(0)?, r.get::<_, f64>(1)?))
+        });
+        match answer {
+            Ok(answer) => println!("answer: {answer}"),
+            Err(e) => println!("answer: error: {e}"),
+        }
+        std::thread::sleep(READ_EVERY);
+    }
+}
+
+/// A reading process over `projections/order_summary.db`; stops when `stop`
+/// is created, its answers then read from its output.
+struct Reader {
+    child: Reaped,
+    stop: std::path::PathBuf,
+}
+
+impl Reader {
+    fn start(env: &Env) -> Reader {
+        let stop = env.path("stop-reader");
+        let spec = format!(
+            "{},{}",
+            env.path("projections/order_summary.db").display(),
+            stop.display()
+        );
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "reader_process",
+                "--ignored",
+                "--quiet",
+                "--nocapture",
+            ])
+            .env(READER, spec)
+            .stdout(Stdio::piped())
+            .spawn()
+            .map(Reaped::new)
+            .unwrap();
+        // Wait for its connection to be open.
+        let mut out = BufReader::new(child.stdout.as_mut().unwrap());
+        let mut line = String::new();
+        while !line.starts_with("ready") {
+            line.clear();
+            assert!(out.read_line(&mut line).unwrap() > 0, "the reader died");
+        }
+        Reader { child, stop }
+    }
+
+    /// Stops the reader; its answers.
+    fn answers(self) -> Vec<String> {
+        std::fs::write(&self.stop, "").unwrap();
+        let out = self.child.into_inner().wait_with_output().unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.strip_prefix("answer: "))
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+/// The answer to [`QUESTION`] now, on a fresh connection.
+fn answer(env: &Env) -> String {
+    let conn = Connection::open(env.path("projections/order_summary.db")).unwrap();
+    conn.query_row(QUESTION, [], |r| {
+        Ok(format!("{} {}", r.get::<_, i64>(0)?, r.get::<_, f64>(1)?))
+    })
+    .unwrap()
+}
+
+/// Version 2 of `order_summary`: every added item costs one cent more, so
+/// its totals differ from version 1's.
+fn config_v2() -> String {
+    let v2 = common::DEMO_CONFIG
+        .replacen("version = 1", "version = 2", 1)
+        .replacen(
+            "total_cents = total_cents + :qty!int * :unit_price_cents!int",
+            "total_cents = total_cents + :qty!int * :unit_price_cents!int + 1",
+            1,
+        );
+    assert_ne!(v2, common::DEMO_CONFIG);
+    v2
+}
+
+/// Every answer the reader got was one of the complete versions.
+fn assert_whole(answers: &[String], versions: &[&str], min_reads: usize) {
+    let partial: Vec<&String> = answers
+        .iter()
+        .filter(|a| !versions.contains(&a.as_str()))
+        .collect();
+    assert!(
+        partial.is_empty(),
+        "{} of {} reads were partial, empty or errors, e.g. {:?}; versions {versions:?}",
+        partial.len(),
+        answers.len(),
+        &partial[..partial.len().min(5)]
+    );
+    assert!(
+        answers.len() >= min_reads,
+        "only {} reads were taken",
+        answers.len()
+    );
+}
+
+fn status_rows(env: &Env) -> Vec<serde_json::Value> {
+    json_lines(&env.run(&["--json", "status"]))
+}
+
+fn row<'a>(rows: &'a [serde_json::Value], name: &str) -> &'a serde_json::Value {
+    rows.iter().find(|r| r["projection"] == name).unwrap()
+}
+
+#[test]
+fn a_reader_never_sees_a_partial_projection_while_a_new_version_is_built_and_published() {
+    let env = Env::new();
+    env.demo_log(150_000);
+    let v1 = answer(&env);
+    env.write_config(&config_v2());
+    let reader = Reader::start(&env);
+    let out = env.run(&["--batch-size", "200", "--json", "rebuild", "order_summary"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    std::thread::sleep(Duration::from_millis(100));
+    let answers = reader.answers();
+    let v2 = answer(&env);
+    assert_ne!(v1, v2);
+    println!("{} reads, all whole", answers.len());
+    assert_whole(&answers, &[&v1, &v2], 300);
+    assert!(answers.iter().any(|a| *a == v2), "the reader never saw v2");
+    let published = json_lines(&out);
+    let published = published
+        .iter()
+        .find(|l| l["event"] == "published")
+        .expect("a published line");
+    assert_eq!(published["previous_kept"], true);
+    // The new version is live, not stale, and no shadow is left behind.
+    let rows = status_rows(&env);
+    let r = row(&rows, "order_summary");
+    assert_eq!(
+        (r["state"].as_str(), r["built_version"].as_u64()),
+        (Some("current"), Some(2)),
+        "{r}"
+    );
+    assert_eq!(r["previous_kept"], true, "{r}");
+    assert_eq!(r["previous_version"], 1, "{r}");
+    assert!(r["shadow_checkpoint"].is_null(), "{r}");
+    assert!(!env.path("projections/.order_summary.shadow.db").exists());
+    // Equal to a rebuild from scratch in another directory.
+    let fresh = env.command_with(
+        "events.db",
+        "fresh",
+        &["--quiet", "rebuild", "order_summary"],
+    );
+    assert!(fresh.status_ok());
+    assert_eq!(
+        env.digest("order_summary"),
+        digest_in(&env, "fresh", "order_summary")
+    );
+}
+
+trait StatusOk {
+    fn status_ok(self) -> bool;
+}
+
+impl StatusOk for Command {
+    fn status_ok(mut self) -> bool {
+        self.status().unwrap().success()
+    }
+}
+
+fn digest_in(env: &Env, dir: &str, name: &str) -> String {
+    let conn = Connection::open(env.path(&format!("{dir}/{name}.db"))).unwrap();
+    projectionist::projection_digest(&conn, projectionist::DigestScope::All).unwrap()
+}
+
+#[test]
+fn rollback_restores_the_previous_version_for_an_open_reader_and_resume_leaves_it_alone() {
+    let env = Env::new();
+    env.demo_log(20_000);
+    let v1 = answer(&env);
+    let v1_digest = env.digest("order_summary");
+    env.write_config(&config_v2());
+    assert!(env.run(&["--quiet", "rebuild"]).status.success());
+    let v2 = answer(&env);
+    let v2_digest = env.digest("order_summary");
+
+    let reader = Reader::start(&env);
+    let out = env.run(&["rollback", "order_summary"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("rolled back"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("the config defines order_summary as v2"),
+        "{}",
+        stderr(&out)
+    );
+    std::thread::sleep(Duration::from_millis(50));
+    assert_whole(&reader.answers(), &[&v1, &v2], 10);
+    assert_eq!(env.digest("order_summary"), v1_digest);
+
+    // Rolled back and stale: shown so, and neither resume nor follow rebuilds it.
+    let rows = status_rows(&env);
+    let r = row(&rows, "order_summary");
+    assert_eq!(r["state"], "stale", "{r}");
+    assert!(r["rolled_back_at"].is_string(), "{r}");
+    assert_eq!(r["previous_version"], 2, "{r}");
+    let out = env.run(&["resume"]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert!(stderr(&out).contains("was rolled back"), "{}", stderr(&out));
+    assert_eq!(env.digest("order_summary"), v1_digest);
+    let mut follower = env
+        .command(&["--json", "follow"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map(Reaped::new)
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1_500));
+    let _ = Command::new("kill")
+        .args(["-TERM", &follower.id().to_string()])
+        .status();
+    let out = follower.into_inner().wait_with_output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("was rolled back"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(env.digest("order_summary"), v1_digest);
+
+    // A second rollback undoes the first; a rebuild clears the mark.
+    let out = env.run(&["--quiet", "rollback", "order_summary"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(env.digest("order_summary"), v2_digest);
+    let out = env.run(&["--quiet", "rollback", "order_summary"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        env.run(&["--quiet", "rebuild", "order_summary"])
+            .status
+            .success()
+    );
+    let rows = status_rows(&env);
+    let r = row(&rows, "order_summary");
+    assert_eq!(r["state"], "current", "{r}");
+    assert!(r["rolled_back_at"].is_null(), "{r}");
+    assert_eq!(env.digest("order_summary"), v2_digest);
+
+    // Nothing to roll back to.
+    let out = env.run(&["--quiet", "rebuild", "--no-keep-previous", "order_summary"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = env.run(&["rollback", "order_summary"]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no previous version"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn verify_reports_a_row_edited_by_hand_and_publishes_nothing() {
+    let env = Env::new();
+    env.demo_log(10_000);
+    let out = env.run(&["--json", "rebuild", "--verify"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let verdicts: Vec<_> = json_lines(&out)
+        .into_iter()
+        .filter(|l| l["event"] == "verify")
+        .collect();
+    assert_eq!(verdicts.len(), 2);
+    assert!(verdicts.iter().all(|v| v["equal"] == true), "{verdicts:?}");
+
+    // Drift: a row edited by hand, as nobody should.
+    let order: String = {
+        let conn = Connection::open(env.path("projections/order_summary.db")).unwrap();
+        let order: String = conn
+            .query_row(
+                "SELECT order_id FROM orders ORDER BY order_id LIMIT 1",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        conn.execute(
+            "UPDATE orders SET total_cents = total_cents + 1 WHERE order_id = ?1",
+            [&order],
+        )
+        .unwrap();
+        order
+    };
+    let edited = env.digest("order_summary");
+    let out = env.run(&["rebuild", "--verify", "--publish-if-equal", "order_summary"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("differs from a fresh rebuild"), "{text}");
+    assert!(text.contains("table orders"), "{text}");
+    assert!(text.contains(&format!("changed ('{order}')")), "{text}");
+    // Nothing published, nothing left behind.
+    assert_eq!(env.digest("order_summary"), edited);
+    assert!(!env.path("projections/.order_summary.shadow.db").exists());
+
+    // The other projection is equal: --publish-if-equal publishes it.
+    let out = env.run(&[
+        "--json",
+        "rebuild",
+        "--verify",
+        "--publish-if-equal",
+        "customer_stats",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        json_lines(&out).iter().any(|l| l["event"] == "published"),
+        "{}",
+        stdout(&out)
+    );
+}
+
+#[test]
+fn a_rebuild_fails_cleanly_while_a_follower_holds_the_projection() {
+    let env = Env::new();
+    env.demo_log(5_000);
+    let before = env.digest("order_summary");
+    let mut follower = env
+        .command(&["--json", "follow"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map(Reaped::new)
+        .unwrap();
+    // Wait until it follows.
+    let mut out = BufReader::new(follower.stdout.take().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut line = String::new();
+    while !line.contains("\"following\"") {
+        line.clear();
+        assert!(out.read_line(&mut line).unwrap() > 0 && Instant::now() < deadline);
+    }
+    env.write_config(&config_v2());
+    let out = env.run(&["rebuild", "order_summary"]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("locked by another process"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(env.digest("order_summary"), before);
+    let _ = Command::new("kill")
+        .args(["-TERM", &follower.id().to_string()])
+        .status();
+    assert!(follower.into_inner().wait().unwrap().success());
+}
+
+/// SIGKILLs at random moments of shadow rebuilds (seeded: `PROJECTIONIST_SEED`
+/// replays): the live file always holds one whole version, and the next
+/// `resume` ends on the digest of a fresh rebuild.
+#[test]
+fn sigkills_during_shadow_rebuilds_leave_a_whole_live_version() {
+    let seed: u64 = std::env::var("PROJECTIONIST_SEED")
+        .ok()
+        .map(|s| s.parse().expect("PROJECTIONIST_SEED is a number"))
+        .unwrap_or_else(|| fastrand::u64(..));
+    println!("seed {seed} (replay with PROJECTIONIST_SEED={seed})");
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let env = Env::new();
+    env.demo_log(30_000);
+    let v1 = env.digest("order_summary");
+    env.write_config(&config_v2());
+    assert!(
+        env.command_with("events.db", "fresh", &["--quiet", "rebuild"])
+            .status_ok()
+    );
+    let v2 = digest_in(&env, "fresh", "order_summary");
+    let started = Instant::now();
+    assert!(
+        env.command_with("events.db", "timing", &["--quiet", "rebuild"])
+            .status_ok()
+    );
+    let full_ms = started.elapsed().as_millis() as u64;
+    for iteration in 0..6 {
+        let mut child = env
+            .command(&["--quiet", "--batch-size", "100", "rebuild", "order_summary"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map(Reaped::new)
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(rng.u64(0..full_ms.max(1))));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let live = env.digest("order_summary");
+        assert!(
+            live == v1 || live == v2,
+            "seed {seed}, iteration {iteration}: the live file is neither version"
+        );
+        let out = env.run(&["--quiet", "resume", "order_summary"]);
+        assert!(out.status.success(), "seed {seed}: {}", stderr(&out));
+        assert_eq!(
+            env.digest("order_summary"),
+            v2,
+            "seed {seed}, iteration {iteration}"
+        );
+        assert!(!env.path("projections/.order_summary.shadow.db").exists());
+        // Back to version 1 for the next round.
+        env.write_config(common::DEMO_CONFIG);
+        assert!(
+            env.run(&["--quiet", "rebuild", "order_summary"])
+                .status
+                .success()
+        );
+        assert_eq!(env.digest("order_summary"), v1);
+        env.write_config(&config_v2());
+    }
+}
