@@ -163,7 +163,7 @@ fn a_reader_never_sees_a_partial_projection_while_a_new_version_is_built_and_pub
     assert_ne!(v1, v2);
     println!("{} reads, all whole", answers.len());
     assert_whole(&answers, &[&v1, &v2], 300);
-    assert!(answers.iter().any(|a| *a == v2), "the reader never saw v2");
+    assert!(answers.contains(&v2), "the reader never saw v2");
     let published = json_lines(&out);
     let published = published
         .iter()
@@ -244,7 +244,7 @@ fn rollback_restores_the_previous_version_for_an_open_reader_and_resume_leaves_i
     assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
     assert!(stderr(&out).contains("was rolled back"), "{}", stderr(&out));
     assert_eq!(env.digest("order_summary"), v1_digest);
-    let mut follower = env
+    let follower = env
         .command(&["--json", "follow"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
