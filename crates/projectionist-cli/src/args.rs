@@ -195,6 +195,19 @@ pub(crate) enum Command {
         #[arg(long)]
         pg_url: Option<String>,
     },
+    /// Measure publishing a shadow: time, write-lock hold and extra disk by
+    /// projection size, with a reader polling the live file (see BENCHMARKS.md).
+    BenchPublish {
+        /// Projection sizes in MiB, comma-separated.
+        #[arg(long, value_delimiter = ',', default_values_t = [10u64, 100])]
+        sizes: Vec<u64>,
+        /// Runs per size (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        runs: u32,
+        /// Where the projection files go.
+        #[arg(long, default_value = "target/bench")]
+        work: PathBuf,
+    },
     /// One benchmark run in a child process (internal).
     #[command(hide = true)]
     BenchRun {

@@ -9,12 +9,13 @@
 //! for starts, state changes, failures and the stop, never one per event.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use projectionist::{CancelToken, Progress, RebuildOptions, RebuildResult, Start};
+use projectionist::{CancelToken, Progress, PublishOptions, RebuildOptions, RebuildResult, Start};
 use projectionist_sqlview::SqlHandler;
 
 use crate::app::{
@@ -22,9 +23,7 @@ use crate::app::{
 };
 use crate::args::Cli;
 use crate::metrics::{Metrics, Observed, Server};
-use crate::replay::{
-    Opened, Plan, open_selected, publish_shadows, published_line, report, targets,
-};
+use crate::replay::{Opened, Plan, open_selected, published_line, report, targets};
 use crate::ui;
 
 /// How often `--json` prints a `status` line per projection (and the terminal
@@ -43,9 +42,19 @@ pub(crate) fn run_follow(
 ) -> Result<(), Failure> {
     // First of all: SIGINT and SIGTERM (and SIGHUP) stop at the next batch
     // boundary, even while the follower is still opening its projections.
+    // `stop` ends the follower; each round of it has its own token, which a
+    // signal sets too, and which a shadow that has caught up sets to be
+    // published between rounds.
     let stop = CancelToken::new();
-    let token = stop.clone();
-    let _ = ctrlc::set_handler(move || token.cancel());
+    let round_stop = Arc::new(Mutex::new(CancelToken::new()));
+    let (token, round_token) = (stop.clone(), Arc::clone(&round_stop));
+    let _ = ctrlc::set_handler(move || {
+        token.cancel();
+        round_token
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .cancel();
+    });
     let config = load_config(cli, false)?;
     let selected = select(&config, names)?;
     let store = open_store(cli, false, &config)?;
@@ -58,10 +67,17 @@ pub(crate) fn run_follow(
     let Opened {
         selected,
         dbs,
+        mut writes,
+        shadowed,
         starts,
         errors,
-        ..
-    } = shadows_first(cli, store.reader(), &dir, opened, &stop);
+    } = opened;
+    // A projection rebuilt in its shadow (its definition changed) follows the
+    // log there while the others follow in their live files; once it has
+    // caught up, the round ends and it is published (the live file kept
+    // serving the old version until then).
+    let in_shadow: Vec<AtomicBool> = shadowed.iter().map(|&s| AtomicBool::new(s)).collect();
+    let caught_up: Vec<AtomicBool> = shadowed.iter().map(|_| AtomicBool::new(false)).collect();
     for e in &errors {
         tracing::error!(error = %ui::escape_controls(&crate::app::error_text(e)), "a projection cannot be opened");
     }
@@ -80,15 +96,30 @@ pub(crate) fn run_follow(
         head,
         metrics_addr.map(|_| metrics),
     );
-    for (projection, start) in selected.iter().zip(&starts) {
+    for ((projection, start), shadowed) in selected.iter().zip(&starts).zip(&shadowed) {
         tracing::info!(
             projection = %projection.name,
             start = if *start == Start::Reset { "rebuild" } else { "resume" },
+            in_shadow = shadowed,
             head,
             "following starts"
         );
     }
-    let progress = |p: &Progress| live.progress(p);
+    let progress = |p: &Progress| {
+        live.progress(p);
+        if p.following
+            && let Some(i) = selected
+                .iter()
+                .position(|s| s.name.as_str() == p.projection_name)
+            && in_shadow[i].load(Ordering::SeqCst)
+            && !caught_up[i].swap(true, Ordering::SeqCst)
+        {
+            round_stop
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .cancel();
+        }
+    };
     let options = RebuildOptions {
         batch_size: cli.batch_size,
         commit_interval: projectionist::limits::COMMIT_INTERVAL_DEFAULT,
@@ -118,22 +149,54 @@ pub(crate) fn run_follow(
             if running.is_empty() {
                 break;
             }
-            let round_targets: Vec<_> = targets(&mut handlers, &dbs, &selected, &starts)
+            let this_round = CancelToken::new();
+            *round_stop.lock().unwrap_or_else(PoisonError::into_inner) = this_round.clone();
+            if stop.is_cancelled() {
+                this_round.cancel();
+            }
+            let round_targets: Vec<_> = targets(&mut handlers, &writes, &selected, &starts)
                 .into_iter()
                 .enumerate()
                 .filter(|(i, _)| results[*i].is_none())
                 .map(|(_, target)| target)
                 .collect();
-            let round = projectionist::follow(store.reader(), round_targets, &options, &stop);
+            let round = projectionist::follow(store.reader(), round_targets, &options, &this_round);
             let mut unreachable = None;
+            // A round ended to publish a shadow: everyone goes on in the next.
+            let to_publish = this_round.is_cancelled() && !stop.is_cancelled();
             for (&i, result) in running.iter().zip(round) {
                 match result {
                     Err(e) if is_store_failure(&e) && !stop.is_cancelled() => {
                         starts[i] = Start::Resume;
                         unreachable = Some(e);
                     }
+                    Ok(_) if to_publish => starts[i] = Start::Resume,
                     result => results[i] = Some(result),
                 }
+            }
+            for i in 0..selected.len() {
+                if results[i].is_some() || !caught_up[i].load(Ordering::SeqCst) {
+                    continue;
+                }
+                let name = selected[i].name.as_str();
+                match dir.publish(name, name, &PublishOptions::default()) {
+                    Ok(published) => {
+                        tracing::info!(
+                            projection = name,
+                            checkpoint = published.checkpoint,
+                            lock_held_ms = published.lock_held.as_secs_f64() * 1e3,
+                            "published its rebuild; following it in the live file"
+                        );
+                        published_line(cli, &published);
+                        writes[i] = Arc::clone(&dbs[i]);
+                    }
+                    Err(e) => {
+                        tracing::error!(projection = name, error = %ui::escape_controls(&e.to_string()), "cannot publish its rebuild; the live file is unchanged");
+                        results[i] = Some(Err(e));
+                    }
+                }
+                in_shadow[i].store(false, Ordering::SeqCst);
+                caught_up[i].store(false, Ordering::SeqCst);
             }
             let Some(error) = unreachable else {
                 continue;
@@ -175,114 +238,6 @@ pub(crate) fn run_follow(
         &hint,
     )
     .map(|_| ())
-}
-
-/// Projections that must be rebuilt while their live files serve readers are
-/// built in their shadows first, from one read, and published; then all are
-/// followed in their live files. (Until then the others wait: the follower
-/// does not yet switch a projection to a new version while following.) A
-/// projection whose shadow fails is reported and not followed; its live file
-/// is unchanged.
-fn shadows_first<'a>(
-    cli: &Cli,
-    store: &dyn projectionist::GlobalReader<serde_json::Value>,
-    dir: &projectionist::ProjectionDir,
-    mut opened: Opened<'a>,
-    stop: &CancelToken,
-) -> Opened<'a> {
-    let building: Vec<usize> = (0..opened.selected.len())
-        .filter(|&i| opened.shadowed[i])
-        .collect();
-    if building.is_empty() {
-        return opened;
-    }
-    for &i in &building {
-        tracing::info!(projection = %opened.selected[i].name, "rebuilding in its shadow before following; the live file keeps serving");
-    }
-    let selected: Vec<_> = building.iter().map(|&i| opened.selected[i]).collect();
-    let writes: Vec<_> = building
-        .iter()
-        .map(|&i| Arc::clone(&opened.writes[i]))
-        .collect();
-    let starts: Vec<_> = building.iter().map(|&i| opened.starts[i]).collect();
-    let display = ui::Display::new(
-        cli.json,
-        cli.quiet,
-        selected.iter().map(|p| p.name.as_str()),
-        store.head().unwrap_or(0),
-    );
-    let progress = |p: &Progress| display.progress(p);
-    let options = RebuildOptions {
-        batch_size: cli.batch_size,
-        commit_interval: projectionist::limits::COMMIT_INTERVAL_DEFAULT,
-        progress: Some(&progress),
-        cancel: Some(stop),
-        step_hook: None,
-        commit_guard: None,
-    };
-    let mut handlers: Vec<SqlHandler<'_>> = selected.iter().map(|p| SqlHandler::new(p)).collect();
-    let targets = targets(&mut handlers, &writes, &selected, &starts);
-    let results = projectionist::replay_shared(store, targets, &options);
-    display.finish();
-    let shadowed = vec![true; selected.len()];
-    let publishing = publish_shadows(dir, &selected, &results, &shadowed, true);
-    for p in &publishing.published {
-        tracing::info!(
-            projection = p.name,
-            checkpoint = p.checkpoint,
-            lock_held_ms = p.lock_held.as_secs_f64() * 1e3,
-            "published"
-        );
-        published_line(cli, p);
-    }
-    let failures = publishing.failures;
-    let failed: Vec<usize> = building
-        .iter()
-        .zip(&results)
-        .filter(|(_, r)| r.is_err())
-        .map(|(&i, _)| i)
-        .collect();
-    for (&i, result) in building.iter().zip(&results) {
-        if let Err(e) = result {
-            opened.errors.push(anyhow::anyhow!(
-                "{}: its rebuild failed; the live file is unchanged and not followed: {}",
-                opened.selected[i].name,
-                ui::escape_controls(&e.to_string())
-            ));
-        }
-    }
-    let unpublished: Vec<usize> = failures
-        .iter()
-        .map(|(name, _)| {
-            opened
-                .selected
-                .iter()
-                .position(|p| p.name.as_str() == name)
-                .expect("a selected projection")
-        })
-        .collect();
-    opened.errors.extend(failures.into_iter().map(|(_, e)| e));
-    // Published: followed from the live file, from its new checkpoint.
-    for &i in &building {
-        opened.writes[i] = Arc::clone(&opened.dbs[i]);
-        opened.shadowed[i] = false;
-        opened.starts[i] = Start::Resume;
-    }
-    let keep: Vec<bool> = (0..opened.selected.len())
-        .map(|i| !failed.contains(&i) && !unpublished.contains(&i))
-        .collect();
-    retain_by(&mut opened.selected, &keep);
-    retain_by(&mut opened.dbs, &keep);
-    retain_by(&mut opened.writes, &keep);
-    retain_by(&mut opened.shadowed, &keep);
-    retain_by(&mut opened.starts, &keep);
-    opened
-}
-
-/// Keeps the items whose flag is set.
-fn retain_by<T>(items: &mut Vec<T>, keep: &[bool]) {
-    let mut flags = keep.iter();
-    items.retain(|_| *flags.next().unwrap_or(&true));
 }
 
 /// The first wait before opening the store again after it could not be read;

@@ -8,6 +8,7 @@ mod app;
 mod args;
 mod bench;
 mod bench_follow;
+mod bench_publish;
 mod demo;
 mod follow;
 mod inspect;
@@ -155,6 +156,9 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                 pg_url: pg_url.clone(),
             })
             .map_err(fail(EXIT_PROJECTION))
+        }
+        Command::BenchPublish { sizes, runs, work } => {
+            bench_publish::run(sizes, *runs, work).map_err(fail(EXIT_PROJECTION))
         }
         Command::BenchRun {
             variant,

@@ -445,3 +445,147 @@ fn sigkills_during_shadow_rebuilds_leave_a_whole_live_version() {
         env.write_config(&config_v2());
     }
 }
+
+/// Appends `n` late orders (placed, two items, shipped) with plain SQL, a
+/// transaction each, pausing between them.
+fn append_orders(store: &std::path::Path, n: u64) {
+    let mut conn = Connection::open(store).unwrap();
+    conn.busy_timeout(Duration::from_secs(30)).unwrap();
+    for order in 0..n {
+        let tx = conn.transaction().unwrap();
+        let id = format!("late-{order}");
+        let events = [
+            (
+                "OrderPlaced",
+                serde_json::json!({"order_id": id, "customer_id": "c-late"}),
+            ),
+            (
+                "ItemAdded",
+                serde_json::json!({"order_id": id, "customer_id": "c-late", "sku": "s", "qty": 2, "unit_price_cents": 150}),
+            ),
+            (
+                "ItemAdded",
+                serde_json::json!({"order_id": id, "customer_id": "c-late", "sku": "t", "qty": 1, "unit_price_cents": 99}),
+            ),
+            (
+                "OrderShipped",
+                serde_json::json!({"order_id": id, "customer_id": "c-late"}),
+            ),
+        ];
+        for (version, (event_type, data)) in events.iter().enumerate() {
+            tx.execute(
+                "INSERT INTO events (stream_id, stream_version, event_type, data) VALUES (?1, ?2, ?3, ?4)",
+                (format!("order-{id}"), version as i64 + 1, event_type, data.to_string()),
+            )
+            .unwrap();
+        }
+        tx.commit().unwrap();
+        std::thread::sleep(Duration::from_millis(3));
+    }
+}
+
+fn live_checkpoint(env: &Env, name: &str) -> u64 {
+    Connection::open_with_flags(
+        env.path(&format!("projections/{name}.db")),
+        OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .ok()
+    .and_then(|c| projectionist::SqliteCheckpoint::load_in(&c, name).ok())
+    .unwrap_or(0)
+}
+
+/// `follow` started after a definition changed: the changed projection is
+/// rebuilt in its shadow while the other keeps following the appends, its live
+/// file keeps serving the old version (a reader never sees it shrink or fail),
+/// the shadow is published once caught up, and at the end both projections
+/// equal a fresh rebuild of the final log: nothing lost, nothing applied twice.
+#[test]
+fn follow_rebuilds_a_changed_projection_in_its_shadow_while_the_others_follow() {
+    let env = Env::new();
+    env.demo_log(60_000);
+    let v1_rows: i64 = answer(&env).split(' ').next().unwrap().parse().unwrap();
+    env.write_config(&config_v2());
+    let reader = Reader::start(&env);
+    let mut follower = env
+        .command(&["--json", "--batch-size", "100", "follow"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map(Reaped::new)
+        .unwrap();
+    let stdout = follower.stdout.take().unwrap();
+    let lines = std::thread::spawn(move || {
+        BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<String>>()
+    });
+    let store = env.path("events.db");
+    let appender = std::thread::spawn(move || append_orders(&store, 300));
+    // While the shadow is built, the other projection follows the appends and
+    // the changed one's live file stays where it was.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut others_moved_while_frozen = false;
+    while env.path("projections/.order_summary.shadow.db").exists() || !others_moved_while_frozen {
+        let frozen = live_checkpoint(&env, "order_summary") == 60_000;
+        if frozen
+            && live_checkpoint(&env, "customer_stats") > 60_000
+            && env.path("projections/.order_summary.shadow.db").exists()
+        {
+            others_moved_while_frozen = true;
+        }
+        if !frozen && !others_moved_while_frozen {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the shadow was never published");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert!(
+        others_moved_while_frozen,
+        "customer_stats did not follow while order_summary was rebuilt"
+    );
+    appender.join().unwrap();
+    let head = 60_000 + 300 * 4;
+    while live_checkpoint(&env, "order_summary") < head
+        || live_checkpoint(&env, "customer_stats") < head
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the follower did not reach the head"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let _ = Command::new("kill")
+        .args(["-TERM", &follower.id().to_string()])
+        .status();
+    assert!(follower.into_inner().wait().unwrap().success());
+    let lines = lines.join().unwrap();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("\"event\":\"published\"") && l.contains("order_summary")),
+        "no published line: {lines:?}"
+    );
+    // The reader never saw the projection shrink, empty or fail.
+    let answers = reader.answers();
+    let mut last = v1_rows;
+    for a in &answers {
+        let rows: i64 = a
+            .split(' ')
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("a failed read: {a}"));
+        assert!(rows >= last, "the reader saw {rows} rows after {last}");
+        last = rows;
+    }
+    assert!(answers.len() > 100, "only {} reads", answers.len());
+    // Exactly once: equal to a fresh rebuild of the final log.
+    assert!(
+        env.command_with("events.db", "fresh", &["--quiet", "rebuild"])
+            .status_ok()
+    );
+    for name in ["order_summary", "customer_stats"] {
+        assert_eq!(env.digest(name), digest_in(&env, "fresh", name), "{name}");
+    }
+    assert!(!env.path("projections/.order_summary.shadow.db").exists());
+}
