@@ -30,11 +30,9 @@ pub(crate) enum Plan {
     /// built projection is built in its shadow and published when complete,
     /// unless `in_place`.
     Rebuild { in_place: bool, keep_previous: bool },
-    /// `resume`, `follow`: from the checkpoints. A stale projection is rebuilt
-    /// in its shadow; an interrupted shadow rebuild continues.
+    /// `resume`, `follow`, `worker`: from the checkpoints. A stale projection
+    /// is rebuilt in its shadow; an interrupted shadow rebuild continues.
     Resume,
-    /// `worker`: as `Resume`, but a stale projection is rebuilt in place.
-    ResumeInPlace,
 }
 
 pub(crate) fn run_replay(cli: &Cli, names: &[String], plan: Plan) -> Result<(), Failure> {
@@ -93,7 +91,7 @@ pub(crate) fn replay(
     display.finish();
     let keep_previous = match plan {
         Plan::Rebuild { keep_previous, .. } => keep_previous,
-        Plan::Resume | Plan::ResumeInPlace => true,
+        Plan::Resume => true,
     };
     let publishing = publish_shadows(dir, &selected, &results, &shadowed, keep_previous);
     open_errors.extend(publishing.failures.into_iter().map(|(_, e)| e));

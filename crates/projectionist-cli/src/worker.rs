@@ -4,6 +4,7 @@
 //! marked done; every commit first renews the lease, so a worker that lost its
 //! lease (it hung, or was paused past the lease) commits nothing.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
@@ -16,7 +17,7 @@ use projectionist_sqlview::{ProjectionsConfig, SqlHandler, SqlProjection};
 
 use crate::ui::json_line;
 use anyhow::anyhow;
-use projectionist::CancelToken;
+use projectionist::{CancelToken, Progress, PublishOptions, SqliteCheckpoint};
 
 use crate::app::{
     EXIT_CANCELLED, EXIT_CONFIG, EXIT_PROJECTION, Failure, fail, load_config, open_dir, store_spec,
@@ -338,8 +339,28 @@ fn follow_held<'c>(
     stop: &CancelToken,
 ) -> Vec<anyhow::Result<()>> {
     let selected: Vec<&SqlProjection> = current.iter().map(|l| by_name(&l.projection)).collect();
-    let opened = open_selected(cli, dir, &selected, Plan::ResumeInPlace, None);
+    let opened = open_selected(cli, dir, &selected, Plan::Resume, None);
     let mut errors = opened.errors.into_iter();
+    // A changed projection is rebuilt in its shadow (its live file keeps
+    // serving); once caught up the run stops, and it is published under its
+    // lease before the next run follows it in the live file.
+    let caught_up: Vec<AtomicBool> = opened
+        .shadowed
+        .iter()
+        .map(|_| AtomicBool::new(false))
+        .collect();
+    let progress = |p: &Progress| {
+        if p.following
+            && let Some(i) = opened
+                .selected
+                .iter()
+                .position(|s| s.name.as_str() == p.projection_name)
+            && opened.shadowed[i]
+            && !caught_up[i].swap(true, Ordering::SeqCst)
+        {
+            stop.cancel();
+        }
+    };
     // Renewing the lease is the fence: a commit happens only while this worker
     // still holds the projection at its epoch.
     let guard = |name: &str| -> Result<(), projectionist::BoxError> {
@@ -352,15 +373,38 @@ fn follow_held<'c>(
     let follow_options = RebuildOptions {
         batch_size: options.batch_size,
         commit_interval: projectionist::limits::COMMIT_INTERVAL_DEFAULT,
-        progress: None,
+        progress: Some(&progress),
         cancel: None,
         step_hook: None,
         commit_guard: Some(&guard),
     };
     let mut handlers: Vec<SqlHandler<'_>> =
         opened.selected.iter().map(|p| SqlHandler::new(p)).collect();
-    let targets = targets(&mut handlers, &opened.dbs, &opened.selected, &opened.starts);
-    let mut results = projectionist::follow(store, targets, &follow_options, stop).into_iter();
+    let targets = targets(
+        &mut handlers,
+        &opened.writes,
+        &opened.selected,
+        &opened.starts,
+    );
+    let results = projectionist::follow(store, targets, &follow_options, stop);
+    let results: Vec<_> = results
+        .into_iter()
+        .zip(&opened.selected)
+        .zip(&caught_up)
+        .map(|((result, projection), caught_up)| {
+            let result = result.map(|_| ()).map_err(anyhow::Error::from)?;
+            if caught_up.load(Ordering::SeqCst) {
+                let name = projection.name.as_str();
+                let lease = current
+                    .iter()
+                    .find(|l| l.projection == name)
+                    .expect("a held projection");
+                publish_fenced(dir, projection, leases, lease, options)?;
+            }
+            Ok(result)
+        })
+        .collect();
+    let mut results = results.into_iter();
     // In lease order: a projection that could not be opened has its error.
     current
         .iter()
@@ -370,11 +414,7 @@ fn follow_held<'c>(
                 .iter()
                 .any(|p| p.name.as_str() == lease.projection)
             {
-                results
-                    .next()
-                    .expect("one result per opened projection")
-                    .map(|_| ())
-                    .map_err(anyhow::Error::from)
+                results.next().expect("one result per opened projection")
             } else {
                 Err(errors
                     .next()
@@ -415,7 +455,16 @@ fn rebuild_one(
     options: &WorkerOptions<'_>,
     cancel: &projectionist::CancelToken,
 ) -> Result<(), Error> {
-    let db = dir.db(projection.name.as_str())?;
+    let name = projection.name.as_str();
+    let live = dir.db(name)?;
+    // A built projection keeps serving while it is rebuilt beside it.
+    let serving = live.with_connection(|conn| Ok(SqliteCheckpoint::load_in(conn, name)?))? > 0;
+    let db = if serving {
+        dir.discard_shadow(name)?;
+        dir.shadow(name)?
+    } else {
+        live
+    };
     let mut handler = SqlHandler::new(projection);
     // Renewing the lease is the fence: it succeeds only while this worker still
     // holds the projection at this epoch.
@@ -435,7 +484,38 @@ fn rebuild_one(
         consumer_id: projection.name.as_str(),
     };
     let mut results = rebuild_shared(store, vec![target], &rebuild_options);
-    results.pop().expect("one result").map(|_| ())
+    results.pop().expect("one result")?;
+    if serving {
+        publish_fenced(dir, projection, leases, lease, options)?;
+    }
+    Ok(())
+}
+
+/// Publishes a projection's finished shadow, only while this worker still
+/// holds its lease (renewed right before, as every commit is).
+fn publish_fenced(
+    dir: &ProjectionDir,
+    projection: &SqlProjection,
+    leases: &Leases,
+    lease: &Lease,
+    options: &WorkerOptions<'_>,
+) -> Result<(), Error> {
+    let name = projection.name.as_str();
+    fence(leases, lease).map_err(|source| Error::Fenced {
+        name: name.to_owned(),
+        committed: 0,
+        source,
+    })?;
+    let published = dir.publish(name, name, &PublishOptions::default())?;
+    tracing::info!(
+        worker = options.worker_id,
+        projection = name,
+        epoch = lease.epoch,
+        checkpoint = published.checkpoint,
+        lock_held_ms = published.lock_held.as_secs_f64() * 1e3,
+        "published its rebuild"
+    );
+    Ok(())
 }
 
 /// The commit guard: renews the lease, which succeeds only while this worker

@@ -576,3 +576,136 @@ fn a_following_worker_reconnects_after_its_connections_are_killed() {
         );
     }
 }
+
+/// The demo config with `order_summary` at `version`: every added item costs
+/// `version - 1` cents more, so each version's totals differ.
+fn demo_config_version(version: u32) -> String {
+    DEMO_CONFIG
+        .replacen("version = 1", &format!("version = {version}"), 1)
+        .replacen(
+            "total_cents = total_cents + :qty!int * :unit_price_cents!int",
+            &format!(
+                "total_cents = total_cents + :qty!int * :unit_price_cents!int + {}",
+                version - 1
+            ),
+            1,
+        )
+}
+
+/// `SELECT count(*), total(total_cents)` of the orders projection in `file`.
+fn orders_answer(conn: &Connection) -> String {
+    conn.query_row("SELECT count(*), total(total_cents) FROM orders", [], |r| {
+        Ok(format!("{} {}", r.get::<_, i64>(0)?, r.get::<_, f64>(1)?))
+    })
+    .unwrap_or_else(|e| format!("error: {e}"))
+}
+
+/// A changed definition reaches a worker's projection without downtime: in
+/// batch mode (`--exit-when-done`) and following, the worker builds the new
+/// version in a shadow under its lease and publishes it; a reader in this
+/// process, holding one connection to the live file, sees only whole versions;
+/// the replaced version is kept; the result equals a single-process rebuild.
+#[test]
+#[cfg_attr(
+    not(pg_tests),
+    ignore = "set PROJECTIONIST_TEST_PG_URL to run the PostgreSQL tests"
+)]
+fn a_worker_rebuilds_a_changed_projection_beside_the_live_file() {
+    let schema = Schema::new("worker_shadow");
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let url = schema.url();
+    std::fs::write(root.join("projectionist.toml"), DEMO_CONFIG).unwrap();
+    let demo = [
+        "--quiet", "--store", &url, "--dir", "p", "demo", "--events", "20000",
+    ];
+    assert!(projectionist(root, &demo).status().unwrap().success());
+    let live = root.join("p/order_summary.db");
+    let mut replaced = digest(&live);
+    for version in [2, 3] {
+        std::fs::write(
+            root.join("projectionist.toml"),
+            demo_config_version(version),
+        )
+        .unwrap();
+        let reference = format!("reference-{version}");
+        let rebuild = ["--quiet", "--store", &url, "--dir", &reference, "rebuild"];
+        assert!(projectionist(root, &rebuild).status().unwrap().success());
+        let expected = digest(&root.join(format!("{reference}/order_summary.db")));
+        let before = orders_answer(&Connection::open(&live).unwrap());
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let answers = std::thread::scope(|scope| {
+            let reader = scope.spawn(|| {
+                let conn = Connection::open_with_flags(
+                    &live,
+                    projectionist::rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+                )
+                .unwrap();
+                conn.busy_timeout(Duration::from_secs(10)).unwrap();
+                let mut answers = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    answers.push(orders_answer(&conn));
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                answers
+            });
+            let _stop_reader = SetOnDrop(&stop);
+            let mut args = vec![
+                "--quiet",
+                "--store",
+                &url,
+                "--dir",
+                "p",
+                "worker",
+                "--worker-id",
+                "w1",
+            ];
+            if version == 2 {
+                args.push("--exit-when-done");
+                assert!(projectionist(root, &args).status().unwrap().success());
+            } else {
+                // Following: wait for the publish, then stop the worker.
+                let worker = projectionist(root, &args).spawn().map(Reaped::new).unwrap();
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while digest(&live) != expected {
+                    assert!(
+                        Instant::now() < deadline,
+                        "the following worker never published v{version}"
+                    );
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                signal(&worker, "-TERM");
+                assert!(worker.into_inner().wait().unwrap().success());
+            }
+            drop(_stop_reader);
+            reader.join().unwrap()
+        });
+        let after = orders_answer(&Connection::open(&live).unwrap());
+        assert_ne!(before, after);
+        let partial: Vec<&String> = answers
+            .iter()
+            .filter(|a| **a != before && **a != after)
+            .collect();
+        assert!(
+            partial.is_empty(),
+            "v{version}: {} of {} reads partial: {:?}",
+            partial.len(),
+            answers.len(),
+            &partial[..partial.len().min(3)]
+        );
+        assert!(
+            answers.len() > 20,
+            "v{version}: only {} reads",
+            answers.len()
+        );
+        assert_eq!(digest(&live), expected, "v{version}");
+        // The replaced version is kept, whole.
+        assert_eq!(
+            digest(&root.join("p/.order_summary.previous.db")),
+            replaced,
+            "v{version}"
+        );
+        assert!(!root.join("p/.order_summary.shadow.db").exists());
+        replaced = expected;
+    }
+}
