@@ -392,7 +392,7 @@ fn follow_held<'c>(
         .zip(&opened.selected)
         .zip(&caught_up)
         .map(|((result, projection), caught_up)| {
-            let result = result.map(|_| ()).map_err(anyhow::Error::from)?;
+            result.map_err(anyhow::Error::from)?;
             if caught_up.load(Ordering::SeqCst) {
                 let name = projection.name.as_str();
                 let lease = current
@@ -401,7 +401,7 @@ fn follow_held<'c>(
                     .expect("a held projection");
                 publish_fenced(dir, projection, leases, lease, options)?;
             }
-            Ok(result)
+            Ok(())
         })
         .collect();
     let mut results = results.into_iter();
@@ -458,7 +458,7 @@ fn rebuild_one(
     let name = projection.name.as_str();
     let live = dir.db(name)?;
     // A built projection keeps serving while it is rebuilt beside it.
-    let serving = live.with_connection(|conn| Ok(SqliteCheckpoint::load_in(conn, name)?))? > 0;
+    let serving = live.with_connection(|conn| SqliteCheckpoint::load_in(conn, name))? > 0;
     let db = if serving {
         dir.discard_shadow(name)?;
         dir.shadow(name)?
