@@ -9,14 +9,16 @@
 //! for starts, state changes, failures and the stop, never one per event.
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use projectionist::ProjectionDir;
 use projectionist::{CancelToken, Progress, PublishOptions, RebuildOptions, RebuildResult, Start};
-use projectionist_sqlview::SqlHandler;
+use projectionist_sqlview::{ProjectionsConfig, SqlHandler};
 
 use crate::app::{
     EXIT_CONFIG, EXIT_STORE, Failure, command_hint, fail, load_config, open_dir, open_store, select,
@@ -55,15 +57,95 @@ pub(crate) fn run_follow(
             .unwrap_or_else(PoisonError::into_inner)
             .cancel();
     });
-    let config = load_config(cli, false)?;
-    let selected = select(&config, names)?;
-    let store = open_store(cli, false, &config)?;
+    let config_path = cli
+        .config
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("projectionist.toml"));
+    let mut config_bytes = std::fs::read(&config_path).unwrap_or_default();
+    let mut config = load_config(cli, false)?;
+    select(&config, names)?;
     let dir = open_dir(cli, false)?;
+    let metrics = Arc::new(Metrics::new(max_lag));
+    let _server = match metrics_addr {
+        Some(addr) => {
+            let server = Server::start(addr, Arc::clone(&metrics)).map_err(fail(EXIT_CONFIG))?;
+            tracing::info!(addr, "serving /metrics and /health");
+            Some(server)
+        }
+        None => None,
+    };
+    let context = Context {
+        cli,
+        names,
+        dir: &dir,
+        metrics: metrics_addr.map(|_| metrics),
+        stop: &stop,
+        round_stop: &round_stop,
+        config_path: &config_path,
+    };
+    // Epochs: a changed config (its file is watched) ends one; the next opens
+    // the projections again under the new definitions: a changed one is
+    // rebuilt in its shadow while the others follow on.
+    loop {
+        match follow_epoch(&context, &config, &config_bytes)? {
+            Epoch::Stopped(outcome) => return outcome,
+            Epoch::Reload(new_config, bytes) => {
+                tracing::info!("the config changed: following under its definitions");
+                if cli.json {
+                    ui::json_line(&serde_json::json!({"event": "config_reloaded"}));
+                }
+                config = new_config;
+                config_bytes = bytes;
+            }
+        }
+    }
+}
+
+/// What one epoch of following shares with the next.
+struct Context<'a> {
+    cli: &'a Cli,
+    names: &'a [String],
+    dir: &'a ProjectionDir,
+    metrics: Option<Arc<Metrics>>,
+    stop: &'a CancelToken,
+    round_stop: &'a Arc<Mutex<CancelToken>>,
+    config_path: &'a Path,
+}
+
+/// How an epoch ended.
+enum Epoch {
+    /// Stopped by a signal (or every projection ended): the command's outcome.
+    Stopped(Result<(), Failure>),
+    /// The config file changed and loads: follow on under it.
+    Reload(ProjectionsConfig, Vec<u8>),
+}
+
+/// How often `follow` reads its config file to notice a change: soon enough
+/// for someone who just saved it, rare enough to cost nothing while idle (one
+/// small read per interval).
+const CONFIG_POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Follows under one config until a signal or a change of the config file.
+fn follow_epoch(
+    context: &Context<'_>,
+    config: &ProjectionsConfig,
+    config_bytes: &[u8],
+) -> Result<Epoch, Failure> {
+    let Context {
+        cli,
+        names,
+        dir,
+        stop,
+        round_stop,
+        ..
+    } = *context;
+    let selected = select(config, names)?;
+    let store = open_store(cli, false, config)?;
     let head = store
         .reader()
         .head()
         .map_err(|e| fail(EXIT_STORE)(e.into()))?;
-    let opened = open_selected(cli, &dir, &selected, Plan::Resume, Some(head));
+    let opened = open_selected(cli, dir, &selected, Plan::Resume, Some(head));
     let Opened {
         selected,
         dbs,
@@ -81,20 +163,11 @@ pub(crate) fn run_follow(
     for e in &errors {
         tracing::error!(error = %ui::escape_controls(&crate::app::error_text(e)), "a projection cannot be opened");
     }
-    let metrics = Arc::new(Metrics::new(max_lag));
-    let _server = match metrics_addr {
-        Some(addr) => {
-            let server = Server::start(addr, Arc::clone(&metrics)).map_err(fail(EXIT_CONFIG))?;
-            tracing::info!(addr, "serving /metrics and /health");
-            Some(server)
-        }
-        None => None,
-    };
     let live = Live::new(
         cli,
         selected.iter().map(|p| p.name.as_str()),
         head,
-        metrics_addr.map(|_| metrics),
+        context.metrics.clone(),
     );
     for ((projection, start), shadowed) in selected.iter().zip(&starts).zip(&shadowed) {
         tracing::info!(
@@ -136,9 +209,28 @@ pub(crate) fn run_follow(
     let mut results: Vec<Option<projectionist::Result<RebuildResult>>> =
         selected.iter().map(|_| None).collect();
     let mut backoff = RECONNECT_BACKOFF_MIN;
+    let reload: Mutex<Option<(ProjectionsConfig, Vec<u8>)>> = Mutex::new(None);
+    let reload_requested = || {
+        reload
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some()
+    };
+    let (watch_finished, watch_until) = std::sync::mpsc::channel::<()>();
     std::thread::scope(|scope| {
         let live = &live;
         scope.spawn(move || live.tick_until(&until));
+        let reload = &reload;
+        scope.spawn(move || {
+            watch_config(
+                cli,
+                context.config_path,
+                config_bytes,
+                reload,
+                round_stop,
+                &watch_until,
+            );
+        });
         // Rounds: a store that cannot be read (a server restart, a dropped
         // connection) ends a round; the projections resume in the next one,
         // with the store opened again, after a backoff.
@@ -146,7 +238,7 @@ pub(crate) fn run_follow(
             let running: Vec<usize> = (0..results.len())
                 .filter(|&i| results[i].is_none())
                 .collect();
-            if running.is_empty() {
+            if running.is_empty() || reload_requested() {
                 break;
             }
             let this_round = CancelToken::new();
@@ -201,6 +293,9 @@ pub(crate) fn run_follow(
             let Some(error) = unreachable else {
                 continue;
             };
+            if reload_requested() {
+                break;
+            }
             let text = ui::escape_controls(&error.to_string());
             tracing::warn!(error = %text, retry_in_ms = backoff.as_millis(), "the event store cannot be read; reconnecting");
             if cli.json {
@@ -213,12 +308,22 @@ pub(crate) fn run_follow(
                 std::thread::sleep(RECONNECT_BACKOFF_MIN.min(until - Instant::now()));
             }
             backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
-            if let Ok(reopened) = open_store(cli, false, &config) {
+            if let Ok(reopened) = open_store(cli, false, config) {
                 store = reopened;
             }
         }
         drop(finished);
+        drop(watch_finished);
     });
+    if let Some((config, bytes)) = reload.into_inner().unwrap_or_else(PoisonError::into_inner) {
+        live.finish();
+        for (projection, result) in selected.iter().zip(&results) {
+            if let Some(Err(e)) = result {
+                tracing::warn!(projection = %projection.name, error = %ui::escape_controls(&e.to_string()), "had stopped; tried again under the new config");
+            }
+        }
+        return Ok(Epoch::Reload(config, bytes));
+    }
     let results: Vec<projectionist::Result<RebuildResult>> = results
         .into_iter()
         .map(|r| r.expect("every projection has its result"))
@@ -229,7 +334,7 @@ pub(crate) fn run_follow(
         "following stopped"
     );
     let hint = command_hint(cli, false, "follow");
-    report(
+    let outcome = report(
         cli,
         &results,
         &[],
@@ -237,7 +342,46 @@ pub(crate) fn run_follow(
         started.elapsed().as_secs_f64(),
         &hint,
     )
-    .map(|_| ())
+    .map(|_| ());
+    Ok(Epoch::Stopped(outcome))
+}
+
+/// Reads the config file every [`CONFIG_POLL_INTERVAL`] until `until` closes;
+/// when its content changed and it loads, hands the new config over and ends
+/// the round. A change that does not load is logged; the follower goes on
+/// under the definitions it has.
+fn watch_config(
+    cli: &Cli,
+    path: &Path,
+    loaded: &[u8],
+    reload: &Mutex<Option<(ProjectionsConfig, Vec<u8>)>>,
+    round_stop: &Mutex<CancelToken>,
+    until: &Receiver<()>,
+) {
+    let mut seen = loaded.to_vec();
+    while let Err(RecvTimeoutError::Timeout) = until.recv_timeout(CONFIG_POLL_INTERVAL) {
+        let Ok(bytes) = std::fs::read(path) else {
+            continue;
+        };
+        if bytes == seen {
+            continue;
+        }
+        seen.clone_from(&bytes);
+        match load_config(cli, false) {
+            Ok(config) => {
+                *reload.lock().unwrap_or_else(PoisonError::into_inner) = Some((config, bytes));
+                round_stop
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .cancel();
+                return;
+            }
+            Err(failure) => {
+                let text = ui::escape_controls(&crate::app::error_text(&failure.error));
+                tracing::error!(error = %text, "the config changed but does not load; following on under the definitions loaded before");
+            }
+        }
+    }
 }
 
 /// The first wait before opening the store again after it could not be read;

@@ -501,10 +501,23 @@ fn live_checkpoint(env: &Env, name: &str) -> u64 {
 /// equal a fresh rebuild of the final log: nothing lost, nothing applied twice.
 #[test]
 fn follow_rebuilds_a_changed_projection_in_its_shadow_while_the_others_follow() {
+    follow_through_a_definition_change(false);
+}
+
+/// The same, with the config edited while `follow` runs: it notices the
+/// change, and goes on as if restarted with it, without a restart.
+#[test]
+fn follow_notices_a_changed_config_and_rebuilds_without_a_restart() {
+    follow_through_a_definition_change(true);
+}
+
+fn follow_through_a_definition_change(while_running: bool) {
     let env = Env::new();
     env.demo_log(60_000);
     let v1_rows: i64 = answer(&env).split(' ').next().unwrap().parse().unwrap();
-    env.write_config(&config_v2());
+    if !while_running {
+        env.write_config(&config_v2());
+    }
     let reader = Reader::start(&env);
     let mut follower = env
         .command(&["--json", "--batch-size", "100", "follow"])
@@ -514,35 +527,50 @@ fn follow_rebuilds_a_changed_projection_in_its_shadow_while_the_others_follow() 
         .map(Reaped::new)
         .unwrap();
     let stdout = follower.stdout.take().unwrap();
+    let (lines_tx, lines_rx) = std::sync::mpsc::channel::<String>();
     let lines = std::thread::spawn(move || {
-        BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-            .collect::<Vec<String>>()
+        let mut all = Vec::new();
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line.clone());
+            all.push(line);
+        }
+        all
     });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    if while_running {
+        // Following under v1 first; then the config changes under it.
+        while !lines_rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap()
+            .contains("\"following\"")
+        {}
+        env.write_config(&config_v2());
+    }
     let store = env.path("events.db");
     let appender = std::thread::spawn(move || append_orders(&store, 300));
     // While the shadow is built, the other projection follows the appends and
     // the changed one's live file stays where it was.
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let shadow = env.path("projections/.order_summary.shadow.db");
+    while !shadow.exists() {
+        assert!(Instant::now() < deadline, "no shadow was made");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let frozen_at = live_checkpoint(&env, "order_summary");
     let mut others_moved_while_frozen = false;
-    while env.path("projections/.order_summary.shadow.db").exists() || !others_moved_while_frozen {
-        let frozen = live_checkpoint(&env, "order_summary") == 60_000;
-        if frozen
-            && live_checkpoint(&env, "customer_stats") > 60_000
-            && env.path("projections/.order_summary.shadow.db").exists()
-        {
-            others_moved_while_frozen = true;
+    while shadow.exists() {
+        let live = live_checkpoint(&env, "order_summary");
+        if live != frozen_at {
+            break; // published in between
         }
-        if !frozen && !others_moved_while_frozen {
-            break;
+        if live_checkpoint(&env, "customer_stats") > frozen_at && shadow.exists() {
+            others_moved_while_frozen = true;
         }
         assert!(Instant::now() < deadline, "the shadow was never published");
         std::thread::sleep(Duration::from_millis(2));
     }
     assert!(
         others_moved_while_frozen,
-        "customer_stats did not follow while order_summary was rebuilt"
+        "customer_stats did not follow while order_summary was rebuilt (frozen at {frozen_at})"
     );
     appender.join().unwrap();
     let head = 60_000 + 300 * 4;
