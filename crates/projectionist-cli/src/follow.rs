@@ -94,7 +94,7 @@ pub(crate) fn run_follow(
                 if cli.json {
                     ui::json_line(&serde_json::json!({"event": "config_reloaded"}));
                 }
-                config = new_config;
+                config = *new_config;
                 config_bytes = bytes;
             }
         }
@@ -117,7 +117,7 @@ enum Epoch {
     /// Stopped by a signal (or every projection ended): the command's outcome.
     Stopped(Result<(), Failure>),
     /// The config file changed and loads: follow on under it.
-    Reload(ProjectionsConfig, Vec<u8>),
+    Reload(Box<ProjectionsConfig>, Vec<u8>),
 }
 
 /// How often `follow` reads its config file to notice a change: soon enough
@@ -322,7 +322,7 @@ fn follow_epoch(
                 tracing::warn!(projection = %projection.name, error = %ui::escape_controls(&e.to_string()), "had stopped; tried again under the new config");
             }
         }
-        return Ok(Epoch::Reload(config, bytes));
+        return Ok(Epoch::Reload(Box::new(config), bytes));
     }
     let results: Vec<projectionist::Result<RebuildResult>> = results
         .into_iter()
