@@ -235,6 +235,28 @@ fn run_bank_child(role: &str, args: &[String]) {
 
 // ---------------------------------------------------------------- helpers
 
+/// The seed (`PROJECTIONIST_SEED` replays one; else from the clock) and the
+/// number of kills (`PROJECTIONIST_KILL_ITERATIONS` scales a soak; else `default`).
+fn seed_and_iterations(default: u32) -> (u64, u32) {
+    let seed = std::env::var("PROJECTIONIST_SEED")
+        .ok()
+        .map(|s| s.parse().expect("PROJECTIONIST_SEED is a number"))
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    let iterations = std::env::var("PROJECTIONIST_KILL_ITERATIONS")
+        .ok()
+        .map(|s| {
+            s.parse()
+                .expect("PROJECTIONIST_KILL_ITERATIONS is a number")
+        })
+        .unwrap_or(default);
+    (seed, iterations)
+}
+
 fn spawn_child(role: &str, args: &[&str]) -> Child {
     Command::new(std::env::current_exe().unwrap())
         .env(CHILD_ENV, role)
@@ -558,22 +580,7 @@ fn crash_points_catch_a_torn_batch() -> Result<(), String> {
 }
 
 fn random_sigkills_resume_to_the_same_digest() -> Result<(), String> {
-    let seed: u64 = std::env::var("PROJECTIONIST_SEED")
-        .ok()
-        .map(|s| s.parse().expect("PROJECTIONIST_SEED is a number"))
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
-    let iterations: u32 = std::env::var("PROJECTIONIST_KILL_ITERATIONS")
-        .ok()
-        .map(|s| {
-            s.parse()
-                .expect("PROJECTIONIST_KILL_ITERATIONS is a number")
-        })
-        .unwrap_or(50);
+    let (seed, iterations) = seed_and_iterations(50);
     println!(
         "    random kills: seed {seed} (replay with PROJECTIONIST_SEED={seed}), {iterations} iterations"
     );
@@ -800,22 +807,7 @@ fn publish_and_rollback_crash_points_leave_one_whole_version() -> Result<(), Str
 }
 
 fn random_sigkills_of_swaps_leave_one_whole_version() -> Result<(), String> {
-    let seed: u64 = std::env::var("PROJECTIONIST_SEED")
-        .ok()
-        .map(|s| s.parse().expect("PROJECTIONIST_SEED is a number"))
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
-    let iterations: u32 = std::env::var("PROJECTIONIST_KILL_ITERATIONS")
-        .ok()
-        .map(|s| {
-            s.parse()
-                .expect("PROJECTIONIST_KILL_ITERATIONS is a number")
-        })
-        .unwrap_or(30);
+    let (seed, iterations) = seed_and_iterations(30);
     println!(
         "    swap kills: seed {seed} (replay with PROJECTIONIST_SEED={seed}), {iterations} iterations"
     );

@@ -52,6 +52,25 @@ fn two_versions(first: u64, more: u64) -> TwoVersions {
     TwoVersions { tmp, store }
 }
 
+/// The projection's shadow, rebuilt from the whole log (a new version).
+fn build_shadow(dir: &ProjectionDir, store: &SqliteEventStore) -> Arc<projectionist::ProjectionDb> {
+    let shadow = dir.shadow("bank").unwrap();
+    rebuild(config(
+        store,
+        &shadow,
+        &mut BankHandler::default(),
+        options(100),
+    ))
+    .unwrap();
+    shadow
+}
+
+/// Publishes the bank projection's shadow with the default options.
+fn publish(dir: &ProjectionDir) -> projectionist::Published {
+    dir.publish("bank", "bank", &PublishOptions::default())
+        .unwrap()
+}
+
 #[test]
 fn publish_is_atomic_for_a_reader_holding_one_connection() {
     let t = two_versions(3_000, 3_000);
@@ -59,14 +78,7 @@ fn publish_is_atomic_for_a_reader_holding_one_connection() {
     let live = dir.db("bank").unwrap();
     let reader = live.open_reader().unwrap();
     let old = snapshot(&reader);
-    let shadow = dir.shadow("bank").unwrap();
-    rebuild(config(
-        &t.store,
-        &shadow,
-        &mut BankHandler::default(),
-        options(100),
-    ))
-    .unwrap();
+    let shadow = build_shadow(&dir, &t.store);
     let new = snapshot(&shadow.open_reader().unwrap());
     assert_ne!(old, new);
     // The live file kept serving the old version while the shadow was built.
@@ -114,17 +126,9 @@ fn rollback_restores_the_previous_digest_and_a_second_one_undoes_it() {
     let dir = ProjectionDir::open(t.tmp.path().join("p")).unwrap();
     let live = dir.db("bank").unwrap();
     let old = digest(&live);
-    let shadow = dir.shadow("bank").unwrap();
-    rebuild(config(
-        &t.store,
-        &shadow,
-        &mut BankHandler::default(),
-        options(100),
-    ))
-    .unwrap();
+    let shadow = build_shadow(&dir, &t.store);
     let new = digest(&shadow);
-    dir.publish("bank", "bank", &PublishOptions::default())
-        .unwrap();
+    publish(&dir);
     assert_eq!(digest(&live), new);
     let stamp = version_info(&live.open_reader().unwrap()).unwrap();
     assert!(stamp.id.is_some() && stamp.rolled_back_at.is_none());
@@ -148,14 +152,7 @@ fn rollback_restores_the_previous_digest_and_a_second_one_undoes_it() {
     assert_eq!(digest(&live), new);
 
     // Without keeping the previous version, a publish leaves none.
-    let shadow = dir.shadow("bank").unwrap();
-    rebuild(config(
-        &t.store,
-        &shadow,
-        &mut BankHandler::default(),
-        options(100),
-    ))
-    .unwrap();
+    build_shadow(&dir, &t.store);
     dir.publish("bank", "bank", &PublishOptions::new().keep_previous(false))
         .unwrap();
     let err = dir
@@ -196,24 +193,9 @@ fn versions_are_never_listed_and_remove_takes_them_too() {
     let t = two_versions(500, 500);
     let path = t.tmp.path().join("p");
     let dir = ProjectionDir::open(&path).unwrap();
-    let shadow = dir.shadow("bank").unwrap();
-    rebuild(config(
-        &t.store,
-        &shadow,
-        &mut BankHandler::default(),
-        options(100),
-    ))
-    .unwrap();
-    dir.publish("bank", "bank", &PublishOptions::default())
-        .unwrap();
-    let shadow = dir.shadow("bank").unwrap();
-    rebuild(config(
-        &t.store,
-        &shadow,
-        &mut BankHandler::default(),
-        options(100),
-    ))
-    .unwrap();
+    build_shadow(&dir, &t.store);
+    publish(&dir);
+    build_shadow(&dir, &t.store);
     let files = projectionist::VersionFiles::new(&path, "bank").unwrap();
     assert!(files.shadow.exists() && files.previous.exists());
     let names: Vec<String> = dir.list().unwrap().iter().map(|n| n.to_string()).collect();
@@ -241,17 +223,9 @@ fn a_stale_wal_beside_the_previous_version_is_never_replayed() {
     let live = dir.db("bank").unwrap();
     let old = digest(&live);
     // A first publish keeps a previous version.
-    let shadow = dir.shadow("bank").unwrap();
-    rebuild(config(
-        &t.store,
-        &shadow,
-        &mut BankHandler::default(),
-        options(100),
-    ))
-    .unwrap();
+    let shadow = build_shadow(&dir, &t.store);
     let new = digest(&shadow);
-    dir.publish("bank", "bank", &PublishOptions::default())
-        .unwrap();
+    publish(&dir);
     // A stale -wal with other rows: made by a writer that stops before any checkpoint.
     let other = t.tmp.path().join("other.db");
     {
@@ -269,16 +243,8 @@ fn a_stale_wal_beside_the_previous_version_is_never_replayed() {
         std::mem::forget(conn); // never checkpointed
     }
     // A second publish: the previous version becomes the (new) live content.
-    let shadow = dir.shadow("bank").unwrap();
-    rebuild(config(
-        &t.store,
-        &shadow,
-        &mut BankHandler::default(),
-        options(100),
-    ))
-    .unwrap();
-    dir.publish("bank", "bank", &PublishOptions::default())
-        .unwrap();
+    build_shadow(&dir, &t.store);
+    publish(&dir);
     let kept = Connection::open(&files.previous).unwrap();
     assert_eq!(
         projection_digest(&kept, DigestScope::ProjectionTables).unwrap(),
@@ -319,8 +285,7 @@ fn a_shadow_gets_the_live_files_page_size() {
     ))
     .unwrap();
     let new = digest(&shadow);
-    dir.publish("bank", "bank", &PublishOptions::default())
-        .unwrap();
+    publish(&dir);
     assert_eq!(digest(&live), new);
 }
 
