@@ -716,7 +716,7 @@ fn file_digest(path: &Path) -> Option<String> {
 /// Opens the directory as the next process would (finishing or undoing what a
 /// crash left) and returns the digests of the live file, the previous version
 /// and the shadow; fails if a half-made copy is left.
-fn after_crash(path: &Path) -> Result<(String, Option<String>, Option<String>), String> {
+fn after_crash(path: &Path) -> Result<Left, String> {
     let dir = ProjectionDir::open(path).map_err(|e| e.to_string())?;
     let live = dir.db("bank").map_err(|e| e.to_string())?;
     let files = VersionFiles::new(path, "bank").unwrap();
@@ -729,6 +729,31 @@ fn after_crash(path: &Path) -> Result<(String, Option<String>, Option<String>), 
         file_digest(&files.shadow),
     );
     Ok(digests)
+}
+
+/// Live, previous and shadow digests.
+type Left = (String, Option<String>, Option<String>);
+
+/// What is wrong with a directory after a child `what` aborted at `step`:
+/// nothing when it crashed there and left `expected`.
+fn crash_left(
+    what: &str,
+    step: PublishStep,
+    status: ExitStatus,
+    path: &Path,
+    expected: &Left,
+) -> Option<String> {
+    let step = step.as_str();
+    match after_crash(path) {
+        _ if status.signal() != Some(SIGABRT) => {
+            Some(format!("{what} {step}: no crash ({status})"))
+        }
+        Ok(got) if got == *expected => None,
+        Ok(got) => Some(format!(
+            "{what} {step}: live/previous/shadow {got:?}, expected {expected:?}"
+        )),
+        Err(why) => Some(format!("{what} {step}: {why}")),
+    }
 }
 
 fn publish_and_rollback_crash_points_leave_one_whole_version() -> Result<(), String> {
@@ -747,17 +772,7 @@ fn publish_and_rollback_crash_points_leave_one_whole_version() -> Result<(), Str
         } else {
             (v.old.clone(), None, new.clone())
         };
-        match after_crash(&path) {
-            _ if status.signal() != Some(SIGABRT) => {
-                failures.push(format!("publish {}: no crash ({status})", step.as_str()));
-            }
-            Ok(got) if got == expected => {}
-            Ok(got) => failures.push(format!(
-                "publish {}: live/previous/shadow {got:?}, expected {expected:?}",
-                step.as_str()
-            )),
-            Err(why) => failures.push(format!("publish {}: {why}", step.as_str())),
-        }
+        failures.extend(crash_left("publish", step, status, &path, &expected));
         if !published {
             // What was left can still be published.
             let dir = ProjectionDir::open(&path).unwrap();
@@ -787,17 +802,7 @@ fn publish_and_rollback_crash_points_leave_one_whole_version() -> Result<(), Str
         } else {
             (v.new.clone(), old.clone(), None)
         };
-        match after_crash(&path) {
-            _ if status.signal() != Some(SIGABRT) => {
-                failures.push(format!("rollback {}: no crash ({status})", step.as_str()));
-            }
-            Ok(got) if got == expected => {}
-            Ok(got) => failures.push(format!(
-                "rollback {}: live/previous/shadow {got:?}, expected {expected:?}",
-                step.as_str()
-            )),
-            Err(why) => failures.push(format!("rollback {}: {why}", step.as_str())),
-        }
+        failures.extend(crash_left("rollback", step, status, &path, &expected));
     }
     if failures.is_empty() {
         Ok(())
