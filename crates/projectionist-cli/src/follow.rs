@@ -16,9 +16,11 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use projectionist::ProjectionDir;
-use projectionist::{CancelToken, Progress, PublishOptions, RebuildOptions, RebuildResult, Start};
-use projectionist_sqlview::{ProjectionsConfig, SqlHandler};
+use projectionist::{
+    CancelToken, Progress, ProjectionDb, ProjectionDir, PublishOptions, RebuildOptions,
+    RebuildResult, Start, VersionFiles,
+};
+use projectionist_sqlview::{ProjectionsConfig, SqlHandler, SqlProjection};
 
 use crate::app::{
     EXIT_CONFIG, EXIT_STORE, Failure, command_hint, fail, load_config, open_dir, open_store, select,
@@ -89,7 +91,7 @@ pub(crate) fn run_follow(
     loop {
         match follow_epoch(&context, &config, &config_bytes)? {
             Epoch::Stopped(outcome) => return outcome,
-            Epoch::Reload(new_config, bytes) => {
+            Epoch::Reload(Change::Config(new_config, bytes)) => {
                 tracing::info!("the config changed: following under its definitions");
                 if cli.json {
                     ui::json_line(&serde_json::json!({"event": "config_reloaded"}));
@@ -97,6 +99,7 @@ pub(crate) fn run_follow(
                 config = *new_config;
                 config_bytes = bytes;
             }
+            Epoch::Reload(Change::Requests) => {}
         }
     }
 }
@@ -116,8 +119,16 @@ struct Context<'a> {
 enum Epoch {
     /// Stopped by a signal (or every projection ended): the command's outcome.
     Stopped(Result<(), Failure>),
+    /// Follow on after a change.
+    Reload(Change),
+}
+
+/// What ends an epoch.
+enum Change {
     /// The config file changed and loads: follow on under it.
-    Reload(Box<ProjectionsConfig>, Vec<u8>),
+    Config(Box<ProjectionsConfig>, Vec<u8>),
+    /// Another process asked for a rebuild or a rollback (request files).
+    Requests,
 }
 
 /// How often `follow` reads its config file to notice a change: soon enough
@@ -145,15 +156,18 @@ fn follow_epoch(
         .reader()
         .head()
         .map_err(|e| fail(EXIT_STORE)(e.into()))?;
+    let watched: Vec<String> = selected.iter().map(|p| p.name.to_string()).collect();
+    roll_back_on_request(cli, dir, &watched);
     let opened = open_selected(cli, dir, &selected, Plan::Resume, Some(head));
     let Opened {
         selected,
         dbs,
         mut writes,
-        shadowed,
-        starts,
+        mut shadowed,
+        mut starts,
         errors,
     } = opened;
+    rebuild_on_request(dir, &selected, &mut writes, &mut shadowed, &mut starts);
     // A projection rebuilt in its shadow (its definition changed) follows the
     // log there while the others follow in their live files; once it has
     // caught up, the round ends and it is published (the live file kept
@@ -209,7 +223,7 @@ fn follow_epoch(
     let mut results: Vec<Option<projectionist::Result<RebuildResult>>> =
         selected.iter().map(|_| None).collect();
     let mut backoff = RECONNECT_BACKOFF_MIN;
-    let reload: Mutex<Option<(ProjectionsConfig, Vec<u8>)>> = Mutex::new(None);
+    let reload: Mutex<Option<Change>> = Mutex::new(None);
     let reload_requested = || {
         reload
             .lock()
@@ -221,15 +235,15 @@ fn follow_epoch(
         let live = &live;
         scope.spawn(move || live.tick_until(&until));
         let reload = &reload;
+        let watched = &watched;
         scope.spawn(move || {
-            watch_config(
+            let watch = Watch {
                 cli,
-                context.config_path,
-                config_bytes,
-                reload,
-                round_stop,
-                &watch_until,
-            );
+                path: context.config_path,
+                dir: dir.path(),
+                names: watched,
+            };
+            watch.run(config_bytes, reload, round_stop, &watch_until);
         });
         // Rounds: a store that cannot be read (a server restart, a dropped
         // connection) ends a round; the projections resume in the next one,
@@ -315,14 +329,14 @@ fn follow_epoch(
         drop(finished);
         drop(watch_finished);
     });
-    if let Some((config, bytes)) = reload.into_inner().unwrap_or_else(PoisonError::into_inner) {
+    if let Some(change) = reload.into_inner().unwrap_or_else(PoisonError::into_inner) {
         live.finish();
         for (projection, result) in selected.iter().zip(&results) {
             if let Some(Err(e)) = result {
-                tracing::warn!(projection = %projection.name, error = %ui::escape_controls(&e.to_string()), "had stopped; tried again under the new config");
+                tracing::warn!(projection = %projection.name, error = %ui::escape_controls(&e.to_string()), "had stopped; tried again");
             }
         }
-        return Ok(Epoch::Reload(Box::new(config), bytes));
+        return Ok(Epoch::Reload(change));
     }
     let results: Vec<projectionist::Result<RebuildResult>> = results
         .into_iter()
@@ -346,39 +360,124 @@ fn follow_epoch(
     Ok(Epoch::Stopped(outcome))
 }
 
-/// Reads the config file every [`CONFIG_POLL_INTERVAL`] until `until` closes;
-/// when its content changed and it loads, hands the new config over and ends
-/// the round. A change that does not load is logged; the follower goes on
-/// under the definitions it has.
-fn watch_config(
-    cli: &Cli,
-    path: &Path,
-    loaded: &[u8],
-    reload: &Mutex<Option<(ProjectionsConfig, Vec<u8>)>>,
-    round_stop: &Mutex<CancelToken>,
-    until: &Receiver<()>,
-) {
-    let mut seen = loaded.to_vec();
-    while let Err(RecvTimeoutError::Timeout) = until.recv_timeout(CONFIG_POLL_INTERVAL) {
-        let Ok(bytes) = std::fs::read(path) else {
-            continue;
-        };
-        if bytes == seen {
-            continue;
-        }
-        seen.clone_from(&bytes);
-        match load_config(cli, false) {
-            Ok(config) => {
-                *reload.lock().unwrap_or_else(PoisonError::into_inner) = Some((config, bytes));
+/// What a follower watches between reads of the log: its config file and
+/// the request files of its projections.
+struct Watch<'a> {
+    cli: &'a Cli,
+    path: &'a Path,
+    dir: &'a Path,
+    names: &'a [String],
+}
+
+impl Watch<'_> {
+    /// Every [`CONFIG_POLL_INTERVAL`] until `until` closes: when the config's
+    /// content changed and it loads, or a projection has a request file, hands
+    /// the change over and ends the round. A config change that does not load
+    /// is logged; the follower goes on under the definitions it has.
+    fn run(
+        &self,
+        loaded: &[u8],
+        reload: &Mutex<Option<Change>>,
+        round_stop: &Mutex<CancelToken>,
+        until: &Receiver<()>,
+    ) {
+        let mut seen = loaded.to_vec();
+        while let Err(RecvTimeoutError::Timeout) = until.recv_timeout(CONFIG_POLL_INTERVAL) {
+            let change = self.requested().or_else(|| self.config_changed(&mut seen));
+            if let Some(change) = change {
+                *reload.lock().unwrap_or_else(PoisonError::into_inner) = Some(change);
                 round_stop
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
                     .cancel();
                 return;
             }
+        }
+    }
+
+    fn requested(&self) -> Option<Change> {
+        self.names
+            .iter()
+            .filter_map(|name| VersionFiles::new(self.dir, name).ok())
+            .any(|f| f.rebuild_request.exists() || f.rollback_request.exists())
+            .then_some(Change::Requests)
+    }
+
+    fn config_changed(&self, seen: &mut Vec<u8>) -> Option<Change> {
+        let bytes = std::fs::read(self.path).ok()?;
+        if bytes == *seen {
+            return None;
+        }
+        seen.clone_from(&bytes);
+        match load_config(self.cli, false) {
+            Ok(config) => Some(Change::Config(Box::new(config), bytes)),
             Err(failure) => {
                 let text = ui::escape_controls(&crate::app::error_text(&failure.error));
                 tracing::error!(error = %text, "the config changed but does not load; following on under the definitions loaded before");
+                None
+            }
+        }
+    }
+}
+
+/// Rolls back the projections another process asked to (`rollback` while this
+/// follower holds them), before they are opened for the epoch.
+fn roll_back_on_request(cli: &Cli, dir: &ProjectionDir, names: &[String]) {
+    for name in names {
+        let Ok(files) = VersionFiles::new(dir.path(), name) else {
+            continue;
+        };
+        if !files.rollback_request.exists() {
+            continue;
+        }
+        let _ = dir.discard_shadow(name);
+        let rolled_back = dir.rollback(name, name, &PublishOptions::default());
+        // Removed once done: the asking process then reads the outcome in the file.
+        let _ = std::fs::remove_file(&files.rollback_request);
+        match rolled_back {
+            Ok(back) => {
+                tracing::info!(projection = %name, checkpoint = back.checkpoint, "rolled back on request");
+                if cli.json {
+                    ui::json_line(&serde_json::json!({
+                        "event": "rolled_back", "projection": name, "checkpoint": back.checkpoint,
+                    }));
+                }
+            }
+            Err(e) => {
+                tracing::error!(projection = %name, error = %ui::escape_controls(&e.to_string()), "cannot roll back on request");
+            }
+        }
+    }
+}
+
+/// Rebuilds in their shadows the projections another process asked to
+/// (`rebuild` while this follower holds them): afresh, published once caught up.
+fn rebuild_on_request(
+    dir: &ProjectionDir,
+    selected: &[&SqlProjection],
+    writes: &mut [Arc<ProjectionDb>],
+    shadowed: &mut [bool],
+    starts: &mut [Start],
+) {
+    for (i, projection) in selected.iter().enumerate() {
+        let name = projection.name.as_str();
+        let Ok(files) = VersionFiles::new(dir.path(), name) else {
+            continue;
+        };
+        if !files.rebuild_request.exists() {
+            continue;
+        }
+        let shadow = dir.discard_shadow(name).and_then(|_| dir.shadow(name));
+        let _ = std::fs::remove_file(&files.rebuild_request);
+        match shadow {
+            Ok(shadow) => {
+                tracing::info!(projection = name, "rebuilding in its shadow on request");
+                writes[i] = shadow;
+                shadowed[i] = true;
+                starts[i] = Start::Reset;
+            }
+            Err(e) => {
+                tracing::error!(projection = name, error = %ui::escape_controls(&e.to_string()), "cannot rebuild on request");
             }
         }
     }

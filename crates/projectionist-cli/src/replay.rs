@@ -9,10 +9,11 @@ use std::time::Instant;
 
 use anyhow::{Context, anyhow};
 use projectionist::limits::{BUSY_TIMEOUT_MS, START_BUSY_TIMEOUT_MS};
+use projectionist::rusqlite::{Connection, OpenFlags};
 use projectionist::{
     CancelToken, CheckpointLocation, Error, GlobalReader, ProjectionDb, ProjectionDir,
-    ProjectionTarget, PublishOptions, Published, RebuildOptions, RebuildResult, SqliteCheckpoint,
-    Start, VersionFiles, quick_check, replay_shared, version_info,
+    ProjectionFiles, ProjectionTarget, PublishOptions, Published, RebuildOptions, RebuildResult,
+    SqliteCheckpoint, Start, VersionFiles, last_run, quick_check, replay_shared, version_info,
 };
 use projectionist_sqlview::{SqlHandler, SqlProjection};
 
@@ -21,6 +22,7 @@ use crate::app::{
     load_config, open_dir, open_store, select,
 };
 use crate::args::Cli;
+use crate::status::process_alive;
 use crate::ui;
 
 /// How a run treats projections that must be built from scratch.
@@ -41,7 +43,93 @@ pub(crate) fn run_replay(cli: &Cli, names: &[String], plan: Plan) -> Result<(), 
     let store = open_store(cli, false, &config)?;
     let dir = open_dir(cli, false)?;
     let hint = command_hint(cli, false, "resume");
-    replay(cli, store.reader(), &dir, &selected, plan, &hint).map(|_| ())
+    // A projection that a follower holds is rebuilt by the follower, on request.
+    let mut local = Vec::new();
+    let mut refused = Vec::new();
+    for projection in selected {
+        let name = projection.name.as_str();
+        let held = matches!(dir.db(name), Err(Error::Locked { .. }));
+        if !held
+            || !matches!(
+                plan,
+                Plan::Rebuild {
+                    in_place: false,
+                    ..
+                }
+            )
+        {
+            local.push(projection);
+            continue;
+        }
+        let request = VersionFiles::new(dir.path(), name)
+            .map_err(|e| fail(EXIT_PROJECTION)(e.into()))?
+            .rebuild_request;
+        match ask_follower(dir.path(), name, &request) {
+            None => local.push(projection),
+            Some(Ok(pid)) => {
+                if cli.json {
+                    ui::json_line(&serde_json::json!({
+                        "event": "handed_to_follower", "projection": name, "pid": pid,
+                    }));
+                } else if !cli.quiet {
+                    eprintln!(
+                        "{name}: the follower (process {pid}) holds it and took the request: it \
+                         rebuilds it in its shadow and publishes it when caught up \
+                         (`projectionist status` shows the shadow)"
+                    );
+                }
+            }
+            Some(Err(e)) => refused.push(e),
+        }
+    }
+    let outcome = if local.is_empty() {
+        Ok(())
+    } else {
+        replay(cli, store.reader(), &dir, &local, plan, &hint).map(|_| ())
+    };
+    if refused.is_empty() {
+        return outcome;
+    }
+    let text: Vec<String> = refused.iter().map(error_text).collect();
+    outcome.and(Err(fail(EXIT_PROJECTION)(anyhow!("{}", text.join("\n")))))
+}
+
+/// How long a request to a follower waits to be taken (a follower looks for
+/// requests every second, and takes one between two reads of the log).
+const REQUEST_TAKEN_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// When the process holding projection `name` follows it (its run record says
+/// `following` and the process lives), asks it through `request` (an empty
+/// file) and waits until it took it. `None`: no follower holds it.
+pub(crate) fn ask_follower(
+    dir: &std::path::Path,
+    name: &str,
+    request: &std::path::Path,
+) -> Option<anyhow::Result<u32>> {
+    let live = ProjectionFiles::new(dir, name).ok()?.db;
+    let conn = Connection::open_with_flags(&live, OpenFlags::SQLITE_OPEN_READ_ONLY).ok()?;
+    let run = last_run(&conn, name).ok()??;
+    drop(conn);
+    let pid = run
+        .pid
+        .filter(|&pid| run.state == "following" && process_alive(pid))?;
+    if let Err(e) = std::fs::write(request, b"") {
+        return Some(Err(
+            anyhow::Error::from(e).context(format!("ask the follower of {name} (process {pid})"))
+        ));
+    }
+    let asked = Instant::now();
+    while request.exists() {
+        if asked.elapsed() > REQUEST_TAKEN_WITHIN || !process_alive(pid) {
+            let _ = std::fs::remove_file(request);
+            return Some(Err(anyhow!(
+                "projection {name} is held by process {pid}, which did not take the request \
+                 (only `follow` takes requests); stop it first"
+            )));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    Some(Ok(pid))
 }
 
 /// Rebuilds (or resumes) the selected projections with one shared read per group,

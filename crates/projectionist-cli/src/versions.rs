@@ -7,8 +7,8 @@ use std::time::Instant;
 use anyhow::{Context, anyhow};
 use projectionist::{
     CancelToken, GlobalReader, Progress, ProjectionDir, PublishOptions, RebuildOptions,
-    RebuildResult, SqliteCheckpoint, Start, TableDifference, UpTo, compare_projections,
-    replay_shared,
+    RebuildResult, SqliteCheckpoint, Start, TableDifference, UpTo, VersionFiles,
+    compare_projections, replay_shared, version_info,
 };
 use projectionist_sqlview::{SqlHandler, SqlProjection, stored_definition};
 
@@ -17,7 +17,7 @@ use crate::app::{
     load_config, open_dir, open_existing_dir, open_store, select,
 };
 use crate::args::Cli;
-use crate::replay::{open_for_run, publish_shadows, published_line, targets};
+use crate::replay::{ask_follower, open_for_run, publish_shadows, published_line, targets};
 use crate::ui;
 
 /// Differing rows shown per table: enough to find the pattern, few enough to read.
@@ -250,6 +250,17 @@ pub(crate) fn run_rollback(cli: &Cli, name: &str) -> Result<(), Failure> {
             dir.path().display()
         )));
     }
+    // A follower holding it rolls it back itself, on request.
+    if let Err(projectionist::Error::Locked { .. }) = dir.db(name) {
+        let request = VersionFiles::new(dir.path(), name)
+            .map_err(|e| error(e.into()))?
+            .rollback_request;
+        let before = live_version(&dir, name);
+        if let Some(asked) = ask_follower(dir.path(), name, &request) {
+            let pid = asked.map_err(error)?;
+            return follower_rolled_back(cli, &dir, name, pid, before);
+        }
+    }
     // A shadow built before the rollback must not be published over it later.
     dir.discard_shadow(name)
         .map_err(|e| error(anyhow::Error::from(e).context(format!("roll back {name}"))))?;
@@ -290,6 +301,43 @@ pub(crate) fn run_rollback(cli: &Cli, name: &str) -> Result<(), Failure> {
                  rebuilt by resume or follow until you run `projectionist rebuild {name}`"
             );
         }
+    }
+    Ok(())
+}
+
+/// The live file's version stamp, read without its lock.
+fn live_version(dir: &ProjectionDir, name: &str) -> Option<projectionist::VersionInfo> {
+    let path = dir.file_path(name).ok()?;
+    let flags = projectionist::rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY;
+    let conn = projectionist::rusqlite::Connection::open_with_flags(&path, flags).ok()?;
+    version_info(&conn).ok()
+}
+
+/// Reports a rollback done by the follower `pid` on request, from the file:
+/// done when the live file's version changed to one marked rolled back.
+fn follower_rolled_back(
+    cli: &Cli,
+    dir: &ProjectionDir,
+    name: &str,
+    pid: u32,
+    before: Option<projectionist::VersionInfo>,
+) -> Result<(), Failure> {
+    let after = live_version(dir, name);
+    let changed = after.as_ref().map(|v| &v.id) != before.as_ref().map(|v| &v.id);
+    let Some(at) = after.and_then(|v| v.rolled_back_at).filter(|_| changed) else {
+        return Err(fail(EXIT_PROJECTION)(anyhow!(
+            "the follower (process {pid}) could not roll {name} back (is a previous version kept? \
+             its log says why)"
+        )));
+    };
+    if cli.json {
+        ui::json_line(&serde_json::json!({
+            "event": "rolled_back", "projection": name, "by_follower": pid, "rolled_back_at": at,
+        }));
+    } else if !cli.quiet {
+        eprintln!(
+            "{name}: rolled back by the follower (process {pid}) at {at}; it follows the restored version on"
+        );
     }
     Ok(())
 }

@@ -349,18 +349,23 @@ fn verify_reports_a_row_edited_by_hand_and_publishes_nothing() {
     );
 }
 
+/// `rebuild` and `rollback` of a projection that a follower holds, from
+/// another process: the follower takes the request and does it (a rebuild in
+/// its shadow, published when caught up; a rollback), while it follows on.
+/// Here the rebuild repairs a row edited by hand in the live file.
 #[test]
-fn a_rebuild_fails_cleanly_while_a_follower_holds_the_projection() {
+fn a_follower_rebuilds_and_rolls_back_on_request_from_another_process() {
     let env = Env::new();
     env.demo_log(5_000);
-    let before = env.digest("order_summary");
-    let mut follower = env
+    let clean = env.digest("order_summary");
+    let follower = env
         .command(&["--json", "follow"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .map(Reaped::new)
         .unwrap();
+    let mut follower = follower;
     // Wait until it follows.
     let mut out = BufReader::new(follower.stdout.take().unwrap());
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -369,15 +374,52 @@ fn a_rebuild_fails_cleanly_while_a_follower_holds_the_projection() {
         line.clear();
         assert!(out.read_line(&mut line).unwrap() > 0 && Instant::now() < deadline);
     }
-    env.write_config(&config_v2());
-    let out = env.run(&["rebuild", "order_summary"]);
+    std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+    // Drift: a row edited by hand behind the follower's back.
+    Connection::open(env.path("projections/order_summary.db"))
+        .unwrap()
+        .execute_batch("UPDATE orders SET total_cents = total_cents + 1 WHERE rowid = 1")
+        .unwrap();
+    let edited = env.digest("order_summary");
+    assert_ne!(edited, clean);
+
+    // In place is not handed over: it would take the projection offline.
+    let out = env.run(&["rebuild", "--in-place", "order_summary"]);
     assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
     assert!(
         stderr(&out).contains("locked by another process"),
         "{}",
         stderr(&out)
     );
-    assert_eq!(env.digest("order_summary"), before);
+
+    let out = env.run(&["rebuild", "order_summary"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("took the request"),
+        "{}",
+        stderr(&out)
+    );
+    while env.digest("order_summary") != clean {
+        assert!(
+            Instant::now() < deadline,
+            "the follower never published the rebuild"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        !env.path("projections/.order_summary.rebuild-request")
+            .exists()
+    );
+
+    let out = env.run(&["rollback", "order_summary"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("rolled back by the follower"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(env.digest("order_summary"), edited);
+
     let _ = Command::new("kill")
         .args(["-TERM", &follower.id().to_string()])
         .status();

@@ -390,6 +390,8 @@ impl ProjectionDir {
             remove_file_if_exists(other)?;
             remove_sidecars(other)?;
         }
+        remove_file_if_exists(&versions.rebuild_request)?;
+        remove_file_if_exists(&versions.rollback_request)?;
         remove_file_if_exists(&self.lock_path(name))
     }
 

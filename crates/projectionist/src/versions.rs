@@ -10,6 +10,7 @@
 //! | `.{name}.shadow.db` | a rebuild in progress, or finished and not yet published |
 //! | `.{name}.previous.db` | the version before the last publish (or rollback) |
 //! | `.{name}.previous-new.db` | a copy of the live file being made by a publish; renamed to `.previous.db` once the publish has happened |
+//! | `.{name}.rebuild-request`, `.{name}.rollback-request` | empty files by which another process asks the holder of the projection (a follower) to rebuild or roll it back |
 //!
 //! Their names start with a dot, which a projection name never does, so `list`,
 //! `remove` and `status` never take them for projections.
@@ -69,6 +70,12 @@ pub struct VersionFiles {
     pub previous: PathBuf,
     /// `.{name}.previous-new.db`: a publish's copy of the live file, in flight.
     pub previous_new: PathBuf,
+    /// `.{name}.rebuild-request`: another process asks the one holding the
+    /// projection (a follower) to rebuild it in its shadow and publish it.
+    pub rebuild_request: PathBuf,
+    /// `.{name}.rollback-request`: another process asks the one holding the
+    /// projection to roll it back.
+    pub rollback_request: PathBuf,
 }
 
 impl VersionFiles {
@@ -86,6 +93,8 @@ impl VersionFiles {
             shadow: dir.join(format!(".{name}.shadow.db")),
             previous: dir.join(format!(".{name}.previous.db")),
             previous_new: dir.join(format!(".{name}.previous-new.db")),
+            rebuild_request: dir.join(format!(".{name}.rebuild-request")),
+            rollback_request: dir.join(format!(".{name}.rollback-request")),
         }
     }
 
