@@ -219,7 +219,6 @@ fn follow_epoch(
     let started = Instant::now();
     let (finished, until) = std::sync::mpsc::channel::<()>();
     let mut store = store;
-    let mut starts = starts;
     let mut results: Vec<Option<projectionist::Result<RebuildResult>>> =
         selected.iter().map(|_| None).collect();
     let mut backoff = RECONNECT_BACKOFF_MIN;
