@@ -232,9 +232,14 @@ fn versions_row(files: &ProjectionFiles, name: &str) -> ui::VersionsRow {
             Connection::open_with_flags(&versions.shadow, OpenFlags::SQLITE_OPEN_READ_ONLY)
     {
         row.shadow_checkpoint = Some(SqliteCheckpoint::load_in(&conn, name).unwrap_or(0));
-        row.shadow_alive = last_run(&conn, name).ok().flatten().is_some_and(|l| {
-            matches!(l.state.as_str(), "running" | "resuming") && l.pid.is_none_or(process_alive)
+        let run = last_run(&conn, name).ok().flatten();
+        row.shadow_alive = run.as_ref().is_some_and(|l| {
+            matches!(l.state.as_str(), "running" | "resuming" | "following")
+                && l.pid.is_none_or(process_alive)
         });
+        row.shadow_error = run
+            .filter(|l| l.state == "failed")
+            .map(|l| l.error.unwrap_or_else(|| "failed".to_owned()));
     }
     if let Ok(conn) = Connection::open_with_flags(&files.db, OpenFlags::SQLITE_OPEN_READ_ONLY) {
         row.rolled_back_at = version_info(&conn).ok().and_then(|v| v.rolled_back_at);

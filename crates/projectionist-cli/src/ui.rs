@@ -217,6 +217,8 @@ pub struct VersionsRow {
     pub shadow_checkpoint: Option<u64>,
     /// A process is building the shadow now.
     pub shadow_alive: bool,
+    /// Why the shadow's rebuild failed, when it did.
+    pub shadow_error: Option<String>,
     /// When the live version was restored by `rollback`.
     pub rolled_back_at: Option<String>,
 }
@@ -247,6 +249,7 @@ pub fn status_table(json: bool, rows: &[StatusRow], head: Option<u64>) {
                 "previous_checkpoint": r.versions.previous.as_ref().map(|p| p.checkpoint),
                 "rolled_back_at": r.versions.rolled_back_at,
                 "shadow_checkpoint": r.versions.shadow_checkpoint,
+                "shadow_error": r.versions.shadow_error,
             }));
         }
         return;
@@ -283,10 +286,16 @@ pub fn status_table(json: bool, rows: &[StatusRow], head: Option<u64>) {
             out_line(&format!("  rolled back at {at}"));
         }
         if let Some(checkpoint) = v.shadow_checkpoint {
-            let what = if v.shadow_alive {
-                "being rebuilt beside the live file"
-            } else {
-                "an interrupted rebuild (resume continues it, rebuild starts it over)"
+            let what = match (&v.shadow_error, v.shadow_alive) {
+                (Some(error), _) => format!(
+                    "the rebuild failed, the live file is unchanged: {}",
+                    escape_controls(error)
+                ),
+                (None, true) => "being rebuilt beside the live file".to_owned(),
+                (None, false) => {
+                    "an interrupted rebuild (resume continues it, rebuild starts it over)"
+                        .to_owned()
+                }
             };
             out_line(&format!("  shadow at checkpoint {checkpoint}: {what}"));
         }

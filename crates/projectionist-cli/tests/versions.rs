@@ -659,3 +659,48 @@ fn follow_through_a_definition_change(while_running: bool) {
     }
     assert!(!env.path("projections/.order_summary.shadow.db").exists());
 }
+
+/// A new definition that fails on an event: the rebuild stops in its shadow,
+/// the live file keeps the old version untouched, `status` says why, and a
+/// fixed definition rebuilds and publishes over the failed shadow.
+#[test]
+fn a_failing_shadow_rebuild_leaves_the_live_version_and_status_says_why() {
+    let env = Env::new();
+    env.demo_log(3_000);
+    let v1 = env.digest("order_summary");
+    // qty is a JSON integer: `!text` makes every ItemAdded a poison event.
+    let broken = config_v2().replacen(
+        "total_cents = total_cents + :qty!int * :unit_price_cents!int + 1",
+        "total_cents = total_cents + length(:qty!text)",
+        1,
+    );
+    env.write_config(&broken);
+    let out = env.run(&["rebuild", "order_summary"]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert_eq!(env.digest("order_summary"), v1);
+    let rows = status_rows(&env);
+    let r = row(&rows, "order_summary");
+    assert!(r["shadow_checkpoint"].is_u64(), "{r}");
+    assert!(
+        r["shadow_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("qty")),
+        "{r}"
+    );
+    let table = stdout(&env.run(&["status"]));
+    assert!(
+        table.contains("the rebuild failed, the live file is unchanged"),
+        "{table}"
+    );
+
+    env.write_config(&config_v2());
+    let out = env.run(&["--quiet", "rebuild", "order_summary"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_ne!(env.digest("order_summary"), v1);
+    let rows = status_rows(&env);
+    let r = row(&rows, "order_summary");
+    assert!(
+        r["shadow_checkpoint"].is_null() && r["state"] == "current",
+        "{r}"
+    );
+}
