@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use projectionist::{
-    CancelToken, Progress, ProjectionDb, ProjectionDir, PublishOptions, RebuildOptions,
-    RebuildResult, Start, VersionFiles,
+    CancelToken, Progress, ProjectionDir, PublishOptions, RebuildOptions, RebuildResult, Start,
+    VersionFiles,
 };
 use projectionist_sqlview::{ProjectionsConfig, SqlHandler, SqlProjection};
 
@@ -89,7 +89,16 @@ pub(crate) fn run_follow(
     // the projections again under the new definitions: a changed one is
     // rebuilt in its shadow while the others follow on.
     loop {
-        match follow_epoch(&context, &config, &config_bytes)? {
+        let epoch = follow_epoch(&context, &config, &config_bytes);
+        if !matches!(epoch, Ok(Epoch::Reload(_))) {
+            let names: Vec<String> = config
+                .projections
+                .iter()
+                .map(|p| p.name.to_string())
+                .collect();
+            unregister(&dir, &names);
+        }
+        match epoch? {
             Epoch::Stopped(outcome) => return outcome,
             Epoch::Reload(Change::Config(new_config, bytes)) => {
                 tracing::info!("the config changed: following under its definitions");
@@ -156,18 +165,25 @@ fn follow_epoch(
         .reader()
         .head()
         .map_err(|e| fail(EXIT_STORE)(e.into()))?;
-    let watched: Vec<String> = selected.iter().map(|p| p.name.to_string()).collect();
+    // The projections this process holds (their locks): it takes requests
+    // for them, and only for them.
+    let watched: Vec<String> = selected
+        .iter()
+        .map(|p| p.name.to_string())
+        .filter(|name| dir.db(name).is_ok())
+        .collect();
+    register(dir, &watched);
     roll_back_on_request(cli, dir, &watched);
     let opened = open_selected(cli, dir, &selected, Plan::Resume, Some(head));
     let Opened {
         selected,
         dbs,
         mut writes,
-        mut shadowed,
+        shadowed,
         mut starts,
         errors,
     } = opened;
-    rebuild_on_request(dir, &selected, &mut writes, &mut shadowed, &mut starts);
+    take_rebuild_requests(dir, &selected);
     // A projection rebuilt in its shadow (its definition changed) follows the
     // log there while the others follow in their live files; once it has
     // caught up, the round ends and it is published (the live file kept
@@ -449,35 +465,36 @@ fn roll_back_on_request(cli: &Cli, dir: &ProjectionDir, names: &[String]) {
     }
 }
 
-/// Rebuilds in their shadows the projections another process asked to
-/// (`rebuild` while this follower holds them): afresh, published once caught up.
-fn rebuild_on_request(
-    dir: &ProjectionDir,
-    selected: &[&SqlProjection],
-    writes: &mut [Arc<ProjectionDb>],
-    shadowed: &mut [bool],
-    starts: &mut [Start],
-) {
-    for (i, projection) in selected.iter().enumerate() {
+/// Says, in `.{name}.follower`, that this process follows the projections
+/// and takes requests for them (`rebuild`, `rollback` from other processes).
+fn register(dir: &ProjectionDir, names: &[String]) {
+    for name in names {
+        if let Ok(files) = VersionFiles::new(dir.path(), name) {
+            let _ = std::fs::write(&files.follower, std::process::id().to_string());
+        }
+    }
+}
+
+/// Takes back what [`register`] said.
+fn unregister(dir: &ProjectionDir, names: &[String]) {
+    for name in names {
+        if let Ok(files) = VersionFiles::new(dir.path(), name) {
+            let _ = std::fs::remove_file(&files.follower);
+        }
+    }
+}
+
+/// Takes the rebuild requests of the projections just opened (`open_selected`
+/// built a requested one afresh, in its shadow): the asking process then knows
+/// the rebuild has begun.
+fn take_rebuild_requests(dir: &ProjectionDir, selected: &[&SqlProjection]) {
+    for projection in selected {
         let name = projection.name.as_str();
         let Ok(files) = VersionFiles::new(dir.path(), name) else {
             continue;
         };
-        if !files.rebuild_request.exists() {
-            continue;
-        }
-        let shadow = dir.discard_shadow(name).and_then(|_| dir.shadow(name));
-        let _ = std::fs::remove_file(&files.rebuild_request);
-        match shadow {
-            Ok(shadow) => {
-                tracing::info!(projection = name, "rebuilding in its shadow on request");
-                writes[i] = shadow;
-                shadowed[i] = true;
-                starts[i] = Start::Reset;
-            }
-            Err(e) => {
-                tracing::error!(projection = name, error = %ui::escape_controls(&e.to_string()), "cannot rebuild on request");
-            }
+        if std::fs::remove_file(&files.rebuild_request).is_ok() {
+            tracing::info!(projection = name, "rebuilding in its shadow on request");
         }
     }
 }

@@ -9,11 +9,10 @@ use std::time::Instant;
 
 use anyhow::{Context, anyhow};
 use projectionist::limits::{BUSY_TIMEOUT_MS, START_BUSY_TIMEOUT_MS};
-use projectionist::rusqlite::{Connection, OpenFlags};
 use projectionist::{
     CancelToken, CheckpointLocation, Error, GlobalReader, ProjectionDb, ProjectionDir,
-    ProjectionFiles, ProjectionTarget, PublishOptions, Published, RebuildOptions, RebuildResult,
-    SqliteCheckpoint, Start, VersionFiles, last_run, quick_check, replay_shared, version_info,
+    ProjectionTarget, PublishOptions, Published, RebuildOptions, RebuildResult, SqliteCheckpoint,
+    Start, VersionFiles, quick_check, replay_shared, version_info,
 };
 use projectionist_sqlview::{SqlHandler, SqlProjection};
 
@@ -98,21 +97,23 @@ pub(crate) fn run_replay(cli: &Cli, names: &[String], plan: Plan) -> Result<(), 
 /// requests every second, and takes one between two reads of the log).
 const REQUEST_TAKEN_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// When the process holding projection `name` follows it (its run record says
-/// `following` and the process lives), asks it through `request` (an empty
-/// file) and waits until it took it. `None`: no follower holds it.
+/// When a follower holds projection `name` (it registered in
+/// `.{name}.follower`, and that process lives), asks it through `request` (an
+/// empty file) and waits until it took it. `None`: no follower holds it.
 pub(crate) fn ask_follower(
     dir: &std::path::Path,
     name: &str,
     request: &std::path::Path,
 ) -> Option<anyhow::Result<u32>> {
-    let live = ProjectionFiles::new(dir, name).ok()?.db;
-    let conn = Connection::open_with_flags(&live, OpenFlags::SQLITE_OPEN_READ_ONLY).ok()?;
-    let run = last_run(&conn, name).ok()??;
-    drop(conn);
-    let pid = run
-        .pid
-        .filter(|&pid| run.state == "following" && process_alive(pid))?;
+    let registered = VersionFiles::new(dir, name).ok()?.follower;
+    let pid: u32 = std::fs::read_to_string(registered)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    if !process_alive(pid) {
+        return None;
+    }
     if let Err(e) = std::fs::write(request, b"") {
         return Some(Err(
             anyhow::Error::from(e).context(format!("ask the follower of {name} (process {pid})"))
@@ -267,7 +268,10 @@ fn decide(
             version_info(conn).is_ok_and(|v| v.rolled_back_at.is_some()),
         ))
     })?;
-    let has_shadow = VersionFiles::new(dir.path(), name)?.shadow.exists();
+    let files = VersionFiles::new(dir.path(), name)?;
+    let has_shadow = files.shadow.exists();
+    // Another process asked the follower holding it for a rebuild.
+    let requested = files.rebuild_request.exists();
     let ahead = head.is_some_and(|h| checkpoint > h);
     let context = || format!("open the shadow of projection {name}");
     let open_shadow = || -> anyhow::Result<Arc<ProjectionDb>> {
@@ -283,6 +287,8 @@ fn decide(
             Ok((Arc::clone(db), Start::Reset, false))
         }
         Plan::Rebuild { .. } => in_shadow(Start::Reset),
+        Plan::Resume if requested && checkpoint > 0 && !ahead => in_shadow(Start::Reset),
+        Plan::Resume if requested => Ok((Arc::clone(db), Start::Reset, false)),
         Plan::Resume if has_shadow => {
             let shadow = open_shadow()?;
             let shadow_stale = shadow

@@ -368,7 +368,7 @@ fn a_follower_rebuilds_and_rolls_back_on_request_from_another_process() {
     let mut follower = follower;
     // Wait until it follows.
     let mut out = BufReader::new(follower.stdout.take().unwrap());
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(60);
     let mut line = String::new();
     while !line.contains("\"following\"") {
         line.clear();
@@ -419,6 +419,31 @@ fn a_follower_rebuilds_and_rolls_back_on_request_from_another_process() {
         stderr(&out)
     );
     assert_eq!(env.digest("order_summary"), edited);
+
+    // A new definition: the follower takes up the config, but never rebuilds
+    // a rolled-back projection on its own; a rebuild request does.
+    env.write_config(&config_v2());
+    assert!(
+        env.command_with("events.db", "fresh-v2", &["--quiet", "rebuild"])
+            .status_ok()
+    );
+    let v2 = digest_in(&env, "fresh-v2", "order_summary");
+    std::thread::sleep(Duration::from_millis(2_500));
+    assert_eq!(env.digest("order_summary"), edited, "a rollback was undone");
+    let out = env.run(&["rebuild", "order_summary"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("took the request"),
+        "{}",
+        stderr(&out)
+    );
+    while env.digest("order_summary") != v2 {
+        assert!(
+            Instant::now() < deadline,
+            "the follower never rebuilt v2 on request"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 
     let _ = Command::new("kill")
         .args(["-TERM", &follower.id().to_string()])
