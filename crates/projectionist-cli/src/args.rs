@@ -162,6 +162,12 @@ pub(crate) enum Command {
         /// Variants to run, comma-separated; the first one's digest is the reference.
         #[arg(long, value_delimiter = ',', default_values_t = VARIANTS.map(String::from))]
         variants: Vec<String>,
+        /// The log and projections: `cold` (the demo's orders, a large orders
+        /// table updated at random pages) or `hot` (10,000 long orders, about
+        /// 1,000 open at a time: small projection files that stay in the page
+        /// cache, so the engine's own cost shows).
+        #[arg(long, value_enum, default_value = "cold")]
+        workload: Workload,
     },
     /// Measure `follow` from outside: catch-up, idle CPU, event-to-reader
     /// latency, sustained appends, shutdown (see BENCHMARKS.md).
@@ -213,6 +219,8 @@ pub(crate) enum Command {
     BenchRun {
         #[arg(long)]
         variant: String,
+        #[arg(long, value_enum, default_value = "cold")]
+        workload: Workload,
         #[arg(long)]
         bench_store: PathBuf,
         #[arg(long)]
@@ -221,7 +229,25 @@ pub(crate) enum Command {
 }
 
 /// The variants, in report order.
-pub(crate) const VARIANTS: [&str; 6] = ["a1", "a2", "b", "b1", "c", "d"];
+pub(crate) const VARIANTS: [&str; 8] = ["a1", "a2", "a1-50k", "a2-50k", "b", "b1", "c", "d"];
+
+/// The bench's workloads (see `bench.rs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Workload {
+    /// The demo's orders log.
+    Cold,
+    /// Long orders, few open at a time: small, hot projection files.
+    Hot,
+}
+
+impl Workload {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Workload::Cold => "cold",
+            Workload::Hot => "hot",
+        }
+    }
+}
 
 /// How log lines are written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

@@ -1,9 +1,20 @@
 //! `projectionist bench`: rebuild throughput of projectionist against a
 //! hand-written rusqlite loop, on the demo's orders log, in one run.
 //!
-//! Variants (each run in its own child process, so peak RSS is per variant):
+//! Workloads (`--workload`): `cold`, the demo's orders log (many short orders:
+//! a large orders table updated at random pages, so commits dominate); `hot`,
+//! 10,000 long orders (10-190 events) with about 1,000 open at a time over
+//! 1,000 customers, mostly `ItemAdded`: both projection files stay small and
+//! in the page cache, so the engine's own per-event cost shows. On `hot` the
+//! customers projection keeps a helper table of open orders, read and deleted
+//! when an order ships or is cancelled.
+//!
+//! Variants (each run in its own child process, so peak RSS and CPU time are
+//! per variant):
 //! - `a1` hand-written, single-threaded, the two projections one after the other;
 //! - `a2` hand-written, one reader thread fanning batches out to a writer thread per projection;
+//! - `a1-50k`, `a2-50k` the same with batches of 50,000 events (a hand-writer
+//!   who batches more);
 //! - `b`  projectionist with Rust handlers, one projection after the other;
 //! - `b1` as `b`, but committing after every batch like the hand-written loops
 //!   (`commit_interval` zero): isolates the engine's overhead from commit groups;
@@ -18,7 +29,7 @@ use std::sync::Arc;
 use std::sync::mpsc::sync_channel;
 use std::time::Instant;
 
-use crate::args::VARIANTS;
+use crate::args::{VARIANTS, Workload};
 use crate::ui::out;
 use anyhow::{Context, anyhow, bail};
 use projectionist::rusqlite::{Connection, Transaction, TransactionBehavior, params};
@@ -38,10 +49,15 @@ const BENCH_CHANNEL_BATCHES: usize = projectionist::limits::CHANNEL_BATCHES_MAX;
 /// Variant (c) reading the same log from PostgreSQL; runs when `--pg-url` is given.
 pub const PG_VARIANT: &str = "c-pg";
 
-/// The payload of every orders event, decoded with serde.
+/// Events per batch of the `-50k` hand-written variants.
+const BENCH_BIG_BATCH_SIZE: u32 = 50_000;
+
+/// The payload of every orders event, decoded with serde (`hot` item events
+/// carry no customer).
 #[derive(Debug, Deserialize)]
 pub struct OrderData {
     order_id: String,
+    #[serde(default)]
     customer_id: String,
     #[serde(default)]
     qty: i64,
@@ -70,6 +86,125 @@ CREATE TABLE customers (
   spent_cents      INTEGER NOT NULL DEFAULT 0
 );";
 
+/// `hot`: customers, and the orders still open with what they hold so far.
+const HOT_CUSTOMERS_SCHEMA: &str = "
+CREATE TABLE customers (
+  customer_id      TEXT PRIMARY KEY,
+  orders_placed    INTEGER NOT NULL DEFAULT 0,
+  orders_shipped   INTEGER NOT NULL DEFAULT 0,
+  orders_cancelled INTEGER NOT NULL DEFAULT 0,
+  items            INTEGER NOT NULL DEFAULT 0,
+  spent_cents      INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE open_orders (
+  order_id    TEXT PRIMARY KEY,
+  customer_id TEXT NOT NULL,
+  items       INTEGER NOT NULL DEFAULT 0,
+  cents       INTEGER NOT NULL DEFAULT 0
+);";
+
+/// `hot`, customers: the statements per event type (ship and cancel read the
+/// open order, then delete it). Positional parameters: ?1 order, ?2 customer,
+/// ?3 quantity, ?4 quantity x unit price.
+const HOT_CUSTOMERS_SQL: [(&str, &[&str]); 5] = [
+    (
+        "OrderPlaced",
+        &[
+            "INSERT INTO open_orders (order_id, customer_id) VALUES (?1, ?2)",
+            "INSERT INTO customers (customer_id, orders_placed) VALUES (?2, 1) ON CONFLICT (customer_id) DO UPDATE SET orders_placed = orders_placed + 1",
+        ],
+    ),
+    (
+        "ItemAdded",
+        &["UPDATE open_orders SET items = items + ?3, cents = cents + ?4 WHERE order_id = ?1"],
+    ),
+    (
+        "ItemRemoved",
+        &["UPDATE open_orders SET items = items - ?3, cents = cents - ?4 WHERE order_id = ?1"],
+    ),
+    (
+        "OrderShipped",
+        &[
+            "UPDATE customers SET orders_shipped = customers.orders_shipped + 1, items = customers.items + o.items, spent_cents = customers.spent_cents + o.cents FROM (SELECT customer_id, items, cents FROM open_orders WHERE order_id = ?1) AS o WHERE customers.customer_id = o.customer_id",
+            "DELETE FROM open_orders WHERE order_id = ?1",
+        ],
+    ),
+    (
+        "OrderCancelled",
+        &[
+            "UPDATE customers SET orders_cancelled = orders_cancelled + 1 WHERE customer_id = (SELECT customer_id FROM open_orders WHERE order_id = ?1)",
+            "DELETE FROM open_orders WHERE order_id = ?1",
+        ],
+    ),
+];
+
+/// `hot`, the declarative variant (d): the same SQL as a config.
+const HOT_CONFIG: &str = r#"
+[[projection]]
+name = "order_summary"
+version = 1
+schema = """
+CREATE TABLE orders (
+  order_id    TEXT PRIMARY KEY,
+  customer_id TEXT NOT NULL,
+  status      TEXT NOT NULL,
+  item_count  INTEGER NOT NULL DEFAULT 0,
+  total_cents INTEGER NOT NULL DEFAULT 0,
+  updated_seq INTEGER NOT NULL
+);
+CREATE INDEX orders_by_customer ON orders (customer_id);
+"""
+[projection.on.OrderPlaced]
+sql = "INSERT INTO orders (order_id, customer_id, status, updated_seq) VALUES (:order_id!text, :customer_id!text, 'open', :_sequence)"
+[projection.on.ItemAdded]
+sql = "UPDATE orders SET item_count = item_count + :qty!int, total_cents = total_cents + :qty!int * :unit_price_cents!int, updated_seq = :_sequence WHERE order_id = :order_id!text"
+[projection.on.ItemRemoved]
+sql = "UPDATE orders SET item_count = item_count - :qty!int, total_cents = total_cents - :qty!int * :unit_price_cents!int, updated_seq = :_sequence WHERE order_id = :order_id!text"
+[projection.on.OrderShipped]
+sql = "UPDATE orders SET status = 'shipped', updated_seq = :_sequence WHERE order_id = :order_id!text"
+[projection.on.OrderCancelled]
+sql = "UPDATE orders SET status = 'cancelled', updated_seq = :_sequence WHERE order_id = :order_id!text"
+
+[[projection]]
+name = "customer_stats"
+version = 1
+schema = """
+CREATE TABLE customers (
+  customer_id      TEXT PRIMARY KEY,
+  orders_placed    INTEGER NOT NULL DEFAULT 0,
+  orders_shipped   INTEGER NOT NULL DEFAULT 0,
+  orders_cancelled INTEGER NOT NULL DEFAULT 0,
+  items            INTEGER NOT NULL DEFAULT 0,
+  spent_cents      INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE open_orders (
+  order_id    TEXT PRIMARY KEY,
+  customer_id TEXT NOT NULL,
+  items       INTEGER NOT NULL DEFAULT 0,
+  cents       INTEGER NOT NULL DEFAULT 0
+);
+"""
+[projection.on.OrderPlaced]
+sql = [
+  "INSERT INTO open_orders (order_id, customer_id) VALUES (:order_id!text, :customer_id!text)",
+  "INSERT INTO customers (customer_id, orders_placed) VALUES (:customer_id!text, 1) ON CONFLICT (customer_id) DO UPDATE SET orders_placed = orders_placed + 1",
+]
+[projection.on.ItemAdded]
+sql = "UPDATE open_orders SET items = items + :qty!int, cents = cents + :qty!int * :unit_price_cents!int WHERE order_id = :order_id!text"
+[projection.on.ItemRemoved]
+sql = "UPDATE open_orders SET items = items - :qty!int, cents = cents - :qty!int * :unit_price_cents!int WHERE order_id = :order_id!text"
+[projection.on.OrderShipped]
+sql = [
+  "UPDATE customers SET orders_shipped = customers.orders_shipped + 1, items = customers.items + o.items, spent_cents = customers.spent_cents + o.cents FROM (SELECT customer_id, items, cents FROM open_orders WHERE order_id = :order_id!text) AS o WHERE customers.customer_id = o.customer_id",
+  "DELETE FROM open_orders WHERE order_id = :order_id!text",
+]
+[projection.on.OrderCancelled]
+sql = [
+  "UPDATE customers SET orders_cancelled = orders_cancelled + 1 WHERE customer_id = (SELECT customer_id FROM open_orders WHERE order_id = :order_id!text)",
+  "DELETE FROM open_orders WHERE order_id = :order_id!text",
+]
+"#;
+
 /// The two projections, as plain Rust: shared by the hand-written loops and the
 /// projectionist handlers, so both do the same SQL work.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -90,16 +225,18 @@ impl Projection {
         }
     }
 
-    fn schema(self) -> &'static str {
-        match self {
-            Projection::Orders => ORDERS_SCHEMA,
-            Projection::Customers => CUSTOMERS_SCHEMA,
+    fn schema(self, workload: Workload) -> &'static str {
+        match (self, workload) {
+            (Projection::Orders, _) => ORDERS_SCHEMA,
+            (Projection::Customers, Workload::Cold) => CUSTOMERS_SCHEMA,
+            (Projection::Customers, Workload::Hot) => HOT_CUSTOMERS_SCHEMA,
         }
     }
 
     /// Applies one event with cached prepared statements.
     fn apply(
         self,
+        workload: Workload,
         conn: &Connection,
         sequence: u64,
         event_type: &str,
@@ -107,6 +244,20 @@ impl Projection {
     ) -> projectionist::rusqlite::Result<()> {
         let seq = sequence as i64;
         let delta = d.qty * d.unit_price_cents;
+        if (self, workload) == (Projection::Customers, Workload::Hot) {
+            let Some((_, statements)) = HOT_CUSTOMERS_SQL.iter().find(|(t, _)| *t == event_type)
+            else {
+                return Ok(());
+            };
+            for sql in *statements {
+                let mut stmt = conn.prepare_cached(sql)?;
+                let n = stmt.parameter_count();
+                let values: [&dyn projectionist::rusqlite::ToSql; 4] =
+                    [&d.order_id, &d.customer_id, &d.qty, &delta];
+                stmt.execute(&values[..n])?;
+            }
+            return Ok(());
+        }
         match (self, event_type) {
             (Projection::Orders, "OrderPlaced") => conn
                 .prepare_cached("INSERT INTO orders (order_id, customer_id, status, updated_seq) VALUES (?1, ?2, 'open', ?3)")?
@@ -145,11 +296,11 @@ impl Projection {
 }
 
 /// A projectionist handler over the same Rust code.
-struct RustHandler(Projection);
+struct RustHandler(Projection, Workload);
 
 impl Handler<OrderData> for RustHandler {
     fn setup(&mut self, tx: &Transaction<'_>) -> Result<(), BoxError> {
-        tx.execute_batch(self.0.schema())?;
+        tx.execute_batch(self.0.schema(self.1))?;
         Ok(())
     }
 
@@ -159,7 +310,8 @@ impl Handler<OrderData> for RustHandler {
         events: &[GlobalEvent<OrderData>],
     ) -> Result<(), BoxError> {
         for e in events {
-            self.0.apply(tx, e.sequence, &e.event_type, &e.data)?;
+            self.0
+                .apply(self.1, tx, e.sequence, &e.event_type, &e.data)?;
         }
         Ok(())
     }
@@ -175,12 +327,12 @@ struct RawEvent {
 }
 
 /// Reads and decodes one batch, the way a competent hand-written loop would.
-fn read_batch(conn: &Connection, after: u64) -> anyhow::Result<Vec<RawEvent>> {
+fn read_batch(conn: &Connection, after: u64, size: u32) -> anyhow::Result<Vec<RawEvent>> {
     let mut stmt = conn.prepare_cached(
         "SELECT sequence, event_type, data FROM events WHERE sequence > ?1 ORDER BY sequence LIMIT ?2",
     )?;
-    let mut rows = stmt.query(params![after as i64, i64::from(BENCH_BATCH_SIZE)])?;
-    let mut batch = Vec::with_capacity(BENCH_BATCH_SIZE as usize);
+    let mut rows = stmt.query(params![after as i64, i64::from(size)])?;
+    let mut batch = Vec::with_capacity(size as usize);
     while let Some(row) = rows.next()? {
         let data: &str = row.get_ref(2)?.as_str()?;
         batch.push(RawEvent {
@@ -193,11 +345,15 @@ fn read_batch(conn: &Connection, after: u64) -> anyhow::Result<Vec<RawEvent>> {
 }
 
 /// Opens a projection file as the hand-written loop does: WAL, NORMAL, schema, checkpoint table.
-fn open_projection(dir: &Path, projection: Projection) -> anyhow::Result<Connection> {
+fn open_projection(
+    dir: &Path,
+    projection: Projection,
+    workload: Workload,
+) -> anyhow::Result<Connection> {
     let conn = Connection::open(dir.join(format!("{}.db", projection.name())))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
-    conn.execute_batch(projection.schema())?;
+    conn.execute_batch(projection.schema(workload))?;
     conn.execute_batch(
         "CREATE TABLE _checkpoint (consumer_id TEXT PRIMARY KEY, sequence INTEGER NOT NULL)",
     )?;
@@ -208,11 +364,12 @@ fn open_projection(dir: &Path, projection: Projection) -> anyhow::Result<Connect
 fn write_batch(
     conn: &mut Connection,
     projection: Projection,
+    workload: Workload,
     batch: &[RawEvent],
 ) -> anyhow::Result<()> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     for e in batch {
-        projection.apply(&tx, e.sequence, &e.event_type, &e.data)?;
+        projection.apply(workload, &tx, e.sequence, &e.event_type, &e.data)?;
     }
     let last = batch.last().map_or(0, |e| e.sequence) as i64;
     tx.prepare_cached("INSERT INTO _checkpoint VALUES (?1, ?2) ON CONFLICT (consumer_id) DO UPDATE SET sequence = excluded.sequence")?
@@ -227,17 +384,17 @@ fn open_events(store: &Path) -> anyhow::Result<Connection> {
     Ok(conn)
 }
 
-fn run_a1(store: &Path, dir: &Path) -> anyhow::Result<()> {
+fn run_a1(store: &Path, dir: &Path, workload: Workload, size: u32) -> anyhow::Result<()> {
     let events = open_events(store)?;
     for projection in Projection::ALL {
-        let mut conn = open_projection(dir, projection)?;
+        let mut conn = open_projection(dir, projection, workload)?;
         let mut after = 0;
         loop {
-            let batch = read_batch(&events, after)?;
+            let batch = read_batch(&events, after, size)?;
             let Some(last) = batch.last() else { break };
             after = last.sequence;
-            write_batch(&mut conn, projection, &batch)?;
-            if batch.len() < BENCH_BATCH_SIZE as usize {
+            write_batch(&mut conn, projection, workload, &batch)?;
+            if batch.len() < size as usize {
                 break;
             }
         }
@@ -245,7 +402,7 @@ fn run_a1(store: &Path, dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run_a2(store: &Path, dir: &Path) -> anyhow::Result<()> {
+fn run_a2(store: &Path, dir: &Path, workload: Workload, size: u32) -> anyhow::Result<()> {
     let events = open_events(store)?;
     std::thread::scope(|scope| {
         let mut senders = Vec::new();
@@ -254,19 +411,19 @@ fn run_a2(store: &Path, dir: &Path) -> anyhow::Result<()> {
             let (tx, rx) = sync_channel::<Arc<Vec<RawEvent>>>(BENCH_CHANNEL_BATCHES);
             senders.push(tx);
             writers.push(scope.spawn(move || -> anyhow::Result<()> {
-                let mut conn = open_projection(dir, projection)?;
+                let mut conn = open_projection(dir, projection, workload)?;
                 for batch in rx {
-                    write_batch(&mut conn, projection, &batch)?;
+                    write_batch(&mut conn, projection, workload, &batch)?;
                 }
                 Ok(())
             }));
         }
         let mut after = 0;
         loop {
-            let batch = Arc::new(read_batch(&events, after)?);
+            let batch = Arc::new(read_batch(&events, after, size)?);
             let Some(last) = batch.last() else { break };
             after = last.sequence;
-            let at_end = batch.len() < BENCH_BATCH_SIZE as usize;
+            let at_end = batch.len() < size as usize;
             for sender in &senders {
                 sender
                     .send(Arc::clone(&batch))
@@ -297,12 +454,17 @@ fn options() -> RebuildOptions<'static> {
     }
 }
 
-fn run_b(store: &Path, dir: &Path, options: RebuildOptions<'_>) -> anyhow::Result<()> {
+fn run_b(
+    store: &Path,
+    dir: &Path,
+    workload: Workload,
+    options: RebuildOptions<'_>,
+) -> anyhow::Result<()> {
     let store = SqliteEventStore::open(store)?;
     let dir = ProjectionDir::open(dir)?;
     for projection in Projection::ALL {
         let db = dir.db(projection.name())?;
-        let mut handler = RustHandler(projection);
+        let mut handler = RustHandler(projection, workload);
         rebuild(RebuildConfig {
             reader: &store,
             projection: ProjectionTarget {
@@ -317,15 +479,16 @@ fn run_b(store: &Path, dir: &Path, options: RebuildOptions<'_>) -> anyhow::Resul
     Ok(())
 }
 
-fn run_c(store: &Path, dir: &Path) -> anyhow::Result<()> {
-    run_shared(&SqliteEventStore::open(store)?, dir)
+fn run_c(store: &Path, dir: &Path, workload: Workload) -> anyhow::Result<()> {
+    run_shared(&SqliteEventStore::open(store)?, dir, workload)
 }
 
 /// (c) with the log in PostgreSQL: `url` already names the bench schema.
-fn run_c_pg(url: &str, dir: &Path) -> anyhow::Result<()> {
+fn run_c_pg(url: &str, dir: &Path, workload: Workload) -> anyhow::Result<()> {
     run_shared(
         &projectionist_postgres::PostgresEventStore::connect(url)?,
         dir,
+        workload,
     )
 }
 
@@ -333,10 +496,11 @@ fn run_c_pg(url: &str, dir: &Path) -> anyhow::Result<()> {
 fn run_shared(
     reader: &dyn projectionist::GlobalReader<OrderData>,
     dir: &Path,
+    workload: Workload,
 ) -> anyhow::Result<()> {
     let dir = ProjectionDir::open(dir)?;
     let dbs = Projection::ALL.map(|p| dir.db(p.name()));
-    let mut handlers = Projection::ALL.map(RustHandler);
+    let mut handlers = Projection::ALL.map(|p| RustHandler(p, workload));
     let mut targets = Vec::new();
     for ((db, handler), projection) in dbs.iter().zip(handlers.iter_mut()).zip(Projection::ALL) {
         let db = db.as_ref().map_err(|e| anyhow!("{e}"))?;
@@ -353,9 +517,13 @@ fn run_shared(
     Ok(())
 }
 
-fn run_d(store: &Path, dir: &Path) -> anyhow::Result<()> {
-    let config =
-        ProjectionsConfig::parse(crate::app::DEMO_CONFIG, "examples/orders/projections.toml")?;
+fn run_d(store: &Path, dir: &Path, workload: Workload) -> anyhow::Result<()> {
+    let config = match workload {
+        Workload::Cold => {
+            ProjectionsConfig::parse(crate::app::DEMO_CONFIG, "examples/orders/projections.toml")?
+        }
+        Workload::Hot => ProjectionsConfig::parse(HOT_CONFIG, "the hot bench config")?,
+    };
     let store = SqliteEventStore::open(store)?;
     let dir = ProjectionDir::open(dir)?;
     let dbs = config
@@ -385,41 +553,63 @@ fn run_d(store: &Path, dir: &Path) -> anyhow::Result<()> {
 // ------------------------------------------------------------ child and parent
 
 /// The child: runs one variant once on a fresh directory and prints one JSON
-/// line with its wall time, peak RSS and table digest.
-pub fn run_child(variant: &str, store: &Path, dir: &Path) -> anyhow::Result<()> {
+/// line with its wall time, CPU time, peak RSS and table digest.
+pub fn run_child(
+    variant: &str,
+    workload: Workload,
+    store: &Path,
+    dir: &Path,
+) -> anyhow::Result<()> {
     if dir.exists() {
         std::fs::remove_dir_all(dir).with_context(|| format!("clear {}", dir.display()))?;
     }
     std::fs::create_dir_all(dir)?;
     let started = Instant::now();
+    let w = workload;
     match variant {
-        "a1" => run_a1(store, dir),
-        "a2" => run_a2(store, dir),
-        "b" => run_b(store, dir, options()),
+        "a1" => run_a1(store, dir, w, BENCH_BATCH_SIZE),
+        "a2" => run_a2(store, dir, w, BENCH_BATCH_SIZE),
+        "a1-50k" => run_a1(store, dir, w, BENCH_BIG_BATCH_SIZE),
+        "a2-50k" => run_a2(store, dir, w, BENCH_BIG_BATCH_SIZE),
+        "b" => run_b(store, dir, w, options()),
         "b1" => run_b(
             store,
             dir,
+            w,
             RebuildOptions {
                 commit_interval: std::time::Duration::ZERO,
                 ..options()
             },
         ),
-        "c" => run_c(store, dir),
-        "d" => run_d(store, dir),
-        PG_VARIANT => run_c_pg(&store.display().to_string(), dir),
+        "c" => run_c(store, dir, w),
+        "d" => run_d(store, dir, w),
+        PG_VARIANT => run_c_pg(&store.display().to_string(), dir, w),
         other => bail!("unknown variant {other}"),
     }?;
     let seconds = started.elapsed().as_secs_f64();
+    let cpu_seconds = cpu_seconds().unwrap_or(f64::NAN);
     let mut digest = String::new();
     for projection in Projection::ALL {
         let conn = Connection::open(dir.join(format!("{}.db", projection.name())))?;
         digest.push_str(&projection_digest(&conn, DigestScope::ProjectionTables)?[..16]);
     }
     let rss_kb = peak_rss_kb().unwrap_or(0);
-    crate::ui::json_line(
-        &serde_json::json!({"seconds": seconds, "rss_kb": rss_kb, "digest": digest}),
-    );
+    crate::ui::json_line(&serde_json::json!({
+        "seconds": seconds, "cpu_seconds": cpu_seconds, "rss_kb": rss_kb, "digest": digest,
+    }));
     Ok(())
+}
+
+/// User + system CPU time of this process so far, all threads (Linux
+/// `/proc/self/stat`, in clock ticks of 1/100 s).
+fn cpu_seconds() -> Option<f64> {
+    const TICKS_PER_SECOND: f64 = 100.0;
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / TICKS_PER_SECOND)
 }
 
 /// This process's peak resident set size, from /proc.
@@ -434,10 +624,16 @@ struct Measured {
     variant: &'static str,
     rates: Vec<f64>,
     seconds: Vec<f64>,
+    cpu_seconds: Vec<f64>,
     rss_kb: u64,
 }
 
 impl Measured {
+    fn median_cpu(&self) -> f64 {
+        let mut cpu = self.cpu_seconds.clone();
+        cpu.sort_by(f64::total_cmp);
+        cpu[cpu.len() / 2]
+    }
     fn median_rate(&self) -> f64 {
         let mut rates = self.rates.clone();
         rates.sort_by(f64::total_cmp);
@@ -450,23 +646,40 @@ impl Measured {
     }
 }
 
+/// What `bench` measures.
+pub struct Plan<'a> {
+    pub sizes: &'a [u64],
+    pub runs: u32,
+    pub work: &'a Path,
+    pub seed: u64,
+    pub variants: &'a [String],
+    pub pg_url: Option<&'a str>,
+    pub workload: Workload,
+}
+
 /// The parent: generates the logs, runs every variant `runs` times per size in
-/// child processes, prints the table and checks digests and targets.
-pub fn run_parent(
-    sizes: &[u64],
-    runs: u32,
-    work: &Path,
-    seed: u64,
-    variants: &[String],
-    pg_url: Option<&str>,
-) -> anyhow::Result<()> {
+/// child processes, the variants' runs interleaved (a b c, a b c, ...) so that
+/// drift of a shared machine hits all alike; prints the table and checks
+/// digests and targets.
+pub fn run_parent(plan: &Plan<'_>) -> anyhow::Result<()> {
+    let Plan {
+        sizes,
+        runs,
+        work,
+        seed,
+        variants,
+        pg_url,
+        workload,
+    } = *plan;
     std::fs::create_dir_all(work)?;
     let exe = std::env::current_exe()?;
     let mut medians: Vec<(u64, Vec<Measured>)> = Vec::new();
     for &n_events in sizes {
-        let store = prepare_log(work, n_events, seed)?;
-        eprintln!("bench: {n_events} events, {runs} runs per variant");
-        let mut measured = Vec::new();
+        let store = prepare_workload_log(work, n_events, seed, workload)?;
+        eprintln!(
+            "bench: {} workload, {n_events} events, {runs} runs per variant, interleaved",
+            workload.as_str()
+        );
         let mut reference: Option<String> = None;
         // The first variant's digest is the reference every other must match (a1
         // unless it was left out with --variants).
@@ -481,21 +694,27 @@ pub fn run_parent(
             }
             None => None,
         };
-        for variant in chosen {
-            let mut m = Measured {
+        let mut measured: Vec<Measured> = chosen
+            .iter()
+            .map(|&variant| Measured {
                 variant,
                 rates: Vec::new(),
                 seconds: Vec::new(),
+                cpu_seconds: Vec::new(),
                 rss_kb: 0,
-            };
-            for run in 0..runs {
+            })
+            .collect();
+        for run in 0..runs {
+            for m in &mut measured {
+                let variant = m.variant;
                 let dir = work.join(format!("run-{variant}"));
                 let source = match (&pg_store, variant) {
                     (Some(url), PG_VARIANT) => std::ffi::OsString::from(url),
                     _ => store.clone().into_os_string(),
                 };
                 let out = Command::new(&exe)
-                    .args(["bench-run", "--variant", variant, "--bench-store"])
+                    .args(["bench-run", "--variant", variant])
+                    .args(["--workload", workload.as_str(), "--bench-store"])
                     .arg(&source)
                     .arg("--bench-dir")
                     .arg(&dir)
@@ -516,12 +735,13 @@ pub fn run_parent(
                         bail!("variant {variant} run {run}: digest {digest} differs from a1's {r}")
                     }
                 }
+                let cpu = line["cpu_seconds"].as_f64().unwrap_or(f64::NAN);
                 m.rates.push(n_events as f64 / seconds);
                 m.seconds.push(seconds);
+                m.cpu_seconds.push(cpu);
                 m.rss_kb = m.rss_kb.max(line["rss_kb"].as_u64().unwrap_or(0));
-                eprintln!("  {variant} run {}: {seconds:.2}s", run + 1);
+                eprintln!("  {variant} run {}: {seconds:.2}s, CPU {cpu:.2}s", run + 1);
             }
-            measured.push(m);
         }
         print_table(n_events, &measured);
         medians.push((n_events, measured));
@@ -591,6 +811,125 @@ pub(crate) fn copy_into_pg(
     Ok(())
 }
 
+/// The log of a workload, generated once and reused.
+fn prepare_workload_log(
+    work: &Path,
+    n_events: u64,
+    seed: u64,
+    workload: Workload,
+) -> anyhow::Result<PathBuf> {
+    if workload == Workload::Cold {
+        return prepare_log(work, n_events, seed);
+    }
+    let path = work.join(format!("hot-{n_events}-seed{seed}.db"));
+    if path.exists() {
+        let store = SqliteEventStore::open(&path)?;
+        if projectionist::GlobalReader::<serde_json::Value>::head(&store)? == n_events {
+            return Ok(path);
+        }
+        drop(store);
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+        }
+    }
+    eprintln!(
+        "bench: generating {n_events} hot events into {}",
+        path.display()
+    );
+    let store = SqliteEventStore::open(&path)?;
+    generate_hot(&store, n_events, seed)?;
+    Ok(path)
+}
+
+/// Orders open at once in the hot log.
+const HOT_OPEN_ORDERS: usize = 1_000;
+/// Customers of the hot log.
+const HOT_CUSTOMERS: u64 = 1_000;
+
+/// One open order of the hot log.
+struct HotOrder {
+    id: String,
+    customer: String,
+    /// Events written to its stream so far.
+    version: u64,
+    /// Item events still to come.
+    items_left: u64,
+}
+
+/// The hot log: orders of 10-190 events (placed, items, shipped or
+/// cancelled), about [`HOT_OPEN_ORDERS`] open at a time, their events
+/// interleaved; 88% `ItemAdded`, 10% `ItemRemoved` of the items.
+fn generate_hot(store: &SqliteEventStore, n_events: u64, seed: u64) -> anyhow::Result<()> {
+    const EVENTS_PER_APPEND: u64 = 10_000;
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut open: Vec<HotOrder> = Vec::with_capacity(HOT_OPEN_ORDERS);
+    let mut next_order = 0u64;
+    let mut written = 0;
+    while written < n_events {
+        let chunk = (n_events - written).min(EVENTS_PER_APPEND);
+        let mut steps: Vec<(String, u64, [projectionist::NewEvent; 1])> = Vec::new();
+        for _ in 0..chunk {
+            while open.len() < HOT_OPEN_ORDERS {
+                open.push(HotOrder {
+                    id: format!("o{next_order:07}"),
+                    customer: format!("c{:04}", rng.u64(0..HOT_CUSTOMERS)),
+                    version: 0,
+                    items_left: rng.u64(8..=188),
+                });
+                next_order += 1;
+            }
+            let i = rng.usize(..open.len());
+            let order = &mut open[i];
+            let (event_type, data) = if order.version == 0 {
+                (
+                    "OrderPlaced",
+                    serde_json::json!({"order_id": order.id, "customer_id": order.customer}),
+                )
+            } else if order.items_left > 0 {
+                order.items_left -= 1;
+                let event_type = if rng.u8(..98) < 88 {
+                    "ItemAdded"
+                } else {
+                    "ItemRemoved"
+                };
+                (
+                    event_type,
+                    serde_json::json!({
+                        "order_id": order.id, "sku": format!("sku-{}", rng.u32(0..500)),
+                        "qty": rng.i64(1..5), "unit_price_cents": rng.i64(100..5_000),
+                    }),
+                )
+            } else {
+                let event_type = if rng.u8(..10) < 8 {
+                    "OrderShipped"
+                } else {
+                    "OrderCancelled"
+                };
+                (event_type, serde_json::json!({"order_id": order.id}))
+            };
+            let event = projectionist::NewEvent::json(event_type, &data)?;
+            steps.push((format!("order-{}", order.id), order.version, [event]));
+            order.version += 1;
+            if event_type == "OrderShipped" || event_type == "OrderCancelled" {
+                open.swap_remove(i);
+            }
+        }
+        let appends: Vec<projectionist::StreamAppend<'_>> = steps
+            .iter()
+            .map(
+                |(stream_id, expected_version, events)| projectionist::StreamAppend {
+                    stream_id,
+                    expected_version: *expected_version,
+                    events,
+                },
+            )
+            .collect();
+        store.append_batch(&appends)?;
+        written += chunk;
+    }
+    Ok(())
+}
+
 /// The demo log of `n_events` events, generated once and reused.
 pub(crate) fn prepare_log(work: &Path, n_events: u64, seed: u64) -> anyhow::Result<PathBuf> {
     let path = work.join(format!("events-{n_events}-seed{seed}.db"));
@@ -628,15 +967,15 @@ fn print_table(n_events: u64, measured: &[Measured]) {
     let (a1, a2) = (rate("a1"), rate("a2"));
     out!("\n### {n_events} events\n");
     out!(
-        "| variant | events/s median | min | max | vs a1 | vs a2 | wall s (median) | peak RSS MiB |"
+        "| variant | events/s median | min | max | vs a1 | vs a2 | wall s (median) | CPU s (median) | peak RSS MiB |"
     );
-    out!("|---|---|---|---|---|---|---|---|");
+    out!("|---|---|---|---|---|---|---|---|---|");
     for m in measured {
         let min = m.rates.iter().copied().fold(f64::INFINITY, f64::min);
         let max = m.rates.iter().copied().fold(0.0, f64::max);
         let median = m.median_rate();
         out!(
-            "| {} | {:.0} | {:.0} | {:.0} | {:.2}x | {:.2}x | {:.2} | {:.1} |",
+            "| {} | {:.0} | {:.0} | {:.0} | {:.2}x | {:.2}x | {:.2} | {:.2} | {:.1} |",
             m.variant,
             median,
             min,
@@ -644,6 +983,7 @@ fn print_table(n_events: u64, measured: &[Measured]) {
             median / a1,
             median / a2,
             m.median_seconds(),
+            m.median_cpu(),
             m.rss_kb as f64 / 1024.0
         );
     }
@@ -682,6 +1022,22 @@ fn print_targets(medians: &[(u64, Vec<Measured>)]) {
             "- {n_events} events: (d)/(b) = {:.2} (target >= 0.8: {})",
             rate("d") / rate("b"),
             check(rate("d") / rate("b") >= 0.8)
+        );
+        let cpu = |v: &str| {
+            m.iter()
+                .find(|x| x.variant == v)
+                .map_or(f64::NAN, Measured::median_cpu)
+        };
+        out!(
+            "- {n_events} events: (c)/(a2) = {:.2} (engine-cost target >= 1.0: {}); (b)/(a1) = {:.2} (>= 1.0: {}); (d)/(c) = {:.2} (>= 0.9: {}); CPU (c)/(a2) = {:.2} (<= 1.1: {})",
+            rate("c") / rate("a2"),
+            check(rate("c") / rate("a2") >= 1.0),
+            rate("b") / rate("a1"),
+            check(rate("b") / rate("a1") >= 1.0),
+            rate("d") / rate("c"),
+            check(rate("d") / rate("c") >= 0.9),
+            cpu("c") / cpu("a2"),
+            check(cpu("c") / cpu("a2") <= 1.1)
         );
         let rss_c = m.iter().find(|x| x.variant == "c").map_or(0, |x| x.rss_kb);
         out!(

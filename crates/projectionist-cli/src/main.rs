@@ -108,6 +108,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             seed,
             variants,
             pg_url,
+            workload,
         } => {
             let mut sizes = events.clone();
             if *huge && !sizes.contains(&10_000_000) {
@@ -125,8 +126,16 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                     args::VARIANTS.join(", ")
                 )));
             }
-            bench::run_parent(&sizes, *runs, work, *seed, variants, pg_url.as_deref())
-                .map_err(fail(EXIT_PROJECTION))
+            let plan = bench::Plan {
+                sizes: &sizes,
+                runs: *runs,
+                work,
+                seed: *seed,
+                variants,
+                pg_url: pg_url.as_deref(),
+                workload: *workload,
+            };
+            bench::run_parent(&plan).map_err(fail(EXIT_PROJECTION))
         }
         Command::BenchFollow {
             events,
@@ -162,9 +171,11 @@ fn run(cli: &Cli) -> Result<(), Failure> {
         }
         Command::BenchRun {
             variant,
+            workload,
             bench_store,
             bench_dir,
-        } => bench::run_child(variant, bench_store, bench_dir).map_err(fail(EXIT_PROJECTION)),
+        } => bench::run_child(variant, *workload, bench_store, bench_dir)
+            .map_err(fail(EXIT_PROJECTION)),
         Command::Worker {
             worker_id,
             lease_ms,
