@@ -1,12 +1,15 @@
 //! `SqlHandler`: applies events to a declared projection by binding event fields
 //! to its prepared statements; and the stored definition used to detect changes.
 
-use projectionist::rusqlite::Transaction;
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+
+use projectionist::rusqlite::{CachedStatement, Transaction};
 use projectionist::rusqlite::types::{ToSqlOutput, Value as SqlValue, ValueRef};
 use projectionist::{BoxError, EventFailure, GlobalEvent, Handler};
 use serde_json::Value;
 
-use crate::config::SqlProjection;
+use crate::config::{SqlProjection, Statement};
 use crate::confine::Confinement;
 use crate::definition::{DEFINITION_TABLE, stored_definition};
 use crate::params::{Envelope, Param, ValueKind};
@@ -86,6 +89,11 @@ impl Handler<Value> for SqlHandler<'_> {
         events: &[GlobalEvent<Value>],
     ) -> Result<(), BoxError> {
         let _enforced = self.confinement.enforce();
+        // Each statement is taken from the connection's cache once per batch,
+        // not looked up by its text for every event.
+        let mut prepared: HashMap<*const Statement, CachedStatement<'_>> = HashMap::new();
+        // One buffer of bound values for the whole batch.
+        let mut values: Vec<ToSqlOutput<'_>> = Vec::new();
         for event in events {
             let Some(statements) = self.projection.on.get(&event.event_type) else {
                 continue;
@@ -108,13 +116,17 @@ impl Handler<Value> for SqlHandler<'_> {
                     ))
                 };
                 // Values borrow from the event: no copy of its strings.
-                let mut values: Vec<ToSqlOutput<'_>> = Vec::with_capacity(statement.params.len());
+                values.clear();
                 for param in &statement.params {
                     values.push(bind(param, event).map_err(failure)?);
                 }
-                let mut stmt = tx
-                    .prepare_cached(&statement.sql)
-                    .map_err(|e| sql_failure(&e))?;
+                let stmt = match prepared.entry(std::ptr::from_ref(statement)) {
+                    Entry::Occupied(entry) => entry.into_mut(),
+                    Entry::Vacant(entry) => entry.insert(
+                        tx.prepare_cached(&statement.sql)
+                            .map_err(|e| sql_failure(&e))?,
+                    ),
+                };
                 stmt.execute(projectionist::rusqlite::params_from_iter(values.iter()))
                     .map_err(|e| sql_failure(&e))?;
             }
