@@ -4,8 +4,8 @@
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 
-use projectionist::rusqlite::{CachedStatement, Transaction};
 use projectionist::rusqlite::types::{ToSqlOutput, Value as SqlValue, ValueRef};
+use projectionist::rusqlite::{CachedStatement, Transaction};
 use projectionist::{BoxError, EventFailure, GlobalEvent, Handler};
 use serde_json::Value;
 
