@@ -421,7 +421,14 @@ impl ProjectionDir {
         check_space(self.path(), "publish the shadow", needed)?;
         shadow.with_connection(|conn| stamp(conn, false))?;
         options.step(name.as_str(), PublishStep::Stamped);
-        let lock_held = swap_in(self, &live, &shadow, &files, options)?;
+        let swapped = swap_in(self, &live, &shadow, &files, options);
+        if swapped.is_err() && shadow.with_connection(|_| Ok(())).is_err() {
+            // Failed after the copy (the shadow is closed): the next `shadow`
+            // opens the file again, and the next open of the projection
+            // finishes what the version stamps say happened.
+            self.lock_shadows().remove(&name);
+        }
+        let lock_held = swapped?;
         self.lock_shadows().remove(&name);
         remove_file_if_exists(&files.shadow)?;
         remove_sidecars(&files.shadow)?;
