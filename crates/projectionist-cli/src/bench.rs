@@ -822,15 +822,8 @@ fn prepare_workload_log(
         return prepare_log(work, n_events, seed);
     }
     let path = work.join(format!("hot-{n_events}-seed{seed}.db"));
-    if path.exists() {
-        let store = SqliteEventStore::open(&path)?;
-        if projectionist::GlobalReader::<serde_json::Value>::head(&store)? == n_events {
-            return Ok(path);
-        }
-        drop(store);
-        for suffix in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
-        }
+    if reusable(&path, n_events)? {
+        return Ok(path);
     }
     eprintln!(
         "bench: generating {n_events} hot events into {}",
@@ -930,18 +923,28 @@ fn generate_hot(store: &SqliteEventStore, n_events: u64, seed: u64) -> anyhow::R
     Ok(())
 }
 
+/// Whether a log generated before at `path` holds `n_events` events; one that
+/// does not (an interrupted generation) is deleted.
+fn reusable(path: &Path, n_events: u64) -> anyhow::Result<bool> {
+    if !path.exists() {
+        return Ok(false);
+    }
+    let store = SqliteEventStore::open(path)?;
+    if projectionist::GlobalReader::<serde_json::Value>::head(&store)? == n_events {
+        return Ok(true);
+    }
+    drop(store);
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+    }
+    Ok(false)
+}
+
 /// The demo log of `n_events` events, generated once and reused.
 pub(crate) fn prepare_log(work: &Path, n_events: u64, seed: u64) -> anyhow::Result<PathBuf> {
     let path = work.join(format!("events-{n_events}-seed{seed}.db"));
-    if path.exists() {
-        let store = SqliteEventStore::open(&path)?;
-        if projectionist::GlobalReader::<serde_json::Value>::head(&store)? == n_events {
-            return Ok(path);
-        }
-        drop(store);
-        for suffix in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
-        }
+    if reusable(&path, n_events)? {
+        return Ok(path);
     }
     eprintln!(
         "bench: generating {n_events} events into {}",

@@ -402,13 +402,12 @@ fn a_follower_rebuilds_and_rolls_back_on_request_from_another_process() {
         "{}",
         stderr(&out)
     );
-    while env.digest("order_summary") != clean {
-        assert!(
-            Instant::now() < deadline,
-            "the follower never published the rebuild"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_digest(
+        &env,
+        &clean,
+        deadline,
+        "the follower never published the rebuild",
+    );
     assert!(
         !env.path("projections/.order_summary.rebuild-request")
             .exists()
@@ -440,13 +439,12 @@ fn a_follower_rebuilds_and_rolls_back_on_request_from_another_process() {
         "{}",
         stderr(&out)
     );
-    while env.digest("order_summary") != v2 {
-        assert!(
-            Instant::now() < deadline,
-            "the follower never rebuilt v2 on request"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_digest(
+        &env,
+        &v2,
+        deadline,
+        "the follower never rebuilt v2 on request",
+    );
 
     let _ = Command::new("kill")
         .args(["-TERM", &follower.id().to_string()])
@@ -551,6 +549,14 @@ fn append_orders(store: &std::path::Path, n: u64) {
         }
         tx.commit().unwrap();
         std::thread::sleep(Duration::from_millis(3));
+    }
+}
+
+/// Waits until `order_summary` has the digest `expected`.
+fn wait_for_digest(env: &Env, expected: &str, deadline: Instant, what: &str) {
+    while env.digest("order_summary") != expected {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
