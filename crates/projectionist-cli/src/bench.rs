@@ -25,8 +25,8 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
 use std::sync::mpsc::sync_channel;
+use std::sync::{Arc, LazyLock};
 use std::time::Instant;
 
 use crate::args::{VARIANTS, Workload};
@@ -86,22 +86,18 @@ CREATE TABLE customers (
   spent_cents      INTEGER NOT NULL DEFAULT 0
 );";
 
-/// `hot`: customers, and the orders still open with what they hold so far.
-const HOT_CUSTOMERS_SCHEMA: &str = "
-CREATE TABLE customers (
-  customer_id      TEXT PRIMARY KEY,
-  orders_placed    INTEGER NOT NULL DEFAULT 0,
-  orders_shipped   INTEGER NOT NULL DEFAULT 0,
-  orders_cancelled INTEGER NOT NULL DEFAULT 0,
-  items            INTEGER NOT NULL DEFAULT 0,
-  spent_cents      INTEGER NOT NULL DEFAULT 0
-);
+/// `hot`: besides the customers, the orders still open with what they hold so far.
+const OPEN_ORDERS_SCHEMA: &str = "
 CREATE TABLE open_orders (
   order_id    TEXT PRIMARY KEY,
   customer_id TEXT NOT NULL,
   items       INTEGER NOT NULL DEFAULT 0,
   cents       INTEGER NOT NULL DEFAULT 0
 );";
+
+/// `hot`, customers: the customers table and the open orders.
+static HOT_CUSTOMERS_SCHEMA: LazyLock<String> =
+    LazyLock::new(|| format!("{CUSTOMERS_SCHEMA}{OPEN_ORDERS_SCHEMA}"));
 
 /// `hot`, customers: the statements per event type (ship and cancel read the
 /// open order, then delete it). Positional parameters: ?1 order, ?2 customer,
@@ -138,22 +134,13 @@ const HOT_CUSTOMERS_SQL: [(&str, &[&str]); 5] = [
     ),
 ];
 
-/// `hot`, the declarative variant (d): the same SQL as a config.
-const HOT_CONFIG: &str = r#"
+/// `hot`, the declarative variant (d): the same SQL as a config, over the
+/// same schemas (inserted by [`hot_config`]).
+const HOT_CONFIG_TEMPLATE: &str = r#"
 [[projection]]
 name = "order_summary"
 version = 1
-schema = """
-CREATE TABLE orders (
-  order_id    TEXT PRIMARY KEY,
-  customer_id TEXT NOT NULL,
-  status      TEXT NOT NULL,
-  item_count  INTEGER NOT NULL DEFAULT 0,
-  total_cents INTEGER NOT NULL DEFAULT 0,
-  updated_seq INTEGER NOT NULL
-);
-CREATE INDEX orders_by_customer ON orders (customer_id);
-"""
+schema = """{ORDERS_SCHEMA}"""
 [projection.on.OrderPlaced]
 sql = "INSERT INTO orders (order_id, customer_id, status, updated_seq) VALUES (:order_id!text, :customer_id!text, 'open', :_sequence)"
 [projection.on.ItemAdded]
@@ -168,22 +155,7 @@ sql = "UPDATE orders SET status = 'cancelled', updated_seq = :_sequence WHERE or
 [[projection]]
 name = "customer_stats"
 version = 1
-schema = """
-CREATE TABLE customers (
-  customer_id      TEXT PRIMARY KEY,
-  orders_placed    INTEGER NOT NULL DEFAULT 0,
-  orders_shipped   INTEGER NOT NULL DEFAULT 0,
-  orders_cancelled INTEGER NOT NULL DEFAULT 0,
-  items            INTEGER NOT NULL DEFAULT 0,
-  spent_cents      INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE open_orders (
-  order_id    TEXT PRIMARY KEY,
-  customer_id TEXT NOT NULL,
-  items       INTEGER NOT NULL DEFAULT 0,
-  cents       INTEGER NOT NULL DEFAULT 0
-);
-"""
+schema = """{HOT_CUSTOMERS_SCHEMA}"""
 [projection.on.OrderPlaced]
 sql = [
   "INSERT INTO open_orders (order_id, customer_id) VALUES (:order_id!text, :customer_id!text)",
@@ -204,6 +176,13 @@ sql = [
   "DELETE FROM open_orders WHERE order_id = :order_id!text",
 ]
 "#;
+
+/// The hot declarative config, with the schemas the Rust variants use.
+fn hot_config() -> String {
+    HOT_CONFIG_TEMPLATE
+        .replace("{ORDERS_SCHEMA}", ORDERS_SCHEMA)
+        .replace("{HOT_CUSTOMERS_SCHEMA}", &HOT_CUSTOMERS_SCHEMA)
+}
 
 /// The two projections, as plain Rust: shared by the hand-written loops and the
 /// projectionist handlers, so both do the same SQL work.
@@ -229,7 +208,7 @@ impl Projection {
         match (self, workload) {
             (Projection::Orders, _) => ORDERS_SCHEMA,
             (Projection::Customers, Workload::Cold) => CUSTOMERS_SCHEMA,
-            (Projection::Customers, Workload::Hot) => HOT_CUSTOMERS_SCHEMA,
+            (Projection::Customers, Workload::Hot) => HOT_CUSTOMERS_SCHEMA.as_str(),
         }
     }
 
@@ -522,7 +501,7 @@ fn run_d(store: &Path, dir: &Path, workload: Workload) -> anyhow::Result<()> {
         Workload::Cold => {
             ProjectionsConfig::parse(crate::app::DEMO_CONFIG, "examples/orders/projections.toml")?
         }
-        Workload::Hot => ProjectionsConfig::parse(HOT_CONFIG, "the hot bench config")?,
+        Workload::Hot => ProjectionsConfig::parse(&hot_config(), "the hot bench config")?,
     };
     let store = SqliteEventStore::open(store)?;
     let dir = ProjectionDir::open(dir)?;

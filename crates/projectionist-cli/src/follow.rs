@@ -10,7 +10,6 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -27,7 +26,7 @@ use crate::app::{
 };
 use crate::args::Cli;
 use crate::metrics::{Metrics, Observed, Server};
-use crate::replay::{Opened, Plan, open_selected, published_line, report, targets};
+use crate::replay::{Opened, Plan, Shadows, open_selected, published_line, report, targets};
 use crate::ui;
 
 /// How often `--json` prints a `status` line per projection (and the terminal
@@ -188,8 +187,7 @@ fn follow_epoch(
     // log there while the others follow in their live files; once it has
     // caught up, the round ends and it is published (the live file kept
     // serving the old version until then).
-    let in_shadow: Vec<AtomicBool> = shadowed.iter().map(|&s| AtomicBool::new(s)).collect();
-    let caught_up: Vec<AtomicBool> = shadowed.iter().map(|_| AtomicBool::new(false)).collect();
+    let shadows = Shadows::new(&selected, &shadowed);
     for e in &errors {
         tracing::error!(error = %ui::escape_controls(&crate::app::error_text(e)), "a projection cannot be opened");
     }
@@ -210,13 +208,7 @@ fn follow_epoch(
     }
     let progress = |p: &Progress| {
         live.progress(p);
-        if p.following
-            && let Some(i) = selected
-                .iter()
-                .position(|s| s.name.as_str() == p.projection_name)
-            && in_shadow[i].load(Ordering::SeqCst)
-            && !caught_up[i].swap(true, Ordering::SeqCst)
-        {
+        if shadows.caught_up_now(p) {
             round_stop
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
@@ -296,7 +288,7 @@ fn follow_epoch(
                 }
             }
             for i in 0..selected.len() {
-                if results[i].is_some() || !caught_up[i].load(Ordering::SeqCst) {
+                if results[i].is_some() || !shadows.caught_up(i) {
                     continue;
                 }
                 let name = selected[i].name.as_str();
@@ -316,8 +308,7 @@ fn follow_epoch(
                         results[i] = Some(Err(e));
                     }
                 }
-                in_shadow[i].store(false, Ordering::SeqCst);
-                caught_up[i].store(false, Ordering::SeqCst);
+                shadows.published(i);
             }
             let Some(error) = unreachable else {
                 continue;

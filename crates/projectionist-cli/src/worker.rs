@@ -4,7 +4,6 @@
 //! marked done; every commit first renews the lease, so a worker that lost its
 //! lease (it hung, or was paused past the lease) commits nothing.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
@@ -23,7 +22,7 @@ use crate::app::{
     EXIT_CANCELLED, EXIT_CONFIG, EXIT_PROJECTION, Failure, fail, load_config, open_dir, store_spec,
 };
 use crate::args::Cli;
-use crate::replay::{Plan, open_selected, targets};
+use crate::replay::{Plan, Shadows, open_selected, targets};
 
 /// How long a worker waits before looking for work again when it found none.
 const IDLE_POLL: Duration = Duration::from_millis(200);
@@ -344,20 +343,9 @@ fn follow_held<'c>(
     // A changed projection is rebuilt in its shadow (its live file keeps
     // serving); once caught up the run stops, and it is published under its
     // lease before the next run follows it in the live file.
-    let caught_up: Vec<AtomicBool> = opened
-        .shadowed
-        .iter()
-        .map(|_| AtomicBool::new(false))
-        .collect();
+    let shadows = Shadows::new(&opened.selected, &opened.shadowed);
     let progress = |p: &Progress| {
-        if p.following
-            && let Some(i) = opened
-                .selected
-                .iter()
-                .position(|s| s.name.as_str() == p.projection_name)
-            && opened.shadowed[i]
-            && !caught_up[i].swap(true, Ordering::SeqCst)
-        {
+        if shadows.caught_up_now(p) {
             stop.cancel();
         }
     };
@@ -390,10 +378,10 @@ fn follow_held<'c>(
     let results: Vec<_> = results
         .into_iter()
         .zip(&opened.selected)
-        .zip(&caught_up)
-        .map(|((result, projection), caught_up)| {
+        .enumerate()
+        .map(|(i, (result, projection))| {
             result.map_err(anyhow::Error::from)?;
-            if caught_up.load(Ordering::SeqCst) {
+            if shadows.caught_up(i) {
                 let name = projection.name.as_str();
                 let lease = current
                     .iter()

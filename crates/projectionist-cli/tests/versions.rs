@@ -395,13 +395,7 @@ fn a_follower_rebuilds_and_rolls_back_on_request_from_another_process() {
         stderr(&out)
     );
 
-    let out = env.run(&["rebuild", "order_summary"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    assert!(
-        stderr(&out).contains("took the request"),
-        "{}",
-        stderr(&out)
-    );
+    ask_follower_to_rebuild(&env);
     wait_for_digest(
         &env,
         &clean,
@@ -432,13 +426,7 @@ fn a_follower_rebuilds_and_rolls_back_on_request_from_another_process() {
     let v2 = digest_in(&env, "fresh-v2", "order_summary");
     std::thread::sleep(Duration::from_millis(2_500));
     assert_eq!(env.digest("order_summary"), edited, "a rollback was undone");
-    let out = env.run(&["rebuild", "order_summary"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    assert!(
-        stderr(&out).contains("took the request"),
-        "{}",
-        stderr(&out)
-    );
+    ask_follower_to_rebuild(&env);
     wait_for_digest(
         &env,
         &v2,
@@ -550,6 +538,17 @@ fn append_orders(store: &std::path::Path, n: u64) {
         tx.commit().unwrap();
         std::thread::sleep(Duration::from_millis(3));
     }
+}
+
+/// `rebuild order_summary` from another process, taken by the follower.
+fn ask_follower_to_rebuild(env: &Env) {
+    let out = env.run(&["rebuild", "order_summary"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("took the request"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 /// Waits until `order_summary` has the digest `expected`.
