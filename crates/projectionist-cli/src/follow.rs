@@ -26,7 +26,9 @@ use crate::app::{
 };
 use crate::args::Cli;
 use crate::metrics::{Metrics, Observed, Server};
-use crate::replay::{Opened, Plan, Shadows, open_selected, published_line, report, targets};
+use crate::replay::{
+    Opened, Plan, Shadows, open_selected, published_line, report, targets, write_own_file,
+};
 use crate::ui;
 
 /// How often `--json` prints a `status` line per projection (and the terminal
@@ -461,7 +463,7 @@ fn roll_back_on_request(cli: &Cli, dir: &ProjectionDir, names: &[String]) {
 fn register(dir: &ProjectionDir, names: &[String]) {
     for name in names {
         if let Ok(files) = VersionFiles::new(dir.path(), name) {
-            let _ = std::fs::write(&files.follower, std::process::id().to_string());
+            let _ = write_own_file(&files.follower, &std::process::id().to_string());
         }
     }
 }

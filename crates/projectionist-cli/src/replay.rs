@@ -116,7 +116,7 @@ pub(crate) fn ask_follower(
     if !process_alive(pid) {
         return None;
     }
-    if let Err(e) = std::fs::write(request, b"") {
+    if let Err(e) = write_own_file(request, "") {
         return Some(Err(
             anyhow::Error::from(e).context(format!("ask the follower of {name} (process {pid})"))
         ));
@@ -367,6 +367,23 @@ fn writable_now(db: &ProjectionDb) -> anyhow::Result<()> {
         probe.map_err(sqlite)
     })?;
     Ok(())
+}
+
+/// Writes a small file of ours in the projection directory afresh: whatever
+/// is at `path` (also a symbolic link someone planted) is removed, not
+/// followed, and the file is created exclusively, so nothing outside the
+/// directory is ever written through it.
+pub(crate) fn write_own_file(path: &std::path::Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    std::fs::File::options()
+        .write(true)
+        .create_new(true)
+        .open(path)?
+        .write_all(contents.as_bytes())
 }
 
 /// Which projections of a following run are built in their shadows, and

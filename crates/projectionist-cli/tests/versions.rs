@@ -737,3 +737,52 @@ fn a_failing_shadow_rebuild_leaves_the_live_version_and_status_says_why() {
         "{r}"
     );
 }
+
+/// Hostile directory: symbolic links planted where the follower registers and
+/// where a request goes never make projectionist write through them.
+#[test]
+fn links_planted_at_the_follower_and_request_files_are_not_written_through() {
+    let env = Env::new();
+    env.demo_log(2_000);
+    let outside = env.path("precious.txt");
+    std::fs::write(&outside, "precious").unwrap();
+    for planted in [".order_summary.follower", ".customer_stats.rebuild-request"] {
+        std::os::unix::fs::symlink(&outside, env.path(&format!("projections/{planted}"))).unwrap();
+    }
+    let mut follower = env
+        .command(&["--json", "follow"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map(Reaped::new)
+        .unwrap();
+    let mut out = BufReader::new(follower.stdout.take().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut line = String::new();
+    while !line.contains("\"following\"") {
+        line.clear();
+        assert!(out.read_line(&mut line).unwrap() > 0 && Instant::now() < deadline);
+    }
+    std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+    // The follower replaced the planted link with its own registration.
+    let registered = env.path("projections/.order_summary.follower");
+    assert!(
+        !std::fs::symlink_metadata(&registered)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    assert_eq!(std::fs::read_to_string(&outside).unwrap(), "precious");
+    // A request from another process replaces a planted link too.
+    std::os::unix::fs::symlink(
+        &outside,
+        env.path("projections/.order_summary.rebuild-request"),
+    )
+    .unwrap();
+    ask_follower_to_rebuild(&env);
+    assert_eq!(std::fs::read_to_string(&outside).unwrap(), "precious");
+    let _ = Command::new("kill")
+        .args(["-TERM", &follower.id().to_string()])
+        .status();
+    assert!(follower.into_inner().wait().unwrap().success());
+}
