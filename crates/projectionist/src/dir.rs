@@ -441,6 +441,17 @@ impl ProjectionDir {
     }
 }
 
+/// A projection's writer connection, held (see [`ProjectionDb::lock_writer`]).
+pub(crate) struct WriterGuard<'a>(MutexGuard<'a, Option<Connection>>);
+
+impl std::ops::Deref for WriterGuard<'_> {
+    type Target = Connection;
+
+    fn deref(&self) -> &Connection {
+        self.0.as_ref().expect("checked open when locked")
+    }
+}
+
 /// One open projection: its file, its single writer connection and its lock.
 #[derive(Debug)]
 pub struct ProjectionDb {
@@ -487,6 +498,19 @@ impl ProjectionDb {
             name: self.name.to_string(),
         })?;
         f(conn)
+    }
+
+    /// Exclusive use of the writer connection for as long as the guard lives:
+    /// a run's writer thread holds those of all the projections it serves, so
+    /// each can keep a transaction open across the batches it receives.
+    pub(crate) fn lock_writer(&self) -> Result<WriterGuard<'_>> {
+        let guard = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        if guard.is_none() {
+            return Err(Error::Closed {
+                name: self.name.to_string(),
+            });
+        }
+        Ok(WriterGuard(guard))
     }
 
     /// Runs `f` in one write transaction (begun IMMEDIATE, so it never fails with

@@ -19,6 +19,14 @@ pub const BATCH_SIZE_MAX: u32 = 50_000;
 /// projections than this queue and run when a slot frees up.
 pub const CONCURRENT_REBUILDS_MAX: u32 = 32;
 
+/// Writer threads of one run. Up to this many projections each get a thread of
+/// their own; more share them, each thread applying a batch to its projections
+/// in turn (every projection keeps its own connection and transaction), so a
+/// process following a thousand projections runs a few dozen threads, not a
+/// thousand. Equal to [`CONCURRENT_REBUILDS_MAX`], so runs of up to that many
+/// projections are laid out as before.
+pub const WRITER_THREADS_MAX: u32 = 32;
+
 /// Decoded batches that may wait in one writer's channel during a fan-out.
 /// Two lets the reader decode batch n+1 while the writer commits batch n, which is
 /// all the overlap there is to gain; memory stays O(batch size x projections).
@@ -105,6 +113,7 @@ const _: () = {
     assert!(BATCH_SIZE_DEFAULT <= BATCH_SIZE_MAX);
     assert!(0 < CONCURRENT_REBUILDS_MAX);
     assert!(0 < CHANNEL_BATCHES_MAX);
+    assert!(0 < WRITER_THREADS_MAX);
     assert!(NAME_LEN_MAX + 16 < 255);
     assert!(0 < BUSY_TIMEOUT_MS);
     assert!(START_BUSY_TIMEOUT_MS <= BUSY_TIMEOUT_MS);

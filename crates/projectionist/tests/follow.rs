@@ -1,7 +1,7 @@
 //! `follow` through the public API on real SQLite files: a follower catches up,
 //! applies appends made through another connection, stops cleanly and equals a
 //! fresh rebuild; a poison event stops only the projections that handle it;
-//! more projections than one group follow at once.
+//! more projections than writer threads follow at once.
 
 mod common;
 
@@ -228,8 +228,8 @@ fn a_poison_event_while_following_stops_only_the_projections_that_handle_it() {
 }
 
 #[test]
-fn more_projections_than_one_group_follow_at_once() {
-    let n = projectionist::limits::CONCURRENT_REBUILDS_MAX as usize + 3;
+fn more_projections_than_writer_threads_follow_at_once() {
+    let n = projectionist::limits::WRITER_THREADS_MAX as usize + 3;
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("events.db");
     let store = bank_store(&path, 300, 5);

@@ -3,11 +3,11 @@
 //! after a commit, at the end of the log, for an error), so each of the two
 //! locations is written once, here.
 
-use rusqlite::Transaction;
+use rusqlite::{Connection, Transaction, TransactionBehavior};
 
 use super::types::{CheckpointLocation, Start};
 use crate::checkpoint::SqliteCheckpoint;
-use crate::dir::{ProjectionDb, write_transaction};
+use crate::dir::ProjectionDb;
 use crate::error::{Error, Result};
 
 /// A projection's checkpoint during a run.
@@ -97,15 +97,14 @@ impl<'a> Keeper<'a> {
     }
 
     /// At the end of the log: moves the checkpoint up to `head`.
-    pub(super) fn advance(&self, db: &ProjectionDb, head: u64) -> Result<()> {
+    pub(super) fn advance(&self, conn: &Connection, name: &str, head: u64) -> Result<()> {
         match self.location {
             CheckpointLocation::InFile => {
-                let label = || format!("projection {}: advance checkpoint to {head}", db.name());
-                db.with_connection(|conn| {
-                    write_transaction(conn, label, |tx| {
-                        SqliteCheckpoint::save_in(tx, self.consumer_id, head)
-                    })
-                })
+                let label = format!("projection {name}: advance checkpoint to {head}");
+                let tx = Transaction::new_unchecked(conn, TransactionBehavior::Immediate)
+                    .map_err(Error::sqlite(label.clone()))?;
+                SqliteCheckpoint::save_in(&tx, self.consumer_id, head)?;
+                tx.commit().map_err(Error::sqlite(label))
             }
             CheckpointLocation::External(checkpoint) => checkpoint.save(self.consumer_id, head),
         }

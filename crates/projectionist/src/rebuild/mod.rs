@@ -2,9 +2,13 @@
 //! bounded batches, one transaction per batch, with the checkpoint inside it.
 //!
 //! Reading and writing are pipelined. The calling thread reads and decodes each
-//! batch once and fans it out, through a bounded channel per projection, to one
-//! writer thread per projection; each writer owns its projection file. So one
-//! projection overlaps reading with writing, and many projections share one read.
+//! batch once and fans it out, through a bounded channel per writer thread, to
+//! at most [`WRITER_THREADS_MAX`] writer threads; up to that many projections
+//! get a thread each, more are dealt out to them in turn, and a thread applies
+//! each batch to its projections one after the other (each projection keeps
+//! its own connection and open transaction). So one projection overlaps reading
+//! with writing, many projections share one read, and a thousand projections
+//! need no thousand threads.
 //!
 //! A writer applies each batch in a savepoint of an IMMEDIATE write transaction,
 //! saving the checkpoint in the same transaction, and commits every
@@ -14,7 +18,8 @@
 //! those batches (at-least-once).
 //!
 //! Where things live: this file has the entry points and the run itself
-//! (`run`, `run_group`: validate, spawn the writers, read); `read.rs` the read
+//! (`run`: validate, deal the projections out, spawn the writers, read);
+//! `read.rs` the read
 //! side (one read per batch, fanned out; poison events); `write.rs` the write side
 //! (start, apply in savepoints, checkpoint, commit, record the outcome);
 //! `types.rs` what both sides share. The children import `types.rs`, never this
@@ -26,7 +31,7 @@ mod types;
 mod write;
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
@@ -35,7 +40,7 @@ use std::time::Duration;
 use crate::error::{Error, Result};
 use crate::limits::{
     BATCH_SIZE_DEFAULT, BATCH_SIZE_MAX, CHANNEL_BATCHES_MAX, COMMIT_INTERVAL_MAX,
-    CONCURRENT_REBUILDS_MAX,
+    CONCURRENT_REBUILDS_MAX, WRITER_THREADS_MAX,
 };
 use crate::progress::CancelToken;
 use crate::reader::GlobalReader;
@@ -45,6 +50,7 @@ use types::RunContext;
 pub use types::{
     CheckpointLocation, ProjectionTarget, RebuildConfig, RebuildOptions, RebuildResult, Start,
 };
+use write::Assigned;
 
 /// Rebuilds one projection from scratch: in one transaction, drops the
 /// projection's tables and views (everything but `_checkpoint`), resets the
@@ -115,9 +121,10 @@ pub fn rebuild_concurrent<E: Send + Sync>(
 }
 
 /// Rebuilds several projections from ONE read of the log: each batch is read and
-/// decoded once and handed to every projection's writer thread. At most
-/// [`CONCURRENT_REBUILDS_MAX`] writers run at once; more projections run in
-/// further passes. Results come in input order.
+/// decoded once and handed to every projection's writer. Up to
+/// [`WRITER_THREADS_MAX`] projections get a writer thread each; more share
+/// that many threads (each applies a batch to its projections in turn), still
+/// from the one read. Results come in input order.
 #[must_use]
 pub fn rebuild_shared<E: Send + Sync>(
     reader: &dyn GlobalReader<E>,
@@ -176,8 +183,8 @@ pub fn replay_shared<E: Send + Sync>(
 /// `status`); the others go on following. A read error stops all of them
 /// (restart the follower; it resumes from the checkpoints).
 ///
-/// More than [`CONCURRENT_REBUILDS_MAX`] projections are followed in groups of
-/// that size, each group with its own read of the log, all at once.
+/// However many projections, there is one read of the log and at most
+/// [`WRITER_THREADS_MAX`] writer threads.
 #[must_use]
 pub fn follow<E: Send + Sync>(
     reader: &dyn GlobalReader<E>,
@@ -228,13 +235,11 @@ fn check_distinct<E>(projections: &[(ProjectionTarget<'_, E>, Start)]) -> Result
     }
 }
 
-/// The run, top down: validate, then for each group of at most
-/// [`CONCURRENT_REBUILDS_MAX`] projections, one read of the log feeding one
-/// writer per projection. Groups run one after the other, or, when following
-/// (they never end on their own), all at once.
+/// The run, top down: validate, then one read of the log feeding the writer
+/// threads (at most [`WRITER_THREADS_MAX`]; more projections share them).
 fn run<E: Send + Sync>(
     reader: &dyn GlobalReader<E>,
-    mut projections: Vec<(ProjectionTarget<'_, E>, Start)>,
+    projections: Vec<(ProjectionTarget<'_, E>, Start)>,
     options: &RebuildOptions<'_>,
     follow: Option<&CancelToken>,
 ) -> Vec<Result<RebuildResult>> {
@@ -252,93 +257,73 @@ fn run<E: Send + Sync>(
                 .collect();
         }
     };
-    let mut groups = Vec::new();
-    while !projections.is_empty() {
-        let rest = projections.split_off(projections.len().min(CONCURRENT_REBUILDS_MAX as usize));
-        groups.push(std::mem::replace(&mut projections, rest));
-    }
-    let run_one = |group| run_group(reader, group, batch_size, commit_interval, options, follow);
-    if follow.is_none() || groups.len() == 1 {
-        return groups.into_iter().flat_map(run_one).collect();
-    }
-    thread::scope(|scope| {
-        let running: Vec<_> = groups
-            .into_iter()
-            .map(|group| scope.spawn(move || run_one(group)))
-            .collect();
-        running
-            .into_iter()
-            .flat_map(|group| {
-                group
-                    .join()
-                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-            })
-            .collect()
-    })
-}
-
-/// One pass: up to [`CONCURRENT_REBUILDS_MAX`] writer threads fed by one reader.
-fn run_group<E: Send + Sync>(
-    reader: &dyn GlobalReader<E>,
-    group: Vec<(ProjectionTarget<'_, E>, Start)>,
-    batch_size: u32,
-    commit_interval: Duration,
-    options: &RebuildOptions<'_>,
-    follow: Option<&CancelToken>,
-) -> Vec<Result<RebuildResult>> {
-    assert!(
-        group.len() <= CONCURRENT_REBUILDS_MAX as usize,
-        "group of {}",
-        group.len()
-    );
     let total = match reader.head() {
         Ok(head) => head,
         Err(e) => {
             let e = Arc::new(e);
-            return group
+            return projections
                 .iter()
                 .map(|(p, _)| Err(replay_error(p, Arc::clone(&e))))
                 .collect();
         }
     };
+    let n = projections.len();
     let context = RunContext {
         options,
         head: AtomicU64::new(total),
-        writers_ended: AtomicUsize::new(0),
+        projections_ended: AtomicUsize::new(0),
+        ended: (0..n).map(|_| AtomicBool::new(false)).collect(),
         commit_interval,
     };
-    let types_per_writer: Vec<Option<Vec<String>>> =
-        group.iter().map(|(p, _)| p.handler.event_types()).collect();
+    let types_per_projection: Vec<Option<Vec<String>>> = projections
+        .iter()
+        .map(|(p, _)| p.handler.event_types())
+        .collect();
+    // Projections are dealt out to the threads in turn: thread t serves the
+    // projections t, t + threads, t + 2 x threads, ...
+    let threads = n.min(WRITER_THREADS_MAX as usize);
+    let mut assigned: Vec<Vec<Assigned<'_, E>>> = (0..threads).map(|_| Vec::new()).collect();
+    for (idx, (projection, start)) in projections.into_iter().enumerate() {
+        assigned[idx % threads].push(Assigned {
+            idx,
+            projection,
+            start,
+        });
+    }
+    let mut results: Vec<Option<Result<RebuildResult>>> = (0..n).map(|_| None).collect();
     thread::scope(|scope| {
         let (start_tx, start_rx) = mpsc::channel::<Option<u64>>();
-        let mut senders = Vec::with_capacity(group.len());
-        let mut writers = Vec::with_capacity(group.len());
-        for (projection, start) in group {
+        let mut senders = Vec::with_capacity(threads);
+        let mut writers = Vec::with_capacity(threads);
+        for (t, assigned) in assigned.into_iter().enumerate() {
             let (batch_tx, batch_rx) = mpsc::sync_channel(CHANNEL_BATCHES_MAX);
             let start_tx = start_tx.clone();
             let context = &context;
             // Named threads show up in profilers and panic messages.
-            let thread_name = format!("pj-{}", projection.db.name());
+            let thread_name = match assigned.as_slice() {
+                [one] => format!("pj-{}", one.projection.db.name()),
+                _ => format!("pj-writer-{t}"),
+            };
             let writer = thread::Builder::new()
                 .name(thread_name)
                 .spawn_scoped(scope, move || {
-                    write::write_projection(projection, start, &batch_rx, start_tx, context)
+                    write::write_projections(assigned, &batch_rx, start_tx, context)
                 })
                 .expect("spawn a writer thread");
             writers.push(writer);
             senders.push(Some(batch_tx));
         }
         drop(start_tx);
-        // Every writer reports where it starts (None if it failed to start); the
-        // log is read from the smallest checkpoint.
+        // Every projection reports where it starts (None if it failed to
+        // start); the log is read from the smallest checkpoint.
         let position = start_rx.iter().flatten().min();
         if let Some(position) = position {
             let mut source = Source {
                 reader,
-                types_per_writer,
+                types_per_projection,
                 event_types: None,
             };
-            source.narrow_to(&senders);
+            source.narrow_to(&context);
             read_loop(
                 &mut source,
                 &mut senders,
@@ -349,14 +334,19 @@ fn run_group<E: Send + Sync>(
             );
         }
         drop(senders);
-        writers
-            .into_iter()
-            .map(|w| {
-                w.join()
-                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-            })
-            .collect()
-    })
+        for writer in writers {
+            let ended = writer
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            for (idx, result) in ended {
+                results[idx] = Some(result);
+            }
+        }
+    });
+    results
+        .into_iter()
+        .map(|result| result.expect("every projection has a result"))
+        .collect()
 }
 
 fn replay_error<E>(projection: &ProjectionTarget<'_, E>, source: Arc<Error>) -> Error {

@@ -1,8 +1,8 @@
 //! The read side of a run: read each batch once, check it, and hand it to every
-//! live writer; at a poison event, stop only the writers that handle its type.
+//! writer thread; at a poison event, stop only the projections that handle its
+//! type.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::sync::mpsc::SyncSender;
 use std::time::Instant;
 
@@ -13,14 +13,15 @@ use crate::limits::{FOLLOW_QUIET_POLL_DIVISOR, FOLLOW_QUIET_POLL_MAX};
 use crate::progress::CancelToken;
 use crate::reader::GlobalReader;
 
-/// The log as a run reads it: everything, or only the event types its live
+/// The log as a run reads it: everything, or only the event types its running
 /// projections handle.
 pub(super) struct Source<'a, E> {
     pub(super) reader: &'a dyn GlobalReader<E>,
-    /// What each writer's handler asked for (`None`: every event).
-    pub(super) types_per_writer: Vec<Option<Vec<String>>>,
-    /// The union over the writers still running, or `None` when one of them
-    /// wants all events.
+    /// What each projection's handler asked for (`None`: every event), by
+    /// place in the run's input.
+    pub(super) types_per_projection: Vec<Option<Vec<String>>>,
+    /// The union over the projections still running, or `None` when one of
+    /// them wants all events.
     pub(super) event_types: Option<Vec<String>>,
 }
 
@@ -40,11 +41,11 @@ impl<E> Source<'_, E> {
         }
     }
 
-    /// Reads only what the writers still running handle.
-    pub(super) fn narrow_to<S>(&mut self, senders: &[Option<S>]) {
+    /// Reads only what the projections still running handle.
+    pub(super) fn narrow_to(&mut self, context: &RunContext<'_>) {
         let mut union: Vec<String> = Vec::new();
-        for (slot, types) in senders.iter().zip(&self.types_per_writer) {
-            if slot.is_none() {
+        for (idx, types) in self.types_per_projection.iter().enumerate() {
+            if !context.running(idx) {
                 continue;
             }
             let Some(types) = types else {
@@ -58,9 +59,9 @@ impl<E> Source<'_, E> {
         self.event_types = Some(union);
     }
 
-    /// Whether writer `idx` handles events of `event_type`.
+    /// Whether projection `idx` handles events of `event_type`.
     fn handles(&self, idx: usize, event_type: &str) -> bool {
-        self.types_per_writer[idx]
+        self.types_per_projection[idx]
             .as_ref()
             .is_none_or(|types| types.iter().any(|t| t == event_type))
     }
@@ -103,9 +104,9 @@ fn poison(error: &Error) -> Option<(u64, &str)> {
     }
 }
 
-/// Reads batches from `position` and hands each to every live writer, until the
-/// log ends, the run is cancelled, reading fails, or no writer is left. A poison
-/// event stops only the writers that handle its type.
+/// Reads batches from `position` and hands each to every writer thread, until
+/// the log ends, the run is cancelled, reading fails, or no writer is left. A
+/// poison event stops only the projections that handle its type.
 ///
 /// With `follow`, the end of the log is not the end of the run: the writers are
 /// told they caught up (so they commit at once), the loop waits for the log to
@@ -145,7 +146,7 @@ pub(super) fn read_loop<E>(
         let (events, through) = match read {
             Ok(read) => read,
             Err(e) if poison(&e).is_some() => {
-                match pass_poison(reader, senders, position, batch_size, e) {
+                match pass_poison(reader, senders, position, batch_size, context, e) {
                     Ok(after_poison) => position = after_poison,
                     Err(e) => {
                         broadcast(senders, &Message::ReadFailed(Arc::new(e)));
@@ -177,8 +178,7 @@ pub(super) fn read_loop<E>(
         position = position.max(through);
         context.saw_head(through);
         broadcast(senders, &Message::CaughtUp { through });
-        let writers = senders.len();
-        let all_ended = || context.writers_ended.load(Ordering::SeqCst) >= writers;
+        let all_ended = || context.all_ended();
         if let Err(e) = wait_for_change(reader.reader, token, news_at, stop, cancel, &all_ended) {
             broadcast(senders, &Message::ReadFailed(Arc::new(e)));
             return;
@@ -214,14 +214,15 @@ fn wait_for_change<E>(
     }
 }
 
-/// Hands every writer the events before a poison event, stops the writers that
-/// handle its type, and narrows the read to the others. Returns the poison
-/// event's sequence, from which the others read on.
+/// Hands every writer the events before a poison event, stops the projections
+/// that handle its type, and narrows the read to the others. Returns the
+/// poison event's sequence, from which the others read on.
 fn pass_poison<E>(
     reader: &mut Source<'_, E>,
     senders: &mut [Option<SyncSender<Message<E>>>],
     position: u64,
     batch_size: u32,
+    context: &RunContext<'_>,
     error: Error,
 ) -> Result<u64> {
     let (sequence, event_type) = poison(&error).expect("a poison event");
@@ -231,16 +232,17 @@ fn pass_poison<E>(
     if !before.is_empty() {
         broadcast(senders, &Message::Batch(Arc::new(before)));
     }
-    let error = Arc::new(error);
-    for (idx, slot) in senders.iter_mut().enumerate() {
-        if slot.is_some()
-            && reader.handles(idx, &event_type)
-            && let Some(sender) = slot.take()
-        {
-            let _ = sender.send(Message::Poison(Arc::clone(&error)));
-        }
+    let projections: Arc<[usize]> = (0..reader.types_per_projection.len())
+        .filter(|&idx| context.running(idx) && reader.handles(idx, &event_type))
+        .collect();
+    for &idx in projections.iter() {
+        context.stop_reading_for(idx);
     }
-    reader.narrow_to(senders);
+    if !projections.is_empty() {
+        let error = Arc::new(error);
+        broadcast(senders, &Message::Poison { error, projections });
+    }
+    reader.narrow_to(context);
     Ok(sequence)
 }
 
@@ -273,9 +275,12 @@ fn broadcast<E>(senders: &mut [Option<SyncSender<Message<E>>>], message: &Messag
             Message::End { through } => Message::End { through: *through },
             Message::CaughtUp { through } => Message::CaughtUp { through: *through },
             Message::ReadFailed(e) => Message::ReadFailed(Arc::clone(e)),
-            Message::Poison(e) => Message::Poison(Arc::clone(e)),
+            Message::Poison { error, projections } => Message::Poison {
+                error: Arc::clone(error),
+                projections: Arc::clone(projections),
+            },
         };
-        // A writer that stopped (error or cancel) dropped its receiver.
+        // A writer thread whose projections all ended dropped its receiver.
         if sender.send(copy).is_err() {
             *slot = None;
         }

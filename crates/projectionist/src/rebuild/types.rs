@@ -4,7 +4,7 @@
 //! neither.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crate::checkpoint::Checkpoint;
@@ -140,7 +140,12 @@ pub(crate) enum Message<E> {
     ReadFailed(Arc<Error>),
     /// An event of a type this projection handles cannot be decoded (a poison
     /// event): the projection stops at its last committed batch; the others go on.
-    Poison(Arc<Error>),
+    Poison {
+        /// What was wrong with the event.
+        error: Arc<Error>,
+        /// The projections (places in the run's input) that stop.
+        projections: Arc<[usize]>,
+    },
 }
 
 /// What every writer of one run shares.
@@ -148,9 +153,12 @@ pub(crate) struct RunContext<'a> {
     pub(crate) options: &'a RebuildOptions<'a>,
     /// The log's head: when the run started, raised by a follower's reads.
     pub(crate) head: AtomicU64,
-    /// Writers of the group that have ended (a follower stops waiting for
+    /// Projections of the run that have ended (a follower stops waiting for
     /// new events when none is left).
-    pub(crate) writers_ended: AtomicUsize,
+    pub(crate) projections_ended: AtomicUsize,
+    /// Per projection (place in the run's input): ended, or told to stop by
+    /// the reader; the reader reads only for the others.
+    pub(crate) ended: Vec<AtomicBool>,
     /// Validated `options.commit_interval`.
     pub(crate) commit_interval: Duration,
 }
@@ -161,9 +169,26 @@ impl RunContext<'_> {
         self.head.load(Ordering::Relaxed)
     }
 
-    /// A writer has ended.
-    pub(crate) fn writer_ended(&self) {
-        self.writers_ended.fetch_add(1, Ordering::SeqCst);
+    /// Projection `idx` has ended.
+    pub(crate) fn projection_ended(&self, idx: usize) {
+        self.ended[idx].store(true, Ordering::SeqCst);
+        self.projections_ended.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Whether every projection of the run has ended.
+    pub(crate) fn all_ended(&self) -> bool {
+        self.projections_ended.load(Ordering::SeqCst) >= self.ended.len()
+    }
+
+    /// The reader stops reading for projection `idx` (it was sent a poison
+    /// event); its writer counts it as ended when it has ended.
+    pub(crate) fn stop_reading_for(&self, idx: usize) {
+        self.ended[idx].store(true, Ordering::SeqCst);
+    }
+
+    /// Whether projection `idx` still runs, as far as the reader knows.
+    pub(crate) fn running(&self, idx: usize) -> bool {
+        !self.ended[idx].load(Ordering::SeqCst)
     }
 
     /// A read saw the log reach `through`.

@@ -29,52 +29,151 @@ use crate::progress::{BatchStep, CancelToken, Progress};
 use super::keeper::Keeper;
 use super::types::{Message, ProjectionTarget, RebuildResult, RunContext, Start};
 
-/// The writer thread of one projection: start, then apply batches until the end.
-pub(super) fn write_projection<E>(
-    mut projection: ProjectionTarget<'_, E>,
-    start: Start,
+/// One projection a writer thread serves: its place in the run's input and
+/// where it starts.
+pub(super) struct Assigned<'p, E> {
+    pub(super) idx: usize,
+    pub(super) projection: ProjectionTarget<'p, E>,
+    pub(super) start: Start,
+}
+
+/// A writer thread: starts each of its projections, then applies every
+/// message to each projection still running, in turn, until none is left.
+/// Returns each projection's result with its place in the run's input.
+pub(super) fn write_projections<E>(
+    assigned: Vec<Assigned<'_, E>>,
     batches: &Receiver<Message<E>>,
     start_tx: Sender<Option<u64>>,
     context: &RunContext<'_>,
-) -> Result<RebuildResult> {
-    let started = Instant::now();
-    let mut state = WriterState::default();
-    let keeper = Keeper::new(projection.checkpoint, projection.consumer_id);
-    let result = match begin_run(&mut projection, &keeper, start, context) {
-        Ok(committed) => {
-            state.committed = committed;
-            state.applied = committed;
-            state.started_from = committed;
-            let _ = start_tx.send(Some(committed));
-            drop(start_tx);
-            apply_all(&mut projection, &keeper, batches, context, &mut state)
+) -> Vec<(usize, Result<RebuildResult>)> {
+    let mut results = Vec::with_capacity(assigned.len());
+    let mut begun = Vec::with_capacity(assigned.len());
+    for Assigned {
+        idx,
+        mut projection,
+        start,
+    } in assigned
+    {
+        let started = Instant::now();
+        let keeper = Keeper::new(projection.checkpoint, projection.consumer_id);
+        match begin_run(&mut projection, &keeper, start, context) {
+            Ok(committed) => {
+                let _ = start_tx.send(Some(committed));
+                begun.push((idx, projection, keeper, committed, started));
+            }
+            Err(e) => {
+                let _ = start_tx.send(None);
+                let name = projection.db.name().to_string();
+                let result = Err(e);
+                let _ = projection.db.with_connection(|conn| {
+                    record(conn, projection.consumer_id, &result);
+                    Ok(())
+                });
+                let state = WriterState::default();
+                let result = conclude(context, idx, name, &state, started, result);
+                results.push((idx, result));
+            }
         }
-        Err(e) => {
-            let _ = start_tx.send(None);
-            Err(e)
+    }
+    drop(start_tx);
+    // Every projection's writer connection is held for the whole run, so each
+    // can keep its commit group open across messages.
+    let guards: Vec<_> = begun
+        .iter()
+        .map(|(_, projection, ..)| projection.db.lock_writer())
+        .collect();
+    let mut slots = Vec::with_capacity(begun.len());
+    for ((idx, projection, keeper, committed, started), guard) in begun.into_iter().zip(&guards) {
+        let name = projection.db.name().to_string();
+        match guard {
+            Ok(conn) => slots.push(Slot {
+                idx,
+                name,
+                projection,
+                keeper,
+                conn,
+                group: None,
+                state: WriterState {
+                    committed,
+                    applied: committed,
+                    started_from: committed,
+                    ..WriterState::default()
+                },
+                started,
+                result: None,
+            }),
+            Err(_) => {
+                let state = WriterState::default();
+                let closed = Err(Error::Closed { name: name.clone() });
+                results.push((idx, conclude(context, idx, name, &state, started, closed)));
+            }
         }
-    };
-    // Best effort: the outcome is for `status`; failing to record it must not
-    // hide the run's own result.
-    // Waiting long for a file another connection holds would delay the run's
-    // end for the others: the record waits no longer than a start does.
-    let _ = projection.db.with_connection(|conn| {
-        let wait = |ms: u32| Duration::from_millis(u64::from(ms));
-        let _ = conn.busy_timeout(wait(START_BUSY_TIMEOUT_MS));
-        let recorded = record_outcome(conn, projection.consumer_id, &result);
-        let _ = conn.busy_timeout(wait(BUSY_TIMEOUT_MS));
-        recorded.map_err(Error::sqlite("record the outcome"))
-    });
-    let name = projection.db.name().to_string();
-    report(context, &name, &state, true, result.as_ref().err());
-    context.writer_ended();
-    result.map(|()| RebuildResult {
-        projection_name: name,
-        processed: state.processed,
-        checkpoint: state.committed,
-        total: context.head(),
-        elapsed: started.elapsed(),
-    })
+    }
+    serve(&mut slots, batches, context);
+    results.extend(slots.into_iter().map(|slot| {
+        let result = slot.result.expect("every projection ended");
+        (slot.idx, result)
+    }));
+    results
+}
+
+/// The batch loop of a writer thread.
+fn serve<E>(
+    slots: &mut [Slot<'_, '_, E>],
+    batches: &Receiver<Message<E>>,
+    context: &RunContext<'_>,
+) {
+    while slots.iter().any(Slot::running) {
+        let message = batches.recv();
+        let running = slots.iter_mut().filter(|slot| slot.running());
+        if context
+            .options
+            .cancel
+            .is_some_and(CancelToken::is_cancelled)
+        {
+            running.for_each(|slot| slot.end(Stop::Cancelled, context));
+            return;
+        }
+        match message {
+            Ok(Message::Batch(batch)) => {
+                for slot in running {
+                    match slot.apply(&batch, context) {
+                        Ok(true) => slot.report(context, None),
+                        Ok(false) => {}
+                        Err(stop) => slot.end(stop, context),
+                    }
+                }
+            }
+            Ok(Message::CaughtUp { through }) => {
+                for slot in running {
+                    match slot.catch_up(through, context) {
+                        Ok(()) => slot.report(context, None),
+                        Err(e) => slot.end(Stop::Failed(e), context),
+                    }
+                }
+            }
+            Ok(Message::End { through }) => {
+                running.for_each(|slot| slot.end(Stop::End { through }, context));
+            }
+            Ok(Message::ReadFailed(source)) => {
+                running.for_each(|slot| slot.end(Stop::ReadFailed(Arc::clone(&source)), context));
+            }
+            Ok(Message::Poison { error, projections }) => {
+                for slot in running.filter(|slot| projections.contains(&slot.idx)) {
+                    slot.end(Stop::ReadFailed(Arc::clone(&error)), context);
+                }
+            }
+            // The reader ended without saying why (it panicked): the
+            // projections stop at their last commits, like any read failure.
+            Err(mpsc::RecvError) => {
+                let source = Arc::new(Error::External {
+                    step: "read the event log".into(),
+                    source: "the reader stopped without finishing".into(),
+                });
+                running.for_each(|slot| slot.end(Stop::ReadFailed(Arc::clone(&source)), context));
+            }
+        }
+    }
 }
 
 #[derive(Default)]
@@ -93,7 +192,7 @@ struct WriterState {
     following: bool,
 }
 
-/// Why the batch loop stopped.
+/// Why a projection stopped.
 enum Stop {
     End {
         through: u64,
@@ -114,251 +213,256 @@ struct Group<'c> {
     started: Instant,
 }
 
-fn apply_all<E>(
-    projection: &mut ProjectionTarget<'_, E>,
-    keeper: &Keeper<'_>,
-    batches: &Receiver<Message<E>>,
-    context: &RunContext<'_>,
-    state: &mut WriterState,
-) -> Result<()> {
-    let name = projection.db.name().to_string();
-    let db = projection.db;
-    let stop = db.with_connection(|conn| {
-        let conn: &Connection = conn;
-        let mut group: Option<Group<'_>> = None;
-        let stop = loop {
-            let message = batches.recv();
-            if context
-                .options
-                .cancel
-                .is_some_and(CancelToken::is_cancelled)
-            {
-                break Stop::Cancelled;
-            }
-            let batch = match message {
-                Ok(Message::Batch(batch)) => batch,
-                Ok(Message::End { through }) => break Stop::End { through },
-                Ok(Message::CaughtUp { through }) => {
-                    if let Err(e) = catch_up(
-                        projection, keeper, conn, &mut group, through, state, context,
-                    ) {
-                        break Stop::Failed(e);
-                    }
-                    report(context, &name, state, false, None);
-                    continue;
-                }
-                Ok(Message::ReadFailed(source) | Message::Poison(source)) => {
-                    break Stop::ReadFailed(source);
-                }
-                // The reader ended without saying why (it panicked): the
-                // projection stops at its last commit, like any read failure.
-                Err(mpsc::RecvError) => {
-                    break Stop::ReadFailed(Arc::new(Error::External {
-                        step: "read the event log".into(),
-                        source: "the reader stopped without finishing".into(),
-                    }));
-                }
-            };
-            // Skip what this projection already has (projections resumed from
-            // different checkpoints share one read).
-            let fresh_from = batch.partition_point(|e| e.sequence <= state.applied);
-            let events = &batch[fresh_from..];
-            if events.is_empty() {
-                continue;
-            }
-            if group.is_none() {
-                match Transaction::new_unchecked(conn, TransactionBehavior::Immediate) {
-                    Ok(tx) => {
-                        group = Some(Group {
-                            tx,
-                            started: Instant::now(),
-                        })
-                    }
-                    Err(source) => {
-                        break Stop::Failed(Error::sqlite(format!("projection {name}: begin"))(
-                            source,
-                        ));
-                    }
-                }
-            }
-            let open = group.as_ref().expect("a group is open");
-            state.batches += 1;
-            if let Err(stop) = apply_batch(projection, keeper, &open.tx, events, state, context) {
-                break stop;
-            }
-            if open.started.elapsed() >= context.commit_interval {
-                let open = group.take().expect("a group is open");
-                if let Err(e) = commit_group(projection, keeper, open, state, context) {
-                    break Stop::Failed(e);
-                }
-            }
-            report(context, &name, state, false, None);
-        };
-        // Whatever stopped the loop, the batches applied so far are complete:
-        // commit them with their checkpoint.
-        if let Some(open) = group.take() {
-            commit_group(projection, keeper, open, state, context)?;
-        }
-        Ok(stop)
-    })?;
-    let committed = state.committed;
-    match stop {
-        Stop::End { through } => finish_at_head(projection, keeper, through, state, context),
-        Stop::Cancelled => Err(Error::Cancelled { name, committed }),
-        Stop::Handler {
-            first,
-            last,
-            source,
-        } => Err(Error::Handler {
-            name,
-            committed,
-            first_sequence: first,
-            last_sequence: last,
-            source,
-        }),
-        Stop::Failed(e) => Err(e),
-        Stop::ReadFailed(source) => Err(Error::Replay {
-            name,
-            committed,
-            source,
-        }),
-    }
-}
-
-/// Applies one batch inside the open group, in a savepoint, and saves the
-/// checkpoint (when it lives in the file) in the same transaction.
-fn apply_batch<E>(
-    projection: &mut ProjectionTarget<'_, E>,
-    keeper: &Keeper<'_>,
-    tx: &Transaction<'_>,
-    events: &[GlobalEvent<E>],
-    state: &mut WriterState,
-    context: &RunContext<'_>,
-) -> std::result::Result<(), Stop> {
-    let name = projection.db.name().to_string();
-    let first = events.first().expect("batch is not empty").sequence;
-    let last = events.last().expect("batch is not empty").sequence;
-    assert!(
-        first > state.applied,
-        "batch starts at {first}, at or below the checkpoint {}",
-        state.applied
-    );
-    let sql_failed = |source| {
-        Stop::Failed(Error::sqlite(format!(
-            "projection {name}: events {first}..={last}"
-        ))(source))
-    };
-    tx.execute_batch("SAVEPOINT batch").map_err(sql_failed)?;
-    step(context, &name, BatchStep::Begun, state.batches);
-    if let Err(source) = call_handler(&mut *projection.handler, tx, events) {
-        tx.execute_batch("ROLLBACK TO batch; RELEASE batch")
-            .map_err(sql_failed)?;
-        return Err(Stop::Handler {
-            first,
-            last,
-            source,
-        });
-    }
-    step(context, &name, BatchStep::Applied, state.batches);
-    if keeper.in_batch(tx, last).map_err(Stop::Failed)? {
-        step(context, &name, BatchStep::CheckpointSaved, state.batches);
-    }
-    tx.execute_batch("RELEASE batch").map_err(sql_failed)?;
-    assert!(
-        last > state.applied,
-        "checkpoint went back: {} -> {last}",
-        state.applied
-    );
-    state.applied = last;
-    state.processed += events.len() as u64;
-    Ok(())
-}
-
-/// Commits the open group; then, for an external checkpoint, saves it.
-fn commit_group<E>(
-    projection: &ProjectionTarget<'_, E>,
-    keeper: &Keeper<'_>,
-    group: Group<'_>,
-    state: &mut WriterState,
-    context: &RunContext<'_>,
-) -> Result<()> {
-    let name = projection.db.name();
-    // On refusal the group is dropped, which rolls it back.
-    guard(context, name.as_str(), state.committed)?;
-    group.tx.commit().map_err(Error::sqlite(format!(
-        "projection {name}: commit of the events up to {} failed (rolled back); committed through sequence {}",
-        state.applied, state.committed
-    )))?;
-    step(context, name.as_str(), BatchStep::Committed, state.batches);
-    if keeper.after_commit(state.applied, state.committed)? {
-        step(
-            context,
-            name.as_str(),
-            BatchStep::CheckpointSaved,
-            state.batches,
-        );
-    }
-    state.committed = state.applied;
-    Ok(())
-}
-
-/// A follower reached the head: commits the open group at once (a new event
-/// must not wait for the commit interval), with the checkpoint moved up to
-/// where the reader scanned through; the first time, records `following`.
-fn catch_up<'c, E>(
-    projection: &ProjectionTarget<'_, E>,
-    keeper: &Keeper<'_>,
+/// A projection during the batch loop: its writer connection (held), its open
+/// commit group, where it stands; its result once it has ended.
+struct Slot<'p, 'c, E> {
+    idx: usize,
+    name: String,
+    projection: ProjectionTarget<'p, E>,
+    keeper: Keeper<'p>,
     conn: &'c Connection,
-    group: &mut Option<Group<'c>>,
-    through: u64,
-    state: &mut WriterState,
-    context: &RunContext<'_>,
-) -> Result<()> {
-    let name = projection.db.name();
-    let news = through > state.applied || !state.following;
-    if group.is_none() && news {
-        let tx = Transaction::new_unchecked(conn, TransactionBehavior::Immediate)
-            .map_err(Error::sqlite(format!("projection {name}: begin")))?;
-        *group = Some(Group {
-            tx,
-            started: Instant::now(),
-        });
-    }
-    let Some(open) = group.take() else {
-        return Ok(());
-    };
-    if through > state.applied {
-        keeper.in_batch(&open.tx, through)?;
-        state.applied = through;
-    }
-    if !state.following {
-        record_following(&open.tx, projection.consumer_id).map_err(Error::sqlite(format!(
-            "projection {name}: record following"
-        )))?;
-    }
-    commit_group(projection, keeper, open, state, context)?;
-    state.following = true;
-    Ok(())
+    group: Option<Group<'c>>,
+    state: WriterState,
+    started: Instant,
+    result: Option<Result<RebuildResult>>,
 }
 
-/// At the end of the log, moves the checkpoint up to where the reader scanned
-/// through: with an event-type filter the last matching event can be well below
-/// that, and the events in between are of types this run does not handle.
-fn finish_at_head<E>(
-    projection: &ProjectionTarget<'_, E>,
-    keeper: &Keeper<'_>,
-    head: u64,
-    state: &mut WriterState,
-    context: &RunContext<'_>,
-) -> Result<()> {
-    if head <= state.committed {
-        return Ok(());
+impl<'c, E> Slot<'_, 'c, E> {
+    fn running(&self) -> bool {
+        self.result.is_none()
     }
-    guard(context, projection.db.name().as_str(), state.committed)?;
-    keeper.advance(projection.db, head)?;
-    state.committed = head;
-    state.applied = head;
-    Ok(())
+
+    /// Applies the part of `batch` this projection does not have yet, in the
+    /// open group (opened if none is), and commits the group once it is older
+    /// than the commit interval. Returns whether there was anything to apply.
+    fn apply(
+        &mut self,
+        batch: &[GlobalEvent<E>],
+        context: &RunContext<'_>,
+    ) -> std::result::Result<bool, Stop> {
+        // Skip what this projection already has (projections resumed from
+        // different checkpoints share one read).
+        let fresh_from = batch.partition_point(|e| e.sequence <= self.state.applied);
+        let events = &batch[fresh_from..];
+        if events.is_empty() {
+            return Ok(false);
+        }
+        self.open_group().map_err(Stop::Failed)?;
+        self.state.batches += 1;
+        self.apply_batch(events, context)?;
+        let open = self.group.as_ref().expect("a group is open");
+        if open.started.elapsed() >= context.commit_interval {
+            self.commit_group(context).map_err(Stop::Failed)?;
+        }
+        Ok(true)
+    }
+
+    fn open_group(&mut self) -> Result<()> {
+        if self.group.is_none() {
+            let tx = Transaction::new_unchecked(self.conn, TransactionBehavior::Immediate)
+                .map_err(Error::sqlite(format!("projection {}: begin", self.name)))?;
+            self.group = Some(Group {
+                tx,
+                started: Instant::now(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Applies one batch inside the open group, in a savepoint, and saves the
+    /// checkpoint (when it lives in the file) in the same transaction.
+    fn apply_batch(
+        &mut self,
+        events: &[GlobalEvent<E>],
+        context: &RunContext<'_>,
+    ) -> std::result::Result<(), Stop> {
+        let Slot {
+            name,
+            projection,
+            keeper,
+            group,
+            state,
+            ..
+        } = self;
+        let tx = &group.as_ref().expect("a group is open").tx;
+        let first = events.first().expect("batch is not empty").sequence;
+        let last = events.last().expect("batch is not empty").sequence;
+        assert!(
+            first > state.applied,
+            "batch starts at {first}, at or below the checkpoint {}",
+            state.applied
+        );
+        let sql_failed = |source| {
+            Stop::Failed(Error::sqlite(format!(
+                "projection {name}: events {first}..={last}"
+            ))(source))
+        };
+        tx.execute_batch("SAVEPOINT batch").map_err(sql_failed)?;
+        step(context, name, BatchStep::Begun, state.batches);
+        if let Err(source) = call_handler(&mut *projection.handler, tx, events) {
+            tx.execute_batch("ROLLBACK TO batch; RELEASE batch")
+                .map_err(sql_failed)?;
+            return Err(Stop::Handler {
+                first,
+                last,
+                source,
+            });
+        }
+        step(context, name, BatchStep::Applied, state.batches);
+        if keeper.in_batch(tx, last).map_err(Stop::Failed)? {
+            step(context, name, BatchStep::CheckpointSaved, state.batches);
+        }
+        tx.execute_batch("RELEASE batch").map_err(sql_failed)?;
+        assert!(
+            last > state.applied,
+            "checkpoint went back: {} -> {last}",
+            state.applied
+        );
+        state.applied = last;
+        state.processed += events.len() as u64;
+        Ok(())
+    }
+
+    /// Commits the open group, if any; then, for an external checkpoint, saves it.
+    fn commit_group(&mut self, context: &RunContext<'_>) -> Result<()> {
+        let Some(group) = self.group.take() else {
+            return Ok(());
+        };
+        let (name, state) = (&self.name, &mut self.state);
+        // On refusal the group is dropped, which rolls it back.
+        guard(context, name, state.committed)?;
+        group.tx.commit().map_err(Error::sqlite(format!(
+            "projection {name}: commit of the events up to {} failed (rolled back); committed through sequence {}",
+            state.applied, state.committed
+        )))?;
+        step(context, name, BatchStep::Committed, state.batches);
+        if self.keeper.after_commit(state.applied, state.committed)? {
+            step(context, name, BatchStep::CheckpointSaved, state.batches);
+        }
+        state.committed = state.applied;
+        Ok(())
+    }
+
+    /// A follower reached the head: commits the open group at once (a new
+    /// event must not wait for the commit interval), with the checkpoint moved
+    /// up to where the reader scanned through; the first time, records
+    /// `following`.
+    fn catch_up(&mut self, through: u64, context: &RunContext<'_>) -> Result<()> {
+        let news = through > self.state.applied || !self.state.following;
+        if self.group.is_none() && !news {
+            return Ok(());
+        }
+        self.open_group()?;
+        let tx = &self.group.as_ref().expect("a group is open").tx;
+        if through > self.state.applied {
+            self.keeper.in_batch(tx, through)?;
+            self.state.applied = through;
+        }
+        if !self.state.following {
+            record_following(tx, self.projection.consumer_id).map_err(Error::sqlite(format!(
+                "projection {}: record following",
+                self.name
+            )))?;
+        }
+        self.commit_group(context)?;
+        self.state.following = true;
+        Ok(())
+    }
+
+    /// At the end of the log, moves the checkpoint up to where the reader
+    /// scanned through: with an event-type filter the last matching event can
+    /// be well below that, and the events in between are of types this run
+    /// does not handle.
+    fn finish_at_head(&mut self, head: u64, context: &RunContext<'_>) -> Result<()> {
+        if head <= self.state.committed {
+            return Ok(());
+        }
+        guard(context, &self.name, self.state.committed)?;
+        self.keeper.advance(self.conn, &self.name, head)?;
+        self.state.committed = head;
+        self.state.applied = head;
+        Ok(())
+    }
+
+    /// Ends the projection: whatever stopped it, the batches applied so far
+    /// are complete, so they commit with their checkpoint; then the outcome is
+    /// recorded in the file and reported.
+    fn end(&mut self, stop: Stop, context: &RunContext<'_>) {
+        let result = self
+            .commit_group(context)
+            .and_then(|()| self.outcome(stop, context));
+        record(self.conn, self.projection.consumer_id, &result);
+        let name = self.name.clone();
+        self.result = Some(conclude(
+            context,
+            self.idx,
+            name,
+            &self.state,
+            self.started,
+            result,
+        ));
+    }
+
+    fn outcome(&mut self, stop: Stop, context: &RunContext<'_>) -> Result<()> {
+        let name = self.name.clone();
+        let committed = self.state.committed;
+        match stop {
+            Stop::End { through } => self.finish_at_head(through, context),
+            Stop::Cancelled => Err(Error::Cancelled { name, committed }),
+            Stop::Handler {
+                first,
+                last,
+                source,
+            } => Err(Error::Handler {
+                name,
+                committed,
+                first_sequence: first,
+                last_sequence: last,
+                source,
+            }),
+            Stop::Failed(e) => Err(e),
+            Stop::ReadFailed(source) => Err(Error::Replay {
+                name,
+                committed,
+                source,
+            }),
+        }
+    }
+
+    fn report(&self, context: &RunContext<'_>, err: Option<&Error>) {
+        report(context, &self.name, &self.state, false, err);
+    }
+}
+
+/// Records a projection's outcome in its file, for `status`. Best effort:
+/// failing to record it must not hide the run's own result; and waiting long
+/// for a file another connection holds would delay the run's end for the
+/// others, so the record waits no longer than a start does.
+fn record(conn: &Connection, consumer_id: &str, result: &Result<()>) {
+    let wait = |ms: u32| Duration::from_millis(u64::from(ms));
+    let _ = conn.busy_timeout(wait(START_BUSY_TIMEOUT_MS));
+    let _ = record_outcome(conn, consumer_id, result);
+    let _ = conn.busy_timeout(wait(BUSY_TIMEOUT_MS));
+}
+
+/// A projection has ended: reports it, counts it, and makes its result.
+fn conclude(
+    context: &RunContext<'_>,
+    idx: usize,
+    name: String,
+    state: &WriterState,
+    started: Instant,
+    result: Result<()>,
+) -> Result<RebuildResult> {
+    report(context, &name, state, true, result.as_ref().err());
+    context.projection_ended(idx);
+    result.map(|()| RebuildResult {
+        projection_name: name,
+        processed: state.processed,
+        checkpoint: state.committed,
+        total: context.head(),
+        elapsed: started.elapsed(),
+    })
 }
 
 /// Prepares a run; returns the checkpoint it starts from.
