@@ -200,6 +200,11 @@ pub(crate) enum Command {
         /// schemas of its own).
         #[arg(long)]
         pg_url: Option<String>,
+        /// Instead of the phases above, measure one follower keeping this many
+        /// small declarative projections current (threads, file descriptors,
+        /// memory, latency to the last one).
+        #[arg(long, default_value_t = 0)]
+        many: u32,
     },
     /// Measure publishing a shadow: time, write-lock hold and extra disk by
     /// projection size, with a reader polling the live file (see BENCHMARKS.md).

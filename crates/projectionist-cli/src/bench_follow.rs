@@ -425,7 +425,8 @@ fn phases(
         );
     }
     if let Target::Sqlite(store) = target {
-        rows.push(("exactly once".into(), check_digests(store, dir)?));
+        let checked = check_digests(store, dir, crate::app::DEMO_CONFIG, &PROJECTIONS)?;
+        rows.push(("exactly once".into(), checked));
         let wal = std::fs::metadata(format!("{}-wal", store.display())).map_or(0, |m| m.len());
         rows.push((
             "event store -wal after the run".into(),
@@ -488,7 +489,7 @@ fn wait_visible(
 }
 
 /// p50, p99 and max, in milliseconds.
-fn summary(latencies: &[Duration]) -> String {
+pub(crate) fn summary(latencies: &[Duration]) -> String {
     let mut ms: Vec<f64> = latencies.iter().map(|d| d.as_secs_f64() * 1e3).collect();
     ms.sort_by(f64::total_cmp);
     let at = |q: f64| ms[((ms.len() as f64 - 1.0) * q).round() as usize];
@@ -505,7 +506,7 @@ fn summary(latencies: &[Duration]) -> String {
 /// CPU seconds of a process so far, over all its threads: the scheduler's
 /// own nanosecond count (`/proc/<pid>/task/*/schedstat`), not the clock-tick
 /// samples of `/proc/<pid>/stat`, which miss or overcount short wake-ups.
-fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+pub(crate) fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     let mut nanos = 0u64;
     for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
         let Ok(stat) = std::fs::read_to_string(task?.path().join("schedstat")) else {
@@ -522,33 +523,48 @@ fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
 
 /// Resident set size of a process now, in KiB.
 fn rss_kb(pid: u32) -> anyhow::Result<u64> {
+    proc_status_kb(pid, "VmRSS:")
+}
+
+/// The number on line `key` of `/proc/<pid>/status` (KiB for the `Vm` lines).
+pub(crate) fn proc_status_kb(pid: u32, key: &str) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     Ok(status
         .lines()
-        .find(|l| l.starts_with("VmRSS:"))
+        .find(|l| l.starts_with(key))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0))
 }
 
-/// Rebuilds the demo projections from the final log into a directory of their
-/// own and compares digests with the follower's.
-fn check_digests(store: &Path, dir: &Path) -> anyhow::Result<String> {
-    let config = ProjectionsConfig::parse(crate::app::DEMO_CONFIG, "demo config")?;
+/// Rebuilds projections `names` of `config` from the final log into a
+/// directory of their own and compares digests with the follower's.
+pub(crate) fn check_digests(
+    store: &Path,
+    dir: &Path,
+    config: &str,
+    names: &[&str],
+) -> anyhow::Result<String> {
+    let config = ProjectionsConfig::parse(config, "bench config")?;
     let reader = projectionist::SqliteEventStore::open_read_only(store)?;
     let reference = ProjectionDir::open(dir.join("reference"))?;
-    let dbs = PROJECTIONS
+    let dbs = names
         .iter()
         .map(|name| reference.db(name))
         .collect::<Result<Vec<_>, _>>()?;
-    let mut handlers: Vec<SqlHandler<'_>> = PROJECTIONS
+    let mut handlers = names
         .iter()
-        .map(|name| SqlHandler::new(config.get(name).expect("a demo projection")))
-        .collect();
+        .map(|name| {
+            let projection = config
+                .get(name)
+                .with_context(|| format!("no projection {name}"))?;
+            Ok(SqlHandler::new(projection))
+        })
+        .collect::<anyhow::Result<Vec<SqlHandler<'_>>>>()?;
     let targets = handlers
         .iter_mut()
         .zip(&dbs)
-        .zip(PROJECTIONS)
+        .zip(names.iter().copied())
         .map(|((handler, db), name)| {
             let target = ProjectionTarget {
                 db,
@@ -563,7 +579,7 @@ fn check_digests(store: &Path, dir: &Path) -> anyhow::Result<String> {
         result?;
     }
     let head = GlobalReader::<serde_json::Value>::head(&reader)?;
-    for name in PROJECTIONS {
+    for name in names {
         let digest = |path: PathBuf| -> anyhow::Result<String> {
             Ok(projection_digest(
                 &Connection::open(path)?,
@@ -577,7 +593,8 @@ fn check_digests(store: &Path, dir: &Path) -> anyhow::Result<String> {
         }
     }
     Ok(format!(
-        "both projections equal a rebuild of the final log ({head} events)"
+        "{} equal a rebuild of the final log ({head} events)",
+        names.join(", ")
     ))
 }
 

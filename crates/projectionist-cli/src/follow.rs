@@ -603,6 +603,7 @@ impl Live {
                 failed: p.err.is_some(),
                 processed: p.processed.saturating_sub(state.processed),
                 committed: p.checkpoint > state.checkpoint,
+                batch_latency: p.batch_latency,
             });
         }
         state.checkpoint = p.checkpoint;

@@ -8,6 +8,7 @@ mod app;
 mod args;
 mod bench;
 mod bench_follow;
+mod bench_many;
 mod bench_publish;
 mod demo;
 mod follow;
@@ -40,8 +41,13 @@ use versions::{run_rollback, run_verify};
 use worker::run_worker;
 
 fn main() -> ExitCode {
+    // First, before any connection opens: a follower may hold a thousand.
+    let lean = projectionist::lean_sqlite_memory();
     let cli = Cli::parse();
     init_logs(&cli);
+    if let Err(e) = lean {
+        tracing::warn!("{e}");
+    }
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {
@@ -147,13 +153,14 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             work,
             seed,
             pg_url,
+            many,
         } => {
             if *rate == 0 || *seconds == 0 {
                 return Err(fail(EXIT_CONFIG)(anyhow!(
                     "--rate and --seconds must be at least 1"
                 )));
             }
-            bench_follow::run(&bench_follow::FollowBench {
+            let bench = bench_follow::FollowBench {
                 events: *events,
                 rate: *rate,
                 seconds: *seconds,
@@ -163,7 +170,12 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                 work: work.clone(),
                 seed: *seed,
                 pg_url: pg_url.clone(),
-            })
+            };
+            if *many > 0 {
+                bench_many::run(&bench, *many)
+            } else {
+                bench_follow::run(&bench)
+            }
             .map_err(fail(EXIT_PROJECTION))
         }
         Command::BenchPublish { sizes, runs, work } => {

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Mutex, PoisonError};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, anyhow};
 use prometheus_client::encoding::text::encode;
@@ -37,6 +37,7 @@ pub(crate) struct Metrics {
     processed: Family<Labels, Counter>,
     failures: Family<Labels, Counter>,
     last_commit: Family<Labels, Gauge<f64, AtomicU64>>,
+    batch_latency: Family<Labels, Gauge<f64, AtomicU64>>,
     health: Mutex<BTreeMap<String, Health>>,
     max_lag: u64,
 }
@@ -52,6 +53,8 @@ pub(crate) struct Observed<'a> {
     pub(crate) processed: u64,
     /// The checkpoint moved since the last observation.
     pub(crate) committed: bool,
+    /// The engine's latency of the last commit that applied events.
+    pub(crate) batch_latency: Option<Duration>,
 }
 
 impl Metrics {
@@ -64,6 +67,12 @@ impl Metrics {
         let processed = Family::<Labels, Counter>::default();
         let failures = Family::<Labels, Counter>::default();
         let last_commit = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+        let batch_latency = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "last_batch_latency_seconds",
+            "From the read of the oldest event of the last commit that applied events to that commit",
+            batch_latency.clone(),
+        );
         registry.register(
             "checkpoint",
             "Committed checkpoint (sequence)",
@@ -119,6 +128,7 @@ impl Metrics {
             processed,
             failures,
             last_commit,
+            batch_latency,
             health: Mutex::new(BTreeMap::new()),
             max_lag,
         }
@@ -140,6 +150,11 @@ impl Metrics {
         self.processed.get_or_create(&labels).inc_by(o.processed);
         if o.committed {
             self.last_commit.get_or_create(&labels).set(unix_now());
+        }
+        if let Some(latency) = o.batch_latency {
+            self.batch_latency
+                .get_or_create(&labels)
+                .set(latency.as_secs_f64());
         }
         let mut health = self.health.lock().unwrap_or_else(PoisonError::into_inner);
         let entry = health.entry(o.name.to_owned()).or_default();

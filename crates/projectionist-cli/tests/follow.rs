@@ -494,6 +494,17 @@ fn a_poison_event_stops_only_its_projection_and_a_fix_recovers_it() {
     ] {
         assert!(body.lines().any(|l| l == line), "no {line:?} in:\n{body}");
     }
+    // The engine's latency of the last commit: read to visible, in seconds;
+    // a bound for a broken measure, not a speed requirement.
+    let latency: f64 = body
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("projectionist_last_batch_latency_seconds{projection=\"items\"} ")
+        })
+        .unwrap_or_else(|| panic!("no batch latency for items in:\n{body}"))
+        .parse()
+        .unwrap();
+    assert!(latency > 0.0 && latency < 30.0, "{latency}");
     signal(&follower, "-TERM");
     let exit = wait_exit(&mut follower);
     let out = follower.into_inner().wait_with_output().unwrap();

@@ -76,6 +76,7 @@ mod dir;
 mod error;
 mod event;
 mod handler;
+mod memory;
 mod name;
 mod outcome;
 mod progress;
@@ -93,6 +94,7 @@ pub use dir::{
 pub use error::{BoxError, Error, EventFailure, Result};
 pub use event::{Appended, GlobalEvent, NewEvent};
 pub use handler::{Handler, SchemaHandler};
+pub use memory::{LOOKASIDE_SLOT_BYTES, LOOKASIDE_SLOTS, lean_sqlite_memory};
 pub use name::ProjectionName;
 pub use outcome::{LastRun, last_run};
 pub use progress::{BatchStep, CancelToken, CommitGuardFn, Progress, ProgressFn, StepHookFn};

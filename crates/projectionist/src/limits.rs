@@ -39,6 +39,21 @@ pub const CHANNEL_BATCHES_MAX: usize = 2;
 /// while a crash loses at most this much work (it is replayed on resume).
 pub const COMMIT_INTERVAL_DEFAULT: Duration = Duration::from_millis(250);
 
+/// SQLite page cache (KiB) that the projections of one run may hold together.
+/// Each projection's connection gets an equal share, at most SQLite's default
+/// of 2 MiB ([`PAGE_CACHE_PER_PROJECTION_MAX_KIB`]): up to 16 projections keep
+/// the default, a thousand get 32 KiB each, so a follower's memory stays
+/// bounded however many projections it keeps current. Pages beyond a share are
+/// read again from the file (usually from the operating system's cache).
+pub const PAGE_CACHE_BUDGET_KIB: u64 = 32 * 1024;
+
+/// A projection's page cache is never more than SQLite's default (2 MiB).
+pub const PAGE_CACHE_PER_PROJECTION_MAX_KIB: u64 = 2 * 1024;
+
+/// Nor less than this, so that a B-tree descent and its neighbours stay
+/// cached within one statement.
+pub const PAGE_CACHE_PER_PROJECTION_MIN_KIB: u64 = 32;
+
 /// Upper limit on the commit interval: bounds the work a crash throws away, the
 /// size of the WAL, and how stale the projection looks to readers.
 pub const COMMIT_INTERVAL_MAX: Duration = Duration::from_secs(60);
@@ -114,6 +129,7 @@ const _: () = {
     assert!(0 < CONCURRENT_REBUILDS_MAX);
     assert!(0 < CHANNEL_BATCHES_MAX);
     assert!(0 < WRITER_THREADS_MAX);
+    assert!(PAGE_CACHE_PER_PROJECTION_MIN_KIB <= PAGE_CACHE_PER_PROJECTION_MAX_KIB);
     assert!(NAME_LEN_MAX + 16 < 255);
     assert!(0 < BUSY_TIMEOUT_MS);
     assert!(START_BUSY_TIMEOUT_MS <= BUSY_TIMEOUT_MS);

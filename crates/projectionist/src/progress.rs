@@ -28,6 +28,11 @@ pub struct Progress {
     /// ([`follow`](crate::follow) only; a report is also made each time it
     /// catches up, even when nothing was applied).
     pub following: bool,
+    /// How long the events of the last commit that applied any waited, from
+    /// the read of the oldest of them to the commit (the time a new event
+    /// takes to become visible to readers, less the read itself); `None`
+    /// before the first such commit of the run.
+    pub batch_latency: Option<std::time::Duration>,
 }
 
 /// A progress callback. It runs on the projection's writer thread, between

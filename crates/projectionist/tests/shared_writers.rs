@@ -9,7 +9,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{BankHandler, CancelOnDrop, OpenedOnly, bank_store, checkpoint, options};
-use projectionist::limits::WRITER_THREADS_MAX;
+use projectionist::limits::{
+    PAGE_CACHE_BUDGET_KIB, PAGE_CACHE_PER_PROJECTION_MIN_KIB, WRITER_THREADS_MAX,
+};
 use projectionist::{
     CancelToken, CheckpointLocation, Error, GlobalReader, Handler, NewEvent, ProjectionDb,
     ProjectionDir, ProjectionTarget, SqliteEventStore, Start, follow, last_run,
@@ -171,4 +173,11 @@ fn many_projections_share_bounded_writer_threads_and_each_stops_alone() {
             (kind, other) => panic!("{} (kind {kind}): unexpected {other:?}", db.name()),
         }
     }
+    // Each projection's page cache was its share of the run's budget.
+    let share = (PAGE_CACHE_BUDGET_KIB / PROJECTIONS as u64).max(PAGE_CACHE_PER_PROJECTION_MIN_KIB);
+    let cache_size: i64 = dbs[1]
+        .with_connection(|conn| Ok(conn.pragma_query_value(None, "cache_size", |r| r.get(0))))
+        .unwrap()
+        .unwrap();
+    assert_eq!(cache_size, -(share as i64), "KiB, as a negative cache_size");
 }

@@ -166,7 +166,9 @@ pub(super) fn read_loop<E>(
         }
         if let Some(last) = events.last() {
             position = last.sequence;
-            broadcast(senders, &Message::Batch(Arc::new(events)));
+            let read_at = Instant::now();
+            let events = Arc::new(events);
+            broadcast(senders, &Message::Batch { events, read_at });
         }
         if !at_end {
             continue;
@@ -230,7 +232,8 @@ fn pass_poison<E>(
     let (before, _) = reader.read_before_poison(position, batch_size)?;
     check_batch(position, batch_size, &before)?;
     if !before.is_empty() {
-        broadcast(senders, &Message::Batch(Arc::new(before)));
+        let (events, read_at) = (Arc::new(before), Instant::now());
+        broadcast(senders, &Message::Batch { events, read_at });
     }
     let projections: Arc<[usize]> = (0..reader.types_per_projection.len())
         .filter(|&idx| context.running(idx) && reader.handles(idx, &event_type))
@@ -271,7 +274,10 @@ fn broadcast<E>(senders: &mut [Option<SyncSender<Message<E>>>], message: &Messag
     for slot in senders.iter_mut() {
         let Some(sender) = slot else { continue };
         let copy = match message {
-            Message::Batch(batch) => Message::Batch(Arc::clone(batch)),
+            Message::Batch { events, read_at } => Message::Batch {
+                events: Arc::clone(events),
+                read_at: *read_at,
+            },
             Message::End { through } => Message::End { through: *through },
             Message::CaughtUp { through } => Message::CaughtUp { through: *through },
             Message::ReadFailed(e) => Message::ReadFailed(Arc::clone(e)),

@@ -5,14 +5,17 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::checkpoint::Checkpoint;
 use crate::dir::ProjectionDb;
 use crate::error::Error;
 use crate::event::GlobalEvent;
 use crate::handler::Handler;
-use crate::limits::{BATCH_SIZE_DEFAULT, COMMIT_INTERVAL_DEFAULT};
+use crate::limits::{
+    BATCH_SIZE_DEFAULT, COMMIT_INTERVAL_DEFAULT, PAGE_CACHE_BUDGET_KIB,
+    PAGE_CACHE_PER_PROJECTION_MAX_KIB, PAGE_CACHE_PER_PROJECTION_MIN_KIB,
+};
 use crate::progress::{CancelToken, CommitGuardFn, ProgressFn, StepHookFn};
 use crate::reader::GlobalReader;
 
@@ -124,7 +127,11 @@ pub enum Start {
 }
 
 pub(crate) enum Message<E> {
-    Batch(Arc<Vec<GlobalEvent<E>>>),
+    Batch {
+        events: Arc<Vec<GlobalEvent<E>>>,
+        /// When the reader had read them.
+        read_at: Instant,
+    },
     /// A follower read to the head: every event up to `through` was
     /// considered. Commit now, so readers see new events at once.
     CaughtUp {
@@ -173,6 +180,16 @@ impl RunContext<'_> {
     pub(crate) fn projection_ended(&self, idx: usize) {
         self.ended[idx].store(true, Ordering::SeqCst);
         self.projections_ended.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Each projection's share of the run's page cache, in KiB (see
+    /// [`PAGE_CACHE_BUDGET_KIB`]).
+    pub(crate) fn page_cache_kib(&self) -> u64 {
+        let projections = self.ended.len().max(1) as u64;
+        (PAGE_CACHE_BUDGET_KIB / projections).clamp(
+            PAGE_CACHE_PER_PROJECTION_MIN_KIB,
+            PAGE_CACHE_PER_PROJECTION_MAX_KIB,
+        )
     }
 
     /// Whether every projection of the run has ended.

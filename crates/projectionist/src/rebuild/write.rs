@@ -135,9 +135,9 @@ fn serve<E>(
             return;
         }
         match message {
-            Ok(Message::Batch(batch)) => {
+            Ok(Message::Batch { events, read_at }) => {
                 for slot in running {
-                    match slot.apply(&batch, context) {
+                    match slot.apply(&events, read_at, context) {
                         Ok(true) => slot.report(context, None),
                         Ok(false) => {}
                         Err(stop) => slot.end(stop, context),
@@ -190,6 +190,10 @@ struct WriterState {
     started_from: u64,
     /// Caught up with the log in a follow run.
     following: bool,
+    /// When the oldest batch of the open group was read.
+    oldest_read: Option<Instant>,
+    /// From the read of the last committed group's oldest batch to its commit.
+    batch_latency: Option<Duration>,
 }
 
 /// Why a projection stopped.
@@ -238,6 +242,7 @@ impl<'c, E> Slot<'_, 'c, E> {
     fn apply(
         &mut self,
         batch: &[GlobalEvent<E>],
+        read_at: Instant,
         context: &RunContext<'_>,
     ) -> std::result::Result<bool, Stop> {
         // Skip what this projection already has (projections resumed from
@@ -248,6 +253,7 @@ impl<'c, E> Slot<'_, 'c, E> {
             return Ok(false);
         }
         self.open_group().map_err(Stop::Failed)?;
+        self.state.oldest_read = Some(self.state.oldest_read.unwrap_or(read_at).min(read_at));
         self.state.batches += 1;
         self.apply_batch(events, context)?;
         let open = self.group.as_ref().expect("a group is open");
@@ -336,6 +342,9 @@ impl<'c, E> Slot<'_, 'c, E> {
             state.applied, state.committed
         )))?;
         step(context, name, BatchStep::Committed, state.batches);
+        if let Some(read_at) = state.oldest_read.take() {
+            state.batch_latency = Some(read_at.elapsed());
+        }
         if self.keeper.after_commit(state.applied, state.committed)? {
             step(context, name, BatchStep::CheckpointSaved, state.batches);
         }
@@ -485,6 +494,10 @@ fn begin_run<E>(
         let wait = |ms: u32| Duration::from_millis(u64::from(ms));
         conn.busy_timeout(wait(START_BUSY_TIMEOUT_MS))
             .map_err(Error::sqlite(label()))?;
+        // A negative cache size is in KiB; pages beyond it are let go now.
+        let cache_kib = i64::try_from(context.page_cache_kib()).unwrap_or(i64::MAX);
+        conn.pragma_update(None, "cache_size", -cache_kib)
+            .map_err(Error::sqlite(label()))?;
         let conn: &Connection = conn;
         let began = Transaction::new_unchecked(conn, TransactionBehavior::Immediate);
         conn.busy_timeout(wait(BUSY_TIMEOUT_MS))
@@ -581,5 +594,6 @@ fn report(
         done,
         err: err.map(ToString::to_string),
         following: state.following && !done,
+        batch_latency: state.batch_latency,
     });
 }
