@@ -105,7 +105,12 @@ pub(crate) fn open_store(
     demo: bool,
     config: &ProjectionsConfig,
 ) -> Result<Store, Failure> {
-    Store::open_existing(&store_spec(cli, demo), config.source.as_ref()).map_err(fail(EXIT_STORE))
+    Store::open_existing(
+        &store_spec(cli, demo),
+        config.source.as_ref(),
+        config.source_settle,
+    )
+    .map_err(fail(EXIT_STORE))
 }
 
 /// `--store`, or the default file.

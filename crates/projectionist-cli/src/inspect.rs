@@ -37,15 +37,15 @@ struct TypeSummary {
 pub(crate) fn run_inspect(cli: &Cli, config_skeleton: bool) -> Result<(), Failure> {
     let spec = store_spec(cli, false);
     // A config, when there is one, only tells where the events are ([source]).
-    let mapping = match &cli.config {
+    let (mapping, settle) = match &cli.config {
         Some(path) => {
-            projectionist_sqlview::ProjectionsConfig::load(path)
-                .map_err(|e| fail(EXIT_CONFIG)(e.into()))?
-                .source
+            let config = projectionist_sqlview::ProjectionsConfig::load(path)
+                .map_err(|e| fail(EXIT_CONFIG)(e.into()))?;
+            (config.source, config.source_settle)
         }
-        None => None,
+        None => (None, std::time::Duration::ZERO),
     };
-    let store = Store::open_existing(&spec, mapping.as_ref()).map_err(fail(EXIT_STORE))?;
+    let store = Store::open_existing(&spec, mapping.as_ref(), settle).map_err(fail(EXIT_STORE))?;
     let (types, undecodable) = scan(store.reader()).map_err(|e| fail(EXIT_STORE)(e.into()))?;
     if config_skeleton {
         print_skeleton(&types);

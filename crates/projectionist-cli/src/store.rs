@@ -22,10 +22,17 @@ impl Store {
 
     /// Opens an existing store, through `mapping` when the config has a
     /// `[source]`; a missing SQLite file is an error, not a new empty log.
-    pub fn open_existing(spec: &str, mapping: Option<&EventTableMapping>) -> anyhow::Result<Store> {
+    /// `settle`: `[source]`'s `settle_ms` (PostgreSQL only).
+    pub fn open_existing(
+        spec: &str,
+        mapping: Option<&EventTableMapping>,
+        settle: std::time::Duration,
+    ) -> anyhow::Result<Store> {
         if Self::is_postgres(spec) {
             let store = match mapping {
-                Some(mapping) => PostgresEventStore::connect_mapped(spec, mapping)?,
+                Some(mapping) => {
+                    PostgresEventStore::connect_mapped(spec, mapping)?.with_hole_settle(settle)
+                }
                 None => PostgresEventStore::connect(spec)?,
             };
             // Fails clearly when the events table is missing.

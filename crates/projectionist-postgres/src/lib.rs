@@ -36,4 +36,6 @@ mod lease;
 mod store;
 
 pub use lease::{Lease, Leases};
-pub use store::{NOTIFY_CHANNEL, PostgresEventStore, url_with_schema};
+pub use store::{
+    FOREIGN_HOLE_SETTLE_UNPROVEN, NOTIFY_CHANNEL, PostgresEventStore, url_with_schema,
+};

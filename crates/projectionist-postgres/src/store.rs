@@ -21,6 +21,23 @@
 //! looks at a hole again, in new snapshots, for a bounded time, so a process that
 //! starts after the hole was made passes it on its first read: nothing about
 //! holes has to survive a process.
+//!
+//! Another program's table (read through [`PostgresEventStore::connect_mapped`])
+//! gives no such promise: a plain `bigserial` or identity column draws its
+//! number (`nextval()`) before the inserting transaction has an id, and a
+//! writer may even draw it with `SELECT nextval()` long before it inserts. So
+//! a hole in a foreign table is passed only when, besides the rule above,
+//! every transaction that was running when the hole was first seen has ended
+//! (`pg_stat_activity`: none of the database's sessions has a transaction
+//! that started before that moment): the transaction that drew the missing
+//! number started before the hole could be seen, so it has ended, and a
+//! snapshot taken after that still lacking the number proves it will never
+//! come. This needs the reading role to see other roles' sessions
+//! (`pg_read_all_stats`, or a superuser); where it cannot, a hole is passed
+//! after [`FOREIGN_HOLE_SETTLE_UNPROVEN`] instead. A number drawn in one
+//! transaction and inserted in a later one cannot be proven at all: give such
+//! writers a settle time ([`PostgresEventStore::with_hole_settle`]), the
+//! longest they take from drawing to committing.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
@@ -64,7 +81,10 @@ pub struct PostgresEventStore {
     read_types_sql: String,
     head_sql: String,
     writable: bool,
-    gaps: Mutex<HashMap<u64, i64>>,
+    gaps: Mutex<HashMap<u64, Gap>>,
+    /// For another program's table: how long a hole stays held at least
+    /// (see the module documentation).
+    settle: Duration,
     /// To open the listening connection (never shown: it may hold a password).
     url: String,
     /// A connection that `LISTEN`s on [`NOTIFY_CHANNEL`], opened when a
@@ -157,6 +177,17 @@ impl PostgresEventStore {
         Ok(store)
     }
 
+    /// For another program's table whose writers may draw a sequence number
+    /// in one transaction and insert it in a later one: every hole is held at
+    /// least this long, however soon it is proven (see the module
+    /// documentation). Default: zero (holes are passed on proof alone). No
+    /// effect on this crate's own layout.
+    #[must_use]
+    pub fn with_hole_settle(mut self, settle: Duration) -> Self {
+        self.settle = settle;
+        self
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn finish(
         client: Client,
@@ -190,6 +221,7 @@ impl PostgresEventStore {
             head_sql,
             writable,
             gaps: Mutex::new(HashMap::new()),
+            settle: Duration::ZERO,
             url: url.to_owned(),
             listener: Mutex::new(None),
         }
@@ -367,6 +399,7 @@ impl PostgresEventStore {
     /// Keeps the unbroken run of rows after `after`, passing a hole only once no
     /// transaction that could fill it is still running; says where it stopped.
     fn contiguous(&self, after: u64, rows: Vec<Row>, xmin: i64) -> (Vec<Row>, Stop) {
+        let foreign = !self.writable;
         let mut gaps = self.gaps.lock().unwrap_or_else(PoisonError::into_inner);
         // A hole once passed stays passed (it is remembered until the reader is
         // past it): forgetting it would make the next look at the same position
@@ -380,9 +413,14 @@ impl PostgresEventStore {
                 match gaps.get_mut(&expected) {
                     // Every transaction that had a transaction id when the hole was
                     // first seen has ended, and the number is still missing: it
-                    // was rolled back.
-                    Some(bound) if xmin >= *bound => *bound = i64::MIN,
-                    Some(_) => return (kept, Stop::Held),
+                    // was rolled back. In a foreign table, also every transaction
+                    // running then (it may have drawn the number before it had an
+                    // id), proven before this snapshot was taken.
+                    Some(gap) if gap.passed => {}
+                    Some(gap) if xmin >= gap.bound && (!foreign || gap.settled(self.settle)) => {
+                        gap.passed = true;
+                    }
+                    Some(_) => return (kept, Stop::Held { sequence: expected }),
                     None => return (kept, Stop::NewHole { sequence: expected }),
                 }
             }
@@ -396,15 +434,71 @@ impl PostgresEventStore {
     /// in a transaction of its own that ends at once. (A snapshot's `xmax` is not
     /// such a bound: it is one past the latest *completed* transaction, and a
     /// transaction that took its id earlier can still be running above it.)
-    fn xid_bound(&self) -> Result<i64> {
+    /// With it, the server's clock (seconds since the epoch), for the
+    /// foreign-table rule.
+    fn xid_bound(&self) -> Result<(i64, f64)> {
         let row = self
             .lock()
-            .query_one("SELECT pg_current_xact_id()::text::bigint", &[])
+            .query_one(
+                "SELECT pg_current_xact_id()::text::bigint, extract(epoch FROM clock_timestamp())::float8",
+                &[],
+            )
             .map_err(pg_error(format!(
                 "take a transaction id to wait out a hole in {}",
                 self.url_for_errors
             )))?;
-        Ok(row.get(0))
+        Ok((row.get(0), row.get(1)))
+    }
+
+    /// For a hole in another program's table: whether every transaction that
+    /// was running when it was first seen has ended; `None` when this role
+    /// cannot see other roles' transactions (no proof possible).
+    fn running_since_ended(&self, seen_at: f64) -> Result<Option<bool>> {
+        let row = self
+            .lock()
+            .query_one(
+                "SELECT count(*) FILTER (WHERE xact_start IS NOT NULL AND extract(epoch FROM xact_start)::float8 < $1::float8), \
+                        count(*) FILTER (WHERE state IS NULL AND backend_type = 'client backend') \
+                 FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()",
+                &[&seen_at],
+            )
+            .map_err(pg_error(format!(
+                "look for transactions that could fill a hole in {}",
+                self.url_for_errors
+            )))?;
+        let (older, hidden): (i64, i64) = (row.get(0), row.get(1));
+        Ok(match (older, hidden) {
+            (0, 0) => Some(true),
+            (0, _) => None,
+            _ => Some(false),
+        })
+    }
+
+    /// Looks again at a held hole in another program's table: records when
+    /// every transaction running at its first sight has ended (or that no
+    /// proof is possible).
+    fn prove(&self, sequence: u64) -> Result<()> {
+        let seen_at = {
+            let gaps = self.gaps.lock().unwrap_or_else(PoisonError::into_inner);
+            match gaps.get(&sequence) {
+                Some(gap) if gap.proof.is_none() => gap.seen_at,
+                _ => return Ok(()),
+            }
+        };
+        let proof = match self.running_since_ended(seen_at)? {
+            Some(true) => Some(Proof::Ended),
+            Some(false) => None,
+            None => Some(Proof::Impossible),
+        };
+        if let Some(gap) = self
+            .gaps
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_mut(&sequence)
+        {
+            gap.proof = proof;
+        }
+        Ok(())
     }
 
     /// One gap-safe read: the unbroken run after `after`. At a hole that was
@@ -436,22 +530,33 @@ impl PostgresEventStore {
                 // The bound is taken after the hole was seen, so its holder has
                 // often ended already: look again at once.
                 Stop::NewHole { sequence } => {
-                    let bound = self.xid_bound()?;
+                    let (bound, seen_at) = self.xid_bound()?;
                     let mut gaps = self.gaps.lock().unwrap_or_else(PoisonError::into_inner);
                     if gaps.len() >= GAPS_REMEMBERED_MAX {
                         gaps.clear();
                     }
-                    gaps.entry(sequence).or_insert(bound);
+                    gaps.entry(sequence).or_insert(Gap {
+                        bound,
+                        seen_at,
+                        seen: Instant::now(),
+                        proof: None,
+                        passed: false,
+                    });
                     drop(gaps);
                     if started.elapsed() >= HOLE_WAIT_MAX {
                         return Ok((kept, n_rows));
                     }
                 }
-                Stop::Held if started.elapsed() >= HOLE_WAIT_MAX => {
+                Stop::Held { .. } if started.elapsed() >= HOLE_WAIT_MAX => {
                     return Ok((kept, n_rows));
                 }
                 // Back off while the same hole holds; start over at the next one.
-                Stop::Held => {
+                Stop::Held { sequence } => {
+                    // The proof is looked for before the next snapshot, which
+                    // then decides.
+                    if !self.writable {
+                        self.prove(sequence)?;
+                    }
                     if waiting_at != Some(at) {
                         waiting_at = Some(at);
                         pause = HOLE_RETRY_PAUSE_MIN;
@@ -469,11 +574,57 @@ enum Stop {
     /// At the end of the rows read.
     Complete,
     /// At a known hole, until a snapshot's `xmin` reaches the bound recorded
-    /// for it.
-    Held,
+    /// for it (and, in a foreign table, until it is proven).
+    Held { sequence: u64 },
     /// At a hole not seen before.
     NewHole { sequence: u64 },
 }
+
+/// A hole being waited out.
+struct Gap {
+    /// A transaction id taken after the hole was first seen: above every id
+    /// assigned by then.
+    bound: i64,
+    /// The server's clock then (seconds since the epoch).
+    seen_at: f64,
+    /// This process's clock then.
+    seen: Instant,
+    /// In a foreign table: what is known of the transactions running when it
+    /// was first seen (`None`: some still run, or not looked yet).
+    proof: Option<Proof>,
+    /// Passed: stays passed until the reader is past it.
+    passed: bool,
+}
+
+/// What is known of the transactions running when a hole was first seen.
+#[derive(Clone, Copy)]
+enum Proof {
+    /// They have all ended.
+    Ended,
+    /// This role cannot see other roles' transactions.
+    Impossible,
+}
+
+impl Gap {
+    /// Whether a hole in a foreign table may be passed: proven and held for
+    /// `settle`, or unprovable and held for [`FOREIGN_HOLE_SETTLE_UNPROVEN`].
+    fn settled(&self, settle: Duration) -> bool {
+        match self.proof {
+            Some(Proof::Ended) => self.seen.elapsed() >= settle,
+            Some(Proof::Impossible) => {
+                self.seen.elapsed() >= settle.max(FOREIGN_HOLE_SETTLE_UNPROVEN)
+            }
+            None => false,
+        }
+    }
+}
+
+/// How long a hole in another program's table is held when the reading role
+/// cannot see other roles' transactions (so nothing proves that the one that
+/// drew the missing number has ended): longer than an insert takes from
+/// drawing its number to committing, by a wide margin. Grant the role
+/// `pg_read_all_stats` to pass holes on proof instead.
+pub const FOREIGN_HOLE_SETTLE_UNPROVEN: Duration = Duration::from_secs(5);
 
 /// How long one read waits at a hole for the transactions that could fill it
 /// to end. Rolled-back appends and short transactions end within milliseconds;

@@ -83,6 +83,10 @@ pub struct RawSource {
     pub metadata: Option<String>,
     /// Timestamp column (text or integer), if any.
     pub recorded_at: Option<String>,
+    /// PostgreSQL only: how long a hole in the sequence is held at least, in
+    /// milliseconds, for writers that draw a number in one transaction and
+    /// insert it in a later one (see docs/postgres.md). Default 0.
+    pub settle_ms: Option<u64>,
 }
 
 /// One `[[projection]]` as written.
@@ -125,6 +129,9 @@ pub struct ProjectionsConfig {
     pub projections: Vec<SqlProjection>,
     /// The events table to read, from `[source]`; `None` for our own layout.
     pub source: Option<EventTableMapping>,
+    /// `[source]`'s `settle_ms`: how long a PostgreSQL reader holds a hole in
+    /// that table at least (zero when not given).
+    pub source_settle: std::time::Duration,
 }
 
 /// One validated projection.
@@ -204,6 +211,18 @@ impl ProjectionsConfig {
             }
             projections.push(projection);
         }
+        let source_settle = std::time::Duration::from_millis(
+            raw.source.as_ref().and_then(|s| s.settle_ms).unwrap_or(0),
+        );
+        if source_settle > SOURCE_SETTLE_MAX {
+            return Err(invalid(
+                "[source]".into(),
+                format!(
+                    "settle_ms exceeds the maximum of {}",
+                    SOURCE_SETTLE_MAX.as_millis()
+                ),
+            ));
+        }
         let source = raw
             .source
             .map(|raw_source| {
@@ -213,6 +232,7 @@ impl ProjectionsConfig {
         Ok(ProjectionsConfig {
             projections,
             source,
+            source_settle,
         })
     }
 
@@ -247,6 +267,10 @@ impl SqlProjection {
 }
 
 type Failure = (String, String);
+
+/// Upper limit on `[source]`'s `settle_ms`: every hole in the log is held this
+/// long, so a larger value would stall followers for minutes.
+pub const SOURCE_SETTLE_MAX: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// `[source]` to a mapping; every name must be a plain identifier.
 fn validate_source(raw: RawSource) -> Result<EventTableMapping, String> {
