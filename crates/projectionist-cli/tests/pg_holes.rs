@@ -1,14 +1,22 @@
 //! Issue 8, item 7, across processes: a rolled-back append leaves a hole in a
 //! PostgreSQL log. A new `projectionist` process (resume, a fresh rebuild, a
 //! worker) must pass it once no transaction that could fill it is running, and
-//! must say so when a still-running transaction holds events back.
+//! must say so when a still-running transaction holds events back. Issue 13,
+//! item 2: another program's table, written without our cooperation, read
+//! through `[source]` by `follow` and `resume` processes while 16 writers
+//! append.
 
 mod common;
+
+use std::collections::BTreeSet;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use postgres::{Client, NoTls};
 
 use common::pg::{Schema, insert};
-use common::{DEMO_CONFIG, Env, stderr};
+use common::{DEMO_CONFIG, Env, Reaped, SetOnDrop, stderr};
 
 fn checkpoints(env: &Env) -> Vec<u64> {
     ["order_summary", "customer_stats"]
@@ -108,4 +116,235 @@ fn r8_7_a_new_process_passes_a_rollback_hole() {
     let out = run(&["--quiet", "worker", "--exit-when-done"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(checkpoints(&env), [1006, 1006], "{}", stderr(&out));
+}
+
+/// A config reading another program's table `flog` through `[source]`: one
+/// projection with a row per event, keyed by its sequence (an event applied
+/// twice would fail on the key and stop the projection).
+const FOREIGN_CONFIG: &str = r#"
+[source]
+table = "flog"
+sequence = "id"
+stream_id = "stream"
+stream_version = "version"
+event_type = "kind"
+data = "body"
+
+[[projection]]
+name = "seen"
+version = 1
+schema = "CREATE TABLE seen (id INTEGER PRIMARY KEY, stream TEXT NOT NULL)"
+
+[projection.on.W]
+sql = "INSERT INTO seen (id, stream) VALUES (:_sequence, :_stream_id)"
+"#;
+
+/// The event ids in `{dir}/seen.db`.
+fn seen_ids(env: &Env, dir: &str) -> BTreeSet<i64> {
+    let path = env.path(&format!("{dir}/seen.db"));
+    if !path.exists() {
+        return BTreeSet::new();
+    }
+    let conn = projectionist::rusqlite::Connection::open(path).unwrap();
+    let mut stmt = conn.prepare("SELECT id FROM seen").unwrap();
+    stmt.query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+}
+
+/// One foreign writer: plain inserts on the `bigserial` (no transaction id
+/// before the number is drawn), some drawing the number with `nextval()`
+/// first and inserting it later in the same transaction, random commit
+/// delays (some draws held 100-300 ms before the insert), about 5% rolled
+/// back. Returns the ids it committed and the transactions rolled back.
+fn foreign_writer(url: &str, seed: u64, stop: &AtomicBool) -> (Vec<i64>, u64) {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut client = Client::connect(url, NoTls).unwrap();
+    let (mut committed, mut rollbacks) = (Vec::new(), 0);
+    let mut version = 0i64;
+    while !stop.load(Ordering::Relaxed) {
+        let mut tx = client.transaction().unwrap();
+        let stream = format!("w{seed}");
+        let mut mine = Vec::new();
+        for i in 0..rng.u32(1..=3) {
+            version += 1;
+            // A draw comes first in its transaction: before it, the
+            // transaction has no id that a reader could wait for.
+            let id: i64 = if i == 0 && rng.bool() {
+                let drawn: i64 = tx
+                    .query_one("SELECT nextval('flog_id_seq')", &[])
+                    .unwrap()
+                    .get(0);
+                // Now and then an application that takes its time between
+                // drawing the number and inserting it.
+                let pause = if rng.u8(0..10) == 0 {
+                    rng.u64(100..300)
+                } else {
+                    rng.u64(0..30)
+                };
+                std::thread::sleep(Duration::from_millis(pause));
+                tx.execute(
+                    "INSERT INTO flog (id, stream, version, kind, body) VALUES ($1, $2, $3, 'W', '{}')",
+                    &[&drawn, &stream, &version],
+                )
+                .unwrap();
+                drawn
+            } else {
+                tx.query_one(
+                    "INSERT INTO flog (stream, version, kind, body) VALUES ($1, $2, 'W', '{}') RETURNING id",
+                    &[&stream, &version],
+                )
+                .unwrap()
+                .get(0)
+            };
+            mine.push(id);
+        }
+        std::thread::sleep(Duration::from_millis(rng.u64(0..30)));
+        if rng.u8(0..100) < 5 {
+            tx.rollback().unwrap();
+            rollbacks += 1;
+        } else {
+            tx.commit().unwrap();
+            committed.extend(mine);
+        }
+        // Between transactions, a pause: readers keep up with the head, where
+        // a hole is met while the transaction that drew it still runs.
+        std::thread::sleep(Duration::from_millis(rng.u64(0..50)));
+    }
+    (committed, rollbacks)
+}
+
+/// Issue 13, item 2, across processes: 16 writers of another program append
+/// to a plain `bigserial` table (numbers drawn before any transaction id,
+/// some with `nextval()` long before the insert, random commit delays, ~5%
+/// rolled back) while a `follow` process and a loop of `resume` processes
+/// read it through `[source]`: each ends with every committed event exactly
+/// once. Seeded (`PROJECTIONIST_SEED`); length `PROJECTIONIST_PG_STRESS_SECS`
+/// (default 20).
+#[test]
+#[cfg_attr(
+    not(pg_tests),
+    ignore = "set PROJECTIONIST_TEST_PG_URL to run the PostgreSQL tests"
+)]
+fn r13_foreign_writers_without_our_cooperation_lose_nothing() {
+    let schema = Schema::new("foreign_writers");
+    let url = schema.url();
+    let seconds: u64 = std::env::var("PROJECTIONIST_PG_STRESS_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20);
+    let seed: u64 = std::env::var("PROJECTIONIST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| fastrand::u64(..));
+    eprintln!(
+        "foreign writers: seed {seed} (PROJECTIONIST_SEED), {seconds} s (PROJECTIONIST_PG_STRESS_SECS)"
+    );
+    Client::connect(&url, NoTls)
+        .unwrap()
+        .batch_execute(
+            "CREATE TABLE flog (id BIGSERIAL PRIMARY KEY, stream TEXT NOT NULL, version BIGINT NOT NULL,
+                                kind TEXT NOT NULL, body JSONB NOT NULL)",
+        )
+        .unwrap();
+    let env = Env::new();
+    env.write_config(FOREIGN_CONFIG);
+    let mut follower = Reaped::new(
+        env.command_with(&url, "followed", &["--quiet", "follow"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let stop = AtomicBool::new(false);
+    let resumes_done = AtomicBool::new(false);
+    let (committed, rollbacks, resumes) = std::thread::scope(|scope| {
+        let _stop_on_panic = SetOnDrop(&stop);
+        let _resumes_on_panic = SetOnDrop(&resumes_done);
+        let writers: Vec<_> = (0..16u64)
+            .map(|w| {
+                let (url, stop) = (&url, &stop);
+                scope.spawn(move || foreign_writer(url, seed.wrapping_add(w), stop))
+            })
+            .collect();
+        // `resume` processes one after the other, each a new process that has
+        // never seen the holes.
+        let resumer = scope.spawn(|| {
+            let mut runs = 0;
+            while !resumes_done.load(Ordering::Relaxed) {
+                let out = env
+                    .command_with(&url, "resumed", &["--quiet", "resume"])
+                    .output()
+                    .unwrap();
+                assert!(out.status.success(), "resume: {}", stderr(&out));
+                runs += 1;
+            }
+            runs
+        });
+        std::thread::sleep(Duration::from_secs(seconds));
+        stop.store(true, Ordering::Relaxed);
+        let mut committed = BTreeSet::new();
+        let mut rollbacks = 0;
+        for writer in writers {
+            let (ids, rolled_back) = writer.join().unwrap();
+            committed.extend(ids);
+            rollbacks += rolled_back;
+        }
+        resumes_done.store(true, Ordering::Relaxed);
+        (committed, rollbacks, resumer.join().unwrap())
+    });
+    // The follower reads past the last committed event, then stops cleanly.
+    let max = *committed.last().expect("events were committed");
+    let checkpoint = || {
+        let path = env.path("followed/seen.db");
+        let conn = projectionist::rusqlite::Connection::open(path).unwrap();
+        projectionist::SqliteCheckpoint::load_in(&conn, "seen").unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while checkpoint() < max.cast_unsigned() {
+        assert!(
+            Instant::now() < deadline,
+            "the follower is at {} of {max}",
+            checkpoint()
+        );
+        assert!(
+            follower.try_wait().unwrap().is_none(),
+            "the follower exited early"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let pid = follower.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let out = follower.into_inner().wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    // A last resume after the writers stopped.
+    let out = env
+        .command_with(&url, "resumed", &["--quiet", "resume"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    eprintln!(
+        "foreign writers: {} events committed (highest id {max}), {rollbacks} transactions rolled back, {resumes} resume processes",
+        committed.len()
+    );
+    assert!(
+        rollbacks > 0,
+        "some transactions rolled back, leaving holes"
+    );
+    for dir in ["followed", "resumed"] {
+        let seen = seen_ids(&env, dir);
+        let lost: Vec<_> = committed.difference(&seen).take(10).collect();
+        let extra: Vec<_> = seen.difference(&committed).take(10).collect();
+        assert!(
+            lost.is_empty() && extra.is_empty(),
+            "{dir}: lost {lost:?}, not committed {extra:?}"
+        );
+    }
 }
