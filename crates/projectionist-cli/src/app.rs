@@ -105,12 +105,14 @@ pub(crate) fn open_store(
     demo: bool,
     config: &ProjectionsConfig,
 ) -> Result<Store, Failure> {
-    Store::open_existing(
-        &store_spec(cli, demo),
-        config.source.as_ref(),
-        config.source_settle,
-    )
-    .map_err(fail(EXIT_STORE))
+    let spec = store_spec(cli, demo);
+    // A preset's table can be laid out differently in PostgreSQL.
+    let mapping = if Store::is_postgres(&spec) {
+        config.source_postgres.as_ref()
+    } else {
+        config.source.as_ref()
+    };
+    Store::open_existing(&spec, mapping, config.source_settle).map_err(fail(EXIT_STORE))
 }
 
 /// `--store`, or the default file.

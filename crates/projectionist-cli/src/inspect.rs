@@ -41,7 +41,12 @@ pub(crate) fn run_inspect(cli: &Cli, config_skeleton: bool) -> Result<(), Failur
         Some(path) => {
             let config = projectionist_sqlview::ProjectionsConfig::load(path)
                 .map_err(|e| fail(EXIT_CONFIG)(e.into()))?;
-            (config.source, config.source_settle)
+            let mapping = if Store::is_postgres(&spec) {
+                config.source_postgres
+            } else {
+                config.source
+            };
+            (mapping, config.source_settle)
         }
         None => (None, std::time::Duration::ZERO),
     };

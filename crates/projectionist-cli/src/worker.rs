@@ -43,8 +43,9 @@ fn connect(
     config: &ProjectionsConfig,
     options: &WorkerOptions<'_>,
 ) -> anyhow::Result<(PostgresEventStore, Leases)> {
-    let store = match &config.source {
-        Some(mapping) => PostgresEventStore::connect_mapped(options.url, mapping)?,
+    let store = match &config.source_postgres {
+        Some(mapping) => PostgresEventStore::connect_mapped(options.url, mapping)?
+            .with_hole_settle(config.source_settle),
         None => PostgresEventStore::connect(options.url)?,
     };
     let leases = Leases::connect(options.url, options.worker_id, options.lease)?;

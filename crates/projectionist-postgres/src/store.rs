@@ -153,8 +153,20 @@ impl PostgresEventStore {
             optional(&mapping.metadata)?,
             optional(&mapping.recorded_at)?,
         );
-        let data = format!("{}::text", ident(&mapping.data)?);
-        let client = connect_client(url)?;
+        let mut client = connect_client(url)?;
+        // JSON as bytea (UTF-8) is decoded; json, jsonb and text are cast.
+        let data_type: Option<String> = client
+            .query_opt(
+                "SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a \
+                 WHERE a.attrelid = to_regclass($1) AND a.attname = $2 AND NOT a.attisdropped",
+                &[&mapping.table, &mapping.data],
+            )
+            .map_err(pg_error(format!("read events table {table}")))?
+            .map(|row| row.get(0));
+        let data = match data_type.as_deref() {
+            Some("bytea") => format!("convert_from({}, 'UTF8')", ident(&mapping.data)?),
+            _ => format!("{}::text", ident(&mapping.data)?),
+        };
         let store = Self::finish(
             client,
             url,

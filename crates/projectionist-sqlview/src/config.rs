@@ -67,6 +67,9 @@ pub struct RawConfig {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawSource {
+    /// Another tool's event store whose layout to start from (see
+    /// [`PRESETS`]); the other keys, when given, override its columns.
+    pub preset: Option<String>,
     /// Table name. Default `events`.
     pub table: Option<String>,
     /// Global sequence column. Default `sequence`.
@@ -128,7 +131,11 @@ pub struct ProjectionsConfig {
     /// The projections, in file order.
     pub projections: Vec<SqlProjection>,
     /// The events table to read, from `[source]`; `None` for our own layout.
+    /// With a preset, the table as that tool lays it out in SQLite.
     pub source: Option<EventTableMapping>,
+    /// The same for a PostgreSQL store: differs from `source` only for a
+    /// preset whose tool lays its table out differently there.
+    pub source_postgres: Option<EventTableMapping>,
     /// `[source]`'s `settle_ms`: how long a PostgreSQL reader holds a hole in
     /// that table at least (zero when not given).
     pub source_settle: std::time::Duration,
@@ -223,15 +230,18 @@ impl ProjectionsConfig {
                 ),
             ));
         }
-        let source = raw
-            .source
-            .map(|raw_source| {
-                validate_source(raw_source).map_err(|m| invalid("[source]".into(), m))
-            })
-            .transpose()?;
+        let (source, source_postgres) = match raw.source {
+            Some(raw_source) => {
+                let (sqlite, postgres) =
+                    validate_source(raw_source).map_err(|m| invalid("[source]".into(), m))?;
+                (Some(sqlite), Some(postgres))
+            }
+            None => (None, None),
+        };
         Ok(ProjectionsConfig {
             projections,
             source,
+            source_postgres,
             source_settle,
         })
     }
@@ -272,19 +282,74 @@ type Failure = (String, String);
 /// long, so a larger value would stall followers for minutes.
 pub const SOURCE_SETTLE_MAX: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// `[source]` to a mapping; every name must be a plain identifier.
-fn validate_source(raw: RawSource) -> Result<EventTableMapping, String> {
-    let defaults = EventTableMapping::default();
-    let mapping = EventTableMapping {
-        table: raw.table.unwrap_or(defaults.table),
-        sequence: raw.sequence.unwrap_or(defaults.sequence),
-        stream_id: raw.stream_id.unwrap_or(defaults.stream_id),
-        stream_version: raw.stream_version.unwrap_or(defaults.stream_version),
-        event_type: raw.event_type.unwrap_or(defaults.event_type),
-        data: raw.data.unwrap_or(defaults.data),
-        metadata: raw.metadata,
-        recorded_at: raw.recorded_at,
-    };
+/// The presets `[source] preset = "..."` knows: another tool's event store,
+/// laid out as that tool writes it.
+///
+/// - `eventsourcing`: the Python `eventsourcing` library's application
+///   recorders. SQLite: table `stored_events`, global order its `rowid`;
+///   PostgreSQL: the table is named after the application
+///   (`{name}_events`: give `table`), global order `notification_id`. Streams
+///   are `originator_id`, versions `originator_version`, event types the
+///   `topic` (`module:Class.Event`: quote it as a TOML key), payloads `state`
+///   (JSON as a BLOB or `bytea`; a recorder that compresses or encrypts its
+///   state cannot be read).
+pub const PRESETS: [&str; 1] = ["eventsourcing"];
+
+impl RawSource {
+    /// The mapping for one store kind: the preset's (or our own layout's)
+    /// columns, overridden by the keys given.
+    fn mapping(&self, postgres: bool) -> Result<EventTableMapping, String> {
+        let base = match self.preset.as_deref() {
+            None => EventTableMapping::default(),
+            Some("eventsourcing") => EventTableMapping {
+                table: "stored_events".into(),
+                sequence: if postgres { "notification_id" } else { "rowid" }.into(),
+                stream_id: "originator_id".into(),
+                stream_version: "originator_version".into(),
+                event_type: "topic".into(),
+                data: "state".into(),
+                metadata: None,
+                recorded_at: None,
+            },
+            Some(other) => {
+                return Err(format!(
+                    "unknown preset {other:?}; known: {}",
+                    PRESETS.join(", ")
+                ));
+            }
+        };
+        let preset = self.preset.is_some();
+        Ok(EventTableMapping {
+            table: self.table.clone().unwrap_or(base.table),
+            sequence: self.sequence.clone().unwrap_or(base.sequence),
+            stream_id: self.stream_id.clone().unwrap_or(base.stream_id),
+            stream_version: self.stream_version.clone().unwrap_or(base.stream_version),
+            event_type: self.event_type.clone().unwrap_or(base.event_type),
+            data: self.data.clone().unwrap_or(base.data),
+            // Without a preset, left out means the table has no such column.
+            metadata: self
+                .metadata
+                .clone()
+                .or(if preset { base.metadata } else { None }),
+            recorded_at: self
+                .recorded_at
+                .clone()
+                .or(if preset { base.recorded_at } else { None }),
+        })
+    }
+}
+
+/// `[source]` to its mappings for SQLite and for PostgreSQL; every name must
+/// be a plain identifier.
+fn validate_source(raw: RawSource) -> Result<(EventTableMapping, EventTableMapping), String> {
+    let sqlite = raw.mapping(false)?;
+    let postgres = raw.mapping(true)?;
+    check_names(&postgres)?;
+    check_names(&sqlite)?;
+    Ok((sqlite, postgres))
+}
+
+fn check_names(mapping: &EventTableMapping) -> Result<(), String> {
     let names = [
         &mapping.table,
         &mapping.sequence,
@@ -300,7 +365,7 @@ fn validate_source(raw: RawSource) -> Result<EventTableMapping, String> {
     {
         plain_identifier(name).map_err(|e| e.to_string())?;
     }
-    Ok(mapping)
+    Ok(())
 }
 
 fn validate_projection(raw: RawProjection) -> Result<SqlProjection, Failure> {
