@@ -112,7 +112,13 @@ pub(crate) fn open_store(
     } else {
         config.source.as_ref()
     };
-    Store::open_existing(&spec, mapping, config.source_settle).map_err(fail(EXIT_STORE))
+    Store::open_existing(
+        &spec,
+        mapping,
+        config.source_settle,
+        &config.source_conditions,
+    )
+    .map_err(fail(EXIT_STORE))
 }
 
 /// `--store`, or the default file.

@@ -37,7 +37,7 @@ struct TypeSummary {
 pub(crate) fn run_inspect(cli: &Cli, config_skeleton: bool) -> Result<(), Failure> {
     let spec = store_spec(cli, false);
     // A config, when there is one, only tells where the events are ([source]).
-    let (mapping, settle) = match &cli.config {
+    let (mapping, settle, conditions) = match &cli.config {
         Some(path) => {
             let config = projectionist_sqlview::ProjectionsConfig::load(path)
                 .map_err(|e| fail(EXIT_CONFIG)(e.into()))?;
@@ -46,11 +46,12 @@ pub(crate) fn run_inspect(cli: &Cli, config_skeleton: bool) -> Result<(), Failur
             } else {
                 config.source
             };
-            (mapping, config.source_settle)
+            (mapping, config.source_settle, config.source_conditions)
         }
-        None => (None, std::time::Duration::ZERO),
+        None => (None, std::time::Duration::ZERO, Vec::new()),
     };
-    let store = Store::open_existing(&spec, mapping.as_ref(), settle).map_err(fail(EXIT_STORE))?;
+    let store = Store::open_existing(&spec, mapping.as_ref(), settle, &conditions)
+        .map_err(fail(EXIT_STORE))?;
     let (types, undecodable) = scan(store.reader()).map_err(|e| fail(EXIT_STORE)(e.into()))?;
     if config_skeleton {
         print_skeleton(&types);

@@ -2,7 +2,9 @@
 //! PostgreSQL URL (`postgres://...`).
 
 use anyhow::{Context, anyhow};
-use projectionist::{Appended, EventTableMapping, GlobalReader, SqliteEventStore, StreamAppend};
+use projectionist::{
+    Appended, EventTableMapping, GlobalReader, RowCondition, SqliteEventStore, StreamAppend,
+};
 use projectionist_postgres::PostgresEventStore;
 use serde_json::Value;
 
@@ -22,16 +24,19 @@ impl Store {
 
     /// Opens an existing store, through `mapping` when the config has a
     /// `[source]`; a missing SQLite file is an error, not a new empty log.
-    /// `settle`: `[source]`'s `settle_ms` (PostgreSQL only).
+    /// `settle`: `[source]`'s `settle_ms` (PostgreSQL only); `conditions`:
+    /// which of the table's rows are events.
     pub fn open_existing(
         spec: &str,
         mapping: Option<&EventTableMapping>,
         settle: std::time::Duration,
+        conditions: &[RowCondition],
     ) -> anyhow::Result<Store> {
         if Self::is_postgres(spec) {
             let store = match mapping {
                 Some(mapping) => {
-                    PostgresEventStore::connect_mapped(spec, mapping)?.with_hole_settle(settle)
+                    PostgresEventStore::connect_mapped_where(spec, mapping, conditions)?
+                        .with_hole_settle(settle)
                 }
                 None => PostgresEventStore::connect(spec)?,
             };
@@ -51,7 +56,7 @@ impl Store {
         }
         // Read-only: a store opened for reading is never created or altered.
         Ok(Store::Sqlite(match mapping {
-            Some(mapping) => SqliteEventStore::open_mapped(spec, mapping)?,
+            Some(mapping) => SqliteEventStore::open_mapped_where(spec, mapping, conditions)?,
             None => SqliteEventStore::open_read_only(spec)?,
         }))
     }

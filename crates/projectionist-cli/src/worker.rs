@@ -44,8 +44,12 @@ fn connect(
     options: &WorkerOptions<'_>,
 ) -> anyhow::Result<(PostgresEventStore, Leases)> {
     let store = match &config.source_postgres {
-        Some(mapping) => PostgresEventStore::connect_mapped(options.url, mapping)?
-            .with_hole_settle(config.source_settle),
+        Some(mapping) => PostgresEventStore::connect_mapped_where(
+            options.url,
+            mapping,
+            &config.source_conditions,
+        )?
+        .with_hole_settle(config.source_settle),
         None => PostgresEventStore::connect(options.url)?,
     };
     let leases = Leases::connect(options.url, options.worker_id, options.lease)?;

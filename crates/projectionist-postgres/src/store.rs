@@ -47,8 +47,8 @@ use postgres::fallible_iterator::FallibleIterator;
 
 use postgres::{Client, IsolationLevel, NoTls, Row};
 use projectionist::{
-    Appended, Error, EventTableMapping, GlobalEvent, GlobalReader, NewEvent, Result, StreamAppend,
-    TypedBatch, plain_identifier,
+    Appended, Error, EventTableMapping, GlobalEvent, GlobalReader, NewEvent, Result, RowCondition,
+    StreamAppend, TypedBatch, plain_identifier,
 };
 use serde::de::DeserializeOwned;
 
@@ -117,7 +117,7 @@ impl PostgresEventStore {
     pub fn connect(url: &str) -> Result<Self> {
         let client = connect_client(url)?;
         let select = "SELECT sequence, stream_id, stream_version, event_type, DATA, metadata::text, \
-                      to_char(recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') FROM events";
+                      to_char(recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), true FROM events";
         Ok(Self::finish(
             client,
             url,
@@ -136,6 +136,22 @@ impl PostgresEventStore {
     /// [`Error::InvalidOptions`] for a name that is not a plain identifier;
     /// [`Error::External`] when the server, table or a column is missing.
     pub fn connect_mapped(url: &str, mapping: &EventTableMapping) -> Result<Self> {
+        Self::connect_mapped_where(url, mapping, &[])
+    }
+
+    /// [`connect_mapped`](Self::connect_mapped) for a table that also holds
+    /// rows that are not events (archived streams, other kinds of messages):
+    /// only the rows meeting every condition are events. The others are still
+    /// read (without payload) for the gap-safe check of the sequence, and
+    /// passed over.
+    ///
+    /// # Errors
+    /// As [`connect_mapped`](Self::connect_mapped).
+    pub fn connect_mapped_where(
+        url: &str,
+        mapping: &EventTableMapping,
+        conditions: &[RowCondition],
+    ) -> Result<Self> {
         let ident =
             |name: &str| -> Result<String> { Ok(format!("\"{}\"", plain_identifier(name)?)) };
         let optional = |name: &Option<String>| -> Result<String> {
@@ -146,8 +162,17 @@ impl PostgresEventStore {
         let table = ident(&mapping.table)?;
         let sequence = ident(&mapping.sequence)?;
         let event_type = ident(&mapping.event_type)?;
+        let keep = conditions
+            .iter()
+            .map(|c| c.sql(true))
+            .collect::<Result<Vec<_>>>()?;
+        let keep = if keep.is_empty() {
+            "true".to_owned()
+        } else {
+            format!("({})", keep.join(" AND "))
+        };
         let select = format!(
-            "SELECT {sequence}::bigint, {}::text, {}::bigint, {event_type}::text, DATA, {}, {} FROM {table}",
+            "SELECT {sequence}::bigint, {}::text, {}::bigint, {event_type}::text, DATA, {}, {}, {keep} FROM {table}",
             ident(&mapping.stream_id)?,
             ident(&mapping.stream_version)?,
             optional(&mapping.metadata)?,
@@ -647,24 +672,22 @@ const HOLE_WAIT_MAX: Duration = Duration::from_secs(2);
 const HOLE_RETRY_PAUSE_MIN: Duration = Duration::from_millis(2);
 const HOLE_RETRY_PAUSE_MAX: Duration = Duration::from_millis(100);
 
-impl<E: DeserializeOwned> GlobalReader<E> for PostgresEventStore {
-    fn read_after(&self, after: u64, limit: u32) -> Result<Vec<GlobalEvent<E>>> {
-        let (kept, _) = self.read_contiguous(after, limit, None)?;
-        kept.iter().map(to_event).collect()
-    }
-
-    fn read_after_types(
+impl PostgresEventStore {
+    /// Up to `limit` events after `after` (of `event_types`, when given) from
+    /// the gap-safe run. Rows that are not wanted (other types, rows that do
+    /// not meet the table's conditions) come back without payload and are
+    /// passed over; reading goes on until `limit` matches, the end of the log,
+    /// or an unresolved gap.
+    fn read_matching<E: DeserializeOwned>(
         &self,
         after: u64,
         limit: u32,
-        event_types: &[String],
+        event_types: Option<&[String]>,
     ) -> Result<TypedBatch<E>> {
         let mut events = Vec::new();
         let mut position = after;
-        // Other types' rows come back without payload; keep reading until `limit`
-        // matches, the end of the log, or an unresolved gap.
         loop {
-            let (kept, n_rows) = self.read_contiguous(position, limit, Some(event_types))?;
+            let (kept, n_rows) = self.read_contiguous(position, limit, event_types)?;
             let stopped_early = kept.len() < n_rows || n_rows < limit as usize;
             for row in &kept {
                 if events.len() == limit as usize {
@@ -675,7 +698,8 @@ impl<E: DeserializeOwned> GlobalReader<E> for PostgresEventStore {
                 }
                 position = row.get::<_, i64>(0).cast_unsigned();
                 let event_type: String = row.get(3);
-                if event_types.contains(&event_type) {
+                let wanted = event_types.is_none_or(|types| types.contains(&event_type));
+                if wanted && row.get::<_, bool>(7) {
                     events.push(to_event(row)?);
                 }
             }
@@ -686,6 +710,21 @@ impl<E: DeserializeOwned> GlobalReader<E> for PostgresEventStore {
                 });
             }
         }
+    }
+}
+
+impl<E: DeserializeOwned> GlobalReader<E> for PostgresEventStore {
+    fn read_after(&self, after: u64, limit: u32) -> Result<Vec<GlobalEvent<E>>> {
+        Ok(self.read_matching(after, limit, None)?.events)
+    }
+
+    fn read_after_types(
+        &self,
+        after: u64,
+        limit: u32,
+        event_types: &[String],
+    ) -> Result<TypedBatch<E>> {
+        self.read_matching(after, limit, Some(event_types))
     }
 
     /// Waits for a notification on [`NOTIFY_CHANNEL`] (our appends send one as

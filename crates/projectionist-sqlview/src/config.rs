@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use projectionist::rusqlite::Connection;
-use projectionist::{EventTableMapping, ProjectionName, plain_identifier};
+use projectionist::{
+    ConditionValue, EventTableMapping, ProjectionName, RowCondition, plain_identifier,
+};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
@@ -139,6 +141,9 @@ pub struct ProjectionsConfig {
     /// `[source]`'s `settle_ms`: how long a PostgreSQL reader holds a hole in
     /// that table at least (zero when not given).
     pub source_settle: std::time::Duration,
+    /// Rows of the `[source]` table that are events (a preset's: e.g. not
+    /// archived); empty means every row.
+    pub source_conditions: Vec<RowCondition>,
 }
 
 /// One validated projection.
@@ -230,19 +235,21 @@ impl ProjectionsConfig {
                 ),
             ));
         }
-        let (source, source_postgres) = match raw.source {
+        let (source, source_postgres, source_conditions) = match raw.source {
             Some(raw_source) => {
+                let conditions = raw_source.conditions();
                 let (sqlite, postgres) =
                     validate_source(raw_source).map_err(|m| invalid("[source]".into(), m))?;
-                (Some(sqlite), Some(postgres))
+                (Some(sqlite), Some(postgres), conditions)
             }
-            None => (None, None),
+            None => (None, None, Vec::new()),
         };
         Ok(ProjectionsConfig {
             projections,
             source,
             source_postgres,
             source_settle,
+            source_conditions,
         })
     }
 
@@ -285,6 +292,15 @@ pub const SOURCE_SETTLE_MAX: std::time::Duration = std::time::Duration::from_sec
 /// The presets `[source] preset = "..."` knows: another tool's event store,
 /// laid out as that tool writes it.
 ///
+/// - `emmett`: Emmett's SQLite and PostgreSQL event stores: table
+///   `emt_messages`, global order `global_position`, streams `stream_id`,
+///   versions `stream_position`, types `message_type`, payloads
+///   `message_data`, metadata `message_metadata`, times `created`; only its
+///   events (`message_kind = 'E'`) that are not archived.
+/// - `marten`: Marten's `mt_events` (PostgreSQL): global order `seq_id`,
+///   streams `stream_id`, versions `version`, types `type` (Marten's alias,
+///   e.g. `order_placed`), payloads `data`, times `timestamp`; archived events
+///   left out. Every tenant's events are read.
 /// - `eventsourcing`: the Python `eventsourcing` library's application
 ///   recorders. SQLite: table `stored_events`, global order its `rowid`;
 ///   PostgreSQL: the table is named after the application
@@ -293,7 +309,7 @@ pub const SOURCE_SETTLE_MAX: std::time::Duration = std::time::Duration::from_sec
 ///   `topic` (`module:Class.Event`: quote it as a TOML key), payloads `state`
 ///   (JSON as a BLOB or `bytea`; a recorder that compresses or encrypts its
 ///   state cannot be read).
-pub const PRESETS: [&str; 1] = ["eventsourcing"];
+pub const PRESETS: [&str; 3] = ["eventsourcing", "emmett", "marten"];
 
 impl RawSource {
     /// The mapping for one store kind: the preset's (or our own layout's)
@@ -310,6 +326,26 @@ impl RawSource {
                 data: "state".into(),
                 metadata: None,
                 recorded_at: None,
+            },
+            Some("emmett") => EventTableMapping {
+                table: "emt_messages".into(),
+                sequence: "global_position".into(),
+                stream_id: "stream_id".into(),
+                stream_version: "stream_position".into(),
+                event_type: "message_type".into(),
+                data: "message_data".into(),
+                metadata: Some("message_metadata".into()),
+                recorded_at: Some("created".into()),
+            },
+            Some("marten") => EventTableMapping {
+                table: "mt_events".into(),
+                sequence: "seq_id".into(),
+                stream_id: "stream_id".into(),
+                stream_version: "version".into(),
+                event_type: "type".into(),
+                data: "data".into(),
+                metadata: None,
+                recorded_at: Some("timestamp".into()),
             },
             Some(other) => {
                 return Err(format!(
@@ -336,6 +372,24 @@ impl RawSource {
                 .clone()
                 .or(if preset { base.recorded_at } else { None }),
         })
+    }
+}
+
+impl RawSource {
+    /// The rows of a preset's table that are events.
+    fn conditions(&self) -> Vec<RowCondition> {
+        let is = |column: &str, value: ConditionValue| RowCondition {
+            column: column.to_owned(),
+            value,
+        };
+        match self.preset.as_deref() {
+            Some("emmett") => vec![
+                is("message_kind", ConditionValue::Text("E".into())),
+                is("is_archived", ConditionValue::Bool(false)),
+            ],
+            Some("marten") => vec![is("is_archived", ConditionValue::Bool(false))],
+            _ => Vec::new(),
+        }
     }
 }
 

@@ -105,7 +105,8 @@ pub use rebuild::{
     validate_batch_size,
 };
 pub use store::{
-    EventTableMapping, MemoryEventStore, SqliteEventStore, StreamAppend, plain_identifier,
+    ConditionValue, EventTableMapping, MemoryEventStore, RowCondition, SqliteEventStore,
+    StreamAppend, plain_identifier,
 };
 pub use versions::{
     PublishHookFn, PublishOptions, PublishStep, Published, VersionFiles, VersionInfo, version_info,

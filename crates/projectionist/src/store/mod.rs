@@ -4,4 +4,7 @@ mod memory;
 mod sqlite;
 
 pub use memory::MemoryEventStore;
-pub use sqlite::{EventTableMapping, SqliteEventStore, StreamAppend, plain_identifier};
+pub use sqlite::{
+    ConditionValue, EventTableMapping, RowCondition, SqliteEventStore, StreamAppend,
+    plain_identifier,
+};

@@ -137,7 +137,7 @@ impl SqliteEventStore {
         )))?;
         let reader = open_connection(&path, OpenFlags::default())?;
         let mapping = EventTableMapping::default();
-        Self::finish(path, reader, Some(writer), &mapping)
+        Self::finish(path, reader, Some(writer), &mapping, &[])
     }
 
     /// Opens an existing event store with this crate's schema for reading only.
@@ -162,6 +162,21 @@ impl SqliteEventStore {
     /// [`Error::Io`] when the file is missing or a directory;
     /// [`Error::NotAnEventStore`] when the table or a column does not exist.
     pub fn open_mapped(path: impl AsRef<Path>, mapping: &EventTableMapping) -> Result<Self> {
+        Self::open_mapped_where(path, mapping, &[])
+    }
+
+    /// [`open_mapped`](Self::open_mapped) for a table that also holds rows
+    /// that are not events (archived streams, other kinds of messages): only
+    /// the rows meeting every condition are read.
+    ///
+    /// # Errors
+    /// As [`open_mapped`](Self::open_mapped); [`Error::InvalidOptions`] for a
+    /// condition on a name that is not a plain identifier.
+    pub fn open_mapped_where(
+        path: impl AsRef<Path>,
+        mapping: &EventTableMapping,
+        conditions: &[RowCondition],
+    ) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         let kind = match std::fs::metadata(&path) {
             Ok(m) if m.is_dir() => Some(std::io::ErrorKind::IsADirectory),
@@ -181,7 +196,7 @@ impl SqliteEventStore {
         reader
             .busy_timeout(std::time::Duration::from_millis(u64::from(BUSY_TIMEOUT_MS)))
             .map_err(Error::sqlite(step()))?;
-        Self::finish(path, reader, None, mapping)
+        Self::finish(path, reader, None, mapping, conditions)
     }
 
     fn finish(
@@ -189,8 +204,9 @@ impl SqliteEventStore {
         reader: Connection,
         writer: Option<Connection>,
         mapping: &EventTableMapping,
+        conditions: &[RowCondition],
     ) -> Result<Self> {
-        let (read_sql, read_types_sql, head_sql) = mapping_sql(mapping)?;
+        let (read_sql, read_types_sql, head_sql) = mapping_sql(mapping, conditions)?;
         for sql in [&read_sql, &read_types_sql, &head_sql] {
             reader
                 .prepare(sql)
@@ -526,7 +542,10 @@ fn open_connection(path: &Path, flags: OpenFlags) -> Result<Connection> {
 }
 
 /// The read, filtered-read and head queries for a mapping.
-fn mapping_sql(mapping: &EventTableMapping) -> Result<(String, String, String)> {
+fn mapping_sql(
+    mapping: &EventTableMapping,
+    conditions: &[RowCondition],
+) -> Result<(String, String, String)> {
     // Brackets, not double quotes: SQLite reads a double-quoted name that
     // matches no column as a string literal, which would hide a typo.
     let ident = |name: &str| -> Result<String> { Ok(format!("[{}]", plain_identifier(name)?)) };
@@ -544,7 +563,12 @@ fn mapping_sql(mapping: &EventTableMapping) -> Result<(String, String, String)> 
         optional(&mapping.metadata)?,
         optional(&mapping.recorded_at)?,
     );
-    let read_sql = format!("{select} WHERE {sequence} > ?1 ORDER BY {sequence} LIMIT ?2");
+    let mut only = String::new();
+    for condition in conditions {
+        only.push_str(" AND ");
+        only.push_str(&condition.sql(false)?);
+    }
+    let read_sql = format!("{select} WHERE {sequence} > ?1{only} ORDER BY {sequence} LIMIT ?2");
     // The wanted types arrive as one JSON array parameter: one prepared statement
     // serves any set of types, and nothing is spliced into the SQL.
     // The unary `+` keeps SQLite from using an event-type index here: that plan
@@ -552,11 +576,65 @@ fn mapping_sql(mapping: &EventTableMapping) -> Result<(String, String, String)> 
     // (quadratic over a rebuild); walking the sequence order and filtering stops
     // after `limit` matches.
     let read_types_sql = format!(
-        "{select} WHERE {sequence} > ?1 AND +{event_type} IN (SELECT value FROM json_each(?3)) \
+        "{select} WHERE {sequence} > ?1 AND +{event_type} IN (SELECT value FROM json_each(?3)){only} \
          ORDER BY {sequence} LIMIT ?2"
     );
     let head_sql = format!("SELECT COALESCE(MAX({sequence}), 0) FROM {table}");
     Ok((read_sql, read_types_sql, head_sql))
+}
+
+/// A condition on a mapped table's rows: only rows whose `column` holds
+/// `value` are events (for tables that also keep archived streams or messages
+/// that are not events). Rows that do not meet it are passed over like events
+/// of a type no projection handles.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RowCondition {
+    /// The column (a plain identifier).
+    pub column: String,
+    /// The value it must hold.
+    pub value: ConditionValue,
+}
+
+/// The value a [`RowCondition`] compares with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ConditionValue {
+    /// A text value.
+    Text(String),
+    /// An integer.
+    Integer(i64),
+    /// A boolean (SQLite stores it as 0 or 1).
+    Bool(bool),
+}
+
+impl RowCondition {
+    /// `column = value` as SQL for SQLite or PostgreSQL: the column checked as
+    /// a plain identifier, the value a literal (text quoted, its quotes
+    /// doubled; no NUL).
+    ///
+    /// # Errors
+    /// [`Error::InvalidOptions`] for a column that is not a plain identifier
+    /// or text holding NUL.
+    pub fn sql(&self, postgres: bool) -> Result<String> {
+        let column = plain_identifier(&self.column)?;
+        let column = if postgres {
+            format!("\"{column}\"")
+        } else {
+            format!("[{column}]")
+        };
+        let value = match &self.value {
+            ConditionValue::Text(text) if text.contains('\0') => {
+                return Err(Error::InvalidOptions(format!(
+                    "condition on {}: text holds NUL",
+                    self.column
+                )));
+            }
+            ConditionValue::Text(text) => format!("'{}'", text.replace('\'', "''")),
+            ConditionValue::Integer(n) => n.to_string(),
+            ConditionValue::Bool(b) if postgres => b.to_string(),
+            ConditionValue::Bool(b) => i64::from(*b).to_string(),
+        };
+        Ok(format!("{column} = {value}"))
+    }
 }
 
 fn to_i64(value: u64) -> Result<i64> {
