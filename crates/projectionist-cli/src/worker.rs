@@ -38,6 +38,10 @@ pub struct WorkerOptions<'a> {
     pub quiet: bool,
 }
 
+/// Where workers reading another program's table keep their leases and
+/// heartbeats when `[source]` names no `state_schema`.
+pub const STATE_SCHEMA_DEFAULT: &str = "projectionist";
+
 /// The store (through the config's `[source]`, if any) and the lease table.
 fn connect(
     config: &ProjectionsConfig,
@@ -52,7 +56,19 @@ fn connect(
         .with_hole_settle(config.source_settle),
         None => PostgresEventStore::connect(options.url)?,
     };
-    let leases = Leases::connect(options.url, options.worker_id, options.lease)?;
+    // Reading another program's table, our own state goes in a schema of our
+    // own: nothing is created beside the table read.
+    let lease_url = match &config.source_postgres {
+        Some(_) => projectionist_postgres::url_with_schema(
+            options.url,
+            config
+                .source_state_schema
+                .as_deref()
+                .unwrap_or(STATE_SCHEMA_DEFAULT),
+        )?,
+        None => options.url.to_owned(),
+    };
+    let leases = Leases::connect(&lease_url, options.worker_id, options.lease)?;
     leases.init()?;
     Ok((store, leases))
 }

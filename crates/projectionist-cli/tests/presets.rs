@@ -258,3 +258,71 @@ fn marten_preset_reads_mt_events_without_archived_events() {
         "the archived stream's events are left out"
     );
 }
+
+/// Loads the Marten fixture into `schema`.
+fn load_marten(url: &str) {
+    let sql = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../fixtures/marten/mt_events.sql"
+    ))
+    .unwrap();
+    postgres::Client::connect(url, postgres::NoTls)
+        .unwrap()
+        .batch_execute(&sql)
+        .unwrap();
+}
+
+/// Issue 13: a worker reading another program's table keeps its leases and
+/// heartbeats in a schema of its own (`[source] state_schema`), never beside
+/// the table it reads.
+#[test]
+#[cfg_attr(
+    not(pg_tests),
+    ignore = "set PROJECTIONIST_TEST_PG_URL to run the PostgreSQL tests"
+)]
+fn a_worker_on_a_foreign_table_creates_nothing_beside_it() {
+    let schema = common::pg::Schema::new("marten_worker");
+    let url = schema.url();
+    load_marten(&url);
+    let state = format!("pj_state_{}", std::process::id());
+    let env = Env::new();
+    env.write_config(
+        &carts_config("marten", "item_added", None, ["Quantity", "UnitPrice"]).replace(
+            "preset = \"marten\"",
+            &format!("preset = \"marten\"\nstate_schema = \"{state}\""),
+        ),
+    );
+    let out = env
+        .command_with(
+            &url,
+            "projections",
+            &["--quiet", "worker", "--exit-when-done"],
+        )
+        .output()
+        .unwrap();
+    let mut client = postgres::Client::connect(&schema.base, postgres::NoTls).unwrap();
+    let mut tables = |schema: &str| -> Vec<String> {
+        client
+            .query(
+                "SELECT table_name::text FROM information_schema.tables WHERE table_schema = $1 ORDER BY 1",
+                &[&schema],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    };
+    let beside = tables(&schema.name);
+    let ours = tables(&state);
+    client
+        .batch_execute(&format!("DROP SCHEMA IF EXISTS {state} CASCADE"))
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(carts(&env).len(), 2, "the worker built the projection");
+    assert_eq!(
+        beside,
+        ["mt_events", "mt_streams"],
+        "nothing created beside the table read"
+    );
+    assert_eq!(ours, ["projection_leases", "projection_workers"]);
+}

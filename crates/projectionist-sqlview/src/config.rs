@@ -88,6 +88,10 @@ pub struct RawSource {
     pub metadata: Option<String>,
     /// Timestamp column (text or integer), if any.
     pub recorded_at: Option<String>,
+    /// PostgreSQL only: the schema where workers keep their leases and
+    /// heartbeats, created if missing, so that nothing is created in the
+    /// schemas of the table read. Default `projectionist`.
+    pub state_schema: Option<String>,
     /// PostgreSQL only: how long a hole in the sequence is held at least, in
     /// milliseconds, for writers that draw a number in one transaction and
     /// insert it in a later one (see docs/postgres.md). Default 0.
@@ -144,6 +148,8 @@ pub struct ProjectionsConfig {
     /// Rows of the `[source]` table that are events (a preset's: e.g. not
     /// archived); empty means every row.
     pub source_conditions: Vec<RowCondition>,
+    /// `[source]`'s `state_schema`, when given.
+    pub source_state_schema: Option<String>,
 }
 
 /// One validated projection.
@@ -235,6 +241,10 @@ impl ProjectionsConfig {
                 ),
             ));
         }
+        let source_state_schema = raw.source.as_ref().and_then(|s| s.state_schema.clone());
+        if let Some(schema) = &source_state_schema {
+            plain_identifier(schema).map_err(|e| invalid("[source]".into(), e.to_string()))?;
+        }
         let (source, source_postgres, source_conditions) = match raw.source {
             Some(raw_source) => {
                 let conditions = raw_source.conditions();
@@ -250,6 +260,7 @@ impl ProjectionsConfig {
             source_postgres,
             source_settle,
             source_conditions,
+            source_state_schema,
         })
     }
 

@@ -65,7 +65,9 @@ mod definition;
 mod handler;
 mod params;
 
-pub use config::{ConfigError, ProjectionsConfig, SqlProjection, Statement};
+pub use config::{
+    ConfigError, PRESETS, ProjectionsConfig, SOURCE_SETTLE_MAX, SqlProjection, Statement,
+};
 pub use definition::{DEFINITION_TABLE, StoredDefinition, stored_definition};
 pub use handler::SqlHandler;
 pub use params::{Envelope, Param, ValueKind};
