@@ -326,3 +326,45 @@ fn a_worker_on_a_foreign_table_creates_nothing_beside_it() {
     );
     assert_eq!(ours, ["projection_leases", "projection_workers"]);
 }
+
+#[test]
+#[cfg_attr(
+    not(pg_tests),
+    ignore = "set PROJECTIONIST_TEST_PG_URL to run the PostgreSQL tests"
+)]
+fn emmett_preset_reads_emmetts_postgres_store_and_only_its_live_events() {
+    let schema = common::pg::Schema::new("emmett_preset");
+    let url = schema.url();
+    let dump = std::fs::read_to_string(Path::new(EMMETT_FIXTURE).join("postgres.sql")).unwrap();
+    let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    client.batch_execute(&dump).unwrap();
+    let env = Env::new();
+    env.write_config(&carts_config(
+        "emmett",
+        "ProductItemAdded",
+        Some("ProductItemRemoved"),
+        ["quantity", "unitPrice"],
+    ));
+    let rebuild = || {
+        let out = env
+            .command_with(&url, "projections", &["--quiet", "rebuild", "--in-place"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        carts(&env)
+    };
+    let all = vec![
+        ("shopping_cart-1".to_owned(), 4, 210),
+        ("shopping_cart-2".to_owned(), 1, 30),
+        ("shopping_cart-3".to_owned(), 1, 20),
+    ];
+    assert_eq!(rebuild(), all);
+    // Archiving a stream (Emmett moves its rows to the archived partition):
+    // its events are left out.
+    client
+        .batch_execute(
+            "UPDATE emt_messages SET is_archived = TRUE WHERE stream_id = 'shopping_cart-3'",
+        )
+        .unwrap();
+    assert_eq!(rebuild(), all[..2].to_vec());
+}
