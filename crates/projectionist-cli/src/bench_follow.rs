@@ -402,28 +402,7 @@ fn phases(
     });
     outcome?;
     // Shutdown.
-    let term = Instant::now();
-    let status = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()?;
-    if !status.success() {
-        bail!("kill -TERM {pid} failed");
-    }
-    let exit = follower.wait()?;
-    rows.push((
-        "SIGTERM to exit".into(),
-        format!(
-            "{:.0} ms, exit code {:?}",
-            term.elapsed().as_secs_f64() * 1e3,
-            exit.code()
-        ),
-    ));
-    if exit.code() != Some(0) {
-        bail!(
-            "the follower exited with {exit} (see {})",
-            dir.join("follower.log").display()
-        );
-    }
+    rows.push(terminate(follower, &dir.join("follower.log"))?);
     if let Target::Sqlite(store) = target {
         let checked = check_digests(store, dir, crate::app::DEMO_CONFIG, &PROJECTIONS)?;
         rows.push(("exactly once".into(), checked));
@@ -442,6 +421,32 @@ fn phases(
         out!("| {name} | {value} |");
     }
     Ok(())
+}
+
+/// Stops the follower with SIGTERM: the row "SIGTERM to exit" (time, exit
+/// code); an error unless it exited 0 (its log is at `log`).
+pub(crate) fn terminate(follower: &mut Child, log: &Path) -> anyhow::Result<(String, String)> {
+    let pid = follower.id();
+    let term = Instant::now();
+    let status = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()?;
+    if !status.success() {
+        bail!("kill -TERM {pid} failed");
+    }
+    let exit = follower.wait()?;
+    let row = (
+        "SIGTERM to exit".into(),
+        format!(
+            "{:.0} ms, exit code {:?}",
+            term.elapsed().as_secs_f64() * 1e3,
+            exit.code()
+        ),
+    );
+    if exit.code() != Some(0) {
+        bail!("the follower exited with {exit} (see {})", log.display());
+    }
+    Ok(row)
 }
 
 /// Waits until the follower has created both projection files.

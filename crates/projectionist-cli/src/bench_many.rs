@@ -213,26 +213,8 @@ fn phases(
             proc_status_kb(pid, "VmHWM:")? as f64 / 1024.0
         ),
     ));
-    let term = Instant::now();
-    if !Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()?
-        .success()
-    {
-        bail!("kill -TERM {pid} failed");
-    }
-    let exit = follower.wait()?;
-    rows.push((
-        "SIGTERM to exit".into(),
-        format!(
-            "{:.0} ms, exit code {:?}",
-            term.elapsed().as_secs_f64() * 1e3,
-            exit.code()
-        ),
-    ));
-    if exit.code() != Some(0) {
-        bail!("the follower exited with {exit}");
-    }
+    let log = dir.parent().unwrap_or(dir).join("follower.log");
+    rows.push(crate::bench_follow::terminate(follower, &log)?);
     let checked = [
         names[0].as_str(),
         names[names.len() / 2].as_str(),
