@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Variant (c) of the hot-key bench as users build it (examples/user-built: a
+# project of its own, default release profile, system allocator, default
+# options, serde struct payloads, the log read through `open_mapped`) against
+# the bench's own (c) child, on the same log, runs interleaved (A B A B ...).
+# Prints each run and the medians of wall and CPU seconds; fails if a digest
+# differs from the bench's.
+#
+#   scripts/bench-user-built.sh [EVENTS] [RUNS] [WORK]     (default 1000000 5 target/bench)
+set -euo pipefail
+events=${1:-1000000}
+runs=${2:-5}
+work=${3:-target/bench}
+cd "$(dirname "$0")/.."
+cargo build --release -q -p projectionist-cli
+cargo build --release -q --manifest-path examples/user-built/Cargo.toml
+bin=target/release/projectionist
+user=examples/user-built/target/release/user-built
+mkdir -p "$work"
+# One bench run of (c) makes (or reuses) the hot-key log.
+"$bin" bench --workload hot --events "$events" --runs 1 --variants c --work "$work" > /dev/null
+log=$(ls "$work"/hot-"$events"-seed*.db | head -1)
+median() { sort -n | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
+: > "$work/user-built.times"
+for run in $(seq "$runs"); do
+  for variant in bench-c user-built; do
+    dir="$work/ub-$variant"
+    rm -rf "$dir"
+    if [ "$variant" = bench-c ]; then
+      cmd=("$bin" bench-run --variant c --workload hot --bench-store "$log" --bench-dir "$dir")
+    else
+      cmd=("$user" "$log" "$dir")
+    fi
+    out=$( { /usr/bin/time -f "TIME %e %U %S" "${cmd[@]}"; } 2>&1 )
+    digest=$(echo "$out" | sed -n 's/.*"digest":"\([0-9a-f]*\)".*/\1/p')
+    read -r wall user_s sys_s < <(echo "$out" | sed -n 's/^TIME //p')
+    cpu=$(echo "$user_s + $sys_s" | bc)
+    echo "run $run $variant: wall $wall s, cpu $cpu s, digest $digest"
+    echo "$variant $wall $cpu $digest" >> "$work/user-built.times"
+  done
+done
+reference=$(awk '$1 == "bench-c" {print $4; exit}' "$work/user-built.times")
+if awk -v r="$reference" '$4 != r {bad=1} END {exit !bad}' "$work/user-built.times"; then
+  echo "digests differ" >&2
+  exit 1
+fi
+for variant in bench-c user-built; do
+  wall=$(awk -v v="$variant" '$1 == v {print $2}' "$work/user-built.times" | median)
+  cpu=$(awk -v v="$variant" '$1 == v {print $3}' "$work/user-built.times" | median)
+  echo "$variant: wall median $wall s, cpu median $cpu s ($runs runs, $events events)"
+done
+echo "digests: all equal ($reference)"
