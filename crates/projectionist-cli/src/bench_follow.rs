@@ -244,11 +244,25 @@ impl Observer {
 
 fn measure(bench: &FollowBench, target: &Target, dir: &Path, config: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
-    let exe = std::env::current_exe()?;
-    let log = std::fs::File::create(dir.join("follower.log"))?;
-    let mut follower = Command::new(&exe)
+    let log = dir.join("follower.log");
+    with_follower(&target.spec(), dir, config, &log, |follower| {
+        phases(bench, target, dir, follower)
+    })
+}
+
+/// Runs `phases` beside a `follow` child of this binary (store `store`,
+/// projections in `dir`, config `config`, its stderr in `log`); the child is
+/// killed if `phases` fails.
+pub(crate) fn with_follower(
+    store: &str,
+    dir: &Path,
+    config: &Path,
+    log: &Path,
+    phases: impl FnOnce(&mut Child) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let mut follower = Command::new(std::env::current_exe()?)
         .arg("--store")
-        .arg(target.spec())
+        .arg(store)
         .arg("--dir")
         .arg(dir)
         .arg("--config")
@@ -256,9 +270,9 @@ fn measure(bench: &FollowBench, target: &Target, dir: &Path, config: &Path) -> a
         .arg("--quiet")
         .arg("follow")
         .stdout(Stdio::null())
-        .stderr(log)
+        .stderr(std::fs::File::create(log)?)
         .spawn()?;
-    let result = phases(bench, target, dir, &mut follower);
+    let result = phases(&mut follower);
     if result.is_err() {
         let _ = follower.kill();
         let _ = follower.wait();

@@ -5,7 +5,7 @@
 //! to reach the last projection, shutdown, and digests against a rebuild.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -83,26 +83,11 @@ pub fn run(bench: &FollowBench, n: u32) -> anyhow::Result<()> {
         Connection::open(&store)?.pragma_update(None, "journal_mode", "WAL")?;
     }
     let projections = dir.join("projections");
-    let exe = std::env::current_exe()?;
-    let log = std::fs::File::create(dir.join("follower.log"))?;
-    let mut follower = Command::new(&exe)
-        .arg("--store")
-        .arg(&store)
-        .arg("--dir")
-        .arg(&projections)
-        .arg("--config")
-        .arg(&config_path)
-        .arg("--quiet")
-        .arg("follow")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()?;
-    let result = phases(bench, n, &store, &projections, &config_path, &mut follower);
-    if result.is_err() {
-        let _ = follower.kill();
-        let _ = follower.wait();
-    }
-    result
+    let log = dir.join("follower.log");
+    let store_spec = store.display().to_string();
+    crate::bench_follow::with_follower(&store_spec, &projections, &config_path, &log, |follower| {
+        phases(bench, n, &store, &projections, &config_path, follower)
+    })
 }
 
 fn phases(
