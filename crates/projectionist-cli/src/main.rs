@@ -48,6 +48,13 @@ fn main() -> ExitCode {
     if let Err(e) = lean {
         tracing::warn!("{e}");
     }
+    // Each open projection holds four file descriptors (its file, -wal, -shm
+    // and lock): a follower of hundreds of projections needs more than the
+    // usual soft limit of 1,024. Raised to the hard limit, as far as allowed.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::debug!(limit, "open files limit"),
+        Err(e) => tracing::debug!("cannot raise the open files limit: {e}"),
+    }
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {

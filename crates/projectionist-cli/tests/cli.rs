@@ -378,3 +378,49 @@ fn the_embedded_demo_config_equals_the_example() {
         "copy examples/orders/projections.toml to crates/projectionist-cli/src/demo_projections.toml"
     );
 }
+
+/// Each open projection holds four file descriptors (file, -wal, -shm,
+/// lock): under the usual soft limit a run of many projections would fail
+/// with "too many open files"; the binary raises its soft limit to the hard
+/// one first. Here 100 projections (400 descriptors) under a soft limit of 256.
+#[test]
+fn many_projections_run_under_a_low_soft_open_files_limit() {
+    let env = Env::new();
+    env.demo_log(300);
+    let mut config = String::new();
+    for i in 0..100 {
+        config.push_str(&format!(
+            "[[projection]]\nname = \"p{i:03}\"\nversion = 1\n\
+             schema = \"CREATE TABLE placed (order_id TEXT PRIMARY KEY)\"\n\
+             [projection.on.OrderPlaced]\n\
+             sql = \"INSERT INTO placed VALUES (:order_id!text)\"\n\n"
+        ));
+    }
+    env.write_config(&config);
+    let out = std::process::Command::new("sh")
+        .current_dir(env.tmp.path())
+        .arg("-c")
+        .arg("ulimit -Sn 256 && exec \"$@\"")
+        .arg("sh")
+        .arg(env!("CARGO_BIN_EXE_projectionist"))
+        .args([
+            "--store",
+            "events.db",
+            "--dir",
+            "many",
+            "--config",
+            "projections.toml",
+        ])
+        .args(["--quiet", "rebuild"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    for i in [0, 57, 99] {
+        let conn = projectionist::rusqlite::Connection::open(env.path(&format!("many/p{i:03}.db")))
+            .unwrap();
+        let placed: i64 = conn
+            .query_row("SELECT count(*) FROM placed", [], |r| r.get(0))
+            .unwrap();
+        assert!(placed > 0, "p{i:03} holds the placed orders");
+    }
+}
