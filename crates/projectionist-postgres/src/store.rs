@@ -489,14 +489,16 @@ impl PostgresEventStore {
 
     /// For a hole in another program's table: whether every transaction that
     /// was running when it was first seen has ended; `None` when this role
-    /// cannot see other roles' transactions (no proof possible).
+    /// cannot see other roles' transactions (no proof possible). Autovacuum
+    /// workers insert nothing and can run for minutes: they are not waited for.
     fn running_since_ended(&self, seen_at: f64) -> Result<Option<bool>> {
         let row = self
             .lock()
             .query_one(
                 "SELECT count(*) FILTER (WHERE xact_start IS NOT NULL AND extract(epoch FROM xact_start)::float8 < $1::float8), \
                         count(*) FILTER (WHERE state IS NULL AND backend_type = 'client backend') \
-                 FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()",
+                 FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid() \
+                 AND backend_type NOT IN ('autovacuum worker', 'autovacuum launcher')",
                 &[&seen_at],
             )
             .map_err(pg_error(format!(
