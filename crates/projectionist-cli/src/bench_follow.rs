@@ -318,17 +318,7 @@ fn phases(
                 ),
             ));
             // Idle.
-            let before = cpu_seconds(pid)?;
-            std::thread::sleep(Duration::from_secs(bench.idle_seconds));
-            let idle = (cpu_seconds(pid)? - before) / bench.idle_seconds as f64;
-            rows.push((
-                "idle CPU".into(),
-                format!(
-                    "{:.2}% of a core over {} s",
-                    idle * 100.0,
-                    bench.idle_seconds
-                ),
-            ));
+            rows.push(idle_cpu(pid, bench.idle_seconds)?);
             // Latency: one event per transaction at a steady rate.
             let n = u64::from(bench.rate) * bench.seconds;
             let mut committed = Vec::with_capacity(n as usize);
@@ -437,6 +427,18 @@ fn phases(
     Ok(())
 }
 
+/// The follower's CPU while nothing is appended for `seconds`: the row
+/// "idle CPU".
+pub(crate) fn idle_cpu(pid: u32, seconds: u64) -> anyhow::Result<(String, String)> {
+    let before = cpu_seconds(pid)?;
+    std::thread::sleep(Duration::from_secs(seconds));
+    let idle = (cpu_seconds(pid)? - before) / seconds as f64;
+    Ok((
+        "idle CPU".into(),
+        format!("{:.2}% of a core over {seconds} s", idle * 100.0),
+    ))
+}
+
 /// Stops the follower with SIGTERM: the row "SIGTERM to exit" (time, exit
 /// code); an error unless it exited 0 (its log is at `log`).
 pub(crate) fn terminate(follower: &mut Child, log: &Path) -> anyhow::Result<(String, String)> {
@@ -525,7 +527,7 @@ pub(crate) fn summary(latencies: &[Duration]) -> String {
 /// CPU seconds of a process so far, over all its threads: the scheduler's
 /// own nanosecond count (`/proc/<pid>/task/*/schedstat`), not the clock-tick
 /// samples of `/proc/<pid>/stat`, which miss or overcount short wake-ups.
-pub(crate) fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     let mut nanos = 0u64;
     for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
         let Ok(stat) = std::fs::read_to_string(task?.path().join("schedstat")) else {

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use projectionist::rusqlite::{Connection, OpenFlags};
 
-use crate::bench_follow::{FollowBench, cpu_seconds, proc_status_kb, summary};
+use crate::bench_follow::{FollowBench, proc_status_kb, summary};
 use crate::ui::out;
 
 /// Events in the log before the follower starts: enough for every projection
@@ -140,17 +140,7 @@ fn phases(
             rss as f64 / 1024.0
         ),
     ));
-    let before = cpu_seconds(pid)?;
-    std::thread::sleep(Duration::from_secs(bench.idle_seconds));
-    let idle = (cpu_seconds(pid)? - before) / bench.idle_seconds as f64;
-    rows.push((
-        "idle CPU".into(),
-        format!(
-            "{:.2}% of a core over {} s",
-            idle * 100.0,
-            bench.idle_seconds
-        ),
-    ));
+    rows.push(crate::bench_follow::idle_cpu(pid, bench.idle_seconds)?);
     // Appends, one event per transaction: the time until the last projection
     // (the last one its writer thread serves) shows each.
     let appender = Connection::open(store)?;
