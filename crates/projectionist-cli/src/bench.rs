@@ -518,7 +518,7 @@ fn run_d(store: &Path, dir: &Path, workload: Workload) -> anyhow::Result<()> {
         .zip(&config.projections)
         .map(|((db, handler), p)| ProjectionTarget {
             db,
-            handler: handler as &mut dyn Handler<serde_json::Value>,
+            handler: handler as &mut dyn Handler<crate::store::Payload>,
             checkpoint: CheckpointLocation::InFile,
             consumer_id: p.name.as_str(),
         })

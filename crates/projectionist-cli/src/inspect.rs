@@ -52,7 +52,8 @@ pub(crate) fn run_inspect(cli: &Cli, config_skeleton: bool) -> Result<(), Failur
     };
     let store = Store::open_existing(&spec, mapping.as_ref(), settle, &conditions)
         .map_err(fail(EXIT_STORE))?;
-    let (types, undecodable) = scan(store.reader()).map_err(|e| fail(EXIT_STORE)(e.into()))?;
+    let (types, undecodable) =
+        scan(store.value_reader()).map_err(|e| fail(EXIT_STORE)(e.into()))?;
     if config_skeleton {
         print_skeleton(&types);
     } else if cli.json {

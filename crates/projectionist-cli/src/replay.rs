@@ -139,7 +139,7 @@ pub(crate) fn ask_follower(
 /// showing progress; maps failures to exit codes.
 pub(crate) fn replay(
     cli: &Cli,
-    store: &dyn GlobalReader<serde_json::Value>,
+    store: &dyn GlobalReader<crate::store::Payload>,
     dir: &ProjectionDir,
     selected: &[&SqlProjection],
     plan: Plan,
@@ -463,7 +463,7 @@ pub(crate) fn targets<'a, 'p: 'a>(
     dbs: &'a [Arc<ProjectionDb>],
     selected: &[&'a SqlProjection],
     starts: &[Start],
-) -> Vec<(ProjectionTarget<'a, serde_json::Value>, Start)> {
+) -> Vec<(ProjectionTarget<'a, crate::store::Payload>, Start)> {
     handlers
         .iter_mut()
         .zip(dbs)
@@ -472,7 +472,7 @@ pub(crate) fn targets<'a, 'p: 'a>(
         .map(|(((handler, db), projection), start)| {
             let target = ProjectionTarget {
                 db,
-                handler: handler as &mut dyn projectionist::Handler<serde_json::Value>,
+                handler: handler as &mut dyn projectionist::Handler<crate::store::Payload>,
                 checkpoint: CheckpointLocation::InFile,
                 consumer_id: projection.name.as_str(),
             };

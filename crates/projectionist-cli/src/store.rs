@@ -7,6 +7,11 @@ use projectionist::{
 };
 use projectionist_postgres::PostgresEventStore;
 use serde_json::Value;
+use serde_json::value::RawValue;
+
+/// How the command line reads payloads: as JSON text, validated when read;
+/// a declarative projection decodes only the fields its statements bind.
+pub type Payload = Box<RawValue>;
 
 /// An open event store.
 pub enum Store {
@@ -62,7 +67,16 @@ impl Store {
     }
 
     /// The reader the engine uses.
-    pub fn reader(&self) -> &dyn GlobalReader<Value> {
+    pub fn reader(&self) -> &dyn GlobalReader<Payload> {
+        match self {
+            Store::Sqlite(s) => s,
+            Store::Postgres(s) => s,
+        }
+    }
+
+    /// A reader that decodes each payload into a tree, for looking at events
+    /// (`inspect`).
+    pub fn value_reader(&self) -> &dyn GlobalReader<Value> {
         match self {
             Store::Sqlite(s) => s,
             Store::Postgres(s) => s,

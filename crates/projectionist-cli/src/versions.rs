@@ -88,7 +88,7 @@ pub(crate) fn run_verify(
 /// Builds the shadow up to the live checkpoint and compares; true when equal.
 fn verify_one(
     cli: &Cli,
-    store: &dyn GlobalReader<serde_json::Value>,
+    store: &dyn GlobalReader<crate::store::Payload>,
     dir: &ProjectionDir,
     projection: &SqlProjection,
     cancel: &CancelToken,
@@ -135,7 +135,7 @@ fn verify_one(
 /// After an equal verification: the shadow goes on to the head and is published.
 fn catch_up_and_publish(
     cli: &Cli,
-    store: &dyn GlobalReader<serde_json::Value>,
+    store: &dyn GlobalReader<crate::store::Payload>,
     dir: &ProjectionDir,
     projection: &SqlProjection,
     keep_previous: bool,
@@ -158,7 +158,7 @@ fn catch_up_and_publish(
 /// One projection built into `db` from `store`, with progress.
 fn build(
     cli: &Cli,
-    store: &dyn GlobalReader<serde_json::Value>,
+    store: &dyn GlobalReader<crate::store::Payload>,
     db: &std::sync::Arc<projectionist::ProjectionDb>,
     projection: &SqlProjection,
     start: Start,

@@ -488,7 +488,7 @@ fn rebuild_one(
     };
     let target = ProjectionTarget {
         db: &db,
-        handler: &mut handler,
+        handler: &mut handler as &mut dyn projectionist::Handler<crate::store::Payload>,
         checkpoint: CheckpointLocation::InFile,
         consumer_id: projection.name.as_str(),
     };

@@ -64,6 +64,7 @@ mod confine;
 mod definition;
 mod handler;
 mod params;
+mod payload;
 
 pub use config::{
     ConfigError, PRESETS, ProjectionsConfig, SOURCE_SETTLE_MAX, SqlProjection, Statement,

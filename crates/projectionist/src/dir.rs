@@ -14,7 +14,7 @@ use std::time::Duration;
 use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior};
 
 use crate::error::{BoxError, Error, Result};
-use crate::limits::{BUSY_TIMEOUT_MS, START_BUSY_TIMEOUT_MS};
+use crate::limits::{BUSY_TIMEOUT_MS, QUICK_CHECK_CACHE_KIB, START_BUSY_TIMEOUT_MS};
 use crate::name::ProjectionName;
 use crate::outcome::RUN_SCHEMA;
 
@@ -815,18 +815,47 @@ pub fn is_corruption(error: &rusqlite::Error) -> bool {
 }
 
 /// `PRAGMA quick_check` of a projection file through any connection to it:
-/// `None` when it is sound, else what is wrong. Reads the whole file.
+/// `None` when it is sound, else what is wrong. Reads the whole file, through
+/// a page cache of at most [`QUICK_CHECK_CACHE_KIB`] (the connection's own
+/// cache size is restored afterwards), so checking a thousand files before a
+/// run does not leave each connection holding the pages of its whole file.
 ///
 /// # Errors
 /// [`Error::Sqlite`] for a failure that is not the file's damage (I/O, locks).
 pub fn quick_check(conn: &Connection) -> Result<Option<String>> {
-    match conn.query_row("PRAGMA quick_check(1)", [], |row| row.get::<_, String>(0)) {
+    let failed = |e| Error::sqlite("check projection file")(e);
+    let cache_size: i64 = conn
+        .pragma_query_value(None, "cache_size", |row| row.get(0))
+        .map_err(failed)?;
+    let bounded = -i64::try_from(QUICK_CHECK_CACHE_KIB).unwrap_or(i64::MAX);
+    let smaller = cache_kib(cache_size) > QUICK_CHECK_CACHE_KIB;
+    if smaller {
+        conn.pragma_update(None, "cache_size", bounded)
+            .map_err(failed)?;
+    }
+    let checked = conn.query_row("PRAGMA quick_check(1)", [], |row| row.get::<_, String>(0));
+    if smaller {
+        conn.pragma_update(None, "cache_size", cache_size)
+            .map_err(failed)?;
+    }
+    match checked {
         Ok(text) if text == "ok" => Ok(None),
         Ok(text) => Ok(Some(text)),
         Err(e) => match corruption(&e) {
             Some(reason) => Ok(Some(reason)),
-            None => Err(Error::sqlite("check projection file")(e)),
+            None => Err(failed(e)),
         },
+    }
+}
+
+/// A `PRAGMA cache_size` value in KiB: negative values are KiB already,
+/// positive ones are pages (counted at the largest page size, 64 KiB, which
+/// only matters for the comparison it serves).
+fn cache_kib(cache_size: i64) -> u64 {
+    if cache_size < 0 {
+        cache_size.unsigned_abs()
+    } else {
+        cache_size.unsigned_abs().saturating_mul(64)
     }
 }
 

@@ -54,6 +54,13 @@ pub const PAGE_CACHE_PER_PROJECTION_MAX_KIB: u64 = 2 * 1024;
 /// cached within one statement.
 pub const PAGE_CACHE_PER_PROJECTION_MIN_KIB: u64 = 32;
 
+/// Page cache (KiB) that [`quick_check`](crate::quick_check) reads a whole
+/// projection file through. The check visits each page once, so a small cache
+/// costs it nothing, while SQLite's default (2 MiB) would stay filled with the
+/// file's pages on every connection checked before a run: measured on a
+/// follower of 1,000 small projections, that was most of its heap.
+pub const QUICK_CHECK_CACHE_KIB: u64 = 64;
+
 /// Upper limit on the commit interval: bounds the work a crash throws away, the
 /// size of the WAL, and how stale the projection looks to readers.
 pub const COMMIT_INTERVAL_MAX: Duration = Duration::from_secs(60);
