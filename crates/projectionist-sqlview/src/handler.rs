@@ -2,8 +2,6 @@
 //! to its prepared statements; and the stored definition used to detect changes.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
-use std::collections::hash_map::Entry;
 
 use projectionist::rusqlite::types::{ToSqlOutput, Value as SqlValue, ValueRef};
 use projectionist::rusqlite::{CachedStatement, Transaction};
@@ -93,7 +91,9 @@ impl SqlHandler<'_> {
         let _enforced = self.confinement.enforce();
         // Each statement is taken from the connection's cache once per batch,
         // not looked up by its text for every event.
-        let mut prepared: HashMap<*const Statement, CachedStatement<'_>> = HashMap::new();
+        // A projection has a handful of statements: a short list searched by
+        // address beats hashing one per execution.
+        let mut prepared: Vec<(*const Statement, CachedStatement<'_>)> = Vec::new();
         // One buffer of bound values for the whole batch.
         let mut values: Vec<ToSqlOutput<'e>> = Vec::new();
         for event in events {
@@ -135,13 +135,18 @@ impl SqlHandler<'_> {
                     };
                     values.push(value.map_err(failure)?);
                 }
-                let stmt = match prepared.entry(std::ptr::from_ref(statement)) {
-                    Entry::Occupied(entry) => entry.into_mut(),
-                    Entry::Vacant(entry) => entry.insert(
-                        tx.prepare_cached(&statement.sql)
-                            .map_err(|e| sql_failure(&e))?,
-                    ),
+                let key = std::ptr::from_ref(statement);
+                let at = match prepared.iter().position(|(k, _)| *k == key) {
+                    Some(at) => at,
+                    None => {
+                        let stmt = tx
+                            .prepare_cached(&statement.sql)
+                            .map_err(|e| sql_failure(&e))?;
+                        prepared.push((key, stmt));
+                        prepared.len() - 1
+                    }
                 };
+                let stmt = &mut prepared[at].1;
                 stmt.execute(projectionist::rusqlite::params_from_iter(values.iter()))
                     .map_err(|e| sql_failure(&e))?;
             }
