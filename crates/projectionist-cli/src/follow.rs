@@ -168,10 +168,20 @@ fn follow_epoch(
         .map_err(|e| fail(EXIT_STORE)(e.into()))?;
     // The projections this process holds (their locks): it takes requests
     // for them, and only for them.
+    let many = selected.len() > projectionist::limits::OPEN_PROJECTIONS_MAX;
     let watched: Vec<String> = selected
         .iter()
         .map(|p| p.name.to_string())
-        .filter(|name| dir.db(name).is_ok())
+        .filter(|name| {
+            dir.db(name)
+                .map(|db| {
+                    if many {
+                        // Held (locked), not kept open: the run opens it.
+                        db.park();
+                    }
+                })
+                .is_ok()
+        })
         .collect();
     register(dir, &watched);
     roll_back_on_request(cli, dir, &watched);

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, anyhow};
+use projectionist::limits::OPEN_PROJECTIONS_MAX;
 use projectionist::limits::{BUSY_TIMEOUT_MS, START_BUSY_TIMEOUT_MS};
 use projectionist::{
     CancelToken, CheckpointLocation, Error, GlobalReader, Progress, ProjectionDb, ProjectionDir,
@@ -237,6 +238,12 @@ pub(crate) fn open_selected<'a>(
                 continue;
             }
         };
+        if selected.len() > OPEN_PROJECTIONS_MAX {
+            // The run opens each file again when it needs it: a thousand
+            // projections are not all held open at once.
+            db.park();
+            writes.park();
+        }
         opened.selected.push(projection);
         opened.dbs.push(db);
         opened.writes.push(writes);

@@ -352,6 +352,133 @@ fn seeded_sigkills_of_the_follower_while_two_processes_append_lose_and_repeat_no
     );
 }
 
+/// SIGKILLs of the follower of many projections (each restart opens them
+/// all); `PROJECTIONIST_SOAK=N` runs N.
+const MANY_KILLS_DEFAULT: u64 = 6;
+
+/// The event types the many projections are spread over; the appenders
+/// write no `ItemRemoved`, so its projections only ever skip new events.
+const MANY_TYPES: [&str; 4] = ["OrderPlaced", "ItemAdded", "ItemRemoved", "OrderShipped"];
+
+/// `n` projections counting the events of one type per stream.
+fn many_config(n: usize) -> String {
+    (0..n)
+        .map(|i| {
+            format!(
+                "[[projection]]\nname = \"p{i:04}\"\nversion = 1\n\
+                 schema = \"CREATE TABLE counts (stream TEXT PRIMARY KEY, n INTEGER NOT NULL)\"\n\
+                 [projection.on.{}]\n\
+                 sql = \"INSERT INTO counts VALUES (:_stream_id, 1) ON CONFLICT (stream) DO UPDATE SET n = n + 1\"\n\n",
+                MANY_TYPES[i % MANY_TYPES.len()]
+            )
+        })
+        .collect()
+}
+
+/// The follower's open files that are projection `name`'s database.
+fn open_files_of(pid: u32, names: &[String]) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter_map(|target| {
+            let file = target.file_name()?.to_str()?.to_owned();
+            names
+                .iter()
+                .any(|name| file == format!("{name}.db"))
+                .then_some(file)
+        })
+        .collect()
+}
+
+/// A run of more than `limits::OPEN_PROJECTIONS_MAX` projections parks the
+/// files of the others: they are opened for the messages that hold events of
+/// their types and closed again, so a following process does not hold them
+/// open. Seeded SIGKILLs of such a follower while another process appends
+/// lose and repeat nothing: every projection's table equals what the events
+/// table says, counted with plain SQL.
+#[test]
+fn many_projections_park_their_files_and_survive_sigkills() {
+    let open_max = projectionist::limits::OPEN_PROJECTIONS_MAX;
+    let n = open_max + 44;
+    let var = |name: &str| std::env::var(name).ok().and_then(|v| v.parse().ok());
+    let kills: u64 = var("PROJECTIONIST_SOAK").unwrap_or(MANY_KILLS_DEFAULT);
+    let seed: u64 = var("PROJECTIONIST_SEED").unwrap_or_else(|| fastrand::u64(..));
+    eprintln!(
+        "many-projections crash test: seed {seed} (PROJECTIONIST_SEED={seed} repeats it), {kills} kills"
+    );
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let env = Env::new();
+    env.demo_log(1_000);
+    env.write_config(&many_config(n));
+    let mut writer = appender(&env, "w1", 300 + kills * 60, seed);
+    for kill in 0..kills {
+        let follower = env.command(&["--quiet", "follow"]);
+        run_and_kill(
+            follower,
+            Duration::from_millis(rng.u64(100..1_500)),
+            kill,
+            seed,
+        );
+    }
+    assert!(wait_exit(&mut writer).success());
+    // More than the last follower read, so that the run below ends with
+    // batches its parked projections still keep (small batches: many of them).
+    let store = Connection::open(env.path("events.db")).unwrap();
+    for n in 0..200 {
+        let (stream, version, event_type, data) = order_event("late", n / 4, n, &mut rng);
+        store
+            .execute(
+                "INSERT INTO events (stream_id, stream_version, event_type, data) VALUES (?1, ?2, ?3, ?4)",
+                (stream, version, event_type, data),
+            )
+            .unwrap();
+    }
+    let head = head(&env);
+    // One run to the end of the log: every projection finishes at the head.
+    let out = env.run(&["--quiet", "--batch-size", "7", "resume"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let names: Vec<String> = (0..n).map(|i| format!("p{i:04}")).collect();
+    for (i, name) in names.iter().enumerate() {
+        let expected: Vec<(String, i64)> = store
+            .prepare("SELECT stream_id, count(*) FROM events WHERE event_type = ?1 GROUP BY stream_id ORDER BY stream_id")
+            .unwrap()
+            .query_map([MANY_TYPES[i % MANY_TYPES.len()]], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let projection = Connection::open(env.path(&format!("projections/{name}.db"))).unwrap();
+        let counted: Vec<(String, i64)> = projection
+            .prepare("SELECT stream, n FROM counts ORDER BY stream")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(
+            expected == counted,
+            "after {kills} kills (seed {seed}) {name} differs from the events table"
+        );
+        assert_eq!(checkpoint(&env, name), head, "{name} (seed {seed})");
+    }
+    // A follower at rest: the kept files are open, the parked ones are not.
+    let mut follower = env
+        .command(&["--quiet", "follow"])
+        .stdout(Stdio::null())
+        .spawn()
+        .map(Reaped::new)
+        .unwrap();
+    let (kept, parked) = names.split_at(open_max);
+    wait_following(&env, &[kept[0].as_str(), parked[0].as_str()]);
+    for _ in 0..3 {
+        let open = open_files_of(follower.id(), parked);
+        assert!(open.is_empty(), "parked projections held open: {open:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(open_files_of(follower.id(), kept).len(), open_max);
+    signal(&follower, "-TERM");
+    assert_eq!(wait_exit(&mut follower).code(), Some(0));
+}
+
 /// Two projections: only `placed` handles `OrderPlaced`.
 const SPLIT_CONFIG: &str = r#"
 [[projection]]

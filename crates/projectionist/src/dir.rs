@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use rusqlite::config::DbConfig;
 use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior};
 
 use crate::error::{BoxError, Error, Result};
@@ -442,14 +443,28 @@ impl ProjectionDir {
 }
 
 /// A projection's writer connection, held (see [`ProjectionDb::lock_writer`]).
-pub(crate) struct WriterGuard<'a>(MutexGuard<'a, Option<Connection>>);
+pub(crate) struct WriterGuard<'a>(MutexGuard<'a, Writer>);
 
 impl std::ops::Deref for WriterGuard<'_> {
     type Target = Connection;
 
     fn deref(&self) -> &Connection {
-        self.0.as_ref().expect("checked open when locked")
+        match &*self.0 {
+            Writer::Open(conn) => conn,
+            Writer::Parked | Writer::Closed => unreachable!("opened when locked"),
+        }
     }
+}
+
+/// A projection's writer connection.
+#[derive(Debug)]
+enum Writer {
+    Open(Connection),
+    /// Closed to save memory and file descriptors; opened again when next
+    /// used (see [`ProjectionDb::park`]).
+    Parked,
+    /// Closed for good (`remove`, `close`).
+    Closed,
 }
 
 /// One open projection: its file, its single writer connection and its lock.
@@ -457,7 +472,7 @@ impl std::ops::Deref for WriterGuard<'_> {
 pub struct ProjectionDb {
     name: ProjectionName,
     path: PathBuf,
-    writer: Mutex<Option<Connection>>,
+    writer: Mutex<Writer>,
     lock: Mutex<Option<File>>,
 }
 
@@ -471,7 +486,7 @@ impl ProjectionDb {
         ProjectionDb {
             name,
             path,
-            writer: Mutex::new(Some(conn)),
+            writer: Mutex::new(Writer::Open(conn)),
             lock: Mutex::new(lock),
         }
     }
@@ -488,29 +503,96 @@ impl ProjectionDb {
         &self.path
     }
 
-    /// Runs `f` with exclusive use of the writer connection.
+    /// Runs `f` with exclusive use of the writer connection (opened again
+    /// first when it was parked).
     ///
     /// # Errors
     /// [`Error::Closed`] after `remove`/`close`, or whatever `f` returns.
     pub fn with_connection<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
-        let mut guard = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
-        let conn = guard.as_mut().ok_or_else(|| Error::Closed {
-            name: self.name.to_string(),
-        })?;
-        f(conn)
+        let mut guard = self.lock_open()?;
+        match &mut *guard {
+            Writer::Open(conn) => f(conn),
+            Writer::Parked | Writer::Closed => unreachable!("opened when locked"),
+        }
     }
 
     /// Exclusive use of the writer connection for as long as the guard lives:
-    /// a run's writer thread holds those of all the projections it serves, so
+    /// a run's writer thread holds those of the projections it keeps open, so
     /// each can keep a transaction open across the batches it receives.
     pub(crate) fn lock_writer(&self) -> Result<WriterGuard<'_>> {
-        let guard = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
-        if guard.is_none() {
-            return Err(Error::Closed {
-                name: self.name.to_string(),
-            });
+        self.lock_open().map(WriterGuard)
+    }
+
+    /// The writer, open: a parked one is opened again, after checking that
+    /// the file is still this projection (the lock keeps other projectionist
+    /// processes away, not other programs).
+    fn lock_open(&self) -> Result<MutexGuard<'_, Writer>> {
+        let mut guard = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        match *guard {
+            Writer::Open(_) => {}
+            Writer::Closed => {
+                return Err(Error::Closed {
+                    name: self.name.to_string(),
+                });
+            }
+            Writer::Parked => {
+                let gone = |reason: String| Error::NotAProjection {
+                    path: self.path.clone(),
+                    reason,
+                };
+                match classify_file(&self.path)? {
+                    Some(FileKind::Projection) => {}
+                    None => {
+                        return Err(gone(
+                            "the file was removed while the projection was open".to_owned(),
+                        ));
+                    }
+                    Some(FileKind::Corrupt(reason)) => {
+                        return Err(Error::CorruptProjection {
+                            path: self.path.clone(),
+                            reason,
+                        });
+                    }
+                    Some(FileKind::Empty) => {
+                        return Err(gone(
+                            "the file was emptied while the projection was open".to_owned(),
+                        ));
+                    }
+                    Some(FileKind::NotAProjection(reason)) => return Err(gone(reason)),
+                }
+                *guard = Writer::Open(reopen_projection(&self.path)?);
+            }
         }
-        Ok(WriterGuard(guard))
+        Ok(guard)
+    }
+
+    /// Closes the writer connection until it is next used, when it opens
+    /// again by itself; the projection's lock stays held. An open connection
+    /// costs about 130 KiB of memory (schema, statements, page cache, the
+    /// 32 KiB `-shm` mapping) and three file descriptors: a process that holds
+    /// many projections parks those it is not writing. Does nothing when the
+    /// connection is closed already.
+    pub fn park(&self) {
+        let mut guard = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        if matches!(*guard, Writer::Open(_)) {
+            // Dropping the connection closes it; SQLite checkpoints the WAL
+            // when this was the file's last connection.
+            *guard = Writer::Parked;
+        }
+    }
+
+    /// [`park`](Self::park) without the checkpoint SQLite runs when a file's
+    /// last connection closes (two `fsync`s and the `-wal` deleted): for a
+    /// file opened again soon. Its `-wal` stays, and the next connection
+    /// reads it to rebuild the index; the run keeps it short (see
+    /// [`PARKED_WAL_PAGES_MAX`](crate::limits::PARKED_WAL_PAGES_MAX)).
+    pub(crate) fn park_quickly(&self) {
+        let mut guard = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Writer::Open(conn) = &*guard {
+            // Best effort: if SQLite refuses, the close checkpoints as usual.
+            let _ = conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true);
+            *guard = Writer::Parked;
+        }
     }
 
     /// Runs `f` in one write transaction (begun IMMEDIATE, so it never fails with
@@ -550,12 +632,11 @@ impl ProjectionDb {
     /// Closes the writer and hands back the lock, so the caller decides when to
     /// release it (after deleting files, for `remove`).
     pub(crate) fn close_inner(&self) -> Result<Option<File>> {
-        let conn = self
-            .writer
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some(conn) = conn {
+        let writer = std::mem::replace(
+            &mut *self.writer.lock().unwrap_or_else(PoisonError::into_inner),
+            Writer::Closed,
+        );
+        if let Writer::Open(conn) = writer {
             conn.close().map_err(|(_, source)| Error::Sqlite {
                 step: format!("close projection {}", self.name),
                 source,
@@ -644,6 +725,21 @@ pub(crate) fn open_projection(
     conn.query_row("SELECT count(*) FROM _checkpoint", [], |_| Ok(()))
         .map_err(corrupt)?;
     conn.busy_timeout(Duration::from_millis(u64::from(BUSY_TIMEOUT_MS)))
+        .map_err(Error::sqlite(step()))?;
+    Ok(conn)
+}
+
+/// Opens a parked projection's file again: only what a connection needs
+/// (busy timeout, `synchronous`, `temp_store`), since the file's own
+/// settings (WAL, application id, the engine's tables) were made when it was
+/// first opened in this process. The file must exist: it is not created.
+fn reopen_projection(path: &Path) -> Result<Connection> {
+    let step = || format!("open projection file {} again", path.display());
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(path, flags).map_err(Error::sqlite(step()))?;
+    conn.busy_timeout(Duration::from_millis(u64::from(BUSY_TIMEOUT_MS)))
+        .map_err(Error::sqlite(step()))?;
+    conn.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA temp_store = MEMORY;")
         .map_err(Error::sqlite(step()))?;
     Ok(conn)
 }

@@ -54,6 +54,39 @@ pub const PAGE_CACHE_PER_PROJECTION_MAX_KIB: u64 = 2 * 1024;
 /// cached within one statement.
 pub const PAGE_CACHE_PER_PROJECTION_MIN_KIB: u64 = 32;
 
+/// Projections of one run whose files stay open for the whole run. A run
+/// with more parks the others' connections ([`ProjectionDb::park`](crate::ProjectionDb::park))
+/// and opens each file only for a message that holds events of its types,
+/// committing that message on its own. An open projection costs about
+/// 130 KiB (SQLite's schema, statements and page cache for the connection,
+/// plus the 32 KiB `-shm` mapping) and three file descriptors, so 256 keep
+/// a follower of any number of projections near 64 MiB; opening a file again
+/// costs about a millisecond. Runs of up to this many projections are not
+/// affected; in a larger run, the first this many projections given keep
+/// their files open.
+pub const OPEN_PROJECTIONS_MAX: usize = 256;
+
+/// Batches a parked projection keeps before it opens its file to apply them
+/// together (it also does when the oldest is a commit interval old, and when
+/// the reader reaches the head). The batches are shared with the run's other
+/// projections, so this bounds how many a run keeps alive, not a copy per
+/// projection; 16 batches of 500 events cut the opens of a catch-up sixteen
+/// times.
+pub const PARKED_PENDING_BATCHES_MAX: usize = 16;
+
+/// WAL pages (`PRAGMA wal_autocheckpoint`) a parked projection's file may
+/// collect before a commit checkpoints it. Parked files are closed without a
+/// checkpoint, and the next open reads the whole `-wal` to index it: 64 pages
+/// (256 KiB with 4 KiB pages) keep that read short, and the checkpoint's two
+/// `fsync`s come once per some twenty small commits instead of once per close.
+pub const PARKED_WAL_PAGES_MAX: u32 = 64;
+
+/// A parked projection that is sent nothing of its types has its checkpoint
+/// moved up to the log's head at most this often while following (each move
+/// opens its file); readers of its file see it that much behind, though it
+/// has nothing to apply.
+pub const PARKED_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(10);
+
 /// Page cache (KiB) that [`quick_check`](crate::quick_check) reads a whole
 /// projection file through. The check visits each page once, so a small cache
 /// costs it nothing, while SQLite's default (2 MiB) would stay filled with the

@@ -82,6 +82,32 @@ impl<'a> Keeper<'a> {
         }
     }
 
+    /// When a parked projection's file is opened again: its own checkpoint
+    /// must be where this run committed it, or something other than this run
+    /// changed the file in between (the projection's lock keeps other
+    /// projectionist processes away, not other programs).
+    pub(super) fn check_in_file(
+        &self,
+        tx: &Transaction<'_>,
+        name: &str,
+        committed: u64,
+    ) -> Result<()> {
+        if let CheckpointLocation::InFile = self.location {
+            let in_file = SqliteCheckpoint::load_in(tx, self.consumer_id)?;
+            if in_file != committed {
+                return Err(Error::External {
+                    step: format!("projection {name}: open its file again"),
+                    source: format!(
+                        "its checkpoint is {in_file} where this run committed {committed}: \
+                         another program changed the file meanwhile; rebuild it"
+                    )
+                    .into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// After a commit: an external checkpoint is saved now (at-least-once).
     /// Returns whether it was saved here.
     pub(super) fn after_commit(&self, applied: u64, committed: u64) -> Result<bool> {

@@ -40,7 +40,7 @@ use std::time::Duration;
 use crate::error::{Error, Result};
 use crate::limits::{
     BATCH_SIZE_DEFAULT, BATCH_SIZE_MAX, CHANNEL_BATCHES_MAX, COMMIT_INTERVAL_MAX,
-    CONCURRENT_REBUILDS_MAX, WRITER_THREADS_MAX,
+    CONCURRENT_REBUILDS_MAX, OPEN_PROJECTIONS_MAX, WRITER_THREADS_MAX,
 };
 use crate::progress::CancelToken;
 use crate::reader::GlobalReader;
@@ -274,6 +274,7 @@ fn run<E: Send + Sync>(
         projections_ended: AtomicUsize::new(0),
         ended: (0..n).map(|_| AtomicBool::new(false)).collect(),
         commit_interval,
+        open_max: OPEN_PROJECTIONS_MAX,
     };
     let types_per_projection: Vec<Option<Vec<String>>> = projections
         .iter()
@@ -288,6 +289,7 @@ fn run<E: Send + Sync>(
             idx,
             projection,
             start,
+            types: types_per_projection[idx].clone(),
         });
     }
     let mut results: Vec<Option<Result<RebuildResult>>> = (0..n).map(|_| None).collect();

@@ -9,7 +9,7 @@ use std::time::Instant;
 use super::types::{Message, RunContext};
 use crate::error::{Error, Result};
 use crate::event::GlobalEvent;
-use crate::limits::{FOLLOW_QUIET_POLL_DIVISOR, FOLLOW_QUIET_POLL_MAX};
+use crate::limits::{FOLLOW_QUIET_POLL_DIVISOR, FOLLOW_QUIET_POLL_MAX, PARKED_CHECKPOINT_INTERVAL};
 use crate::progress::CancelToken;
 use crate::reader::GlobalReader;
 
@@ -181,7 +181,22 @@ pub(super) fn read_loop<E>(
         context.saw_head(through);
         broadcast(senders, &Message::CaughtUp { through });
         let all_ended = || context.all_ended();
-        if let Err(e) = wait_for_change(reader.reader, token, news_at, stop, cancel, &all_ended) {
+        // Parked projections move their checkpoints over events of other
+        // types only when told the head again (see `Slot::catch_up`): a quiet
+        // log is re-read that often.
+        let retell = context
+            .parks_some()
+            .then(|| Instant::now() + PARKED_CHECKPOINT_INTERVAL);
+        let waited = wait_for_change(
+            reader.reader,
+            token,
+            news_at,
+            retell,
+            stop,
+            cancel,
+            &all_ended,
+        );
+        if let Err(e) = waited {
             broadcast(senders, &Message::ReadFailed(Arc::new(e)));
             return;
         }
@@ -190,11 +205,12 @@ pub(super) fn read_loop<E>(
 
 /// Waits, without reading the log, until it may have changed since `token`
 /// was taken, or until the follower is stopped or cancelled, or no writer is
-/// left.
+/// left, or `until` has passed.
 fn wait_for_change<E>(
     reader: &dyn GlobalReader<E>,
     token: Option<u64>,
     news_at: Instant,
+    until: Option<Instant>,
     stop: &CancelToken,
     cancel: Option<&CancelToken>,
     all_ended: &dyn Fn() -> bool,
@@ -205,7 +221,12 @@ fn wait_for_change<E>(
         // event after a quiet spell is delayed by at most 1% of it.
         let quiet = news_at.elapsed() / FOLLOW_QUIET_POLL_DIVISOR;
         let interval = busy.max(quiet.min(FOLLOW_QUIET_POLL_MAX));
-        if stop.is_cancelled() || cancel.is_some_and(CancelToken::is_cancelled) || all_ended() {
+        let late = until.is_some_and(|until| Instant::now() >= until);
+        if late
+            || stop.is_cancelled()
+            || cancel.is_some_and(CancelToken::is_cancelled)
+            || all_ended()
+        {
             return Ok(());
         }
         reader.wait_for_hint(interval)?;

@@ -14,7 +14,7 @@ use crate::event::GlobalEvent;
 use crate::handler::Handler;
 use crate::limits::{
     BATCH_SIZE_DEFAULT, COMMIT_INTERVAL_DEFAULT, PAGE_CACHE_BUDGET_KIB,
-    PAGE_CACHE_PER_PROJECTION_MAX_KIB, PAGE_CACHE_PER_PROJECTION_MIN_KIB,
+    PAGE_CACHE_PER_PROJECTION_MAX_KIB, PAGE_CACHE_PER_PROJECTION_MIN_KIB, WRITER_THREADS_MAX,
 };
 use crate::progress::{CancelToken, CommitGuardFn, ProgressFn, StepHookFn};
 use crate::reader::GlobalReader;
@@ -168,6 +168,9 @@ pub(crate) struct RunContext<'a> {
     pub(crate) ended: Vec<AtomicBool>,
     /// Validated `options.commit_interval`.
     pub(crate) commit_interval: Duration,
+    /// Projections (the first ones of the run's input) whose files stay open
+    /// ([`OPEN_PROJECTIONS_MAX`](crate::limits::OPEN_PROJECTIONS_MAX)).
+    pub(crate) open_max: usize,
 }
 
 impl RunContext<'_> {
@@ -185,11 +188,26 @@ impl RunContext<'_> {
     /// Each projection's share of the run's page cache, in KiB (see
     /// [`PAGE_CACHE_BUDGET_KIB`]).
     pub(crate) fn page_cache_kib(&self) -> u64 {
-        let projections = self.ended.len().max(1) as u64;
+        // Parked projections are open one per writer thread at most.
+        let open = self
+            .ended
+            .len()
+            .min(self.open_max + WRITER_THREADS_MAX as usize);
+        let projections = open.max(1) as u64;
         (PAGE_CACHE_BUDGET_KIB / projections).clamp(
             PAGE_CACHE_PER_PROJECTION_MIN_KIB,
             PAGE_CACHE_PER_PROJECTION_MAX_KIB,
         )
+    }
+
+    /// Whether projection `idx` keeps its file open for the whole run.
+    pub(crate) fn keeps_open(&self, idx: usize) -> bool {
+        idx < self.open_max
+    }
+
+    /// Whether some projections of the run are parked between messages.
+    pub(crate) fn parks_some(&self) -> bool {
+        self.ended.len() > self.open_max
     }
 
     /// Whether every projection of the run has ended.

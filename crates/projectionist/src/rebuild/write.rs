@@ -18,11 +18,15 @@ use std::time::{Duration, Instant};
 use rusqlite::{Connection, Transaction, TransactionBehavior};
 
 use crate::checkpoint::validate_consumer_id;
+use crate::dir::ProjectionDb;
 use crate::dir::drop_projection_objects;
 use crate::error::{BoxError, Error, Result};
 use crate::event::GlobalEvent;
 use crate::handler::Handler;
-use crate::limits::{BUSY_TIMEOUT_MS, START_BUSY_TIMEOUT_MS};
+use crate::limits::{
+    BUSY_TIMEOUT_MS, PARKED_CHECKPOINT_INTERVAL, PARKED_PENDING_BATCHES_MAX, PARKED_WAL_PAGES_MAX,
+    START_BUSY_TIMEOUT_MS,
+};
 use crate::outcome::{record_following, record_outcome, record_running};
 use crate::progress::{BatchStep, CancelToken, Progress};
 
@@ -35,6 +39,8 @@ pub(super) struct Assigned<'p, E> {
     pub(super) idx: usize,
     pub(super) projection: ProjectionTarget<'p, E>,
     pub(super) start: Start,
+    /// The event types its handler declares (`None`: all).
+    pub(super) types: Option<Vec<String>>,
 }
 
 /// A writer thread: starts each of its projections, then applies every
@@ -52,6 +58,7 @@ pub(super) fn write_projections<E>(
         idx,
         mut projection,
         start,
+        types,
     } in assigned
     {
         let started = Instant::now();
@@ -59,7 +66,12 @@ pub(super) fn write_projections<E>(
         match begin_run(&mut projection, &keeper, start, context) {
             Ok(committed) => {
                 let _ = start_tx.send(Some(committed));
-                begun.push((idx, projection, keeper, committed, started));
+                if !context.keeps_open(idx) {
+                    // At once: a thread starts all its projections before
+                    // serving any, and they must not all be open together.
+                    projection.db.park_quickly();
+                }
+                begun.push((idx, projection, keeper, committed, started, types));
             }
             Err(e) => {
                 let _ = start_tx.send(None);
@@ -76,38 +88,54 @@ pub(super) fn write_projections<E>(
         }
     }
     drop(start_tx);
-    // Every projection's writer connection is held for the whole run, so each
-    // can keep its commit group open across messages.
+    // The writer connection of each projection the run keeps open is held
+    // for the whole run, so it can keep its commit group open across
+    // messages; the others are parked between the messages that concern them.
     let guards: Vec<_> = begun
         .iter()
-        .map(|(_, projection, ..)| projection.db.lock_writer())
+        .map(|(idx, projection, ..)| {
+            context
+                .keeps_open(*idx)
+                .then(|| projection.db.lock_writer())
+        })
         .collect();
     let mut slots = Vec::with_capacity(begun.len());
-    for ((idx, projection, keeper, committed, started), guard) in begun.into_iter().zip(&guards) {
+    for ((idx, projection, keeper, committed, started, types), guard) in
+        begun.into_iter().zip(&guards)
+    {
         let name = projection.db.name().to_string();
-        match guard {
-            Ok(conn) => slots.push(Slot {
-                idx,
-                name,
-                projection,
-                keeper,
-                conn,
-                group: None,
-                state: WriterState {
-                    committed,
-                    applied: committed,
-                    started_from: committed,
-                    ..WriterState::default()
-                },
-                started,
-                result: None,
-            }),
-            Err(_) => {
+        let conn = match guard {
+            Some(Ok(conn)) => Some(&**conn),
+            None => None,
+            Some(Err(_)) => {
                 let state = WriterState::default();
                 let closed = Err(Error::Closed { name: name.clone() });
                 results.push((idx, conclude(context, idx, name, &state, started, closed)));
+                continue;
             }
-        }
+        };
+        slots.push(Slot {
+            idx,
+            name,
+            projection,
+            keeper,
+            conn,
+            types,
+            visited: Instant::now(),
+            pending: Vec::new(),
+            pending_since: Instant::now(),
+            group: None,
+            state: WriterState {
+                committed,
+                applied: committed,
+                written: committed,
+                started_from: committed,
+                parked: conn.is_none(),
+                ..WriterState::default()
+            },
+            started,
+            result: None,
+        });
     }
     serve(&mut slots, batches, context);
     results.extend(slots.into_iter().map(|slot| {
@@ -148,7 +176,7 @@ fn serve<E>(
                 for slot in running {
                     match slot.catch_up(through, context) {
                         Ok(()) => slot.report(context, None),
-                        Err(e) => slot.end(Stop::Failed(e), context),
+                        Err(stop) => slot.end(stop, context),
                     }
                 }
             }
@@ -182,6 +210,9 @@ struct WriterState {
     committed: u64,
     /// The checkpoint as applied in the open group (equal to `committed` between groups).
     applied: u64,
+    /// The checkpoint as saved in the open transaction (`committed` when it
+    /// began); below `applied` when a parked projection skipped batches.
+    written: u64,
     /// Events applied in this run (committed or in the open group).
     processed: u64,
     /// Batches applied in this run; numbers the batches for the step hook.
@@ -192,6 +223,10 @@ struct WriterState {
     following: bool,
     /// When the oldest batch of the open group was read.
     oldest_read: Option<Instant>,
+    /// The projection's connection is parked between the messages that
+    /// concern it: it has no open group, and `applied` may run ahead of
+    /// `committed` over events of types it does not handle.
+    parked: bool,
     /// From the read of the last committed group's oldest batch to its commit.
     batch_latency: Option<Duration>,
 }
@@ -217,14 +252,23 @@ struct Group<'c> {
     started: Instant,
 }
 
-/// A projection during the batch loop: its writer connection (held), its open
-/// commit group, where it stands; its result once it has ended.
+/// A projection during the batch loop: its writer connection (held, or
+/// `None` while parked), its open commit group, where it stands; its result
+/// once it has ended.
 struct Slot<'p, 'c, E> {
     idx: usize,
     name: String,
     projection: ProjectionTarget<'p, E>,
     keeper: Keeper<'p>,
-    conn: &'c Connection,
+    conn: Option<&'c Connection>,
+    /// The event types its handler declares (`None`: all).
+    types: Option<Vec<String>>,
+    /// When a parked projection's file was last opened.
+    visited: Instant,
+    /// A parked projection's batches not applied yet (see `visit_batch`).
+    pending: Vec<Arc<Vec<GlobalEvent<E>>>>,
+    /// When the oldest of them arrived.
+    pending_since: Instant,
     group: Option<Group<'c>>,
     state: WriterState,
     started: Instant,
@@ -241,7 +285,7 @@ impl<'c, E> Slot<'_, 'c, E> {
     /// than the commit interval. Returns whether there was anything to apply.
     fn apply(
         &mut self,
-        batch: &[GlobalEvent<E>],
+        batch: &Arc<Vec<GlobalEvent<E>>>,
         read_at: Instant,
         context: &RunContext<'_>,
     ) -> std::result::Result<bool, Stop> {
@@ -252,10 +296,16 @@ impl<'c, E> Slot<'_, 'c, E> {
         if events.is_empty() {
             return Ok(false);
         }
+        if self.conn.is_none() {
+            return self.visit_batch(batch, fresh_from, read_at, context);
+        }
         self.open_group().map_err(Stop::Failed)?;
         self.state.oldest_read = Some(self.state.oldest_read.unwrap_or(read_at).min(read_at));
         self.state.batches += 1;
-        self.apply_batch(events, context)?;
+        let group = self.group.take().expect("a group is open");
+        let applied = self.apply_batch(&group.tx, events, context);
+        self.group = Some(group);
+        applied?;
         let open = self.group.as_ref().expect("a group is open");
         if open.started.elapsed() >= context.commit_interval {
             self.commit_group(context).map_err(Stop::Failed)?;
@@ -263,14 +313,131 @@ impl<'c, E> Slot<'_, 'c, E> {
         Ok(true)
     }
 
+    /// A parked projection's share of a batch. It is kept (the batch is
+    /// shared with the other projections) until [`PARKED_PENDING_BATCHES_MAX`]
+    /// are, or the oldest is a commit interval old, or the reader reaches the
+    /// head; then the file is opened and they are applied and committed
+    /// together, as a commit group. A batch with nothing of its types, while
+    /// none is kept, leaves the file alone (its checkpoint catches up later,
+    /// see `catch_up`). Returns whether anything was committed.
+    fn visit_batch(
+        &mut self,
+        batch: &Arc<Vec<GlobalEvent<E>>>,
+        fresh_from: usize,
+        read_at: Instant,
+        context: &RunContext<'_>,
+    ) -> std::result::Result<bool, Stop> {
+        let events = &batch[fresh_from..];
+        if self.pending.is_empty()
+            && let Some(types) = &self.types
+            && !events.iter().any(|e| types.contains(&e.event_type))
+        {
+            self.state.applied = events.last().expect("batch is not empty").sequence;
+            return Ok(false);
+        }
+        if self.pending.is_empty() {
+            self.pending_since = Instant::now();
+        }
+        self.pending.push(Arc::clone(batch));
+        self.state.oldest_read = Some(self.state.oldest_read.unwrap_or(read_at).min(read_at));
+        let full = self.pending.len() >= PARKED_PENDING_BATCHES_MAX;
+        if full || self.pending_since.elapsed() >= context.commit_interval {
+            self.flush_pending(context, None)?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Applies a parked projection's kept batches in one visit; with
+    /// `through`, also moves its checkpoint up to it (a follower at the head).
+    fn flush_pending(
+        &mut self,
+        context: &RunContext<'_>,
+        through: Option<u64>,
+    ) -> std::result::Result<(), Stop> {
+        let pending = std::mem::take(&mut self.pending);
+        if pending.is_empty() && through.is_none() {
+            return Ok(());
+        }
+        self.visit(context, |slot, tx| {
+            for batch in &pending {
+                let from = batch.partition_point(|e| e.sequence <= slot.state.applied);
+                let events = &batch[from..];
+                if !events.is_empty() {
+                    slot.state.batches += 1;
+                    slot.apply_batch(tx, events, context)?;
+                }
+            }
+            if let Some(through) = through {
+                slot.move_checkpoint(tx, through).map_err(Stop::Failed)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Opens a parked projection's file, runs `f` in one write transaction
+    /// (after the handler's `setup`, which a new connection needs: it may
+    /// configure the connection), commits, and parks the file again.
+    fn visit<T>(
+        &mut self,
+        context: &RunContext<'_>,
+        f: impl FnOnce(&mut Self, &Transaction<'_>) -> std::result::Result<T, Stop>,
+    ) -> std::result::Result<T, Stop> {
+        let db = self.projection.db;
+        let result = self.visit_open(db, context, f);
+        db.park_quickly();
+        self.visited = Instant::now();
+        result
+    }
+
+    fn visit_open<T>(
+        &mut self,
+        db: &ProjectionDb,
+        context: &RunContext<'_>,
+        f: impl FnOnce(&mut Self, &Transaction<'_>) -> std::result::Result<T, Stop>,
+    ) -> std::result::Result<T, Stop> {
+        let conn = db.lock_writer().map_err(Stop::Failed)?;
+        let label = format!("projection {}: open its file again", self.name);
+        let cache_kib = i64::try_from(context.page_cache_kib()).unwrap_or(i64::MAX);
+        conn.pragma_update(None, "cache_size", -cache_kib)
+            .and_then(|()| conn.pragma_update(None, "wal_autocheckpoint", PARKED_WAL_PAGES_MAX))
+            .map_err(|e| Stop::Failed(Error::sqlite(label.clone())(e)))?;
+        let tx = Transaction::new_unchecked(&conn, TransactionBehavior::Immediate)
+            .map_err(|e| Stop::Failed(Error::sqlite(label.clone())(e)))?;
+        self.projection.handler.setup(&tx).map_err(|source| {
+            Stop::Failed(Error::Setup {
+                name: self.name.clone(),
+                source,
+            })
+        })?;
+        self.keeper
+            .check_in_file(&tx, &self.name, self.state.committed)
+            .map_err(Stop::Failed)?;
+        self.state.written = self.state.committed;
+        match f(self, &tx) {
+            Ok(value) => {
+                self.commit(tx, context).map_err(Stop::Failed)?;
+                Ok(value)
+            }
+            // The batches before the one that failed commit with their
+            // checkpoint, as a commit group's do.
+            Err(stop) => {
+                let _ = self.commit(tx, context);
+                Err(stop)
+            }
+        }
+    }
+
     fn open_group(&mut self) -> Result<()> {
+        let conn = self.conn.expect("only an open projection has groups");
         if self.group.is_none() {
-            let tx = Transaction::new_unchecked(self.conn, TransactionBehavior::Immediate)
+            let tx = Transaction::new_unchecked(conn, TransactionBehavior::Immediate)
                 .map_err(Error::sqlite(format!("projection {}: begin", self.name)))?;
             self.group = Some(Group {
                 tx,
                 started: Instant::now(),
             });
+            self.state.written = self.state.committed;
         }
         Ok(())
     }
@@ -279,6 +446,7 @@ impl<'c, E> Slot<'_, 'c, E> {
     /// checkpoint (when it lives in the file) in the same transaction.
     fn apply_batch(
         &mut self,
+        tx: &Transaction<'_>,
         events: &[GlobalEvent<E>],
         context: &RunContext<'_>,
     ) -> std::result::Result<(), Stop> {
@@ -286,11 +454,9 @@ impl<'c, E> Slot<'_, 'c, E> {
             name,
             projection,
             keeper,
-            group,
             state,
             ..
         } = self;
-        let tx = &group.as_ref().expect("a group is open").tx;
         let first = events.first().expect("batch is not empty").sequence;
         let last = events.last().expect("batch is not empty").sequence;
         assert!(
@@ -318,6 +484,7 @@ impl<'c, E> Slot<'_, 'c, E> {
         if keeper.in_batch(tx, last).map_err(Stop::Failed)? {
             step(context, name, BatchStep::CheckpointSaved, state.batches);
         }
+        state.written = last;
         tx.execute_batch("RELEASE batch").map_err(sql_failed)?;
         assert!(
             last > state.applied,
@@ -334,10 +501,15 @@ impl<'c, E> Slot<'_, 'c, E> {
         let Some(group) = self.group.take() else {
             return Ok(());
         };
+        self.commit(group.tx, context)
+    }
+
+    /// Commits `tx`, which holds what was applied since the last commit.
+    fn commit(&mut self, tx: Transaction<'_>, context: &RunContext<'_>) -> Result<()> {
         let (name, state) = (&self.name, &mut self.state);
-        // On refusal the group is dropped, which rolls it back.
+        // On refusal the transaction is dropped, which rolls it back.
         guard(context, name, state.committed)?;
-        group.tx.commit().map_err(Error::sqlite(format!(
+        tx.commit().map_err(Error::sqlite(format!(
             "projection {name}: commit of the events up to {} failed (rolled back); committed through sequence {}",
             state.applied, state.committed
         )))?;
@@ -356,16 +528,50 @@ impl<'c, E> Slot<'_, 'c, E> {
     /// event must not wait for the commit interval), with the checkpoint moved
     /// up to where the reader scanned through; the first time, records
     /// `following`.
-    fn catch_up(&mut self, through: u64, context: &RunContext<'_>) -> Result<()> {
+    ///
+    /// A parked projection's file is opened for this only the first time, and
+    /// then when its checkpoint has fallen behind over events of other types
+    /// and it was last opened [`PARKED_CHECKPOINT_INTERVAL`] ago: a new event
+    /// must not open every file of the run.
+    fn catch_up(
+        &mut self,
+        through: u64,
+        context: &RunContext<'_>,
+    ) -> std::result::Result<(), Stop> {
+        if self.conn.is_none() {
+            let first = !self.state.following;
+            let behind = self.state.applied.max(through) > self.state.committed
+                && self.visited.elapsed() >= PARKED_CHECKPOINT_INTERVAL;
+            if first || behind || !self.pending.is_empty() {
+                self.flush_pending(context, Some(through))?;
+            } else {
+                self.state.applied = self.state.applied.max(through);
+            }
+            self.state.following = true;
+            return Ok(());
+        }
         let news = through > self.state.applied || !self.state.following;
         if self.group.is_none() && !news {
             return Ok(());
         }
-        self.open_group()?;
-        let tx = &self.group.as_ref().expect("a group is open").tx;
-        if through > self.state.applied {
+        self.open_group().map_err(Stop::Failed)?;
+        let group = self.group.take().expect("a group is open");
+        let moved = self.move_checkpoint(&group.tx, through);
+        self.group = Some(group);
+        moved.map_err(Stop::Failed)?;
+        self.commit_group(context).map_err(Stop::Failed)?;
+        self.state.following = true;
+        Ok(())
+    }
+
+    /// In the transaction about to commit: the checkpoint moves up to
+    /// `through` (events of other types in between), and the first time the
+    /// projection is recorded as `following`.
+    fn move_checkpoint(&mut self, tx: &Transaction<'_>, through: u64) -> Result<()> {
+        if through > self.state.written {
             self.keeper.in_batch(tx, through)?;
-            self.state.applied = through;
+            self.state.written = through;
+            self.state.applied = self.state.applied.max(through);
         }
         if !self.state.following {
             record_following(tx, self.projection.consumer_id).map_err(Error::sqlite(format!(
@@ -373,8 +579,6 @@ impl<'c, E> Slot<'_, 'c, E> {
                 self.name
             )))?;
         }
-        self.commit_group(context)?;
-        self.state.following = true;
         Ok(())
     }
 
@@ -387,7 +591,16 @@ impl<'c, E> Slot<'_, 'c, E> {
             return Ok(());
         }
         guard(context, &self.name, self.state.committed)?;
-        self.keeper.advance(self.conn, &self.name, head)?;
+        match self.conn {
+            Some(conn) => self.keeper.advance(conn, &self.name, head)?,
+            None => {
+                let db = self.projection.db;
+                let advanced =
+                    db.with_connection(|conn| self.keeper.advance(conn, &self.name, head));
+                db.park();
+                advanced?;
+            }
+        }
         self.state.committed = head;
         self.state.applied = head;
         Ok(())
@@ -397,10 +610,26 @@ impl<'c, E> Slot<'_, 'c, E> {
     /// are complete, so they commit with their checkpoint; then the outcome is
     /// recorded in the file and reported.
     fn end(&mut self, stop: Stop, context: &RunContext<'_>) {
+        // A parked projection's kept batches were received: they are applied
+        // as an open group is committed (a failure among them is the stop).
+        let stop = match self.flush_pending(context, None) {
+            Ok(()) => stop,
+            Err(failed) => failed,
+        };
         let result = self
             .commit_group(context)
             .and_then(|()| self.outcome(stop, context));
-        record(self.conn, self.projection.consumer_id, &result);
+        match self.conn {
+            Some(conn) => record(conn, self.projection.consumer_id, &result),
+            None => {
+                let db = self.projection.db;
+                let _ = db.with_connection(|conn| {
+                    record(conn, self.projection.consumer_id, &result);
+                    Ok(())
+                });
+                db.park();
+            }
+        }
         let name = self.name.clone();
         self.result = Some(conclude(
             context,
@@ -585,11 +814,18 @@ fn report(
     let Some(progress) = context.options.progress else {
         return;
     };
+    // A parked projection is current through `applied`: what lies beyond its
+    // committed checkpoint is events of types it does not handle.
+    let checkpoint = if state.parked && !done {
+        state.applied
+    } else {
+        state.committed
+    };
     progress(&Progress {
         projection_name: name.to_owned(),
         processed: state.processed,
         total: context.head(),
-        checkpoint: state.committed,
+        checkpoint,
         started_from: state.started_from,
         done,
         err: err.map(ToString::to_string),
