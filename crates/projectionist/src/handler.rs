@@ -15,9 +15,14 @@ pub trait Handler<E>: Send {
     /// Creates the projection's tables. Called in a write transaction at the start
     /// of every run (after the reset of a rebuild, before a resume), so it must be
     /// idempotent (`CREATE TABLE IF NOT EXISTS ...`). The default does nothing.
+    /// In a run of more than [`OPEN_PROJECTIONS_MAX`](crate::limits::OPEN_PROJECTIONS_MAX)
+    /// projections, a parked projection's connection is opened anew for the
+    /// batches that concern it, and `setup` runs again first, in the same
+    /// transaction as those batches: it may configure the connection.
     ///
     /// # Errors
-    /// Any error stops the run before it applies anything.
+    /// Any error stops the run before it applies anything (for a parked
+    /// projection: before it applies the batches at hand).
     fn setup(&mut self, tx: &Transaction<'_>) -> Result<(), BoxError> {
         let _ = tx;
         Ok(())
