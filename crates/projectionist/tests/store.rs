@@ -308,3 +308,54 @@ fn checkpoint_never_moves_backwards_except_by_reset() {
     checkpoint.save("c", 1).unwrap();
     assert_eq!(checkpoint.load("c").unwrap(), 1);
 }
+
+/// Reads of some types only return exactly the events of those types that a
+/// plain read returns, in order, `limit` at most, and say how far they looked:
+/// past every returned event, and to the head when they return fewer than
+/// `limit`. Seeded (`PROJECTIONIST_SEED`), against a plain read filtered here.
+#[test]
+fn typed_reads_return_what_a_filtered_plain_read_returns() {
+    let seed = std::env::var("PROJECTIONIST_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| fastrand::u64(..));
+    eprintln!("typed reads: seed {seed} (PROJECTIONIST_SEED={seed} repeats it)");
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let tmp = tempfile::tempdir().unwrap();
+    let store = SqliteEventStore::open(tmp.path().join("events.db")).unwrap();
+    let types = ["A", "B", "C", "D"];
+    for stream in 0..40 {
+        let events: Vec<NewEvent> = (0..rng.usize(1..12))
+            .map(|i| event(types[rng.usize(..types.len())], serde_json::json!({"i": i})))
+            .collect();
+        store.append(&format!("s{stream}"), 0, &events).unwrap();
+    }
+    let everything = all(&store);
+    let head = GlobalReader::<Value>::head(&store).unwrap();
+    for _ in 0..300 {
+        let wanted: Vec<String> = types
+            .iter()
+            .filter(|_| rng.bool())
+            .map(|t| (*t).to_owned())
+            .collect();
+        let after = rng.u64(0..=head + 2);
+        let limit = rng.u32(1..40);
+        let read = GlobalReader::<Value>::read_after_types(&store, after, limit, &wanted).unwrap();
+        let expected: Vec<u64> = everything
+            .iter()
+            .filter(|e| e.sequence > after && wanted.contains(&e.event_type))
+            .map(|e| e.sequence)
+            .take(limit as usize)
+            .collect();
+        let got: Vec<u64> = read.events.iter().map(|e| e.sequence).collect();
+        let case = format!("seed {seed}: after {after}, limit {limit}, types {wanted:?}");
+        assert_eq!(got, expected, "{case}");
+        assert!(
+            read.scanned_through >= got.last().copied().unwrap_or(after),
+            "{case}"
+        );
+        if got.len() < limit as usize {
+            assert_eq!(read.scanned_through, head.max(after), "{case}");
+        }
+    }
+}
