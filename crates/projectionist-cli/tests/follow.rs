@@ -150,6 +150,15 @@ fn row<'a>(rows: &'a [serde_json::Value], name: &str) -> &'a serde_json::Value {
         .unwrap_or_else(|| panic!("no row for {name}: {rows:?}"))
 }
 
+/// A `follow` process in the background (its output discarded).
+fn start_follower(env: &Env) -> Reaped {
+    env.command(&["--quiet", "follow"])
+        .stdout(Stdio::null())
+        .spawn()
+        .map(Reaped::new)
+        .unwrap()
+}
+
 fn signal(child: &Child, signal: &str) {
     let status = Command::new("kill")
         .args([signal, &child.id().to_string()])
@@ -336,12 +345,7 @@ fn seeded_sigkills_of_the_follower_while_two_processes_append_lose_and_repeat_no
     }
     let head = head(&env);
     assert_eq!(head, 2_000 + 2 * per_writer);
-    let mut follower = env
-        .command(&["--quiet", "follow"])
-        .stdout(Stdio::null())
-        .spawn()
-        .map(Reaped::new)
-        .unwrap();
+    let mut follower = start_follower(&env);
     wait_for(&env, &DEMO, head);
     wait_following(&env, &DEMO);
     signal(&follower, "-TERM");
@@ -461,12 +465,7 @@ fn many_projections_park_their_files_and_survive_sigkills() {
         assert_eq!(checkpoint(&env, name), head, "{name} (seed {seed})");
     }
     // A follower at rest: the kept files are open, the parked ones are not.
-    let mut follower = env
-        .command(&["--quiet", "follow"])
-        .stdout(Stdio::null())
-        .spawn()
-        .map(Reaped::new)
-        .unwrap();
+    let mut follower = start_follower(&env);
     let (kept, parked) = names.split_at(open_max);
     wait_following(&env, &[kept[0].as_str(), parked[0].as_str()]);
     for _ in 0..3 {
@@ -654,12 +653,7 @@ fn a_poison_event_stops_only_its_projection_and_a_fix_recovers_it() {
         [],
     )
     .unwrap();
-    let mut follower = env
-        .command(&["--quiet", "follow"])
-        .stdout(Stdio::null())
-        .spawn()
-        .map(Reaped::new)
-        .unwrap();
+    let mut follower = start_follower(&env);
     wait_for(&env, &["placed", "items"], 1_004);
     wait_following(&env, &["placed", "items"]);
     signal(&follower, "-TERM");
