@@ -6,6 +6,9 @@
 //!   politely) at every step of the first, a middle and the last batch; after each
 //!   crash the checkpoint matches the rows, and a resume ends with exactly the
 //!   tables and checkpoint of an uninterrupted rebuild;
+//! - the same named crash points for a projection parked behind
+//!   `OPEN_PROJECTIONS_MAX` others, whose batches are applied in visits of up
+//!   to 16: a crash loses the visit, never part of it;
 //! - the negative control: the same test on a deliberately broken variant (the
 //!   checkpoint committed in a separate transaction) must find a mismatch;
 //! - random SIGKILLs (seeded; `PROJECTIONIST_SEED` replays, and
@@ -55,7 +58,7 @@ fn main() {
         .skip(1)
         .filter(|a| !a.starts_with('-'))
         .collect();
-    let tests: [(&str, TestFn); 8] = [
+    let tests: [(&str, TestFn); 9] = [
         (
             "second_process_gets_the_lock_error",
             second_process_gets_the_lock_error,
@@ -75,6 +78,10 @@ fn main() {
         (
             "crash_points_catch_a_torn_batch",
             crash_points_catch_a_torn_batch,
+        ),
+        (
+            "crash_points_of_a_parked_projection_resume_to_the_same_digest",
+            crash_points_of_a_parked_projection_resume_to_the_same_digest,
         ),
         (
             "random_sigkills_resume_to_the_same_digest",
@@ -151,6 +158,7 @@ fn child(role: &str) {
             std::process::abort();
         }
         "rebuild" | "resume" => run_bank_child(role, &args),
+        "rebuild-parked" => run_parked_bank_child(&args),
         "publish" | "rollback" => {
             let dir = ProjectionDir::open(&args[0]).unwrap();
             let crash_at = args[1].clone();
@@ -231,6 +239,74 @@ fn run_bank_child(role: &str, args: &[String]) {
         resume(config)
     };
     result.unwrap();
+}
+
+/// Handles a type no event has: the projections that fill a run up to
+/// `OPEN_PROJECTIONS_MAX`, so that the bank projection after them is parked.
+struct Filler;
+
+impl projectionist::Handler<common::BankEvent> for Filler {
+    fn event_types(&self) -> Option<Vec<String>> {
+        Some(vec!["NoSuchType".to_owned()])
+    }
+    fn apply(
+        &mut self,
+        _tx: &projectionist::rusqlite::Transaction<'_>,
+        _events: &[projectionist::GlobalEvent<common::BankEvent>],
+    ) -> Result<(), projectionist::BoxError> {
+        Ok(())
+    }
+}
+
+/// `rebuild-parked STORE DIR BATCH INTERVAL_MS STEP BATCH_NO`: one shared
+/// rebuild of `OPEN_PROJECTIONS_MAX` fillers and then the bank projection
+/// (so parked), aborting at the named step of the bank's numbered batch.
+fn run_parked_bank_child(args: &[String]) {
+    let store = SqliteEventStore::open(&args[0]).unwrap();
+    let dir = ProjectionDir::open(&args[1]).unwrap();
+    let batch_size: u32 = args[2].parse().unwrap();
+    let commit_interval = Duration::from_millis(args[3].parse().unwrap());
+    let (crash_step, crash_batch): (String, u64) = (args[4].clone(), args[5].parse().unwrap());
+    let hook = move |name: &str, step: BatchStep, batch: u64| {
+        if name == "bank" && step.as_str() == crash_step && batch == crash_batch {
+            std::process::abort();
+        }
+    };
+    let n_fillers = projectionist::limits::OPEN_PROJECTIONS_MAX;
+    let mut dbs: Vec<_> = (0..n_fillers)
+        .map(|i| dir.db(&format!("filler{i:03}")).unwrap())
+        .collect();
+    dbs.push(dir.db("bank").unwrap());
+    let mut fillers: Vec<Filler> = (0..n_fillers).map(|_| Filler).collect();
+    let mut bank = BankHandler::default();
+    let mut handlers: Vec<&mut dyn projectionist::Handler<common::BankEvent>> = fillers
+        .iter_mut()
+        .map(|f| f as &mut dyn projectionist::Handler<common::BankEvent>)
+        .collect();
+    handlers.push(&mut bank);
+    let names: Vec<String> = dbs.iter().map(|db| db.name().to_string()).collect();
+    let targets = dbs
+        .iter()
+        .zip(handlers)
+        .zip(&names)
+        .map(|((db, handler), name)| ProjectionTarget {
+            db,
+            handler,
+            checkpoint: CheckpointLocation::InFile,
+            consumer_id: name.as_str(),
+        })
+        .collect();
+    let options = RebuildOptions {
+        batch_size,
+        commit_interval,
+        progress: None,
+        cancel: None,
+        step_hook: Some(&hook),
+        commit_guard: None,
+    };
+    for result in projectionist::rebuild_shared(&store, targets, &options) {
+        result.unwrap();
+    }
 }
 
 // ---------------------------------------------------------------- helpers
@@ -497,24 +573,47 @@ fn crash_point_failures(
     interval_ms: &str,
     points: &[(BatchStep, u64)],
 ) -> Vec<String> {
+    crash_point_failures_of("rebuild", checkpoint, interval_ms, points)
+}
+
+/// As [`crash_point_failures`], the crashing run made by child `role`
+/// (`rebuild`, or `rebuild-parked` for the bank parked among fillers).
+fn crash_point_failures_of(
+    role: &str,
+    checkpoint: &str,
+    interval_ms: &str,
+    points: &[(BatchStep, u64)],
+) -> Vec<String> {
     let bank = bank(3_000, 100);
     let mut failures = Vec::new();
     for (step, batch_no) in points {
         let dir = bank._tmp.path().join(format!(
-            "{checkpoint}-{interval_ms}-{}-{batch_no}",
+            "{role}-{checkpoint}-{interval_ms}-{}-{batch_no}",
             step.as_str()
         ));
         let batch_text = batch_no.to_string();
-        let args = [
-            path_str(&bank.store),
-            path_str(&dir),
-            "100",
-            checkpoint,
-            interval_ms,
-            step.as_str(),
-            &batch_text,
-        ];
-        let status = run_child("rebuild", &args);
+        let status = if role == "rebuild-parked" {
+            let args = [
+                path_str(&bank.store),
+                path_str(&dir),
+                "100",
+                interval_ms,
+                step.as_str(),
+                &batch_text,
+            ];
+            run_child(role, &args)
+        } else {
+            let args = [
+                path_str(&bank.store),
+                path_str(&dir),
+                "100",
+                checkpoint,
+                interval_ms,
+                step.as_str(),
+                &batch_text,
+            ];
+            run_child(role, &args)
+        };
         let point = format!("{} of batch {batch_no}", step.as_str());
         // SIGABRT from the crash point; a panic (exit 101) or success is not a crash.
         if status.signal() != Some(SIGABRT) {
@@ -541,6 +640,24 @@ fn every_step_of(batches: &[u64]) -> Vec<(BatchStep, u64)> {
 fn crash_points_resume_to_the_same_digest() -> Result<(), String> {
     // Commit after every batch: every step of every chosen batch is a crash point.
     let failures = crash_point_failures("in-file", "0", &every_step_of(&[1, 15, 30]));
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(failures.join("\n    "))
+    }
+}
+
+/// The bank projection parked behind `OPEN_PROJECTIONS_MAX` others: its
+/// batches are kept and applied in visits (up to 16 per transaction, or a
+/// commit interval's worth), so a crash at any step of a batch inside a visit
+/// must lose the whole visit and nothing else. Resumed alone afterwards, it
+/// must end equal to an uninterrupted rebuild.
+fn crash_points_of_a_parked_projection_resume_to_the_same_digest() -> Result<(), String> {
+    // Without a commit interval to end them, visits hold 16 batches: batches
+    // 1-16 commit together, then 17-30 at the end of the log.
+    let mut points = every_step_of(&[1, 15, 16, 30]);
+    points.retain(|(step, batch)| *step != BatchStep::Committed || [16, 30].contains(batch));
+    let failures = crash_point_failures_of("rebuild-parked", "in-file", "60000", &points);
     if failures.is_empty() {
         Ok(())
     } else {
