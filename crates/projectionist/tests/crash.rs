@@ -299,10 +299,8 @@ fn run_parked_bank_child(args: &[String]) {
     let options = RebuildOptions {
         batch_size,
         commit_interval,
-        progress: None,
-        cancel: None,
         step_hook: Some(&hook),
-        commit_guard: None,
+        ..RebuildOptions::default()
     };
     for result in projectionist::rebuild_shared(&store, targets, &options) {
         result.unwrap();
@@ -592,28 +590,13 @@ fn crash_point_failures_of(
             step.as_str()
         ));
         let batch_text = batch_no.to_string();
-        let status = if role == "rebuild-parked" {
-            let args = [
-                path_str(&bank.store),
-                path_str(&dir),
-                "100",
-                interval_ms,
-                step.as_str(),
-                &batch_text,
-            ];
-            run_child(role, &args)
-        } else {
-            let args = [
-                path_str(&bank.store),
-                path_str(&dir),
-                "100",
-                checkpoint,
-                interval_ms,
-                step.as_str(),
-                &batch_text,
-            ];
-            run_child(role, &args)
-        };
+        // The parked child keeps its checkpoint in the file: no such argument.
+        let mut args = vec![path_str(&bank.store), path_str(&dir), "100"];
+        if role != "rebuild-parked" {
+            args.push(checkpoint);
+        }
+        args.extend([interval_ms, step.as_str(), &batch_text]);
+        let status = run_child(role, &args);
         let point = format!("{} of batch {batch_no}", step.as_str());
         // SIGABRT from the crash point; a panic (exit 101) or success is not a crash.
         if status.signal() != Some(SIGABRT) {
