@@ -10,7 +10,9 @@ use serde::de::DeserializeOwned;
 
 use crate::error::{Error, Result};
 use crate::event::{Appended, GlobalEvent, NewEvent, decode};
-use crate::limits::{APPEND_EVENTS_MAX, BATCH_SIZE_MAX, BUSY_TIMEOUT_MS, IDENTIFIER_LEN_MAX};
+use crate::limits::{
+    APPEND_EVENTS_MAX, BATCH_SIZE_MAX, BUSY_TIMEOUT_MS, IDENTIFIER_LEN_MAX, STORE_READER_CACHE_KIB,
+};
 use crate::reader::{GlobalReader, TypedBatch};
 
 /// Our own events table. `sequence` is the rowid, so SQLite assigns it as one past
@@ -206,6 +208,13 @@ impl SqliteEventStore {
         conditions: &[RowCondition],
     ) -> Result<Self> {
         let (read_sql, head_sql) = mapping_sql(mapping, conditions)?;
+        let cache_kib = i64::try_from(STORE_READER_CACHE_KIB).unwrap_or(i64::MAX);
+        reader
+            .pragma_update(None, "cache_size", -cache_kib)
+            .map_err(Error::sqlite(format!(
+                "open event store {}",
+                path.display()
+            )))?;
         for sql in [&read_sql, &head_sql] {
             reader
                 .prepare(sql)
