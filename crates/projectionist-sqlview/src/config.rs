@@ -108,6 +108,10 @@ pub struct RawProjection {
     pub version: u32,
     /// SQL creating the projection's tables.
     pub schema: String,
+    /// `CREATE INDEX IF NOT EXISTS` statements built once a run has applied
+    /// the whole log (see [`SqlProjection::deferred_indexes`]).
+    #[serde(default)]
+    pub deferred_indexes: Option<String>,
     /// Statements per event type.
     #[serde(default)]
     pub on: BTreeMap<String, RawHandler>,
@@ -165,6 +169,12 @@ pub struct SqlProjection {
     pub on: BTreeMap<String, Vec<Statement>>,
     /// SHA-256 (hex) of version, schema and statements: any change is detected.
     pub hash: String,
+    /// Indexes (`CREATE INDEX IF NOT EXISTS ...`, empty for none) built when a
+    /// run reaches the log's head, not kept up to date during a rebuild: for
+    /// indexes the application queries through but no statement of `on`
+    /// searches by. Not part of `hash`: adding one to a built projection
+    /// builds it at the next run's end, without a rebuild.
+    pub deferred_indexes: String,
 }
 
 /// One statement, as written and as prepared.
@@ -460,6 +470,9 @@ fn validate_projection(raw: RawProjection) -> Result<SqlProjection, Failure> {
     scratch
         .execute_batch(&raw.schema)
         .map_err(|e| (format!("{place}, schema"), confinement.explain(&e)))?;
+    let deferred_indexes = raw.deferred_indexes.unwrap_or_default();
+    check_deferred_indexes(&scratch, &confinement, &deferred_indexes)
+        .map_err(|message| (format!("{place}, deferred_indexes"), message))?;
     let mut on = BTreeMap::new();
     for (event_type, handler) in raw.on {
         let event_place = format!("{place}, event {}", escape_controls(&event_type));
@@ -498,7 +511,57 @@ fn validate_projection(raw: RawProjection) -> Result<SqlProjection, Failure> {
         schema: raw.schema,
         on,
         hash,
+        deferred_indexes,
     })
+}
+
+/// `deferred_indexes` runs on the scratch database twice, as at the end of
+/// two runs: it must create indexes and nothing else, none of them unique (a
+/// unique index decides what the statements' conflicts do, so it must exist
+/// while they run), and be idempotent.
+fn check_deferred_indexes(
+    scratch: &Connection,
+    confinement: &Confinement,
+    sql: &str,
+) -> Result<(), String> {
+    if sql.trim().is_empty() {
+        return Ok(());
+    }
+    let objects = |conn: &Connection| -> rusqlite::Result<Vec<(String, String, String)>> {
+        let mut stmt = conn.prepare(
+            "SELECT type, name, coalesce(sql, '') FROM sqlite_schema ORDER BY type, name",
+        )?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        rows.collect()
+    };
+    let before = objects(scratch).map_err(|e| e.to_string())?;
+    for round in ["", " (run a second time: use CREATE INDEX IF NOT EXISTS)"] {
+        scratch
+            .execute_batch(sql)
+            .map_err(|e| format!("{}{round}", confinement.explain(&e)))?;
+    }
+    let after = objects(scratch).map_err(|e| e.to_string())?;
+    for (kind, name, text) in after.iter().filter(|o| !before.contains(o)) {
+        if kind != "index" {
+            return Err(format!(
+                "creates {kind} {name}: only indexes may be deferred (tables go in schema)"
+            ));
+        }
+        // SQLite keeps the statement with single spaces after its first
+        // two keywords.
+        if text
+            .get(..13)
+            .is_some_and(|start| start.eq_ignore_ascii_case("CREATE UNIQUE"))
+        {
+            return Err(format!(
+                "index {name} is UNIQUE: it decides what the statements' conflicts do, so it belongs in schema"
+            ));
+        }
+    }
+    if before.iter().any(|o| !after.contains(o)) {
+        return Err("drops or changes what schema created".into());
+    }
+    Ok(())
 }
 
 /// The engine's own tables, as a projection file has them.

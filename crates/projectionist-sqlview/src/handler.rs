@@ -43,6 +43,23 @@ impl SqlHandler<'_> {
     /// Creates the schema and records the definition, unless the file already
     /// holds this very definition (a resume). A file built from another definition
     /// is refused: it needs a rebuild.
+    /// The config's `deferred_indexes`, under the same confinement as the schema.
+    fn build_deferred_indexes(&mut self, tx: &Transaction<'_>) -> Result<(), BoxError> {
+        if self.projection.deferred_indexes.trim().is_empty() {
+            return Ok(());
+        }
+        let _enforced = self.confinement.enforce();
+        tx.execute_batch(&self.projection.deferred_indexes)
+            .map_err(|e| {
+                format!(
+                    "projection {}: deferred_indexes: {}",
+                    self.projection.name,
+                    self.confinement.explain(&e)
+                )
+                .into()
+            })
+    }
+
     fn setup_file(&mut self, tx: &Transaction<'_>) -> Result<(), BoxError> {
         let n_statements: usize = self.projection.on.values().map(Vec::len).sum();
         tx.set_prepared_statement_cache_capacity(n_statements + STATEMENT_CACHE_SPARE);
@@ -166,6 +183,10 @@ impl Handler<Value> for SqlHandler<'_> {
         Some(self.projection.event_types())
     }
 
+    fn caught_up(&mut self, tx: &Transaction<'_>) -> Result<(), BoxError> {
+        self.build_deferred_indexes(tx)
+    }
+
     fn apply(
         &mut self,
         tx: &Transaction<'_>,
@@ -185,6 +206,10 @@ impl Handler<Box<RawValue>> for SqlHandler<'_> {
 
     fn event_types(&self) -> Option<Vec<String>> {
         Some(self.projection.event_types())
+    }
+
+    fn caught_up(&mut self, tx: &Transaction<'_>) -> Result<(), BoxError> {
+        self.build_deferred_indexes(tx)
     }
 
     fn apply(

@@ -209,6 +209,17 @@ pub enum Error {
         source: BoxError,
     },
 
+    /// [`Handler::caught_up`](crate::Handler::caught_up) failed; the events
+    /// applied before it are committed.
+    #[error("projection {name}: caught_up (run at the log's head) failed: {source}")]
+    CaughtUp {
+        /// The projection.
+        name: String,
+        /// The handler's error.
+        #[source]
+        source: BoxError,
+    },
+
     /// A checkpoint save that would move the checkpoint backwards.
     #[error("checkpoint of {consumer_id} would go back from {current} to {new}")]
     CheckpointBackwards {

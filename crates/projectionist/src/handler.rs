@@ -43,6 +43,31 @@ pub trait Handler<E>: Send {
     /// Any error rolls the batch back and stops the projection at the previous
     /// batch; the error names the batch's sequences.
     fn apply(&mut self, tx: &Transaction<'_>, events: &[GlobalEvent<E>]) -> Result<(), BoxError>;
+
+    /// Called once per run when the projection has applied the whole log:
+    /// when a rebuild or resume ends at the log's head (also when there was
+    /// nothing to apply), and when a follower first catches up; in a write
+    /// transaction of its own, after the last events are committed. The
+    /// default does nothing.
+    ///
+    /// It is the place for secondary indexes that `apply` never reads
+    /// through, such as an index for the application's queries on a column
+    /// whose values arrive in no order: created here (`CREATE INDEX IF NOT
+    /// EXISTS ...`) instead of in `setup`, a rebuild from an empty file
+    /// inserts its rows without keeping the index up to date at random pages,
+    /// and the index is then built in one sorted pass. Once it exists, later
+    /// runs keep it current as usual. An index that `apply`'s statements
+    /// search through belongs in `setup`: without it they scan the table.
+    /// Readers of a projection rebuilt in place lack the index until the
+    /// run reaches the head. It must be idempotent: it runs in every run.
+    ///
+    /// # Errors
+    /// Any error rolls this transaction back (the events stay committed) and
+    /// ends the projection's run with [`Error::CaughtUp`](crate::Error::CaughtUp).
+    fn caught_up(&mut self, tx: &Transaction<'_>) -> Result<(), BoxError> {
+        let _ = tx;
+        Ok(())
+    }
 }
 
 impl<E, F> Handler<E> for F

@@ -62,6 +62,13 @@ pub const PAGE_CACHE_PER_PROJECTION_MAX_KIB: u64 = 16 * 1024;
 /// cached within one statement.
 pub const PAGE_CACHE_PER_PROJECTION_MIN_KIB: u64 = 32;
 
+/// Page cache (KiB) of a projection while [`Handler::caught_up`](crate::Handler::caught_up)
+/// runs. SQLite sizes the buffer it sorts an index's keys in by the page
+/// cache, so building an index at the end of a run would otherwise hold a
+/// full share twice; the sorted runs go to temporary files and the index is
+/// written in key order, which needs few pages at a time.
+pub const CAUGHT_UP_CACHE_KIB: u64 = 2 * 1024;
+
 /// Page cache (KiB) of an SQLite event store's reading connection. A run
 /// reads the log once, in sequence order, so its pages are not read again:
 /// this keeps the B-tree's inner pages and the pages of one read, instead of

@@ -24,8 +24,8 @@ use crate::error::{BoxError, Error, Result};
 use crate::event::GlobalEvent;
 use crate::handler::Handler;
 use crate::limits::{
-    BUSY_TIMEOUT_MS, PARKED_CHECKPOINT_INTERVAL, PARKED_PENDING_BATCHES_MAX, PARKED_WAL_PAGES_MAX,
-    START_BUSY_TIMEOUT_MS,
+    BUSY_TIMEOUT_MS, CAUGHT_UP_CACHE_KIB, PARKED_CHECKPOINT_INTERVAL, PARKED_PENDING_BATCHES_MAX,
+    PARKED_WAL_PAGES_MAX, START_BUSY_TIMEOUT_MS,
 };
 use crate::outcome::{record_following, record_outcome, record_running};
 use crate::progress::{BatchStep, CancelToken, Progress};
@@ -229,6 +229,8 @@ struct WriterState {
     parked: bool,
     /// From the read of the last committed group's oldest batch to its commit.
     batch_latency: Option<Duration>,
+    /// `Handler::caught_up` ran in this run.
+    caught_up: bool,
 }
 
 /// Why a projection stopped.
@@ -548,7 +550,7 @@ impl<'c, E> Slot<'_, 'c, E> {
                 self.state.applied = self.state.applied.max(through);
             }
             self.state.following = true;
-            return Ok(());
+            return self.run_caught_up(context).map_err(Stop::Failed);
         }
         let news = through > self.state.applied || !self.state.following;
         if self.group.is_none() && !news {
@@ -561,6 +563,56 @@ impl<'c, E> Slot<'_, 'c, E> {
         moved.map_err(Stop::Failed)?;
         self.commit_group(context).map_err(Stop::Failed)?;
         self.state.following = true;
+        self.run_caught_up(context).map_err(Stop::Failed)
+    }
+
+    /// Once per run, at the log's head, after the commit:
+    /// [`Handler::caught_up`] in a transaction of its own.
+    fn run_caught_up(&mut self, context: &RunContext<'_>) -> Result<()> {
+        if self.state.caught_up {
+            return Ok(());
+        }
+        let name = &self.name;
+        let committed = self.state.committed;
+        let handler = &mut *self.projection.handler;
+        let mut run = |conn: &Connection| -> Result<()> {
+            let label = || format!("projection {name}: caught_up (run at the log's head)");
+            // Building an index sorts the whole table: its sorted runs go to
+            // temporary files, not memory (`temp_store=MEMORY` is for the
+            // batches' savepoint journals, which a batch bounds), and SQLite
+            // sizes its sort buffer by the page cache, so both are kept
+            // small meanwhile: the pages are written in key order.
+            let cache_kib = i64::try_from(context.page_cache_kib()).unwrap_or(i64::MAX);
+            let sort_kib = i64::try_from(CAUGHT_UP_CACHE_KIB).unwrap_or(i64::MAX);
+            conn.pragma_update(None, "temp_store", "FILE")
+                .and_then(|()| conn.pragma_update(None, "cache_size", -sort_kib.min(cache_kib)))
+                .map_err(Error::sqlite(label()))?;
+            let done = (|| {
+                let tx = Transaction::new_unchecked(conn, TransactionBehavior::Immediate)
+                    .map_err(Error::sqlite(label()))?;
+                handler.caught_up(&tx).map_err(|source| Error::CaughtUp {
+                    name: name.clone(),
+                    source,
+                })?;
+                // On refusal the transaction is dropped, which rolls it back.
+                guard(context, name, committed)?;
+                tx.commit().map_err(Error::sqlite(label()))
+            })();
+            conn.pragma_update(None, "temp_store", "MEMORY")
+                .and_then(|()| conn.pragma_update(None, "cache_size", -cache_kib))
+                .map_err(Error::sqlite(label()))?;
+            done
+        };
+        match self.conn {
+            Some(conn) => run(conn)?,
+            None => {
+                let db = self.projection.db;
+                let done = db.with_connection(|conn| run(conn));
+                db.park();
+                done?;
+            }
+        }
+        self.state.caught_up = true;
         Ok(())
     }
 
@@ -645,7 +697,9 @@ impl<'c, E> Slot<'_, 'c, E> {
         let name = self.name.clone();
         let committed = self.state.committed;
         match stop {
-            Stop::End { through } => self.finish_at_head(through, context),
+            Stop::End { through } => self
+                .finish_at_head(through, context)
+                .and_then(|()| self.run_caught_up(context)),
             Stop::Cancelled => Err(Error::Cancelled { name, committed }),
             Stop::Handler {
                 first,
