@@ -30,6 +30,15 @@ fn demo_generates_rebuilds_and_summarises() {
         .query_row("SELECT COUNT(*) FROM orders", [], |r| r.get(0))
         .unwrap();
     assert!(orders > 100, "{orders} orders");
+    // The config's deferred index is built when the run reaches the head.
+    let indexes: i64 = conn
+        .query_row(
+            "SELECT COUNT(*) FROM sqlite_schema WHERE type = 'index' AND name = 'orders_by_customer'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(indexes, 1, "orders_by_customer built at the head");
     // Deterministic: the same seed gives the same projections.
     let first = env.digest("customer_stats");
     assert!(

@@ -280,6 +280,18 @@ fn follow_applies_appends_of_another_process_and_sigterm_exits_0() {
         assert_eq!(r["state"], "following", "{r}");
         assert_eq!(r["lag"], 0, "{r}");
     }
+    // The config's deferred index was built when the follower caught up,
+    // and is there for another process while it keeps following.
+    let conn = Connection::open(env.path("projections/order_summary.db")).unwrap();
+    let index: i64 = conn
+        .query_row(
+            "SELECT COUNT(*) FROM sqlite_schema WHERE name = 'orders_by_customer'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(index, 1, "deferred index built at the first catch-up");
+    drop(conn);
     signal(&follower, "-TERM");
     let exit = wait_exit(&mut follower);
     let out = follower.into_inner().wait_with_output().unwrap();

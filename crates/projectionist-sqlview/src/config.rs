@@ -721,6 +721,30 @@ mod tests {
             ),
             "changes nothing",
         ),
+        (
+            format!(
+                "[[projection]]\nname = \"p\"\nversion = 1\n{GOOD_SCHEMA}\ndeferred_indexes = \"CREATE INDEX t_n ON t (n)\"\n[projection.on.E]\nsql = \"INSERT INTO t VALUES (:id, 1)\"\n"
+            ),
+            "projection \"p\", deferred_indexes: index t_n already exists (run a second time: use CREATE INDEX IF NOT EXISTS)",
+        ),
+        (
+            format!(
+                "[[projection]]\nname = \"p\"\nversion = 1\n{GOOD_SCHEMA}\ndeferred_indexes = \"CREATE UNIQUE INDEX IF NOT EXISTS t_n ON t (n)\"\n[projection.on.E]\nsql = \"INSERT INTO t VALUES (:id, 1)\"\n"
+            ),
+            "index t_n is UNIQUE",
+        ),
+        (
+            format!(
+                "[[projection]]\nname = \"p\"\nversion = 1\n{GOOD_SCHEMA}\ndeferred_indexes = \"CREATE TABLE IF NOT EXISTS u (x)\"\n[projection.on.E]\nsql = \"INSERT INTO t VALUES (:id, 1)\"\n"
+            ),
+            "creates table u: only indexes may be deferred",
+        ),
+        (
+            format!(
+                "[[projection]]\nname = \"p\"\nversion = 1\n{GOOD_SCHEMA}\ndeferred_indexes = \"CREATE INDEX IF NOT EXISTS t_x ON t (nope)\"\n[projection.on.E]\nsql = \"INSERT INTO t VALUES (:id, 1)\"\n"
+            ),
+            "deferred_indexes: no such column: nope",
+        ),
         ("".into(), "declares no [[projection]]"),
         (
             format!("[[projection]]\nname = \"p\"\nversion = -1\n{GOOD_SCHEMA}\n"),
