@@ -433,3 +433,70 @@ fn many_projections_run_under_a_low_soft_open_files_limit() {
         assert!(placed > 0, "p{i:03} holds the placed orders");
     }
 }
+
+/// SIGKILLs of an in-place rebuild whose config defers an index (the demo's
+/// `orders_by_customer`), at seeded moments, each followed by a `resume` in
+/// a new process: a projection short of the head never has the index, and
+/// every resume ends with it and with the rows of an uninterrupted rebuild.
+/// `PROJECTIONIST_SEED` repeats a run; `PROJECTIONIST_SOAK=N` kills N times.
+#[test]
+fn sigkilled_rebuilds_build_the_deferred_index_only_at_the_head() {
+    const EVENTS: u64 = 150_000;
+    let var = |name: &str| std::env::var(name).ok().and_then(|v| v.parse().ok());
+    let kills: u64 = var("PROJECTIONIST_SOAK").unwrap_or(3);
+    let seed: u64 = var("PROJECTIONIST_SEED").unwrap_or_else(|| fastrand::u64(..));
+    eprintln!("deferred index kill test: seed {seed} (PROJECTIONIST_SEED={seed} repeats it)");
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let env = Env::new();
+    env.demo_log(EVENTS);
+    let reference = env.digest("order_summary");
+    let has_index = |env: &Env| -> bool {
+        let conn = Connection::open(env.path("projections/order_summary.db")).unwrap();
+        conn.query_row(
+            "SELECT COUNT(*) FROM sqlite_schema WHERE name = 'orders_by_customer'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .unwrap()
+            == 1
+    };
+    assert!(has_index(&env), "the demo's rebuild built it");
+    for kill in 0..kills {
+        let batch = rng.u32(10..200).to_string();
+        let mut child = env
+            .command(&["--quiet", "--batch-size", &batch, "rebuild", "--in-place"])
+            .spawn()
+            .unwrap();
+        let wait_ms = rng.u64(100..1_500);
+        std::thread::sleep(std::time::Duration::from_millis(wait_ms));
+        let _ = Command::new("kill")
+            .args(["-KILL", &child.id().to_string()])
+            .status();
+        let _ = child.wait();
+        let conn = Connection::open(env.path("projections/order_summary.db")).unwrap();
+        let at = projectionist::SqliteCheckpoint::load_in(&conn, "order_summary").unwrap_or(0);
+        drop(conn);
+        eprintln!("kill {kill}: after {wait_ms} ms, checkpoint {at}");
+        if at < EVENTS {
+            assert!(
+                !has_index(&env),
+                "kill {kill} (seed {seed}): index present at checkpoint {at} < {EVENTS}"
+            );
+        }
+        let out = env.run(&["--quiet", "resume"]);
+        assert!(
+            out.status.success(),
+            "kill {kill} (seed {seed}): {}",
+            stderr(&out)
+        );
+        assert!(
+            has_index(&env),
+            "kill {kill} (seed {seed}): resume built no index"
+        );
+        assert_eq!(
+            env.digest("order_summary"),
+            reference,
+            "kill {kill} (seed {seed}): rows differ from an uninterrupted rebuild"
+        );
+    }
+}
