@@ -383,6 +383,7 @@ fn many_config(n: usize) -> String {
             format!(
                 "[[projection]]\nname = \"p{i:04}\"\nversion = 1\n\
                  schema = \"CREATE TABLE counts (stream TEXT PRIMARY KEY, n INTEGER NOT NULL)\"\n\
+                 deferred_indexes = \"CREATE INDEX IF NOT EXISTS counts_by_n ON counts (n)\"\n\
                  [projection.on.{}]\n\
                  sql = \"INSERT INTO counts VALUES (:_stream_id, 1) ON CONFLICT (stream) DO UPDATE SET n = n + 1\"\n\n",
                 MANY_TYPES[i % MANY_TYPES.len()]
@@ -475,6 +476,15 @@ fn many_projections_park_their_files_and_survive_sigkills() {
             "after {kills} kills (seed {seed}) {name} differs from the events table"
         );
         assert_eq!(checkpoint(&env, name), head, "{name} (seed {seed})");
+        // Its deferred index was built at the head, parked or not.
+        let indexed: i64 = projection
+            .query_row(
+                "SELECT count(*) FROM sqlite_schema WHERE name = 'counts_by_n'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(indexed, 1, "{name} has no deferred index (seed {seed})");
     }
     // A follower at rest: the kept files are open, the parked ones are not.
     let mut follower = start_follower(&env);

@@ -575,7 +575,7 @@ impl<'c, E> Slot<'_, 'c, E> {
         let name = &self.name;
         let committed = self.state.committed;
         let handler = &mut *self.projection.handler;
-        let mut run = |conn: &Connection| -> Result<()> {
+        let mut run = |conn: &Connection, reopened: bool| -> Result<()> {
             let label = || format!("projection {name}: caught_up (run at the log's head)");
             // Building an index sorts the whole table: its sorted runs go to
             // temporary files, not memory (`temp_store=MEMORY` is for the
@@ -590,6 +590,14 @@ impl<'c, E> Slot<'_, 'c, E> {
             let done = (|| {
                 let tx = Transaction::new_unchecked(conn, TransactionBehavior::Immediate)
                     .map_err(Error::sqlite(label()))?;
+                // A parked projection's file is opened anew: its handler
+                // configures the connection first, as in every visit.
+                if reopened {
+                    handler.setup(&tx).map_err(|source| Error::Setup {
+                        name: name.clone(),
+                        source,
+                    })?;
+                }
                 handler.caught_up(&tx).map_err(|source| Error::CaughtUp {
                     name: name.clone(),
                     source,
@@ -604,10 +612,10 @@ impl<'c, E> Slot<'_, 'c, E> {
             done
         };
         match self.conn {
-            Some(conn) => run(conn)?,
+            Some(conn) => run(conn, false)?,
             None => {
                 let db = self.projection.db;
-                let done = db.with_connection(|conn| run(conn));
+                let done = db.with_connection(|conn| run(conn, true));
                 db.park();
                 done?;
             }
