@@ -72,6 +72,18 @@ impl Env {
         );
         self.write_config(DEMO_CONFIG);
     }
+    /// Whether projection `projection`'s file has an index named `index`,
+    /// read through a connection of its own.
+    pub fn has_index(&self, projection: &str, index: &str) -> bool {
+        let conn = Connection::open(self.path(&format!("projections/{projection}.db"))).unwrap();
+        conn.query_row(
+            "SELECT count(*) FROM sqlite_schema WHERE type = 'index' AND name = ?1",
+            [index],
+            |r| r.get::<_, i64>(0),
+        )
+        .unwrap()
+            == 1
+    }
     pub fn digest(&self, name: &str) -> String {
         let conn = Connection::open(self.path(&format!("projections/{name}.db"))).unwrap();
         projection_digest(&conn, DigestScope::All).unwrap()
