@@ -535,6 +535,7 @@ fn check_deferred_indexes(
         rows.collect()
     };
     let before = objects(scratch).map_err(|e| e.to_string())?;
+    let _only = confinement.enforce_indexes_only();
     for round in ["", " (run a second time: use CREATE INDEX IF NOT EXISTS)"] {
         scratch
             .execute_batch(sql)
@@ -737,7 +738,31 @@ mod tests {
             format!(
                 "[[projection]]\nname = \"p\"\nversion = 1\n{GOOD_SCHEMA}\ndeferred_indexes = \"CREATE TABLE IF NOT EXISTS u (x)\"\n[projection.on.E]\nsql = \"INSERT INTO t VALUES (:id, 1)\"\n"
             ),
-            "creates table u: only indexes may be deferred",
+            "creating table u is not allowed: deferred_indexes may only create indexes",
+        ),
+        (
+            format!(
+                "[[projection]]\nname = \"p\"\nversion = 1\n{GOOD_SCHEMA}\ndeferred_indexes = \"CREATE INDEX IF NOT EXISTS t_n ON t (n); DELETE FROM t\"\n[projection.on.E]\nsql = \"INSERT INTO t VALUES (:id, 1)\"\n"
+            ),
+            "deleting from table t is not allowed: deferred_indexes may only create indexes",
+        ),
+        (
+            format!(
+                "[[projection]]\nname = \"p\"\nversion = 1\n{GOOD_SCHEMA}\ndeferred_indexes = \"CREATE INDEX IF NOT EXISTS t_n ON t (n); UPDATE t SET n = 0\"\n[projection.on.E]\nsql = \"INSERT INTO t VALUES (:id, 1)\"\n"
+            ),
+            "updating table t is not allowed",
+        ),
+        (
+            format!(
+                "[[projection]]\nname = \"p\"\nversion = 1\n{GOOD_SCHEMA}\ndeferred_indexes = \"DROP TABLE t\"\n[projection.on.E]\nsql = \"INSERT INTO t VALUES (:id, 1)\"\n"
+            ),
+            "deferred_indexes may only create indexes",
+        ),
+        (
+            format!(
+                "[[projection]]\nname = \"p\"\nversion = 1\n{GOOD_SCHEMA}\ndeferred_indexes = \"CREATE INDEX IF NOT EXISTS t_n ON t (n)\"\n[projection.on.E]\nsql = \"INSERT INTO _checkpoint VALUES (:id, 1)\"\n"
+            ),
+            "writing to table _checkpoint (reserved for projectionist) is not allowed",
         ),
         (
             format!(

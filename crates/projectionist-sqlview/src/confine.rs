@@ -26,6 +26,8 @@ fn is_reserved_table(name: &str) -> bool {
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Confinement {
     enforcing: Arc<AtomicBool>,
+    /// Narrower still, for `deferred_indexes`: nothing but creating indexes.
+    indexes_only: Arc<AtomicBool>,
     refused: Arc<Mutex<Option<String>>>,
 }
 
@@ -39,18 +41,28 @@ impl Confinement {
         conn.set_limit(Limit::SQLITE_LIMIT_ATTACHED, 0)?;
         conn.set_db_config(DbConfig::SQLITE_DBCONFIG_DEFENSIVE, true)?;
         let enforcing = Arc::clone(&self.enforcing);
+        let indexes_only = Arc::clone(&self.indexes_only);
         let refused = Arc::clone(&self.refused);
         conn.authorizer(Some(move |context: AuthContext<'_>| {
             if !enforcing.load(Ordering::Relaxed) {
                 return Authorization::Allow;
             }
-            match refusal(&context) {
-                None => Authorization::Allow,
-                Some(reason) => {
-                    *refused.lock().unwrap_or_else(PoisonError::into_inner) = Some(reason);
-                    Authorization::Deny
+            let message = match refusal(&context) {
+                Some(reason) => format!(
+                    "{reason} is not allowed: projection SQL may only change its own tables"
+                ),
+                None if indexes_only.load(Ordering::Relaxed) => {
+                    match not_index_creation(&context) {
+                        Some(what) => format!(
+                            "{what} is not allowed: deferred_indexes may only create indexes"
+                        ),
+                        None => return Authorization::Allow,
+                    }
                 }
-            }
+                None => return Authorization::Allow,
+            };
+            *refused.lock().unwrap_or_else(PoisonError::into_inner) = Some(message);
+            Authorization::Deny
         }))?;
         Ok(())
     }
@@ -61,6 +73,18 @@ impl Confinement {
         Enforced(self)
     }
 
+    /// Enforces the confinement and allows nothing but creating indexes
+    /// (and the reads that takes) until the guard is dropped, which restores
+    /// the enforcement as it was.
+    pub(crate) fn enforce_indexes_only(&self) -> IndexesOnly<'_> {
+        let was_enforcing = self.enforcing.swap(true, Ordering::Relaxed);
+        self.indexes_only.store(true, Ordering::Relaxed);
+        IndexesOnly {
+            confinement: self,
+            was_enforcing,
+        }
+    }
+
     /// Turns a SQLite error into a message, naming what was refused.
     pub(crate) fn explain(&self, error: &rusqlite::Error) -> String {
         let refused = self
@@ -69,9 +93,7 @@ impl Confinement {
             .unwrap_or_else(PoisonError::into_inner)
             .take();
         match (refused, error.sqlite_error_code()) {
-            (Some(reason), Some(rusqlite::ErrorCode::AuthorizationForStatementDenied)) => {
-                format!("{reason} is not allowed: projection SQL may only change its own tables")
-            }
+            (Some(message), Some(rusqlite::ErrorCode::AuthorizationForStatementDenied)) => message,
             _ => error.to_string(),
         }
     }
@@ -83,6 +105,56 @@ pub(crate) struct Enforced<'a>(&'a Confinement);
 impl Drop for Enforced<'_> {
     fn drop(&mut self) {
         self.0.enforcing.store(false, Ordering::Relaxed);
+    }
+}
+
+/// While alive, the authorizer allows only index creation.
+pub(crate) struct IndexesOnly<'a> {
+    confinement: &'a Confinement,
+    was_enforcing: bool,
+}
+
+impl Drop for IndexesOnly<'_> {
+    fn drop(&mut self) {
+        self.confinement
+            .indexes_only
+            .store(false, Ordering::Relaxed);
+        self.confinement
+            .enforcing
+            .store(self.was_enforcing, Ordering::Relaxed);
+    }
+}
+
+/// What an action does, when it is not part of creating an index: SQLite
+/// reports `CREATE INDEX` as the creation, a row added to its schema table,
+/// the index's filling (a reindex), and the reads and functions of an
+/// expression or partial index.
+fn not_index_creation(context: &AuthContext<'_>) -> Option<String> {
+    match context.action {
+        AuthAction::CreateIndex { .. }
+        | AuthAction::Reindex { .. }
+        | AuthAction::Read { .. }
+        | AuthAction::Select
+        | AuthAction::Function { .. } => None,
+        AuthAction::Insert { table_name }
+            if table_name.eq_ignore_ascii_case("sqlite_master")
+                || table_name.eq_ignore_ascii_case("sqlite_schema") =>
+        {
+            None
+        }
+        AuthAction::Insert { table_name } => Some(format!("writing to table {table_name}")),
+        AuthAction::Delete { table_name } => Some(format!("deleting from table {table_name}")),
+        AuthAction::Update { table_name, .. } => Some(format!("updating table {table_name}")),
+        AuthAction::CreateTable { table_name } | AuthAction::CreateTempTable { table_name } => {
+            Some(format!("creating table {table_name}"))
+        }
+        AuthAction::DropTable { table_name } | AuthAction::DropTempTable { table_name } => {
+            Some(format!("dropping table {table_name}"))
+        }
+        AuthAction::DropIndex { index_name, .. } | AuthAction::DropTempIndex { index_name, .. } => {
+            Some(format!("dropping index {index_name}"))
+        }
+        other => Some(format!("{other:?}")),
     }
 }
 

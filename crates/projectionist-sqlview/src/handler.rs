@@ -48,7 +48,7 @@ impl SqlHandler<'_> {
         if self.projection.deferred_indexes.trim().is_empty() {
             return Ok(());
         }
-        let _enforced = self.confinement.enforce();
+        let _enforced = self.confinement.enforce_indexes_only();
         tx.execute_batch(&self.projection.deferred_indexes)
             .map_err(|e| {
                 format!(
