@@ -484,3 +484,49 @@ fn sigkilled_rebuilds_build_the_deferred_index_only_at_the_head() {
         );
     }
 }
+
+/// A deferred index that fails on the data (an expression index over text
+/// that is not JSON passes the empty scratch database): the events stay
+/// committed, the run fails with exit 4 naming the cause, `status` shows it,
+/// and a shadow rebuild that fails so is not published over the live file.
+#[test]
+fn a_failing_deferred_index_keeps_the_rows_and_publishes_nothing() {
+    let env = Env::new();
+    env.demo_log(2_000);
+    env.write_config(
+        r#"
+[[projection]]
+name = "jx"
+version = 1
+schema = "CREATE TABLE t (id TEXT PRIMARY KEY, payload TEXT)"
+deferred_indexes = "CREATE INDEX IF NOT EXISTS t_a ON t (json_extract(payload, '$.a'))"
+[projection.on.OrderPlaced]
+sql = "INSERT INTO t VALUES (:order_id!text, :customer_id)"
+"#,
+    );
+    let cause =
+        "projection jx: caught_up (run at the log's head) failed: deferred_indexes: malformed JSON";
+    let out = env.run(&["rebuild"]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert!(stderr(&out).contains(cause), "{}", stderr(&out));
+    let conn = Connection::open(env.path("projections/jx.db")).unwrap();
+    let at = projectionist::SqliteCheckpoint::load_in(&conn, "jx").unwrap();
+    assert_eq!(at, 2_000, "the events are committed");
+    drop(conn);
+    assert!(!env.has_index("jx", "t_a"));
+    let live = env.digest("jx");
+    let status = stdout(&env.run(&["status"]));
+    assert!(
+        status.contains("failed") && status.contains(cause),
+        "{status}"
+    );
+    // A shadow rebuild fails the same way and leaves the live file alone.
+    let out = env.run(&["rebuild"]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert!(env.path("projections/.jx.shadow.db").exists());
+    assert_eq!(
+        env.digest("jx"),
+        live,
+        "nothing published over the live file"
+    );
+}

@@ -50,14 +50,7 @@ impl SqlHandler<'_> {
         }
         let _enforced = self.confinement.enforce_indexes_only();
         tx.execute_batch(&self.projection.deferred_indexes)
-            .map_err(|e| {
-                format!(
-                    "projection {}: deferred_indexes: {}",
-                    self.projection.name,
-                    self.confinement.explain(&e)
-                )
-                .into()
-            })
+            .map_err(|e| format!("deferred_indexes: {}", self.confinement.explain(&e)).into())
     }
 
     fn setup_file(&mut self, tx: &Transaction<'_>) -> Result<(), BoxError> {
