@@ -28,8 +28,12 @@ pub(crate) fn run_status(cli: &Cli, check: bool) -> Result<(), Failure> {
     // Without a store, status still shows the files; a store that exists but
     // cannot be read is an error.
     let spec = store_spec(cli, false);
-    let head = if Store::is_postgres(&spec) || Path::new(&spec).exists() {
-        let store = open_store(cli, false, &config)?;
+    let store = if Store::is_postgres(&spec) || Path::new(&spec).exists() {
+        Some(open_store(cli, false, &config)?)
+    } else {
+        None
+    };
+    let head = if let Some(store) = &store {
         Some(
             store
                 .reader()
@@ -61,10 +65,13 @@ pub(crate) fn run_status(cli: &Cli, check: bool) -> Result<(), Failure> {
     for name in &names {
         let files =
             ProjectionFiles::new(&dir_path, name).map_err(|e| fail(EXIT_PROJECTION)(e.into()))?;
-        rows.push(
-            status_row(name, &files, config.get(name), head, check)
-                .map_err(fail(EXIT_PROJECTION))?,
-        );
+        let mut row = status_row(name, &files, config.get(name), head, check)
+            .map_err(fail(EXIT_PROJECTION))?;
+        if let (Some(store), Some(projection)) = (&store, config.get(name)) {
+            discount_other_types(&mut row, store, projection)
+                .map_err(|e| fail(EXIT_STORE)(e.into()))?;
+        }
+        rows.push(row);
     }
     ui::status_table(cli.json, &rows, head);
     let troubled: Vec<&str> = rows
@@ -80,6 +87,39 @@ pub(crate) fn run_status(cli: &Cli, check: bool) -> Result<(), Failure> {
         troubled.len(),
         troubled.join(", ")
     )))
+}
+
+/// Events after a checkpoint that `status` reads through to see whether any is
+/// of the projection's types. A follower moves a parked projection's
+/// checkpoint over events of other types only every
+/// `PARKED_CHECKPOINT_INTERVAL` (10 s), so its file can trail the head by that
+/// many events while it has nothing to apply; a larger lag is shown as it is
+/// (reading through it would make `status` slow).
+const OTHER_TYPES_LAG_MAX: u64 = 100_000;
+
+/// A projection whose checkpoint trails the head only by events of types it
+/// does not handle has nothing to apply: its lag is 0 (and `behind` is
+/// `current`). One typed read of at most one event, for lags up to
+/// [`OTHER_TYPES_LAG_MAX`].
+fn discount_other_types(
+    row: &mut ui::StatusRow,
+    store: &Store,
+    projection: &SqlProjection,
+) -> projectionist::Result<()> {
+    let Some(lag) = row.lag else { return Ok(()) };
+    if lag == 0 || lag > OTHER_TYPES_LAG_MAX || !matches!(row.state, "behind" | "following") {
+        return Ok(());
+    }
+    let read = store
+        .reader()
+        .read_after_types(row.checkpoint, 1, &projection.event_types())?;
+    if read.events.is_empty() && read.scanned_through >= row.checkpoint + lag {
+        row.lag = Some(0);
+        if row.state == "behind" {
+            row.state = "current";
+        }
+    }
+    Ok(())
 }
 
 /// States that make `status` exit with 4.

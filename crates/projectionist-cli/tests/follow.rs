@@ -486,6 +486,25 @@ fn many_projections_park_their_files_and_survive_sigkills() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(open_files_of(follower.id(), kept).len(), open_max);
+    // Appends of other types: a parked `ItemRemoved` projection's file keeps
+    // its checkpoint (it is moved at most every 10 s), and `status`, reading
+    // that file in another process, counts what it trails by as no lag.
+    let mut late = appender(&env, "late2", 60, seed ^ 9);
+    assert!(wait_exit(&mut late).success());
+    let new_head = self::head(&env);
+    wait_for(&env, &[names[0].as_str()], new_head);
+    let rows = status(&env);
+    for (i, name) in names.iter().enumerate().skip(open_max) {
+        if MANY_TYPES[i % MANY_TYPES.len()] != "ItemRemoved" {
+            continue;
+        }
+        let r = row(&rows, name);
+        assert_eq!(r["state"], "following", "{r}");
+        assert_eq!(
+            r["lag"], 0,
+            "{name} has nothing to apply (seed {seed}): {r}"
+        );
+    }
     signal(&follower, "-TERM");
     assert_eq!(wait_exit(&mut follower).code(), Some(0));
 }

@@ -510,7 +510,20 @@ fn r8_9_status_reports_failed_behind_and_current() {
     }
     assert_eq!(items["stale"], false);
     assert_eq!(row(&rows, "placed")["state"], "current");
-    // New events: behind.
+    // A new event of a type it does not handle: nothing to apply.
+    append_one(
+        &env,
+        "events.db",
+        "other",
+        "ShipmentNoted",
+        serde_json::json!({"order_id": "other"}),
+    );
+    let (_, rows) = status_json(&env, &[]);
+    let placed = row(&rows, "placed");
+    assert_eq!(placed["state"], "current", "{placed}");
+    assert_eq!(placed["lag"], 0, "{placed}");
+    assert_eq!(placed["checkpoint"], 400, "{placed}");
+    // New events of its type: behind, by every event after its checkpoint.
     append_one(
         &env,
         "events.db",
@@ -520,7 +533,7 @@ fn r8_9_status_reports_failed_behind_and_current() {
     );
     let (_, rows) = status_json(&env, &[]);
     assert_eq!(row(&rows, "placed")["state"], "behind");
-    assert_eq!(row(&rows, "placed")["lag"], 1);
+    assert_eq!(row(&rows, "placed")["lag"], 2);
     // The text table says it too, with the event.
     let out = env.run(&["status"]);
     assert!(
