@@ -148,6 +148,7 @@ pub(crate) fn status_row(
         error: None,
         last_run: None,
         versions: ui::VersionsRow::default(),
+        pending_indexes: Vec::new(),
     };
     let path = files.db.as_path();
     let troubled = |mut row: ui::StatusRow, state, reason: String| {
@@ -187,9 +188,15 @@ pub(crate) fn status_row(
         };
         let last = last_run(&conn, name).ok().flatten();
         let problem = if check { quick_check(&conn)? } else { None };
-        Ok((problem, checkpoint, stored, last, needs_rebuild))
+        let pending = match (projection, &stored) {
+            (Some(p), Some(_)) if !needs_rebuild => {
+                p.missing_deferred_indexes(&conn).map_err(sqlite)?
+            }
+            _ => Vec::new(),
+        };
+        Ok((problem, checkpoint, stored, last, needs_rebuild, pending))
     };
-    let (problem, checkpoint, stored, last, needs_rebuild) = match read() {
+    let (problem, checkpoint, stored, last, needs_rebuild, pending) = match read() {
         Ok(read) => read,
         Err(projectionist::Error::Sqlite { source, .. }) if is_corruption(&source) => {
             return troubled(row, "corrupt", source.to_string());
@@ -200,6 +207,7 @@ pub(crate) fn status_row(
         return troubled(row, "corrupt", format!("quick_check: {problem}"));
     }
     row.checkpoint = checkpoint;
+    row.pending_indexes = pending;
     row.lag = head.map(|h| h.saturating_sub(checkpoint));
     row.built_version = stored.as_ref().map(|s| s.version);
     let alive_in = |state: &str| {

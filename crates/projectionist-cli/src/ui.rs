@@ -206,6 +206,9 @@ pub struct StatusRow {
     pub last_run: Option<projectionist::LastRun>,
     /// The projection's other versions (shadow, previous).
     pub versions: VersionsRow,
+    /// Its config's deferred indexes that the file lacks (built when a run
+    /// reaches the head).
+    pub pending_indexes: Vec<String>,
 }
 
 /// A projection's other versions, in `status`.
@@ -250,6 +253,7 @@ pub fn status_table(json: bool, rows: &[StatusRow], head: Option<u64>) {
                 "rolled_back_at": r.versions.rolled_back_at,
                 "shadow_checkpoint": r.versions.shadow_checkpoint,
                 "shadow_error": r.versions.shadow_error,
+                "pending_indexes": r.pending_indexes,
             }));
         }
         return;
@@ -280,6 +284,12 @@ pub fn status_table(json: bool, rows: &[StatusRow], head: Option<u64>) {
                 .map(|l| format!(" (at {})", l.updated_at))
                 .unwrap_or_default();
             out_line(&format!("  {}{when}: {}", r.state, escape_controls(error)));
+        }
+        if !r.pending_indexes.is_empty() {
+            out_line(&format!(
+                "  deferred indexes not built yet (a run that reaches the head builds them): {}",
+                r.pending_indexes.join(", ")
+            ));
         }
         let v = &r.versions;
         if let Some(at) = &v.rolled_back_at {

@@ -461,11 +461,26 @@ fn sigkilled_rebuilds_build_the_deferred_index_only_at_the_head() {
         let at = projectionist::SqliteCheckpoint::load_in(&conn, "order_summary").unwrap_or(0);
         drop(conn);
         eprintln!("kill {kill}: after {wait_ms} ms, checkpoint {at}");
+        let pending = || -> serde_json::Value {
+            json_lines(&env.run(&["--json", "status"]))
+                .into_iter()
+                .find(|l| l["projection"] == "order_summary")
+                .unwrap()["pending_indexes"]
+                .clone()
+        };
         if at < EVENTS {
             assert!(
                 !has_index(&env),
                 "kill {kill} (seed {seed}): index present at checkpoint {at} < {EVENTS}"
             );
+            if at > 0 {
+                // `status`, in another process, says what is missing.
+                assert_eq!(
+                    pending(),
+                    serde_json::json!(["orders_by_customer"]),
+                    "kill {kill} (seed {seed})"
+                );
+            }
         }
         let out = env.run(&["--quiet", "resume"]);
         assert!(
@@ -476,6 +491,11 @@ fn sigkilled_rebuilds_build_the_deferred_index_only_at_the_head() {
         assert!(
             has_index(&env),
             "kill {kill} (seed {seed}): resume built no index"
+        );
+        assert_eq!(
+            pending(),
+            serde_json::json!([]),
+            "kill {kill} (seed {seed})"
         );
         assert_eq!(
             env.digest("order_summary"),

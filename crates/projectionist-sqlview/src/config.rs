@@ -297,6 +297,32 @@ impl SqlProjection {
             .is_some_and(|stored| stored.hash != self.hash))
     }
 
+    /// The indexes that `deferred_indexes` creates, by name (found by running
+    /// the schema and it on an empty in-memory database, as the config check
+    /// does), and which of them the projection file behind `conn` lacks: a
+    /// run that stopped short of the log's head has not built them yet.
+    ///
+    /// # Errors
+    /// SQLite errors running the schema or reading the file.
+    pub fn missing_deferred_indexes(
+        &self,
+        conn: &projectionist::rusqlite::Connection,
+    ) -> Result<Vec<String>, projectionist::rusqlite::Error> {
+        if self.deferred_indexes.trim().is_empty() {
+            return Ok(Vec::new());
+        }
+        let scratch = Connection::open_in_memory()?;
+        scratch.execute_batch(SCRATCH_ENGINE_TABLES)?;
+        scratch.execute_batch(&self.schema)?;
+        let before = index_names(&scratch)?;
+        scratch.execute_batch(&self.deferred_indexes)?;
+        let in_file = index_names(conn)?;
+        Ok(index_names(&scratch)?
+            .into_iter()
+            .filter(|name| !before.contains(name) && !in_file.contains(name))
+            .collect())
+    }
+
     /// The event types this projection handles.
     #[must_use]
     pub fn event_types(&self) -> Vec<String> {
@@ -513,6 +539,14 @@ fn validate_projection(raw: RawProjection) -> Result<SqlProjection, Failure> {
         hash,
         deferred_indexes,
     })
+}
+
+/// The names of the indexes in `conn`'s main database.
+fn index_names(conn: &Connection) -> rusqlite::Result<Vec<String>> {
+    let mut stmt =
+        conn.prepare("SELECT name FROM sqlite_schema WHERE type = 'index' ORDER BY name")?;
+    let names = stmt.query_map([], |r| r.get(0))?;
+    names.collect()
 }
 
 /// `deferred_indexes` runs on the scratch database twice, as at the end of
