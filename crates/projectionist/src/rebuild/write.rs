@@ -606,10 +606,12 @@ impl<'c, E> Slot<'_, 'c, E> {
                 guard(context, name, committed)?;
                 tx.commit().map_err(Error::sqlite(label()))
             })();
-            conn.pragma_update(None, "temp_store", "MEMORY")
+            let restored = conn
+                .pragma_update(None, "temp_store", "MEMORY")
                 .and_then(|()| conn.pragma_update(None, "cache_size", -cache_kib))
-                .map_err(Error::sqlite(label()))?;
-            done
+                .map_err(Error::sqlite(label()));
+            // The hook's own failure is the one to report.
+            done.and(restored)
         };
         match self.conn {
             Some(conn) => run(conn, false)?,
