@@ -165,54 +165,49 @@ impl SqlHandler<'_> {
     }
 }
 
-/// Payloads decoded into a `serde_json::Value` tree (the library's default
-/// payload type).
-impl Handler<Value> for SqlHandler<'_> {
-    fn setup(&mut self, tx: &Transaction<'_>) -> Result<(), BoxError> {
-        self.setup_file(tx)
-    }
+/// One `Handler` impl per payload type: the same file setup, types and
+/// deferred indexes; only how fields are read from a payload differs.
+macro_rules! payload_handler {
+    ($(#[$doc:meta])* $payload:ty, $fields:expr) => {
+        $(#[$doc])*
+        impl Handler<$payload> for SqlHandler<'_> {
+            fn setup(&mut self, tx: &Transaction<'_>) -> Result<(), BoxError> {
+                self.setup_file(tx)
+            }
 
-    fn event_types(&self) -> Option<Vec<String>> {
-        Some(self.projection.event_types())
-    }
+            fn event_types(&self) -> Option<Vec<String>> {
+                Some(self.projection.event_types())
+            }
 
-    fn caught_up(&mut self, tx: &Transaction<'_>) -> Result<(), BoxError> {
-        self.build_deferred_indexes(tx)
-    }
+            fn caught_up(&mut self, tx: &Transaction<'_>) -> Result<(), BoxError> {
+                self.build_deferred_indexes(tx)
+            }
 
-    fn apply(
-        &mut self,
-        tx: &Transaction<'_>,
-        events: &[GlobalEvent<Value>],
-    ) -> Result<(), BoxError> {
-        self.apply_with(tx, events, &mut TreeFields)
-    }
+            fn apply(
+                &mut self,
+                tx: &Transaction<'_>,
+                events: &[GlobalEvent<$payload>],
+            ) -> Result<(), BoxError> {
+                self.apply_with(tx, events, &mut $fields)
+            }
+        }
+    };
 }
 
-/// Payloads kept as JSON text (validated when read): only the fields a
-/// statement binds are decoded, borrowed from the text where they can be.
-/// This is what the command line reads: no tree is built per event.
-impl Handler<Box<RawValue>> for SqlHandler<'_> {
-    fn setup(&mut self, tx: &Transaction<'_>) -> Result<(), BoxError> {
-        self.setup_file(tx)
-    }
+payload_handler!(
+    /// Payloads decoded into a `serde_json::Value` tree (the library's default
+    /// payload type).
+    Value,
+    TreeFields
+);
 
-    fn event_types(&self) -> Option<Vec<String>> {
-        Some(self.projection.event_types())
-    }
-
-    fn caught_up(&mut self, tx: &Transaction<'_>) -> Result<(), BoxError> {
-        self.build_deferred_indexes(tx)
-    }
-
-    fn apply(
-        &mut self,
-        tx: &Transaction<'_>,
-        events: &[GlobalEvent<Box<RawValue>>],
-    ) -> Result<(), BoxError> {
-        self.apply_with(tx, events, &mut RawFields::default())
-    }
-}
+payload_handler!(
+    /// Payloads kept as JSON text (validated when read): only the fields a
+    /// statement binds are decoded, borrowed from the text where they can be.
+    /// This is what the command line reads: no tree is built per event.
+    Box<RawValue>,
+    RawFields::default()
+);
 
 /// Where a statement's `:field` parameters come from, for one payload type.
 trait Fields<'e, E> {
