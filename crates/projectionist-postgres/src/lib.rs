@@ -32,10 +32,11 @@
 //! # }
 //! ```
 
+mod horizon;
 mod lease;
 mod store;
 
 pub use lease::{Lease, Leases};
-pub use store::{
-    FOREIGN_HOLE_SETTLE_UNPROVEN, NOTIFY_CHANNEL, PostgresEventStore, url_with_schema,
-};
+#[allow(deprecated)]
+pub use store::FOREIGN_HOLE_SETTLE_UNPROVEN;
+pub use store::{HoleWait, NOTIFY_CHANNEL, PostgresEventStore, url_with_schema};

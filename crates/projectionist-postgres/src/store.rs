@@ -8,39 +8,20 @@
 //! flight, move its checkpoint to 11, and never see 10.
 //!
 //! How reads stay safe: events are handed out only in an unbroken run from the
-//! checkpoint. At a missing number N the read takes a fresh transaction id Y (in
-//! a transaction of its own): the transaction that drew N took its own id before
-//! N (appends take their transaction id before their first sequence number), N
-//! was drawn before a later number that is already committed and visible, so
-//! that id is below Y. Once the oldest running transaction (a snapshot's `xmin`)
-//! is at or past Y, every such transaction has ended; if N is still missing it
-//! was rolled back, and the read passes the hole. (A snapshot's own `xmax` is not
-//! a safe bound: it is one past the latest *completed* transaction, and a
-//! transaction that took an id earlier can still run above it; an earlier
-//! version used it and could skip an event under heavy concurrency.) A read
-//! looks at a hole again, in new snapshots, for a bounded time, so a process that
-//! starts after the hole was made passes it on its first read: nothing about
-//! holes has to survive a process.
-//!
-//! Another program's table (read through [`PostgresEventStore::connect_mapped`])
-//! gives no such promise: a plain `bigserial` or identity column draws its
-//! number (`nextval()`) before the inserting transaction has an id, and a
-//! writer may even draw it with `SELECT nextval()` long before it inserts. So
-//! a hole in a foreign table is passed only when, besides the rule above,
-//! every transaction that was running when the hole was first seen has ended
-//! (`pg_stat_activity`: none of the database's sessions has a transaction
-//! that started before that moment): the transaction that drew the missing
-//! number started before the hole could be seen, so it has ended, and a
-//! snapshot taken after that still lacking the number proves it will never
-//! come. This needs the reading role to see other roles' sessions
-//! (`pg_read_all_stats`, or a superuser); where it cannot, a hole is passed
-//! after [`FOREIGN_HOLE_SETTLE_UNPROVEN`] instead. A number drawn in one
-//! transaction and inserted in a later one cannot be proven at all: give such
-//! writers a settle time ([`PostgresEventStore::with_hole_settle`]), the
-//! longest they take from drawing to committing.
+//! checkpoint. A missing number is passed only once it is decided: every
+//! transaction that held a writer's lock on the table or its sequence when the
+//! hole could first be seen has ended, and a later snapshot still lacks the
+//! number (see the `horizon` module for the argument). This holds for our own
+//! appends, for plain `INSERT`s by other programs, for numbers drawn with
+//! `nextval()` long before the insert in the same transaction, and whatever
+//! the server's monitoring settings: it reads PostgreSQL's lock table, not a
+//! statistics view. A number drawn in one transaction and inserted in a later
+//! one cannot be proven at all: give such writers a settle time
+//! ([`PostgresEventStore::with_hole_settle`]), the longest they take from
+//! drawing to committing.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use postgres::fallible_iterator::FallibleIterator;
@@ -51,6 +32,8 @@ use projectionist::{
     StreamAppend, TypedBatch, plain_identifier,
 };
 use serde::de::DeserializeOwned;
+
+use crate::horizon::{Horizon, Look};
 
 /// Our schema. `sequence` is an identity: numbers are taken at insert and never
 /// reused, so holes appear where transactions roll back.
@@ -67,12 +50,6 @@ CREATE TABLE IF NOT EXISTS events (
 );
 ";
 
-/// Gaps remembered at once (missing sequence -> snapshot xmax when first seen).
-/// A reader only ever waits on the first gap after its position; more entries
-/// only serve several consumers sharing one store. Past this the map is cleared,
-/// which just makes a gap wait one more read.
-const GAPS_REMEMBERED_MAX: usize = 1_024;
-
 /// A PostgreSQL event store.
 pub struct PostgresEventStore {
     client: Mutex<Client>,
@@ -81,10 +58,15 @@ pub struct PostgresEventStore {
     read_types_sql: String,
     head_sql: String,
     writable: bool,
-    gaps: Mutex<HashMap<u64, Gap>>,
-    /// For another program's table: how long a hole stays held at least
-    /// (see the module documentation).
-    settle: Duration,
+    look_sql: String,
+    /// The table as named in queries, and its sequence column (for the lock
+    /// look-up).
+    table: String,
+    sequence_column: String,
+    /// The relations whose writer locks can hold a hole (see `watched`).
+    watched: OnceLock<Vec<u32>>,
+    /// Decided holes and rounds under way.
+    horizon: Mutex<Horizon>,
     /// To open the listening connection (never shown: it may hold a password).
     url: String,
     /// A connection that `LISTEN`s on [`NOTIFY_CHANNEL`], opened when a
@@ -126,6 +108,7 @@ impl PostgresEventStore {
             "event_type",
             "data::text",
             "events",
+            "sequence",
             true,
         ))
     }
@@ -200,6 +183,7 @@ impl PostgresEventStore {
             &event_type,
             &data,
             &table,
+            &mapping.sequence,
             false,
         );
         // Prepare the queries now, so a wrong name fails here and not mid-rebuild.
@@ -211,6 +195,9 @@ impl PostgresEventStore {
                     .map_err(pg_error(format!("read events table {table}")))?;
             }
         }
+        // And find its sequence, so a sequence that hands out numbers out of
+        // order is refused here.
+        store.watched()?;
         Ok(store)
     }
 
@@ -220,8 +207,8 @@ impl PostgresEventStore {
     /// documentation). Default: zero (holes are passed on proof alone). No
     /// effect on this crate's own layout.
     #[must_use]
-    pub fn with_hole_settle(mut self, settle: Duration) -> Self {
-        self.settle = settle;
+    pub fn with_hole_settle(self, settle: Duration) -> Self {
+        self.horizon().set_settle(settle);
         self
     }
 
@@ -234,6 +221,7 @@ impl PostgresEventStore {
         event_type: &str,
         data: &str,
         table: &str,
+        sequence_column: &str,
         writable: bool,
     ) -> Self {
         let read_sql = format!(
@@ -250,6 +238,15 @@ impl PostgresEventStore {
             )
         );
         let head_sql = format!("SELECT COALESCE(MAX({sequence}), 0)::bigint FROM {table}");
+        // One statement: its snapshot is taken before the lock table is read.
+        let look_sql = format!(
+            "SELECT ({head_sql}), ARRAY(SELECT DISTINCT l.virtualtransaction FROM pg_locks l \
+             WHERE l.locktype = 'relation' \
+               AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+               AND l.relation = ANY($1::oid[]) \
+               AND l.mode NOT IN ('AccessShareLock', 'ShareUpdateExclusiveLock') \
+               AND l.pid IS DISTINCT FROM pg_backend_pid())"
+        );
         PostgresEventStore {
             client: Mutex::new(client),
             url_for_errors: redact(url),
@@ -257,8 +254,11 @@ impl PostgresEventStore {
             read_types_sql,
             head_sql,
             writable,
-            gaps: Mutex::new(HashMap::new()),
-            settle: Duration::ZERO,
+            look_sql,
+            table: table.to_owned(),
+            sequence_column: sequence_column.to_owned(),
+            watched: OnceLock::new(),
+            horizon: Mutex::new(Horizon::new(Duration::ZERO)),
             url: url.to_owned(),
             listener: Mutex::new(None),
         }
@@ -399,157 +399,144 @@ impl PostgresEventStore {
         self.client.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// One snapshot-consistent read: the rows after `after`, and the snapshot's
-    /// xmin.
+    /// One snapshot-consistent read: the rows after `after`, and the read's
+    /// ticket (see [`Horizon::start_read`]).
     fn read_rows(
         &self,
         after: u64,
         limit: u32,
         types: Option<&[String]>,
-    ) -> Result<(Vec<Row>, i64)> {
+    ) -> Result<(Vec<Row>, u64)> {
         let mut client = self.lock();
         let step = || format!("read events after {after} from {}", self.url_for_errors);
+        let after_i64 = i64::try_from(after)
+            .map_err(|_| Error::InvalidOptions(format!("sequence {after} too large")))?;
+        let limit_i64 = i64::from(limit);
+        // The ticket is taken with the connection held, right before the
+        // snapshot: a look at the lock table (same connection) is either
+        // before the ticket or after the snapshot.
+        let ticket = self.horizon().start_read();
         let mut tx = client
             .build_transaction()
             .isolation_level(IsolationLevel::RepeatableRead)
             .read_only(true)
             .start()
             .map_err(pg_error(step()))?;
-        let snapshot = tx
-            .query_one(
-                "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint",
-                &[],
-            )
-            .map_err(pg_error(step()))?;
-        let after_i64 = i64::try_from(after)
-            .map_err(|_| Error::InvalidOptions(format!("sequence {after} too large")))?;
-        let limit_i64 = i64::from(limit);
         let rows = match types {
             None => tx.query(&self.read_sql, &[&after_i64, &limit_i64]),
             Some(types) => tx.query(&self.read_types_sql, &[&after_i64, &limit_i64, &types]),
         }
         .map_err(pg_error(step()))?;
         tx.commit().map_err(pg_error(step()))?;
-        Ok((rows, snapshot.get(0)))
+        Ok((rows, ticket))
     }
 
-    /// Keeps the unbroken run of rows after `after`, passing a hole only once no
-    /// transaction that could fill it is still running; says where it stopped.
-    fn contiguous(&self, after: u64, rows: Vec<Row>, xmin: i64) -> (Vec<Row>, Stop) {
-        let foreign = !self.writable;
-        let mut gaps = self.gaps.lock().unwrap_or_else(PoisonError::into_inner);
-        // A hole once passed stays passed (it is remembered until the reader is
-        // past it): forgetting it would make the next look at the same position
-        // wait for it all over again.
-        gaps.retain(|&sequence, _| sequence > after);
+    /// Keeps the unbroken run of rows after `after`, passing only holes that
+    /// are decided for this read; returns the first hole it could not pass.
+    fn contiguous(&self, after: u64, rows: Vec<Row>, ticket: u64) -> (Vec<Row>, Option<u64>) {
+        let decided = self.horizon().decided_through(ticket);
         let mut expected = after + 1;
         let mut kept = Vec::with_capacity(rows.len());
         for row in rows {
             let sequence = row.get::<_, i64>(0).cast_unsigned();
-            if sequence != expected {
-                match gaps.get_mut(&expected) {
-                    // Every transaction that had a transaction id when the hole was
-                    // first seen has ended, and the number is still missing: it
-                    // was rolled back. In a foreign table, also every transaction
-                    // running then (it may have drawn the number before it had an
-                    // id), proven before this snapshot was taken.
-                    Some(gap) if gap.passed => {}
-                    Some(gap) if xmin >= gap.bound && (!foreign || gap.settled(self.settle)) => {
-                        gap.passed = true;
-                    }
-                    Some(_) => return (kept, Stop::Held { sequence: expected }),
-                    None => return (kept, Stop::NewHole { sequence: expected }),
-                }
+            if sequence != expected && expected > decided {
+                return (kept, Some(expected));
             }
             expected = sequence + 1;
             kept.push(row);
         }
-        (kept, Stop::Complete)
+        (kept, None)
     }
 
-    /// An upper bound on every transaction id assigned so far: a new one, taken
-    /// in a transaction of its own that ends at once. (A snapshot's `xmax` is not
-    /// such a bound: it is one past the latest *completed* transaction, and a
-    /// transaction that took its id earlier can still be running above it.)
-    /// With it, the server's clock (seconds since the epoch), for the
-    /// foreign-table rule.
-    fn xid_bound(&self) -> Result<(i64, f64)> {
-        let row = self
-            .lock()
-            .query_one(
-                "SELECT pg_current_xact_id()::text::bigint, extract(epoch FROM clock_timestamp())::float8",
-                &[],
-            )
-            .map_err(pg_error(format!(
-                "take a transaction id to wait out a hole in {}",
-                self.url_for_errors
-            )))?;
-        Ok((row.get(0), row.get(1)))
-    }
-
-    /// For a hole in another program's table: whether every transaction that
-    /// was running when it was first seen has ended; `None` when this role
-    /// cannot see other roles' transactions (no proof possible). Autovacuum
-    /// workers insert nothing and can run for minutes: they are not waited for.
-    fn running_since_ended(&self, seen_at: f64) -> Result<Option<bool>> {
-        let row = self
-            .lock()
-            .query_one(
-                "SELECT count(*) FILTER (WHERE xact_start IS NOT NULL AND extract(epoch FROM xact_start)::float8 < $1::float8), \
-                        count(*) FILTER (WHERE state IS NULL AND backend_type = 'client backend') \
-                 FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid() \
-                 AND backend_type NOT IN ('autovacuum worker', 'autovacuum launcher')",
-                &[&seen_at],
-            )
-            .map_err(pg_error(format!(
+    /// One look at the lock table (see the `horizon` module); returns whether
+    /// more holes are now decided.
+    fn look(&self) -> Result<bool> {
+        let step = || {
+            format!(
                 "look for transactions that could fill a hole in {}",
                 self.url_for_errors
-            )))?;
-        let (older, hidden): (i64, i64) = (row.get(0), row.get(1));
-        Ok(match (older, hidden) {
-            (0, 0) => Some(true),
-            (0, _) => None,
-            _ => Some(false),
-        })
-    }
-
-    /// Looks again at a held hole in another program's table: records when
-    /// every transaction running at its first sight has ended (or that no
-    /// proof is possible).
-    fn prove(&self, sequence: u64) -> Result<()> {
-        let seen_at = {
-            let gaps = self.gaps.lock().unwrap_or_else(PoisonError::into_inner);
-            match gaps.get(&sequence) {
-                Some(gap) if gap.proof.is_none() => gap.seen_at,
-                _ => return Ok(()),
-            }
+            )
         };
-        let proof = match self.running_since_ended(seen_at)? {
-            Some(true) => Some(Proof::Ended),
-            Some(false) => None,
-            None => Some(Proof::Impossible),
-        };
-        if let Some(gap) = self
-            .gaps
+        let watched = self.watched()?;
+        let row = self
             .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get_mut(&sequence)
-        {
-            gap.proof = proof;
-        }
-        Ok(())
+            .query_one(&self.look_sql, &[&watched])
+            .map_err(pg_error(step()))?;
+        let mut holders: Vec<String> = row.get(1);
+        holders.sort_unstable();
+        holders.dedup();
+        let look = Look {
+            through: row.get::<_, i64>(0).cast_unsigned(),
+            holders,
+        };
+        Ok(self.horizon().take_look(look, Instant::now()))
     }
 
-    /// One gap-safe read: the unbroken run after `after`. At a hole that was
-    /// there when the call began, the read looks again, in new snapshots, for up
-    /// to [`HOLE_WAIT_MAX`]: once every transaction that could hold the missing
-    /// number has ended (a rollback hole, or another worker's short lease
-    /// update), it is passed in this very call. So nothing about holes needs to
-    /// outlive a process: a new process passes an old hole on its first read,
-    /// and only a transaction that stays open longer than the wait holds a run
-    /// back (the run then ends below the head, and says so). A hole is waited for
-    /// whether it is old or new to this process: a process that starts later
-    /// meets old rollback holes as new ones, and must pass them all the same.
+    /// The relations whose writer locks a hole's holder takes: the table and
+    /// the sequences its sequence column draws from (identity, `serial`, or
+    /// the column default's). Looked up once; a sequence that hands out
+    /// numbers out of order is refused.
+    fn watched(&self) -> Result<Vec<u32>> {
+        if let Some(watched) = self.watched.get() {
+            return Ok(watched.clone());
+        }
+        let step = || format!("find the sequence of {}", self.table);
+        let mut client = self.lock();
+        let row = client
+            .query_opt(WATCHED_SQL, &[&self.table, &self.sequence_column])
+            .map_err(pg_error(step()))?
+            .ok_or_else(|| Error::External {
+                step: step(),
+                source: format!(
+                    "no table {} with a column {}",
+                    self.table, self.sequence_column
+                )
+                .into(),
+            })?;
+        let table: u32 = row.get(0);
+        let sequences: Vec<u32> = row.get(1);
+        let cached: Option<Row> = client
+            .query_opt(
+                "SELECT seqrelid::regclass::text, seqcache FROM pg_sequence \
+                 WHERE seqrelid = ANY($1::oid[]) AND seqcache > 1 LIMIT 1",
+                &[&sequences],
+            )
+            .map_err(pg_error(step()))?;
+        if let Some(row) = cached {
+            let (name, cache): (String, i64) = (row.get(0), row.get(1));
+            return Err(Error::InvalidOptions(format!(
+                "sequence {name} of {} caches {cache} numbers per session, so numbers are \
+                 committed far out of order and a hole can never be proven final; \
+                 run ALTER SEQUENCE {name} CACHE 1",
+                self.table
+            )));
+        }
+        let mut watched = sequences;
+        watched.push(table);
+        Ok(self.watched.get_or_init(|| watched).clone())
+    }
+
+    fn horizon(&self) -> std::sync::MutexGuard<'_, Horizon> {
+        self.horizon.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Where reads are held: the first missing sequence number that a running
+    /// transaction may still fill, and since when; `None` when the last read
+    /// passed every hole it met.
+    #[must_use]
+    pub fn hole_wait(&self) -> Option<HoleWait> {
+        self.horizon()
+            .waiting()
+            .map(|(sequence, since)| HoleWait { sequence, since })
+    }
+
+    /// One gap-safe read: the unbroken run after `after`. At a hole it cannot
+    /// pass yet, the read looks at the lock table: a look that decides holes
+    /// is followed by a new read at once. Otherwise the events before the
+    /// hole are returned; with none, the read waits (new looks, short
+    /// back-off) for up to [`HOLE_WAIT_MAX`], so a new process passes an old
+    /// rollback hole on its first read and only a transaction that stays open
+    /// longer holds a run back (which then ends below the head, and says so).
     fn read_contiguous(
         &self,
         after: u64,
@@ -558,121 +545,68 @@ impl PostgresEventStore {
     ) -> Result<(Vec<Row>, usize)> {
         let started = Instant::now();
         let mut pause = HOLE_RETRY_PAUSE_MIN;
-        let mut waiting_at = None;
         loop {
-            let (rows, xmin) = self.read_rows(after, limit, types)?;
+            let (rows, ticket) = self.read_rows(after, limit, types)?;
             let n_rows = rows.len();
-            let (kept, stop) = self.contiguous(after, rows, xmin);
-            let at = kept.last().map(|row| row.get::<_, i64>(0));
-            match stop {
-                Stop::Complete => return Ok((kept, n_rows)),
-                // The bound is taken after the hole was seen, so its holder has
-                // often ended already: look again at once.
-                Stop::NewHole { sequence } => {
-                    let (bound, seen_at) = self.xid_bound()?;
-                    let mut gaps = self.gaps.lock().unwrap_or_else(PoisonError::into_inner);
-                    if gaps.len() >= GAPS_REMEMBERED_MAX {
-                        gaps.clear();
-                    }
-                    gaps.entry(sequence).or_insert(Gap {
-                        bound,
-                        seen_at,
-                        seen: Instant::now(),
-                        proof: None,
-                        passed: false,
-                    });
-                    drop(gaps);
-                    if started.elapsed() >= HOLE_WAIT_MAX {
-                        return Ok((kept, n_rows));
-                    }
-                }
-                Stop::Held { .. } if started.elapsed() >= HOLE_WAIT_MAX => {
-                    return Ok((kept, n_rows));
-                }
-                // Back off while the same hole holds; start over at the next one.
-                Stop::Held { sequence } => {
-                    // The proof is looked for before the next snapshot, which
-                    // then decides.
-                    if !self.writable {
-                        self.prove(sequence)?;
-                    }
-                    if waiting_at != Some(at) {
-                        waiting_at = Some(at);
-                        pause = HOLE_RETRY_PAUSE_MIN;
-                    }
-                    std::thread::sleep(pause);
-                    pause = (pause * 2).min(HOLE_RETRY_PAUSE_MAX);
-                }
+            let (kept, hole) = self.contiguous(after, rows, ticket);
+            let Some(hole) = hole else {
+                self.horizon().not_held();
+                return Ok((kept, n_rows));
+            };
+            if self.look()? {
+                continue;
             }
+            self.horizon().held_at(hole, Instant::now());
+            if !kept.is_empty() || started.elapsed() >= HOLE_WAIT_MAX {
+                return Ok((kept, n_rows));
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(HOLE_RETRY_PAUSE_MAX);
         }
     }
 }
 
-/// Where [`PostgresEventStore::contiguous`] stopped.
-enum Stop {
-    /// At the end of the rows read.
-    Complete,
-    /// At a known hole, until a snapshot's `xmin` reaches the bound recorded
-    /// for it (and, in a foreign table, until it is proven).
-    Held { sequence: u64 },
-    /// At a hole not seen before.
-    NewHole { sequence: u64 },
+/// The table's oid and the sequences its sequence column draws from: owned
+/// by it (identity, `serial`), or named in its default expression.
+const WATCHED_SQL: &str = "
+SELECT c.oid, ARRAY(
+    SELECT d.objid FROM pg_depend d JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S'
+     WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass
+       AND d.refobjid = c.oid AND d.refobjsubid = a.attnum
+    UNION
+    SELECT d.refobjid FROM pg_attrdef ad
+      JOIN pg_depend d ON d.classid = 'pg_attrdef'::regclass AND d.objid = ad.oid
+                      AND d.refclassid = 'pg_class'::regclass
+      JOIN pg_class s ON s.oid = d.refobjid AND s.relkind = 'S'
+     WHERE ad.adrelid = c.oid AND ad.adnum = a.attnum)
+FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid
+WHERE c.oid = to_regclass($1) AND a.attname = $2 AND NOT a.attisdropped";
+
+/// Where reads are held (see [`PostgresEventStore::hole_wait`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct HoleWait {
+    /// The missing sequence number.
+    pub sequence: u64,
+    /// When a read first stopped there.
+    pub since: Instant,
 }
 
-/// A hole being waited out.
-struct Gap {
-    /// A transaction id taken after the hole was first seen: above every id
-    /// assigned by then.
-    bound: i64,
-    /// The server's clock then (seconds since the epoch).
-    seen_at: f64,
-    /// This process's clock then.
-    seen: Instant,
-    /// In a foreign table: what is known of the transactions running when it
-    /// was first seen (`None`: some still run, or not looked yet).
-    proof: Option<Proof>,
-    /// Passed: stays passed until the reader is past it.
-    passed: bool,
-}
-
-/// What is known of the transactions running when a hole was first seen.
-#[derive(Clone, Copy)]
-enum Proof {
-    /// They have all ended.
-    Ended,
-    /// This role cannot see other roles' transactions.
-    Impossible,
-}
-
-impl Gap {
-    /// Whether a hole in a foreign table may be passed: proven and held for
-    /// `settle`, or unprovable and held for [`FOREIGN_HOLE_SETTLE_UNPROVEN`].
-    fn settled(&self, settle: Duration) -> bool {
-        match self.proof {
-            Some(Proof::Ended) => self.seen.elapsed() >= settle,
-            Some(Proof::Impossible) => {
-                self.seen.elapsed() >= settle.max(FOREIGN_HOLE_SETTLE_UNPROVEN)
-            }
-            None => false,
-        }
-    }
-}
-
-/// How long a hole in another program's table is held when the reading role
-/// cannot see other roles' transactions (so nothing proves that the one that
-/// drew the missing number has ended): longer than an insert takes from
-/// drawing its number to committing, by a wide margin. Grant the role
-/// `pg_read_all_stats` to pass holes on proof instead.
+/// How long a hole in another program's table was held when the reading role
+/// could not see other roles' transactions. Holes are now decided from the
+/// lock table, which every role sees; nothing waits this long any more.
+#[deprecated(note = "holes are decided from pg_locks, visible to every role; unused")]
 pub const FOREIGN_HOLE_SETTLE_UNPROVEN: Duration = Duration::from_secs(5);
 
 /// How long one read waits at a hole for the transactions that could fill it
-/// to end. Rolled-back appends and short transactions end within milliseconds;
-/// a transaction held open longer than this stops the run below the head (a
-/// later run, or a follower's next poll, goes on) instead of stalling it.
+/// to end, when it has no event to return before the hole. Rolled-back
+/// appends and short transactions end within milliseconds; a transaction held
+/// open longer than this stops the run below the head (a later run, or a
+/// follower's next poll, goes on) instead of stalling it.
 const HOLE_WAIT_MAX: Duration = Duration::from_secs(2);
 /// First and longest pause between looks at a hole.
 const HOLE_RETRY_PAUSE_MIN: Duration = Duration::from_millis(2);
-const HOLE_RETRY_PAUSE_MAX: Duration = Duration::from_millis(100);
+pub(crate) const HOLE_RETRY_PAUSE_MAX: Duration = Duration::from_millis(50);
 
 impl PostgresEventStore {
     /// Up to `limit` events after `after` (of `event_types`, when given) from

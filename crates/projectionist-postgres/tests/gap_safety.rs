@@ -496,3 +496,202 @@ fn a_foreign_writer_that_draws_its_number_first_is_not_skipped() {
     assert_eq!(sequences(&events), [7]);
     assert!(started.elapsed() >= settle, "{:?}", started.elapsed());
 }
+
+/// Reads from `after` until the reader has returned `through`, or the
+/// deadline passes; returns every sequence read, in order.
+fn read_until(
+    store: &PostgresEventStore,
+    after: u64,
+    through: u64,
+    deadline: Duration,
+) -> Vec<u64> {
+    let started = Instant::now();
+    let mut read = Vec::new();
+    let mut position = after;
+    while position < through && started.elapsed() < deadline {
+        let events: Vec<GlobalEvent<Value>> = store.read_after(position, 500).unwrap();
+        if let Some(last) = events.last() {
+            position = last.sequence;
+        }
+        read.extend(sequences(&events));
+    }
+    read
+}
+
+/// Issue 22, finding 1 (native table): a plain program draws the next number
+/// with `nextval()` in a transaction that has no transaction id yet (it has
+/// written nothing), another append commits the number after it, and the
+/// first inserts its number and commits later. A transaction-id bound passed
+/// the hole at once (the holder had no id) and lost the event; the lock the
+/// draw took on the sequence holds the hole until the holder ends.
+#[test]
+#[cfg_attr(
+    not(pg_tests),
+    ignore = "set PROJECTIONIST_TEST_PG_URL to run the PostgreSQL tests"
+)]
+fn a_number_drawn_before_its_transaction_has_an_id_is_not_skipped() {
+    let Some(pg) = PgSchema::new("late_xid") else {
+        return;
+    };
+    let store = store(&pg);
+    let e = || NewEvent::json("E", &serde_json::json!({})).unwrap();
+    store.append("a", 0, &[e()]).unwrap();
+    let mut drawer = pg.client();
+    let mut drawing = drawer.transaction().unwrap();
+    let drawn: i64 = drawing
+        .query_one(
+            "SELECT nextval(pg_get_serial_sequence('events', 'sequence'))",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(drawn, 2);
+    let has_id: Option<String> = drawing
+        .query_one("SELECT pg_current_xact_id_if_assigned()::text", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(has_id, None, "the drawer has no transaction id yet");
+    assert_eq!(store.append("c", 0, &[e()]).unwrap().first_sequence, 3);
+    for _ in 0..2 {
+        let events: Vec<GlobalEvent<Value>> = store.read_after(1, 10).unwrap();
+        assert_eq!(
+            sequences(&events),
+            Vec::<u64>::new(),
+            "2 is drawn, not inserted"
+        );
+        assert_eq!(store.hole_wait().map(|w| w.sequence), Some(2));
+    }
+    drawing
+        .execute(
+            "INSERT INTO events (sequence, stream_id, stream_version, event_type, data) \
+             VALUES ($1, 'b', 1, 'E', '{}')",
+            &[&drawn],
+        )
+        .unwrap();
+    drawing.commit().unwrap();
+    let events: Vec<GlobalEvent<Value>> = store.read_after(1, 10).unwrap();
+    assert_eq!(sequences(&events), [2, 3]);
+    assert_eq!(store.hole_wait(), None);
+}
+
+/// Issue 22, finding 1 (another program's table): a writer whose session has
+/// `track_activities = off` shows no transaction in `pg_stat_activity`; it
+/// draws a number, another writer commits the next one, and it inserts its
+/// number later. The hole must hold until it commits: decided from the lock
+/// table, not from a monitoring view.
+#[test]
+#[cfg_attr(
+    not(pg_tests),
+    ignore = "set PROJECTIONIST_TEST_PG_URL to run the PostgreSQL tests"
+)]
+fn a_writer_hidden_from_pg_stat_activity_is_not_skipped() {
+    let Some(pg) = PgSchema::new("hidden") else {
+        return;
+    };
+    let mapping = foreign_table(&pg);
+    let mapped = PostgresEventStore::connect_mapped(&pg.url(), &mapping).unwrap();
+    let mut client = pg.client();
+    assert_eq!(foreign_insert(&mut client, "a"), 1);
+    let mut drawer = pg.client();
+    drawer.batch_execute("SET track_activities = off").unwrap();
+    let mut drawing = drawer.transaction().unwrap();
+    let drawn: i64 = drawing
+        .query_one("SELECT nextval('flog_id_seq')", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(foreign_insert(&mut client, "c"), 3);
+    let events: Vec<GlobalEvent<Value>> = mapped.read_after(0, 10).unwrap();
+    assert_eq!(sequences(&events), [1], "2 is drawn and not yet inserted");
+    let events: Vec<GlobalEvent<Value>> = mapped.read_after(1, 10).unwrap();
+    assert_eq!(sequences(&events), Vec::<u64>::new(), "still held");
+    drawing
+        .execute(
+            "INSERT INTO flog (id, stream, version, kind, body) VALUES ($1, 'b', 1, 'W', '{}')",
+            &[&drawn],
+        )
+        .unwrap();
+    drawing.commit().unwrap();
+    let events: Vec<GlobalEvent<Value>> = mapped.read_after(1, 10).unwrap();
+    assert_eq!(sequences(&events), [2, 3]);
+}
+
+/// Issue 22, finding 2: rollback holes are decided together, and only the
+/// transactions that could hold them are waited for. A transaction that never
+/// touches the events table (with a transaction id, so it holds back every
+/// snapshot's `xmin`) stays open the whole time; five rollback holes among
+/// committed appends are all passed while it runs.
+#[test]
+#[cfg_attr(
+    not(pg_tests),
+    ignore = "set PROJECTIONIST_TEST_PG_URL to run the PostgreSQL tests"
+)]
+fn holes_pass_together_while_an_unrelated_long_transaction_runs() {
+    let Some(pg) = PgSchema::new("unrelated") else {
+        return;
+    };
+    let store = store(&pg);
+    let mut other = pg.client();
+    other.batch_execute("CREATE TABLE other (x INT)").unwrap();
+    let mut long = other.transaction().unwrap();
+    long.execute("INSERT INTO other VALUES (1)", &[]).unwrap();
+    let mut writer = pg.client();
+    let mut committed = Vec::new();
+    for n in 0..10 {
+        let mut tx = writer.transaction().unwrap();
+        let sequence = insert_held(&mut tx, &format!("s{n}"));
+        if n % 2 == 0 {
+            tx.rollback().unwrap();
+        } else {
+            tx.commit().unwrap();
+            committed.push(sequence);
+        }
+    }
+    let read = read_until(&store, 0, 10, Duration::from_secs(20));
+    assert_eq!(read, committed, "every committed event, in order");
+    // The long transaction is still open: nothing waited for it.
+    long.execute("INSERT INTO other VALUES (2)", &[]).unwrap();
+    long.commit().unwrap();
+}
+
+/// Issue 22, finding 4: a log where every fifth number was rolled back long
+/// ago is read batch after batch, each full, to the head, while an unrelated
+/// long transaction runs (one look at the lock table decides every hole below
+/// the head; later reads pass them for free).
+#[test]
+#[cfg_attr(
+    not(pg_tests),
+    ignore = "set PROJECTIONIST_TEST_PG_URL to run the PostgreSQL tests"
+)]
+fn permanent_holes_do_not_cut_batches_short() {
+    let Some(pg) = PgSchema::new("permanent") else {
+        return;
+    };
+    let store = store(&pg);
+    let mut client = pg.client();
+    client
+        .batch_execute(
+            "INSERT INTO events (sequence, stream_id, stream_version, event_type, data) \
+             SELECT n, 's' || n, 1, 'E', '{}' FROM generate_series(1, 25000) n WHERE n % 5 <> 0;
+             SELECT setval(pg_get_serial_sequence('events', 'sequence'), 25000);
+             CREATE TABLE other (x INT);",
+        )
+        .unwrap();
+    let mut long = client.transaction().unwrap();
+    long.execute("INSERT INTO other VALUES (1)", &[]).unwrap();
+    let mut position = 0;
+    let mut batches = 0;
+    while position < 24_999 {
+        let events: Vec<GlobalEvent<Value>> = store.read_after(position, 500).unwrap();
+        batches += 1;
+        assert_eq!(
+            events.len(),
+            500,
+            "batch {batches} after {position} is full"
+        );
+        assert!(events.iter().all(|e| e.sequence % 5 != 0));
+        position = events.last().unwrap().sequence;
+    }
+    assert_eq!(batches, 40);
+    assert_eq!(store.hole_wait(), None);
+    long.commit().unwrap();
+}
