@@ -96,6 +96,11 @@ pub(crate) enum Command {
         /// many events behind the head (or has failed).
         #[arg(long, default_value_t = 10_000)]
         max_lag: u64,
+        /// `/health` turns unhealthy when reads have been held at a PostgreSQL
+        /// hole (a missing sequence number a running transaction may still
+        /// fill) for longer than this, e.g. `30s`, `500ms`, `2m`.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        max_wait: std::time::Duration,
     },
     /// Continue projections from their checkpoints; a stale projection is rebuilt.
     Resume {

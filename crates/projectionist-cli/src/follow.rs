@@ -44,6 +44,7 @@ pub(crate) fn run_follow(
     names: &[String],
     metrics_addr: Option<&str>,
     max_lag: u64,
+    max_wait: Duration,
 ) -> Result<(), Failure> {
     // First of all: SIGINT and SIGTERM (and SIGHUP) stop at the next batch
     // boundary, even while the follower is still opening its projections.
@@ -68,7 +69,7 @@ pub(crate) fn run_follow(
     let mut config = load_config(cli, false)?;
     select(&config, names)?;
     let dir = open_dir(cli, false)?;
-    let metrics = Arc::new(Metrics::new(max_lag));
+    let metrics = Arc::new(Metrics::new(max_lag, max_wait));
     let _server = match metrics_addr {
         Some(addr) => {
             let server = Server::start(addr, Arc::clone(&metrics)).map_err(fail(EXIT_CONFIG))?;
@@ -524,6 +525,8 @@ struct State {
     following: bool,
     failed: Option<String>,
     done: bool,
+    /// Reads are held at this hole (PostgreSQL), since then.
+    hole_wait: Option<projectionist::HoleWait>,
     /// `processed` at the last status line, for events/s.
     processed_at_tick: u64,
     rate: f64,
@@ -534,8 +537,20 @@ impl State {
         match (&self.failed, self.done, self.following) {
             (Some(_), _, _) => "failed",
             (None, true, _) => "stopped",
+            (None, false, true) if self.hole_wait.is_some() => "waiting",
             (None, false, true) => "following",
             (None, false, false) => "catching up",
+        }
+    }
+
+    /// For `--json`: the hole reads are held at, and for how long.
+    fn waiting_json(&self) -> serde_json::Value {
+        match self.hole_wait {
+            Some(wait) => serde_json::json!({
+                "reason": "hole", "sequence": wait.sequence,
+                "seconds": wait.since.elapsed().as_secs_f64(),
+            }),
+            None => serde_json::Value::Null,
         }
     }
 
@@ -582,6 +597,7 @@ impl Live {
                     following: false,
                     failed: None,
                     done: false,
+                    hole_wait: None,
                     processed_at_tick: 0,
                     rate: 0.0,
                 },
@@ -614,6 +630,7 @@ impl Live {
                 processed: p.processed.saturating_sub(state.processed),
                 committed: p.checkpoint > state.checkpoint,
                 batch_latency: p.batch_latency,
+                hole_wait: p.hole_wait,
             });
         }
         state.checkpoint = p.checkpoint;
@@ -621,6 +638,7 @@ impl Live {
         state.processed = p.processed;
         state.following = p.following;
         state.done = p.done;
+        state.hole_wait = p.hole_wait;
         state.failed.clone_from(&p.err);
         let after = state.name();
         if let Some(bar) = self.bars.get(&p.projection_name) {
@@ -657,7 +675,7 @@ impl Live {
             ui::json_line(&serde_json::json!({
                 "event": "state", "projection": name, "state": state.name(),
                 "checkpoint": state.checkpoint, "head": state.head, "lag": state.lag(),
-                "error": state.failed,
+                "error": state.failed, "waiting": state.waiting_json(),
             }));
         }
     }
@@ -684,6 +702,7 @@ impl Live {
                             "event": "status", "projection": name, "state": state.name(),
                             "checkpoint": state.checkpoint, "head": state.head,
                             "lag": state.lag(), "events_per_second": state.rate,
+                            "waiting": state.waiting_json(),
                         }));
                     }
                 }
@@ -706,8 +725,15 @@ impl Live {
 
 /// A following projection's terminal line.
 fn line(state: &State) -> String {
+    let waiting = state.hole_wait.map_or(String::new(), |wait| {
+        format!(
+            "  at hole {} for {:.0} s",
+            wait.sequence,
+            wait.since.elapsed().as_secs_f64()
+        )
+    });
     format!(
-        "{:<11} checkpoint {:>10}  lag {:>8}  {:>8.0} events/s",
+        "{:<11} checkpoint {:>10}  lag {:>8}  {:>8.0} events/s{waiting}",
         state.name(),
         state.checkpoint,
         state.lag(),

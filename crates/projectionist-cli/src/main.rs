@@ -100,7 +100,8 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             names,
             metrics,
             max_lag,
-        } => run_follow(cli, names, metrics.as_deref(), *max_lag),
+            max_wait,
+        } => run_follow(cli, names, metrics.as_deref(), *max_lag, *max_wait),
         Command::Status { check } => run_status(cli, *check),
         Command::List => run_list(cli),
         Command::Remove { name } => {

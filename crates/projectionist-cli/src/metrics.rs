@@ -2,13 +2,14 @@
 //!
 //! `GET /metrics` answers in the OpenMetrics text format (which Prometheus
 //! scrapes), encoded by `prometheus-client`; `GET /health` answers 200 `ok`,
-//! or 503 naming each projection that failed or lags more than `--max-lag`
-//! events behind the head. The server is `tiny_http` on a thread of its own.
+//! or 503 naming each projection that failed, lags more than `--max-lag`
+//! events behind the head, or whose reads have been held at a PostgreSQL hole
+//! for longer than `--max-wait`. The server is `tiny_http` on a thread of its own.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Mutex, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, anyhow};
 use prometheus_client::encoding::text::encode;
@@ -25,6 +26,8 @@ type Labels = Vec<(&'static str, String)>;
 struct Health {
     failed: bool,
     lag: u64,
+    /// The hole its reads are held at, and since when.
+    waiting: Option<(u64, Instant)>,
 }
 
 /// The follower's metrics.
@@ -38,8 +41,10 @@ pub(crate) struct Metrics {
     failures: Family<Labels, Counter>,
     last_commit: Family<Labels, Gauge<f64, AtomicU64>>,
     batch_latency: Family<Labels, Gauge<f64, AtomicU64>>,
+    hole_wait: Family<Labels, Gauge<f64, AtomicU64>>,
     health: Mutex<BTreeMap<String, Health>>,
     max_lag: u64,
+    max_wait: Duration,
 }
 
 /// What a projection reports, for the metrics.
@@ -55,10 +60,12 @@ pub(crate) struct Observed<'a> {
     pub(crate) committed: bool,
     /// The engine's latency of the last commit that applied events.
     pub(crate) batch_latency: Option<Duration>,
+    /// Held at a hole: its sequence, and since when.
+    pub(crate) hole_wait: Option<projectionist::HoleWait>,
 }
 
 impl Metrics {
-    pub(crate) fn new(max_lag: u64) -> Self {
+    pub(crate) fn new(max_lag: u64, max_wait: Duration) -> Self {
         let mut registry = Registry::with_prefix("projectionist");
         let checkpoint = Family::<Labels, Gauge>::default();
         let head = Family::<Labels, Gauge>::default();
@@ -68,6 +75,12 @@ impl Metrics {
         let failures = Family::<Labels, Counter>::default();
         let last_commit = Family::<Labels, Gauge<f64, AtomicU64>>::default();
         let batch_latency = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+        let hole_wait = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "hole_wait_seconds",
+            "How long reads have been held at a missing sequence number that a running transaction may still fill (0 when not held)",
+            hole_wait.clone(),
+        );
         registry.register(
             "last_batch_latency_seconds",
             "From the read of the oldest event of the last commit that applied events to that commit",
@@ -129,8 +142,10 @@ impl Metrics {
             failures,
             last_commit,
             batch_latency,
+            hole_wait,
             health: Mutex::new(BTreeMap::new()),
             max_lag,
+            max_wait,
         }
     }
 
@@ -165,10 +180,30 @@ impl Metrics {
         }
         entry.failed = o.failed;
         entry.lag = lag;
+        entry.waiting = o.hole_wait.map(|w| (w.sequence, w.since));
+        self.hole_wait.get_or_create(&labels).set(
+            entry
+                .waiting
+                .map_or(0.0, |(_, since)| since.elapsed().as_secs_f64()),
+        );
     }
 
     /// The metrics in the OpenMetrics text format.
     fn text(&self) -> String {
+        // A hole wait grows between reports: measured now.
+        for (name, h) in self
+            .health
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+        {
+            let seconds = h
+                .waiting
+                .map_or(0.0, |(_, since)| since.elapsed().as_secs_f64());
+            self.hole_wait
+                .get_or_create(&vec![("projection", name.clone())])
+                .set(seconds);
+        }
         let mut text = String::new();
         encode(&mut text, &self.registry).expect("writing to a String cannot fail");
         text
@@ -182,6 +217,14 @@ impl Metrics {
             .filter_map(|(name, h)| {
                 if h.failed {
                     Some(format!("{name}: failed"))
+                } else if let Some((sequence, since)) = h.waiting
+                    && since.elapsed() > self.max_wait
+                {
+                    Some(format!(
+                        "{name}: waiting {:.1} s > {} s at hole {sequence} (a transaction that may still commit it is running)",
+                        since.elapsed().as_secs_f64(),
+                        self.max_wait.as_secs_f64()
+                    ))
                 } else if h.lag > self.max_lag {
                     Some(format!("{name}: lag {} > {}", h.lag, self.max_lag))
                 } else {

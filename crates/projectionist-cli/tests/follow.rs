@@ -13,7 +13,7 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Env, Reaped, SetOnDrop, json_lines, stderr};
+use common::{Env, Reaped, SetOnDrop, free_port, http_get, json_lines, stderr};
 use projectionist::rusqlite::Connection;
 
 /// How long a test waits for the follower: a bound for a broken follower, not
@@ -525,43 +525,6 @@ schema = "CREATE TABLE items (n INTEGER NOT NULL); INSERT INTO items VALUES (0);
 [projection.on.ItemAdded]
 sql = "UPDATE items SET n = n + :qty!int"
 "#;
-
-/// A free local port (there is a small window in which another process could
-/// take it; good enough for a test).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// `GET path` over plain HTTP/1.0: the status code and the body.
-fn http_get(addr: &str, path: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let deadline = Instant::now() + WAIT_MAX;
-    let mut stream = loop {
-        match std::net::TcpStream::connect(addr) {
-            Ok(stream) => break stream,
-            Err(e) => {
-                assert!(Instant::now() < deadline, "connect to {addr}: {e}");
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
-    };
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let code = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map_or(String::new(), |(_, body)| body.to_owned());
-    (code, body)
-}
 
 #[test]
 fn a_poison_event_stops_only_its_projection_and_a_fix_recovers_it() {

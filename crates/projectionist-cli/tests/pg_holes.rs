@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 use postgres::{Client, NoTls};
 
 use common::pg::{Schema, insert};
-use common::{DEMO_CONFIG, Env, Reaped, SetOnDrop, stderr};
+use common::{
+    DEMO_CONFIG, Env, Reaped, SetOnDrop, free_port, http_get, json_lines, metric, stderr,
+};
 
 fn checkpoints(env: &Env) -> Vec<u64> {
     ["order_summary", "customer_stats"]
@@ -347,4 +349,168 @@ fn r13_foreign_writers_without_our_cooperation_lose_nothing() {
             "{dir}: lost {lost:?}, not committed {extra:?}"
         );
     }
+}
+
+/// Waits, up to a deadline, until `check` holds for the follower's
+/// `/metrics` text; returns that text.
+fn wait_metrics(addr: &str, what: &str, check: &dyn Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (code, text) = http_get(addr, "/metrics");
+        if code == 200 && check(&text) {
+            return text;
+        }
+        assert!(Instant::now() < deadline, "never {what}:\n{text}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Issue 22, finding 3: a follower held at a hole tells the truth. A writer
+/// draws the next number and holds it (no row yet); five events commit after
+/// it. While held, the follower's metrics count those events as lag and show
+/// the wait, `/health` fails once the wait passes `--max-wait`, and its
+/// `--json` lines say `waiting` with the hole; once the writer commits, all
+/// is applied, lag is 0 and `/health` is ok again.
+#[test]
+#[cfg_attr(
+    not(pg_tests),
+    ignore = "set PROJECTIONIST_TEST_PG_URL to run the PostgreSQL tests"
+)]
+fn a_follower_held_at_a_hole_reports_waiting_lag_and_health() {
+    let schema = Schema::new("held_follower");
+    let url = schema.url();
+    let env = Env::new();
+    env.write_config(DEMO_CONFIG);
+    let command = |args: &[&str]| env.command_with(&url, "projections", args);
+    let out = command(&["--quiet", "demo", "--events", "300"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let addr = format!("127.0.0.1:{}", free_port());
+    let follower = command(&["--json", "follow", "--metrics", &addr, "--max-wait", "1s"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map(Reaped::new)
+        .unwrap();
+    let following = |text: &str| {
+        ["order_summary", "customer_stats"].iter().all(|p| {
+            metric(text, "projectionist_following", p) == Some(1.0)
+                && metric(text, "projectionist_lag_events", p) == Some(0.0)
+        })
+    };
+    wait_metrics(&addr, "following", &following);
+
+    let mut client = Client::connect(&url, NoTls).unwrap();
+    let mut holder = Client::connect(&url, NoTls).unwrap();
+    let mut held = holder.transaction().unwrap();
+    let drawn: i64 = held
+        .query_one(
+            "SELECT nextval(pg_get_serial_sequence('events', 'sequence'))",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    for i in 0..5 {
+        let mut tx = client.transaction().unwrap();
+        insert(&mut tx, &format!("behind-{i}"));
+        tx.commit().unwrap();
+    }
+    let text = wait_metrics(&addr, "held with lag", &|text| {
+        metric(text, "projectionist_lag_events", "order_summary").is_some_and(|lag| lag >= 5.0)
+            && metric(text, "projectionist_hole_wait_seconds", "order_summary")
+                .is_some_and(|s| s > 0.0)
+    });
+    assert_eq!(
+        metric(&text, "projectionist_following", "order_summary"),
+        Some(1.0),
+        "{text}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (code, body) = http_get(&addr, "/health");
+        if code == 503 {
+            assert!(body.contains(&format!("hole {drawn}")), "{body}");
+            assert!(body.contains("order_summary: waiting"), "{body}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/health never failed: {code} {body}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let data = r#"{"order_id": "held", "customer_id": "c-1"}"#;
+    held.execute(
+        "INSERT INTO events (sequence, stream_id, stream_version, event_type, data) \
+         VALUES ($1, 'held', 1, 'OrderPlaced', $2::text::jsonb)",
+        &[&drawn, &data],
+    )
+    .unwrap();
+    held.commit().unwrap();
+    wait_metrics(&addr, "caught up after the commit", &|text| {
+        following(text)
+            && metric(text, "projectionist_hole_wait_seconds", "order_summary") == Some(0.0)
+    });
+    let (code, body) = http_get(&addr, "/health");
+    assert_eq!((code, body.as_str()), (200, "ok\n"));
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &follower.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = follower.into_inner().wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let lines = json_lines(&out);
+    let waiting = lines
+        .iter()
+        .find(|l| l["event"] == "state" && l["state"] == "waiting")
+        .unwrap_or_else(|| panic!("no waiting state: {lines:?}"));
+    assert_eq!(waiting["waiting"]["sequence"], drawn);
+    assert!(waiting["lag"].as_u64().unwrap() >= 1, "{waiting}");
+    let ids = checkpoints(&env);
+    assert_eq!(ids, [306, 306], "every event applied, the held one too");
+}
+
+/// Issue 22, finding 4: a log where every fifth number was rolled back long
+/// ago (and an unrelated transaction stays open throughout) is rebuilt to its
+/// head in one run, exit 0, with nothing said of holes or of the head.
+#[test]
+#[cfg_attr(
+    not(pg_tests),
+    ignore = "set PROJECTIONIST_TEST_PG_URL to run the PostgreSQL tests"
+)]
+fn a_rebuild_over_permanent_holes_reaches_the_head() {
+    let schema = Schema::new("permanent_holes");
+    let url = schema.url();
+    let env = Env::new();
+    env.write_config(DEMO_CONFIG);
+    let command = |args: &[&str]| env.command_with(&url, "projections", args);
+    let out = command(&["--quiet", "demo", "--events", "1000"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut client = Client::connect(&url, NoTls).unwrap();
+    client
+        .batch_execute(
+            "INSERT INTO events (sequence, stream_id, stream_version, event_type, data)
+             SELECT n, 'h-' || n, 1, 'OrderPlaced',
+                    jsonb_build_object('order_id', 'h-' || n, 'customer_id', 'c-' || (n % 7))
+             FROM generate_series(1001, 26000) n WHERE n % 5 <> 0;
+             SELECT setval(pg_get_serial_sequence('events', 'sequence'), 26000);
+             CREATE TABLE unrelated (x INT);",
+        )
+        .unwrap();
+    let mut other = Client::connect(&url, NoTls).unwrap();
+    let mut long = other.transaction().unwrap();
+    long.execute("INSERT INTO unrelated VALUES (1)", &[])
+        .unwrap();
+    let out = command(&["--batch-size", "5000", "rebuild"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("below the head"), "{}", stderr(&out));
+    assert_eq!(checkpoints(&env), [25_999, 25_999], "{}", stderr(&out));
+    long.commit().unwrap();
 }

@@ -39,4 +39,4 @@ mod store;
 pub use lease::{Lease, Leases};
 #[allow(deprecated)]
 pub use store::FOREIGN_HOLE_SETTLE_UNPROVEN;
-pub use store::{HoleWait, NOTIFY_CHANNEL, PostgresEventStore, url_with_schema};
+pub use store::{NOTIFY_CHANNEL, PostgresEventStore, url_with_schema};

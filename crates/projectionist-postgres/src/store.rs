@@ -28,8 +28,8 @@ use postgres::fallible_iterator::FallibleIterator;
 
 use postgres::{Client, IsolationLevel, NoTls, Row};
 use projectionist::{
-    Appended, Error, EventTableMapping, GlobalEvent, GlobalReader, NewEvent, Result, RowCondition,
-    StreamAppend, TypedBatch, plain_identifier,
+    Appended, Error, EventTableMapping, GlobalEvent, GlobalReader, HoleWait, NewEvent, Result,
+    RowCondition, StreamAppend, TypedBatch, plain_identifier,
 };
 use serde::de::DeserializeOwned;
 
@@ -516,18 +516,18 @@ impl PostgresEventStore {
         Ok(self.watched.get_or_init(|| watched).clone())
     }
 
-    fn horizon(&self) -> std::sync::MutexGuard<'_, Horizon> {
-        self.horizon.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
     /// Where reads are held: the first missing sequence number that a running
-    /// transaction may still fill, and since when; `None` when the last read
-    /// passed every hole it met.
+    /// transaction may still fill, where the last read stopped, and since
+    /// when; `None` when the last read passed every hole it met.
     #[must_use]
     pub fn hole_wait(&self) -> Option<HoleWait> {
         self.horizon()
             .waiting()
-            .map(|(sequence, since)| HoleWait { sequence, since })
+            .map(|(sequence, since)| HoleWait::new(sequence, since))
+    }
+
+    fn horizon(&self) -> std::sync::MutexGuard<'_, Horizon> {
+        self.horizon.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// One gap-safe read: the unbroken run after `after`. At a hole it cannot
@@ -581,16 +581,6 @@ SELECT c.oid, ARRAY(
      WHERE ad.adrelid = c.oid AND ad.adnum = a.attnum)
 FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid
 WHERE c.oid = to_regclass($1) AND a.attname = $2 AND NOT a.attisdropped";
-
-/// Where reads are held (see [`PostgresEventStore::hole_wait`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct HoleWait {
-    /// The missing sequence number.
-    pub sequence: u64,
-    /// When a read first stopped there.
-    pub since: Instant,
-}
 
 /// How long a hole in another program's table was held when the reading role
 /// could not see other roles' transactions. Holes are now decided from the
@@ -689,6 +679,10 @@ impl<E: DeserializeOwned> GlobalReader<E> for PostgresEventStore {
             std::thread::sleep(timeout.saturating_sub(started.elapsed()));
         }
         Ok(())
+    }
+
+    fn hole_wait(&self) -> Option<HoleWait> {
+        PostgresEventStore::hole_wait(self)
     }
 
     fn head(&self) -> Result<u64> {

@@ -98,7 +98,7 @@ pub use memory::{LOOKASIDE_SLOT_BYTES, LOOKASIDE_SLOTS, lean_sqlite_memory};
 pub use name::ProjectionName;
 pub use outcome::{LastRun, last_run};
 pub use progress::{BatchStep, CancelToken, CommitGuardFn, Progress, ProgressFn, StepHookFn};
-pub use reader::{GlobalReader, TypedBatch, UpTo};
+pub use reader::{GlobalReader, HoleWait, TypedBatch, UpTo};
 pub use rebuild::{
     CheckpointLocation, ProjectionTarget, RebuildConfig, RebuildOptions, RebuildResult, Start,
     follow, rebuild, rebuild_concurrent, rebuild_shared, replay_shared, resume, resume_shared,

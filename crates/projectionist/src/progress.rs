@@ -33,6 +33,11 @@ pub struct Progress {
     /// takes to become visible to readers, less the read itself); `None`
     /// before the first such commit of the run.
     pub batch_latency: Option<std::time::Duration>,
+    /// A following projection whose reads are held at a missing sequence
+    /// number that a running transaction may still fill (PostgreSQL): the
+    /// number and since when. `total` is then the log's real head, so the lag
+    /// counts the committed events behind the hole.
+    pub hole_wait: Option<crate::reader::HoleWait>,
 }
 
 /// A progress callback. It runs on the projection's writer thread, between

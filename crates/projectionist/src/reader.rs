@@ -1,6 +1,6 @@
 //! The `GlobalReader` trait: how the rebuild engine reads the global log.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::error::Result;
 use crate::event::GlobalEvent;
@@ -109,6 +109,35 @@ pub trait GlobalReader<E>: Send + Sync {
     /// Default [`FOLLOW_POLL_INTERVAL_DEFAULT`].
     fn poll_interval(&self) -> Duration {
         FOLLOW_POLL_INTERVAL_DEFAULT
+    }
+
+    /// Where reads are held, for a store whose reads stop at a missing
+    /// sequence number that a running transaction may still fill (PostgreSQL):
+    /// that number and since when. `None` when the last read passed every
+    /// hole it met, and always for stores without holes (the default). A
+    /// follower that is held reports the log's real head, so its lag counts
+    /// the committed events waiting behind the hole.
+    fn hole_wait(&self) -> Option<HoleWait> {
+        None
+    }
+}
+
+/// A missing sequence number where a gap-safe store's reads are held (see
+/// [`GlobalReader::hole_wait`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct HoleWait {
+    /// The missing sequence number.
+    pub sequence: u64,
+    /// When a read first stopped there.
+    pub since: Instant,
+}
+
+impl HoleWait {
+    /// A hole wait at `sequence`, first met at `since`.
+    #[must_use]
+    pub fn new(sequence: u64, since: Instant) -> Self {
+        HoleWait { sequence, since }
     }
 }
 

@@ -275,6 +275,7 @@ fn run<E: Send + Sync>(
         ended: (0..n).map(|_| AtomicBool::new(false)).collect(),
         commit_interval,
         open_max: OPEN_PROJECTIONS_MAX,
+        hole_wait: std::sync::Mutex::new(None),
     };
     let types_per_projection: Vec<Option<Vec<String>>> = projections
         .iter()

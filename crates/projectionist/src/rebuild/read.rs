@@ -179,6 +179,14 @@ pub(super) fn read_loop<E>(
         };
         position = position.max(through);
         context.saw_head(through);
+        // Held at a hole: the committed events behind it count as lag.
+        let hole_wait = reader.reader.hole_wait();
+        if hole_wait.is_some()
+            && let Ok(head) = reader.reader.head()
+        {
+            context.saw_head(head);
+        }
+        context.set_hole_wait(hole_wait);
         broadcast(senders, &Message::CaughtUp { through });
         let all_ended = || context.all_ended();
         // Parked projections move their checkpoints over events of other

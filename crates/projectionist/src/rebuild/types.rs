@@ -171,6 +171,8 @@ pub(crate) struct RunContext<'a> {
     /// Projections (the first ones of the run's input) whose files stay open
     /// ([`OPEN_PROJECTIONS_MAX`](crate::limits::OPEN_PROJECTIONS_MAX)).
     pub(crate) open_max: usize,
+    /// Where the reader's last read to the end of the log was held.
+    pub(crate) hole_wait: std::sync::Mutex<Option<crate::reader::HoleWait>>,
 }
 
 impl RunContext<'_> {
@@ -229,5 +231,20 @@ impl RunContext<'_> {
     /// A read saw the log reach `through`.
     pub(crate) fn saw_head(&self, through: u64) {
         self.head.fetch_max(through, Ordering::Relaxed);
+    }
+
+    /// Where the reader's last read to the end of the log was held.
+    pub(crate) fn hole_wait(&self) -> Option<crate::reader::HoleWait> {
+        *self
+            .hole_wait
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub(crate) fn set_hole_wait(&self, wait: Option<crate::reader::HoleWait>) {
+        *self
+            .hole_wait
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = wait;
     }
 }

@@ -895,5 +895,10 @@ fn report(
         err: err.map(ToString::to_string),
         following: state.following && !done,
         batch_latency: state.batch_latency,
+        hole_wait: if state.following && !done {
+            context.hole_wait()
+        } else {
+            None
+        },
     });
 }
