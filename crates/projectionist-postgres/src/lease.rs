@@ -14,7 +14,8 @@ use std::time::Duration;
 use postgres::Client;
 use projectionist::{Error, Result};
 
-use crate::store::{connect_client, init_schema, pg_error};
+use crate::connect::connect_client;
+use crate::store::{init_schema, pg_error};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS projection_leases (

@@ -32,6 +32,7 @@
 //! # }
 //! ```
 
+mod connect;
 mod horizon;
 mod lease;
 mod store;

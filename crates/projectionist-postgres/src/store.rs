@@ -26,13 +26,14 @@ use std::time::{Duration, Instant};
 
 use postgres::fallible_iterator::FallibleIterator;
 
-use postgres::{Client, IsolationLevel, NoTls, Row};
+use postgres::{Client, IsolationLevel, Row};
 use projectionist::{
     Appended, Error, EventTableMapping, GlobalEvent, GlobalReader, HoleWait, NewEvent, Result,
     RowCondition, StreamAppend, TypedBatch, plain_identifier,
 };
 use serde::de::DeserializeOwned;
 
+use crate::connect::{connect_client, redact};
 use crate::horizon::{Horizon, Look};
 
 /// Our schema. `sequence` is an identity: numbers are taken at insert and never
@@ -751,38 +752,12 @@ fn is_creation_race(e: &postgres::Error) -> bool {
     })
 }
 
-pub(crate) fn connect_client(url: &str) -> Result<Client> {
-    Client::connect(url, NoTls).map_err(pg_error(format!(
-        "connect to PostgreSQL at {}",
-        redact(url)
-    )))
-}
-
 /// Wraps a driver error with the step that failed.
 pub(crate) fn pg_error(step: impl Into<String>) -> impl FnOnce(postgres::Error) -> Error {
     let step = step.into();
     move |source| Error::External {
         step,
         source: Box::new(source),
-    }
-}
-
-/// The URL without its password, for messages.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.find('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
-            match userinfo.find(':') {
-                Some(colon) => format!(
-                    "{}{}:***{}",
-                    &url[..scheme + 3],
-                    &userinfo[..colon],
-                    &url[at..]
-                ),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
     }
 }
 

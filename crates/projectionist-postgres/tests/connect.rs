@@ -1,0 +1,176 @@
+//! Issue 22, finding 5: connecting the way production databases require,
+//! against the local server as `scripts/pg-test-setup.sh` prepares it: TLS
+//! with the server's certificate checked (`verify-ca`, `verify-full`), a
+//! SCRAM-SHA-256 password, a client certificate; and the refusals that must
+//! name the cause (a certificate from another CA, a host name the
+//! certificate does not cover, an unknown `sslmode`), never the password.
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::PgSchema;
+use projectionist::{GlobalEvent, GlobalReader, NewEvent};
+use projectionist_postgres::{Leases, PostgresEventStore};
+use serde_json::Value;
+
+/// Where `scripts/pg-test-setup.sh` left the CA and the client certificate.
+fn tls_dir() -> PathBuf {
+    let dir = std::env::var("PROJECTIONIST_TEST_PG_TLS_DIR").unwrap_or_else(|_| {
+        panic!(
+            "set PROJECTIONIST_TEST_PG_TLS_DIR to the directory that scripts/pg-test-setup.sh prints"
+        )
+    });
+    PathBuf::from(dir)
+}
+
+/// A schema owned by `role`, so it can create the events table there.
+fn schema_for(pg: &PgSchema, role: &str) {
+    pg.client()
+        .batch_execute(&format!("ALTER SCHEMA {} OWNER TO {role}", pg.schema))
+        .unwrap();
+}
+
+fn search_path(pg: &PgSchema) -> String {
+    format!("options=-c%20search_path%3D{}", pg.schema)
+}
+
+#[test]
+#[cfg_attr(
+    not(pg_tests),
+    ignore = "set PROJECTIONIST_TEST_PG_URL to run the PostgreSQL tests"
+)]
+fn verify_full_with_a_scram_password_appends_and_reads() {
+    let Some(pg) = PgSchema::new("tls_scram") else {
+        return;
+    };
+    schema_for(&pg, "pj_scram");
+    let ca = tls_dir().join("ca.crt");
+    // pj_scram is refused without TLS (pg_hba), so a connection proves it.
+    let url = format!(
+        "postgres://pj_scram:pj-scram-secret@127.0.0.1:5432/test?sslmode=verify-full&sslrootcert={}&{}",
+        ca.display(),
+        search_path(&pg)
+    );
+    let store = PostgresEventStore::connect(&url).unwrap();
+    store.init().unwrap();
+    store
+        .append(
+            "s",
+            0,
+            &[NewEvent::json("E", &serde_json::json!({"n": 1})).unwrap()],
+        )
+        .unwrap();
+    let events: Vec<GlobalEvent<Value>> = store.read_after(0, 10).unwrap();
+    assert_eq!(events.len(), 1);
+    // Leases connect the same way.
+    let leases = Leases::connect(&url, "w1", std::time::Duration::from_secs(5)).unwrap();
+    leases.init().unwrap();
+
+    // `require` encrypts without checking the certificate.
+    let require = format!(
+        "postgres://pj_scram:pj-scram-secret@127.0.0.1:5432/test?sslmode=require&{}",
+        search_path(&pg)
+    );
+    assert!(PostgresEventStore::connect(&require).is_ok());
+    // Without TLS the server refuses this role: the message names the server,
+    // never the password.
+    let plain = format!(
+        "postgres://pj_scram:pj-scram-secret@127.0.0.1:5432/test?sslmode=disable&{}",
+        search_path(&pg)
+    );
+    let err = anyhow_like(PostgresEventStore::connect(&plain).unwrap_err());
+    assert!(err.contains("127.0.0.1"), "{err}");
+    assert!(!err.contains("pj-scram-secret"), "{err}");
+    // A wrong password is refused the same way.
+    let wrong = url.replace("pj-scram-secret", "not-the-password");
+    let err = anyhow_like(PostgresEventStore::connect(&wrong).unwrap_err());
+    assert!(err.contains("password"), "{err}");
+    assert!(!err.contains("not-the-password"), "{err}");
+}
+
+/// The error and its sources, as the CLI prints them.
+fn anyhow_like(err: projectionist::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = std::error::Error::source(&err);
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+#[test]
+#[cfg_attr(
+    not(pg_tests),
+    ignore = "set PROJECTIONIST_TEST_PG_URL to run the PostgreSQL tests"
+)]
+fn certificates_that_do_not_check_out_are_refused() {
+    let Some(pg) = PgSchema::new("tls_refuse") else {
+        return;
+    };
+    let dir = tls_dir();
+    let with = |target: &str, mode: &str, root: &str| {
+        format!(
+            "{target} user=pj_scram password=pj-scram-secret dbname=test sslmode={mode} sslrootcert={} options='-c search_path={}'",
+            dir.join(root).display(),
+            pg.schema
+        )
+    };
+    // A CA the server's certificate does not chain to.
+    let err = anyhow_like(
+        PostgresEventStore::connect(&with("host=127.0.0.1", "verify-ca", "other-ca.crt"))
+            .unwrap_err(),
+    );
+    assert!(err.to_lowercase().contains("certificate"), "{err}");
+    // A host name the certificate does not cover: verify-full refuses,
+    // verify-ca (chain only) accepts.
+    let elsewhere = "host=db.elsewhere.example hostaddr=127.0.0.1";
+    let err = anyhow_like(
+        PostgresEventStore::connect(&with(elsewhere, "verify-full", "ca.crt")).unwrap_err(),
+    );
+    assert!(err.to_lowercase().contains("certificate"), "{err}");
+    assert!(!err.contains("pj-scram-secret"), "{err}");
+    assert!(PostgresEventStore::connect(&with(elsewhere, "verify-ca", "ca.crt")).is_ok());
+    // A misspelt mode is named.
+    let err = PostgresEventStore::connect(&with("host=127.0.0.1", "verify_full", "ca.crt"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("verify_full"), "{err}");
+    // A root certificate file that is not there is named.
+    let err = PostgresEventStore::connect(&with("host=127.0.0.1", "verify-full", "missing.crt"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("missing.crt"), "{err}");
+}
+
+#[test]
+#[cfg_attr(
+    not(pg_tests),
+    ignore = "set PROJECTIONIST_TEST_PG_URL to run the PostgreSQL tests"
+)]
+fn a_client_certificate_logs_in_without_a_password() {
+    let Some(pg) = PgSchema::new("tls_cert") else {
+        return;
+    };
+    schema_for(&pg, "pj_cert");
+    let dir = tls_dir();
+    let url = format!(
+        "postgres://pj_cert@127.0.0.1:5432/test?sslmode=verify-full&sslrootcert={}&sslcert={}&sslkey={}&{}",
+        dir.join("ca.crt").display(),
+        dir.join("client.crt").display(),
+        dir.join("client.key").display(),
+        search_path(&pg)
+    );
+    let store = PostgresEventStore::connect(&url).unwrap();
+    store.init().unwrap();
+    assert_eq!(GlobalReader::<Value>::head(&store).unwrap(), 0);
+    // Without the certificate the server refuses.
+    let bare = format!(
+        "postgres://pj_cert@127.0.0.1:5432/test?sslmode=verify-full&sslrootcert={}&{}",
+        dir.join("ca.crt").display(),
+        search_path(&pg)
+    );
+    assert!(PostgresEventStore::connect(&bare).is_err());
+}
