@@ -101,6 +101,16 @@ pub(crate) enum Command {
         /// fill) for longer than this, e.g. `30s`, `500ms`, `2m`.
         #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
         max_wait: std::time::Duration,
+        /// PostgreSQL: how long a hole that reads have passed is looked at
+        /// again for an event committed into it late (a writer that broke the
+        /// writer contract of docs/postgres.md); `0s` turns this off.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        late_window: std::time::Duration,
+        /// What to do about such a late event: `rebuild` the projections that
+        /// handle its type in their shadows (published when caught up), or
+        /// only `report` it (log, `--json`, metric).
+        #[arg(long, value_enum, default_value_t = OnLateEvent::Rebuild)]
+        on_late_event: OnLateEvent,
     },
     /// Continue projections from their checkpoints; a stale projection is rebuilt.
     Resume {
@@ -266,4 +276,13 @@ pub(crate) enum LogFormat {
     Text,
     /// One JSON object per line.
     Json,
+}
+
+/// `follow --on-late-event`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnLateEvent {
+    /// Rebuild the affected projections in their shadows and publish them.
+    Rebuild,
+    /// Report only.
+    Report,
 }

@@ -24,7 +24,7 @@ use projectionist_sqlview::{ProjectionsConfig, SqlHandler, SqlProjection};
 use crate::app::{
     EXIT_CONFIG, EXIT_STORE, Failure, command_hint, fail, load_config, open_dir, open_store, select,
 };
-use crate::args::Cli;
+use crate::args::{Cli, OnLateEvent};
 use crate::metrics::{Metrics, Observed, Server};
 use crate::replay::{
     Opened, Plan, Shadows, open_selected, published_line, report, targets, write_own_file,
@@ -39,13 +39,26 @@ const STATUS_INTERVAL: Duration = Duration::from_secs(5);
 /// How often the terminal lines are redrawn while following.
 const REDRAW_INTERVAL: Duration = Duration::from_millis(500);
 
+/// `follow`'s own options.
+pub(crate) struct FollowOptions<'a> {
+    pub(crate) metrics_addr: Option<&'a str>,
+    pub(crate) max_lag: u64,
+    pub(crate) max_wait: Duration,
+    pub(crate) late_window: Duration,
+    pub(crate) on_late_event: OnLateEvent,
+}
+
 pub(crate) fn run_follow(
     cli: &Cli,
     names: &[String],
-    metrics_addr: Option<&str>,
-    max_lag: u64,
-    max_wait: Duration,
+    follow_options: &FollowOptions<'_>,
 ) -> Result<(), Failure> {
+    let FollowOptions {
+        metrics_addr,
+        max_lag,
+        max_wait,
+        ..
+    } = *follow_options;
     // First of all: SIGINT and SIGTERM (and SIGHUP) stop at the next batch
     // boundary, even while the follower is still opening its projections.
     // `stop` ends the follower; each round of it has its own token, which a
@@ -86,6 +99,8 @@ pub(crate) fn run_follow(
         stop: &stop,
         round_stop: &round_stop,
         config_path: &config_path,
+        late_window: follow_options.late_window,
+        on_late_event: follow_options.on_late_event,
     };
     // Epochs: a changed config (its file is watched) ends one; the next opens
     // the projections again under the new definitions: a changed one is
@@ -124,6 +139,8 @@ struct Context<'a> {
     stop: &'a CancelToken,
     round_stop: &'a Arc<Mutex<CancelToken>>,
     config_path: &'a Path,
+    late_window: Duration,
+    on_late_event: OnLateEvent,
 }
 
 /// How an epoch ended.
@@ -162,7 +179,7 @@ fn follow_epoch(
         ..
     } = *context;
     let selected = select(config, names)?;
-    let store = open_store(cli, false, config)?;
+    let store = open_store(cli, false, config)?.with_late_event_window(context.late_window);
     let head = store
         .reader()
         .head()
@@ -239,7 +256,9 @@ fn follow_epoch(
     let mut handlers: Vec<SqlHandler<'_>> = selected.iter().map(|p| SqlHandler::new(p)).collect();
     let started = Instant::now();
     let (finished, until) = std::sync::mpsc::channel::<()>();
-    let mut store = store;
+    // The store of the current round: a reconnect replaces it, and the
+    // late-event watch uses whichever is current.
+    let current = Mutex::new(Arc::new(store));
     let mut results: Vec<Option<projectionist::Result<RebuildResult>>> =
         selected.iter().map(|_| None).collect();
     let mut backoff = RECONNECT_BACKOFF_MIN;
@@ -251,9 +270,19 @@ fn follow_epoch(
             .is_some()
     };
     let (watch_finished, watch_until) = std::sync::mpsc::channel::<()>();
+    let (late_finished, late_until) = std::sync::mpsc::channel::<()>();
     std::thread::scope(|scope| {
         let live = &live;
         scope.spawn(move || live.tick_until(&until));
+        let late = LateWatch {
+            cli,
+            dir,
+            selected: &selected,
+            live,
+            action: context.on_late_event,
+        };
+        let current = &current;
+        scope.spawn(move || late.run(current, &late_until));
         let reload = &reload;
         let watched = &watched;
         scope.spawn(move || {
@@ -286,6 +315,7 @@ fn follow_epoch(
                 .filter(|(i, _)| results[*i].is_none())
                 .map(|(_, target)| target)
                 .collect();
+            let store = Arc::clone(&current.lock().unwrap_or_else(PoisonError::into_inner));
             let round = projectionist::follow(store.reader(), round_targets, &options, &this_round);
             let mut unreachable = None;
             // A round ended to publish a shadow: everyone goes on in the next.
@@ -342,11 +372,13 @@ fn follow_epoch(
             }
             backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
             if let Ok(reopened) = open_store(cli, false, config) {
-                store = reopened;
+                *current.lock().unwrap_or_else(PoisonError::into_inner) =
+                    Arc::new(reopened.with_late_event_window(context.late_window));
             }
         }
         drop(finished);
         drop(watch_finished);
+        drop(late_finished);
     });
     if let Some(change) = reload.into_inner().unwrap_or_else(PoisonError::into_inner) {
         live.finish();
@@ -377,6 +409,78 @@ fn follow_epoch(
     )
     .map(|_| ());
     Ok(Epoch::Stopped(outcome))
+}
+
+/// How often a PostgreSQL follower looks for events committed into holes its
+/// reads passed: one query over the passed holes still in the window.
+const LATE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Looks for late events (PostgreSQL) and acts on them.
+struct LateWatch<'a> {
+    cli: &'a Cli,
+    dir: &'a ProjectionDir,
+    selected: &'a [&'a SqlProjection],
+    live: &'a Live,
+    action: OnLateEvent,
+}
+
+impl LateWatch<'_> {
+    /// Every [`LATE_CHECK_INTERVAL`] until `until` closes. A failed look is
+    /// left to the next one (the run notices a lost connection itself).
+    fn run(&self, current: &Mutex<Arc<crate::store::Store>>, until: &Receiver<()>) {
+        while let Err(RecvTimeoutError::Timeout) = until.recv_timeout(LATE_CHECK_INTERVAL) {
+            let store = Arc::clone(&current.lock().unwrap_or_else(PoisonError::into_inner));
+            let Ok(late) = store.late_events() else {
+                continue;
+            };
+            for event in late {
+                self.act(&event);
+            }
+        }
+    }
+
+    /// Reports one late event, and asks for the rebuild of every projection
+    /// that handles its type and has read past it.
+    fn act(&self, event: &projectionist_postgres::LateEvent) {
+        let affected: Vec<&str> = self
+            .selected
+            .iter()
+            .filter(|p| p.event_types().contains(&event.event_type))
+            .map(|p| p.name.as_str())
+            .filter(|name| self.live.checkpoint(name) >= event.sequence)
+            .collect();
+        let rebuild = self.action == OnLateEvent::Rebuild && !affected.is_empty();
+        tracing::error!(
+            sequence = event.sequence,
+            event_type = %ui::escape_controls(&event.event_type),
+            projections = ?affected,
+            action = if rebuild { "rebuild in shadow" } else { "none" },
+            "an event was committed into a hole the follower had passed (its writer broke the writer contract of docs/postgres.md); the projections listed lack it"
+        );
+        if self.cli.json {
+            ui::json_line(&serde_json::json!({
+                "event": "late_event", "sequence": event.sequence,
+                "event_type": event.event_type, "projections": affected,
+                "action": if rebuild { "rebuild" } else { "report" },
+            }));
+        }
+        for name in &affected {
+            self.live.late_event(name);
+            if !rebuild {
+                continue;
+            }
+            // The follower's own request: its watch ends the round and the
+            // projection is rebuilt in its shadow, then published.
+            let requested = VersionFiles::new(self.dir.path(), name)
+                .map_err(|e| e.to_string())
+                .and_then(|files| {
+                    std::fs::File::create(&files.rebuild_request).map_err(|e| e.to_string())
+                });
+            if let Err(e) = requested {
+                tracing::error!(projection = name, error = %ui::escape_controls(&e), "cannot ask for the rebuild after a late event");
+            }
+        }
+    }
 }
 
 /// What a follower watches between reads of the log: its config file and
@@ -652,6 +756,22 @@ impl Live {
         }
         if before != after {
             self.announce(&p.projection_name, state);
+        }
+    }
+
+    /// A projection's committed checkpoint as last reported.
+    fn checkpoint(&self, name: &str) -> u64 {
+        self.states
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(name)
+            .map_or(0, |s| s.checkpoint)
+    }
+
+    /// A late event affected `name`.
+    fn late_event(&self, name: &str) {
+        if let Some(metrics) = &self.metrics {
+            metrics.late_event(name);
         }
     }
 

@@ -101,7 +101,19 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             metrics,
             max_lag,
             max_wait,
-        } => run_follow(cli, names, metrics.as_deref(), *max_lag, *max_wait),
+            late_window,
+            on_late_event,
+        } => run_follow(
+            cli,
+            names,
+            &follow::FollowOptions {
+                metrics_addr: metrics.as_deref(),
+                max_lag: *max_lag,
+                max_wait: *max_wait,
+                late_window: *late_window,
+                on_late_event: *on_late_event,
+            },
+        ),
         Command::Status { check } => run_status(cli, *check),
         Command::List => run_list(cli),
         Command::Remove { name } => {

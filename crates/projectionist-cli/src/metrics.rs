@@ -42,6 +42,7 @@ pub(crate) struct Metrics {
     last_commit: Family<Labels, Gauge<f64, AtomicU64>>,
     batch_latency: Family<Labels, Gauge<f64, AtomicU64>>,
     hole_wait: Family<Labels, Gauge<f64, AtomicU64>>,
+    late_events: Family<Labels, Counter>,
     health: Mutex<BTreeMap<String, Health>>,
     max_lag: u64,
     max_wait: Duration,
@@ -76,6 +77,12 @@ impl Metrics {
         let last_commit = Family::<Labels, Gauge<f64, AtomicU64>>::default();
         let batch_latency = Family::<Labels, Gauge<f64, AtomicU64>>::default();
         let hole_wait = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+        let late_events = Family::<Labels, Counter>::default();
+        registry.register(
+            "late_events",
+            "Events committed into a hole the follower had already passed, that this projection handles (it was rebuilt, or must be)",
+            late_events.clone(),
+        );
         registry.register(
             "hole_wait_seconds",
             "How long reads have been held at a missing sequence number that a running transaction may still fill (0 when not held)",
@@ -143,6 +150,7 @@ impl Metrics {
             last_commit,
             batch_latency,
             hole_wait,
+            late_events,
             health: Mutex::new(BTreeMap::new()),
             max_lag,
             max_wait,
@@ -186,6 +194,13 @@ impl Metrics {
                 .waiting
                 .map_or(0.0, |(_, since)| since.elapsed().as_secs_f64()),
         );
+    }
+
+    /// A late event affected projection `name`.
+    pub(crate) fn late_event(&self, name: &str) {
+        self.late_events
+            .get_or_create(&vec![("projection", name.to_owned())])
+            .inc();
     }
 
     /// The metrics in the OpenMetrics text format.

@@ -14,6 +14,8 @@ use serde_json::value::RawValue;
 pub type Payload = Box<RawValue>;
 
 /// An open event store.
+// One per process (two while reconnecting): its size does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Store {
     /// The embedded default.
     Sqlite(SqliteEventStore),
@@ -64,6 +66,25 @@ impl Store {
             Some(mapping) => SqliteEventStore::open_mapped_where(spec, mapping, conditions)?,
             None => SqliteEventStore::open_read_only(spec)?,
         }))
+    }
+
+    /// Events committed into holes that reads had already passed (PostgreSQL
+    /// only; see `PostgresEventStore::late_events`).
+    pub fn late_events(&self) -> anyhow::Result<Vec<projectionist_postgres::LateEvent>> {
+        match self {
+            Store::Sqlite(_) => Ok(Vec::new()),
+            Store::Postgres(s) => Ok(s.late_events()?),
+        }
+    }
+
+    /// Sets how long passed holes are looked at again for late events
+    /// (PostgreSQL only).
+    #[must_use]
+    pub fn with_late_event_window(self, window: std::time::Duration) -> Self {
+        match self {
+            Store::Postgres(s) => Store::Postgres(s.with_late_event_window(window)),
+            other => other,
+        }
     }
 
     /// The reader the engine uses.

@@ -514,3 +514,88 @@ fn a_rebuild_over_permanent_holes_reaches_the_head() {
     assert_eq!(checkpoints(&env), [25_999, 25_999], "{}", stderr(&out));
     long.commit().unwrap();
 }
+
+/// Issue 22, late events: a writer of another program's table breaks the
+/// writer contract (draws a number in one transaction, inserts it in a later
+/// one, after the follower passed the hole). The follower reports the event
+/// (`--json` line, metric) and, by default, rebuilds the projection in its
+/// shadow and publishes it: the live file ends with every event.
+#[test]
+#[cfg_attr(
+    not(pg_tests),
+    ignore = "set PROJECTIONIST_TEST_PG_URL to run the PostgreSQL tests"
+)]
+fn a_late_event_is_reported_and_its_projection_rebuilt() {
+    let schema = Schema::new("late_event");
+    let url = schema.url();
+    let mut client = Client::connect(&url, NoTls).unwrap();
+    client
+        .batch_execute(
+            "CREATE TABLE flog (id BIGSERIAL PRIMARY KEY, stream TEXT NOT NULL, version BIGINT NOT NULL,
+                                kind TEXT NOT NULL, body JSONB NOT NULL)",
+        )
+        .unwrap();
+    let insert = |client: &mut Client, id: Option<i64>, stream: &str| {
+        client
+            .execute(
+                "INSERT INTO flog (id, stream, version, kind, body) \
+                 VALUES (COALESCE($1, nextval('flog_id_seq')), $2, 1, 'W', '{}')",
+                &[&id, &stream],
+            )
+            .unwrap();
+    };
+    insert(&mut client, None, "a");
+    let env = Env::new();
+    env.write_config(FOREIGN_CONFIG);
+    let addr = format!("127.0.0.1:{}", free_port());
+    let follower = Reaped::new(
+        env.command_with(
+            &url,
+            "projections",
+            &["--json", "follow", "--metrics", &addr],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap(),
+    );
+    let wait_seen = |want: &[i64]| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let want: BTreeSet<i64> = want.iter().copied().collect();
+        while seen_ids(&env, "projections") != want {
+            assert!(
+                Instant::now() < deadline,
+                "seen {:?}, want {want:?}",
+                seen_ids(&env, "projections")
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait_seen(&[1]);
+    let drawn: i64 = client
+        .query_one("SELECT nextval('flog_id_seq')", &[])
+        .unwrap()
+        .get(0);
+    insert(&mut client, None, "c");
+    wait_seen(&[1, 3]);
+    insert(&mut client, Some(drawn), "late");
+    wait_seen(&[1, 2, 3]);
+    wait_metrics(&addr, "the late event counted", &|text| {
+        metric(text, "projectionist_late_events_total", "seen") == Some(1.0)
+    });
+    let status = Command::new("kill")
+        .args(["-TERM", &follower.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = follower.into_inner().wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let lines = json_lines(&out);
+    let late = lines
+        .iter()
+        .find(|l| l["event"] == "late_event")
+        .unwrap_or_else(|| panic!("no late_event line: {lines:?}"));
+    assert_eq!(late["sequence"], 2);
+    assert_eq!(late["projections"], serde_json::json!(["seen"]));
+    assert_eq!(late["action"], "rebuild");
+}

@@ -40,4 +40,7 @@ mod store;
 pub use lease::{Lease, Leases};
 #[allow(deprecated)]
 pub use store::FOREIGN_HOLE_SETTLE_UNPROVEN;
-pub use store::{NOTIFY_CHANNEL, PostgresEventStore, url_with_schema};
+pub use store::{
+    LATE_EVENT_WINDOW_DEFAULT, LATE_EVENTS_REPORTED_MAX, LateEvent, NOTIFY_CHANNEL,
+    PASSED_HOLES_REMEMBERED_MAX, PostgresEventStore, url_with_schema,
+};

@@ -68,6 +68,9 @@ pub struct PostgresEventStore {
     watched: OnceLock<Vec<u32>>,
     /// Decided holes and rounds under way.
     horizon: Mutex<Horizon>,
+    /// Holes passed recently, looked at again for late events.
+    passed: Mutex<PassedHoles>,
+    late_sql: String,
     /// To open the listening connection (never shown: it may hold a password).
     url: String,
     /// A connection that `LISTEN`s on [`NOTIFY_CHANNEL`], opened when a
@@ -202,6 +205,59 @@ impl PostgresEventStore {
         Ok(store)
     }
 
+    /// How long a passed hole is looked at again by
+    /// [`late_events`](Self::late_events). Default
+    /// [`LATE_EVENT_WINDOW_DEFAULT`] (60 s).
+    #[must_use]
+    pub fn with_late_event_window(self, window: Duration) -> Self {
+        self.passed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .window = window;
+        self
+    }
+
+    /// Events that appeared in a hole this store's reads had already passed
+    /// (within the late-event window): a writer broke the writer contract
+    /// (`docs/postgres.md`), for example by drawing its number in one
+    /// transaction and inserting it in a later one. Every projection that
+    /// read past such an event lacks it: rebuild them. Each late event is
+    /// reported once (its whole hole is then forgotten); at most
+    /// [`LATE_EVENTS_REPORTED_MAX`] per call. One query, when any passed
+    /// hole is still in the window.
+    ///
+    /// # Errors
+    /// [`Error::External`] on a server error.
+    pub fn late_events(&self) -> Result<Vec<LateEvent>> {
+        let (firsts, lasts) = {
+            let mut passed = self.passed.lock().unwrap_or_else(PoisonError::into_inner);
+            passed.expire(Instant::now());
+            passed.ranges()
+        };
+        if firsts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = self
+            .lock()
+            .query(&self.late_sql, &[&firsts, &lasts])
+            .map_err(pg_error(format!(
+                "look for late events in {}",
+                self.url_for_errors
+            )))?;
+        let late: Vec<LateEvent> = rows
+            .iter()
+            .map(|row| LateEvent {
+                sequence: row.get::<_, i64>(0).cast_unsigned(),
+                event_type: row.get(1),
+            })
+            .collect();
+        let mut passed = self.passed.lock().unwrap_or_else(PoisonError::into_inner);
+        for event in &late {
+            passed.forget(event.sequence);
+        }
+        Ok(late)
+    }
+
     /// For another program's table whose writers may draw a sequence number
     /// in one transaction and insert it in a later one: every hole is held at
     /// least this long, however soon it is proven (see the module
@@ -239,6 +295,12 @@ impl PostgresEventStore {
             )
         );
         let head_sql = format!("SELECT COALESCE(MAX({sequence}), 0)::bigint FROM {table}");
+        let late_sql = format!(
+            "SELECT {sequence}::bigint, {event_type}::text FROM {table} \
+             JOIN unnest($1::bigint[], $2::bigint[]) AS passed(first, last) \
+               ON {sequence} BETWEEN passed.first AND passed.last \
+             ORDER BY 1 LIMIT {LATE_EVENTS_REPORTED_MAX}"
+        );
         // One statement: its snapshot is taken before the lock table is read.
         let look_sql = format!(
             "SELECT ({head_sql}), ARRAY(SELECT DISTINCT l.virtualtransaction FROM pg_locks l \
@@ -260,6 +322,8 @@ impl PostgresEventStore {
             sequence_column: sequence_column.to_owned(),
             watched: OnceLock::new(),
             horizon: Mutex::new(Horizon::new(Duration::ZERO)),
+            passed: Mutex::new(PassedHoles::new(LATE_EVENT_WINDOW_DEFAULT)),
+            late_sql,
             url: url.to_owned(),
             listener: Mutex::new(None),
         }
@@ -438,15 +502,28 @@ impl PostgresEventStore {
         let decided = self.horizon().decided_through(ticket);
         let mut expected = after + 1;
         let mut kept = Vec::with_capacity(rows.len());
+        let mut passed = Vec::new();
+        let mut held = None;
         for row in rows {
             let sequence = row.get::<_, i64>(0).cast_unsigned();
-            if sequence != expected && expected > decided {
-                return (kept, Some(expected));
+            if sequence != expected {
+                if expected > decided {
+                    held = Some(expected);
+                    break;
+                }
+                passed.push((expected, sequence - 1));
             }
             expected = sequence + 1;
             kept.push(row);
         }
-        (kept, None)
+        if !passed.is_empty() {
+            let now = Instant::now();
+            let mut remembered = self.passed.lock().unwrap_or_else(PoisonError::into_inner);
+            for (first, last) in passed {
+                remembered.remember(first, last, now);
+            }
+        }
+        (kept, held)
     }
 
     /// One look at the lock table (see the `horizon` module); returns whether
@@ -582,6 +659,85 @@ SELECT c.oid, ARRAY(
      WHERE ad.adrelid = c.oid AND ad.adnum = a.attnum)
 FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid
 WHERE c.oid = to_regclass($1) AND a.attname = $2 AND NOT a.attisdropped";
+
+/// An event that appeared in a hole the reader had already passed (see
+/// [`PostgresEventStore::late_events`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LateEvent {
+    /// Its sequence number.
+    pub sequence: u64,
+    /// Its type: projections that do not handle it are not affected.
+    pub event_type: String,
+}
+
+/// How long a passed hole is looked at again for a late event when nothing
+/// else is set: longer than any writer that keeps the writer contract takes
+/// from drawing to committing, by a wide margin, and short enough that the
+/// list stays small.
+pub const LATE_EVENT_WINDOW_DEFAULT: Duration = Duration::from_secs(60);
+
+/// Passed holes (ranges of missing numbers) remembered at once; past this the
+/// oldest are forgotten first. A log with more holes than this within one
+/// window (a rebuild over a log full of old rollbacks) is checked for the
+/// latest ones only, which are the ones a writer could still fill.
+pub const PASSED_HOLES_REMEMBERED_MAX: usize = 4_096;
+
+/// Late events reported by one look.
+pub const LATE_EVENTS_REPORTED_MAX: usize = 1_000;
+
+/// Holes passed within the window: first and last missing number, and when.
+#[derive(Debug)]
+struct PassedHoles {
+    window: Duration,
+    ranges: std::collections::BTreeMap<u64, (u64, Instant)>,
+}
+
+impl PassedHoles {
+    fn new(window: Duration) -> Self {
+        PassedHoles {
+            window,
+            ranges: std::collections::BTreeMap::new(),
+        }
+    }
+
+    fn remember(&mut self, first: u64, last: u64, now: Instant) {
+        if self.window.is_zero() {
+            return;
+        }
+        // A hole passed again (a re-read) keeps its first time.
+        self.ranges.entry(first).or_insert((last, now));
+        while self.ranges.len() > PASSED_HOLES_REMEMBERED_MAX {
+            self.ranges.pop_first();
+        }
+    }
+
+    fn expire(&mut self, now: Instant) {
+        let window = self.window;
+        self.ranges
+            .retain(|_, (_, passed_at)| now.saturating_duration_since(*passed_at) <= window);
+    }
+
+    fn ranges(&self) -> (Vec<i64>, Vec<i64>) {
+        self.ranges
+            .iter()
+            .map(|(&first, &(last, _))| (first.cast_signed(), last.cast_signed()))
+            .unzip()
+    }
+
+    /// Forgets the hole that holds `sequence`.
+    fn forget(&mut self, sequence: u64) {
+        let holder = self
+            .ranges
+            .range(..=sequence)
+            .next_back()
+            .filter(|(_, (last, _))| *last >= sequence)
+            .map(|(&first, _)| first);
+        if let Some(first) = holder {
+            self.ranges.remove(&first);
+        }
+    }
+}
 
 /// How long a hole in another program's table was held when the reading role
 /// could not see other roles' transactions. Holes are now decided from the

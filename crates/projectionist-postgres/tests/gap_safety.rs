@@ -695,3 +695,47 @@ fn permanent_holes_do_not_cut_batches_short() {
     assert_eq!(store.hole_wait(), None);
     long.commit().unwrap();
 }
+
+/// Issue 22, late-event detection: a writer that breaks the writer contract
+/// (draws a number in one transaction, inserts it in a later one) fills a
+/// hole after the reader passed it. The store reports that event once, with
+/// its type, while the hole is within the window; nothing when the window is
+/// zero.
+#[test]
+#[cfg_attr(
+    not(pg_tests),
+    ignore = "set PROJECTIONIST_TEST_PG_URL to run the PostgreSQL tests"
+)]
+fn an_event_committed_into_a_passed_hole_is_reported_once() {
+    let Some(pg) = PgSchema::new("late") else {
+        return;
+    };
+    let mapping = foreign_table(&pg);
+    let mapped = PostgresEventStore::connect_mapped(&pg.url(), &mapping).unwrap();
+    let unwatched = PostgresEventStore::connect_mapped(&pg.url(), &mapping)
+        .unwrap()
+        .with_late_event_window(Duration::ZERO);
+    let mut client = pg.client();
+    assert_eq!(foreign_insert(&mut client, "a"), 1);
+    let drawn: i64 = client
+        .query_one("SELECT nextval('flog_id_seq')", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(foreign_insert(&mut client, "c"), 3);
+    for store in [&mapped, &unwatched] {
+        let events: Vec<GlobalEvent<Value>> = store.read_after(0, 10).unwrap();
+        assert_eq!(sequences(&events), [1, 3], "the drawing transaction ended");
+        assert_eq!(store.late_events().unwrap(), []);
+    }
+    client
+        .execute(
+            "INSERT INTO flog (id, stream, version, kind, body) VALUES ($1, 'late', 1, 'W', '{}')",
+            &[&drawn],
+        )
+        .unwrap();
+    let late = mapped.late_events().unwrap();
+    assert_eq!(late.len(), 1, "{late:?}");
+    assert_eq!((late[0].sequence, late[0].event_type.as_str()), (2, "W"));
+    assert_eq!(mapped.late_events().unwrap(), [], "reported once");
+    assert_eq!(unwatched.late_events().unwrap(), [], "window zero");
+}
