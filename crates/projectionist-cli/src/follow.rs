@@ -415,6 +415,10 @@ fn follow_epoch(
 /// reads passed: one query over the passed holes still in the window.
 const LATE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
+/// How often the follower looks whether its store is reconnecting (no query:
+/// the store's own record).
+const OUTAGE_CHECK_INTERVAL: Duration = Duration::from_millis(100);
+
 /// Looks for late events (PostgreSQL) and acts on them.
 struct LateWatch<'a> {
     cli: &'a Cli,
@@ -425,11 +429,50 @@ struct LateWatch<'a> {
 }
 
 impl LateWatch<'_> {
-    /// Every [`LATE_CHECK_INTERVAL`] until `until` closes. A failed look is
-    /// left to the next one (the run notices a lost connection itself).
+    /// Until `until` closes: every [`OUTAGE_CHECK_INTERVAL`], whether the
+    /// store lost its connection (says `reconnecting`, then `reconnected`);
+    /// every [`LATE_CHECK_INTERVAL`], late events. A failed look is left to
+    /// the next one.
     fn run(&self, current: &Mutex<Arc<crate::store::Store>>, until: &Receiver<()>) {
-        while let Err(RecvTimeoutError::Timeout) = until.recv_timeout(LATE_CHECK_INTERVAL) {
+        let mut late_checked = Instant::now();
+        let mut reconnects_seen = 0;
+        let mut announced: Option<String> = None;
+        let mut store_seen = Arc::as_ptr(&current.lock().unwrap_or_else(PoisonError::into_inner));
+        while let Err(RecvTimeoutError::Timeout) = until.recv_timeout(OUTAGE_CHECK_INTERVAL) {
             let store = Arc::clone(&current.lock().unwrap_or_else(PoisonError::into_inner));
+            // The run opened the store again (after a longer outage): the
+            // new one starts afresh.
+            if !std::ptr::eq(Arc::as_ptr(&store), store_seen) {
+                store_seen = Arc::as_ptr(&store);
+                reconnects_seen = 0;
+                if let Some(error) = announced.take() {
+                    self.reconnecting(&error, false);
+                }
+            }
+            let reconnects = store.reconnects();
+            match store.outage() {
+                Some(outage) if announced.is_none() => {
+                    self.reconnecting(&outage.error, true);
+                    announced = Some(outage.error);
+                }
+                Some(_) => {}
+                None if reconnects != reconnects_seen => {
+                    // An outage shorter than a look: said after the fact.
+                    let error = announced
+                        .take()
+                        .unwrap_or_else(|| "the connection was lost".to_owned());
+                    if reconnects > reconnects_seen + 1 || !self.live.is_reconnecting() {
+                        self.reconnecting(&error, true);
+                    }
+                    self.reconnecting(&error, false);
+                    reconnects_seen = reconnects;
+                }
+                None => {}
+            }
+            if late_checked.elapsed() < LATE_CHECK_INTERVAL {
+                continue;
+            }
+            late_checked = Instant::now();
             let Ok(late) = store.late_events() else {
                 continue;
             };
@@ -437,6 +480,22 @@ impl LateWatch<'_> {
                 self.act(&event);
             }
         }
+    }
+
+    /// Says that the store lost its connection and is making it again
+    /// (`down`), or has made it again.
+    fn reconnecting(&self, error: &str, down: bool) {
+        let error = ui::escape_controls(error);
+        if down {
+            tracing::warn!(error = %error, "the event store's connection was lost; reconnecting");
+        } else {
+            tracing::info!("the event store's connection is back");
+        }
+        if self.cli.json {
+            let event = if down { "reconnecting" } else { "reconnected" };
+            ui::json_line(&serde_json::json!({"event": event, "error": error}));
+        }
+        self.live.set_reconnecting(down);
     }
 
     /// Reports one late event, and asks for the rebuild of every projection
@@ -611,8 +670,9 @@ fn take_rebuild_requests(dir: &ProjectionDir, selected: &[&SqlProjection]) {
 /// it doubles up to [`RECONNECT_BACKOFF_MAX`].
 const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(250);
 
-/// The longest wait between two attempts to open the store again.
-const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// The longest wait between two attempts to open the store again: a server
+/// that accepts connections again is used within a second.
+const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// A run that stopped because the log could not be read (not because of an
 /// event in it).
@@ -631,6 +691,8 @@ struct State {
     done: bool,
     /// Reads are held at this hole (PostgreSQL), since then.
     hole_wait: Option<projectionist::HoleWait>,
+    /// The store's connection is lost and being made again.
+    reconnecting: bool,
     /// `processed` at the last status line, for events/s.
     processed_at_tick: u64,
     rate: f64,
@@ -641,6 +703,7 @@ impl State {
         match (&self.failed, self.done, self.following) {
             (Some(_), _, _) => "failed",
             (None, true, _) => "stopped",
+            (None, false, _) if self.reconnecting => "reconnecting",
             (None, false, true) if self.hole_wait.is_some() => "waiting",
             (None, false, true) => "following",
             (None, false, false) => "catching up",
@@ -702,6 +765,7 @@ impl Live {
                     failed: None,
                     done: false,
                     hole_wait: None,
+                    reconnecting: false,
                     processed_at_tick: 0,
                     rate: 0.0,
                 },
@@ -757,6 +821,29 @@ impl Live {
         if before != after {
             self.announce(&p.projection_name, state);
         }
+    }
+
+    /// Every projection's store is reconnecting (or no longer).
+    fn set_reconnecting(&self, reconnecting: bool) {
+        let mut states = self.states.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut names: Vec<String> = states.keys().cloned().collect();
+        names.sort();
+        for name in names {
+            let state = states.get_mut(&name).expect("a known projection");
+            let before = state.name();
+            state.reconnecting = reconnecting;
+            if before != state.name() {
+                self.announce(&name, state);
+            }
+        }
+    }
+
+    fn is_reconnecting(&self) -> bool {
+        self.states
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .any(|s| s.reconnecting)
     }
 
     /// A projection's committed checkpoint as last reported.

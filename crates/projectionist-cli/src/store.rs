@@ -77,6 +77,23 @@ impl Store {
         }
     }
 
+    /// While a lost PostgreSQL connection is being made again: since when and
+    /// the last error.
+    pub fn outage(&self) -> Option<projectionist_postgres::Outage> {
+        match self {
+            Store::Sqlite(_) => None,
+            Store::Postgres(s) => s.outage(),
+        }
+    }
+
+    /// How many times a lost PostgreSQL connection was made again.
+    pub fn reconnects(&self) -> u64 {
+        match self {
+            Store::Sqlite(_) => 0,
+            Store::Postgres(s) => s.reconnects(),
+        }
+    }
+
     /// Sets how long passed holes are looked at again for late events
     /// (PostgreSQL only).
     #[must_use]

@@ -175,8 +175,9 @@ pub fn run_following(
     Ok(())
 }
 
-/// The longest wait between two attempts to reach PostgreSQL again.
-const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// The longest wait between two attempts to reach PostgreSQL again: a server
+/// that accepts connections again is used within a second.
+const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// One connection's worth of following: until cancelled (then the leases and
 /// the heartbeat are given up: `Ok`), or until the store or the lease table

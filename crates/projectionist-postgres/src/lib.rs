@@ -41,6 +41,7 @@ pub use lease::{Lease, Leases};
 #[allow(deprecated)]
 pub use store::FOREIGN_HOLE_SETTLE_UNPROVEN;
 pub use store::{
-    LATE_EVENT_WINDOW_DEFAULT, LATE_EVENTS_REPORTED_MAX, LateEvent, NOTIFY_CHANNEL,
-    PASSED_HOLES_REMEMBERED_MAX, PostgresEventStore, url_with_schema,
+    LATE_EVENT_WINDOW_DEFAULT, LATE_EVENTS_REPORTED_MAX, LateEvent, NOTIFY_CHANNEL, Outage,
+    PASSED_HOLES_REMEMBERED_MAX, PostgresEventStore, RECONNECT_PAUSE_MAX, RECONNECT_PAUSE_MIN,
+    RECONNECT_WAIT_DEFAULT, url_with_schema,
 };

@@ -21,6 +21,7 @@
 //! drawing to committing.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -70,6 +71,10 @@ pub struct PostgresEventStore {
     horizon: Mutex<Horizon>,
     /// Holes passed recently, looked at again for late events.
     passed: Mutex<PassedHoles>,
+    /// The connection is lost and being made again.
+    outage: Mutex<Option<Outage>>,
+    reconnects: AtomicU64,
+    reconnect_wait: Duration,
     late_sql: String,
     /// To open the listening connection (never shown: it may hold a password).
     url: String,
@@ -237,13 +242,10 @@ impl PostgresEventStore {
         if firsts.is_empty() {
             return Ok(Vec::new());
         }
-        let rows = self
-            .lock()
-            .query(&self.late_sql, &[&firsts, &lasts])
-            .map_err(pg_error(format!(
-                "look for late events in {}",
-                self.url_for_errors
-            )))?;
+        let rows = self.with_client(
+            || format!("look for late events in {}", self.url_for_errors),
+            |client| client.query(&self.late_sql, &[&firsts, &lasts]),
+        )?;
         let late: Vec<LateEvent> = rows
             .iter()
             .map(|row| LateEvent {
@@ -323,6 +325,9 @@ impl PostgresEventStore {
             watched: OnceLock::new(),
             horizon: Mutex::new(Horizon::new(Duration::ZERO)),
             passed: Mutex::new(PassedHoles::new(LATE_EVENT_WINDOW_DEFAULT)),
+            outage: Mutex::new(None),
+            reconnects: AtomicU64::new(0),
+            reconnect_wait: RECONNECT_WAIT_DEFAULT,
             late_sql,
             url: url.to_owned(),
             listener: Mutex::new(None),
@@ -464,6 +469,89 @@ impl PostgresEventStore {
         self.client.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Runs `f` on the connection. A read is idempotent, so when the
+    /// connection is lost (a server restart, a failover, a killed backend)
+    /// the store connects again, with a back-off from
+    /// [`RECONNECT_PAUSE_MIN`] to [`RECONNECT_PAUSE_MAX`], and runs `f` again,
+    /// for up to the reconnect wait ([`RECONNECT_WAIT_DEFAULT`]); past it,
+    /// the error. [`outage`](Self::outage) and
+    /// [`reconnects`](Self::reconnects) tell others meanwhile.
+    fn with_client<T>(
+        &self,
+        step: impl Fn() -> String,
+        mut f: impl FnMut(&mut Client) -> std::result::Result<T, postgres::Error>,
+    ) -> Result<T> {
+        let mut client = self.lock();
+        let mut down_since: Option<Instant> = None;
+        let mut pause = RECONNECT_PAUSE_MIN;
+        loop {
+            let failure = if client.is_closed() {
+                match connect_client(&self.url) {
+                    Ok(fresh) => {
+                        *client = fresh;
+                        continue;
+                    }
+                    Err(e) => e,
+                }
+            } else {
+                match f(&mut client) {
+                    Ok(value) => {
+                        if down_since.is_some() {
+                            self.reconnects.fetch_add(1, Ordering::Relaxed);
+                            *self.outage.lock().unwrap_or_else(PoisonError::into_inner) = None;
+                        }
+                        return Ok(value);
+                    }
+                    Err(e) if lost_connection(&e) => {
+                        // A fresh connection, whatever state this one is in;
+                        // failing that, the next turn tries again.
+                        if let Ok(fresh) = connect_client(&self.url) {
+                            *client = fresh;
+                        }
+                        pg_error(step())(e)
+                    }
+                    Err(e) => return Err(pg_error(step())(e)),
+                }
+            };
+            let since = *down_since.get_or_insert_with(Instant::now);
+            *self.outage.lock().unwrap_or_else(PoisonError::into_inner) = Some(Outage {
+                since,
+                error: failure.to_string(),
+            });
+            if since.elapsed() >= self.reconnect_wait {
+                *self.outage.lock().unwrap_or_else(PoisonError::into_inner) = None;
+                return Err(failure);
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(RECONNECT_PAUSE_MAX);
+        }
+    }
+
+    /// While the connection is lost and being made again: since when, and
+    /// the last error; `None` otherwise.
+    #[must_use]
+    pub fn outage(&self) -> Option<Outage> {
+        self.outage
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// How many times a lost connection was made again (each outage counts
+    /// once).
+    #[must_use]
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects.load(Ordering::Relaxed)
+    }
+
+    /// How long a read waits for a lost connection to come back before it
+    /// fails. Default [`RECONNECT_WAIT_DEFAULT`].
+    #[must_use]
+    pub fn with_reconnect_wait(mut self, wait: Duration) -> Self {
+        self.reconnect_wait = wait;
+        self
+    }
+
     /// One snapshot-consistent read: the rows after `after`, and the read's
     /// ticket (see [`Horizon::start_read`]).
     fn read_rows(
@@ -472,28 +560,27 @@ impl PostgresEventStore {
         limit: u32,
         types: Option<&[String]>,
     ) -> Result<(Vec<Row>, u64)> {
-        let mut client = self.lock();
         let step = || format!("read events after {after} from {}", self.url_for_errors);
         let after_i64 = i64::try_from(after)
             .map_err(|_| Error::InvalidOptions(format!("sequence {after} too large")))?;
         let limit_i64 = i64::from(limit);
-        // The ticket is taken with the connection held, right before the
-        // snapshot: a look at the lock table (same connection) is either
-        // before the ticket or after the snapshot.
-        let ticket = self.horizon().start_read();
-        let mut tx = client
-            .build_transaction()
-            .isolation_level(IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .map_err(pg_error(step()))?;
-        let rows = match types {
-            None => tx.query(&self.read_sql, &[&after_i64, &limit_i64]),
-            Some(types) => tx.query(&self.read_types_sql, &[&after_i64, &limit_i64, &types]),
-        }
-        .map_err(pg_error(step()))?;
-        tx.commit().map_err(pg_error(step()))?;
-        Ok((rows, ticket))
+        self.with_client(step, |client| {
+            // The ticket is taken with the connection held, right before the
+            // snapshot: a look at the lock table (same connection) is either
+            // before the ticket or after the snapshot.
+            let ticket = self.horizon().start_read();
+            let mut tx = client
+                .build_transaction()
+                .isolation_level(IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()?;
+            let rows = match types {
+                None => tx.query(&self.read_sql, &[&after_i64, &limit_i64]),
+                Some(types) => tx.query(&self.read_types_sql, &[&after_i64, &limit_i64, &types]),
+            }?;
+            tx.commit()?;
+            Ok((rows, ticket))
+        })
     }
 
     /// Keeps the unbroken run of rows after `after`, passing only holes that
@@ -536,10 +623,7 @@ impl PostgresEventStore {
             )
         };
         let watched = self.watched()?;
-        let row = self
-            .lock()
-            .query_one(&self.look_sql, &[&watched])
-            .map_err(pg_error(step()))?;
+        let row = self.with_client(step, |client| client.query_one(&self.look_sql, &[&watched]))?;
         let mut holders: Vec<String> = row.get(1);
         holders.sort_unstable();
         holders.dedup();
@@ -559,27 +643,26 @@ impl PostgresEventStore {
             return Ok(watched.clone());
         }
         let step = || format!("find the sequence of {}", self.table);
-        let mut client = self.lock();
-        let row = client
-            .query_opt(WATCHED_SQL, &[&self.table, &self.sequence_column])
-            .map_err(pg_error(step()))?
-            .ok_or_else(|| Error::External {
-                step: step(),
-                source: format!(
-                    "no table {} with a column {}",
-                    self.table, self.sequence_column
-                )
-                .into(),
-            })?;
-        let table: u32 = row.get(0);
-        let sequences: Vec<u32> = row.get(1);
-        let cached: Option<Row> = client
-            .query_opt(
+        let (row, cached) = self.with_client(step, |client| {
+            let row = client.query_opt(WATCHED_SQL, &[&self.table, &self.sequence_column])?;
+            let sequences: Vec<u32> = row.as_ref().map_or_else(Vec::new, |r| r.get(1));
+            let cached: Option<Row> = client.query_opt(
                 "SELECT seqrelid::regclass::text, seqcache FROM pg_sequence \
                  WHERE seqrelid = ANY($1::oid[]) AND seqcache > 1 LIMIT 1",
                 &[&sequences],
+            )?;
+            Ok((row, cached))
+        })?;
+        let row = row.ok_or_else(|| Error::External {
+            step: step(),
+            source: format!(
+                "no table {} with a column {}",
+                self.table, self.sequence_column
             )
-            .map_err(pg_error(step()))?;
+            .into(),
+        })?;
+        let table: u32 = row.get(0);
+        let sequences: Vec<u32> = row.get(1);
         if let Some(row) = cached {
             let (name, cache): (String, i64) = (row.get(0), row.get(1));
             return Err(Error::InvalidOptions(format!(
@@ -659,6 +742,41 @@ SELECT c.oid, ARRAY(
      WHERE ad.adrelid = c.oid AND ad.adnum = a.attnum)
 FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid
 WHERE c.oid = to_regclass($1) AND a.attname = $2 AND NOT a.attisdropped";
+
+/// A lost connection being made again (see [`PostgresEventStore::outage`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Outage {
+    /// When the connection was found lost.
+    pub since: Instant,
+    /// The last error (the server's, or the connection attempt's).
+    pub error: String,
+}
+
+/// How long a read waits for a lost connection to come back before it fails
+/// (a server restart takes seconds; a failover up to a minute or so). A
+/// follower goes on trying after that, at its own pace.
+pub const RECONNECT_WAIT_DEFAULT: Duration = Duration::from_secs(60);
+
+/// First pause between attempts to connect again.
+pub const RECONNECT_PAUSE_MIN: Duration = Duration::from_millis(50);
+
+/// Longest pause between attempts to connect again: a server that accepts
+/// connections again is used within about this long (one attempt per second
+/// costs a down server nothing).
+pub const RECONNECT_PAUSE_MAX: Duration = Duration::from_millis(500);
+
+/// Whether an error means the connection is gone (rather than a query
+/// failing on a working connection): closed, or the server's connection
+/// exception and shutdown classes (`08xxx`, `57P01`-`57P03`).
+fn lost_connection(e: &postgres::Error) -> bool {
+    e.is_closed()
+        || e.code().is_some_and(|code| {
+            let code = code.code();
+            code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03")
+        })
+        || e.as_db_error().is_none() && e.to_string().contains("connection")
+}
 
 /// An event that appeared in a hole the reader had already passed (see
 /// [`PostgresEventStore::late_events`]).
@@ -844,9 +962,10 @@ impl<E: DeserializeOwned> GlobalReader<E> for PostgresEventStore {
 
     fn head(&self) -> Result<u64> {
         let head: i64 = self
-            .lock()
-            .query_one(&self.head_sql, &[])
-            .map_err(pg_error(format!("read head of {}", self.url_for_errors)))?
+            .with_client(
+                || format!("read head of {}", self.url_for_errors),
+                |client| client.query_one(&self.head_sql, &[]),
+            )?
             .get(0);
         Ok(head.cast_unsigned())
     }
