@@ -7,7 +7,10 @@
 # - pg_hba.conf rules, above the existing ones: role pj_scram logs in over TLS
 #   only, with a SCRAM-SHA-256 password; role pj_cert over TLS only, with its
 #   client certificate;
-# - both roles may create schemas in the database `test`.
+# - both roles may create schemas in the database `test`;
+# - PgBouncer (Debian's package) in transaction pooling mode on
+#   127.0.0.1:6432 in front of the database `test`, for the role pj_bouncer
+#   (its search path: the schema pj_bouncer).
 # Prints the TLS directory. Run as root (or as a user who can write the
 # server's configuration and the TLS directory).
 set -euo pipefail
@@ -17,7 +20,7 @@ PSQL=(psql -h 127.0.0.1 -U postgres -d test -v ON_ERROR_STOP=1 -qAt)
 MARK="# projectionist test roles (scripts/pg-test-setup.sh)"
 
 command -v openssl >/dev/null || {
-  apt-get update -qq && apt-get install -y -qq openssl >/dev/null
+  apt-get update -qq >&2 && apt-get install -y -qq openssl >/dev/null
 }
 
 mkdir -p "$TLS_DIR"
@@ -87,6 +90,59 @@ ALTER ROLE pj_scram PASSWORD 'pj-scram-secret';
 GRANT CREATE ON DATABASE test TO pj_scram, pj_cert;
 SELECT pg_reload_conf();
 SQL
+
+"${PSQL[@]}" >/dev/null <<'SQL'
+DO $$
+BEGIN
+  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'pj_bouncer') THEN
+    CREATE ROLE pj_bouncer LOGIN;
+  END IF;
+END $$;
+ALTER ROLE pj_bouncer SET search_path = pj_bouncer;
+CREATE SCHEMA IF NOT EXISTS pj_bouncer AUTHORIZATION pj_bouncer;
+SQL
+
+command -v pgbouncer >/dev/null || {
+  apt-get update -qq >&2 && apt-get install -y -qq pgbouncer >/dev/null
+}
+BOUNCER_DIR="${PROJECTIONIST_TEST_PGBOUNCER_DIR:-/var/lib/postgresql/projectionist-pgbouncer}"
+mkdir -p "$BOUNCER_DIR"
+cat > "$BOUNCER_DIR/pgbouncer.ini" <<INI
+[databases]
+test = host=127.0.0.1 port=5432 dbname=test
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = 6432
+unix_socket_dir =
+auth_type = trust
+auth_file = $BOUNCER_DIR/userlist.txt
+pool_mode = transaction
+max_client_conn = 200
+default_pool_size = 8
+logfile = $BOUNCER_DIR/pgbouncer.log
+pidfile = $BOUNCER_DIR/pgbouncer.pid
+INI
+echo '"pj_bouncer" ""' > "$BOUNCER_DIR/userlist.txt"
+# PgBouncer refuses to run as root.
+if id postgres >/dev/null 2>&1; then
+  chown -R postgres:postgres "$BOUNCER_DIR"
+  as_bouncer=(su postgres -s /bin/sh -c)
+else
+  as_bouncer=(sh -c)
+fi
+if [ -s "$BOUNCER_DIR/pgbouncer.pid" ] && kill -0 "$(cat "$BOUNCER_DIR/pgbouncer.pid")" 2>/dev/null; then
+  kill -HUP "$(cat "$BOUNCER_DIR/pgbouncer.pid")"
+else
+  "${as_bouncer[@]}" "pgbouncer -d $BOUNCER_DIR/pgbouncer.ini"
+fi
+for _ in $(seq 1 50); do
+  psql "host=127.0.0.1 port=6432 user=pj_bouncer dbname=test sslmode=disable" -qAtc 'SELECT 1' \
+    >/dev/null 2>&1 && break
+  sleep 0.2
+done
+psql "host=127.0.0.1 port=6432 user=pj_bouncer dbname=test sslmode=disable" -qAtc 'SELECT 1' >/dev/null \
+  || { echo "PgBouncer on 127.0.0.1:6432 does not answer" >&2; exit 1; }
 
 # The reload is asynchronous: wait until TLS with our certificate answers.
 for _ in $(seq 1 50); do

@@ -12,6 +12,7 @@ use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use postgres::Client;
+use postgres::types::Type;
 use projectionist::{Error, Result};
 
 use crate::connect::connect_client;
@@ -108,7 +109,7 @@ impl Leases {
         let ttl_ms = i64::try_from(self.ttl.as_millis()).unwrap_or(i64::MAX);
         let row = self
             .lock()
-            .query_opt(
+            .query_typed_opt(
                 "INSERT INTO projection_leases AS l (projection, owner, epoch, expires_at)
                  VALUES ($1, $2, 1, now() + $3::bigint * interval '1 millisecond')
                  ON CONFLICT (projection) DO UPDATE
@@ -116,7 +117,12 @@ impl Leases {
                   WHERE l.expires_at < now()
                     AND ($4::text IS NULL OR l.done_hash IS DISTINCT FROM $4::text)
                  RETURNING epoch",
-                &[&projection, &self.owner, &ttl_ms, &done],
+                &[
+                    (&projection, Type::TEXT),
+                    (&self.owner, Type::TEXT),
+                    (&ttl_ms, Type::INT8),
+                    (&done, Type::TEXT),
+                ],
             )
             .map_err(pg_error(format!("claim projection {projection}")))?;
         Ok(row.map(|r| Lease {
@@ -134,12 +140,19 @@ impl Leases {
         let ttl_ms = i64::try_from(self.ttl.as_millis()).unwrap_or(i64::MAX);
         let n = self
             .lock()
-            .execute(
+            .query_typed(
                 "UPDATE projection_leases SET expires_at = now() + $4::bigint * interval '1 millisecond'
-                 WHERE projection = $1 AND owner = $2 AND epoch = $3 AND expires_at > now()",
-                &[&lease.projection, &self.owner, &lease.epoch, &ttl_ms],
+                 WHERE projection = $1 AND owner = $2 AND epoch = $3 AND expires_at > now()
+                 RETURNING 1",
+                &[
+                    (&lease.projection, Type::TEXT),
+                    (&self.owner, Type::TEXT),
+                    (&lease.epoch, Type::INT8),
+                    (&ttl_ms, Type::INT8),
+                ],
             )
-            .map_err(pg_error(format!("renew lease on {}", lease.projection)))?;
+            .map_err(pg_error(format!("renew lease on {}", lease.projection)))?
+            .len();
         Ok(n == 1)
     }
 
@@ -151,12 +164,19 @@ impl Leases {
     pub fn complete(&self, lease: &Lease, hash: &str) -> Result<()> {
         let n = self
             .lock()
-            .execute(
+            .query_typed(
                 "UPDATE projection_leases SET done_hash = $4, expires_at = now()
-                 WHERE projection = $1 AND owner = $2 AND epoch = $3",
-                &[&lease.projection, &self.owner, &lease.epoch, &hash],
+                 WHERE projection = $1 AND owner = $2 AND epoch = $3
+                 RETURNING 1",
+                &[
+                    (&lease.projection, Type::TEXT),
+                    (&self.owner, Type::TEXT),
+                    (&lease.epoch, Type::INT8),
+                    (&hash, Type::TEXT),
+                ],
             )
-            .map_err(pg_error(format!("complete {}", lease.projection)))?;
+            .map_err(pg_error(format!("complete {}", lease.projection)))?
+            .len();
         if n == 1 {
             Ok(())
         } else {
@@ -173,10 +193,14 @@ impl Leases {
     /// Server errors.
     pub fn release(&self, lease: &Lease) -> Result<()> {
         self.lock()
-            .execute(
+            .query_typed(
                 "UPDATE projection_leases SET expires_at = now() - interval '1 millisecond'
                  WHERE projection = $1 AND owner = $2 AND epoch = $3",
-                &[&lease.projection, &self.owner, &lease.epoch],
+                &[
+                    (&lease.projection, Type::TEXT),
+                    (&self.owner, Type::TEXT),
+                    (&lease.epoch, Type::INT8),
+                ],
             )
             .map_err(pg_error(format!("release {}", lease.projection)))?;
         Ok(())
@@ -192,15 +216,15 @@ impl Leases {
         let ttl_ms = i64::try_from(self.ttl.as_millis()).unwrap_or(i64::MAX);
         let mut client = self.lock();
         client
-            .execute(
+            .query_typed(
                 "INSERT INTO projection_workers (owner, expires_at)
                  VALUES ($1, now() + $2::bigint * interval '1 millisecond')
                  ON CONFLICT (owner) DO UPDATE SET expires_at = excluded.expires_at",
-                &[&self.owner, &ttl_ms],
+                &[(&self.owner, Type::TEXT), (&ttl_ms, Type::INT8)],
             )
             .map_err(pg_error("heartbeat"))?;
         let live: i64 = client
-            .query_one(
+            .query_typed_one(
                 "SELECT count(*) FROM projection_workers WHERE expires_at > now()",
                 &[],
             )
@@ -215,9 +239,9 @@ impl Leases {
     /// Server errors.
     pub fn leave(&self) -> Result<()> {
         self.lock()
-            .execute(
+            .query_typed(
                 "DELETE FROM projection_workers WHERE owner = $1",
-                &[&self.owner],
+                &[(&self.owner, Type::TEXT)],
             )
             .map_err(pg_error("leave"))?;
         Ok(())
@@ -230,7 +254,7 @@ impl Leases {
     pub fn all_done(&self, wanted: &[(String, String)]) -> Result<bool> {
         let rows = self
             .lock()
-            .query(
+            .query_typed(
                 "SELECT projection, done_hash FROM projection_leases WHERE done_hash IS NOT NULL",
                 &[],
             )

@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use postgres::fallible_iterator::FallibleIterator;
 
+use postgres::types::Type;
 use postgres::{Client, IsolationLevel, Row};
 use projectionist::{
     Appended, Error, EventTableMapping, GlobalEvent, GlobalReader, HoleWait, NewEvent, Result,
@@ -173,10 +174,10 @@ impl PostgresEventStore {
         let mut client = connect_client(url)?;
         // JSON as bytea (UTF-8) is decoded; json, jsonb and text are cast.
         let data_type: Option<String> = client
-            .query_opt(
+            .query_typed_opt(
                 "SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a \
                  WHERE a.attrelid = to_regclass($1) AND a.attname = $2 AND NOT a.attisdropped",
-                &[&mapping.table, &mapping.data],
+                &[(&mapping.table, Type::TEXT), (&mapping.data, Type::TEXT)],
             )
             .map_err(pg_error(format!("read events table {table}")))?
             .map(|row| row.get(0));
@@ -195,14 +196,25 @@ impl PostgresEventStore {
             &mapping.sequence,
             false,
         );
-        // Prepare the queries now, so a wrong name fails here and not mid-rebuild.
+        // Run the queries now (reading nothing), so a wrong name fails here
+        // and not mid-rebuild. Not prepared: a named statement would not
+        // survive a transaction-pooling proxy.
         {
             let mut client = store.lock();
-            for sql in [&store.read_sql, &store.read_types_sql, &store.head_sql] {
-                client
-                    .prepare(sql)
-                    .map_err(pg_error(format!("read events table {table}")))?;
-            }
+            let (past, none, no_types) = (i64::MAX, 0i64, Vec::<String>::new());
+            client
+                .query_typed(&store.read_sql, &[(&past, Type::INT8), (&none, Type::INT8)])
+                .and_then(|_| {
+                    client.query_typed(
+                        &store.read_types_sql,
+                        &[
+                            (&past, Type::INT8),
+                            (&none, Type::INT8),
+                            (&no_types, Type::TEXT_ARRAY),
+                        ],
+                    )
+                })
+                .map_err(pg_error(format!("read events table {table}")))?;
         }
         // And find its sequence, so a sequence that hands out numbers out of
         // order is refused here.
@@ -244,7 +256,12 @@ impl PostgresEventStore {
         }
         let rows = self.with_client(
             || format!("look for late events in {}", self.url_for_errors),
-            |client| client.query(&self.late_sql, &[&firsts, &lasts]),
+            |client| {
+                client.query_typed(
+                    &self.late_sql,
+                    &[(&firsts, Type::INT8_ARRAY), (&lasts, Type::INT8_ARRAY)],
+                )
+            },
         )?;
         let late: Vec<LateEvent> = rows
             .iter()
@@ -375,14 +392,14 @@ impl PostgresEventStore {
         let mut tx = client.transaction().map_err(pg_error("begin append"))?;
         // Take the transaction id before the first sequence number: the gap-safe
         // reader relies on every holder of a number having an id.
-        tx.execute("SELECT pg_current_xact_id()", &[])
+        tx.batch_execute("SELECT pg_current_xact_id()")
             .map_err(pg_error("begin append"))?;
         let streams: Vec<&str> = appends.iter().map(|a| a.stream_id).collect();
         let mut versions: HashMap<String, u64> = HashMap::new();
         for row in tx
-            .query(
+            .query_typed(
                 "SELECT stream_id, MAX(stream_version) FROM events WHERE stream_id = ANY($1) GROUP BY stream_id",
-                &[&streams],
+                &[(&streams, Type::TEXT_ARRAY)],
             )
             .map_err(pg_error("read stream versions"))?
         {
@@ -417,14 +434,20 @@ impl PostgresEventStore {
             versions.insert(append.stream_id.to_owned(), version);
         }
         let rows = tx
-            .query(
+            .query_typed(
                 "INSERT INTO events (stream_id, stream_version, event_type, data, metadata)
                  SELECT s, v, t, d::jsonb, m::jsonb
                  FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[])
                       WITH ORDINALITY AS x(s, v, t, d, m, n)
                  ORDER BY n
                  RETURNING sequence",
-                &[&ids, &stream_versions, &types, &datas, &metas],
+                &[
+                    (&ids, Type::TEXT_ARRAY),
+                    (&stream_versions, Type::INT8_ARRAY),
+                    (&types, Type::TEXT_ARRAY),
+                    (&datas, Type::TEXT_ARRAY),
+                    (&metas, Type::TEXT_ARRAY),
+                ],
             )
             .map_err(|e| match e.code() {
                 Some(code) if *code == postgres::error::SqlState::UNIQUE_VIOLATION => {
@@ -442,7 +465,7 @@ impl PostgresEventStore {
             .collect();
         sequences.sort_unstable();
         // Delivered to listening followers when (and only if) this commits.
-        tx.execute("SELECT pg_notify($1, '')", &[&NOTIFY_CHANNEL])
+        tx.query_typed("SELECT pg_notify($1, '')", &[(&NOTIFY_CHANNEL, Type::TEXT)])
             .map_err(pg_error("notify followers"))?;
         tx.commit().map_err(|e| match e.code() {
             Some(code) if *code == postgres::error::SqlState::UNIQUE_VIOLATION => Error::Conflict {
@@ -575,8 +598,18 @@ impl PostgresEventStore {
                 .read_only(true)
                 .start()?;
             let rows = match types {
-                None => tx.query(&self.read_sql, &[&after_i64, &limit_i64]),
-                Some(types) => tx.query(&self.read_types_sql, &[&after_i64, &limit_i64, &types]),
+                None => tx.query_typed(
+                    &self.read_sql,
+                    &[(&after_i64, Type::INT8), (&limit_i64, Type::INT8)],
+                ),
+                Some(types) => tx.query_typed(
+                    &self.read_types_sql,
+                    &[
+                        (&after_i64, Type::INT8),
+                        (&limit_i64, Type::INT8),
+                        (&types, Type::TEXT_ARRAY),
+                    ],
+                ),
             }?;
             tx.commit()?;
             Ok((rows, ticket))
@@ -623,7 +656,9 @@ impl PostgresEventStore {
             )
         };
         let watched = self.watched()?;
-        let row = self.with_client(step, |client| client.query_one(&self.look_sql, &[&watched]))?;
+        let row = self.with_client(step, |client| {
+            client.query_typed_one(&self.look_sql, &[(&watched, Type::OID_ARRAY)])
+        })?;
         let mut holders: Vec<String> = row.get(1);
         holders.sort_unstable();
         holders.dedup();
@@ -644,12 +679,18 @@ impl PostgresEventStore {
         }
         let step = || format!("find the sequence of {}", self.table);
         let (row, cached) = self.with_client(step, |client| {
-            let row = client.query_opt(WATCHED_SQL, &[&self.table, &self.sequence_column])?;
+            let row = client.query_typed_opt(
+                WATCHED_SQL,
+                &[
+                    (&self.table, Type::TEXT),
+                    (&self.sequence_column, Type::TEXT),
+                ],
+            )?;
             let sequences: Vec<u32> = row.as_ref().map_or_else(Vec::new, |r| r.get(1));
-            let cached: Option<Row> = client.query_opt(
+            let cached: Option<Row> = client.query_typed_opt(
                 "SELECT seqrelid::regclass::text, seqcache FROM pg_sequence \
                  WHERE seqrelid = ANY($1::oid[]) AND seqcache > 1 LIMIT 1",
-                &[&sequences],
+                &[(&sequences, Type::OID_ARRAY)],
             )?;
             Ok((row, cached))
         })?;
@@ -964,7 +1005,7 @@ impl<E: DeserializeOwned> GlobalReader<E> for PostgresEventStore {
         let head: i64 = self
             .with_client(
                 || format!("read head of {}", self.url_for_errors),
-                |client| client.query_one(&self.head_sql, &[]),
+                |client| client.query_typed_one(&self.head_sql, &[]),
             )?
             .get(0);
         Ok(head.cast_unsigned())
