@@ -98,7 +98,8 @@ pub(crate) enum Command {
         max_lag: u64,
         /// `/health` turns unhealthy when reads have been held at a PostgreSQL
         /// hole (a missing sequence number a running transaction may still
-        /// fill) for longer than this, e.g. `30s`, `500ms`, `2m`.
+        /// fill), or the store has been reconnecting, for longer than this,
+        /// e.g. `30s`, `500ms`, `2m`.
         #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
         max_wait: std::time::Duration,
         /// PostgreSQL: how long a hole that reads have passed is looked at

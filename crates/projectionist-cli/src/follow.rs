@@ -825,6 +825,9 @@ impl Live {
 
     /// Every projection's store is reconnecting (or no longer).
     fn set_reconnecting(&self, reconnecting: bool) {
+        if let Some(metrics) = &self.metrics {
+            metrics.set_reconnecting(reconnecting);
+        }
         let mut states = self.states.lock().unwrap_or_else(PoisonError::into_inner);
         let mut names: Vec<String> = states.keys().cloned().collect();
         names.sort();

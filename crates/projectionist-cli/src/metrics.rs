@@ -46,6 +46,8 @@ pub(crate) struct Metrics {
     health: Mutex<BTreeMap<String, Health>>,
     max_lag: u64,
     max_wait: Duration,
+    /// The store's connection is lost and being made again, since then.
+    reconnecting: Mutex<Option<Instant>>,
 }
 
 /// What a projection reports, for the metrics.
@@ -154,6 +156,7 @@ impl Metrics {
             health: Mutex::new(BTreeMap::new()),
             max_lag,
             max_wait,
+            reconnecting: Mutex::new(None),
         }
     }
 
@@ -194,6 +197,19 @@ impl Metrics {
                 .waiting
                 .map_or(0.0, |(_, since)| since.elapsed().as_secs_f64()),
         );
+    }
+
+    /// The store's connection is lost (`true`) or back.
+    pub(crate) fn set_reconnecting(&self, reconnecting: bool) {
+        let mut since = self
+            .reconnecting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        *since = match (reconnecting, *since) {
+            (true, Some(at)) => Some(at),
+            (true, None) => Some(Instant::now()),
+            (false, _) => None,
+        };
     }
 
     /// A late event affected projection `name`.
@@ -247,6 +263,19 @@ impl Metrics {
                 }
             })
             .collect();
+        let mut problems = problems;
+        if let Some(since) = *self
+            .reconnecting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            && since.elapsed() > self.max_wait
+        {
+            problems.push(format!(
+                "event store: reconnecting for {:.1} s > {} s",
+                since.elapsed().as_secs_f64(),
+                self.max_wait.as_secs_f64()
+            ));
+        }
         (!problems.is_empty()).then(|| problems.join("\n"))
     }
 }
