@@ -642,10 +642,15 @@ fn register(dir: &ProjectionDir, names: &[String]) {
     }
 }
 
-/// Takes back what [`register`] said.
+/// Takes back what [`register`] said: only the files that name this
+/// process (a follower refused for a projection another one holds leaves
+/// that one's file alone).
 fn unregister(dir: &ProjectionDir, names: &[String]) {
+    let own = std::process::id().to_string();
     for name in names {
-        if let Ok(files) = VersionFiles::new(dir.path(), name) {
+        if let Ok(files) = VersionFiles::new(dir.path(), name)
+            && std::fs::read_to_string(&files.follower).is_ok_and(|pid| pid.trim() == own)
+        {
             let _ = std::fs::remove_file(&files.follower);
         }
     }

@@ -786,3 +786,58 @@ fn links_planted_at_the_follower_and_request_files_are_not_written_through() {
         .status();
     assert!(follower.into_inner().wait().unwrap().success());
 }
+
+/// Issue 23, finding 4: a second `follow` of the same directory is refused,
+/// and changes nothing of the first one's: its `.{name}.follower` files stay,
+/// so a `rebuild` from another process is still handed to the running
+/// follower instead of failing with "locked".
+#[test]
+fn a_refused_second_follower_leaves_the_first_ones_registration_alone() {
+    let env = Env::new();
+    env.demo_log(2_000);
+    let mut follower = env
+        .command(&["--json", "follow"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map(Reaped::new)
+        .unwrap();
+    let mut out = BufReader::new(follower.stdout.take().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut line = String::new();
+    while !line.contains("\"following\"") {
+        line.clear();
+        assert!(out.read_line(&mut line).unwrap() > 0 && Instant::now() < deadline);
+    }
+    std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+    let registration = env.path("projections/.order_summary.follower");
+    let first = std::fs::read_to_string(&registration).unwrap();
+    assert_eq!(first.trim(), follower.id().to_string());
+
+    let second = env.run(&["follow"]);
+    assert!(
+        !second.status.success(),
+        "the second follower was not refused"
+    );
+    assert!(
+        stderr(&second).contains("locked by another process"),
+        "{}",
+        stderr(&second)
+    );
+    assert_eq!(
+        std::fs::read_to_string(&registration).ok(),
+        Some(first),
+        "the refused follower removed the first one's registration"
+    );
+    ask_follower_to_rebuild(&env);
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &follower.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(follower.into_inner().wait().unwrap().success());
+    assert!(
+        !registration.exists(),
+        "the first follower unregisters on exit"
+    );
+}
