@@ -26,6 +26,10 @@ pub(crate) const EXIT_PROJECTION: u8 = 4;
 /// rebuild (as `diff` and `cmp` exit 1 on a difference).
 pub(crate) const EXIT_DIFFERENT: u8 = 1;
 
+/// Exit code: `wait` gave up: the projection had not reached the position in
+/// time.
+pub(crate) const EXIT_TIMEOUT: u8 = 5;
+
 /// Exit code: interrupted by Ctrl-C at a batch boundary.
 pub(crate) const EXIT_CANCELLED: u8 = 130;
 

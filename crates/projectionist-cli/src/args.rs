@@ -118,6 +118,19 @@ pub(crate) enum Command {
         /// Projections to resume.
         names: Vec<String>,
     },
+    /// Read-your-writes: wait until a projection has applied the log up to a
+    /// position (e.g. the sequence an append returned); exits 0 then, 5 on
+    /// timeout.
+    Wait {
+        /// The projection.
+        name: String,
+        /// The sequence to wait for.
+        #[arg(long)]
+        position: u64,
+        /// How long to wait at most, e.g. `500ms`, `10s`.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
     /// State, checkpoint, log head, lag, definition version and size per projection;
     /// exits 4 when a projection is failed, corrupt, ahead of the store or not a projection.
     Status {

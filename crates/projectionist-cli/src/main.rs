@@ -115,6 +115,11 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             },
         ),
         Command::Status { check } => run_status(cli, *check),
+        Command::Wait {
+            name,
+            position,
+            timeout,
+        } => run_wait(cli, name, *position, *timeout),
         Command::List => run_list(cli),
         Command::Remove { name } => {
             let dir = open_existing_dir(cli)?;
@@ -240,4 +245,35 @@ fn init_logs(cli: &Cli) {
         args::LogFormat::Json => logs.json().try_init(),
         args::LogFormat::Text => logs.try_init(),
     };
+}
+
+/// `wait`: polls the projection's own checkpoint (no lock taken, nothing
+/// created) until it reaches the position.
+fn run_wait(
+    cli: &Cli,
+    name: &str,
+    position: u64,
+    timeout: std::time::Duration,
+) -> Result<(), Failure> {
+    let dir = cli
+        .dir
+        .clone()
+        .unwrap_or_else(|| app::default_path(false, "projections"));
+    match projectionist::wait_for_checkpoint(&dir, name, position, timeout) {
+        Ok(checkpoint) => {
+            if cli.json {
+                ui::json_line(&serde_json::json!({
+                    "projection": name, "position": position, "checkpoint": checkpoint,
+                }));
+            }
+            Ok(())
+        }
+        Err(e @ projectionist::Error::WaitTimedOut { .. }) => {
+            Err(app::fail(app::EXIT_TIMEOUT)(e.into()))
+        }
+        Err(e @ projectionist::Error::InvalidName { .. }) => {
+            Err(app::fail(app::EXIT_CONFIG)(e.into()))
+        }
+        Err(e) => Err(app::fail(app::EXIT_PROJECTION)(e.into())),
+    }
 }

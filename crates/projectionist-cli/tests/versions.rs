@@ -841,3 +841,64 @@ fn a_refused_second_follower_leaves_the_first_ones_registration_alone() {
         "the first follower unregisters on exit"
     );
 }
+
+/// Issue 23, read-your-writes: `wait NAME --position N` in a process of its
+/// own exits 0 once the follower (another process) has applied an append
+/// made by a third party, and 5 naming the checkpoint when the timeout comes
+/// first; a missing projection times out, a bad name is a usage error.
+#[test]
+fn wait_returns_once_the_follower_applied_the_position_and_times_out_otherwise() {
+    let env = Env::new();
+    env.demo_log(1_000);
+    let _follower = env
+        .command(&["follow"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map(Reaped::new)
+        .unwrap();
+    let out = env.run(&[
+        "wait",
+        "order_summary",
+        "--position",
+        "1000",
+        "--timeout",
+        "60s",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = env.run(&[
+        "wait",
+        "order_summary",
+        "--position",
+        "1001",
+        "--timeout",
+        "300ms",
+    ]);
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    assert!(stderr(&out).contains("checkpoint 1000"), "{}", stderr(&out));
+
+    let waiting = env
+        .command(&[
+            "--json",
+            "wait",
+            "order_summary",
+            "--position",
+            "1001",
+            "--timeout",
+            "60s",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .map(Reaped::new)
+        .unwrap();
+    append_orders(&env.path("events.db"), 1);
+    let out = waiting.into_inner().wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(answer["checkpoint"].as_u64().unwrap() >= 1001, "{answer}");
+
+    let out = env.run(&["wait", "nosuch", "--position", "1", "--timeout", "100ms"]);
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    let out = env.run(&["wait", "../escape", "--position", "1", "--timeout", "100ms"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+}

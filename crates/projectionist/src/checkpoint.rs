@@ -160,3 +160,68 @@ pub(crate) fn validate_consumer_id(consumer_id: &str) -> Result<()> {
     }
     Ok(())
 }
+
+/// Read-your-writes: waits until projection `name` in directory `dir` has
+/// applied the log up to `position` (an event's sequence, e.g. the
+/// `last_sequence` an append returned), and returns its checkpoint. Reads the
+/// checkpoint in the projection's own file every
+/// [`WAIT_POLL_INTERVAL`](crate::limits::WAIT_POLL_INTERVAL), without taking
+/// its lock, so it works beside the process that keeps the projection current
+/// (a follower, another program). A file that does not exist yet counts as
+/// checkpoint 0 (it may be being built); nothing is created.
+///
+/// A reader that wants the answer and its query to agree reads
+/// `SELECT sequence FROM _checkpoint WHERE consumer_id = ?` in the same read
+/// transaction as the query instead.
+///
+/// # Errors
+/// [`Error::WaitTimedOut`] when `timeout` passes first; [`Error::InvalidName`]
+/// for a name that is not a projection name; [`Error::Sqlite`] for a file that
+/// is not a readable projection.
+pub fn wait_for_checkpoint(
+    dir: &std::path::Path,
+    name: &str,
+    position: u64,
+    timeout: std::time::Duration,
+) -> Result<u64> {
+    let name = crate::name::ProjectionName::new(name)?;
+    let path = dir.join(format!("{}.db", name.as_str()));
+    let started = std::time::Instant::now();
+    let mut conn: Option<Connection> = None;
+    loop {
+        if conn.is_none() && path.exists() {
+            // Not created when missing, never written.
+            let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE
+                | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
+            let opened = Connection::open_with_flags(&path, flags)
+                .map_err(Error::sqlite(format!("open {}", path.display())))?;
+            opened
+                .busy_timeout(std::time::Duration::from_millis(u64::from(
+                    crate::limits::BUSY_TIMEOUT_MS,
+                )))
+                .map_err(Error::sqlite("set busy timeout"))?;
+            conn = Some(opened);
+        }
+        let checkpoint = match &conn {
+            Some(conn) => match SqliteCheckpoint::load_in(conn, name.as_str()) {
+                Ok(checkpoint) => checkpoint,
+                // A file still being created has no table yet.
+                Err(Error::Sqlite { .. }) if started.elapsed() < timeout => 0,
+                Err(e) => return Err(e),
+            },
+            None => 0,
+        };
+        if checkpoint >= position {
+            return Ok(checkpoint);
+        }
+        if started.elapsed() >= timeout {
+            return Err(Error::WaitTimedOut {
+                name: name.as_str().to_owned(),
+                position,
+                checkpoint,
+                waited: started.elapsed(),
+            });
+        }
+        std::thread::sleep(crate::limits::WAIT_POLL_INTERVAL);
+    }
+}

@@ -220,6 +220,22 @@ pub enum Error {
         source: BoxError,
     },
 
+    /// [`wait_for_checkpoint`](crate::wait_for_checkpoint) gave up: the
+    /// projection had not reached the position in time.
+    #[error(
+        "projection {name}: checkpoint {checkpoint} had not reached {position} after {waited:?}"
+    )]
+    WaitTimedOut {
+        /// The projection.
+        name: String,
+        /// The position waited for.
+        position: u64,
+        /// The checkpoint at the end (0 when the file did not exist).
+        checkpoint: u64,
+        /// How long it waited.
+        waited: std::time::Duration,
+    },
+
     /// A checkpoint save that would move the checkpoint backwards.
     #[error("checkpoint of {consumer_id} would go back from {current} to {new}")]
     CheckpointBackwards {

@@ -85,7 +85,7 @@ mod rebuild;
 mod store;
 mod versions;
 
-pub use checkpoint::{Checkpoint, SqliteCheckpoint};
+pub use checkpoint::{Checkpoint, SqliteCheckpoint, wait_for_checkpoint};
 pub use digest::{DigestScope, TableDifference, compare_projections, projection_digest};
 pub use dir::{
     APPLICATION_ID, FileKind, ProjectionDb, ProjectionDir, ProjectionFiles, ScannedFile,

@@ -181,6 +181,11 @@ pub const FOLLOW_QUIET_POLL_DIVISOR: u32 = 100;
 /// (about 0.2% of a core, BENCHMARKS.md).
 pub const FOLLOW_QUIET_POLL_MAX: Duration = Duration::from_millis(50);
 
+/// How often [`wait_for_checkpoint`](crate::wait_for_checkpoint) reads a
+/// projection's checkpoint: a read-your-writes wait sees a commit within this
+/// long; each look is one small read transaction.
+pub const WAIT_POLL_INTERVAL: Duration = Duration::from_millis(2);
+
 /// Events one append call may write: an append is one transaction held in memory.
 pub const APPEND_EVENTS_MAX: usize = 100_000;
 
