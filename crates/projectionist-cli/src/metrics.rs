@@ -4,14 +4,16 @@
 //! scrapes), encoded by `prometheus-client`; `GET /health` answers 200 `ok`,
 //! or 503 naming each projection that failed, lags more than `--max-lag`
 //! events behind the head, or whose reads have been held at a PostgreSQL hole
-//! for longer than `--max-wait`. The server is `tiny_http` on a thread of its own.
+//! for longer than `--max-wait`. The server is hyper on a thread of its own,
+//! with bounded headers, timeouts, a connection limit and no request body
+//! ever read.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, anyhow};
+use anyhow::Context;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -280,30 +282,58 @@ impl Metrics {
     }
 }
 
-/// The HTTP server, listening until dropped.
+/// Request headers read at most (hyper's read buffer; its smallest allowed
+/// value): a `GET /metrics` needs a few hundred bytes, and a client that
+/// sends more is cut off instead of growing memory.
+const HTTP_HEADER_BYTES_MAX: usize = 8 * 1024;
+
+/// How long a client may take to send its request headers: a client that
+/// stalls (or never sends) holds a connection no longer than this.
+const HTTP_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long one connection may last, whatever it does: a scrape answers in
+/// milliseconds.
+const HTTP_CONNECTION_TIME_MAX: Duration = Duration::from_secs(10);
+
+/// Connections served at once; more are closed at once. A Prometheus server
+/// and a health checker need a few; each open connection holds a task and a
+/// small buffer.
+const HTTP_CONNECTIONS_MAX: usize = 64;
+
+/// How long stopping the server may wait for connections in progress: a
+/// follower's shutdown is never held longer by its clients.
+const HTTP_SHUTDOWN_MAX: Duration = Duration::from_secs(1);
+
+/// The HTTP server (hyper, on a thread and a one-thread tokio runtime of its
+/// own), listening until dropped. Request bodies are never read: every path
+/// is a `GET`, and a request that announces a body is answered 413 and its
+/// connection closed, so no client can make the process allocate or wait.
 pub(crate) struct Server {
-    server: std::sync::Arc<tiny_http::Server>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Server {
     /// Listens on `addr` and answers from `metrics` on a thread of its own.
     pub(crate) fn start(addr: &str, metrics: std::sync::Arc<Metrics>) -> anyhow::Result<Self> {
-        let server = tiny_http::Server::http(addr)
-            .map_err(|e| anyhow!("{e}"))
+        // Bound here, so a taken port is this command's error, at once.
+        let listener = std::net::TcpListener::bind(addr)
             .with_context(|| format!("listen for --metrics on {addr}"))?;
-        let server = std::sync::Arc::new(server);
-        let serving = std::sync::Arc::clone(&server);
+        listener
+            .set_nonblocking(true)
+            .context("listen for --metrics")?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .build()
+            .context("start the metrics server")?;
+        let (stop, stopped) = tokio::sync::oneshot::channel();
         let thread = std::thread::Builder::new()
             .name("pj-metrics".into())
-            .spawn(move || {
-                for request in serving.incoming_requests() {
-                    let _ = answer(request, &metrics);
-                }
-            })
+            .spawn(move || runtime.block_on(serve(listener, metrics, stopped)))
             .context("start the metrics thread")?;
         Ok(Server {
-            server,
+            stop: Some(stop),
             thread: Some(thread),
         })
     }
@@ -311,40 +341,93 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        self.server.unblock();
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
     }
 }
 
-fn answer(request: tiny_http::Request, metrics: &Metrics) -> std::io::Result<()> {
-    let header = |value: &str| {
-        tiny_http::Header::from_bytes(&b"Content-Type"[..], value.as_bytes())
-            .expect("a valid header")
+/// Accepts connections until `stopped`, each served by a task of its own
+/// within the limits above; then gives the ones in progress at most
+/// [`HTTP_SHUTDOWN_MAX`].
+async fn serve(
+    listener: std::net::TcpListener,
+    metrics: std::sync::Arc<Metrics>,
+    mut stopped: tokio::sync::oneshot::Receiver<()>,
+) {
+    let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+        return;
     };
-    let path = request.url().split('?').next().unwrap_or("").to_owned();
-    let (code, content_type, body) = match (request.method(), path.as_str()) {
-        (tiny_http::Method::Get, "/metrics") => (
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = &mut stopped => break,
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                while connections.try_join_next().is_some() {}
+                if connections.len() >= HTTP_CONNECTIONS_MAX {
+                    drop(stream);
+                    continue;
+                }
+                let metrics = std::sync::Arc::clone(&metrics);
+                connections.spawn(async move {
+                    let service = hyper::service::service_fn(move |request| {
+                        let response = answer(&request, &metrics);
+                        async move { Ok::<_, std::convert::Infallible>(response) }
+                    });
+                    let connection = hyper::server::conn::http1::Builder::new()
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .header_read_timeout(HTTP_HEADER_TIMEOUT)
+                        .max_buf_size(HTTP_HEADER_BYTES_MAX)
+                        .keep_alive(false)
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                    let _ = tokio::time::timeout(HTTP_CONNECTION_TIME_MAX, connection).await;
+                });
+            }
+        }
+    }
+    let _ = tokio::time::timeout(HTTP_SHUTDOWN_MAX, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    connections.abort_all();
+}
+
+type Body = http_body_util::Full<hyper::body::Bytes>;
+
+fn answer(
+    request: &hyper::Request<hyper::body::Incoming>,
+    metrics: &Metrics,
+) -> hyper::Response<Body> {
+    use hyper::body::Body as _;
+    let respond = |code: u16, content_type: &str, body: String| {
+        hyper::Response::builder()
+            .status(code)
+            .header("Content-Type", content_type)
+            .header("Connection", "close")
+            .body(Body::from(body))
+            .expect("a valid response")
+    };
+    let text = "text/plain; charset=utf-8";
+    // A body is never read: refused before anything else.
+    if request.body().size_hint().upper() != Some(0) {
+        return respond(413, text, "no request body is accepted\n".to_owned());
+    }
+    match (request.method(), request.uri().path()) {
+        (&hyper::Method::GET, "/metrics") => respond(
             200,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             metrics.text(),
         ),
-        (tiny_http::Method::Get, "/health") => match metrics.unhealthy() {
-            None => (200, "text/plain; charset=utf-8", "ok\n".to_owned()),
-            Some(problems) => (503, "text/plain; charset=utf-8", format!("{problems}\n")),
+        (&hyper::Method::GET, "/health") => match metrics.unhealthy() {
+            None => respond(200, text, "ok\n".to_owned()),
+            Some(problems) => respond(503, text, format!("{problems}\n")),
         },
-        _ => (
-            404,
-            "text/plain; charset=utf-8",
-            "not found: GET /metrics or /health\n".to_owned(),
-        ),
-    };
-    request.respond(
-        tiny_http::Response::from_string(body)
-            .with_status_code(code)
-            .with_header(header(content_type)),
-    )
+        _ => respond(404, text, "not found: GET /metrics or /health\n".to_owned()),
+    }
 }
 
 fn unix_now() -> f64 {

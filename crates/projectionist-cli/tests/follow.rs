@@ -828,3 +828,67 @@ fn a_postgres_follower_reconnects_after_its_connection_is_killed() {
         "the follower equals a rebuild"
     );
 }
+
+/// Sends `request` on a new connection and reads the answer's first line
+/// (within a deadline); `None` when the server closed without answering.
+fn raw_request(addr: &str, request: &[u8]) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(WAIT_MAX)).unwrap();
+    stream.write_all(request).unwrap();
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    answer.lines().next().map(str::to_owned)
+}
+
+/// Issue 23, finding 7: the metrics endpoint survives hostile clients. A
+/// request announcing a 1 TB body is refused (413) and the follower lives on
+/// (it aborted on an allocation before); a client that stalls in its headers
+/// or its body holds nobody else up; SIGTERM with such clients connected
+/// exits 0 (it hung for minutes before).
+#[test]
+fn the_metrics_endpoint_survives_hostile_clients_and_never_delays_shutdown() {
+    use std::io::Write;
+    let env = Env::new();
+    env.demo_log(500);
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut follower = env
+        .command(&["--quiet", "follow", "--metrics", &addr])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map(Reaped::new)
+        .unwrap();
+    wait_following(&env, &DEMO);
+    assert_eq!(http_get(&addr, "/health").0, 200);
+
+    let huge = raw_request(
+        &addr,
+        b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000000\r\n\r\nabc",
+    );
+    assert!(
+        huge.as_deref().is_some_and(|line| line.contains("413")),
+        "{huge:?}"
+    );
+    assert!(follower.try_wait().unwrap().is_none(), "the follower died");
+
+    // Stalled clients, left open: one in its headers, one in its body.
+    let mut stalled_headers = std::net::TcpStream::connect(&addr).unwrap();
+    stalled_headers
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    let mut stalled_body = std::net::TcpStream::connect(&addr).unwrap();
+    stalled_body
+        .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nab")
+        .unwrap();
+    let (code, body) = http_get(&addr, "/metrics");
+    assert_eq!(code, 200);
+    assert!(body.contains("projectionist_checkpoint"), "{body}");
+
+    signal(&follower, "-TERM");
+    let exit = wait_exit(&mut follower);
+    let out = follower.into_inner().wait_with_output().unwrap();
+    assert_eq!(exit.code(), Some(0), "{}", stderr(&out));
+    drop((stalled_headers, stalled_body));
+}
