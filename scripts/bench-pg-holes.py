@@ -113,6 +113,9 @@ def hole_wait(binary, url, work):
             waits.append(time.monotonic() - started)
     finally:
         long_tx.kill()
+        # The server goes on with the killed client's pg_sleep: end it.
+        psql(url, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                  "WHERE query LIKE '%pg_sleep(1000)%' AND pid <> pg_backend_pid()")
         follower.terminate()
         follower.wait()
     psql(url, f"DROP SCHEMA IF EXISTS {schema} CASCADE")

@@ -70,6 +70,7 @@ pub(crate) fn run_status(cli: &Cli, check: bool) -> Result<(), Failure> {
         if let (Some(store), Some(projection)) = (&store, config.get(name)) {
             discount_other_types(&mut row, store, projection)
                 .map_err(|e| fail(EXIT_STORE)(e.into()))?;
+            held_at_hole(&mut row, store).map_err(fail(EXIT_STORE))?;
         }
         rows.push(row);
     }
@@ -122,6 +123,20 @@ fn discount_other_types(
     Ok(())
 }
 
+/// A projection that lags because the log's next number after its checkpoint
+/// is a hole that a running transaction may still fill (PostgreSQL) is
+/// `waiting`, with the hole: nothing it could apply is there yet.
+fn held_at_hole(row: &mut ui::StatusRow, store: &Store) -> anyhow::Result<()> {
+    if row.lag.is_none_or(|lag| lag == 0) || !matches!(row.state, "behind" | "following") {
+        return Ok(());
+    }
+    if let Some(hole) = store.hole_after(row.checkpoint)? {
+        row.state = "waiting";
+        row.waiting_at = Some(hole);
+    }
+    Ok(())
+}
+
 /// States that make `status` exit with 4.
 pub(crate) const STATES_FAILING_STATUS: [&str; 4] =
     ["failed", "corrupt", "ahead", "not a projection"];
@@ -149,6 +164,7 @@ pub(crate) fn status_row(
         last_run: None,
         versions: ui::VersionsRow::default(),
         pending_indexes: Vec::new(),
+        waiting_at: None,
     };
     let path = files.db.as_path();
     let troubled = |mut row: ui::StatusRow, state, reason: String| {

@@ -86,6 +86,15 @@ impl Store {
         }
     }
 
+    /// The missing sequence number a projection at checkpoint `after` waits
+    /// at (PostgreSQL only; see `PostgresEventStore::hole_after`).
+    pub fn hole_after(&self, after: u64) -> anyhow::Result<Option<u64>> {
+        match self {
+            Store::Sqlite(_) => Ok(None),
+            Store::Postgres(s) => Ok(s.hole_after(after)?),
+        }
+    }
+
     /// How many times a lost PostgreSQL connection was made again.
     pub fn reconnects(&self) -> u64 {
         match self {

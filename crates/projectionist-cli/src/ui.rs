@@ -209,6 +209,8 @@ pub struct StatusRow {
     /// Its config's deferred indexes that the file lacks (built when a run
     /// reaches the head).
     pub pending_indexes: Vec<String>,
+    /// `waiting`: the missing sequence number (PostgreSQL) its reads wait at.
+    pub waiting_at: Option<u64>,
 }
 
 /// A projection's other versions, in `status`.
@@ -254,6 +256,9 @@ pub fn status_table(json: bool, rows: &[StatusRow], head: Option<u64>) {
                 "shadow_checkpoint": r.versions.shadow_checkpoint,
                 "shadow_error": r.versions.shadow_error,
                 "pending_indexes": r.pending_indexes,
+                "waiting": r.waiting_at.map(|sequence| serde_json::json!({
+                    "reason": "hole", "sequence": sequence,
+                })),
             }));
         }
         return;
@@ -284,6 +289,11 @@ pub fn status_table(json: bool, rows: &[StatusRow], head: Option<u64>) {
                 .map(|l| format!(" (at {})", l.updated_at))
                 .unwrap_or_default();
             out_line(&format!("  {}{when}: {}", r.state, escape_controls(error)));
+        }
+        if let Some(hole) = r.waiting_at {
+            out_line(&format!(
+                "  waiting at hole {hole}: a transaction that may still commit it is running"
+            ));
         }
         if !r.pending_indexes.is_empty() {
             out_line(&format!(

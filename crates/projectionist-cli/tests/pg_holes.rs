@@ -441,6 +441,17 @@ fn a_follower_held_at_a_hole_reports_waiting_lag_and_health() {
         std::thread::sleep(Duration::from_millis(50));
     }
 
+    // `status` in another process sees the same.
+    let out = command(&["--json", "status"]).output().unwrap();
+    let rows = json_lines(&out);
+    let row = rows
+        .iter()
+        .find(|r| r["projection"] == "order_summary")
+        .unwrap_or_else(|| panic!("{rows:?}"));
+    assert_eq!(row["state"], "waiting", "{row}");
+    assert_eq!(row["waiting"]["sequence"], drawn, "{row}");
+    assert!(row["lag"].as_u64().unwrap() >= 5, "{row}");
+
     let data = r#"{"order_id": "held", "customer_id": "c-1"}"#;
     held.execute(
         "INSERT INTO events (sequence, stream_id, stream_version, event_type, data) \

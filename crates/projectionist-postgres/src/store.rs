@@ -718,6 +718,24 @@ impl PostgresEventStore {
         Ok(self.watched.get_or_init(|| watched).clone())
     }
 
+    /// For another process that wants to know whether a projection at
+    /// checkpoint `after` is held at a hole (`status`): the next number, when
+    /// it is missing and a running transaction may still commit it; `None`
+    /// when the next number is there, passable, or nothing follows. One read
+    /// of one row, and at a hole one look and one more read; never waits.
+    ///
+    /// # Errors
+    /// [`Error::External`] on a server error.
+    pub fn hole_after(&self, after: u64) -> Result<Option<u64>> {
+        let (rows, ticket) = self.read_rows(after, 1, None)?;
+        if self.contiguous(after, rows, ticket).1.is_none() {
+            return Ok(None);
+        }
+        self.look()?;
+        let (rows, ticket) = self.read_rows(after, 1, None)?;
+        Ok(self.contiguous(after, rows, ticket).1)
+    }
+
     /// Where reads are held: the first missing sequence number that a running
     /// transaction may still fill, where the last read stopped, and since
     /// when; `None` when the last read passed every hole it met.
