@@ -17,7 +17,7 @@ use postgres::{Client, NoTls};
 
 use common::pg::{Schema, insert};
 use common::{
-    DEMO_CONFIG, Env, Reaped, SetOnDrop, free_port, http_get, json_lines, metric, stderr,
+    DEMO_CONFIG, Env, Reaped, SetOnDrop, free_port, http_get, json_lines, metric, sigterm, stderr,
 };
 
 fn checkpoints(env: &Env) -> Vec<u64> {
@@ -380,12 +380,8 @@ fn a_follower_held_at_a_hole_reports_waiting_lag_and_health() {
     let schema = Schema::new("held_follower");
     let url = schema.url();
     let env = Env::new();
-    env.write_config(DEMO_CONFIG);
+    env.pg_demo_log(&url, 300);
     let command = |args: &[&str]| env.command_with(&url, "projections", args);
-    let out = command(&["--quiet", "demo", "--events", "300"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
     let addr = format!("127.0.0.1:{}", free_port());
     let follower = command(&["--json", "follow", "--metrics", &addr, "--max-wait", "1s"])
         .stdout(Stdio::piped())
@@ -466,11 +462,7 @@ fn a_follower_held_at_a_hole_reports_waiting_lag_and_health() {
     });
     let (code, body) = http_get(&addr, "/health");
     assert_eq!((code, body.as_str()), (200, "ok\n"));
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &follower.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    sigterm(&follower);
     let out = follower.into_inner().wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(0));
     let lines = json_lines(&out);
@@ -496,12 +488,8 @@ fn a_rebuild_over_permanent_holes_reaches_the_head() {
     let schema = Schema::new("permanent_holes");
     let url = schema.url();
     let env = Env::new();
-    env.write_config(DEMO_CONFIG);
+    env.pg_demo_log(&url, 1000);
     let command = |args: &[&str]| env.command_with(&url, "projections", args);
-    let out = command(&["--quiet", "demo", "--events", "1000"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
     let mut client = Client::connect(&url, NoTls).unwrap();
     client
         .batch_execute(
@@ -594,11 +582,7 @@ fn a_late_event_is_reported_and_its_projection_rebuilt() {
     wait_metrics(&addr, "the late event counted", &|text| {
         metric(text, "projectionist_late_events_total", "seen") == Some(1.0)
     });
-    let status = Command::new("kill")
-        .args(["-TERM", &follower.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    sigterm(&follower);
     let out = follower.into_inner().wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(0));
     let lines = json_lines(&out);

@@ -7,22 +7,11 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{DEMO_CONFIG, Env, Reaped, stderr};
+use common::{DEMO_CONFIG, DEMO_PROJECTIONS, Env, Reaped, sigterm, stderr};
 use postgres::{Client, NoTls};
-
-const DEMO: [&str; 2] = ["order_summary", "customer_stats"];
-
-fn checkpoint(env: &Env, dir: &str, name: &str) -> u64 {
-    let path = env.path(&format!("{dir}/{name}.db"));
-    if !path.exists() {
-        return 0;
-    }
-    let conn = projectionist::rusqlite::Connection::open(path).unwrap();
-    projectionist::SqliteCheckpoint::load_in(&conn, name).unwrap_or(0)
-}
 
 #[test]
 #[cfg_attr(
@@ -49,8 +38,8 @@ fn demo_rebuild_follow_and_worker_work_through_a_transaction_pooler() {
     };
     run("projections", &["--quiet", "demo", "--events", "2000"]);
     run("rebuilt", &["--quiet", "rebuild"]);
-    for name in DEMO {
-        assert_eq!(checkpoint(&env, "rebuilt", name), 2000);
+    for name in DEMO_PROJECTIONS {
+        assert_eq!(env.checkpoint_in("rebuilt", name), 2000);
     }
     let follower = Reaped::new(
         command("projections", &["--quiet", "follow"])
@@ -71,22 +60,18 @@ fn demo_rebuild_follow_and_worker_work_through_a_transaction_pooler() {
         tx.commit().unwrap();
     }
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !DEMO
+    while !DEMO_PROJECTIONS
         .iter()
-        .all(|name| checkpoint(&env, "projections", name) == 2050)
+        .all(|name| env.checkpoint_in("projections", name) == 2050)
     {
         assert!(Instant::now() < deadline, "the follower never reached 2050");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let status = Command::new("kill")
-        .args(["-TERM", &follower.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    sigterm(&follower);
     let out = follower.into_inner().wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     run("worker", &["--quiet", "worker", "--exit-when-done"]);
-    for name in DEMO {
-        assert_eq!(checkpoint(&env, "worker", name), 2050, "{name}");
+    for name in DEMO_PROJECTIONS {
+        assert_eq!(env.checkpoint_in("worker", name), 2050, "{name}");
     }
 }

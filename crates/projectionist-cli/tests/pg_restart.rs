@@ -13,22 +13,12 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::pg::Schema;
-use common::{DEMO_CONFIG, Env, Reaped, json_lines, stderr};
+use common::{DEMO_PROJECTIONS, Env, Reaped, json_lines, sigterm, stderr};
 use postgres::{Client, NoTls};
 
-const DEMO: [&str; 2] = ["order_summary", "customer_stats"];
-
-fn checkpoint(env: &Env, dir: &str, name: &str) -> u64 {
-    let path = env.path(&format!("{dir}/{name}.db"));
-    if !path.exists() {
-        return 0;
-    }
-    let conn = projectionist::rusqlite::Connection::open(path).unwrap();
-    projectionist::SqliteCheckpoint::load_in(&conn, name).unwrap_or(0)
-}
-
 fn digests(env: &Env, dir: &str) -> Vec<String> {
-    DEMO.iter()
+    DEMO_PROJECTIONS
+        .iter()
         .map(|name| {
             let conn =
                 projectionist::rusqlite::Connection::open(env.path(&format!("{dir}/{name}.db")))
@@ -71,12 +61,8 @@ fn a_server_restart_during_follow_and_rebuild_loses_nothing() {
     let schema = Schema::new("restart");
     let url = schema.url();
     let env = Env::new();
-    env.write_config(DEMO_CONFIG);
+    env.pg_demo_log(&url, 300);
     let command = |dir: &str, args: &[&str]| env.command_with(&url, dir, args);
-    let out = command("projections", &["--quiet", "demo", "--events", "300"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
     // A log long enough that the rebuild is still reading when the server goes.
     let mut client = Client::connect(&url, NoTls).unwrap();
     client
@@ -110,9 +96,11 @@ fn a_server_restart_during_follow_and_rebuild_loses_nothing() {
         "the worker and the follower at the head",
         Duration::from_secs(120),
         &|| {
-            ["projections", "worker"]
-                .iter()
-                .all(|dir| DEMO.iter().all(|name| checkpoint(&env, dir, name) == head))
+            ["projections", "worker"].iter().all(|dir| {
+                DEMO_PROJECTIONS
+                    .iter()
+                    .all(|name| env.checkpoint_in(dir, name) == head)
+            })
         },
     );
     let mut rebuild = Reaped::new(
@@ -122,7 +110,7 @@ fn a_server_restart_during_follow_and_rebuild_loses_nothing() {
             .unwrap(),
     );
     wait_until("the rebuild under way", Duration::from_secs(60), &|| {
-        checkpoint(&env, "rebuilt", "order_summary") > 0
+        env.checkpoint_in("rebuilt", "order_summary") > 0
     });
     drop(client);
     let restarted = Command::new("sh").args(["-c", &restart]).status().unwrap();
@@ -139,8 +127,8 @@ fn a_server_restart_during_follow_and_rebuild_loses_nothing() {
     }
     let rebuilt = rebuild.into_inner().wait_with_output().unwrap();
     assert!(rebuilt.status.success(), "{}", stderr(&rebuilt));
-    for name in DEMO {
-        assert!(checkpoint(&env, "rebuilt", name) >= head, "{name}");
+    for name in DEMO_PROJECTIONS {
+        assert!(env.checkpoint_in("rebuilt", name) >= head, "{name}");
     }
     let new_head = head + 20;
     wait_until(
@@ -148,29 +136,22 @@ fn a_server_restart_during_follow_and_rebuild_loses_nothing() {
         Duration::from_secs(60),
         &|| {
             ["projections", "worker"].iter().all(|dir| {
-                DEMO.iter()
-                    .all(|name| checkpoint(&env, dir, name) == new_head)
+                DEMO_PROJECTIONS
+                    .iter()
+                    .all(|name| env.checkpoint_in(dir, name) == new_head)
             })
         },
     );
     let out = command("rebuilt", &["--quiet", "resume"]).output().unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
-    let status = Command::new("kill")
-        .args(["-TERM", &follower.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    sigterm(&follower);
     let out = follower.into_inner().wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(0));
     let lines = json_lines(&out);
     let position = |event: &str| lines.iter().position(|l| l["event"] == event);
     let (down, up) = (position("reconnecting"), position("reconnected"));
     assert!(down.is_some() && up.is_some() && down < up, "{lines:?}");
-    let status = Command::new("kill")
-        .args(["-TERM", &worker.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    sigterm(&worker);
     let out = worker.into_inner().wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let reference = command("reference", &["--quiet", "rebuild"])

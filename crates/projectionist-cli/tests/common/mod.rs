@@ -72,6 +72,30 @@ impl Env {
         );
         self.write_config(DEMO_CONFIG);
     }
+    /// The demo config, and a demo log of `n` events in the PostgreSQL store
+    /// `url` with its projections built in `projections`.
+    pub fn pg_demo_log(&self, url: &str, n: u64) {
+        self.write_config(DEMO_CONFIG);
+        let out = self
+            .command_with(
+                url,
+                "projections",
+                &["--quiet", "demo", "--events", &n.to_string()],
+            )
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    /// The checkpoint in projection `name`'s file in directory `dir`, read
+    /// through a connection of its own (0 when there is no file yet).
+    pub fn checkpoint_in(&self, dir: &str, name: &str) -> u64 {
+        let path = self.path(&format!("{dir}/{name}.db"));
+        if !path.exists() {
+            return 0;
+        }
+        let conn = Connection::open(path).unwrap();
+        projectionist::SqliteCheckpoint::load_in(&conn, name).unwrap_or(0)
+    }
     /// Whether projection `projection`'s file has an index named `index`,
     /// read through a connection of its own.
     pub fn has_index(&self, projection: &str, index: &str) -> bool {
@@ -198,4 +222,16 @@ pub fn metric(text: &str, name: &str, projection: &str) -> Option<f64> {
     text.lines()
         .find_map(|line| line.strip_prefix(&prefix))
         .and_then(|value| value.trim().parse().ok())
+}
+
+/// The demo config's projections.
+pub const DEMO_PROJECTIONS: [&str; 2] = ["order_summary", "customer_stats"];
+
+/// Sends SIGTERM to `child`.
+pub fn sigterm(child: &std::process::Child) {
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
 }
