@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use projectionist::{
-    CancelToken, Progress, ProjectionDir, PublishOptions, RebuildOptions, RebuildResult, Start,
-    VersionFiles,
+    CancelToken, Progress, ProjectionDb, ProjectionDir, PublishOptions, RebuildOptions,
+    RebuildResult, Start, VersionFiles,
 };
 use projectionist_sqlview::{ProjectionsConfig, SqlHandler, SqlProjection};
 
@@ -65,14 +65,11 @@ pub(crate) fn run_follow(
     // signal sets too, and which a shadow that has caught up sets to be
     // published between rounds.
     let stop = CancelToken::new();
-    let round_stop = Arc::new(Mutex::new(CancelToken::new()));
+    let round_stop = Arc::new(RoundTokens::default());
     let (token, round_token) = (stop.clone(), Arc::clone(&round_stop));
     let _ = ctrlc::set_handler(move || {
         token.cancel();
-        round_token
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .cancel();
+        round_token.cancel_all();
     });
     let config_path = cli
         .config
@@ -137,7 +134,7 @@ struct Context<'a> {
     dir: &'a ProjectionDir,
     metrics: Option<Arc<Metrics>>,
     stop: &'a CancelToken,
-    round_stop: &'a Arc<Mutex<CancelToken>>,
+    round_stop: &'a Arc<RoundTokens>,
     config_path: &'a Path,
     late_window: Duration,
     on_late_event: OnLateEvent,
@@ -178,6 +175,8 @@ fn follow_epoch(
         round_stop,
         ..
     } = *context;
+    // The last epoch's rounds were ended for a change: this one's run.
+    round_stop.reset();
     let selected = select(config, names)?;
     let store = open_store(cli, false, config)?.with_late_event_window(context.late_window);
     let head = store
@@ -207,9 +206,9 @@ fn follow_epoch(
     let Opened {
         selected,
         dbs,
-        mut writes,
+        writes,
         shadowed,
-        mut starts,
+        starts,
         errors,
     } = opened;
     take_rebuild_requests(dir, &selected);
@@ -236,10 +235,28 @@ fn follow_epoch(
             "following starts"
         );
     }
+    // Groups run independently, each its own engine run and its own read of
+    // the log: the projections that follow in their live files, and each
+    // projection rebuilt in its shadow, alone. A shadow that catches up up
+    // ends its own group's round only (to be published and followed on in
+    // the live file); the others never wait for it.
+    let groups = follow_groups(&shadowed);
+    let mut group_of = vec![0; selected.len()];
+    for (g, members) in groups.iter().enumerate() {
+        for &i in members {
+            group_of[i] = g;
+        }
+    }
+    let group_rounds: Vec<Mutex<CancelToken>> = groups
+        .iter()
+        .map(|_| Mutex::new(CancelToken::new()))
+        .collect();
     let progress = |p: &Progress| {
         live.progress(p);
-        if shadows.caught_up_now(p) {
-            round_stop
+        if shadows.caught_up_now(p)
+            && let Some(i) = shadows.index_of(&p.projection_name)
+        {
+            group_rounds[group_of[i]]
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .cancel();
@@ -253,24 +270,31 @@ fn follow_epoch(
         step_hook: None,
         commit_guard: None,
     };
-    let mut handlers: Vec<SqlHandler<'_>> = selected.iter().map(|p| SqlHandler::new(p)).collect();
     let started = Instant::now();
     let (finished, until) = std::sync::mpsc::channel::<()>();
     // The store of the current round: a reconnect replaces it, and the
     // late-event watch uses whichever is current.
     let current = Mutex::new(Arc::new(store));
-    let mut results: Vec<Option<projectionist::Result<RebuildResult>>> =
-        selected.iter().map(|_| None).collect();
-    let mut backoff = RECONNECT_BACKOFF_MIN;
+    let results: Mutex<Vec<Option<projectionist::Result<RebuildResult>>>> =
+        Mutex::new(selected.iter().map(|_| None).collect());
     let reload: Mutex<Option<Change>> = Mutex::new(None);
-    let reload_requested = || {
-        reload
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .is_some()
-    };
     let (watch_finished, watch_until) = std::sync::mpsc::channel::<()>();
     let (late_finished, late_until) = std::sync::mpsc::channel::<()>();
+    let runs = GroupRuns {
+        cli,
+        config,
+        dir,
+        stop,
+        round_stop,
+        late_window: context.late_window,
+        selected: &selected,
+        dbs: &dbs,
+        shadows: &shadows,
+        current: &current,
+        results: &results,
+        reload: &reload,
+        options: &options,
+    };
     std::thread::scope(|scope| {
         let live = &live;
         scope.spawn(move || live.tick_until(&until));
@@ -294,92 +318,23 @@ fn follow_epoch(
             };
             watch.run(config_bytes, reload, round_stop, &watch_until);
         });
-        // Rounds: a store that cannot be read (a server restart, a dropped
-        // connection) ends a round; the projections resume in the next one,
-        // with the store opened again, after a backoff.
-        loop {
-            let running: Vec<usize> = (0..results.len())
-                .filter(|&i| results[i].is_none())
-                .collect();
-            if running.is_empty() || reload_requested() {
-                break;
-            }
-            let this_round = CancelToken::new();
-            *round_stop.lock().unwrap_or_else(PoisonError::into_inner) = this_round.clone();
-            if stop.is_cancelled() {
-                this_round.cancel();
-            }
-            let round_targets: Vec<_> = targets(&mut handlers, &writes, &selected, &starts)
-                .into_iter()
-                .enumerate()
-                .filter(|(i, _)| results[*i].is_none())
-                .map(|(_, target)| target)
-                .collect();
-            let store = Arc::clone(&current.lock().unwrap_or_else(PoisonError::into_inner));
-            let round = projectionist::follow(store.reader(), round_targets, &options, &this_round);
-            let mut unreachable = None;
-            // A round ended to publish a shadow: everyone goes on in the next.
-            let to_publish = this_round.is_cancelled() && !stop.is_cancelled();
-            for (&i, result) in running.iter().zip(round) {
-                match result {
-                    Err(e) if is_store_failure(&e) && !stop.is_cancelled() => {
-                        starts[i] = Start::Resume;
-                        unreachable = Some(e);
-                    }
-                    Ok(_) if to_publish => starts[i] = Start::Resume,
-                    result => results[i] = Some(result),
-                }
-            }
-            for i in 0..selected.len() {
-                if results[i].is_some() || !shadows.caught_up(i) {
-                    continue;
-                }
-                let name = selected[i].name.as_str();
-                match dir.publish(name, name, &PublishOptions::default()) {
-                    Ok(published) => {
-                        tracing::info!(
-                            projection = name,
-                            checkpoint = published.checkpoint,
-                            lock_held_ms = published.lock_held.as_secs_f64() * 1e3,
-                            "published its rebuild; following it in the live file"
-                        );
-                        published_line(cli, &published);
-                        writes[i] = Arc::clone(&dbs[i]);
-                    }
-                    Err(e) => {
-                        tracing::error!(projection = name, error = %ui::escape_controls(&e.to_string()), "cannot publish its rebuild; the live file is unchanged");
-                        results[i] = Some(Err(e));
-                    }
-                }
-                shadows.published(i);
-            }
-            let Some(error) = unreachable else {
-                continue;
-            };
-            if reload_requested() {
-                break;
-            }
-            let text = ui::escape_controls(&error.to_string());
-            tracing::warn!(error = %text, retry_in_ms = backoff.as_millis(), "the event store cannot be read; reconnecting");
-            if cli.json {
-                ui::json_line(&serde_json::json!({
-                    "event": "reconnecting", "error": text, "retry_in_ms": backoff.as_millis(),
-                }));
-            }
-            let until = Instant::now() + backoff;
-            while Instant::now() < until && !stop.is_cancelled() {
-                std::thread::sleep(RECONNECT_BACKOFF_MIN.min(until - Instant::now()));
-            }
-            backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
-            if let Ok(reopened) = open_store(cli, false, config) {
-                *current.lock().unwrap_or_else(PoisonError::into_inner) =
-                    Arc::new(reopened.with_late_event_window(context.late_window));
-            }
+        let group_threads: Vec<_> = groups
+            .iter()
+            .enumerate()
+            .map(|(g, members)| {
+                let (runs, writes, starts) = (&runs, &writes, &starts);
+                let round = &group_rounds[g];
+                scope.spawn(move || runs.run(members, round, writes, starts))
+            })
+            .collect();
+        for thread in group_threads {
+            let _ = thread.join();
         }
         drop(finished);
         drop(watch_finished);
         drop(late_finished);
     });
+    let results = results.into_inner().unwrap_or_else(PoisonError::into_inner);
     if let Some(change) = reload.into_inner().unwrap_or_else(PoisonError::into_inner) {
         live.finish();
         for (projection, result) in selected.iter().zip(&results) {
@@ -409,6 +364,221 @@ fn follow_epoch(
     )
     .map(|_| ());
     Ok(Epoch::Stopped(outcome))
+}
+
+/// The groups of an epoch's projections that run independently (places in
+/// the selection): those that follow in their live files, then each one
+/// rebuilt in its shadow, alone.
+fn follow_groups(shadowed: &[bool]) -> Vec<Vec<usize>> {
+    let live: Vec<usize> = (0..shadowed.len()).filter(|&i| !shadowed[i]).collect();
+    let mut groups = Vec::with_capacity(shadowed.len());
+    if !live.is_empty() {
+        groups.push(live);
+    }
+    groups.extend(
+        (0..shadowed.len())
+            .filter(|&i| shadowed[i])
+            .map(|i| vec![i]),
+    );
+    groups
+}
+
+/// The stop tokens of every group's current round: a signal or a config
+/// change ends them all (and any round started afterwards in this epoch).
+#[derive(Default)]
+pub(crate) struct RoundTokens {
+    tokens: Mutex<Vec<CancelToken>>,
+    cancelled: std::sync::atomic::AtomicBool,
+}
+
+impl RoundTokens {
+    /// Ends every round, now and until [`RoundTokens::reset`].
+    pub(crate) fn cancel_all(&self) {
+        self.cancelled
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        for token in self
+            .tokens
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+        {
+            token.cancel();
+        }
+    }
+
+    /// A round starts with `token`: ended at once if everything is ending.
+    fn register(&self, token: &CancelToken) {
+        let mut tokens = self.tokens.lock().unwrap_or_else(PoisonError::into_inner);
+        tokens.retain(|t| !t.is_cancelled());
+        tokens.push(token.clone());
+        if self.cancelled.load(std::sync::atomic::Ordering::SeqCst) {
+            token.cancel();
+        }
+    }
+
+    /// A new epoch: rounds run again.
+    fn reset(&self) {
+        self.cancelled
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        self.tokens
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+    }
+}
+
+/// What every group of an epoch shares.
+struct GroupRuns<'a, 'p> {
+    cli: &'a Cli,
+    config: &'a ProjectionsConfig,
+    dir: &'a ProjectionDir,
+    stop: &'a CancelToken,
+    round_stop: &'a RoundTokens,
+    late_window: Duration,
+    selected: &'a [&'p SqlProjection],
+    dbs: &'a [Arc<ProjectionDb>],
+    shadows: &'a Shadows,
+    current: &'a Mutex<Arc<crate::store::Store>>,
+    results: &'a Mutex<Vec<Option<projectionist::Result<RebuildResult>>>>,
+    reload: &'a Mutex<Option<Change>>,
+    options: &'a RebuildOptions<'a>,
+}
+
+impl GroupRuns<'_, '_> {
+    fn reload_requested(&self) -> bool {
+        self.reload
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some()
+    }
+
+    fn result_of(&self, i: usize) -> bool {
+        self.results.lock().unwrap_or_else(PoisonError::into_inner)[i].is_some()
+    }
+
+    /// One group's rounds, until its projections have ended, the follower
+    /// stops, or the epoch ends. A store that cannot be read (a server
+    /// restart, a dropped connection) ends a round; the projections resume
+    /// in the next one, with the store opened again, after a backoff. A
+    /// shadow that caught up ends its round, is published, and goes on in
+    /// its live file.
+    fn run(
+        &self,
+        members: &[usize],
+        round: &Mutex<CancelToken>,
+        writes: &[Arc<ProjectionDb>],
+        starts: &[Start],
+    ) {
+        let selected: Vec<&SqlProjection> = members.iter().map(|&i| self.selected[i]).collect();
+        let mut handlers: Vec<SqlHandler<'_>> =
+            selected.iter().map(|p| SqlHandler::new(p)).collect();
+        let mut writes: Vec<Arc<ProjectionDb>> =
+            members.iter().map(|&i| Arc::clone(&writes[i])).collect();
+        let mut starts: Vec<Start> = members.iter().map(|&i| starts[i]).collect();
+        let mut backoff = RECONNECT_BACKOFF_MIN;
+        loop {
+            let running: Vec<usize> = (0..members.len())
+                .filter(|&p| !self.result_of(members[p]))
+                .collect();
+            if running.is_empty() || self.reload_requested() {
+                return;
+            }
+            let this_round = CancelToken::new();
+            *round.lock().unwrap_or_else(PoisonError::into_inner) = this_round.clone();
+            self.round_stop.register(&this_round);
+            if self.stop.is_cancelled() {
+                this_round.cancel();
+            }
+            let round_targets: Vec<_> = targets(&mut handlers, &writes, &selected, &starts)
+                .into_iter()
+                .enumerate()
+                .filter(|(p, _)| running.contains(p))
+                .map(|(_, target)| target)
+                .collect();
+            let store = Arc::clone(&self.current.lock().unwrap_or_else(PoisonError::into_inner));
+            let outcome =
+                projectionist::follow(store.reader(), round_targets, self.options, &this_round);
+            let mut unreachable = None;
+            // A round ended to publish a shadow, or for a new epoch: go on.
+            let to_publish = this_round.is_cancelled() && !self.stop.is_cancelled();
+            for (&p, result) in running.iter().zip(outcome) {
+                match result {
+                    Err(e) if is_store_failure(&e) && !self.stop.is_cancelled() => {
+                        starts[p] = Start::Resume;
+                        unreachable = Some(e);
+                    }
+                    Ok(_) if to_publish => starts[p] = Start::Resume,
+                    result => {
+                        self.results.lock().unwrap_or_else(PoisonError::into_inner)[members[p]] =
+                            Some(result);
+                    }
+                }
+            }
+            for (p, &i) in members.iter().enumerate() {
+                if !self.result_of(i) && self.shadows.caught_up(i) {
+                    self.publish(i);
+                    writes[p] = Arc::clone(&self.dbs[i]);
+                }
+            }
+            let Some(error) = unreachable else {
+                continue;
+            };
+            if self.reload_requested() {
+                return;
+            }
+            self.reconnect(&store, &error, backoff);
+            backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
+        }
+    }
+
+    /// Publishes the caught-up shadow of projection `i` (its result is the
+    /// error when that fails: the live file is then unchanged).
+    fn publish(&self, i: usize) {
+        let name = self.selected[i].name.as_str();
+        match self.dir.publish(name, name, &PublishOptions::default()) {
+            Ok(published) => {
+                tracing::info!(
+                    projection = name,
+                    checkpoint = published.checkpoint,
+                    lock_held_ms = published.lock_held.as_secs_f64() * 1e3,
+                    "published its rebuild; following it in the live file"
+                );
+                published_line(self.cli, &published);
+            }
+            Err(e) => {
+                tracing::error!(projection = name, error = %ui::escape_controls(&e.to_string()), "cannot publish its rebuild; the live file is unchanged");
+                self.results.lock().unwrap_or_else(PoisonError::into_inner)[i] = Some(Err(e));
+            }
+        }
+        self.shadows.published(i);
+    }
+
+    /// After a backoff, opens the store again, unless another group already
+    /// did (the store in `current` is no longer the one that failed).
+    fn reconnect(
+        &self,
+        failed: &Arc<crate::store::Store>,
+        error: &projectionist::Error,
+        backoff: Duration,
+    ) {
+        let text = ui::escape_controls(&error.to_string());
+        tracing::warn!(error = %text, retry_in_ms = backoff.as_millis(), "the event store cannot be read; reconnecting");
+        if self.cli.json {
+            ui::json_line(&serde_json::json!({
+                "event": "reconnecting", "error": text, "retry_in_ms": backoff.as_millis(),
+            }));
+        }
+        let until = Instant::now() + backoff;
+        while Instant::now() < until && !self.stop.is_cancelled() {
+            std::thread::sleep(RECONNECT_BACKOFF_MIN.min(until - Instant::now()));
+        }
+        let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+        if Arc::ptr_eq(&current, failed)
+            && let Ok(reopened) = open_store(self.cli, false, self.config)
+        {
+            *current = Arc::new(reopened.with_late_event_window(self.late_window));
+        }
+    }
 }
 
 /// How often a PostgreSQL follower looks for events committed into holes its
@@ -560,7 +730,7 @@ impl Watch<'_> {
         &self,
         loaded: &[u8],
         reload: &Mutex<Option<Change>>,
-        round_stop: &Mutex<CancelToken>,
+        round_stop: &RoundTokens,
         until: &Receiver<()>,
     ) {
         let mut seen = loaded.to_vec();
@@ -568,10 +738,7 @@ impl Watch<'_> {
             let change = self.requested().or_else(|| self.config_changed(&mut seen));
             if let Some(change) = change {
                 *reload.lock().unwrap_or_else(PoisonError::into_inner) = Some(change);
-                round_stop
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .cancel();
+                round_stop.cancel_all();
                 return;
             }
         }

@@ -415,6 +415,11 @@ impl Shadows {
         }
     }
 
+    /// The place of projection `name` in the selection.
+    pub(crate) fn index_of(&self, name: &str) -> Option<usize> {
+        self.index.get(name).copied()
+    }
+
     /// True once per shadow: the first report that it follows the log.
     pub(crate) fn caught_up_now(&self, p: &Progress) -> bool {
         p.following

@@ -902,3 +902,88 @@ fn wait_returns_once_the_follower_applied_the_position_and_times_out_otherwise()
     let out = env.run(&["wait", "../escape", "--position", "1", "--timeout", "100ms"]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
 }
+
+/// The checkpoint in projection `name`'s shadow file (0 when there is none).
+fn shadow_checkpoint(env: &Env, name: &str) -> u64 {
+    Connection::open_with_flags(
+        env.path(&format!("projections/.{name}.shadow.db")),
+        OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .ok()
+    .and_then(|c| projectionist::SqliteCheckpoint::load_in(&c, name).ok())
+    .unwrap_or(0)
+}
+
+/// Issue 23, finding 1: a definition change of one projection never holds
+/// back another. While `order_summary`'s new version is rebuilt in its shadow
+/// from the start of a long log, `customer_stats` applies an event appended
+/// meanwhile long before the shadow gets there (before, both shared one read
+/// of the log, which started over from the shadow's position: the unchanged
+/// one waited, `resuming`, until the shadow had read the whole log).
+#[test]
+fn a_sibling_follows_on_while_a_changed_projection_is_rebuilt_from_the_start() {
+    let env = Env::new();
+    env.demo_log(150_000);
+    let log = env.path("follower.log");
+    let mut follower = env
+        .command(&["--batch-size", "50", "--json", "follow"])
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .map(Reaped::new)
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    // Following under v1 (its signal handler and config watch are set).
+    while !log_text().contains("\"following\"") {
+        assert!(Instant::now() < deadline, "never following: {}", log_text());
+        assert!(
+            follower.try_wait().unwrap().is_none(),
+            "exited: {}",
+            log_text()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    env.write_config(&config_v2());
+    let shadow = env.path("projections/.order_summary.shadow.db");
+    while !shadow.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "no shadow was made: {}",
+            log_text()
+        );
+        assert!(
+            follower.try_wait().unwrap().is_none(),
+            "exited: {}",
+            log_text()
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    append_orders(&env.path("events.db"), 1);
+    let head = 150_004;
+    while live_checkpoint(&env, "customer_stats") < head {
+        assert!(
+            Instant::now() < deadline,
+            "customer_stats never applied the append"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let shadow_at = shadow_checkpoint(&env, "order_summary");
+    assert!(
+        shadow.exists() && shadow_at < head / 2,
+        "customer_stats applied the append only once the shadow was at {shadow_at} of {head}"
+    );
+    while live_checkpoint(&env, "order_summary") < head || shadow.exists() {
+        assert!(Instant::now() < deadline, "the shadow was never published");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    common::sigterm(&follower);
+    assert!(follower.into_inner().wait().unwrap().success());
+    assert!(
+        env.command_with("events.db", "fresh", &["--quiet", "rebuild"])
+            .status_ok()
+    );
+    for name in ["order_summary", "customer_stats"] {
+        assert_eq!(env.digest(name), digest_in(&env, "fresh", name), "{name}");
+    }
+}
