@@ -210,6 +210,7 @@ fn follow_epoch(
         shadowed,
         starts,
         errors,
+        failed,
     } = opened;
     take_rebuild_requests(dir, &selected);
     // A projection rebuilt in its shadow (its definition changed) follows the
@@ -217,15 +218,27 @@ fn follow_epoch(
     // caught up, the round ends and it is published (the live file kept
     // serving the old version until then).
     let shadows = Shadows::new(&selected, &shadowed);
-    for e in &errors {
-        tracing::error!(error = %ui::escape_controls(&crate::app::error_text(e)), "a projection cannot be opened");
-    }
     let live = Live::new(
         cli,
-        selected.iter().map(|p| p.name.as_str()),
+        selected.iter().chain(&failed).map(|p| p.name.as_str()),
         head,
         context.metrics.clone(),
     );
+    // A projection that cannot be opened (its shadow blocked, the disk full)
+    // is failed, visibly (state, metrics, /health, and in its file for
+    // `status`), and tried again with backoff: once the cause is gone, the
+    // epoch starts over and it is followed again.
+    for (projection, e) in failed.iter().zip(&errors) {
+        let text = crate::app::error_text(e);
+        tracing::error!(projection = %projection.name, error = %ui::escape_controls(&text), "a projection cannot be opened; trying again with backoff");
+        let recorded = format!("{text} (the follower tries again with backoff)");
+        if let Ok(db) = dir.db(projection.name.as_str()) {
+            let _ = db.with_connection(|conn| {
+                projectionist::record_failure(conn, projection.name.as_str(), &recorded)
+            });
+        }
+        live.fail(projection.name.as_str(), &recorded);
+    }
     for ((projection, start), shadowed) in selected.iter().zip(&starts).zip(&shadowed) {
         tracing::info!(
             projection = %projection.name,
@@ -280,6 +293,7 @@ fn follow_epoch(
     let reload: Mutex<Option<Change>> = Mutex::new(None);
     let (watch_finished, watch_until) = std::sync::mpsc::channel::<()>();
     let (late_finished, late_until) = std::sync::mpsc::channel::<()>();
+    let (retry_finished, retry_until) = std::sync::mpsc::channel::<()>();
     let runs = GroupRuns {
         cli,
         config,
@@ -318,6 +332,17 @@ fn follow_epoch(
             };
             watch.run(config_bytes, reload, round_stop, &watch_until);
         });
+        if !failed.is_empty() {
+            let retry = RetryOpen {
+                cli,
+                dir,
+                failed: &failed,
+                head,
+                reload,
+                round_stop,
+            };
+            scope.spawn(move || retry.run(&retry_until));
+        }
         let group_threads: Vec<_> = groups
             .iter()
             .enumerate()
@@ -330,9 +355,22 @@ fn follow_epoch(
         for thread in group_threads {
             let _ = thread.join();
         }
+        // Nothing could be opened: wait for a retry to succeed, a config
+        // change or a signal, rather than stop.
+        while groups.is_empty()
+            && !failed.is_empty()
+            && !stop.is_cancelled()
+            && reload
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .is_none()
+        {
+            std::thread::sleep(Duration::from_millis(50));
+        }
         drop(finished);
         drop(watch_finished);
         drop(late_finished);
+        drop(retry_finished);
     });
     let results = results.into_inner().unwrap_or_else(PoisonError::into_inner);
     if let Some(change) = reload.into_inner().unwrap_or_else(PoisonError::into_inner) {
@@ -364,6 +402,55 @@ fn follow_epoch(
     )
     .map(|_| ());
     Ok(Epoch::Stopped(outcome))
+}
+
+/// The first wait before trying again to open a projection that could not be
+/// opened; it doubles up to [`RETRY_OPEN_BACKOFF_MAX`].
+const RETRY_OPEN_BACKOFF_MIN: Duration = Duration::from_secs(1);
+
+/// The longest wait between two tries to open a projection that could not be
+/// opened: a cause that went away (a full disk freed, an obstacle removed) is
+/// noticed within this long.
+const RETRY_OPEN_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// Tries again to open the projections an epoch could not open; when one
+/// opens, ends the epoch so that the next one follows it.
+struct RetryOpen<'a, 'p> {
+    cli: &'a Cli,
+    dir: &'a ProjectionDir,
+    failed: &'a [&'p SqlProjection],
+    head: u64,
+    reload: &'a Mutex<Option<Change>>,
+    round_stop: &'a RoundTokens,
+}
+
+impl RetryOpen<'_, '_> {
+    fn run(&self, until: &Receiver<()>) {
+        let mut backoff = RETRY_OPEN_BACKOFF_MIN;
+        while let Err(RecvTimeoutError::Timeout) = until.recv_timeout(backoff) {
+            let opened = open_selected(
+                self.cli,
+                self.dir,
+                self.failed,
+                Plan::Resume,
+                Some(self.head),
+            );
+            if opened.selected.is_empty() {
+                backoff = (backoff * 2).min(RETRY_OPEN_BACKOFF_MAX);
+                continue;
+            }
+            for projection in &opened.selected {
+                tracing::info!(projection = %projection.name, "can be opened again; following it");
+            }
+            let mut reload = self.reload.lock().unwrap_or_else(PoisonError::into_inner);
+            if reload.is_none() {
+                *reload = Some(Change::Requests);
+            }
+            drop(reload);
+            self.round_stop.cancel_all();
+            return;
+        }
+    }
 }
 
 /// The groups of an epoch's projections that run independently (places in
@@ -993,6 +1080,29 @@ impl Live {
         if before != after {
             self.announce(&p.projection_name, state);
         }
+    }
+
+    /// Projection `name` cannot run: failed, with why.
+    fn fail(&self, name: &str, error: &str) {
+        let mut states = self.states.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(state) = states.get_mut(name) else {
+            return;
+        };
+        state.failed = Some(error.to_owned());
+        if let Some(metrics) = &self.metrics {
+            metrics.observe(&Observed {
+                name,
+                checkpoint: state.checkpoint,
+                head: state.head,
+                following: false,
+                failed: true,
+                processed: 0,
+                committed: false,
+                batch_latency: None,
+                hole_wait: None,
+            });
+        }
+        self.announce(name, state);
     }
 
     /// Every projection's store is reconnecting (or no longer).

@@ -154,6 +154,7 @@ pub(crate) fn replay(
         shadowed,
         starts,
         errors: mut open_errors,
+        failed: _,
     } = open_selected(cli, dir, selected, plan, Some(head));
     let cancel = CancelToken::new();
     let handler_token = cancel.clone();
@@ -209,6 +210,8 @@ pub(crate) struct Opened<'a> {
     pub(crate) starts: Vec<Start>,
     /// The projections that could not be opened: they fail alone.
     pub(crate) errors: Vec<anyhow::Error>,
+    /// Their names, in the same order.
+    pub(crate) failed: Vec<&'a SqlProjection>,
 }
 
 /// Opens the selected projections and decides, by `plan`, where each starts
@@ -227,6 +230,7 @@ pub(crate) fn open_selected<'a>(
         shadowed: Vec::new(),
         starts: Vec::new(),
         errors: Vec::new(),
+        failed: Vec::new(),
     };
     for projection in selected {
         let decided = open_for_run(cli, dir, projection)
@@ -235,6 +239,7 @@ pub(crate) fn open_selected<'a>(
             Ok(decided) => decided,
             Err(e) => {
                 opened.errors.push(e);
+                opened.failed.push(projection);
                 continue;
             }
         };

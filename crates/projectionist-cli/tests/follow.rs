@@ -892,3 +892,74 @@ fn the_metrics_endpoint_survives_hostile_clients_and_never_delays_shutdown() {
     assert_eq!(exit.code(), Some(0), "{}", stderr(&out));
     drop((stalled_headers, stalled_body));
 }
+
+/// Issue 23, finding 2: a projection that cannot be opened at a config
+/// reload (a directory stands where its shadow goes) is shown failed
+/// everywhere — `/health` 503 naming it, the failure counted, `status` in
+/// another process `failed` with the cause and exit 4 — while the other
+/// follows on; once the obstacle is removed, the follower tries again, builds
+/// it and publishes it, and all is healthy.
+#[test]
+fn a_projection_blocked_at_reload_is_failed_visibly_and_recovers_when_unblocked() {
+    let env = Env::new();
+    env.demo_log(2_000);
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut follower = env
+        .command(&["--quiet", "follow", "--metrics", &addr])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map(Reaped::new)
+        .unwrap();
+    wait_following(&env, &DEMO);
+    let obstacle = env.path("projections/.order_summary.shadow.db");
+    std::fs::create_dir(&obstacle).unwrap();
+    let changed = common::DEMO_CONFIG.replacen("version = 1", "version = 2", 1);
+    assert_ne!(changed, common::DEMO_CONFIG);
+    env.write_config(&changed);
+    let deadline = Instant::now() + WAIT_MAX;
+    loop {
+        let (code, body) = http_get(&addr, "/health");
+        if code == 503 && body.contains("order_summary: failed") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/health never failed: {code} {body}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (_, text) = http_get(&addr, "/metrics");
+    assert_eq!(
+        common::metric(&text, "projectionist_failures_total", "order_summary"),
+        Some(1.0),
+        "{text}"
+    );
+    let out = env.run(&["--json", "status"]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    let rows = status(&env);
+    let blocked = row(&rows, "order_summary");
+    assert_eq!(blocked["state"], "failed", "{blocked}");
+    assert!(
+        blocked["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("shadow")),
+        "{blocked}"
+    );
+    assert_eq!(row(&rows, "customer_stats")["state"], "following");
+
+    std::fs::remove_dir(&obstacle).unwrap();
+    let deadline = Instant::now() + WAIT_MAX;
+    loop {
+        let rows = status(&env);
+        let fixed = row(&rows, "order_summary");
+        if fixed["state"] == "following" && fixed["built_version"] == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never recovered: {fixed}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(http_get(&addr, "/health"), (200, "ok\n".to_owned()));
+    signal(&follower, "-TERM");
+    assert_eq!(wait_exit(&mut follower).code(), Some(0));
+}

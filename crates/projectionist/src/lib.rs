@@ -96,7 +96,7 @@ pub use event::{Appended, GlobalEvent, NewEvent};
 pub use handler::{Handler, SchemaHandler};
 pub use memory::{LOOKASIDE_SLOT_BYTES, LOOKASIDE_SLOTS, lean_sqlite_memory};
 pub use name::ProjectionName;
-pub use outcome::{LastRun, last_run};
+pub use outcome::{LastRun, last_run, record_failure};
 pub use progress::{BatchStep, CancelToken, CommitGuardFn, Progress, ProgressFn, StepHookFn};
 pub use reader::{GlobalReader, HoleWait, TypedBatch, UpTo};
 pub use rebuild::{

@@ -105,6 +105,30 @@ pub(crate) fn record_following(conn: &Connection, consumer_id: &str) -> rusqlite
     record(conn, consumer_id, "following", None)
 }
 
+/// Records that projection `consumer_id` cannot run, with why (for example:
+/// its shadow cannot be opened), where `status` in another process reads it:
+/// its last run is `failed` with this error, until a run starts again. For
+/// supervisors that fail a projection outside the engine.
+///
+/// # Errors
+/// [`Error::Sqlite`] when the file cannot be written.
+pub fn record_failure(conn: &Connection, consumer_id: &str, error: &str) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO _projectionist_run
+             (consumer_id, state, pid, error, sequence, stream_id, event_type, updated_at)
+         VALUES (?1, 'failed', ?2, ?3, NULL, NULL, NULL, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+         ON CONFLICT (consumer_id) DO UPDATE SET
+             state = excluded.state, pid = excluded.pid, error = excluded.error,
+             sequence = NULL, stream_id = NULL, event_type = NULL,
+             updated_at = excluded.updated_at",
+    )
+    .and_then(|mut stmt| stmt.execute(params![consumer_id, std::process::id(), error]))
+    .map_err(Error::sqlite(format!(
+        "record the failure of {consumer_id}"
+    )))?;
+    Ok(())
+}
+
 /// Records how a run ended: `done`, `cancelled`, or `failed` with its error.
 pub(crate) fn record_outcome(
     conn: &Connection,
