@@ -201,7 +201,7 @@ fn follow_epoch(
         })
         .collect();
     register(dir, &watched);
-    roll_back_on_request(cli, dir, &watched);
+    roll_back_on_request(cli, dir, &watched, config);
     let opened = open_selected(cli, dir, &selected, Plan::Resume, Some(head));
     let Opened {
         selected,
@@ -212,6 +212,26 @@ fn follow_epoch(
         errors,
         failed,
     } = opened;
+    // Rolled back on purpose to another definition: left alone, not failed.
+    let (held, failures): (Vec<_>, Vec<_>) = failed
+        .into_iter()
+        .zip(errors)
+        .partition(|(_, e)| e.downcast_ref::<crate::replay::RolledBackStale>().is_some());
+    for (projection, e) in &held {
+        tracing::info!(projection = %projection.name, "{}", ui::escape_controls(&e.to_string()));
+    }
+    // Held by another process: refused, as a second follower is (not a
+    // cause this follower can wait out by itself).
+    let (locked, failures): (Vec<_>, Vec<_>) = failures.into_iter().partition(|(_, e)| {
+        e.chain().any(|c| {
+            matches!(
+                c.downcast_ref::<projectionist::Error>(),
+                Some(projectionist::Error::Locked { .. })
+            )
+        })
+    });
+    let (failed, errors): (Vec<&SqlProjection>, Vec<anyhow::Error>) = failures.into_iter().unzip();
+    let locked: Vec<anyhow::Error> = locked.into_iter().map(|(_, e)| e).collect();
     take_rebuild_requests(dir, &selected);
     // A projection rebuilt in its shadow (its definition changed) follows the
     // log there while the others follow in their live files; once it has
@@ -391,12 +411,13 @@ fn follow_epoch(
         seconds = started.elapsed().as_secs_f64(),
         "following stopped"
     );
+    let open_errors: Vec<anyhow::Error> = errors.into_iter().chain(locked).collect();
     let hint = command_hint(cli, false, "follow");
     let outcome = report(
         cli,
         &results,
         &[],
-        &errors,
+        &open_errors,
         started.elapsed().as_secs_f64(),
         &hint,
     )
@@ -856,33 +877,69 @@ impl Watch<'_> {
     }
 }
 
-/// Rolls back the projections another process asked to (`rollback` while this
-/// follower holds them), before they are opened for the epoch.
-fn roll_back_on_request(cli: &Cli, dir: &ProjectionDir, names: &[String]) {
+/// Does the rollbacks other processes asked for (their request files), and
+/// answers each in its own outcome file (`replay::outcome_path`): done or
+/// not, where the restored version is, and whether this follower follows it
+/// (it does not when the config defines the projection otherwise).
+fn roll_back_on_request(
+    cli: &Cli,
+    dir: &ProjectionDir,
+    names: &[String],
+    config: &ProjectionsConfig,
+) {
     for name in names {
         let Ok(files) = VersionFiles::new(dir.path(), name) else {
             continue;
         };
-        if !files.rollback_request.exists() {
+        let Ok(id) = std::fs::read_to_string(&files.rollback_request) else {
             continue;
-        }
+        };
         let _ = dir.discard_shadow(name);
         let rolled_back = dir.rollback(name, name, &PublishOptions::default());
-        // Removed once done: the asking process then reads the outcome in the file.
-        let _ = std::fs::remove_file(&files.rollback_request);
-        match rolled_back {
+        let outcome = match &rolled_back {
             Ok(back) => {
-                tracing::info!(projection = %name, checkpoint = back.checkpoint, "rolled back on request");
+                let follows = config.get(name).is_some_and(|projection| {
+                    dir.db(name)
+                        .and_then(|db| {
+                            db.with_connection(|conn| {
+                                Ok(!projection.needs_rebuild(conn).unwrap_or(true))
+                            })
+                        })
+                        .unwrap_or(false)
+                });
+                tracing::info!(projection = %name, checkpoint = back.checkpoint, follows, "rolled back on request");
                 if cli.json {
                     ui::json_line(&serde_json::json!({
                         "event": "rolled_back", "projection": name, "checkpoint": back.checkpoint,
+                        "follows": follows,
                     }));
                 }
+                let at = dir
+                    .db(name)
+                    .and_then(|db| db.with_connection(|conn| projectionist::version_info(conn)))
+                    .ok()
+                    .and_then(|v| v.rolled_back_at);
+                serde_json::json!({
+                    "ok": true, "checkpoint": back.checkpoint, "rolled_back_at": at,
+                    "follows": follows,
+                })
             }
             Err(e) => {
                 tracing::error!(projection = %name, error = %ui::escape_controls(&e.to_string()), "cannot roll back on request");
+                serde_json::json!({"ok": false, "error": e.to_string()})
+            }
+        };
+        // The answer first, then the request is gone: the asking process
+        // finds its answer when it sees the request taken.
+        if let Some(path) = crate::replay::outcome_path(dir.path(), name, id.trim()) {
+            let temp = path.with_extension("tmp");
+            let written = write_own_file(&temp, &outcome.to_string())
+                .and_then(|()| std::fs::rename(&temp, &path));
+            if let Err(e) = written {
+                tracing::error!(projection = %name, error = %e, "cannot answer a rollback request");
             }
         }
+        let _ = std::fs::remove_file(&files.rollback_request);
     }
 }
 

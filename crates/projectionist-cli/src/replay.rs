@@ -68,7 +68,7 @@ pub(crate) fn run_replay(cli: &Cli, names: &[String], plan: Plan) -> Result<(), 
             .rebuild_request;
         match ask_follower(dir.path(), name, &request) {
             None => local.push(projection),
-            Some(Ok(pid)) => {
+            Some(Ok((pid, _))) => {
                 if cli.json {
                     ui::json_line(&serde_json::json!({
                         "event": "handed_to_follower", "projection": name, "pid": pid,
@@ -101,13 +101,17 @@ pub(crate) fn run_replay(cli: &Cli, names: &[String], plan: Plan) -> Result<(), 
 const REQUEST_TAKEN_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// When a follower holds projection `name` (it registered in
-/// `.{name}.follower`, and that process lives), asks it through `request` (an
-/// empty file) and waits until it took it. `None`: no follower holds it.
+/// `.{name}.follower`, and that process lives), asks it through `request` (a
+/// file holding this request's id) and waits until it took it; returns the
+/// follower's process id and the request's id. Requests are serialised: the
+/// file is created only when no other request for the projection is pending,
+/// so each request is taken, and answered, as itself. `None`: no follower
+/// holds it.
 pub(crate) fn ask_follower(
     dir: &std::path::Path,
     name: &str,
     request: &std::path::Path,
-) -> Option<anyhow::Result<u32>> {
+) -> Option<anyhow::Result<(u32, String)>> {
     let registered = VersionFiles::new(dir, name).ok()?.follower;
     let pid: u32 = std::fs::read_to_string(registered)
         .ok()?
@@ -117,10 +121,30 @@ pub(crate) fn ask_follower(
     if !process_alive(pid) {
         return None;
     }
-    if let Err(e) = write_own_file(request, "") {
-        return Some(Err(
-            anyhow::Error::from(e).context(format!("ask the follower of {name} (process {pid})"))
-        ));
+    let id = request_id();
+    let asked = Instant::now();
+    loop {
+        let created = std::fs::File::options()
+            .write(true)
+            .create_new(true)
+            .open(request)
+            .and_then(|mut file| std::io::Write::write_all(&mut file, id.as_bytes()));
+        match created {
+            Ok(()) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                if asked.elapsed() > REQUEST_TAKEN_WITHIN * 3 || !process_alive(pid) {
+                    return Some(Err(anyhow!(
+                        "another request for projection {name} is still pending with the \
+                         follower (process {pid}); try again"
+                    )));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => {
+                return Some(Err(anyhow::Error::from(e)
+                    .context(format!("ask the follower of {name} (process {pid})"))));
+            }
+        }
     }
     let asked = Instant::now();
     while request.exists() {
@@ -133,7 +157,28 @@ pub(crate) fn ask_follower(
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    Some(Ok(pid))
+    Some(Ok((pid, id)))
+}
+
+/// A request's id: this process and the time, unique on this machine; only
+/// digits and `-`, so it can name a file.
+fn request_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!("{}-{nanos}", std::process::id())
+}
+
+/// Where the follower answers request `id` for projection `name`:
+/// `.{name}.outcome-{id}` (JSON). `None` for an id that is not one of ours.
+pub(crate) fn outcome_path(
+    dir: &std::path::Path,
+    name: &str,
+    id: &str,
+) -> Option<std::path::PathBuf> {
+    let valid =
+        !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_digit() || b == b'-');
+    valid.then(|| dir.join(format!(".{name}.outcome-{id}")))
 }
 
 /// Rebuilds (or resumes) the selected projections with one shared read per group,
@@ -314,10 +359,7 @@ fn decide(
             };
             Ok((shadow, start, true))
         }
-        _ if stale && rolled_back => Err(anyhow!(
-            "projection {name} was rolled back to a version built from another definition \
-             than the config's; it is left as it is until you rebuild it"
-        )),
+        _ if stale && rolled_back => Err(anyhow::Error::new(RolledBackStale(name.to_owned()))),
         Plan::Resume if stale && checkpoint > 0 && !ahead => in_shadow(Start::Reset),
         _ => {
             let start = if stale { Start::Reset } else { Start::Resume };
@@ -325,6 +367,25 @@ fn decide(
         }
     }
 }
+
+/// A projection rolled back to a version built from another definition than
+/// the config's: left as it is, on purpose, until a `rebuild` (not a
+/// failure: nothing is retried).
+#[derive(Debug)]
+pub(crate) struct RolledBackStale(pub(crate) String);
+
+impl std::fmt::Display for RolledBackStale {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "projection {} was rolled back to a version built from another definition than \
+             the config's; it is left as it is until you rebuild it",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for RolledBackStale {}
 
 /// What publishing the shadows of a run did.
 pub(crate) struct Publishing {

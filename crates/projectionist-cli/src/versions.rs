@@ -8,7 +8,7 @@ use anyhow::{Context, anyhow};
 use projectionist::{
     CancelToken, GlobalReader, Progress, ProjectionDir, PublishOptions, RebuildOptions,
     RebuildResult, SqliteCheckpoint, Start, TableDifference, UpTo, VersionFiles,
-    compare_projections, replay_shared, version_info,
+    compare_projections, replay_shared,
 };
 use projectionist_sqlview::{SqlHandler, SqlProjection, stored_definition};
 
@@ -255,10 +255,9 @@ pub(crate) fn run_rollback(cli: &Cli, name: &str) -> Result<(), Failure> {
         let request = VersionFiles::new(dir.path(), name)
             .map_err(|e| error(e.into()))?
             .rollback_request;
-        let before = live_version(&dir, name);
         if let Some(asked) = ask_follower(dir.path(), name, &request) {
-            let pid = asked.map_err(error)?;
-            return follower_rolled_back(cli, &dir, name, pid, before);
+            let (pid, id) = asked.map_err(error)?;
+            return follower_rolled_back(cli, &dir, name, pid, &id);
         }
     }
     // A shadow built before the rollback must not be published over it later.
@@ -305,39 +304,67 @@ pub(crate) fn run_rollback(cli: &Cli, name: &str) -> Result<(), Failure> {
     Ok(())
 }
 
-/// The live file's version stamp, read without its lock.
-fn live_version(dir: &ProjectionDir, name: &str) -> Option<projectionist::VersionInfo> {
-    let path = dir.file_path(name).ok()?;
-    let flags = projectionist::rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY;
-    let conn = projectionist::rusqlite::Connection::open_with_flags(&path, flags).ok()?;
-    version_info(&conn).ok()
-}
+/// How long the asking process waits for the follower's answer once the
+/// follower took the request (a rollback is one swap of small files).
+const ANSWER_WITHIN: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// Reports a rollback done by the follower `pid` on request, from the file:
-/// done when the live file's version changed to one marked rolled back.
+/// Reports a rollback done by the follower `pid` on request `id`, from the
+/// follower's own answer to that request (never from the live file, which a
+/// handed-off rebuild or another request may change meanwhile).
 fn follower_rolled_back(
     cli: &Cli,
     dir: &ProjectionDir,
     name: &str,
     pid: u32,
-    before: Option<projectionist::VersionInfo>,
+    id: &str,
 ) -> Result<(), Failure> {
-    let after = live_version(dir, name);
-    let changed = after.as_ref().map(|v| &v.id) != before.as_ref().map(|v| &v.id);
-    let Some(at) = after.and_then(|v| v.rolled_back_at).filter(|_| changed) else {
+    let path = crate::replay::outcome_path(dir.path(), name, id)
+        .ok_or_else(|| fail(EXIT_PROJECTION)(anyhow!("request id {id:?} is not ours")))?;
+    let asked = Instant::now();
+    let answer = loop {
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            let _ = std::fs::remove_file(&path);
+            break serde_json::from_str::<serde_json::Value>(&text).ok();
+        }
+        if asked.elapsed() > ANSWER_WITHIN || !crate::status::process_alive(pid) {
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    let Some(answer) = answer else {
         return Err(fail(EXIT_PROJECTION)(anyhow!(
-            "the follower (process {pid}) could not roll {name} back (is a previous version kept? \
-             its log says why)"
+            "the follower (process {pid}) took the rollback request for {name} but gave no \
+             answer; `projectionist status` shows where it is"
         )));
     };
+    if answer["ok"] != true {
+        return Err(fail(EXIT_PROJECTION)(anyhow!(
+            "the follower (process {pid}) could not roll {name} back: {}",
+            answer["error"].as_str().unwrap_or("no reason given")
+        )));
+    }
+    let follows = answer["follows"] == true;
     if cli.json {
         ui::json_line(&serde_json::json!({
-            "event": "rolled_back", "projection": name, "by_follower": pid, "rolled_back_at": at,
+            "event": "rolled_back", "projection": name, "by_follower": pid,
+            "checkpoint": answer["checkpoint"], "rolled_back_at": answer["rolled_back_at"],
+            "follows": follows,
         }));
     } else if !cli.quiet {
-        eprintln!(
-            "{name}: rolled back by the follower (process {pid}) at {at}; it follows the restored version on"
-        );
+        let at = answer["rolled_back_at"].as_str().unwrap_or("?");
+        let checkpoint = &answer["checkpoint"];
+        if follows {
+            eprintln!(
+                "{name}: rolled back by the follower (process {pid}) at {at} (checkpoint \
+                 {checkpoint}); it follows the restored version on"
+            );
+        } else {
+            eprintln!(
+                "{name}: rolled back by the follower (process {pid}) at {at} (checkpoint \
+                 {checkpoint}); the restored version was built from another definition than \
+                 the config's, so it is left as it is (stale) until `projectionist rebuild {name}`"
+            );
+        }
     }
     Ok(())
 }

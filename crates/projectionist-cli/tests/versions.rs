@@ -987,3 +987,120 @@ fn a_sibling_follows_on_while_a_changed_projection_is_rebuilt_from_the_start() {
         assert_eq!(env.digest(name), digest_in(&env, "fresh", name), "{name}");
     }
 }
+
+/// The live file's version id, read without its lock.
+fn live_version_id(env: &Env, name: &str) -> String {
+    let conn = Connection::open_with_flags(
+        env.path(&format!("projections/{name}.db")),
+        OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    projectionist::version_info(&conn)
+        .unwrap()
+        .id
+        .unwrap_or_default()
+}
+
+/// Waits until the follower has published a rebuild of `order_summary`
+/// (a previous version kept, no shadow) whose definition is `version`.
+fn wait_published(env: &Env, version: u64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let rows = status_rows(env);
+        let r = row(&rows, "order_summary");
+        if r["previous_kept"] == true
+            && r["shadow_checkpoint"].is_null()
+            && r["built_version"] == version
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "never published: {r}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Issue 23, findings 3 and 5: a `rollback` handed to a running follower
+/// reports its own outcome. Right after a handed-off `rebuild` it exits 0
+/// (it was judged by the live file, which the rebuild's publish could change
+/// meanwhile: exit 4 although the follower rolled back); two at once are
+/// taken one after the other, each answered with its own swap (both exited 0
+/// with one swap done); a rollback to a version built from another
+/// definition says it is left stale, not that it is followed.
+#[test]
+fn rollbacks_handed_to_a_follower_each_get_their_own_answer() {
+    let env = Env::new();
+    env.demo_log(3_000);
+    let follower = env
+        .command(&["follow"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map(Reaped::new)
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while row(&status_rows(&env), "order_summary")["state"] != "following" {
+        assert!(Instant::now() < deadline, "never following");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    ask_follower_to_rebuild(&env);
+    wait_published(&env, 1);
+
+    // A second handed-off rebuild, and at once a rollback.
+    ask_follower_to_rebuild(&env);
+    let out = env.run(&["--json", "rollback", "order_summary"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_published(&env, 1);
+
+    // Two rollbacks at once: two swaps, each answered with its own.
+    let before = live_version_id(&env, "order_summary");
+    let rollback = || {
+        env.command(&["--json", "rollback", "order_summary"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (first, second) = (rollback(), rollback());
+    let answers: Vec<serde_json::Value> = [first, second]
+        .into_iter()
+        .map(|child| {
+            let out = child.wait_with_output().unwrap();
+            assert!(out.status.success(), "{}", stderr(&out));
+            json_lines(&out).pop().unwrap()
+        })
+        .collect();
+    assert_ne!(
+        answers[0]["rolled_back_at"], answers[1]["rolled_back_at"],
+        "{answers:?}"
+    );
+    assert_eq!(
+        live_version_id(&env, "order_summary"),
+        before,
+        "two rollbacks are two swaps: {answers:?}"
+    );
+
+    // A new definition, published (over a fresh rebuild: a rolled-back
+    // projection is left alone until rebuilt); rolling back restores the old
+    // one, which the follower leaves as it is.
+    ask_follower_to_rebuild(&env);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !row(&status_rows(&env), "order_summary")["rolled_back_at"].is_null() {
+        assert!(Instant::now() < deadline, "the rebuild was never published");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    env.write_config(&config_v2());
+    wait_published(&env, 2);
+    let out = env.run(&["rollback", "order_summary"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("left as it is"), "{}", stderr(&out));
+    assert!(
+        !stderr(&out).contains("follows the restored"),
+        "{}",
+        stderr(&out)
+    );
+    let out = env.run(&["--json", "rollback", "order_summary"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(json_lines(&out).pop().unwrap()["follows"], true);
+    common::sigterm(&follower);
+    assert!(follower.into_inner().wait().unwrap().success());
+}
