@@ -655,6 +655,7 @@ impl GroupRuns<'_, '_> {
             }
             Err(e) => {
                 tracing::error!(projection = name, error = %ui::escape_controls(&e.to_string()), "cannot publish its rebuild; the live file is unchanged");
+                crate::replay::record_publish_failure(self.dir, name, &e);
                 self.results.lock().unwrap_or_else(PoisonError::into_inner)[i] = Some(Err(e));
             }
         }

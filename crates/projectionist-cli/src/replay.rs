@@ -413,15 +413,29 @@ pub(crate) fn publish_shadows(
             let options = PublishOptions::new().keep_previous(keep_previous);
             match dir.publish(name, name, &options) {
                 Ok(published) => publishing.published.push(published),
-                Err(e) => publishing.failures.push((
-                    name.to_owned(),
-                    anyhow::Error::from(e)
-                        .context(format!("publish {name} (the live file is unchanged)")),
-                )),
+                Err(e) => {
+                    record_publish_failure(dir, name, &e);
+                    publishing.failures.push((
+                        name.to_owned(),
+                        anyhow::Error::from(e)
+                            .context(format!("publish {name} (the live file is unchanged)")),
+                    ));
+                }
             }
         }
     }
     publishing
+}
+
+/// A shadow that could not be published says why, in its own file, where
+/// `status` reads it (`shadow_error`): not an interrupted rebuild, a complete
+/// one whose publish failed. Best effort (a full disk may refuse this too;
+/// the command's own error says it either way).
+pub(crate) fn record_publish_failure(dir: &ProjectionDir, name: &str, error: &Error) {
+    let text = format!("complete, but publishing it failed (the live file is unchanged): {error}");
+    if let Ok(shadow) = dir.shadow(name) {
+        let _ = shadow.with_connection(|conn| projectionist::record_failure(conn, name, &text));
+    }
 }
 
 /// Fails at once when another connection holds the live file's write lock

@@ -1104,3 +1104,50 @@ fn rollbacks_handed_to_a_follower_each_get_their_own_answer() {
     common::sigterm(&follower);
     assert!(follower.into_inner().wait().unwrap().success());
 }
+
+/// Issue 23, finding 6: a rebuild whose publish fails (here a directory
+/// stands where the publish copies the live file) exits 4, leaves the live
+/// file as it was, and `status` shows the complete shadow with why its
+/// publish failed, not an interrupted rebuild.
+#[test]
+fn a_failed_publish_is_shown_as_such_not_as_an_interrupted_rebuild() {
+    let env = Env::new();
+    env.demo_log(40_000);
+    let before = env.digest("order_summary");
+    let rebuild = env
+        .command(&["--batch-size", "100", "rebuild", "order_summary"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map(Reaped::new)
+        .unwrap();
+    // Once the shadow is being written (the live file was opened and checked
+    // already), a directory where the publish copies the live file.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while shadow_checkpoint(&env, "order_summary") == 0 {
+        assert!(Instant::now() < deadline, "the shadow never started");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let obstacle = env.path("projections/.order_summary.previous-new.db");
+    std::fs::create_dir(&obstacle).unwrap();
+    let out = rebuild.into_inner().wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert!(stderr(&out).contains("publish"), "{}", stderr(&out));
+    assert_eq!(env.digest("order_summary"), before);
+    let rows = status_rows(&env);
+    let r = row(&rows, "order_summary");
+    assert!(
+        r["shadow_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("publishing it failed")),
+        "{r}"
+    );
+    assert_eq!(r["shadow_checkpoint"], 40_000, "{r}");
+    let out = env.run(&["status"]);
+    assert!(!stdout(&out).contains("interrupted"), "{}", stdout(&out));
+    // The obstacle gone, the next rebuild publishes.
+    std::fs::remove_dir(&obstacle).unwrap();
+    let out = env.run(&["rebuild", "order_summary"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(row(&status_rows(&env), "order_summary")["shadow_error"].is_null());
+}
