@@ -102,6 +102,12 @@ pub(crate) enum Command {
         /// e.g. `30s`, `500ms`, `2m`.
         #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
         max_wait: std::time::Duration,
+        /// A projection that has not advanced for this long while the log
+        /// holds events past its checkpoint (for any reason but a PostgreSQL
+        /// hole, judged by `--max-wait`) is `stalled`, and `/health` fails
+        /// naming it, e.g. `30s`.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        stall_after: std::time::Duration,
         /// PostgreSQL: how long a hole that reads have passed is looked at
         /// again for an event committed into it late (a writer that broke the
         /// writer contract of docs/postgres.md); `0s` turns this off.

@@ -44,6 +44,7 @@ pub(crate) struct FollowOptions<'a> {
     pub(crate) metrics_addr: Option<&'a str>,
     pub(crate) max_lag: u64,
     pub(crate) max_wait: Duration,
+    pub(crate) stall_after: Duration,
     pub(crate) late_window: Duration,
     pub(crate) on_late_event: OnLateEvent,
 }
@@ -98,6 +99,7 @@ pub(crate) fn run_follow(
         config_path: &config_path,
         late_window: follow_options.late_window,
         on_late_event: follow_options.on_late_event,
+        stall_after: follow_options.stall_after,
     };
     // Epochs: a changed config (its file is watched) ends one; the next opens
     // the projections again under the new definitions: a changed one is
@@ -138,6 +140,7 @@ struct Context<'a> {
     config_path: &'a Path,
     late_window: Duration,
     on_late_event: OnLateEvent,
+    stall_after: Duration,
 }
 
 /// How an epoch ended.
@@ -243,6 +246,7 @@ fn follow_epoch(
         selected.iter().chain(&failed).map(|p| p.name.as_str()),
         head,
         context.metrics.clone(),
+        context.stall_after,
     );
     // A projection that cannot be opened (its shadow blocked, the disk full)
     // is failed, visibly (state, metrics, /health, and in its file for
@@ -752,6 +756,9 @@ impl LateWatch<'_> {
                 continue;
             }
             late_checked = Instant::now();
+            if let Ok(head) = store.reader().head() {
+                self.live.saw_log_head(head);
+            }
             let Ok(late) = store.late_events() else {
                 continue;
             };
@@ -1010,6 +1017,11 @@ struct State {
     hole_wait: Option<projectionist::HoleWait>,
     /// The store's connection is lost and being made again.
     reconnecting: bool,
+    /// Since when the log has held events past its checkpoint without the
+    /// checkpoint moving.
+    behind_since: Option<Instant>,
+    /// Behind for longer than `--stall-after`.
+    stalled: bool,
     /// `processed` at the last status line, for events/s.
     processed_at_tick: u64,
     rate: f64,
@@ -1021,6 +1033,7 @@ impl State {
             (Some(_), _, _) => "failed",
             (None, true, _) => "stopped",
             (None, false, _) if self.reconnecting => "reconnecting",
+            (None, false, _) if self.stalled => "stalled",
             (None, false, true) if self.hole_wait.is_some() => "waiting",
             (None, false, true) => "following",
             (None, false, false) => "catching up",
@@ -1050,6 +1063,10 @@ struct Live {
     bars: HashMap<String, ProgressBar>,
     states: Mutex<HashMap<String, State>>,
     metrics: Option<Arc<Metrics>>,
+    /// The log's head as the store last said (looked up every second), for
+    /// telling a projection that does not advance while events wait.
+    log_head: std::sync::atomic::AtomicU64,
+    stall_after: Duration,
 }
 
 impl Live {
@@ -1058,6 +1075,7 @@ impl Live {
         names: impl Iterator<Item = &'a str>,
         head: u64,
         metrics: Option<Arc<Metrics>>,
+        stall_after: Duration,
     ) -> Self {
         let target = if cli.json || cli.quiet {
             ProgressDrawTarget::hidden()
@@ -1083,6 +1101,8 @@ impl Live {
                     done: false,
                     hole_wait: None,
                     reconnecting: false,
+                    behind_since: None,
+                    stalled: false,
                     processed_at_tick: 0,
                     rate: 0.0,
                 },
@@ -1094,6 +1114,8 @@ impl Live {
             bars,
             states: Mutex::new(states),
             metrics,
+            log_head: std::sync::atomic::AtomicU64::new(head),
+            stall_after,
         }
     }
 
@@ -1117,6 +1139,15 @@ impl Live {
                 batch_latency: p.batch_latency,
                 hole_wait: p.hole_wait,
             });
+        }
+        if p.checkpoint > state.checkpoint {
+            state.behind_since = None;
+            if state.stalled
+                && let Some(metrics) = &self.metrics
+            {
+                metrics.set_stalled(&p.projection_name, None);
+            }
+            state.stalled = false;
         }
         state.checkpoint = p.checkpoint;
         state.head = p.total.max(p.checkpoint);
@@ -1230,6 +1261,52 @@ impl Live {
         }
     }
 
+    /// The store says the log's head is `head`.
+    fn saw_log_head(&self, head: u64) {
+        self.log_head
+            .fetch_max(head, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether projection `name` is stalled: the log holds events past its
+    /// checkpoint and it has not advanced for `--stall-after`, for any
+    /// reason but a hole wait (judged by `--max-wait`) or a lost connection.
+    fn judge_stall(&self, name: &str, state: &mut State) {
+        let log_head = self.log_head.load(std::sync::atomic::Ordering::Relaxed);
+        let excused =
+            state.failed.is_some() || state.done || state.reconnecting || state.hole_wait.is_some();
+        if excused || log_head <= state.checkpoint {
+            state.behind_since = None;
+        } else if state.behind_since.is_none() {
+            state.behind_since = Some(Instant::now());
+        }
+        let stalled = state
+            .behind_since
+            .is_some_and(|since| since.elapsed() > self.stall_after);
+        if stalled == state.stalled {
+            return;
+        }
+        let before = state.name();
+        state.stalled = stalled;
+        let reason = stalled.then(|| {
+            format!(
+                "no progress for {:.0} s with {} events of the log past its checkpoint",
+                state
+                    .behind_since
+                    .map_or(0.0, |s| s.elapsed().as_secs_f64()),
+                log_head.saturating_sub(state.checkpoint)
+            )
+        });
+        if let Some(metrics) = &self.metrics {
+            metrics.set_stalled(name, reason.clone());
+        }
+        if let Some(reason) = &reason {
+            tracing::warn!(projection = name, reason = %reason, "projection stalled");
+        }
+        if before != state.name() {
+            self.announce(name, state);
+        }
+    }
+
     /// Redraws the lines and prints the periodic status, until the other end
     /// of `finished` is dropped.
     fn tick_until(&self, finished: &Receiver<()>) {
@@ -1243,6 +1320,7 @@ impl Live {
             let names: Vec<String> = names.into_iter().cloned().collect();
             for name in names {
                 let state = states.get_mut(&name).expect("a known projection");
+                self.judge_stall(&name, state);
                 if status_due {
                     let applied = state.processed.saturating_sub(state.processed_at_tick);
                     state.rate = applied as f64 / elapsed.as_secs_f64();

@@ -101,6 +101,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             metrics,
             max_lag,
             max_wait,
+            stall_after,
             late_window,
             on_late_event,
         } => run_follow(
@@ -110,6 +111,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                 metrics_addr: metrics.as_deref(),
                 max_lag: *max_lag,
                 max_wait: *max_wait,
+                stall_after: *stall_after,
                 late_window: *late_window,
                 on_late_event: *on_late_event,
             },

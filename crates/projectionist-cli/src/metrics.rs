@@ -30,6 +30,8 @@ struct Health {
     lag: u64,
     /// The hole its reads are held at, and since when.
     waiting: Option<(u64, Instant)>,
+    /// Stalled, with why.
+    stalled: Option<String>,
 }
 
 /// The follower's metrics.
@@ -201,6 +203,16 @@ impl Metrics {
         );
     }
 
+    /// Projection `name` is stalled (with why) or no longer.
+    pub(crate) fn set_stalled(&self, name: &str, reason: Option<String>) {
+        self.health
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(name.to_owned())
+            .or_default()
+            .stalled = reason;
+    }
+
     /// The store's connection is lost (`true`) or back.
     pub(crate) fn set_reconnecting(&self, reconnecting: bool) {
         let mut since = self
@@ -250,6 +262,8 @@ impl Metrics {
             .filter_map(|(name, h)| {
                 if h.failed {
                     Some(format!("{name}: failed"))
+                } else if let Some(reason) = &h.stalled {
+                    Some(format!("{name}: stalled ({reason})"))
                 } else if let Some((sequence, since)) = h.waiting
                     && since.elapsed() > self.max_wait
                 {

@@ -963,3 +963,66 @@ fn a_projection_blocked_at_reload_is_failed_visibly_and_recovers_when_unblocked(
     signal(&follower, "-TERM");
     assert_eq!(wait_exit(&mut follower).code(), Some(0));
 }
+
+/// Issue 23: a projection that stops advancing while the log holds events
+/// for it is `stalled`, and `/health` names it, after `--stall-after`; here
+/// another connection holds its file's write lock (well within the busy
+/// timeout). Once the lock goes, it catches up and all is healthy; nothing is
+/// lost.
+#[test]
+fn a_projection_that_does_not_advance_is_stalled_and_health_names_it() {
+    use projectionist::rusqlite::Connection;
+    let env = Env::new();
+    env.demo_log(1_000);
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut follower = env
+        .command(&[
+            "--quiet",
+            "follow",
+            "--metrics",
+            &addr,
+            "--stall-after",
+            "1s",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map(Reaped::new)
+        .unwrap();
+    wait_following(&env, &DEMO);
+    assert_eq!(http_get(&addr, "/health").0, 200);
+    let blocker = Connection::open(env.path("projections/order_summary.db")).unwrap();
+    blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    Connection::open(env.path("events.db"))
+        .unwrap()
+        .execute(
+            "INSERT INTO events (stream_id, stream_version, event_type, data) \
+             VALUES ('order-stall', 1, 'OrderPlaced', '{\"order_id\": \"stall\", \"customer_id\": \"c\"}')",
+            [],
+        )
+        .unwrap();
+    let deadline = Instant::now() + WAIT_MAX;
+    let body = loop {
+        let (code, body) = http_get(&addr, "/health");
+        if code == 503 && body.contains("order_summary: stalled") {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "never stalled: {code} {body}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(!body.contains("customer_stats"), "{body}");
+    blocker.execute_batch("ROLLBACK").unwrap();
+    drop(blocker);
+    let deadline = Instant::now() + WAIT_MAX;
+    loop {
+        let (code, body) = http_get(&addr, "/health");
+        if code == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never recovered: {code} {body}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    signal(&follower, "-TERM");
+    assert_eq!(wait_exit(&mut follower).code(), Some(0));
+    assert!(digests(&env) == fresh_digests(&env, "events.db"));
+}
