@@ -390,7 +390,7 @@ fn a_follower_rebuilds_and_rolls_back_on_request_from_another_process() {
     let out = env.run(&["rebuild", "--in-place", "order_summary"]);
     assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
     assert!(
-        stderr(&out).contains("locked by another process"),
+        stderr(&out).contains(&format!("locked by process {}", follower.id())),
         "{}",
         stderr(&out)
     );
@@ -820,7 +820,7 @@ fn a_refused_second_follower_leaves_the_first_ones_registration_alone() {
         "the second follower was not refused"
     );
     assert!(
-        stderr(&second).contains("locked by another process"),
+        stderr(&second).contains(&format!("locked by process {}", follower.id())),
         "{}",
         stderr(&second)
     );

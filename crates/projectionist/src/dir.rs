@@ -414,20 +414,29 @@ impl ProjectionDir {
             match file.try_lock() {
                 Ok(()) => {}
                 Err(TryLockError::WouldBlock) => {
+                    let holder = lock_holder(&path);
                     return Err(Error::Locked {
                         name: name.to_string(),
                         path,
+                        holder,
                     });
                 }
                 Err(TryLockError::Error(e)) => return Err(Error::io("lock", path)(e)),
             }
             if same_file(&file, &path) {
+                // Who holds it, for the message another process gets.
+                let mut file = file;
+                let _ = file.set_len(0).and_then(|()| {
+                    std::io::Write::write_all(&mut file, std::process::id().to_string().as_bytes())
+                });
                 return Ok(file);
             }
         }
+        let holder = lock_holder(&path);
         Err(Error::Locked {
             name: name.to_string(),
             path,
+            holder,
         })
     }
 
@@ -1054,4 +1063,9 @@ pub(crate) fn remove_file_if_exists(path: &Path) -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(Error::io("remove", path)(e)),
     }
+}
+
+/// The process id a lock holder wrote in its lock file, if any.
+fn lock_holder(path: &Path) -> Option<u32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }

@@ -42,12 +42,19 @@ pub enum Error {
     InvalidOptions(String),
 
     /// Another process (or another `ProjectionDir` in this one) writes this projection.
-    #[error("projection {name} is locked by another process (lock file {})", path.display())]
+    #[error(
+        "projection {name} is locked by {} (lock file {})",
+        holder.map_or("another process".to_owned(), |pid| format!("process {pid}")),
+        path.display()
+    )]
     Locked {
         /// The projection.
         name: String,
         /// The lock file.
         path: PathBuf,
+        /// The process that holds the lock, as it wrote in the lock file
+        /// (`None` when unknown: a holder of an earlier version).
+        holder: Option<u32>,
     },
 
     /// A file where a projection would live that is not recognisably a projection

@@ -520,9 +520,14 @@ fn refused_while_held(dir_path: &Path, holder_said: &str) -> Result<(), String> 
     }
     let dir = ProjectionDir::open(dir_path).unwrap();
     match dir.db("orders") {
-        Err(e @ Error::Locked { .. })
-            if e.to_string()
-                .contains("projection orders is locked by another process") => {}
+        // The message names the holder's process (it wrote it in the lock file).
+        Err(
+            e @ Error::Locked {
+                holder: Some(pid), ..
+            },
+        ) if pid != std::process::id()
+            && e.to_string()
+                .contains(&format!("projection orders is locked by process {pid}")) => {}
         other => return Err(format!("expected the lock error, got {other:?}")),
     }
     let third = run_child("hold-lock", &[path_str(dir_path), "orders"]);

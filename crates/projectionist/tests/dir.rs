@@ -408,8 +408,10 @@ fn a_second_directory_handle_gets_the_lock_error() {
     let err = second.db("orders").unwrap_err();
     assert!(matches!(err, Error::Locked { .. }), "{err:?}");
     assert!(
-        err.to_string()
-            .contains("projection orders is locked by another process"),
+        err.to_string().contains(&format!(
+            "projection orders is locked by process {}",
+            std::process::id()
+        )),
         "{err}"
     );
     let err = second.remove("orders").unwrap_err();
