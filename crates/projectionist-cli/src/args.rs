@@ -138,7 +138,7 @@ pub(crate) enum Command {
         timeout: std::time::Duration,
     },
     /// State, checkpoint, log head, lag, definition version and size per projection;
-    /// exits 4 when a projection is failed, corrupt, ahead of the store or not a projection.
+    /// exits 4 when a projection is failed, stalled, corrupt, ahead of the store or not a projection.
     Status {
         /// Also run SQLite's `PRAGMA quick_check` on every projection file (reads
         /// each file whole).

@@ -247,7 +247,8 @@ fn follow_epoch(
         head,
         context.metrics.clone(),
         context.stall_after,
-    );
+    )
+    .telling_status(dir.path());
     // A projection that cannot be opened (its shadow blocked, the disk full)
     // is failed, visibly (state, metrics, /health, and in its file for
     // `status`), and tried again with backoff: once the cause is gone, the
@@ -968,7 +969,8 @@ fn unregister(dir: &ProjectionDir, names: &[String]) {
     let own = std::process::id().to_string();
     for name in names {
         if let Ok(files) = VersionFiles::new(dir.path(), name)
-            && std::fs::read_to_string(&files.follower).is_ok_and(|pid| pid.trim() == own)
+            && std::fs::read_to_string(&files.follower)
+                .is_ok_and(|text| text.lines().next().is_some_and(|pid| pid.trim() == own))
         {
             let _ = std::fs::remove_file(&files.follower);
         }
@@ -1059,6 +1061,8 @@ impl State {
 /// The follower's display: bars and lines on a terminal, JSON lines, logs.
 struct Live {
     json: bool,
+    /// The projection directory, where states are told to `status`.
+    dir: Option<PathBuf>,
     multi: MultiProgress,
     bars: HashMap<String, ProgressBar>,
     states: Mutex<HashMap<String, State>>,
@@ -1110,6 +1114,7 @@ impl Live {
         }
         Live {
             json: cli.json,
+            dir: None,
             multi,
             bars,
             states: Mutex::new(states),
@@ -1259,6 +1264,50 @@ impl Live {
                 "error": state.failed, "waiting": state.waiting_json(),
             }));
         }
+        self.tell_status(name, state);
+    }
+
+    /// Writes the projection's state where `status` in another process reads
+    /// it: the second line of its `.{name}.follower` file (the first is this
+    /// process's id), replaced whole (a reader never sees it half written or
+    /// missing). Only for a projection this process registered.
+    fn tell_status(&self, name: &str, state: &State) {
+        let Some(dir) = &self.dir else { return };
+        let Ok(files) = VersionFiles::new(dir, name) else {
+            return;
+        };
+        let own = std::process::id().to_string();
+        let registered = std::fs::read_to_string(&files.follower)
+            .is_ok_and(|text| text.lines().next().is_some_and(|pid| pid.trim() == own));
+        if !registered {
+            return;
+        }
+        let reason = match (&state.failed, state.stalled) {
+            (Some(error), _) => Some(error.clone()),
+            (None, true) => state.behind_since.map(|since| {
+                format!(
+                    "no progress for {:.0} s while the log holds events past its checkpoint",
+                    since.elapsed().as_secs_f64()
+                )
+            }),
+            _ => None,
+        };
+        let line = serde_json::json!({
+            "state": state.name(), "reason": reason, "checkpoint": state.checkpoint,
+            "waiting": state.waiting_json(),
+        });
+        let temp = files.follower.with_extension("follower-new");
+        let written = write_own_file(&temp, &format!("{own}\n{line}\n"))
+            .and_then(|()| std::fs::rename(&temp, &files.follower));
+        if written.is_err() {
+            let _ = std::fs::remove_file(&temp);
+        }
+    }
+
+    /// States are also written for `status` in other processes.
+    fn telling_status(mut self, dir: &Path) -> Self {
+        self.dir = Some(dir.to_path_buf());
+        self
     }
 
     /// The store says the log's head is `head`.

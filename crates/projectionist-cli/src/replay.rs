@@ -115,6 +115,8 @@ pub(crate) fn ask_follower(
     let registered = VersionFiles::new(dir, name).ok()?.follower;
     let pid: u32 = std::fs::read_to_string(registered)
         .ok()?
+        .lines()
+        .next()?
         .trim()
         .parse()
         .ok()?;

@@ -72,6 +72,7 @@ pub(crate) fn run_status(cli: &Cli, check: bool) -> Result<(), Failure> {
                 .map_err(|e| fail(EXIT_STORE)(e.into()))?;
             held_at_hole(&mut row, store).map_err(fail(EXIT_STORE))?;
         }
+        follower_said(&mut row, &dir_path, name);
         rows.push(row);
     }
     ui::status_table(cli.json, &rows, head);
@@ -137,9 +138,41 @@ fn held_at_hole(row: &mut ui::StatusRow, store: &Store) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A running follower's own word on a projection it follows (the second line
+/// of `.{name}.follower`): `stalled`, `reconnecting` and `failed` are known
+/// only to it, and override what the file alone suggests.
+fn follower_said(row: &mut ui::StatusRow, dir: &Path, name: &str) {
+    if !matches!(row.state, "following" | "behind" | "current" | "waiting") {
+        return;
+    }
+    let Ok(files) = VersionFiles::new(dir, name) else {
+        return;
+    };
+    let Ok(text) = std::fs::read_to_string(&files.follower) else {
+        return;
+    };
+    let mut lines = text.lines();
+    let alive = lines
+        .next()
+        .and_then(|pid| pid.trim().parse().ok())
+        .is_some_and(process_alive);
+    let said: Option<serde_json::Value> = lines.next().and_then(|l| serde_json::from_str(l).ok());
+    let (true, Some(said)) = (alive, said) else {
+        return;
+    };
+    let state = match said["state"].as_str() {
+        Some("stalled") => "stalled",
+        Some("reconnecting") => "reconnecting",
+        Some("failed") => "failed",
+        _ => return,
+    };
+    row.state = state;
+    row.error = said["reason"].as_str().map(str::to_owned);
+}
+
 /// States that make `status` exit with 4.
-pub(crate) const STATES_FAILING_STATUS: [&str; 4] =
-    ["failed", "corrupt", "ahead", "not a projection"];
+pub(crate) const STATES_FAILING_STATUS: [&str; 5] =
+    ["failed", "corrupt", "ahead", "not a projection", "stalled"];
 
 /// One projection's row. States, first match wins: `not a projection`,
 /// `corrupt`, `not in config`, `rebuilding`, `resuming`, `following`, `failed`,

@@ -1011,6 +1011,19 @@ fn a_projection_that_does_not_advance_is_stalled_and_health_names_it() {
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(!body.contains("customer_stats"), "{body}");
+    // `status` in another process says the same, and exits 4.
+    let out = env.run(&["--json", "status"]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    let rows = json_lines(&out);
+    let stalled = row(&rows, "order_summary");
+    assert_eq!(stalled["state"], "stalled", "{stalled}");
+    assert!(
+        stalled["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("no progress")),
+        "{stalled}"
+    );
+    assert_eq!(row(&rows, "customer_stats")["state"], "following");
     blocker.execute_batch("ROLLBACK").unwrap();
     drop(blocker);
     let deadline = Instant::now() + WAIT_MAX;
