@@ -560,8 +560,14 @@ fn wait_for_digest(env: &Env, expected: &str, deadline: Instant, what: &str) {
 }
 
 fn live_checkpoint(env: &Env, name: &str) -> u64 {
+    file_checkpoint(env, &format!("{name}.db"), name)
+}
+
+/// The checkpoint of `name` in file `file` of the projection directory,
+/// read-only (0 when it cannot be read).
+fn file_checkpoint(env: &Env, file: &str, name: &str) -> u64 {
     Connection::open_with_flags(
-        env.path(&format!("projections/{name}.db")),
+        env.path(&format!("projections/{file}")),
         OpenFlags::SQLITE_OPEN_READ_ONLY,
     )
     .ok()
@@ -910,13 +916,7 @@ fn wait_returns_once_the_follower_applied_the_position_and_times_out_otherwise()
 
 /// The checkpoint in projection `name`'s shadow file (0 when there is none).
 fn shadow_checkpoint(env: &Env, name: &str) -> u64 {
-    Connection::open_with_flags(
-        env.path(&format!("projections/.{name}.shadow.db")),
-        OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .ok()
-    .and_then(|c| projectionist::SqliteCheckpoint::load_in(&c, name).ok())
-    .unwrap_or(0)
+    file_checkpoint(env, &format!(".{name}.shadow.db"), name)
 }
 
 /// Issue 23, finding 1: a definition change of one projection never holds
