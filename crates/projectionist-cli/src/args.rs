@@ -292,7 +292,7 @@ impl Workload {
 /// How log lines are written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub(crate) enum LogFormat {
-    /// One human-readable line per event.
+    /// One human-readable line per log record.
     Text,
     /// One JSON object per line.
     Json,

@@ -96,7 +96,7 @@ impl Metrics {
         );
         registry.register(
             "last_batch_latency_seconds",
-            "From the read of the oldest event of the last commit that applied events to that commit",
+            "Seconds from reading the oldest event of the last commit that applied events until that commit",
             batch_latency.clone(),
         );
         registry.register(

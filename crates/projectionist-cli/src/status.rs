@@ -26,8 +26,14 @@ pub(crate) fn run_status(cli: &Cli, check: bool) -> Result<(), Failure> {
         .clone()
         .unwrap_or_else(|| default_path(false, "projections"));
     // Without a store, status still shows the files; a store that exists but
-    // cannot be read is an error.
+    // cannot be read is an error, and so is a `--store` named but missing (a
+    // mistyped path must not look like a fine status).
     let spec = store_spec(cli, false);
+    if cli.store.is_some() && !Store::is_postgres(&spec) && !Path::new(&spec).exists() {
+        return Err(fail(EXIT_STORE)(anyhow!(
+            "event store {spec} does not exist (nothing was created)"
+        )));
+    }
     let store = if Store::is_postgres(&spec) || Path::new(&spec).exists() {
         Some(open_store(cli, false, &config)?)
     } else {

@@ -77,8 +77,13 @@ pub(crate) fn run_verify(
         } else {
             "nothing was published"
         };
+        let verb = if differing.len() == 1 {
+            "differs"
+        } else {
+            "differ"
+        };
         return Err(fail(EXIT_DIFFERENT)(anyhow!(
-            "{} differ from a fresh rebuild; {what}",
+            "{} {verb} from a fresh rebuild; {what}",
             differing.join(", ")
         )));
     }
@@ -245,7 +250,8 @@ pub(crate) fn run_rollback(cli: &Cli, name: &str) -> Result<(), Failure> {
     let error = |e: anyhow::Error| fail(code_of_error(&e))(e);
     let path = dir.file_path(name).map_err(|e| error(e.into()))?;
     if !path.exists() {
-        return Err(error(anyhow!(
+        // As `remove` of an unknown projection: a usage error.
+        return Err(fail(crate::app::EXIT_CONFIG)(anyhow!(
             "no projection {name} in {}",
             dir.path().display()
         )));

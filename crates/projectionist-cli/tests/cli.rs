@@ -110,6 +110,50 @@ fn missing_store_is_a_store_error() {
     assert!(!env.path("events.db").exists());
 }
 
+/// Issue 26, item 6: `status` with a `--store` that does not exist fails
+/// (exit 3) and creates nothing; without `--store`, a missing default store
+/// still shows the files with a warning. `rollback` of an unknown projection
+/// is a usage error (exit 2), as `remove` of one is.
+#[test]
+fn a_named_missing_store_fails_status_and_an_unknown_rollback_is_a_usage_error() {
+    let env = Env::new();
+    env.demo_log(100);
+    let out = env.run_bare(&[
+        "--store",
+        "mistyped.db",
+        "--dir",
+        "projections",
+        "--config",
+        "projections.toml",
+        "status",
+    ]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("mistyped.db does not exist"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!env.path("mistyped.db").exists());
+    std::fs::rename(env.path("events.db"), env.path("moved.db")).unwrap();
+    let out = env.run_bare(&[
+        "--dir",
+        "projections",
+        "--config",
+        "projections.toml",
+        "status",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("showing the projection files only"),
+        "{}",
+        stderr(&out)
+    );
+    let out = env.run(&["rollback", "nosuch"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let out = env.run(&["remove", "nosuch"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+}
+
 const GOOD_SCHEMA: &str = "schema = \"CREATE TABLE t (id TEXT PRIMARY KEY, n INTEGER)\"";
 
 #[test]

@@ -330,6 +330,11 @@ fn verify_reports_a_row_edited_by_hand_and_publishes_nothing() {
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     let text = stdout(&out);
     assert!(text.contains("differs from a fresh rebuild"), "{text}");
+    assert!(
+        stderr(&out).contains("order_summary differs from a fresh rebuild"),
+        "{}",
+        stderr(&out)
+    );
     assert!(text.contains("table orders"), "{text}");
     assert!(text.contains(&format!("changed ('{order}')")), "{text}");
     // Nothing published, nothing left behind.
