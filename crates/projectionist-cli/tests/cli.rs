@@ -57,6 +57,14 @@ fn subcommands_and_json_output() {
     );
     let results: Vec<_> = lines.iter().filter(|l| l["event"] == "result").collect();
     assert_eq!(results.len(), 2);
+    // Issue 26, item 5: progress lines are rate-limited (at most two a second
+    // per projection, and the last one): here far fewer than one per batch
+    // (4 batches of 500 per projection).
+    let per_projection = progress
+        .iter()
+        .filter(|l| l["projection"] == "order_summary")
+        .count();
+    assert!((1..4).contains(&per_projection), "{progress:?}");
     assert!(
         results
             .iter()
