@@ -359,3 +359,47 @@ fn typed_reads_return_what_a_filtered_plain_read_returns() {
         }
     }
 }
+
+/// Issue 26, item 9: another program's rows that no read would ever return
+/// are named, not skipped: a sequence that is NULL, 0 or negative fails the
+/// open; a NULL event type fails the typed read that meets it (it was
+/// passed over, and a rebuild processed 1,999 of 2,000 events with exit 0).
+#[test]
+fn foreign_rows_with_unreadable_sequences_or_types_are_named_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("foreign.db");
+    let conn = Connection::open(&path).unwrap();
+    conn.execute_batch(
+        "CREATE TABLE ev (seq INTEGER, stream TEXT, version INTEGER, kind TEXT, body TEXT);
+         CREATE INDEX ev_seq ON ev (seq);
+         INSERT INTO ev VALUES (1, 'a', 1, 'Made', '{}'), (2, 'a', 2, NULL, '{}'), (3, 'a', 3, 'Made', '{}');",
+    )
+    .unwrap();
+    let mapping = EventTableMapping {
+        table: "ev".into(),
+        sequence: "seq".into(),
+        stream_id: "stream".into(),
+        stream_version: "version".into(),
+        event_type: "kind".into(),
+        data: "body".into(),
+        metadata: None,
+        recorded_at: None,
+    };
+    let store = SqliteEventStore::open_mapped(&path, &mapping).unwrap();
+    let err =
+        GlobalReader::<Value>::read_after_types(&store, 0, 10, &["Made".to_owned()]).unwrap_err();
+    assert!(err.to_string().contains("event 2"), "{err}");
+    assert!(err.to_string().contains("NULL"), "{err}");
+    for bad in ["NULL", "0", "-5"] {
+        conn.execute_batch(&format!(
+            "UPDATE ev SET kind = 'Made'; DELETE FROM ev WHERE seq IS NULL OR seq <= 0;
+             INSERT INTO ev VALUES ({bad}, 'b', 1, 'Made', '{{}}');"
+        ))
+        .unwrap();
+        let err = SqliteEventStore::open_mapped(&path, &mapping).unwrap_err();
+        assert!(
+            err.to_string().contains("NULL, 0 or negative"),
+            "{bad}: {err}"
+        );
+    }
+}

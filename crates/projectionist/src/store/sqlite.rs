@@ -208,6 +208,7 @@ impl SqliteEventStore {
         conditions: &[RowCondition],
     ) -> Result<Self> {
         let (read_sql, head_sql) = mapping_sql(mapping, conditions)?;
+        refuse_unreadable_sequences(&path, &reader, mapping)?;
         let cache_kib = i64::try_from(STORE_READER_CACHE_KIB).unwrap_or(i64::MAX);
         reader
             .pragma_update(None, "cache_size", -cache_kib)
@@ -341,10 +342,17 @@ impl SqliteEventStore {
                 )));
             }
             previous = sequence;
-            if let Some(types) = event_types
-                && !type_is_one_of(row.get_ref(3).map_err(sql_err)?, types)
-            {
-                continue;
+            if let Some(types) = event_types {
+                let event_type = row.get_ref(3).map_err(sql_err)?;
+                // Every event has a type: a NULL one is not passed over silently.
+                if matches!(event_type, ValueRef::Null) {
+                    return Err(Error::CorruptStore(format!(
+                        "event {sequence}: its event type column is NULL"
+                    )));
+                }
+                if !type_is_one_of(event_type, types) {
+                    continue;
+                }
             }
             let stream_id = column_text(row.get_ref(1).map_err(sql_err)?, "stream_id")?;
             let stream_version = column_u64(row.get_ref(2).map_err(sql_err)?, "stream_version")?;
@@ -554,6 +562,37 @@ fn open_connection(path: &Path, flags: OpenFlags) -> Result<Connection> {
     conn.pragma_update(None, "synchronous", "FULL")
         .map_err(Error::sqlite(step()))?;
     Ok(conn)
+}
+
+/// Rows whose sequence is NULL, 0 or negative would never be read (reads
+/// ask for sequences above a checkpoint of 0 or more): a named error, not a
+/// silent skip. One indexed look when the column is indexed.
+fn refuse_unreadable_sequences(
+    path: &Path,
+    reader: &Connection,
+    mapping: &EventTableMapping,
+) -> Result<()> {
+    let ident = |name: &str| -> Result<String> { Ok(format!("[{}]", plain_identifier(name)?)) };
+    let (table, sequence) = (ident(&mapping.table)?, ident(&mapping.sequence)?);
+    let sql = format!(
+        "SELECT count(*) FROM (SELECT 1 FROM {table} WHERE {sequence} IS NULL OR {sequence} <= 0 LIMIT 1)"
+    );
+    let bad: i64 = match reader.query_row(&sql, [], |r| r.get(0)) {
+        Ok(bad) => bad,
+        // A missing table or column is reported by the read query's check.
+        Err(_) => return Ok(()),
+    };
+    if bad > 0 {
+        return Err(Error::NotAnEventStore {
+            store: path.display().to_string(),
+            reason: format!(
+                "table {:?} has rows whose sequence column {:?} is NULL, 0 or negative; every \
+                 event needs a sequence of 1 or more (those rows would never be read)",
+                mapping.table, mapping.sequence
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// The read and head queries for a mapping.
