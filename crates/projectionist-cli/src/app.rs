@@ -163,6 +163,17 @@ pub(crate) fn select<'c>(
 
 /// The command that continues where this one stopped, with the user's own
 /// `--store`, `--dir` and `--config` (or the demo's).
+/// How to run this program again, as printed in hints: the path it was
+/// started by when that has a directory in it (`cargo run` starts
+/// `target/release/projectionist`, which is not on the PATH), else
+/// `projectionist`.
+pub(crate) fn program_name() -> String {
+    std::env::args()
+        .next()
+        .filter(|program| program.contains(std::path::MAIN_SEPARATOR))
+        .unwrap_or_else(|| "projectionist".to_owned())
+}
+
 pub(crate) fn command_hint(cli: &Cli, demo: bool, command: &str) -> String {
     let config = match (&cli.config, demo) {
         (Some(path), _) => path.display().to_string(),
@@ -184,7 +195,8 @@ pub(crate) fn command_hint(cli: &Cli, demo: bool, command: &str) -> String {
         }
     };
     format!(
-        "projectionist --store {} --dir {} --config {} {command}",
+        "{} --store {} --dir {} --config {} {command}",
+        quote(&program_name()),
         quote(&store_spec(cli, demo)),
         quote(&dir.display().to_string()),
         quote(&config)

@@ -207,6 +207,9 @@ pub(crate) fn run_demo(cli: &Cli, n_events: u64, seed: u64) -> Result<(), Failur
         ui::sample_rows(&conn, projection.name.as_str()).map_err(fail(EXIT_PROJECTION))?;
     }
     out!("\nnext, for example: {}", command_hint(cli, true, "status"));
+    if crate::app::program_name() != "projectionist" {
+        out!("(to run it as `projectionist`: cargo install --path crates/projectionist-cli)");
+    }
     Ok(())
 }
 

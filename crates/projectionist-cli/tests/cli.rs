@@ -30,6 +30,24 @@ fn demo_generates_rebuilds_and_summarises() {
         .query_row("SELECT COUNT(*) FROM orders", [], |r| r.get(0))
         .unwrap();
     assert!(orders > 100, "{orders} orders");
+    // Issue 26, item 1: the printed next command works as printed (the binary
+    // was started by its path, as `cargo run` does), and says how to install.
+    let next = text
+        .lines()
+        .find_map(|l| l.strip_prefix("next, for example: "))
+        .unwrap_or_else(|| panic!("{text}"));
+    let args: Vec<&str> = next.split_whitespace().collect();
+    assert_eq!(args[0], env!("CARGO_BIN_EXE_projectionist"), "{next}");
+    let again = Command::new(args[0])
+        .current_dir(env.path(""))
+        .args(&args[1..])
+        .output()
+        .unwrap();
+    assert!(again.status.success(), "{next}: {}", stderr(&again));
+    assert!(
+        text.contains("cargo install --path crates/projectionist-cli"),
+        "{text}"
+    );
     // The config's deferred index is built when the run reaches the head.
     assert!(env.has_index("order_summary", "orders_by_customer"));
     // Deterministic: the same seed gives the same projections.
@@ -378,9 +396,10 @@ fn sigint_then_resume(in_place: bool) {
     assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
     // The hint carries the user's own options (issue 8, item 13).
     assert!(
-        stderr(&out).contains(
-            "run: projectionist --store events.db --dir projections --config projections.toml resume"
-        ),
+        stderr(&out).contains(&format!(
+            "run: {} --store events.db --dir projections --config projections.toml resume",
+            env!("CARGO_BIN_EXE_projectionist")
+        )),
         "{}",
         stderr(&out)
     );
