@@ -239,6 +239,7 @@ pub(crate) fn write_demo_config() -> Result<(), Failure> {
 /// The demo's store, empty: an SQLite file is recreated; a PostgreSQL store gets
 /// our schema and must have no events yet (the demo never deletes a server's data).
 pub(crate) fn open_demo_store(spec: &str) -> Result<Store, Failure> {
+    Store::refuse_other_urls(spec).map_err(fail(EXIT_STORE))?;
     if Store::is_postgres(spec) {
         let store = projectionist_postgres::PostgresEventStore::connect(spec)
             .map_err(|e| fail(EXIT_STORE)(e.into()))?;

@@ -29,6 +29,7 @@ pub(crate) fn run_status(cli: &Cli, check: bool) -> Result<(), Failure> {
     // cannot be read is an error, and so is a `--store` named but missing (a
     // mistyped path must not look like a fine status).
     let spec = store_spec(cli, false);
+    Store::refuse_other_urls(&spec).map_err(fail(EXIT_STORE))?;
     if cli.store.is_some() && !Store::is_postgres(&spec) && !Path::new(&spec).exists() {
         return Err(fail(EXIT_STORE)(anyhow!(
             "event store {spec} does not exist (nothing was created)"

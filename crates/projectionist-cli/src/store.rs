@@ -29,6 +29,20 @@ impl Store {
         spec.starts_with("postgres://") || spec.starts_with("postgresql://")
     }
 
+    /// A `--store` that looks like a URL of another scheme (`postgress://`,
+    /// `postgre://`, `http://`) is refused, naming what is read, rather than
+    /// taken for a file path.
+    pub fn refuse_other_urls(spec: &str) -> anyhow::Result<()> {
+        match spec.split_once("://") {
+            Some((scheme, _)) if !Self::is_postgres(spec) => Err(anyhow!(
+                "--store {spec:?} looks like a URL, but its scheme {scheme:?} is not one this \
+                 reads: PostgreSQL is postgres:// or postgresql://, and an SQLite store is a \
+                 file path"
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// Opens an existing store, through `mapping` when the config has a
     /// `[source]`; a missing SQLite file is an error, not a new empty log.
     /// `settle`: `[source]`'s `settle_ms` (PostgreSQL only); `conditions`:
@@ -39,6 +53,7 @@ impl Store {
         settle: std::time::Duration,
         conditions: &[RowCondition],
     ) -> anyhow::Result<Store> {
+        Self::refuse_other_urls(spec)?;
         if Self::is_postgres(spec) {
             let store = match mapping {
                 Some(mapping) => {

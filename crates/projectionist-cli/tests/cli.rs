@@ -176,6 +176,23 @@ fn a_named_missing_store_fails_status_and_an_unknown_rollback_is_a_usage_error()
     );
     let out = env.run(&["rollback", "nosuch"]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    // Item 7: a misspelt URL is not taken for a file path (nothing created).
+    for command in ["status", "demo", "rebuild"] {
+        let out = env.run_bare(&[
+            "--store",
+            "postgress://user@host/db",
+            "--config",
+            "projections.toml",
+            command,
+        ]);
+        assert_eq!(out.status.code(), Some(3), "{command}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("looks like a URL"),
+            "{}",
+            stderr(&out)
+        );
+    }
+    assert!(!env.path("postgress:").exists());
     let out = env.run(&["remove", "nosuch"]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
 }
