@@ -992,6 +992,8 @@ fn a_projection_that_does_not_advance_is_stalled_and_health_names_it() {
     wait_following(&env, &DEMO);
     assert_eq!(http_get(&addr, "/health").0, 200);
     let blocker = Connection::open(env.path("projections/order_summary.db")).unwrap();
+    // A commit of the follower's may be under way: wait for it, then hold.
+    blocker.busy_timeout(Duration::from_secs(5)).unwrap();
     blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
     Connection::open(env.path("events.db"))
         .unwrap()
