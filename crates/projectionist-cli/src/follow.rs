@@ -337,7 +337,7 @@ fn follow_epoch(
     std::thread::scope(|scope| {
         let live = &live;
         scope.spawn(move || live.tick_until(&until));
-        let late = LateWatch {
+        let late = StoreWatch {
             cli,
             dir,
             selected: &selected,
@@ -703,8 +703,9 @@ const LATE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// the store's own record).
 const OUTAGE_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 
-/// Looks for late events (PostgreSQL) and acts on them.
-struct LateWatch<'a> {
+/// Watches the store beside the run: its outage and reconnects, its head
+/// (for the stall judge), and late events (PostgreSQL), which it acts on.
+struct StoreWatch<'a> {
     cli: &'a Cli,
     dir: &'a ProjectionDir,
     selected: &'a [&'a SqlProjection],
@@ -712,7 +713,7 @@ struct LateWatch<'a> {
     action: OnLateEvent,
 }
 
-impl LateWatch<'_> {
+impl StoreWatch<'_> {
     /// Until `until` closes: every [`OUTAGE_CHECK_INTERVAL`], whether the
     /// store lost its connection (says `reconnecting`, then `reconnected`);
     /// every [`LATE_CHECK_INTERVAL`], late events. A failed look is left to

@@ -366,23 +366,8 @@ fn a_follower_rebuilds_and_rolls_back_on_request_from_another_process() {
     let env = Env::new();
     env.demo_log(5_000);
     let clean = env.digest("order_summary");
-    let follower = env
-        .command(&["--json", "follow"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .map(Reaped::new)
-        .unwrap();
-    let mut follower = follower;
-    // Wait until it follows.
-    let mut out = BufReader::new(follower.stdout.take().unwrap());
+    let follower = start_following(&env);
     let deadline = Instant::now() + Duration::from_secs(60);
-    let mut line = String::new();
-    while !line.contains("\"following\"") {
-        line.clear();
-        assert!(out.read_line(&mut line).unwrap() > 0 && Instant::now() < deadline);
-    }
-    std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
     // Drift: a row edited by hand behind the follower's back.
     Connection::open(env.path("projections/order_summary.db"))
         .unwrap()
@@ -806,21 +791,7 @@ fn links_planted_at_the_follower_and_request_files_are_not_written_through() {
 fn a_refused_second_follower_leaves_the_first_ones_registration_alone() {
     let env = Env::new();
     env.demo_log(2_000);
-    let mut follower = env
-        .command(&["--json", "follow"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .map(Reaped::new)
-        .unwrap();
-    let mut out = BufReader::new(follower.stdout.take().unwrap());
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut line = String::new();
-    while !line.contains("\"following\"") {
-        line.clear();
-        assert!(out.read_line(&mut line).unwrap() > 0 && Instant::now() < deadline);
-    }
-    std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+    let follower = start_following(&env);
     let registration = env.path("projections/.order_summary.follower");
     let registered_pid = || {
         std::fs::read_to_string(&registration)
@@ -1160,4 +1131,25 @@ fn a_failed_publish_is_shown_as_such_not_as_an_interrupted_rebuild() {
     let out = env.run(&["rebuild", "order_summary"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(row(&status_rows(&env), "order_summary")["shadow_error"].is_null());
+}
+
+/// A `--json follow` process, once it says a projection follows (its signal
+/// handler and request watch are set); the rest of its output is drained.
+fn start_following(env: &Env) -> Reaped {
+    let mut follower = env
+        .command(&["--json", "follow"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map(Reaped::new)
+        .unwrap();
+    let mut out = BufReader::new(follower.stdout.take().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut line = String::new();
+    while !line.contains("\"following\"") {
+        line.clear();
+        assert!(out.read_line(&mut line).unwrap() > 0 && Instant::now() < deadline);
+    }
+    std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+    follower
 }
