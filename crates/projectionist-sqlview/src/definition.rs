@@ -44,3 +44,26 @@ pub fn stored_definition(
     )
     .optional()
 }
+
+/// Records in the projection file behind `conn` that it is built from
+/// definition `version` with `hash` (replacing any record): what
+/// [`stored_definition`] reads back. A declared projection's handler records
+/// its own; a Rust handler's supervisor records the version its code declares.
+///
+/// # Errors
+/// SQLite errors writing the table.
+pub fn record_definition(
+    conn: &Connection,
+    version: u32,
+    hash: &str,
+) -> Result<(), projectionist::rusqlite::Error> {
+    conn.execute_batch(&format!(
+        "CREATE TABLE IF NOT EXISTS {DEFINITION_TABLE} (version INTEGER NOT NULL, hash TEXT NOT NULL);
+         DELETE FROM {DEFINITION_TABLE};"
+    ))?;
+    conn.execute(
+        &format!("INSERT INTO {DEFINITION_TABLE} (version, hash) VALUES (?1, ?2)"),
+        (version, hash),
+    )?;
+    Ok(())
+}

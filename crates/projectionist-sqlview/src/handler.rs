@@ -13,7 +13,7 @@ use crate::payload::{Child, Leaf, RawObject, decode_leaf};
 
 use crate::config::{SqlProjection, Statement};
 use crate::confine::Confinement;
-use crate::definition::{DEFINITION_TABLE, stored_definition};
+use crate::definition::{record_definition, stored_definition};
 use crate::params::{Envelope, Param, ValueKind};
 
 /// Prepared statements kept per projection connection beyond the projection's own
@@ -24,7 +24,7 @@ const STATEMENT_CACHE_SPARE: usize = 16;
 /// projection's own tables (see `confine.rs`).
 #[derive(Clone, Debug)]
 pub struct SqlHandler<'a> {
-    projection: &'a SqlProjection,
+    projection: Cow<'a, SqlProjection>,
     confinement: Confinement,
 }
 
@@ -33,7 +33,19 @@ impl<'a> SqlHandler<'a> {
     #[must_use]
     pub fn new(projection: &'a SqlProjection) -> Self {
         SqlHandler {
-            projection,
+            projection: Cow::Borrowed(projection),
+            confinement: Confinement::default(),
+        }
+    }
+}
+
+impl SqlHandler<'static> {
+    /// A handler that owns its projection: for a handler moved into a thread
+    /// of its own (as the supervisor of `projectionist-runner` does).
+    #[must_use]
+    pub fn owned(projection: SqlProjection) -> Self {
+        SqlHandler {
+            projection: Cow::Owned(projection),
             confinement: Confinement::default(),
         }
     }
@@ -79,13 +91,7 @@ impl SqlHandler<'_> {
                         )
                     })?;
                 }
-                tx.execute_batch(&format!(
-                    "CREATE TABLE IF NOT EXISTS {DEFINITION_TABLE} (version INTEGER NOT NULL, hash TEXT NOT NULL)"
-                ))?;
-                tx.execute(
-                    &format!("INSERT INTO {DEFINITION_TABLE} (version, hash) VALUES (?1, ?2)"),
-                    (self.projection.version, &self.projection.hash),
-                )?;
+                record_definition(tx, self.projection.version, &self.projection.hash)?;
                 Ok(())
             }
         }

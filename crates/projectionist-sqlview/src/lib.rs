@@ -69,7 +69,7 @@ mod payload;
 pub use config::{
     ConfigError, PRESETS, ProjectionsConfig, SOURCE_SETTLE_MAX, SqlProjection, Statement,
 };
-pub use definition::{DEFINITION_TABLE, StoredDefinition, stored_definition};
+pub use definition::{DEFINITION_TABLE, StoredDefinition, record_definition, stored_definition};
 pub use handler::SqlHandler;
 pub use params::{Envelope, Param, ValueKind};
 

@@ -1,0 +1,993 @@
+//! The supervisor: one thread per projection running its lifecycle (open,
+//! catch up, follow, build a new version in the shadow and publish it, serve
+//! requests, retry what can be retried), and one watching the log's head to
+//! judge stalls. Projections share nothing but the store and the directory,
+//! so nothing one of them does (a shadow build, a failure, a lock held on its
+//! file) holds back another's following.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use projectionist::{
+    CancelToken, CheckpointLocation, GlobalReader, Progress, ProjectionDb, ProjectionDir,
+    ProjectionTarget, PublishOptions, Published, RebuildOptions, SqliteCheckpoint,
+};
+
+use crate::place::{
+    Placement, Plan, is_store_failure, is_transient, open_for_run, place, record_publish_failure,
+};
+use crate::projection::Supervised;
+use crate::state::{Event, State, Status, WaitReason};
+
+/// How long a projection may not advance while the log holds events past its
+/// checkpoint before it is `stalled` (a hole wait or a lost connection aside):
+/// far above any batch's commit time, short enough that an operator hears of
+/// a stuck projection within a minute.
+pub const STALL_AFTER_DEFAULT: Duration = Duration::from_secs(30);
+
+/// How often the supervisor looks up the log's head for the stall judge: one
+/// cheap query per interval.
+const HEAD_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The first wait before a cause that can go away (a file that cannot be
+/// opened, a failed publish, an unreadable store) is tried again; it doubles
+/// up to [`RETRY_BACKOFF_MAX`].
+const RETRY_BACKOFF_MIN: Duration = Duration::from_millis(250);
+
+/// The longest wait between two tries: a cause that went away (disk freed, an
+/// obstacle removed, the server back) is noticed within this long.
+const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// How often a waiting lifecycle looks whether the supervisor stops.
+const STOP_POLL_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Called with every [`Event`], on the thread that caused it.
+pub type EventFn = dyn Fn(&Event) + Send + Sync;
+
+/// Tells whether the store is cut off (a lost connection being made again),
+/// with its error; see [`SupervisorBuilder::outage`].
+pub type OutageFn = dyn Fn() -> Option<String> + Send + Sync;
+
+/// What the supervisor's handle reports as wrong.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// From the engine, the directory or a projection file.
+    #[error(transparent)]
+    Core(#[from] projectionist::Error),
+    /// No supervised projection has this name.
+    #[error("no projection named {0} is supervised")]
+    NoSuchProjection(String),
+    /// A thread of the supervisor could not be started.
+    #[error("cannot start a supervisor thread: {0}")]
+    Thread(std::io::Error),
+    /// The request's action failed (the rebuild failed, a rollback came
+    /// first, the projection is left as it is on purpose).
+    #[error("{0}")]
+    Failed(String),
+    /// The supervisor stopped before the request was served.
+    #[error("the supervisor stopped before projection {0}'s request was served")]
+    Stopped(String),
+}
+
+/// A request to a supervised projection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Request {
+    /// Build it again from the start of the log (in its shadow when its live
+    /// file serves a built version), publish it, and follow on.
+    Rebuild,
+    /// Restore the previous version kept by the last publish.
+    Rollback,
+}
+
+/// What a request did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Outcome {
+    /// Rebuilt: published from the shadow (`published`), or, for a file that
+    /// served nothing yet, rebuilt in place up to `checkpoint`.
+    Rebuilt {
+        /// The live file's checkpoint when the rebuild reached the head.
+        checkpoint: u64,
+        /// The publish, for a rebuild in the shadow.
+        published: Option<Published>,
+    },
+    /// Rolled back to the previous version.
+    RolledBack {
+        /// The restore.
+        published: Published,
+        /// Whether the supervisor follows the restored version on: not when it
+        /// was built from another definition than the current one (it is left
+        /// as it is, `stopped` with the reason, until a rebuild).
+        follows: bool,
+    },
+}
+
+struct Command {
+    request: Request,
+    reply: Sender<Result<Outcome, Error>>,
+}
+
+/// Builds a [`Supervisor`].
+pub struct SupervisorBuilder<E> {
+    reader: Arc<dyn GlobalReader<E>>,
+    dir: ProjectionDir,
+    projections: Vec<Supervised<E>>,
+    batch_size: u32,
+    stall_after: Duration,
+    on_event: Option<Arc<EventFn>>,
+    outage: Option<Arc<OutageFn>>,
+}
+
+impl<E: Send + Sync + 'static> SupervisorBuilder<E> {
+    /// Adds a projection.
+    #[must_use]
+    pub fn projection(mut self, projection: Supervised<E>) -> Self {
+        self.projections.push(projection);
+        self
+    }
+
+    /// Events per batch (0: the default, see
+    /// [`validate_batch_size`](projectionist::validate_batch_size)).
+    #[must_use]
+    pub fn batch_size(mut self, batch_size: u32) -> Self {
+        self.batch_size = batch_size;
+        self
+    }
+
+    /// How long a projection may not advance while events wait before it is
+    /// `stalled` (default [`STALL_AFTER_DEFAULT`]).
+    #[must_use]
+    pub fn stall_after(mut self, stall_after: Duration) -> Self {
+        self.stall_after = stall_after;
+        self
+    }
+
+    /// Called with every [`Event`] (state changes, progress, publishes), on
+    /// the supervisor's threads: keep it short.
+    #[must_use]
+    pub fn on_event(mut self, on_event: impl Fn(&Event) + Send + Sync + 'static) -> Self {
+        self.on_event = Some(Arc::new(on_event));
+        self
+    }
+
+    /// How to tell that the store has lost its connection and is making it
+    /// again (e.g. [`PostgresEventStore::outage`]), so that projections show
+    /// `reconnecting` rather than `stalled` meanwhile.
+    ///
+    /// [`PostgresEventStore::outage`]: https://docs.rs/projectionist-postgres
+    #[must_use]
+    pub fn outage(mut self, outage: impl Fn() -> Option<String> + Send + Sync + 'static) -> Self {
+        self.outage = Some(Arc::new(outage));
+        self
+    }
+
+    /// Starts supervising: each projection's thread opens it and runs it.
+    ///
+    /// # Errors
+    /// [`projectionist::Error::InvalidOptions`] for a batch size past the
+    /// bound or two projections of one name.
+    pub fn start(self) -> Result<Supervisor, Error> {
+        let batch_size = projectionist::validate_batch_size(self.batch_size)?;
+        let mut entries = BTreeMap::new();
+        for projection in &self.projections {
+            let name = projection.name().to_owned();
+            if entries.contains_key(&name) {
+                return Err(projectionist::Error::InvalidOptions(format!(
+                    "projection {name} is supervised twice"
+                ))
+                .into());
+            }
+            entries.insert(name.clone(), Entry::new(name));
+        }
+        let shared = Arc::new(Shared {
+            entries: Mutex::new(entries),
+            changed: Condvar::new(),
+            stop: CancelToken::new(),
+            log_head: AtomicU64::new(0),
+            stall_after: self.stall_after,
+            on_event: self.on_event,
+            outage: self.outage,
+        });
+        let dir = Arc::new(self.dir);
+        let mut threads = Vec::new();
+        let mut commands = BTreeMap::new();
+        for projection in self.projections {
+            let (send, receive) = mpsc::channel();
+            commands.insert(projection.name().to_owned(), send);
+            let lifecycle = Lifecycle {
+                shared: Arc::clone(&shared),
+                dir: Arc::clone(&dir),
+                reader: Arc::clone(&self.reader),
+                batch_size,
+                commands: receive,
+                pending: None,
+                rebuilds: Vec::new(),
+            };
+            let name = format!("pj-{}", projection.name());
+            threads.push(
+                std::thread::Builder::new()
+                    .name(name)
+                    .spawn(move || lifecycle.run(projection))
+                    .map_err(Error::Thread)?,
+            );
+        }
+        let watch = HeadWatch {
+            shared: Arc::clone(&shared),
+            reader: self.reader,
+        };
+        threads.push(
+            std::thread::Builder::new()
+                .name("pj-head".into())
+                .spawn(move || watch.run())
+                .map_err(Error::Thread)?,
+        );
+        Ok(Supervisor {
+            shared,
+            dir,
+            commands,
+            threads,
+        })
+    }
+}
+
+/// Runs projections in this process, as `projectionist follow` does: each is
+/// caught up, then follows the log; one whose definition changed is rebuilt
+/// in its shadow and published while its live file serves the old version;
+/// requests ([`Supervisor::request`]) are served one at a time per projection,
+/// each answered with its own outcome. Dropping it stops it as
+/// [`Supervisor::shutdown`] does.
+pub struct Supervisor {
+    shared: Arc<Shared>,
+    dir: Arc<ProjectionDir>,
+    commands: BTreeMap<String, Sender<Command>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Supervisor {
+    /// A supervisor of projections in `dir` (created when missing), reading
+    /// `reader`. Add projections with [`SupervisorBuilder::projection`], then
+    /// [`SupervisorBuilder::start`].
+    ///
+    /// # Errors
+    /// As [`ProjectionDir::open`].
+    pub fn builder<E: Send + Sync + 'static>(
+        reader: Arc<dyn GlobalReader<E>>,
+        dir: impl AsRef<Path>,
+    ) -> Result<SupervisorBuilder<E>, Error> {
+        Ok(SupervisorBuilder {
+            reader,
+            dir: ProjectionDir::open(dir)?,
+            projections: Vec::new(),
+            batch_size: 0,
+            stall_after: STALL_AFTER_DEFAULT,
+            on_event: None,
+            outage: None,
+        })
+    }
+
+    /// Every projection's state, by name.
+    #[must_use]
+    pub fn status(&self) -> Vec<Status> {
+        self.shared
+            .lock()
+            .values()
+            .map(|entry| entry.status.clone())
+            .collect()
+    }
+
+    /// One projection's state.
+    ///
+    /// # Errors
+    /// [`Error::NoSuchProjection`].
+    pub fn status_of(&self, name: &str) -> Result<Status, Error> {
+        self.shared
+            .lock()
+            .get(name)
+            .map(|entry| entry.status.clone())
+            .ok_or_else(|| Error::NoSuchProjection(name.to_owned()))
+    }
+
+    /// The projections that an operator must look at, with why: `stalled`,
+    /// `failed` or `reconnecting` (what `/health` answers 503 for).
+    #[must_use]
+    pub fn unhealthy(&self) -> Vec<(String, String)> {
+        self.status()
+            .into_iter()
+            .filter(|s| !s.state.is_healthy())
+            .map(|s| {
+                let reason = s.state.reason().unwrap_or_default();
+                (s.name, format!("{}: {reason}", s.state.name()))
+            })
+            .collect()
+    }
+
+    /// The directory of the projection files (for readers:
+    /// [`ProjectionDb::open_reader`] through [`ProjectionDir::db`]).
+    #[must_use]
+    pub fn dir(&self) -> &ProjectionDir {
+        &self.dir
+    }
+
+    /// Waits until projection `name`'s live file has committed `position`
+    /// (read-your-writes: append, then wait for the sequence the append
+    /// returned before reading the projection). Returns its checkpoint.
+    ///
+    /// # Errors
+    /// [`projectionist::Error::WaitTimedOut`] when `timeout` passes first;
+    /// [`Error::NoSuchProjection`].
+    pub fn wait_for(&self, name: &str, position: u64, timeout: Duration) -> Result<u64, Error> {
+        let started = Instant::now();
+        let mut entries = self.shared.lock();
+        loop {
+            let entry = entries
+                .get(name)
+                .ok_or_else(|| Error::NoSuchProjection(name.to_owned()))?;
+            let checkpoint = entry.status.checkpoint;
+            if checkpoint >= position {
+                return Ok(checkpoint);
+            }
+            let waited = started.elapsed();
+            if waited >= timeout {
+                return Err(projectionist::Error::WaitTimedOut {
+                    name: name.to_owned(),
+                    position,
+                    checkpoint,
+                    waited,
+                }
+                .into());
+            }
+            entries = self
+                .shared
+                .changed
+                .wait_timeout(entries, timeout - waited)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    /// Hands `request` to projection `name` and waits for its outcome: its
+    /// run ends at the next batch boundary (all applied events committed),
+    /// the request is served, and the projection goes on. Requests to one
+    /// projection are served one at a time, in order; each gets its own
+    /// answer. A rebuild answers once its new version is published (or, for
+    /// a file that served nothing yet, has reached the head).
+    ///
+    /// # Errors
+    /// [`Error::NoSuchProjection`]; [`Error::Stopped`] when the supervisor
+    /// stops first; what the request failed with (no previous version to
+    /// roll back to, the disk full, ...).
+    pub fn request(&self, name: &str, request: Request) -> Result<Outcome, Error> {
+        let commands = self
+            .commands
+            .get(name)
+            .ok_or_else(|| Error::NoSuchProjection(name.to_owned()))?;
+        let (reply, answer) = mpsc::channel();
+        commands
+            .send(Command { request, reply })
+            .map_err(|_| Error::Stopped(name.to_owned()))?;
+        if let Some(entry) = self.shared.lock().get(name) {
+            entry.round.cancel();
+        }
+        answer.recv().map_err(|_| Error::Stopped(name.to_owned()))?
+    }
+
+    /// Stops every projection at its next batch boundary (all applied events
+    /// committed) and returns their last states.
+    pub fn shutdown(mut self) -> Vec<Status> {
+        self.stop();
+        self.status()
+    }
+
+    fn stop(&mut self) {
+        self.shared.stop.cancel();
+        for entry in self.shared.lock().values() {
+            entry.round.cancel();
+        }
+        self.shared.changed.notify_all();
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// What every thread of a supervisor shares.
+struct Shared {
+    entries: Mutex<BTreeMap<String, Entry>>,
+    /// Notified on every change of an entry (for [`Supervisor::wait_for`]).
+    changed: Condvar,
+    stop: CancelToken,
+    /// The log's head as last looked up.
+    log_head: AtomicU64,
+    stall_after: Duration,
+    on_event: Option<Arc<EventFn>>,
+    outage: Option<Arc<OutageFn>>,
+}
+
+/// One projection as the supervisor knows it.
+struct Entry {
+    /// What the handle shows (its state derived from the fields below).
+    status: Status,
+    /// The state its lifecycle set.
+    base: State,
+    /// The store is cut off (from the outage hook), with its error.
+    outage: Option<String>,
+    /// Behind the log without advancing since then.
+    behind_since: Option<Instant>,
+    stalled: Option<String>,
+    /// The current run's token: a request or the stop ends the run.
+    round: CancelToken,
+}
+
+impl Entry {
+    fn new(name: String) -> Self {
+        Entry {
+            status: Status {
+                name,
+                state: State::Starting,
+                checkpoint: 0,
+                head: 0,
+                shadow_checkpoint: None,
+                processed: 0,
+            },
+            base: State::Starting,
+            outage: None,
+            behind_since: None,
+            stalled: None,
+            round: CancelToken::new(),
+        }
+    }
+
+    /// The state shown: an end state as set; otherwise a lost connection, then
+    /// a stall, before what the lifecycle does.
+    fn derived(&self) -> State {
+        match (&self.base, &self.outage, &self.stalled) {
+            (State::Failed { .. } | State::Stopped { .. } | State::Publishing, _, _) => {
+                self.base.clone()
+            }
+            (_, Some(error), _) => State::Reconnecting {
+                error: error.clone(),
+            },
+            (_, None, Some(reason)) => State::Stalled {
+                reason: reason.clone(),
+            },
+            _ => self.base.clone(),
+        }
+    }
+
+    /// Derives the shown state again; the event to send when it changed.
+    fn refresh(&mut self) -> Option<Event> {
+        let state = self.derived();
+        if state == self.status.state
+            || (state.name() == self.status.state.name()
+                && matches!(state, State::Waiting(_) | State::CatchingUp))
+        {
+            self.status.state = state;
+            return None;
+        }
+        self.status.state = state;
+        Some(Event::State(self.status.clone()))
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Entry>> {
+        self.entries.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn emit(&self, event: &Event) {
+        if let Some(on_event) = &self.on_event {
+            on_event(event);
+        }
+    }
+
+    /// Changes projection `name`'s entry with `f`, then tells listeners.
+    fn update(&self, name: &str, f: impl FnOnce(&mut Entry)) {
+        let event = {
+            let mut entries = self.lock();
+            let Some(entry) = entries.get_mut(name) else {
+                return;
+            };
+            f(entry);
+            entry.refresh()
+        };
+        self.changed.notify_all();
+        if let Some(event) = event {
+            self.state_logged(&event);
+            self.emit(&event);
+        }
+    }
+
+    fn set_state(&self, name: &str, state: State) {
+        self.update(name, |entry| entry.base = state);
+    }
+
+    fn state_logged(&self, event: &Event) {
+        let Event::State(status) = event else { return };
+        match &status.state {
+            State::Failed { error, retrying } => {
+                tracing::error!(projection = %status.name, error = %error, retrying, "projection failed; the others go on");
+            }
+            State::Stalled { reason } => {
+                tracing::warn!(projection = %status.name, reason = %reason, "projection stalled");
+            }
+            state => tracing::info!(
+                projection = %status.name,
+                state = state.name(),
+                checkpoint = status.checkpoint,
+                lag = status.lag(),
+                "projection state"
+            ),
+        }
+    }
+
+    /// One report from the engine about projection `name`'s run.
+    fn progress(&self, name: &str, p: &Progress, in_shadow: bool) {
+        self.update(name, |entry| {
+            let status = &mut entry.status;
+            let before = status.shadow_checkpoint.unwrap_or(status.checkpoint);
+            if in_shadow {
+                status.shadow_checkpoint = Some(p.checkpoint);
+            } else {
+                status.checkpoint = p.checkpoint;
+            }
+            if p.checkpoint > before {
+                entry.behind_since = None;
+                entry.stalled = None;
+            }
+            status.head = status.head.max(p.total).max(p.checkpoint);
+            status.processed = status.processed.max(p.processed);
+            entry.base = match (&p.err, p.hole_wait) {
+                (Some(error), _) => State::Failed {
+                    error: error.clone(),
+                    retrying: false,
+                },
+                (None, Some(wait)) => State::Waiting(WaitReason::Hole {
+                    sequence: wait.sequence,
+                    since: wait.since,
+                }),
+                (None, None) if in_shadow => State::BuildingShadow,
+                (None, None) if p.following => State::Following,
+                (None, None) => State::CatchingUp,
+            };
+        });
+        self.emit(&Event::Progress(p.clone()));
+    }
+
+    /// Waits `duration`, or less when the supervisor stops or `commands`
+    /// has a request (taken into `pending`).
+    fn pause(
+        &self,
+        duration: Duration,
+        commands: &Receiver<Command>,
+        pending: &mut Option<Command>,
+    ) {
+        let until = Instant::now() + duration;
+        while !self.stop.is_cancelled() && pending.is_none() {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            match commands.recv_timeout(left.min(STOP_POLL_INTERVAL)) {
+                Ok(command) => *pending = Some(command),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+        }
+    }
+}
+
+/// One projection's lifecycle, on its own thread.
+struct Lifecycle<E> {
+    shared: Arc<Shared>,
+    dir: Arc<ProjectionDir>,
+    reader: Arc<dyn GlobalReader<E>>,
+    batch_size: u32,
+    commands: Receiver<Command>,
+    /// A request taken from `commands`, not acted on yet.
+    pending: Option<Command>,
+    /// Rebuild requests being served: answered when the rebuild is
+    /// published (or reached the head in place), or failed.
+    rebuilds: Vec<Sender<Result<Outcome, Error>>>,
+}
+
+/// How one run of a projection ended.
+enum RunEnd {
+    /// Go on: open again, serve the pending request, run again.
+    Again,
+    /// Wait for a request or the stop before going on.
+    Parked,
+    /// Try again after the backoff.
+    Retry,
+}
+
+impl<E: Send + Sync + 'static> Lifecycle<E> {
+    fn run(mut self, mut projection: Supervised<E>) {
+        let name = projection.name().to_owned();
+        let mut backoff = RETRY_BACKOFF_MIN;
+        let mut rebuild = false;
+        loop {
+            if self.shared.stop.is_cancelled() {
+                break;
+            }
+            if self.pending.is_none() {
+                self.pending = self.commands.try_recv().ok();
+            }
+            match self.pending.take() {
+                Some(Command {
+                    request: Request::Rollback,
+                    reply,
+                }) => {
+                    self.roll_back(&projection, &reply);
+                    rebuild = false;
+                    continue;
+                }
+                Some(Command {
+                    request: Request::Rebuild,
+                    reply,
+                }) => {
+                    self.rebuilds.push(reply);
+                    rebuild = true;
+                }
+                None => {}
+            }
+            let end = self.run_once(&mut projection, &mut rebuild);
+            match end {
+                RunEnd::Again => backoff = RETRY_BACKOFF_MIN,
+                RunEnd::Retry => {
+                    self.shared
+                        .pause(backoff, &self.commands, &mut self.pending);
+                    backoff = (backoff * 2).min(RETRY_BACKOFF_MAX);
+                }
+                RunEnd::Parked => {
+                    while self.pending.is_none() && !self.shared.stop.is_cancelled() {
+                        self.shared
+                            .pause(RETRY_BACKOFF_MAX, &self.commands, &mut self.pending);
+                    }
+                }
+            }
+        }
+        let unserved = self.pending.take().map(|c| c.reply);
+        for reply in self.rebuilds.drain(..).chain(unserved) {
+            let _ = reply.send(Err(Error::Stopped(name.clone())));
+        }
+        self.shared.update(&name, |entry| {
+            if !matches!(entry.base, State::Failed { .. } | State::Stopped { .. }) {
+                entry.base = State::Stopped { reason: None };
+            }
+            entry.outage = None;
+            entry.stalled = None;
+        });
+    }
+
+    /// Answers every rebuild request being served.
+    fn answer_rebuilds(&mut self, outcome: &Result<Outcome, String>) {
+        for reply in self.rebuilds.drain(..) {
+            let _ = reply.send(match outcome {
+                Ok(outcome) => Ok(outcome.clone()),
+                Err(error) => Err(Error::Failed(error.clone())),
+            });
+        }
+    }
+
+    /// Opens the projection, decides where it runs (`rebuild`: from scratch,
+    /// asked for; cleared once placed), and runs it until the stop, a
+    /// request, a caught-up shadow or an error.
+    fn run_once(&mut self, projection: &mut Supervised<E>, rebuild: &mut bool) -> RunEnd {
+        let name = projection.name().to_owned();
+        let head = self.reader.head().ok();
+        let plan = Plan::Resume {
+            rebuild_requested: *rebuild,
+        };
+        let placed = open_for_run(&self.dir, &name).and_then(|opened| {
+            if let Some((reason, path)) = opened.moved_aside {
+                tracing::warn!(projection = %name, reason = %reason, path = %path.display(), "the projection file was corrupt; moved it aside and rebuilding it");
+                self.shared.emit(&Event::MovedAside {
+                    name: name.clone(),
+                    reason,
+                    path,
+                });
+            }
+            let stale = |conn: &projectionist::rusqlite::Connection| projection.is_stale(conn);
+            let placement = place(&self.dir, &opened.db, &stale, plan, head)?;
+            Ok((opened.db, placement))
+        });
+        let (live, placement) = match placed {
+            Ok(placed) => placed,
+            Err(e) => {
+                let error = format!("{e} (tried again with backoff)");
+                if let Ok(db) = self.dir.db(&name) {
+                    let _ = db.with_connection(|conn| {
+                        projectionist::record_failure(conn, &name, &error)
+                    });
+                }
+                self.shared.set_state(
+                    &name,
+                    State::Failed {
+                        error,
+                        retrying: true,
+                    },
+                );
+                return RunEnd::Retry;
+            }
+        };
+        // Placed: a rebuild asked for starts now; an interrupted one resumes.
+        *rebuild = false;
+        let live_checkpoint = live
+            .with_connection(|conn| SqliteCheckpoint::load_in(conn, &name))
+            .unwrap_or(0);
+        let (writes, start, in_shadow) = match placement {
+            Placement::Held { reason } => {
+                self.shared.update(&name, |entry| {
+                    entry.status.checkpoint = live_checkpoint;
+                    entry.status.shadow_checkpoint = None;
+                    entry.base = State::Stopped {
+                        reason: Some(reason.clone()),
+                    };
+                });
+                self.answer_rebuilds(&Err(reason));
+                return RunEnd::Parked;
+            }
+            Placement::Run {
+                writes,
+                start,
+                in_shadow,
+            } => (writes, start, in_shadow),
+        };
+        self.shared.update(&name, |entry| {
+            entry.status.checkpoint = live_checkpoint;
+            entry.status.shadow_checkpoint = in_shadow.then_some(0);
+            entry.base = if in_shadow {
+                State::BuildingShadow
+            } else {
+                State::CatchingUp
+            };
+        });
+        let round = CancelToken::new();
+        self.shared.update(&name, |entry| entry.round = round.clone());
+        // A request sent before this round's token was in place.
+        if self.pending.is_none() {
+            self.pending = self.commands.try_recv().ok();
+        }
+        if self.shared.stop.is_cancelled() || self.pending.is_some() {
+            round.cancel();
+        }
+        // A rebuild in place (the file served nothing yet) is answered when
+        // it reaches the head.
+        let in_place = if in_shadow {
+            Vec::new()
+        } else {
+            std::mem::take(&mut self.rebuilds)
+        };
+        let in_place = Mutex::new(in_place);
+        let caught_up = AtomicBool::new(false);
+        let shared = Arc::clone(&self.shared);
+        let progress = |p: &Progress| {
+            shared.progress(&name, p, in_shadow);
+            if !p.following || caught_up.swap(true, Ordering::SeqCst) {
+                return;
+            }
+            if in_shadow {
+                // Caught up: end the run to publish.
+                round.cancel();
+            }
+            for reply in in_place
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .drain(..)
+            {
+                let _ = reply.send(Ok(Outcome::Rebuilt {
+                    checkpoint: p.checkpoint,
+                    published: None,
+                }));
+            }
+        };
+        let options = RebuildOptions {
+            batch_size: self.batch_size,
+            commit_interval: projectionist::limits::COMMIT_INTERVAL_DEFAULT,
+            progress: Some(&progress),
+            cancel: None,
+            step_hook: None,
+            commit_guard: None,
+        };
+        let target = ProjectionTarget {
+            db: &writes,
+            handler: &mut *projection.handler,
+            checkpoint: CheckpointLocation::InFile,
+            consumer_id: &name,
+        };
+        let result = projectionist::follow(&*self.reader, vec![(target, start)], &options, &round)
+            .pop()
+            .expect("one result per projection");
+        // Ended before the head: served by a later run.
+        self.rebuilds
+            .extend(in_place.into_inner().unwrap_or_else(PoisonError::into_inner));
+        match result {
+            Ok(_) if in_shadow && caught_up.load(Ordering::SeqCst) => {
+                self.publish(&name, &writes)
+            }
+            Ok(_) => RunEnd::Again,
+            Err(e) if is_store_failure(&e) => {
+                self.shared.update(&name, |entry| {
+                    entry.base = State::Reconnecting {
+                        error: e.to_string(),
+                    };
+                });
+                RunEnd::Retry
+            }
+            Err(e) if is_transient(&e) => {
+                self.shared.set_state(
+                    &name,
+                    State::Failed {
+                        error: format!("{e} (tried again with backoff)"),
+                        retrying: true,
+                    },
+                );
+                RunEnd::Retry
+            }
+            Err(e) => {
+                let error = e.to_string();
+                self.shared.set_state(
+                    &name,
+                    State::Failed {
+                        error: error.clone(),
+                        retrying: false,
+                    },
+                );
+                self.answer_rebuilds(&Err(error));
+                RunEnd::Parked
+            }
+        }
+    }
+
+    /// Publishes projection `name`'s caught-up shadow (`shadow`).
+    fn publish(&mut self, name: &str, shadow: &Arc<ProjectionDb>) -> RunEnd {
+        self.shared.set_state(name, State::Publishing);
+        // The shadow's handle is let go of by the publish itself.
+        let _ = shadow;
+        match self.dir.publish(name, name, &PublishOptions::default()) {
+            Ok(published) => {
+                tracing::info!(
+                    projection = name,
+                    checkpoint = published.checkpoint,
+                    lock_held_ms = published.lock_held.as_secs_f64() * 1e3,
+                    "published its rebuild; following it in the live file"
+                );
+                self.shared.update(name, |entry| {
+                    entry.status.checkpoint = published.checkpoint;
+                    entry.status.shadow_checkpoint = None;
+                    entry.base = State::Following;
+                });
+                self.shared.emit(&Event::Published(published.clone()));
+                self.answer_rebuilds(&Ok(Outcome::Rebuilt {
+                    checkpoint: published.checkpoint,
+                    published: Some(published),
+                }));
+                RunEnd::Again
+            }
+            Err(e) => {
+                record_publish_failure(&self.dir, name, &e);
+                self.shared.set_state(
+                    name,
+                    State::Failed {
+                        error: format!(
+                            "publishing its rebuild failed (the live file is unchanged; tried again with backoff): {e}"
+                        ),
+                        retrying: true,
+                    },
+                );
+                RunEnd::Retry
+            }
+        }
+    }
+
+    /// Serves a rollback: a rebuild in progress is given up (its shadow
+    /// discarded: the operator asked for the previous version, not the new
+    /// one), the previous version restored.
+    fn roll_back(&mut self, projection: &Supervised<E>, reply: &Sender<Result<Outcome, Error>>) {
+        let name = projection.name().to_owned();
+        let rolled = self
+            .dir
+            .discard_shadow(&name)
+            .and_then(|_| self.dir.rollback(&name, &name, &PublishOptions::default()));
+        let outcome = rolled.and_then(|published| {
+            let follows = !self
+                .dir
+                .db(&name)?
+                .with_connection(|conn| Ok(projection.is_stale(conn)))?;
+            Ok((published, follows))
+        });
+        match outcome {
+            Ok((published, follows)) => {
+                tracing::info!(projection = %name, checkpoint = published.checkpoint, follows, "rolled back to the previous version");
+                self.answer_rebuilds(&Err(format!(
+                    "projection {name} was rolled back before its rebuild was published"
+                )));
+                self.shared.update(&name, |entry| {
+                    entry.status.checkpoint = published.checkpoint;
+                    entry.status.shadow_checkpoint = None;
+                });
+                self.shared.emit(&Event::RolledBack(published.clone()));
+                let _ = reply.send(Ok(Outcome::RolledBack { published, follows }));
+            }
+            Err(e) => {
+                let _ = reply.send(Err(e.into()));
+            }
+        }
+    }
+}
+
+/// Looks up the log's head and the store's outage, and judges stalls.
+struct HeadWatch<E> {
+    shared: Arc<Shared>,
+    reader: Arc<dyn GlobalReader<E>>,
+}
+
+impl<E> HeadWatch<E> {
+    fn run(self) {
+        while !self.shared.stop.is_cancelled() {
+            let outage = self.shared.outage.as_ref().and_then(|outage| outage());
+            let head = self.reader.head().ok();
+            if let Some(head) = head {
+                self.shared.log_head.fetch_max(head, Ordering::SeqCst);
+            }
+            let log_head = self.shared.log_head.load(Ordering::SeqCst);
+            let names: Vec<String> = self.shared.lock().keys().cloned().collect();
+            for name in names {
+                self.shared.update(&name, |entry| {
+                    entry.outage.clone_from(&outage);
+                    entry.status.head = entry.status.head.max(log_head);
+                    judge_stall(entry, log_head, self.shared.stall_after);
+                });
+            }
+            let until = Instant::now() + HEAD_CHECK_INTERVAL;
+            while !self.shared.stop.is_cancelled() && Instant::now() < until {
+                std::thread::sleep(STOP_POLL_INTERVAL);
+            }
+        }
+    }
+}
+
+/// Whether `entry` is stalled: the log holds events past the checkpoint of
+/// the file it writes and it has not advanced for `stall_after`, for any
+/// reason but a hole wait, a lost connection, or an end state.
+fn judge_stall(entry: &mut Entry, log_head: u64, stall_after: Duration) {
+    let excused = entry.outage.is_some()
+        || matches!(
+            entry.base,
+            State::Waiting(_)
+                | State::Reconnecting { .. }
+                | State::Failed { .. }
+                | State::Stopped { .. }
+                | State::Publishing
+        );
+    let checkpoint = entry
+        .status
+        .shadow_checkpoint
+        .unwrap_or(entry.status.checkpoint);
+    if excused || log_head <= checkpoint {
+        entry.behind_since = None;
+        entry.stalled = None;
+        return;
+    }
+    let since = *entry.behind_since.get_or_insert_with(Instant::now);
+    if since.elapsed() > stall_after {
+        entry.stalled = Some(format!(
+            "no progress for {:.0} s with {} events of the log past its checkpoint",
+            since.elapsed().as_secs_f64(),
+            log_head.saturating_sub(checkpoint)
+        ));
+    }
+}

@@ -1,0 +1,375 @@
+//! The supervisor in-process, on real SQLite files: isolation of projections,
+//! one state per projection, exact answers to requests, read-your-writes.
+//! Every wait is on observable state with a deadline; no fixed sleeps decide
+//! an outcome.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use projectionist::rusqlite::{Connection, Transaction};
+use projectionist::{GlobalEvent, NewEvent, SchemaHandler, SqliteEventStore, StreamAppend};
+use projectionist_runner::{Event, Outcome, Request, State, Supervised, Supervisor};
+use serde_json::{Value, json};
+
+/// Generous bound for anything that happens within a second on a quiet
+/// machine: these machines are shared.
+const DEADLINE: Duration = Duration::from_secs(30);
+
+fn store(dir: &Path) -> Arc<SqliteEventStore> {
+    Arc::new(SqliteEventStore::open(dir.join("events.db")).expect("open the store"))
+}
+
+/// Appends `count` events of type `Added` with `n = 1` to streams `s-0..`;
+/// returns the last sequence.
+fn append(store: &SqliteEventStore, count: usize) -> u64 {
+    let events: Vec<NewEvent> = (0..count)
+        .map(|_| NewEvent::json("Added", &json!({"n": 1})).expect("event"))
+        .collect();
+    let stream = format!("s-{}", fastrand_id());
+    let appended = store
+        .append_batch(&[StreamAppend {
+            stream_id: &stream,
+            expected_version: 0,
+            events: &events,
+        }])
+        .expect("append");
+    appended[0].last_sequence
+}
+
+fn fastrand_id() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    NEXT.fetch_add(1, Ordering::SeqCst)
+}
+
+/// A projection summing `n` times `factor` into `total`; each batch first
+/// sleeps `pause` (to make a rebuild take a while).
+fn totals(
+    name: &str,
+    factor: i64,
+    pause: Duration,
+) -> SchemaHandler<impl FnMut(&Transaction<'_>, &[GlobalEvent<Value>]) -> Result<(), projectionist::BoxError> + Send>
+{
+    let _ = name;
+    SchemaHandler::new(
+        "CREATE TABLE IF NOT EXISTS total (id INTEGER PRIMARY KEY CHECK (id = 1), sum INTEGER NOT NULL);
+         INSERT OR IGNORE INTO total VALUES (1, 0);",
+        move |tx: &Transaction<'_>, events: &[GlobalEvent<Value>]| {
+            if !pause.is_zero() {
+                std::thread::sleep(pause);
+            }
+            let sum: i64 = events.iter().map(|e| e.data["n"].as_i64().unwrap_or(0)).sum();
+            tx.execute("UPDATE total SET sum = sum + ?1", [sum * factor])?;
+            Ok(())
+        },
+    )
+}
+
+fn total_in(dir: &Path, name: &str) -> i64 {
+    let conn = Connection::open(dir.join(format!("{name}.db"))).expect("open the projection");
+    conn.query_row("SELECT sum FROM total", [], |row| row.get(0))
+        .expect("read the total")
+}
+
+/// Waits until `check` holds, or panics naming `what` after [`DEADLINE`].
+fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !check() {
+        assert!(started.elapsed() < DEADLINE, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn state_of(supervisor: &Supervisor, name: &str) -> State {
+    supervisor.status_of(name).expect("a supervised projection").state
+}
+
+#[test]
+fn follows_appends_and_wait_for_returns_once_the_event_is_applied() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = store(tmp.path());
+    append(&store, 10);
+    let projections = tmp.path().join("projections");
+    let supervisor = Supervisor::builder(store.clone(), &projections)
+        .unwrap()
+        .projection(Supervised::new("totals", totals("totals", 1, Duration::ZERO)).unwrap())
+        .start()
+        .unwrap();
+    let last = append(&store, 5);
+    let checkpoint = supervisor
+        .wait_for("totals", last, DEADLINE)
+        .expect("reaches the append");
+    assert!(checkpoint >= last);
+    // What wait_for promised is what a reader of the file sees.
+    assert_eq!(total_in(&projections, "totals"), 15);
+    wait_until("following", || {
+        state_of(&supervisor, "totals") == State::Following
+    });
+    let err = supervisor
+        .wait_for("totals", last + 100, Duration::from_millis(200))
+        .expect_err("a position past the log is not reached");
+    assert!(err.to_string().contains("totals"), "{err}");
+    let last_states = supervisor.shutdown();
+    assert_eq!(last_states[0].state.name(), "stopped");
+    assert_eq!(last_states[0].checkpoint, last);
+}
+
+#[test]
+fn a_changed_definition_is_built_in_the_shadow_while_a_sibling_follows_each_append() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = store(tmp.path());
+    append(&store, 2_000);
+    let projections = tmp.path().join("projections");
+    // Version 1 of both, built once.
+    let first = Supervisor::builder(store.clone(), &projections)
+        .unwrap()
+        .projection(
+            Supervised::new("changed", totals("changed", 1, Duration::ZERO))
+                .unwrap()
+                .version(1),
+        )
+        .projection(Supervised::new("sibling", totals("sibling", 1, Duration::ZERO)).unwrap())
+        .start()
+        .unwrap();
+    let head = first.wait_for("changed", 2_000, DEADLINE).unwrap();
+    first.wait_for("sibling", head, DEADLINE).unwrap();
+    drop(first);
+    // Version 2 of `changed` multiplies by 10; its shadow build is slow
+    // (10 events per batch, 20 ms each: about 4 s for the log).
+    let published = Arc::new(AtomicU64::new(0));
+    let seen = Arc::clone(&published);
+    let supervisor = Supervisor::builder(store.clone(), &projections)
+        .unwrap()
+        .batch_size(10)
+        .projection(
+            Supervised::new("changed", totals("changed", 10, Duration::from_millis(20)))
+                .unwrap()
+                .version(2),
+        )
+        .projection(Supervised::new("sibling", totals("sibling", 1, Duration::ZERO)).unwrap())
+        .on_event(move |event| {
+            if let Event::Published(p) = event {
+                seen.store(p.checkpoint, Ordering::SeqCst);
+            }
+        })
+        .start()
+        .unwrap();
+    wait_until("the shadow build", || {
+        state_of(&supervisor, "changed") == State::BuildingShadow
+    });
+    // While the shadow is far from the head, every append reaches the
+    // sibling within a second, and the sibling never leaves following.
+    for _ in 0..3 {
+        let last = append(&store, 1);
+        let asked = Instant::now();
+        supervisor
+            .wait_for("sibling", last, DEADLINE)
+            .expect("the sibling applies the append");
+        assert!(
+            asked.elapsed() < Duration::from_secs(1),
+            "the sibling took {:?} to apply an append",
+            asked.elapsed()
+        );
+        assert_eq!(state_of(&supervisor, "sibling"), State::Following);
+        let changed = supervisor.status_of("changed").unwrap();
+        assert_eq!(changed.state, State::BuildingShadow, "{changed:?}");
+        // The live file still serves version 1.
+        assert_eq!(total_in(&projections, "changed"), 2_000);
+    }
+    wait_until("the publish", || published.load(Ordering::SeqCst) > 0);
+    let last = append(&store, 1);
+    supervisor.wait_for("changed", last, DEADLINE).unwrap();
+    supervisor.wait_for("sibling", last, DEADLINE).unwrap();
+    assert_eq!(total_in(&projections, "changed"), 2_004 * 10);
+    assert_eq!(total_in(&projections, "sibling"), 2_004);
+    assert_eq!(state_of(&supervisor, "changed"), State::Following);
+}
+
+#[test]
+fn a_projection_whose_shadow_cannot_be_opened_is_failed_retried_and_then_followed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = store(tmp.path());
+    append(&store, 50);
+    let projections = tmp.path().join("projections");
+    let first = Supervisor::builder(store.clone(), &projections)
+        .unwrap()
+        .projection(
+            Supervised::new("blocked", totals("blocked", 1, Duration::ZERO))
+                .unwrap()
+                .version(1),
+        )
+        .start()
+        .unwrap();
+    first.wait_for("blocked", 50, DEADLINE).unwrap();
+    drop(first);
+    // A directory where the shadow goes: the new version cannot be built.
+    let obstacle = projections.join(".blocked.shadow.db");
+    std::fs::create_dir(&obstacle).unwrap();
+    let supervisor = Supervisor::builder(store.clone(), &projections)
+        .unwrap()
+        .projection(
+            Supervised::new("blocked", totals("blocked", 2, Duration::ZERO))
+                .unwrap()
+                .version(2),
+        )
+        .projection(Supervised::new("other", totals("other", 1, Duration::ZERO)).unwrap())
+        .start()
+        .unwrap();
+    wait_until("the failure", || {
+        matches!(
+            state_of(&supervisor, "blocked"),
+            State::Failed { retrying: true, .. }
+        )
+    });
+    let unhealthy = supervisor.unhealthy();
+    assert_eq!(unhealthy.len(), 1, "{unhealthy:?}");
+    assert_eq!(unhealthy[0].0, "blocked");
+    assert!(unhealthy[0].1.starts_with("failed: "), "{unhealthy:?}");
+    // The other projection is not held back.
+    supervisor.wait_for("other", 50, DEADLINE).unwrap();
+    std::fs::remove_dir(&obstacle).unwrap();
+    let last = append(&store, 1);
+    supervisor.wait_for("blocked", last, DEADLINE).unwrap();
+    wait_until("following", || {
+        state_of(&supervisor, "blocked") == State::Following
+    });
+    assert_eq!(total_in(&projections, "blocked"), 51 * 2);
+    assert!(supervisor.unhealthy().is_empty());
+}
+
+#[test]
+fn a_poison_event_fails_only_its_projection_and_a_rebuild_request_after_the_fix_answers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = store(tmp.path());
+    append(&store, 20);
+    let projections = tmp.path().join("projections");
+    let picky = |tx: &Transaction<'_>, events: &[GlobalEvent<Value>]| -> Result<(), projectionist::BoxError> {
+        for event in events {
+            if event.data["poison"].as_bool() == Some(true) {
+                return Err(format!("poison at {}", event.sequence).into());
+            }
+        }
+        tx.execute_batch("CREATE TABLE IF NOT EXISTS seen (n INTEGER)")?;
+        Ok(())
+    };
+    let supervisor = Supervisor::builder(store.clone(), &projections)
+        .unwrap()
+        .projection(Supervised::new("picky", picky).unwrap())
+        .projection(Supervised::new("calm", totals("calm", 1, Duration::ZERO)).unwrap())
+        .start()
+        .unwrap();
+    supervisor.wait_for("picky", 20, DEADLINE).unwrap();
+    let poison = store
+        .append("bad", 0, &[NewEvent::json("Added", &json!({"poison": true, "n": 1})).unwrap()])
+        .unwrap()
+        .last_sequence;
+    wait_until("the failure", || {
+        matches!(
+            state_of(&supervisor, "picky"),
+            State::Failed { retrying: false, .. }
+        )
+    });
+    let State::Failed { error, .. } = state_of(&supervisor, "picky") else {
+        unreachable!()
+    };
+    assert!(error.contains(&format!("poison at {poison}")), "{error}");
+    let last = append(&store, 3);
+    supervisor.wait_for("calm", last, DEADLINE).unwrap();
+    assert_eq!(total_in(&projections, "calm"), 24);
+    // A rebuild request is answered with its own outcome: the same handler
+    // fails again, and says so.
+    let answer = supervisor.request("picky", Request::Rebuild);
+    let err = answer.expect_err("the poison is still there");
+    assert!(err.to_string().contains("poison"), "{err}");
+    assert!(matches!(
+        supervisor.request("nosuch", Request::Rebuild),
+        Err(projectionist_runner::Error::NoSuchProjection(_))
+    ));
+}
+
+#[test]
+fn rebuild_then_two_concurrent_rollbacks_each_get_their_own_outcome() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = store(tmp.path());
+    append(&store, 30);
+    let projections = tmp.path().join("projections");
+    let supervisor = Supervisor::builder(store.clone(), &projections)
+        .unwrap()
+        .projection(Supervised::new("totals", totals("totals", 1, Duration::ZERO)).unwrap())
+        .start()
+        .unwrap();
+    supervisor.wait_for("totals", 30, DEADLINE).unwrap();
+    // Nothing kept yet: refused, named.
+    let err = supervisor
+        .request("totals", Request::Rollback)
+        .expect_err("no previous version");
+    assert!(err.to_string().contains("no previous version"), "{err}");
+    let rebuilt = supervisor.request("totals", Request::Rebuild).unwrap();
+    let Outcome::Rebuilt {
+        checkpoint,
+        published: Some(published),
+    } = rebuilt
+    else {
+        panic!("a built projection is rebuilt in its shadow: {rebuilt:?}")
+    };
+    assert_eq!(checkpoint, 30);
+    assert!(published.previous_kept);
+    let last = append(&store, 5);
+    supervisor.wait_for("totals", last, DEADLINE).unwrap();
+    // Two rollbacks at once: served one after the other, each its own swap.
+    let outcomes: Vec<Outcome> = std::thread::scope(|scope| {
+        let a = scope.spawn(|| supervisor.request("totals", Request::Rollback));
+        let b = scope.spawn(|| supervisor.request("totals", Request::Rollback));
+        vec![a.join().unwrap().unwrap(), b.join().unwrap().unwrap()]
+    });
+    let checkpoints: Vec<u64> = outcomes
+        .iter()
+        .map(|o| match o {
+            Outcome::RolledBack { published, follows } => {
+                assert!(follows);
+                published.checkpoint
+            }
+            other => panic!("a rollback answered {other:?}"),
+        })
+        .collect();
+    // One restored the version at 30, the other swapped back the one at 35.
+    let mut sorted = checkpoints.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, vec![30, 35], "{checkpoints:?}");
+    let last = append(&store, 1);
+    supervisor.wait_for("totals", last, DEADLINE).unwrap();
+    assert_eq!(total_in(&projections, "totals"), 36);
+}
+
+#[test]
+fn a_projection_whose_file_another_connection_holds_is_stalled_then_follows_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = store(tmp.path());
+    append(&store, 10);
+    let projections = tmp.path().join("projections");
+    let supervisor = Supervisor::builder(store.clone(), &projections)
+        .unwrap()
+        .stall_after(Duration::from_millis(500))
+        .projection(Supervised::new("held", totals("held", 1, Duration::ZERO)).unwrap())
+        .start()
+        .unwrap();
+    supervisor.wait_for("held", 10, DEADLINE).unwrap();
+    // Another program takes the file's write lock and keeps it.
+    let other = Connection::open(projections.join("held.db")).unwrap();
+    other.busy_timeout(DEADLINE).unwrap();
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let last = append(&store, 2);
+    wait_until("stalled", || {
+        matches!(state_of(&supervisor, "held"), State::Stalled { .. })
+    });
+    let unhealthy = supervisor.unhealthy();
+    assert_eq!(unhealthy.len(), 1);
+    assert!(unhealthy[0].1.contains("events of the log past its checkpoint"), "{unhealthy:?}");
+    other.execute_batch("ROLLBACK").unwrap();
+    supervisor.wait_for("held", last, DEADLINE).unwrap();
+    wait_until("following again", || {
+        state_of(&supervisor, "held") == State::Following
+    });
+    assert_eq!(total_in(&projections, "held"), 12);
+}
