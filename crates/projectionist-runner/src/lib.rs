@@ -48,12 +48,11 @@ mod state;
 mod supervisor;
 
 pub use place::{
-    Opened, Placement, Plan, is_store_failure, is_transient, open_for_run, place, record_publish_failure,
-    writable_now,
+    Opened, Placement, Plan, is_store_failure, is_transient, open_for_run, place,
+    record_publish_failure, writable_now,
 };
 pub use projection::Supervised;
 pub use state::{Event, State, Status, WaitReason};
 pub use supervisor::{
-    Error, EventFn, Outcome, OutageFn, Request, STALL_AFTER_DEFAULT, Supervisor,
-    SupervisorBuilder,
+    Error, EventFn, OutageFn, Outcome, Request, STALL_AFTER_DEFAULT, Supervisor, SupervisorBuilder,
 };

@@ -11,8 +11,8 @@ use std::time::Duration;
 use projectionist::limits::{BUSY_TIMEOUT_MS, START_BUSY_TIMEOUT_MS};
 use projectionist::rusqlite::Connection;
 use projectionist::{
-    Error, ProjectionDb, ProjectionDir, Result, SqliteCheckpoint, Start, VersionFiles,
-    quick_check, version_info,
+    Error, ProjectionDb, ProjectionDir, Result, SqliteCheckpoint, Start, VersionFiles, quick_check,
+    version_info,
 };
 
 /// What a run is asked to do with a projection.
@@ -133,9 +133,7 @@ pub fn place(
                  than the current one; it is left as it is until you rebuild it"
             ),
         }),
-        Plan::Resume { .. } if live_stale && checkpoint > 0 && !ahead => {
-            in_shadow(Start::Reset)
-        }
+        Plan::Resume { .. } if live_stale && checkpoint > 0 && !ahead => in_shadow(Start::Reset),
         _ => Ok(in_live(if live_stale {
             Start::Reset
         } else {

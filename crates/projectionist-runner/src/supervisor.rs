@@ -709,9 +709,8 @@ impl<E: Send + Sync + 'static> Lifecycle<E> {
             Err(e) => {
                 let error = format!("{e} (tried again with backoff)");
                 if let Ok(db) = self.dir.db(&name) {
-                    let _ = db.with_connection(|conn| {
-                        projectionist::record_failure(conn, &name, &error)
-                    });
+                    let _ = db
+                        .with_connection(|conn| projectionist::record_failure(conn, &name, &error));
                 }
                 self.shared.set_state(
                     &name,
@@ -756,7 +755,8 @@ impl<E: Send + Sync + 'static> Lifecycle<E> {
             };
         });
         let round = CancelToken::new();
-        self.shared.update(&name, |entry| entry.round = round.clone());
+        self.shared
+            .update(&name, |entry| entry.round = round.clone());
         // A request sent before this round's token was in place.
         if self.pending.is_none() {
             self.pending = self.commands.try_recv().ok();
@@ -812,12 +812,13 @@ impl<E: Send + Sync + 'static> Lifecycle<E> {
             .pop()
             .expect("one result per projection");
         // Ended before the head: served by a later run.
-        self.rebuilds
-            .extend(in_place.into_inner().unwrap_or_else(PoisonError::into_inner));
+        self.rebuilds.extend(
+            in_place
+                .into_inner()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
         match result {
-            Ok(_) if in_shadow && caught_up.load(Ordering::SeqCst) => {
-                self.publish(&name, &writes)
-            }
+            Ok(_) if in_shadow && caught_up.load(Ordering::SeqCst) => self.publish(&name, &writes),
             Ok(_) => RunEnd::Again,
             Err(e) if is_store_failure(&e) => {
                 self.shared.update(&name, |entry| {

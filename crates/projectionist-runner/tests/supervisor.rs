@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use projectionist::rusqlite::{Connection, Transaction};
-use projectionist::{GlobalEvent, NewEvent, SchemaHandler, SqliteEventStore, StreamAppend};
+use projectionist::{
+    GlobalEvent, Handler, NewEvent, SchemaHandler, SqliteEventStore, StreamAppend,
+};
 use projectionist_runner::{Event, Outcome, Request, State, Supervised, Supervisor};
 use serde_json::{Value, json};
 
@@ -45,12 +47,7 @@ fn fastrand_id() -> u64 {
 
 /// A projection summing `n` times `factor` into `total`; each batch first
 /// sleeps `pause` (to make a rebuild take a while).
-fn totals(
-    name: &str,
-    factor: i64,
-    pause: Duration,
-) -> SchemaHandler<impl FnMut(&Transaction<'_>, &[GlobalEvent<Value>]) -> Result<(), projectionist::BoxError> + Send>
-{
+fn totals(name: &str, factor: i64, pause: Duration) -> impl Handler<Value> + 'static {
     let _ = name;
     SchemaHandler::new(
         "CREATE TABLE IF NOT EXISTS total (id INTEGER PRIMARY KEY CHECK (id = 1), sum INTEGER NOT NULL);
@@ -82,7 +79,10 @@ fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
 }
 
 fn state_of(supervisor: &Supervisor, name: &str) -> State {
-    supervisor.status_of(name).expect("a supervised projection").state
+    supervisor
+        .status_of(name)
+        .expect("a supervised projection")
+        .state
 }
 
 #[test]
@@ -244,7 +244,9 @@ fn a_poison_event_fails_only_its_projection_and_a_rebuild_request_after_the_fix_
     let store = store(tmp.path());
     append(&store, 20);
     let projections = tmp.path().join("projections");
-    let picky = |tx: &Transaction<'_>, events: &[GlobalEvent<Value>]| -> Result<(), projectionist::BoxError> {
+    let picky = |tx: &Transaction<'_>,
+                 events: &[GlobalEvent<Value>]|
+     -> Result<(), projectionist::BoxError> {
         for event in events {
             if event.data["poison"].as_bool() == Some(true) {
                 return Err(format!("poison at {}", event.sequence).into());
@@ -261,13 +263,20 @@ fn a_poison_event_fails_only_its_projection_and_a_rebuild_request_after_the_fix_
         .unwrap();
     supervisor.wait_for("picky", 20, DEADLINE).unwrap();
     let poison = store
-        .append("bad", 0, &[NewEvent::json("Added", &json!({"poison": true, "n": 1})).unwrap()])
+        .append(
+            "bad",
+            0,
+            &[NewEvent::json("Added", &json!({"poison": true, "n": 1})).unwrap()],
+        )
         .unwrap()
         .last_sequence;
     wait_until("the failure", || {
         matches!(
             state_of(&supervisor, "picky"),
-            State::Failed { retrying: false, .. }
+            State::Failed {
+                retrying: false,
+                ..
+            }
         )
     });
     let State::Failed { error, .. } = state_of(&supervisor, "picky") else {
@@ -365,7 +374,12 @@ fn a_projection_whose_file_another_connection_holds_is_stalled_then_follows_agai
     });
     let unhealthy = supervisor.unhealthy();
     assert_eq!(unhealthy.len(), 1);
-    assert!(unhealthy[0].1.contains("events of the log past its checkpoint"), "{unhealthy:?}");
+    assert!(
+        unhealthy[0]
+            .1
+            .contains("events of the log past its checkpoint"),
+        "{unhealthy:?}"
+    );
     other.execute_batch("ROLLBACK").unwrap();
     supervisor.wait_for("held", last, DEADLINE).unwrap();
     wait_until("following again", || {
