@@ -26,9 +26,7 @@ use crate::app::{
 };
 use crate::args::{Cli, OnLateEvent};
 use crate::metrics::{Metrics, Observed, Server};
-use crate::replay::{
-    Opened, Plan, Shadows, open_selected, published_line, report, targets, write_own_file,
-};
+use crate::replay::{Opened, Plan, Shadows, open_selected, published_line, report, targets};
 use crate::ui;
 
 /// How often `--json` prints a `status` line per projection (and the terminal
@@ -616,7 +614,10 @@ impl GroupRuns<'_, '_> {
             let to_publish = this_round.is_cancelled() && !self.stop.is_cancelled();
             for (&p, result) in running.iter().zip(outcome) {
                 match result {
-                    Err(e) if is_store_failure(&e) && !self.stop.is_cancelled() => {
+                    Err(e)
+                        if projectionist_runner::is_store_failure(&e)
+                            && !self.stop.is_cancelled() =>
+                    {
                         starts[p] = Start::Resume;
                         unreachable = Some(e);
                     }
@@ -660,7 +661,7 @@ impl GroupRuns<'_, '_> {
             }
             Err(e) => {
                 tracing::error!(projection = name, error = %ui::escape_controls(&e.to_string()), "cannot publish its rebuild; the live file is unchanged");
-                crate::replay::record_publish_failure(self.dir, name, &e);
+                projectionist_runner::record_publish_failure(self.dir, name, &e);
                 self.results.lock().unwrap_or_else(PoisonError::into_inner)[i] = Some(Err(e));
             }
         }
@@ -941,15 +942,7 @@ fn roll_back_on_request(
         };
         // The answer first, then the request is gone: the asking process
         // finds its answer when it sees the request taken.
-        if let Some(path) = crate::replay::outcome_path(dir.path(), name, id.trim()) {
-            let temp = path.with_extension("tmp");
-            let written = write_own_file(&temp, &outcome.to_string())
-                .and_then(|()| std::fs::rename(&temp, &path));
-            if let Err(e) = written {
-                tracing::error!(projection = %name, error = %e, "cannot answer a rollback request");
-            }
-        }
-        let _ = std::fs::remove_file(&files.rollback_request);
+        projectionist_runner::control::answer_rollback(dir.path(), name, id.trim(), &outcome);
     }
 }
 
@@ -957,24 +950,14 @@ fn roll_back_on_request(
 /// and takes requests for them (`rebuild`, `rollback` from other processes).
 fn register(dir: &ProjectionDir, names: &[String]) {
     for name in names {
-        if let Ok(files) = VersionFiles::new(dir.path(), name) {
-            let _ = write_own_file(&files.follower, &std::process::id().to_string());
-        }
+        projectionist_runner::control::register(dir.path(), name);
     }
 }
 
-/// Takes back what [`register`] said: only the files that name this
-/// process (a follower refused for a projection another one holds leaves
-/// that one's file alone).
+/// Takes back what [`register`] said, only where it names this process.
 fn unregister(dir: &ProjectionDir, names: &[String]) {
-    let own = std::process::id().to_string();
     for name in names {
-        if let Ok(files) = VersionFiles::new(dir.path(), name)
-            && std::fs::read_to_string(&files.follower)
-                .is_ok_and(|text| text.lines().next().is_some_and(|pid| pid.trim() == own))
-        {
-            let _ = std::fs::remove_file(&files.follower);
-        }
+        projectionist_runner::control::unregister(dir.path(), name);
     }
 }
 
@@ -1000,12 +983,6 @@ const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(250);
 /// The longest wait between two attempts to open the store again: a server
 /// that accepts connections again is used within a second.
 const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(1);
-
-/// A run that stopped because the log could not be read (not because of an
-/// event in it).
-fn is_store_failure(error: &projectionist::Error) -> bool {
-    matches!(error, projectionist::Error::Replay { source, .. } if source.event().is_none())
-}
 
 /// What is known of one projection while following.
 #[derive(Clone)]
@@ -1274,15 +1251,6 @@ impl Live {
     /// missing). Only for a projection this process registered.
     fn tell_status(&self, name: &str, state: &State) {
         let Some(dir) = &self.dir else { return };
-        let Ok(files) = VersionFiles::new(dir, name) else {
-            return;
-        };
-        let own = std::process::id().to_string();
-        let registered = std::fs::read_to_string(&files.follower)
-            .is_ok_and(|text| text.lines().next().is_some_and(|pid| pid.trim() == own));
-        if !registered {
-            return;
-        }
         let reason = match (&state.failed, state.stalled) {
             (Some(error), _) => Some(error.clone()),
             (None, true) => state.behind_since.map(|since| {
@@ -1297,12 +1265,7 @@ impl Live {
             "state": state.name(), "reason": reason, "checkpoint": state.checkpoint,
             "waiting": state.waiting_json(),
         });
-        let temp = files.follower.with_extension("follower-new");
-        let written = write_own_file(&temp, &format!("{own}\n{line}\n"))
-            .and_then(|()| std::fs::rename(&temp, &files.follower));
-        if written.is_err() {
-            let _ = std::fs::remove_file(&temp);
-        }
+        projectionist_runner::control::tell_state(dir, name, &line);
     }
 
     /// States are also written for `status` in other processes.

@@ -9,11 +9,10 @@ use std::time::Instant;
 
 use anyhow::{Context, anyhow};
 use projectionist::limits::OPEN_PROJECTIONS_MAX;
-use projectionist::limits::{BUSY_TIMEOUT_MS, START_BUSY_TIMEOUT_MS};
 use projectionist::{
     CancelToken, CheckpointLocation, Error, GlobalReader, Progress, ProjectionDb, ProjectionDir,
-    ProjectionTarget, PublishOptions, Published, RebuildOptions, RebuildResult, SqliteCheckpoint,
-    Start, VersionFiles, quick_check, replay_shared, version_info,
+    ProjectionTarget, PublishOptions, Published, RebuildOptions, RebuildResult, Start,
+    VersionFiles, replay_shared,
 };
 use projectionist_sqlview::{SqlHandler, SqlProjection};
 
@@ -171,18 +170,6 @@ fn request_id() -> String {
     format!("{}-{nanos}", std::process::id())
 }
 
-/// Where the follower answers request `id` for projection `name`:
-/// `.{name}.outcome-{id}` (JSON). `None` for an id that is not one of ours.
-pub(crate) fn outcome_path(
-    dir: &std::path::Path,
-    name: &str,
-    id: &str,
-) -> Option<std::path::PathBuf> {
-    let valid =
-        !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_digit() || b == b'-');
-    valid.then(|| dir.join(format!(".{name}.outcome-{id}")))
-}
-
 /// Rebuilds (or resumes) the selected projections with one shared read per group,
 /// showing progress; maps failures to exit codes.
 pub(crate) fn replay(
@@ -305,15 +292,9 @@ pub(crate) fn open_selected<'a>(
     opened
 }
 
-/// Which file a projection is built in (live or shadow), and from where.
-///
-/// A live file that serves a built projection (checkpoint > 0) is never
-/// emptied by a rebuild: the new version goes into the shadow, published when
-/// complete. `resume` continues an interrupted shadow rebuild (or starts it
-/// over when the config changed since). A rolled-back projection whose
-/// definition differs from the config is left alone until `rebuild`. A live
-/// file whose checkpoint is past the store's head was built from another log:
-/// it has nothing to serve, and is rebuilt in place.
+/// Which file a projection is built in (live or shadow), and from where: the
+/// supervisor's policy ([`projectionist_runner::place`]); a projection rolled
+/// back on purpose to another definition is [`RolledBackStale`].
 fn decide(
     dir: &ProjectionDir,
     projection: &SqlProjection,
@@ -322,50 +303,28 @@ fn decide(
     head: Option<u64>,
 ) -> anyhow::Result<(Arc<ProjectionDb>, Start, bool)> {
     let name = projection.name.as_str();
-    let (checkpoint, stale, rolled_back) = db.with_connection(|conn| {
-        Ok((
-            SqliteCheckpoint::load_in(conn, name).unwrap_or(0),
-            projection.needs_rebuild(conn).unwrap_or(true),
-            version_info(conn).is_ok_and(|v| v.rolled_back_at.is_some()),
-        ))
-    })?;
-    let files = VersionFiles::new(dir.path(), name)?;
-    let has_shadow = files.shadow.exists();
-    // Another process asked the follower holding it for a rebuild.
-    let requested = files.rebuild_request.exists();
-    let ahead = head.is_some_and(|h| checkpoint > h);
-    let context = || format!("open the shadow of projection {name}");
-    let open_shadow = || -> anyhow::Result<Arc<ProjectionDb>> {
-        writable_now(db).with_context(|| format!("projection {name}"))?;
-        dir.shadow(name).with_context(context)
+    let requested = VersionFiles::new(dir.path(), name)?
+        .rebuild_request
+        .exists();
+    let plan = match plan {
+        Plan::Rebuild { in_place, .. } => projectionist_runner::Plan::Rebuild { in_place },
+        // Another process asked the follower holding it for a rebuild.
+        Plan::Resume => projectionist_runner::Plan::Resume {
+            rebuild_requested: requested,
+        },
     };
-    let in_shadow = |start| -> anyhow::Result<_> { Ok((open_shadow()?, start, true)) };
-    match plan {
-        Plan::Rebuild { in_place, .. } if in_place || checkpoint == 0 || ahead => {
-            if has_shadow {
-                dir.discard_shadow(name).with_context(context)?;
-            }
-            Ok((Arc::clone(db), Start::Reset, false))
-        }
-        Plan::Rebuild { .. } => in_shadow(Start::Reset),
-        Plan::Resume if requested && checkpoint > 0 && !ahead => in_shadow(Start::Reset),
-        Plan::Resume if requested => Ok((Arc::clone(db), Start::Reset, false)),
-        Plan::Resume if has_shadow => {
-            let shadow = open_shadow()?;
-            let shadow_stale = shadow
-                .with_connection(|conn| Ok(projection.needs_rebuild(conn).unwrap_or(true)))?;
-            let start = if shadow_stale {
-                Start::Reset
-            } else {
-                Start::Resume
-            };
-            Ok((shadow, start, true))
-        }
-        _ if stale && rolled_back => Err(anyhow::Error::new(RolledBackStale(name.to_owned()))),
-        Plan::Resume if stale && checkpoint > 0 && !ahead => in_shadow(Start::Reset),
-        _ => {
-            let start = if stale { Start::Reset } else { Start::Resume };
-            Ok((Arc::clone(db), start, false))
+    let stale =
+        |conn: &projectionist::rusqlite::Connection| projection.needs_rebuild(conn).unwrap_or(true);
+    let placement = projectionist_runner::place(dir, db, &stale, plan, head)
+        .with_context(|| format!("open projection {name} for its run"))?;
+    match placement {
+        projectionist_runner::Placement::Run {
+            writes,
+            start,
+            in_shadow,
+        } => Ok((writes, start, in_shadow)),
+        projectionist_runner::Placement::Held { .. } => {
+            Err(anyhow::Error::new(RolledBackStale(name.to_owned())))
         }
     }
 }
@@ -416,7 +375,7 @@ pub(crate) fn publish_shadows(
             match dir.publish(name, name, &options) {
                 Ok(published) => publishing.published.push(published),
                 Err(e) => {
-                    record_publish_failure(dir, name, &e);
+                    projectionist_runner::record_publish_failure(dir, name, &e);
                     publishing.failures.push((
                         name.to_owned(),
                         anyhow::Error::from(e)
@@ -427,52 +386,6 @@ pub(crate) fn publish_shadows(
         }
     }
     publishing
-}
-
-/// A shadow that could not be published says why, in its own file, where
-/// `status` reads it (`shadow_error`): not an interrupted rebuild, a complete
-/// one whose publish failed. Best effort (a full disk may refuse this too;
-/// the command's own error says it either way).
-pub(crate) fn record_publish_failure(dir: &ProjectionDir, name: &str, error: &Error) {
-    let text = format!("complete, but publishing it failed (the live file is unchanged): {error}");
-    if let Ok(shadow) = dir.shadow(name) {
-        let _ = shadow.with_connection(|conn| projectionist::record_failure(conn, name, &text));
-    }
-}
-
-/// Fails at once when another connection holds the live file's write lock
-/// (a shell, another tool), as a run that writes the live file does at its
-/// start: a shadow rebuild would otherwise find out only when it publishes.
-fn writable_now(db: &ProjectionDb) -> anyhow::Result<()> {
-    db.with_connection(|conn| {
-        let wait = |ms: u32| conn.busy_timeout(std::time::Duration::from_millis(u64::from(ms)));
-        let sqlite = |e| Error::Sqlite {
-            step: "check that the live file can be published to".into(),
-            source: e,
-        };
-        wait(START_BUSY_TIMEOUT_MS).map_err(sqlite)?;
-        let probe = conn.execute_batch("BEGIN IMMEDIATE; ROLLBACK;");
-        wait(BUSY_TIMEOUT_MS).map_err(sqlite)?;
-        probe.map_err(sqlite)
-    })?;
-    Ok(())
-}
-
-/// Writes a small file of ours in the projection directory afresh: whatever
-/// is at `path` (also a symbolic link someone planted) is removed, not
-/// followed, and the file is created exclusively, so nothing outside the
-/// directory is ever written through it.
-pub(crate) fn write_own_file(path: &std::path::Path, contents: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-        _ => {}
-    }
-    std::fs::File::options()
-        .write(true)
-        .create_new(true)
-        .open(path)?
-        .write_all(contents.as_bytes())
 }
 
 /// Which projections of a following run are built in their shadows, and
@@ -584,26 +497,18 @@ pub(crate) fn open_for_run(
     projection: &SqlProjection,
 ) -> anyhow::Result<Arc<ProjectionDb>> {
     let name = projection.name.as_str();
-    let context = || format!("open projection {name}");
-    let corrupt = match dir.db(name) {
-        Ok(db) => match db.with_connection(|conn| quick_check(conn)) {
-            Ok(None) => return Ok(db),
-            Ok(Some(problem)) => problem,
-            Err(e) => return Err(e).with_context(context),
-        },
-        Err(Error::CorruptProjection { reason, .. }) => reason,
-        Err(Error::NotAProjection { reason, .. }) if reason.starts_with("not an SQLite") => reason,
-        Err(e) => return Err(e).with_context(context),
-    };
-    let moved = dir.move_aside_corrupt(name).with_context(context)?;
-    if !cli.quiet {
+    let opened = projectionist_runner::open_for_run(dir, name)
+        .with_context(|| format!("open projection {name}"))?;
+    if let Some((corrupt, moved)) = &opened.moved_aside
+        && !cli.quiet
+    {
         eprintln!(
             "warning: projection {name} was corrupt ({}); moved it to {} and rebuilding it",
-            ui::escape_controls(&corrupt),
+            ui::escape_controls(corrupt),
             moved.display()
         );
     }
-    dir.db(name).with_context(context)
+    Ok(opened.db)
 }
 
 /// Prints each projection's outcome and picks the exit code.

@@ -324,7 +324,7 @@ fn follower_rolled_back(
     pid: u32,
     id: &str,
 ) -> Result<(), Failure> {
-    let path = crate::replay::outcome_path(dir.path(), name, id)
+    let path = projectionist_runner::control::outcome_path(dir.path(), name, id)
         .ok_or_else(|| fail(EXIT_PROJECTION)(anyhow!("request id {id:?} is not ours")))?;
     let asked = Instant::now();
     let answer = loop {

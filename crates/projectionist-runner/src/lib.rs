@@ -42,6 +42,7 @@
 //! # }
 //! ```
 
+pub mod control;
 mod place;
 mod projection;
 mod state;

@@ -18,6 +18,7 @@ use projectionist::{
     ProjectionTarget, PublishOptions, Published, RebuildOptions, SqliteCheckpoint,
 };
 
+use crate::control;
 use crate::place::{
     Placement, Plan, is_store_failure, is_transient, open_for_run, place, record_publish_failure,
 };
@@ -123,9 +124,20 @@ pub struct SupervisorBuilder<E> {
     stall_after: Duration,
     on_event: Option<Arc<EventFn>>,
     outage: Option<Arc<OutageFn>>,
+    control_plane: bool,
 }
 
 impl<E: Send + Sync + 'static> SupervisorBuilder<E> {
+    /// Whether other processes see and drive the projections through the
+    /// files of the control plane (see the `control` module docs: `status`
+    /// shows this supervisor's states, `rebuild` and `rollback` are handed to
+    /// it). On by default.
+    #[must_use]
+    pub fn control_plane(mut self, on: bool) -> Self {
+        self.control_plane = on;
+        self
+    }
+
     /// Adds a projection.
     #[must_use]
     pub fn projection(mut self, projection: Supervised<E>) -> Self {
@@ -194,6 +206,7 @@ impl<E: Send + Sync + 'static> SupervisorBuilder<E> {
             stall_after: self.stall_after,
             on_event: self.on_event,
             outage: self.outage,
+            control: self.control_plane.then(|| self.dir.path().to_path_buf()),
         });
         let dir = Arc::new(self.dir);
         let mut threads = Vec::new();
@@ -215,6 +228,21 @@ impl<E: Send + Sync + 'static> SupervisorBuilder<E> {
                 std::thread::Builder::new()
                     .name(name)
                     .spawn(move || lifecycle.run(projection))
+                    .map_err(Error::Thread)?,
+            );
+        }
+        let commands = Arc::new(commands);
+        if let Some(control) = &shared.control {
+            let watch = RequestWatch {
+                shared: Arc::clone(&shared),
+                dir: control.clone(),
+                projections: Arc::clone(&dir),
+                commands: Arc::clone(&commands),
+            };
+            threads.push(
+                std::thread::Builder::new()
+                    .name("pj-requests".into())
+                    .spawn(move || watch.run())
                     .map_err(Error::Thread)?,
             );
         }
@@ -246,7 +274,7 @@ impl<E: Send + Sync + 'static> SupervisorBuilder<E> {
 pub struct Supervisor {
     shared: Arc<Shared>,
     dir: Arc<ProjectionDir>,
-    commands: BTreeMap<String, Sender<Command>>,
+    commands: Arc<BTreeMap<String, Sender<Command>>>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -269,6 +297,7 @@ impl Supervisor {
             stall_after: STALL_AFTER_DEFAULT,
             on_event: None,
             outage: None,
+            control_plane: true,
         })
     }
 
@@ -364,17 +393,7 @@ impl Supervisor {
     /// stops first; what the request failed with (no previous version to
     /// roll back to, the disk full, ...).
     pub fn request(&self, name: &str, request: Request) -> Result<Outcome, Error> {
-        let commands = self
-            .commands
-            .get(name)
-            .ok_or_else(|| Error::NoSuchProjection(name.to_owned()))?;
-        let (reply, answer) = mpsc::channel();
-        commands
-            .send(Command { request, reply })
-            .map_err(|_| Error::Stopped(name.to_owned()))?;
-        if let Some(entry) = self.shared.lock().get(name) {
-            entry.round.cancel();
-        }
+        let answer = send_request(&self.shared, &self.commands, name, request)?;
         answer.recv().map_err(|_| Error::Stopped(name.to_owned()))?
     }
 
@@ -403,6 +422,27 @@ impl Drop for Supervisor {
     }
 }
 
+/// Hands `request` to projection `name`'s lifecycle and ends its current
+/// run at the next batch boundary; the answer comes on the receiver.
+fn send_request(
+    shared: &Shared,
+    commands: &BTreeMap<String, Sender<Command>>,
+    name: &str,
+    request: Request,
+) -> Result<Receiver<Result<Outcome, Error>>, Error> {
+    let commands = commands
+        .get(name)
+        .ok_or_else(|| Error::NoSuchProjection(name.to_owned()))?;
+    let (reply, answer) = mpsc::channel();
+    commands
+        .send(Command { request, reply })
+        .map_err(|_| Error::Stopped(name.to_owned()))?;
+    if let Some(entry) = shared.lock().get(name) {
+        entry.round.cancel();
+    }
+    Ok(answer)
+}
+
 /// What every thread of a supervisor shares.
 struct Shared {
     entries: Mutex<BTreeMap<String, Entry>>,
@@ -414,6 +454,8 @@ struct Shared {
     stall_after: Duration,
     on_event: Option<Arc<EventFn>>,
     outage: Option<Arc<OutageFn>>,
+    /// The directory whose control-plane files this supervisor keeps, when on.
+    control: Option<std::path::PathBuf>,
 }
 
 /// One projection as the supervisor knows it.
@@ -429,6 +471,8 @@ struct Entry {
     stalled: Option<String>,
     /// The current run's token: a request or the stop ends the run.
     round: CancelToken,
+    /// This process registered it in the control plane (it holds its lock).
+    registered: bool,
 }
 
 impl Entry {
@@ -447,6 +491,7 @@ impl Entry {
             behind_since: None,
             stalled: None,
             round: CancelToken::new(),
+            registered: false,
         }
     }
 
@@ -495,18 +540,52 @@ impl Shared {
 
     /// Changes projection `name`'s entry with `f`, then tells listeners.
     fn update(&self, name: &str, f: impl FnOnce(&mut Entry)) {
-        let event = {
+        let (event, registered) = {
             let mut entries = self.lock();
             let Some(entry) = entries.get_mut(name) else {
                 return;
             };
             f(entry);
-            entry.refresh()
+            (entry.refresh(), entry.registered)
         };
         self.changed.notify_all();
         if let Some(event) = event {
             self.state_logged(&event);
+            if let (Some(dir), true, Event::State(status)) = (&self.control, registered, &event) {
+                control::tell_status(dir, status);
+            }
             self.emit(&event);
+        }
+    }
+
+    /// Registers projection `name` in the control plane (once its lock is
+    /// held) and tells its state there.
+    fn register(&self, name: &str) {
+        let Some(dir) = &self.control else { return };
+        let status = {
+            let mut entries = self.lock();
+            let Some(entry) = entries.get_mut(name) else {
+                return;
+            };
+            if entry.registered {
+                return;
+            }
+            entry.registered = true;
+            entry.status.clone()
+        };
+        control::register(dir, name);
+        control::tell_status(dir, &status);
+    }
+
+    /// Takes back [`Shared::register`].
+    fn unregister(&self, name: &str) {
+        let Some(dir) = &self.control else { return };
+        let registered = self
+            .lock()
+            .get_mut(name)
+            .is_some_and(|entry| std::mem::replace(&mut entry.registered, false));
+        if registered {
+            control::unregister(dir, name);
         }
     }
 
@@ -670,6 +749,7 @@ impl<E: Send + Sync + 'static> Lifecycle<E> {
             entry.outage = None;
             entry.stalled = None;
         });
+        self.shared.unregister(&name);
     }
 
     /// Answers every rebuild request being served.
@@ -692,6 +772,8 @@ impl<E: Send + Sync + 'static> Lifecycle<E> {
             rebuild_requested: *rebuild,
         };
         let placed = open_for_run(&self.dir, &name).and_then(|opened| {
+            // Held (locked) by this process from here on.
+            self.shared.register(&name);
             if let Some((reason, path)) = opened.moved_aside {
                 tracing::warn!(projection = %name, reason = %reason, path = %path.display(), "the projection file was corrupt; moved it aside and rebuilding it");
                 self.shared.emit(&Event::MovedAside {
@@ -927,6 +1009,80 @@ impl<E: Send + Sync + 'static> Lifecycle<E> {
                 let _ = reply.send(Err(e.into()));
             }
         }
+    }
+}
+
+/// How often the supervisor looks for request files of other processes:
+/// well within the second an asking command waits before it says the request
+/// was not taken, cheap (one `stat` per projection).
+const REQUEST_POLL_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Takes the requests other processes leave in the control plane (see the
+/// `control` module) for the projections this process registered.
+struct RequestWatch {
+    shared: Arc<Shared>,
+    dir: std::path::PathBuf,
+    projections: Arc<ProjectionDir>,
+    commands: Arc<BTreeMap<String, Sender<Command>>>,
+}
+
+impl RequestWatch {
+    fn run(self) {
+        while !self.shared.stop.is_cancelled() {
+            let registered: Vec<String> = self
+                .shared
+                .lock()
+                .iter()
+                .filter(|(_, entry)| entry.registered)
+                .map(|(name, _)| name.clone())
+                .collect();
+            for name in registered {
+                self.take(&name);
+            }
+            let until = Instant::now() + REQUEST_POLL_INTERVAL;
+            while !self.shared.stop.is_cancelled() && Instant::now() < until {
+                std::thread::sleep(STOP_POLL_INTERVAL);
+            }
+        }
+    }
+
+    /// Serves projection `name`'s pending requests: a rebuild is handed on
+    /// (the request removed once queued: the asker knows it was taken); a
+    /// rollback is served and answered in its outcome file.
+    fn take(&self, name: &str) {
+        let Ok(files) = projectionist::VersionFiles::new(&self.dir, name) else {
+            return;
+        };
+        if files.rebuild_request.exists()
+            && send_request(&self.shared, &self.commands, name, Request::Rebuild).is_ok()
+        {
+            tracing::info!(projection = name, "rebuilding in its shadow on request");
+            let _ = std::fs::remove_file(&files.rebuild_request);
+        }
+        let Ok(id) = std::fs::read_to_string(&files.rollback_request) else {
+            return;
+        };
+        let outcome = send_request(&self.shared, &self.commands, name, Request::Rollback)
+            .and_then(|answer| answer.recv().map_err(|_| Error::Stopped(name.to_owned()))?);
+        let answer = match outcome {
+            Ok(Outcome::RolledBack { published, follows }) => {
+                let rolled_back_at = self
+                    .projections
+                    .db(name)
+                    .and_then(|db| db.with_connection(|conn| projectionist::version_info(conn)))
+                    .ok()
+                    .and_then(|v| v.rolled_back_at);
+                serde_json::json!({
+                    "ok": true, "checkpoint": published.checkpoint,
+                    "rolled_back_at": rolled_back_at, "follows": follows,
+                })
+            }
+            Ok(other) => {
+                serde_json::json!({"ok": false, "error": format!("unexpected answer {other:?}")})
+            }
+            Err(e) => serde_json::json!({"ok": false, "error": e.to_string()}),
+        };
+        control::answer_rollback(&self.dir, name, id.trim(), &answer);
     }
 }
 
