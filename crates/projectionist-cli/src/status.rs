@@ -1,6 +1,6 @@
 //! `status`: each projection's state, read from its file in a process of its
-//! own (it works while a run goes on), with the precedence documented in the
-//! README.
+//! own (it works while a run goes on), with the precedence documented in
+//! `docs/commands.md` ("Status").
 
 use std::path::Path;
 

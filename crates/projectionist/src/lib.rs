@@ -7,7 +7,8 @@
 //! never leaves a batch applied without its checkpoint (or the reverse).
 //!
 //! The core is synchronous: call it from async code with
-//! `tokio::task::spawn_blocking` (see the README).
+//! `tokio::task::spawn_blocking` (see `docs/library.md`), or run projections inside
+//! a service with the supervisor of crate `projectionist-runner`.
 //!
 //! ```
 //! use projectionist::{
