@@ -41,7 +41,7 @@ fn the_readme_tour_runs_as_written_in_the_demo_directory() {
         command.current_dir(&demo).args(&args);
         if args[0] == "follow" {
             // Runs until stopped: it registers, then SIGTERM commits and exits 0.
-            let mut child = command
+            let child = command
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped())
                 .spawn()
