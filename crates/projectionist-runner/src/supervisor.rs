@@ -31,6 +31,14 @@ use crate::state::{Event, State, Status, WaitReason};
 /// a stuck projection within a minute.
 pub const STALL_AFTER_DEFAULT: Duration = Duration::from_secs(30);
 
+/// The most projections one supervisor runs. Each runs alone, for isolation:
+/// a thread, its own read of the log, a connection to its file and a page
+/// cache of up to 16 MiB while it catches up (the engine's budget for a run of
+/// one projection). Past this, memory and reads grow with the count: run
+/// `projectionist follow` (one shared read, files parked past 256) or several
+/// supervisors in several processes.
+pub const SUPERVISED_MAX: usize = 64;
+
 /// How often the supervisor looks up the log's head for the stall judge: one
 /// cheap query per interval.
 const HEAD_CHECK_INTERVAL: Duration = Duration::from_secs(1);
@@ -187,6 +195,15 @@ impl<E: Send + Sync + 'static> SupervisorBuilder<E> {
     /// bound or two projections of one name.
     pub fn start(self) -> Result<Supervisor, Error> {
         let batch_size = projectionist::validate_batch_size(self.batch_size)?;
+        if self.projections.len() > SUPERVISED_MAX {
+            return Err(projectionist::Error::InvalidOptions(format!(
+                "{} projections given; a supervisor runs at most {SUPERVISED_MAX} (each on a \
+                 thread with its own read of the log): split them between supervisors, or \
+                 use `projectionist follow`",
+                self.projections.len()
+            ))
+            .into());
+        }
         let mut entries = BTreeMap::new();
         for projection in &self.projections {
             let name = projection.name().to_owned();

@@ -387,3 +387,34 @@ fn a_projection_whose_file_another_connection_holds_is_stalled_then_follows_agai
     });
     assert_eq!(total_in(&projections, "held"), 12);
 }
+
+#[test]
+fn more_projections_than_the_bound_and_a_name_given_twice_are_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = store(tmp.path());
+    let mut builder = Supervisor::builder(store.clone(), tmp.path().join("p")).unwrap();
+    for i in 0..=projectionist_runner::SUPERVISED_MAX {
+        builder = builder
+            .projection(Supervised::new(&format!("p{i}"), totals("p", 1, Duration::ZERO)).unwrap());
+    }
+    let Err(err) = builder.start() else {
+        panic!("started past the bound")
+    };
+    assert!(
+        err.to_string()
+            .contains(&format!("at most {}", projectionist_runner::SUPERVISED_MAX)),
+        "{err}"
+    );
+    let twice = Supervisor::builder(store, tmp.path().join("q"))
+        .unwrap()
+        .projection(Supervised::new("same", totals("same", 1, Duration::ZERO)).unwrap())
+        .projection(Supervised::new("same", totals("same", 1, Duration::ZERO)).unwrap())
+        .start();
+    let Err(err) = twice else {
+        panic!("started with a name twice")
+    };
+    assert!(
+        err.to_string().contains("same is supervised twice"),
+        "{err}"
+    );
+}

@@ -1,0 +1,130 @@
+//! The supervisor of `projectionist-runner` over the PostgreSQL store: a
+//! projection held at a hole that a transaction in progress may still fill is
+//! `waiting` (healthy, with the hole), not stalled and not following past
+//! it; a killed connection is made again and following goes on, no event
+//! lost.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::PgSchema;
+use projectionist::rusqlite::Transaction;
+use projectionist::{GlobalEvent, NewEvent, SchemaHandler};
+use projectionist_postgres::PostgresEventStore;
+use projectionist_runner::{State, Supervised, Supervisor, WaitReason};
+use serde_json::{Value, json};
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !check() {
+        assert!(started.elapsed() < DEADLINE, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn counter() -> impl projectionist::Handler<Value> + 'static {
+    SchemaHandler::new(
+        "CREATE TABLE IF NOT EXISTS seen (sequence INTEGER PRIMARY KEY)",
+        |tx: &Transaction<'_>, events: &[GlobalEvent<Value>]| {
+            for event in events {
+                tx.execute("INSERT INTO seen VALUES (?1)", [event.sequence as i64])?;
+            }
+            Ok(())
+        },
+    )
+}
+
+fn append(store: &PostgresEventStore, stream: &str) -> u64 {
+    store
+        .append(stream, 0, &[NewEvent::json("Seen", &json!({})).unwrap()])
+        .unwrap()
+        .last_sequence
+}
+
+#[test]
+#[cfg_attr(
+    not(pg_tests),
+    ignore = "set PROJECTIONIST_TEST_PG_URL to run the PostgreSQL tests"
+)]
+fn a_supervised_projection_waits_at_a_hole_and_follows_on_after_a_killed_connection() {
+    let Some(pg) = PgSchema::new("supervised") else {
+        return;
+    };
+    // The supervisor's reads go through a connection of their own, named so
+    // that only it is killed below.
+    let app = format!("{}_reader", pg.schema);
+    let store = Arc::new(
+        PostgresEventStore::connect(&format!("{}&application_name={app}", pg.url())).unwrap(),
+    );
+    store.init().unwrap();
+    let appender = PostgresEventStore::connect(&pg.url()).unwrap();
+    append(&appender, "first");
+    let tmp = tempfile::tempdir().unwrap();
+    let outage_store = Arc::clone(&store);
+    let supervisor = Supervisor::builder::<Value>(store.clone(), tmp.path())
+        .unwrap()
+        .stall_after(Duration::from_millis(500))
+        .outage(move || outage_store.outage().map(|o| o.error))
+        .projection(Supervised::new("seen", counter()).unwrap())
+        .start()
+        .unwrap();
+    supervisor.wait_for("seen", 1, DEADLINE).unwrap();
+
+    // A writer holds sequence 2; 3 commits behind it.
+    let mut holder = pg.client();
+    let mut tx = holder.transaction().unwrap();
+    tx.execute("SELECT pg_current_xact_id()", &[]).unwrap();
+    let held: i64 = tx
+        .query_one(
+            "INSERT INTO events (stream_id, stream_version, event_type, data) VALUES ('held', 1, 'Seen', '{}') RETURNING sequence",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let behind = append(&appender, "behind");
+    wait_until("waiting at the hole", || {
+        matches!(
+            supervisor.status_of("seen").unwrap().state,
+            State::Waiting(WaitReason::Hole { sequence, .. }) if sequence == held as u64
+        )
+    });
+    // Longer than the stall bound: still waiting (a hole ends by itself), and
+    // healthy; nothing past the hole applied.
+    std::thread::sleep(Duration::from_millis(1_500));
+    let status = supervisor.status_of("seen").unwrap();
+    assert!(matches!(status.state, State::Waiting(_)), "{status:?}");
+    assert!(
+        supervisor.unhealthy().is_empty(),
+        "{:?}",
+        supervisor.unhealthy()
+    );
+    assert_eq!(status.checkpoint, 1);
+    tx.commit().unwrap();
+    supervisor.wait_for("seen", behind, DEADLINE).unwrap();
+
+    // The store's connection is killed: reads connect again; nothing lost.
+    let mut admin = pg.client();
+    let killed: i64 = admin
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1",
+            &[&app],
+        )
+        .unwrap()
+        .get(0);
+    assert!(killed >= 1, "the reader's connection was found");
+    let last = append(&appender, "after-kill");
+    supervisor.wait_for("seen", last, DEADLINE).unwrap();
+    wait_until("following", || {
+        supervisor.status_of("seen").unwrap().state == State::Following
+    });
+    drop(supervisor);
+    let conn = projectionist::rusqlite::Connection::open(tmp.path().join("seen.db")).unwrap();
+    let seen: i64 = conn
+        .query_row("SELECT count(*) FROM seen", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(seen as u64, last, "every event applied exactly once");
+}
