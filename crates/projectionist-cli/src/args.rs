@@ -67,6 +67,10 @@ pub(crate) enum Command {
         /// Do not keep the replaced version (no rollback; saves its disk space).
         #[arg(long)]
         no_keep_previous: bool,
+        /// Rebuild even when the event log is empty while a selected
+        /// projection is built: it is then replaced by an empty one.
+        #[arg(long)]
+        force: bool,
         /// Build the shadow up to the live projection's checkpoint and compare
         /// the two table by table (rows, digests, differing rows by primary
         /// key); publish nothing. Exits 1 when they differ.

@@ -462,7 +462,7 @@ fn run_b(
     workload: Workload,
     options: RebuildOptions<'_>,
 ) -> anyhow::Result<()> {
-    let store = SqliteEventStore::open(store)?;
+    let store = SqliteEventStore::create(store)?;
     let dir = ProjectionDir::open(dir)?;
     for projection in Projection::ALL {
         let db = dir.db(projection.name())?;
@@ -482,7 +482,7 @@ fn run_b(
 }
 
 fn run_c(store: &Path, dir: &Path, workload: Workload) -> anyhow::Result<()> {
-    run_shared(&SqliteEventStore::open(store)?, dir, workload)
+    run_shared(&SqliteEventStore::create(store)?, dir, workload)
 }
 
 /// (c) with the log in PostgreSQL: `url` already names the bench schema.
@@ -526,7 +526,7 @@ fn run_d(store: &Path, dir: &Path, workload: Workload) -> anyhow::Result<()> {
         }
         Workload::Hot => ProjectionsConfig::parse(&hot_config(), "the hot bench config")?,
     };
-    let store = SqliteEventStore::open(store)?;
+    let store = SqliteEventStore::create(store)?;
     let dir = ProjectionDir::open(dir)?;
     let dbs = config
         .projections
@@ -771,7 +771,7 @@ pub(crate) fn prepare_pg_log(
         bail!("the PostgreSQL bench schema holds {head} events, not {n_events}; drop it");
     }
     eprintln!("bench: copying {n_events} events into PostgreSQL");
-    let source = SqliteEventStore::open(sqlite)?;
+    let source = SqliteEventStore::create(sqlite)?;
     copy_into_pg(&source, &pg)?;
     Ok(url)
 }
@@ -831,7 +831,7 @@ fn prepare_workload_log(
         "bench: generating {n_events} hot events into {}",
         path.display()
     );
-    let store = SqliteEventStore::open(&path)?;
+    let store = SqliteEventStore::create(&path)?;
     generate_hot(&store, n_events, seed)?;
     Ok(path)
 }
@@ -931,7 +931,7 @@ fn reusable(path: &Path, n_events: u64) -> anyhow::Result<bool> {
     if !path.exists() {
         return Ok(false);
     }
-    let store = SqliteEventStore::open(path)?;
+    let store = SqliteEventStore::create(path)?;
     if projectionist::GlobalReader::<serde_json::Value>::head(&store)? == n_events {
         return Ok(true);
     }
@@ -952,7 +952,7 @@ pub(crate) fn prepare_log(work: &Path, n_events: u64, seed: u64) -> anyhow::Resu
         "bench: generating {n_events} events into {}",
         path.display()
     );
-    let store = SqliteEventStore::open(&path)?;
+    let store = SqliteEventStore::create(&path)?;
     crate::demo::generate(
         &|appends| store.append_batch(appends),
         n_events,

@@ -180,6 +180,7 @@ pub(crate) fn run_demo(cli: &Cli, n_events: u64, seed: u64) -> Result<(), Failur
     let plan = crate::replay::Plan::Rebuild {
         in_place: false,
         keep_previous: true,
+        force: false,
     };
     let results = replay(cli, store.reader(), &dir, &selected, plan, &hint)?;
     let seconds = started.elapsed().as_secs_f64();
@@ -277,7 +278,7 @@ pub(crate) fn open_demo_store(spec: &str) -> Result<Store, Failure> {
             }
         }
     }
-    let store = SqliteEventStore::open(&path)
+    let store = SqliteEventStore::create(&path)
         .with_context(|| format!("create demo store {spec}"))
         .map_err(fail(EXIT_STORE))?;
     Connection::open(&path)

@@ -81,6 +81,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             names,
             in_place,
             no_keep_previous,
+            force,
             verify,
             publish_if_equal,
         } => {
@@ -90,6 +91,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                 let plan = Plan::Rebuild {
                     in_place: *in_place,
                     keep_previous: !*no_keep_previous,
+                    force: *force,
                 };
                 run_replay(cli, names, plan)
             }

@@ -32,7 +32,12 @@ pub(crate) enum Plan {
     /// `rebuild`: every projection from scratch. One whose live file serves a
     /// built projection is built in its shadow and published when complete,
     /// unless `in_place`.
-    Rebuild { in_place: bool, keep_previous: bool },
+    /// `force`: even from an empty log over a built projection.
+    Rebuild {
+        in_place: bool,
+        keep_previous: bool,
+        force: bool,
+    },
     /// `resume`, `follow`, `worker`: from the checkpoints. A stale projection
     /// is rebuilt in its shadow; an interrupted shadow rebuild continues.
     Resume,
@@ -181,6 +186,11 @@ pub(crate) fn replay(
     hint: &str,
 ) -> Result<Vec<RebuildResult>, Failure> {
     let head = store.head().map_err(|e| fail(EXIT_STORE)(e.into()))?;
+    if let Plan::Rebuild { force: false, .. } = plan
+        && head == 0
+    {
+        refuse_empty_log(dir, selected)?;
+    }
     let Opened {
         selected,
         dbs: _,
@@ -230,6 +240,36 @@ pub(crate) fn replay(
         started.elapsed().as_secs_f64(),
         hint,
     )
+}
+
+/// A rebuild from an empty log would replace every built projection with an
+/// empty one: most often the log is not the one meant (a store file of the
+/// same name elsewhere, a new database). Refused, naming the built ones,
+/// unless `--force`.
+fn refuse_empty_log(dir: &ProjectionDir, selected: &[&SqlProjection]) -> Result<(), Failure> {
+    let built: Vec<String> = selected
+        .iter()
+        .filter_map(|p| {
+            let name = p.name.as_str();
+            let checkpoint = dir
+                .db(name)
+                .and_then(|db| {
+                    db.with_connection(|conn| projectionist::SqliteCheckpoint::load_in(conn, name))
+                })
+                .unwrap_or(0);
+            (checkpoint > 0).then(|| format!("{name} (checkpoint {checkpoint})"))
+        })
+        .collect();
+    if built.is_empty() {
+        return Ok(());
+    }
+    Err(fail(EXIT_STORE)(anyhow!(
+        "the event log (--store) is empty, but {} {} built from events: a rebuild would replace \
+         {} with an empty one. Check --store; pass --force to rebuild from the empty log anyway",
+        built.join(", "),
+        if built.len() == 1 { "is" } else { "are" },
+        if built.len() == 1 { "it" } else { "each" },
+    )))
 }
 
 /// The projections of a run, opened, each with where it starts.

@@ -216,7 +216,7 @@ fn bad_configs_fail_clearly_and_create_nothing() {
     for (config, expected) in cases {
         let env = Env::new();
         env.write_config(&config);
-        SqliteEventStore::open(env.path("events.db")).unwrap();
+        SqliteEventStore::open_existing(env.path("events.db")).unwrap();
         let before: Vec<_> = std::fs::read_dir(env.tmp.path())
             .unwrap()
             .map(|e| e.unwrap().file_name())
@@ -248,7 +248,7 @@ fn bad_configs_fail_clearly_and_create_nothing() {
 #[test]
 fn sql_text_in_event_data_is_stored_verbatim() {
     let env = Env::new();
-    let store = SqliteEventStore::open(env.path("events.db")).unwrap();
+    let store = SqliteEventStore::open_existing(env.path("events.db")).unwrap();
     let evil = "'); DROP TABLE orders; --";
     let placed = serde_json::json!({"order_id": "o1", "customer_id": evil});
     store
@@ -271,7 +271,7 @@ fn sql_text_in_event_data_is_stored_verbatim() {
 #[test]
 fn poison_event_stops_the_projection_with_its_sequence() {
     let env = Env::new();
-    let store = SqliteEventStore::open(env.path("events.db")).unwrap();
+    let store = SqliteEventStore::open_existing(env.path("events.db")).unwrap();
     store
         .append(
             "o1",
@@ -637,4 +637,34 @@ sql = "INSERT INTO t VALUES (:order_id!text, :customer_id)"
         live,
         "nothing published over the live file"
     );
+}
+
+/// A rebuild from an empty log would replace every built projection with an
+/// empty one (most often: the wrong store). Refused by name, nothing touched,
+/// unless `--force`.
+#[test]
+fn rebuild_from_an_empty_log_over_built_projections_is_refused_unless_forced() {
+    let env = Env::new();
+    env.demo_log(500);
+    let before = env.digest("order_summary");
+    drop(SqliteEventStore::create(env.path("empty.db")).unwrap());
+    let out = env
+        .command_with("empty.db", "projections", &["rebuild"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let text = stderr(&out);
+    assert!(text.contains("order_summary (checkpoint 500)"), "{text}");
+    assert!(text.contains("--force"), "{text}");
+    assert_eq!(env.digest("order_summary"), before, "nothing touched");
+    let out = env
+        .command_with(
+            "empty.db",
+            "projections",
+            &["--quiet", "rebuild", "--force"],
+        )
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(env.checkpoint_in("projections", "order_summary"), 0);
 }

@@ -21,7 +21,7 @@
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let tmp = tempfile::tempdir()?;
-//! let store = Arc::new(SqliteEventStore::open(tmp.path().join("events.db"))?);
+//! let store = Arc::new(SqliteEventStore::create(tmp.path().join("events.db"))?);
 //! let counts = SchemaHandler::new(
 //!     "CREATE TABLE IF NOT EXISTS seen (n INTEGER NOT NULL)",
 //!     |tx: &Transaction<'_>, events: &[GlobalEvent<serde_json::Value>]| {

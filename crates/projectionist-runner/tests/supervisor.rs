@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 const DEADLINE: Duration = Duration::from_secs(30);
 
 fn store(dir: &Path) -> Arc<SqliteEventStore> {
-    Arc::new(SqliteEventStore::open(dir.join("events.db")).expect("open the store"))
+    Arc::new(SqliteEventStore::create(dir.join("events.db")).expect("open the store"))
 }
 
 /// Appends `count` events of type `Added` with `n = 1` to streams `s-0..`;

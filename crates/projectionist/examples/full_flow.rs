@@ -18,7 +18,7 @@ struct OrderEvent {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let work = tempfile::tempdir()?;
-    let store = SqliteEventStore::open(work.path().join("events.db"))?;
+    let store = SqliteEventStore::create(work.path().join("events.db"))?;
 
     // 10,000 orders: placed, then paid, in one atomic append per 1,000 orders.
     for chunk in 0..10 {

@@ -24,7 +24,7 @@
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let tmp = tempfile::tempdir()?;
 //! // The event log: an embedded SQLite store.
-//! let store = SqliteEventStore::open(tmp.path().join("events.db"))?;
+//! let store = SqliteEventStore::create(tmp.path().join("events.db"))?;
 //! for (account, cents) in [("acc-1", 500), ("acc-2", 70), ("acc-1", 25)] {
 //!     let version = if account == "acc-1" && cents == 25 { 1 } else { 0 };
 //!     store.append(account, version, &[NewEvent::json("Deposited", &serde_json::json!({ "cents": cents }))?])?;

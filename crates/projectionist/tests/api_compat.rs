@@ -12,6 +12,8 @@ use projectionist::{
 #[test]
 fn code_written_for_earlier_versions_compiles_and_runs() {
     let tmp = tempfile::tempdir().unwrap();
+    // Deprecated (it creates a missing file), and still working as before.
+    #[allow(deprecated)]
     let store = SqliteEventStore::open(tmp.path().join("events.db")).unwrap();
     store
         .append(

@@ -189,7 +189,7 @@ fn child(role: &str) {
 }
 
 fn run_bank_child(role: &str, args: &[String]) {
-    let store = SqliteEventStore::open(&args[0]).unwrap();
+    let store = SqliteEventStore::create(&args[0]).unwrap();
     let dir = ProjectionDir::open(&args[1]).unwrap();
     let batch_size: u32 = args[2].parse().unwrap();
     let separate = args[3] == "separate";
@@ -262,7 +262,7 @@ impl projectionist::Handler<common::BankEvent> for Filler {
 /// rebuild of `OPEN_PROJECTIONS_MAX` fillers and then the bank projection
 /// (so parked), aborting at the named step of the bank's numbered batch.
 fn run_parked_bank_child(args: &[String]) {
-    let store = SqliteEventStore::open(&args[0]).unwrap();
+    let store = SqliteEventStore::create(&args[0]).unwrap();
     let dir = ProjectionDir::open(&args[1]).unwrap();
     let batch_size: u32 = args[2].parse().unwrap();
     let commit_interval = Duration::from_millis(args[3].parse().unwrap());

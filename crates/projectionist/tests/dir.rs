@@ -266,7 +266,7 @@ fn r8_removing_an_unknown_projection_is_an_error_and_leaves_nothing() {
 #[test]
 fn r8_files_that_are_not_projections_are_never_listed_or_removed() {
     let tmp = tempfile::tempdir().unwrap();
-    let store = projectionist::SqliteEventStore::open(tmp.path().join("events.db")).unwrap();
+    let store = projectionist::SqliteEventStore::create(tmp.path().join("events.db")).unwrap();
     drop(store);
     let notes = projectionist::rusqlite::Connection::open(tmp.path().join("notes.db")).unwrap();
     notes

@@ -80,7 +80,7 @@ fn a_follower_applies_appends_from_another_connection_and_stops_cleanly() {
     let path = tmp.path().join("events.db");
     let store = bank_store(&path, 2_000, 11);
     // Another connection to the same file, as another program would append.
-    let appender = SqliteEventStore::open(&path).unwrap();
+    let appender = SqliteEventStore::create(&path).unwrap();
     let dir = ProjectionDir::open(tmp.path().join("projections")).unwrap();
     let built = dir.db("built").unwrap();
     let fresh = dir.db("fresh").unwrap();
@@ -152,7 +152,7 @@ fn a_poison_event_while_following_stops_only_the_projections_that_handle_it() {
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("events.db");
     let store = bank_store(&path, 500, 3);
-    let appender = SqliteEventStore::open(&path).unwrap();
+    let appender = SqliteEventStore::create(&path).unwrap();
     let dir = ProjectionDir::open(tmp.path().join("projections")).unwrap();
     let bank = dir.db("bank").unwrap();
     let opened = dir.db("opened").unwrap();
@@ -233,7 +233,7 @@ fn more_projections_than_writer_threads_follow_at_once() {
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("events.db");
     let store = bank_store(&path, 300, 5);
-    let appender = SqliteEventStore::open(&path).unwrap();
+    let appender = SqliteEventStore::create(&path).unwrap();
     let dir = ProjectionDir::open(tmp.path().join("projections")).unwrap();
     let dbs: Vec<Arc<ProjectionDb>> = (0..n).map(|i| dir.db(&format!("p{i}")).unwrap()).collect();
     let stop = CancelToken::new();

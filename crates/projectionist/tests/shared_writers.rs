@@ -64,7 +64,7 @@ fn many_projections_share_bounded_writer_threads_and_each_stops_alone() {
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("events.db");
     let store = bank_store(&path, 300, 21);
-    let appender = SqliteEventStore::open(&path).unwrap();
+    let appender = SqliteEventStore::create(&path).unwrap();
     let dir = ProjectionDir::open(tmp.path().join("projections")).unwrap();
     let dbs: Vec<_> = (0..PROJECTIONS)
         .map(|i| dir.db(&format!("p{i:03}")).unwrap())

@@ -21,7 +21,7 @@ fn all(store: &SqliteEventStore) -> Vec<GlobalEvent<Value>> {
 #[test]
 fn append_assigns_sequences_and_versions_in_order() {
     let tmp = tempfile::tempdir().unwrap();
-    let store = SqliteEventStore::open(tmp.path().join("events.db")).unwrap();
+    let store = SqliteEventStore::create(tmp.path().join("events.db")).unwrap();
     assert_eq!(GlobalReader::<Value>::head(&store).unwrap(), 0);
     let a = store
         .append(
@@ -80,7 +80,7 @@ fn append_assigns_sequences_and_versions_in_order() {
 fn conflicting_append_writes_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("events.db");
-    let store = SqliteEventStore::open(&path).unwrap();
+    let store = SqliteEventStore::create(&path).unwrap();
     store
         .append("s1", 0, &[event("A", serde_json::json!({}))])
         .unwrap();
@@ -131,7 +131,7 @@ fn conflicting_append_writes_nothing() {
 fn store_file_is_durable_wal() {
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("events.db");
-    let _store = SqliteEventStore::open(&path).unwrap();
+    let _store = SqliteEventStore::create(&path).unwrap();
     let conn = Connection::open(&path).unwrap();
     let mode: String = conn
         .query_row("PRAGMA journal_mode", [], |r| r.get(0))
@@ -147,7 +147,7 @@ fn undecodable_event_names_sequence_stream_and_type() {
         n: i64,
     }
     let tmp = tempfile::tempdir().unwrap();
-    let store = SqliteEventStore::open(tmp.path().join("events.db")).unwrap();
+    let store = SqliteEventStore::create(tmp.path().join("events.db")).unwrap();
     store
         .append("s1", 0, &[event("Good", serde_json::json!({"n": 1}))])
         .unwrap();
@@ -236,7 +236,7 @@ fn mapped_table_with_other_names_is_read_in_order() {
 fn bad_mappings_fail_at_open_with_the_name() {
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("events.db");
-    drop(SqliteEventStore::open(&path).unwrap());
+    drop(SqliteEventStore::create(&path).unwrap());
     let injected = EventTableMapping {
         table: "events; DROP TABLE events".into(),
         ..EventTableMapping::default()
@@ -322,7 +322,7 @@ fn typed_reads_return_what_a_filtered_plain_read_returns() {
     eprintln!("typed reads: seed {seed} (PROJECTIONIST_SEED={seed} repeats it)");
     let mut rng = fastrand::Rng::with_seed(seed);
     let tmp = tempfile::tempdir().unwrap();
-    let store = SqliteEventStore::open(tmp.path().join("events.db")).unwrap();
+    let store = SqliteEventStore::create(tmp.path().join("events.db")).unwrap();
     let types = ["A", "B", "C", "D"];
     for stream in 0..40 {
         let events: Vec<NewEvent> = (0..rng.usize(1..12))
@@ -402,4 +402,35 @@ fn foreign_rows_with_unreadable_sequences_or_types_are_named_errors() {
             "{bad}: {err}"
         );
     }
+}
+
+#[test]
+fn open_existing_refuses_a_missing_store_by_name_and_creates_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("evnets.db");
+    let Err(err) = SqliteEventStore::open_existing(&path) else {
+        panic!("a missing store was opened")
+    };
+    let text = err.to_string();
+    assert!(text.contains("evnets.db"), "{text}");
+    assert!(text.contains("SqliteEventStore::create"), "{text}");
+    assert_eq!(
+        std::fs::read_dir(tmp.path()).unwrap().count(),
+        0,
+        "nothing created"
+    );
+    let created = SqliteEventStore::create(&path).unwrap();
+    created
+        .append(
+            "s",
+            0,
+            &[NewEvent::json("E", &serde_json::json!({})).unwrap()],
+        )
+        .unwrap();
+    drop(created);
+    let reopened = SqliteEventStore::open_existing(&path).unwrap();
+    assert_eq!(
+        GlobalReader::<serde_json::Value>::head(&reopened).unwrap(),
+        1
+    );
 }

@@ -58,7 +58,7 @@ impl App {
     /// The store or the directory cannot be opened.
     pub fn start(data: &Path) -> Result<Arc<App>, Box<dyn std::error::Error + Send + Sync>> {
         std::fs::create_dir_all(data)?;
-        let store = Arc::new(SqliteEventStore::open(data.join("events.db"))?);
+        let store = Arc::new(SqliteEventStore::create(data.join("events.db"))?);
         let totals = SchemaHandler::new(
             "CREATE TABLE IF NOT EXISTS order_total (
                  order_id TEXT PRIMARY KEY, cents INTEGER NOT NULL, placed INTEGER NOT NULL)",

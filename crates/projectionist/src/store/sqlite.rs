@@ -125,11 +125,50 @@ pub struct SqliteEventStore {
 }
 
 impl SqliteEventStore {
-    /// Opens (creating if missing) an event store with this crate's schema.
+    /// Opens an event store with this crate's schema, creating it when the
+    /// file is missing: what earlier versions' code calls.
+    ///
+    /// A mistyped path then reads as an empty log. New code says what it
+    /// means: [`SqliteEventStore::create`] to make a store (or open it when it
+    /// exists), [`SqliteEventStore::open_existing`] to open one that must exist.
+    ///
+    /// # Errors
+    /// As [`SqliteEventStore::create`].
+    #[deprecated(
+        since = "0.1.0",
+        note = "creates a missing file: use `create` to make a store, `open_existing` to open one that must exist"
+    )]
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        Self::create(path)
+    }
+
+    /// Opens an existing event store with this crate's schema, for reading and
+    /// appending; a missing file is an error, nothing is created.
+    ///
+    /// # Errors
+    /// [`Error::Io`] naming the file when it does not exist or is a directory;
+    /// as [`SqliteEventStore::create`] otherwise.
+    pub fn open_existing(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        if !path.is_file() {
+            return Err(Error::Io {
+                step: "open the event store",
+                path: path.to_path_buf(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no such file (SqliteEventStore::create makes a new store)",
+                ),
+            });
+        }
+        Self::create(path)
+    }
+
+    /// Creates an event store with this crate's schema (tables and index),
+    /// or opens it when the file exists (adding what is missing).
     ///
     /// # Errors
     /// [`Error::Sqlite`] naming the file when it cannot be opened or initialised.
-    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+    pub fn create(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         let writer = open_connection(&path, OpenFlags::default())?;
         writer.execute_batch(SCHEMA).map_err(Error::sqlite(format!(
@@ -143,7 +182,7 @@ impl SqliteEventStore {
 
     /// Opens an existing event store with this crate's schema for reading only.
     /// Nothing in the file is created or changed: no table, no index, no journal
-    /// mode (the connection is read-only). Use [`SqliteEventStore::open`] to create
+    /// mode (the connection is read-only). Use [`SqliteEventStore::create`] to create
     /// a store or to append.
     ///
     /// # Errors

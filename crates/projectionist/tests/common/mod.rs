@@ -139,7 +139,7 @@ pub fn write_bank_log(store: &SqliteEventStore, n_events: u64, n_accounts: u64, 
 
 /// A store at `path` holding a bank log.
 pub fn bank_store(path: &Path, n_events: u64, seed: u64) -> SqliteEventStore {
-    let store = SqliteEventStore::open(path).unwrap();
+    let store = SqliteEventStore::create(path).unwrap();
     write_bank_log(&store, n_events, 200, seed);
     store
 }
