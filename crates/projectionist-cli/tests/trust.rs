@@ -45,7 +45,7 @@ fn databases(root: &Path) -> Vec<(String, Vec<u8>)> {
 
 /// Appends one event to the store file `store` (created if missing).
 fn append_one(env: &Env, store: &str, stream: &str, event_type: &str, data: serde_json::Value) {
-    let store = SqliteEventStore::open_existing(env.path(store)).unwrap();
+    let store = SqliteEventStore::create(env.path(store)).unwrap();
     store
         .append(stream, 0, &[NewEvent::json(event_type, &data).unwrap()])
         .unwrap();
@@ -1027,4 +1027,70 @@ fn r8_9_a_killed_run_shows_as_interrupted_in_a_new_process() {
     let (code, rows) = status_json(&env, &[]);
     assert_eq!(code, Some(0));
     assert!(rows.iter().all(|r| r["state"] == "current"), "{rows:?}");
+}
+
+/// A store in rollback-journal mode that another program writes is only read:
+/// rebuild, status, inspect and follow leave no `-wal`, `-shm` or journal
+/// beside it, and the file itself is unchanged.
+#[test]
+fn reading_a_foreign_rollback_journal_store_creates_nothing_beside_it() {
+    let env = Env::new();
+    let conn = Connection::open(env.path("foreign.db")).unwrap();
+    conn.execute_batch(
+        "PRAGMA journal_mode = DELETE;
+         CREATE TABLE msgs (id INTEGER PRIMARY KEY, stream TEXT, ver INTEGER, kind TEXT, body TEXT);",
+    )
+    .unwrap();
+    for i in 1..=50 {
+        conn.execute(
+            "INSERT INTO msgs VALUES (?1, ?2, 1, 'Added', ?3)",
+            (i, format!("s{i}"), format!("{{\"n\": {i}}}")),
+        )
+        .unwrap();
+    }
+    drop(conn);
+    env.write_config(
+        r#"
+[source]
+table = "msgs"
+sequence = "id"
+stream_id = "stream"
+stream_version = "ver"
+event_type = "kind"
+data = "body"
+
+[[projection]]
+name = "sums"
+version = 1
+schema = "CREATE TABLE t (n INTEGER)"
+[projection.on.Added]
+sql = "INSERT INTO t VALUES (:n!int)"
+"#,
+    );
+    let before = std::fs::read(env.path("foreign.db")).unwrap();
+    for args in [&["rebuild"][..], &["status"], &["inspect"]] {
+        let out = env
+            .command_with("foreign.db", "projections", args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+    }
+    let follower = env
+        .command_with("foreign.db", "projections", &["--quiet", "follow"])
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while !env.path("projections/.sums.follower").exists() {
+        assert!(started.elapsed() < std::time::Duration::from_secs(60));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    common::sigterm(&follower);
+    assert!(follower.wait_with_output().unwrap().status.success());
+    let beside: Vec<String> = std::fs::read_dir(env.tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("foreign.db") && name != "foreign.db")
+        .collect();
+    assert!(beside.is_empty(), "created beside the store: {beside:?}");
+    assert_eq!(std::fs::read(env.path("foreign.db")).unwrap(), before);
 }
