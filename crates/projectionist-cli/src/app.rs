@@ -205,3 +205,53 @@ pub(crate) fn command_hint(cli: &Cli, demo: bool, command: &str) -> String {
 
 /// Where the demo leaves its config, so the commands it suggests find it.
 pub(crate) const DEMO_CONFIG_FILE: &str = "demo/projectionist.toml";
+
+/// How alike (Jaro-Winkler, 0 to 1) a store's event type must be to a
+/// handled one to be suggested for it: catches a dropped, doubled or swapped
+/// letter (`OrderShiped` for `OrderShipped`), not an unrelated name.
+const SUGGESTION_SIMILARITY_MIN: f64 = 0.85;
+
+/// Warns (stderr, or a `warning` JSON line) for each event type a selected
+/// projection handles that the store has never seen, with the closest type it
+/// has: a typo in an `[projection.on.Type]` key otherwise leaves the
+/// projection silently incomplete. The exit code is not changed; a store
+/// that cannot list its types cheaply is not checked.
+pub(crate) fn warn_unseen_types(
+    cli: &Cli,
+    reader: &dyn projectionist::GlobalReader<crate::store::Payload>,
+    selected: &[&projectionist_sqlview::SqlProjection],
+) {
+    let Ok(Some(seen)) = reader.event_types() else {
+        return;
+    };
+    // A log with no events yet has seen nothing: no warning to give.
+    if seen.is_empty() || cli.quiet {
+        return;
+    }
+    for projection in selected {
+        for handled in projection.event_types() {
+            if seen.contains(&handled) {
+                continue;
+            }
+            let suggestion = seen
+                .iter()
+                .map(|t| (strsim::jaro_winkler(&handled, t), t))
+                .filter(|(score, _)| *score >= SUGGESTION_SIMILARITY_MIN)
+                .max_by(|a, b| a.0.total_cmp(&b.0))
+                .map(|(_, t)| t.clone());
+            let name = projection.name.as_str();
+            if cli.json {
+                crate::ui::json_line(&serde_json::json!({
+                    "event": "warning", "projection": name, "unseen_event_type": handled,
+                    "did_you_mean": suggestion,
+                }));
+                continue;
+            }
+            let hint = suggestion.map_or(String::new(), |t| format!(" (did you mean {t}?)"));
+            eprintln!(
+                "warning: projection {name} handles event type {}, which the store has never seen{hint}",
+                crate::ui::escape_controls(&handled)
+            );
+        }
+    }
+}

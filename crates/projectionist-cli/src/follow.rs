@@ -180,6 +180,7 @@ fn follow_epoch(
     round_stop.reset();
     let selected = select(config, names)?;
     let store = open_store(cli, false, config)?.with_late_event_window(context.late_window);
+    crate::app::warn_unseen_types(cli, store.reader(), &selected);
     let head = store
         .reader()
         .head()

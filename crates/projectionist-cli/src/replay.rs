@@ -186,6 +186,7 @@ pub(crate) fn replay(
     hint: &str,
 ) -> Result<Vec<RebuildResult>, Failure> {
     let head = store.head().map_err(|e| fail(EXIT_STORE)(e.into()))?;
+    crate::app::warn_unseen_types(cli, store, selected);
     if let Plan::Rebuild { force: false, .. } = plan
         && head == 0
     {

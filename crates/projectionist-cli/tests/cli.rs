@@ -668,3 +668,38 @@ fn rebuild_from_an_empty_log_over_built_projections_is_refused_unless_forced() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(env.checkpoint_in("projections", "order_summary"), 0);
 }
+
+/// A typo in an event-type key (`OrderShiped`) leaves the projection silently
+/// incomplete: the run warns, naming the projection, the type and the closest
+/// type the store has; the exit code is unchanged.
+#[test]
+fn a_handled_event_type_the_store_never_saw_is_warned_with_a_suggestion() {
+    let env = Env::new();
+    env.demo_log(500);
+    env.write_config(&DEMO_CONFIG.replace(
+        "[projection.on.OrderShipped]",
+        "[projection.on.OrderShiped]",
+    ));
+    let out = env.run(&["rebuild", "order_summary"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stderr(&out);
+    assert!(
+        text.contains(
+            "warning: projection order_summary handles event type OrderShiped, which the store \
+             has never seen (did you mean OrderShipped?)"
+        ),
+        "{text}"
+    );
+    let out = env.run(&["--json", "resume", "order_summary"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let warning = json_lines(&out)
+        .into_iter()
+        .find(|l| l["event"] == "warning")
+        .expect("a warning line");
+    assert_eq!(warning["unseen_event_type"], "OrderShiped");
+    assert_eq!(warning["did_you_mean"], "OrderShipped");
+    // The correct config warns of nothing.
+    env.write_config(DEMO_CONFIG);
+    let out = env.run(&["rebuild"]);
+    assert!(!stderr(&out).contains("never seen"), "{}", stderr(&out));
+}

@@ -60,6 +60,8 @@ pub struct PostgresEventStore {
     read_sql: String,
     read_types_sql: String,
     head_sql: String,
+    /// The distinct event types (bounded).
+    types_sql: String,
     writable: bool,
     look_sql: String,
     /// The table as named in queries, and its sequence column (for the lock
@@ -314,6 +316,10 @@ impl PostgresEventStore {
             )
         );
         let head_sql = format!("SELECT COALESCE(MAX({sequence}), 0)::bigint FROM {table}");
+        let types_sql = format!(
+            "SELECT DISTINCT {event_type}::text FROM {table} WHERE {event_type} IS NOT NULL LIMIT {}",
+            projectionist::limits::EVENT_TYPES_LISTED_MAX + 1
+        );
         let late_sql = format!(
             "SELECT {sequence}::bigint, {event_type}::text FROM {table} \
              JOIN unnest($1::bigint[], $2::bigint[]) AS passed(first, last) \
@@ -335,6 +341,7 @@ impl PostgresEventStore {
             read_sql,
             read_types_sql,
             head_sql,
+            types_sql,
             writable,
             look_sql,
             table: table.to_owned(),
@@ -1017,6 +1024,19 @@ impl<E: DeserializeOwned> GlobalReader<E> for PostgresEventStore {
 
     fn hole_wait(&self) -> Option<HoleWait> {
         PostgresEventStore::hole_wait(self)
+    }
+
+    fn event_types(&self) -> Result<Option<Vec<String>>> {
+        let rows = self.with_client(
+            || format!("list the event types of {}", self.url_for_errors),
+            |client| client.query_typed(&self.types_sql, &[]),
+        )?;
+        if rows.len() > projectionist::limits::EVENT_TYPES_LISTED_MAX {
+            return Ok(None);
+        }
+        Ok(Some(
+            rows.iter().map(|row| row.get::<_, String>(0)).collect(),
+        ))
     }
 
     fn head(&self) -> Result<u64> {

@@ -189,6 +189,12 @@ pub const WAIT_POLL_INTERVAL: Duration = Duration::from_millis(2);
 /// Events one append call may write: an append is one transaction held in memory.
 pub const APPEND_EVENTS_MAX: usize = 100_000;
 
+/// Distinct event types a store lists in
+/// [`GlobalReader::event_types`](crate::GlobalReader::event_types): a config
+/// handles a few dozen types; a log with more is named data, not types, and
+/// is not listed.
+pub const EVENT_TYPES_LISTED_MAX: usize = 1_000;
+
 const _: () = {
     assert!(0 < BATCH_SIZE_DEFAULT);
     assert!(BATCH_SIZE_DEFAULT <= BATCH_SIZE_MAX);

@@ -120,6 +120,17 @@ pub trait GlobalReader<E>: Send + Sync {
     fn hole_wait(&self) -> Option<HoleWait> {
         None
     }
+
+    /// The distinct event types in the log, when the store can list them with
+    /// one query (a config's checks warn about handled types never seen);
+    /// `None` when it cannot (the default), or when the log holds more than
+    /// [`EVENT_TYPES_LISTED_MAX`](crate::limits::EVENT_TYPES_LISTED_MAX).
+    ///
+    /// # Errors
+    /// Store errors.
+    fn event_types(&self) -> Result<Option<Vec<String>>> {
+        Ok(None)
+    }
 }
 
 /// A missing sequence number where a gap-safe store's reads are held (see

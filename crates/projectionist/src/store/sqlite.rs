@@ -122,6 +122,8 @@ pub struct SqliteEventStore {
     writer: Option<Mutex<Connection>>,
     read_sql: String,
     head_sql: String,
+    /// The distinct event types (bounded).
+    types_sql: String,
 }
 
 impl SqliteEventStore {
@@ -246,7 +248,7 @@ impl SqliteEventStore {
         mapping: &EventTableMapping,
         conditions: &[RowCondition],
     ) -> Result<Self> {
-        let (read_sql, head_sql) = mapping_sql(mapping, conditions)?;
+        let (read_sql, head_sql, types_sql) = mapping_sql(mapping, conditions)?;
         refuse_unreadable_sequences(&path, &reader, mapping)?;
         let cache_kib = i64::try_from(STORE_READER_CACHE_KIB).unwrap_or(i64::MAX);
         reader
@@ -266,6 +268,7 @@ impl SqliteEventStore {
             writer: writer.map(Mutex::new),
             read_sql,
             head_sql,
+            types_sql,
         })
     }
 
@@ -492,6 +495,33 @@ impl<E: DeserializeOwned> GlobalReader<E> for SqliteEventStore {
         }
     }
 
+    fn event_types(&self) -> Result<Option<Vec<String>>> {
+        let conn = self
+            .reader
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let step = || format!("list the event types of {}", self.path.display());
+        let mut statement = conn
+            .prepare_cached(&self.types_sql)
+            .map_err(Error::sqlite(step()))?;
+        let types = statement
+            .query_map([], |row| row.get::<_, rusqlite::types::Value>(0))
+            .and_then(|rows| rows.collect::<std::result::Result<Vec<_>, _>>())
+            .map_err(Error::sqlite(step()))?;
+        if types.len() > crate::limits::EVENT_TYPES_LISTED_MAX {
+            return Ok(None);
+        }
+        Ok(Some(
+            types
+                .into_iter()
+                .filter_map(|value| match value {
+                    rusqlite::types::Value::Text(text) => Some(text),
+                    _ => None,
+                })
+                .collect(),
+        ))
+    }
+
     /// `PRAGMA data_version` of the reading connection: it changes whenever
     /// another connection (any process, any program) commits to the file.
     fn change_token(&self) -> Result<Option<u64>> {
@@ -638,7 +668,7 @@ fn refuse_unreadable_sequences(
 fn mapping_sql(
     mapping: &EventTableMapping,
     conditions: &[RowCondition],
-) -> Result<(String, String)> {
+) -> Result<(String, String, String)> {
     // Brackets, not double quotes: SQLite reads a double-quoted name that
     // matches no column as a string literal, which would hide a typo.
     let ident = |name: &str| -> Result<String> { Ok(format!("[{}]", plain_identifier(name)?)) };
@@ -663,7 +693,11 @@ fn mapping_sql(
     }
     let read_sql = format!("{select} WHERE {sequence} > ?1{only} ORDER BY {sequence} LIMIT ?2");
     let head_sql = format!("SELECT COALESCE(MAX({sequence}), 0) FROM {table}");
-    Ok((read_sql, head_sql))
+    let types_sql = format!(
+        "SELECT DISTINCT {event_type} FROM {table} WHERE {event_type} IS NOT NULL{only} LIMIT {}",
+        crate::limits::EVENT_TYPES_LISTED_MAX + 1
+    );
+    Ok((read_sql, head_sql, types_sql))
 }
 
 /// A condition on a mapped table's rows: only rows whose `column` holds
