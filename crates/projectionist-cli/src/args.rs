@@ -161,9 +161,14 @@ pub(crate) enum Command {
     /// Event types in the store with counts, sequences and the JSON fields seen
     /// (with `--config`, through its `[source]`).
     Inspect {
-        /// Print a starter config instead: one statement per event type.
+        /// Print a starter config instead: one statement per event type (and
+        /// the `[source]` it was read through).
         #[arg(long)]
         config_skeleton: bool,
+        /// Read another tool's event store laid out as that tool writes it
+        /// (`eventsourcing`, `emmett`, `marten`), as `[source] preset` does.
+        #[arg(long)]
+        preset: Option<String>,
     },
     /// Share the projections of a PostgreSQL store with other workers (leases with fencing).
     Worker {

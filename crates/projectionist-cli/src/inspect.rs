@@ -33,29 +33,133 @@ struct TypeSummary {
     fields_dropped: bool,
 }
 
-/// Runs `inspect`.
-pub(crate) fn run_inspect(cli: &Cli, config_skeleton: bool) -> Result<(), Failure> {
-    let spec = store_spec(cli, false);
-    // A config, when there is one, only tells where the events are ([source]).
-    let (mapping, settle, conditions) = match &cli.config {
-        Some(path) => {
-            let config = projectionist_sqlview::ProjectionsConfig::load(path)
-                .map_err(|e| fail(EXIT_CONFIG)(e.into()))?;
-            let mapping = if Store::is_postgres(&spec) {
-                config.source_postgres
-            } else {
-                config.source
-            };
-            (mapping, config.source_settle, config.source_conditions)
-        }
-        None => (None, std::time::Duration::ZERO, Vec::new()),
+/// Where `inspect` reads the events: `--preset`, else the config's
+/// `[source]` (the config named by `--config`, or `projectionist.toml` here
+/// when it exists; a config with no projection yet is fine), else our own
+/// layout. Also the `[source]` section a skeleton repeats.
+struct Source {
+    mapping: Option<projectionist::EventTableMapping>,
+    settle: std::time::Duration,
+    conditions: Vec<projectionist::RowCondition>,
+    section: Option<String>,
+}
+
+fn source(cli: &Cli, spec: &str, preset: Option<&str>) -> Result<Source, Failure> {
+    let postgres = Store::is_postgres(spec);
+    if let Some(preset) = preset {
+        let (sqlite, pg, conditions) = projectionist_sqlview::preset_source(preset)
+            .map_err(|e| fail(EXIT_CONFIG)(anyhow::anyhow!("--preset: {e}")))?;
+        return Ok(Source {
+            mapping: Some(if postgres { pg } else { sqlite }),
+            settle: std::time::Duration::ZERO,
+            conditions,
+            section: Some(format!("[source]\npreset = {preset:?}\n")),
+        });
+    }
+    let path = cli.config.clone().or_else(|| {
+        let here = std::path::PathBuf::from("projectionist.toml");
+        here.is_file().then_some(here)
+    });
+    let Some(path) = path else {
+        return Ok(Source {
+            mapping: None,
+            settle: std::time::Duration::ZERO,
+            conditions: Vec::new(),
+            section: None,
+        });
     };
-    let store = Store::open_existing(&spec, mapping.as_ref(), settle, &conditions)
-        .map_err(fail(EXIT_STORE))?;
+    let config = projectionist_sqlview::ProjectionsConfig::load_source_only(&path)
+        .map_err(|e| fail(EXIT_CONFIG)(e.into()))?;
+    let section = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|text| projectionist_sqlview::source_section(&text));
+    Ok(Source {
+        mapping: if postgres {
+            config.source_postgres
+        } else {
+            config.source
+        },
+        settle: config.source_settle,
+        conditions: config.source_conditions,
+        section,
+    })
+}
+
+/// For a store that is not in our layout: the presets whose table the file
+/// has, named in the error with how to use them. Read through an immutable
+/// connection: nothing is created beside the file.
+fn preset_hint(spec: &str) -> String {
+    if Store::is_postgres(spec) {
+        return format!(
+            "; if another tool wrote it, try --preset ({})",
+            projectionist_sqlview::PRESETS.join(", ")
+        );
+    }
+    let uri = projectionist::immutable_uri(std::path::Path::new(spec));
+    let flags = projectionist::rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY
+        | projectionist::rusqlite::OpenFlags::SQLITE_OPEN_URI;
+    let tables: Vec<String> = projectionist::rusqlite::Connection::open_with_flags(uri, flags)
+        .and_then(|conn| {
+            let mut statement =
+                conn.prepare("SELECT name FROM sqlite_schema WHERE type = 'table'")?;
+            let names = statement
+                .query_map([], |row| row.get(0))?
+                .collect::<Result<Vec<String>, _>>()?;
+            Ok(names)
+        })
+        .unwrap_or_default();
+    let matching: Vec<&str> = projectionist_sqlview::PRESETS
+        .into_iter()
+        .filter(|preset| {
+            projectionist_sqlview::preset_source(preset)
+                .is_ok_and(|(sqlite, _, _)| tables.contains(&sqlite.table))
+        })
+        .collect();
+    match matching.as_slice() {
+        [] => format!(
+            "; its tables: {}. Describe the events table in the config's [source] (see docs/own-store.md)",
+            if tables.is_empty() {
+                "none".to_owned()
+            } else {
+                tables.join(", ")
+            }
+        ),
+        presets => format!(
+            "; it looks like a store of {}: run `inspect --preset {}`, and put `[source]` \
+             `preset = \"{}\"` in the config",
+            presets.join(" or "),
+            presets[0],
+            presets[0]
+        ),
+    }
+}
+
+/// Runs `inspect`.
+pub(crate) fn run_inspect(
+    cli: &Cli,
+    config_skeleton: bool,
+    preset: Option<&str>,
+) -> Result<(), Failure> {
+    let spec = store_spec(cli, false);
+    let source = source(cli, &spec, preset)?;
+    let store = Store::open_existing(
+        &spec,
+        source.mapping.as_ref(),
+        source.settle,
+        &source.conditions,
+    )
+    .map_err(|e| {
+        let hint = if source.mapping.is_none() && is_not_ours(&e) {
+            preset_hint(&spec)
+        } else {
+            String::new()
+        };
+        fail(EXIT_STORE)(e.context(format!("inspect {spec}{hint}")))
+    })?;
     let (types, undecodable) =
         scan(store.value_reader()).map_err(|e| fail(EXIT_STORE)(e.into()))?;
     if config_skeleton {
-        print_skeleton(&types);
+        print_skeleton(&types, source.section.as_deref());
     } else if cli.json {
         for (event_type, summary) in &types {
             let fields: serde_json::Map<String, Value> = summary
@@ -192,9 +296,13 @@ fn print_table(types: &BTreeMap<String, TypeSummary>, undecodable: &[u64]) {
 
 /// A starter config: one projection with a table per event type's fields left
 /// to the user, and one commented statement per event type.
-fn print_skeleton(types: &BTreeMap<String, TypeSummary>) {
+fn print_skeleton(types: &BTreeMap<String, TypeSummary>, source: Option<&str>) {
     out!("# A starter config: write the schema, keep the event types you need,");
     out!("# and turn each commented statement into one that fits your table.");
+    if let Some(source) = source {
+        out!("{}", source.trim_end());
+        out!("");
+    }
     out!("[[projection]]");
     out!("name = \"my_projection\"");
     out!("version = 1");
@@ -224,4 +332,15 @@ fn print_skeleton(types: &BTreeMap<String, TypeSummary>) {
     if types.is_empty() {
         out!("# the store holds no events yet");
     }
+}
+
+/// Whether opening the store failed because the file is not in the layout
+/// read (no events table, a missing column), not for a reason of its own.
+fn is_not_ours(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<Error>(),
+            Some(Error::NotAnEventStore { .. })
+        )
+    })
 }

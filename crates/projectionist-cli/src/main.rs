@@ -223,7 +223,10 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             exit_when_done,
         } => run_worker(cli, worker_id.as_deref(), *lease_ms, *exit_when_done),
         Command::RemoveAll => run_remove_all(cli),
-        Command::Inspect { config_skeleton } => run_inspect(cli, *config_skeleton),
+        Command::Inspect {
+            config_skeleton,
+            preset,
+        } => run_inspect(cli, *config_skeleton, preset.as_deref()),
     }
 }
 

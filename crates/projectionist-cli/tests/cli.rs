@@ -216,7 +216,7 @@ fn bad_configs_fail_clearly_and_create_nothing() {
     for (config, expected) in cases {
         let env = Env::new();
         env.write_config(&config);
-        SqliteEventStore::open_existing(env.path("events.db")).unwrap();
+        SqliteEventStore::create(env.path("events.db")).unwrap();
         let before: Vec<_> = std::fs::read_dir(env.tmp.path())
             .unwrap()
             .map(|e| e.unwrap().file_name())
@@ -248,7 +248,7 @@ fn bad_configs_fail_clearly_and_create_nothing() {
 #[test]
 fn sql_text_in_event_data_is_stored_verbatim() {
     let env = Env::new();
-    let store = SqliteEventStore::open_existing(env.path("events.db")).unwrap();
+    let store = SqliteEventStore::create(env.path("events.db")).unwrap();
     let evil = "'); DROP TABLE orders; --";
     let placed = serde_json::json!({"order_id": "o1", "customer_id": evil});
     store
@@ -271,7 +271,7 @@ fn sql_text_in_event_data_is_stored_verbatim() {
 #[test]
 fn poison_event_stops_the_projection_with_its_sequence() {
     let env = Env::new();
-    let store = SqliteEventStore::open_existing(env.path("events.db")).unwrap();
+    let store = SqliteEventStore::create(env.path("events.db")).unwrap();
     store
         .append(
             "o1",

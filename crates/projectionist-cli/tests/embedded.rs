@@ -20,7 +20,7 @@ const DEADLINE: Duration = Duration::from_secs(60);
 
 fn embedded(env: &Env, stall_after: Duration) -> Supervisor {
     let config = ProjectionsConfig::load(&env.path("projections.toml")).unwrap();
-    let store = Arc::new(SqliteEventStore::open_existing(env.path("events.db")).unwrap());
+    let store = Arc::new(SqliteEventStore::create(env.path("events.db")).unwrap());
     let mut builder = Supervisor::builder::<Box<RawValue>>(store, env.path("projections"))
         .unwrap()
         .stall_after(stall_after);
@@ -110,7 +110,7 @@ fn the_command_line_sees_and_drives_an_embedded_supervisor() {
     });
     let holder = Connection::open(env.path("projections/order_summary.db")).unwrap();
     holder.execute_batch("BEGIN IMMEDIATE").unwrap();
-    SqliteEventStore::open_existing(env.path("events.db"))
+    SqliteEventStore::create(env.path("events.db"))
         .unwrap()
         .append(
             "embedded-order",

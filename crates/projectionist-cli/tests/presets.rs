@@ -368,3 +368,65 @@ fn emmett_preset_reads_emmetts_postgres_store_and_only_its_live_events() {
         .unwrap();
     assert_eq!(rebuild(), all[..2].to_vec());
 }
+
+/// `inspect` on another tool's store: without a config it names the preset
+/// whose table the file has; `--preset` reads it; a `projectionist.toml`
+/// here with only `[source]` is used; and the skeleton it prints, `[source]`
+/// included, runs as generated.
+#[test]
+fn inspect_finds_the_preset_and_its_skeleton_runs_as_generated() {
+    let env = common::Env::new();
+    let conn = projectionist::rusqlite::Connection::open(env.path("app.db")).unwrap();
+    conn.execute_batch(
+        "CREATE TABLE stored_events (originator_id TEXT, originator_version INTEGER, \
+         topic TEXT, state BLOB, PRIMARY KEY (originator_id, originator_version))",
+    )
+    .unwrap();
+    for i in 1..=20 {
+        conn.execute(
+            "INSERT INTO stored_events VALUES (?1, 1, 'bank:Account.Opened', ?2)",
+            (
+                format!("a{i}"),
+                format!("{{\"owner\": \"o{i}\"}}").into_bytes(),
+            ),
+        )
+        .unwrap();
+    }
+    drop(conn);
+    let out = env.run_bare(&["--store", "app.db", "inspect"]);
+    assert_eq!(out.status.code(), Some(3));
+    let text = common::stderr(&out);
+    assert!(text.contains("--preset eventsourcing"), "{text}");
+    assert!(text.contains("preset = \"eventsourcing\""), "{text}");
+
+    let out = env.run_bare(&["--store", "app.db", "inspect", "--preset", "eventsourcing"]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    assert!(common::stdout(&out).contains("bank:Account.Opened"));
+
+    std::fs::write(
+        env.path("projectionist.toml"),
+        "[source]\npreset = \"eventsourcing\"\n",
+    )
+    .unwrap();
+    let out = env.run_bare(&["--store", "app.db", "inspect", "--config-skeleton"]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let skeleton = common::stdout(&out);
+    assert!(skeleton.contains("[source]"), "{skeleton}");
+    std::fs::write(env.path("generated.toml"), &skeleton).unwrap();
+    let out = env.run_bare(&[
+        "--store",
+        "app.db",
+        "--config",
+        "generated.toml",
+        "--dir",
+        "generated",
+        "rebuild",
+    ]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let conn =
+        projectionist::rusqlite::Connection::open(env.path("generated/my_projection.db")).unwrap();
+    let rows: i64 = conn
+        .query_row("SELECT count(*) FROM my_table", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(rows, 20);
+}

@@ -108,7 +108,7 @@ fn r8_1_list_and_remove_all_touch_only_projections() {
 fn r8_2_demo_refuses_to_replace_an_existing_log() {
     let env = Env::new();
     env.write_config(DEMO_CONFIG);
-    let store = SqliteEventStore::open_existing(env.path("events.db")).unwrap();
+    let store = SqliteEventStore::create(env.path("events.db")).unwrap();
     let event = NewEvent::json("Noted", &serde_json::json!({"n": 1})).unwrap();
     for stream in 0..100 {
         store
@@ -387,7 +387,7 @@ sql = "INSERT INTO items VALUES (:order_id!, :qty!)"
 /// A log of `n` events alternating OrderPlaced and ItemAdded, with the raw data
 /// of some events replaced (written as another program could).
 fn log_with_raw_data(env: &Env, n: u64, raw: &[(u64, &str)]) {
-    let store = SqliteEventStore::open_existing(env.path("events.db")).unwrap();
+    let store = SqliteEventStore::create(env.path("events.db")).unwrap();
     for i in 1..=n {
         let (event_type, data) = if i % 2 == 1 {
             (
@@ -799,7 +799,7 @@ fn r8_17_messages_are_plain_and_quote_what_the_user_wrote() {
     env.write_config(
         "[[projection]]\nname = \"p\"\nversion = 1\nschema = \"CREATE TABLE t (id TEXT PRIMARY KEY, n INTEGER CHECK (n > 0))\"\n[projection.on.\"E\\u001b[31m\"]\nsql = \"INSERT INTO t VALUES (:id, 1)\"\n",
     );
-    SqliteEventStore::open_existing(env.path("events.db")).unwrap();
+    SqliteEventStore::create(env.path("events.db")).unwrap();
     let out = env.run(&["rebuild"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(

@@ -215,6 +215,27 @@ impl ProjectionsConfig {
     /// # Errors
     /// [`ConfigError`] naming the place.
     pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        Self::parse_with(text, origin, true)
+    }
+
+    /// Loads a config that may declare no projection, for what needs only
+    /// its `[source]` (`inspect`).
+    ///
+    /// # Errors
+    /// As [`ProjectionsConfig::load`], but for a missing `[[projection]]`.
+    pub fn load_source_only(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse_with(&text, &path.display().to_string(), false)
+    }
+
+    fn parse_with(
+        text: &str,
+        origin: &str,
+        require_projections: bool,
+    ) -> Result<Self, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
             origin: origin.to_owned(),
             message: e.to_string().trim_end().to_owned(),
@@ -224,7 +245,7 @@ impl ProjectionsConfig {
             place,
             message,
         };
-        if raw.projection.is_empty() {
+        if require_projections && raw.projection.is_empty() {
             return Err(invalid("file".into(), "declares no [[projection]]".into()));
         }
         let mut projections: Vec<SqlProjection> = Vec::new();
@@ -357,6 +378,43 @@ pub const SOURCE_SETTLE_MAX: std::time::Duration = std::time::Duration::from_sec
 ///   (JSON as a BLOB or `bytea`; a recorder that compresses or encrypts its
 ///   state cannot be read).
 pub const PRESETS: [&str; 3] = ["eventsourcing", "emmett", "marten"];
+
+/// The mappings of `[source] preset = "{preset}"` with no other key: for
+/// SQLite, for PostgreSQL, and the rows that are events.
+///
+/// # Errors
+/// An unknown preset, naming the known ones.
+pub fn preset_source(
+    preset: &str,
+) -> Result<(EventTableMapping, EventTableMapping, Vec<RowCondition>), String> {
+    let raw = RawSource {
+        preset: Some(preset.to_owned()),
+        table: None,
+        sequence: None,
+        stream_id: None,
+        stream_version: None,
+        event_type: None,
+        data: None,
+        metadata: None,
+        recorded_at: None,
+        state_schema: None,
+        settle_ms: None,
+    };
+    let conditions = raw.conditions();
+    let (sqlite, postgres) = validate_source(raw)?;
+    Ok((sqlite, postgres, conditions))
+}
+
+/// The `[source]` section of config `text`, as TOML (to repeat it in a
+/// generated config), or `None` when there is none or the text is not TOML.
+#[must_use]
+pub fn source_section(text: &str) -> Option<String> {
+    let value: toml::Table = toml::from_str(text).ok()?;
+    let source = value.get("source")?.as_table()?;
+    let mut section = toml::Table::new();
+    section.insert("source".into(), toml::Value::Table(source.clone()));
+    toml::to_string(&section).ok()
+}
 
 impl RawSource {
     /// The mapping for one store kind: the preset's (or our own layout's)

@@ -68,6 +68,7 @@ mod payload;
 
 pub use config::{
     ConfigError, PRESETS, ProjectionsConfig, SOURCE_SETTLE_MAX, SqlProjection, Statement,
+    preset_source, source_section,
 };
 pub use definition::{DEFINITION_TABLE, StoredDefinition, record_definition, stored_definition};
 pub use handler::SqlHandler;
