@@ -210,7 +210,8 @@ pub(crate) fn replay(
         cli.quiet,
         selected.iter().map(|p| p.name.as_str()),
         head,
-    );
+    )
+    .interrupted_by(&cancel);
     let progress = |p: &projectionist::Progress| display.progress(p);
     let options = RebuildOptions {
         batch_size: cli.batch_size,

@@ -39,7 +39,14 @@ pub fn error_json(error: &projectionist::Error) -> serde_json::Value {
         | projectionist::Error::Replay { name, .. }
         | projectionist::Error::Fenced { name, .. }
         | projectionist::Error::Setup { name, .. }
-        | projectionist::Error::CheckpointBeyondHead { name, .. } => Some(name.as_str()),
+        | projectionist::Error::CheckpointBeyondHead { name, .. }
+        | projectionist::Error::CaughtUp { name, .. }
+        | projectionist::Error::Cancelled { name, .. }
+        | projectionist::Error::Version { name, .. }
+        | projectionist::Error::Locked { name, .. }
+        | projectionist::Error::Closed { name, .. }
+        | projectionist::Error::NoSuchProjection { name, .. }
+        | projectionist::Error::WaitTimedOut { name, .. } => Some(name.as_str()),
         _ => None,
     };
     serde_json::json!({
@@ -61,6 +68,9 @@ pub struct Display {
     bars: HashMap<String, ProgressBar>,
     /// When each projection's last `--json` progress line was printed.
     printed: std::sync::Mutex<HashMap<String, std::time::Instant>>,
+    /// The run's Ctrl-C token: a projection that ends with it set was
+    /// interrupted, not failed.
+    cancel: Option<projectionist::CancelToken>,
 }
 
 impl Display {
@@ -92,7 +102,15 @@ impl Display {
             multi,
             bars,
             printed: std::sync::Mutex::new(HashMap::new()),
+            cancel: None,
         }
+    }
+
+    /// Bars of projections that end after `cancel` was set say `interrupted`.
+    #[must_use]
+    pub fn interrupted_by(mut self, cancel: &projectionist::CancelToken) -> Self {
+        self.cancel = Some(cancel.clone());
+        self
     }
 
     /// One progress report from the engine.
@@ -124,7 +142,16 @@ impl Display {
             bar.set_length(p.total.max(p.checkpoint).saturating_sub(p.started_from));
             bar.set_position(p.checkpoint.saturating_sub(p.started_from));
             if p.done {
-                bar.finish_with_message(if p.err.is_some() { "failed" } else { "done" });
+                let interrupted = self
+                    .cancel
+                    .as_ref()
+                    .is_some_and(projectionist::CancelToken::is_cancelled);
+                bar.finish_with_message(match (&p.err, interrupted) {
+                    (None, _) => "done",
+                    // Ctrl-C: stopped at a batch boundary, not failed.
+                    (Some(_), true) => "interrupted",
+                    (Some(_), false) => "failed",
+                });
             }
         }
     }
@@ -379,4 +406,42 @@ fn bar_style(template: &str) -> ProgressStyle {
             },
         )
         .progress_chars("=> ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ended(name: &str, err: Option<&str>) -> Progress {
+        Progress {
+            projection_name: name.to_owned(),
+            processed: 10,
+            total: 20,
+            checkpoint: 10,
+            started_from: 0,
+            done: true,
+            err: err.map(str::to_owned),
+            following: false,
+            batch_latency: None,
+            hole_wait: None,
+        }
+    }
+
+    /// Ctrl-C ends every projection with an error at a batch boundary: their
+    /// bars say `interrupted`; a projection that failed on its own says
+    /// `failed`, one that finished says `done`.
+    #[test]
+    fn bars_of_an_interrupted_run_say_interrupted_not_failed() {
+        let cancel = projectionist::CancelToken::new();
+        let display =
+            Display::new(false, false, ["a", "b", "c"].into_iter(), 20).interrupted_by(&cancel);
+        display.progress(&ended("a", Some("handler failed")));
+        display.progress(&ended("b", None));
+        cancel.cancel();
+        display.progress(&ended("c", Some("cancelled")));
+        let message = |name: &str| display.bars[name].message().to_string();
+        assert_eq!(message("a"), "failed");
+        assert_eq!(message("b"), "done");
+        assert_eq!(message("c"), "interrupted");
+    }
 }

@@ -40,6 +40,17 @@ pub(crate) fn run_verify(
     let mut differing = Vec::new();
     for projection in selected {
         let name = projection.name.as_str();
+        // Held by another process (a follower): its shadow is that process's
+        // to build; said once, plainly, and nothing of it is touched.
+        if let Err(projectionist::Error::Locked { holder, .. }) = dir.db(name) {
+            let by = holder.map_or("another process".to_owned(), |pid| format!("process {pid}"));
+            failures.push(anyhow!(
+                "cannot verify {name}: {by} holds it (a follower?). --verify builds a shadow \
+                 of the projection, which only its holder may do; stop {by}, verify, then \
+                 start it again. Nothing was changed"
+            ));
+            continue;
+        }
         match verify_one(cli, store.reader(), &dir, projection, &cancel) {
             Ok(true) if publish_if_equal => {
                 if let Err(e) = catch_up_and_publish(

@@ -1153,3 +1153,28 @@ fn start_following(env: &Env) -> Reaped {
     std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
     follower
 }
+
+/// `rebuild --verify` of a projection a follower holds says so once, naming
+/// the follower's process, and changes nothing (it used to add a confusing
+/// "discard the shadow ... locked").
+#[test]
+fn verify_beside_a_follower_names_the_follower_and_changes_nothing() {
+    let env = Env::new();
+    env.demo_log(1_000);
+    let before = env.digest("order_summary");
+    let follower = start_following(&env);
+    let out = env.run(&["rebuild", "--verify", "order_summary"]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    let text = stderr(&out);
+    assert!(
+        text.contains(&format!(
+            "cannot verify order_summary: process {} holds it",
+            follower.id()
+        )),
+        "{text}"
+    );
+    assert!(!text.contains("discard the shadow"), "{text}");
+    assert!(!env.path("projections/.order_summary.shadow.db").exists());
+    assert_eq!(env.digest("order_summary"), before);
+    drop(follower);
+}

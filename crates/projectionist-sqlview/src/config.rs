@@ -668,9 +668,18 @@ fn prepare(
 ) -> Result<Statement, String> {
     let quoted = escape(text.trim());
     let (sql, params) = rewrite(&text).map_err(|e| format!("{e} in {quoted}"))?;
-    let stmt = scratch
-        .prepare(&sql)
-        .map_err(|e| format!("{} in {quoted}", confinement.explain(&e)))?;
+    let stmt = scratch.prepare(&sql).map_err(|e| match &e {
+        // SQLite points at a token of the rewritten statement (`?1` for
+        // `:field`): say where it is in the statement as written.
+        projectionist::rusqlite::Error::SqlInputError { msg, offset, .. } => {
+            let offset = usize::try_from(*offset).unwrap_or(0);
+            format!(
+                "{msg} at {} of {quoted}",
+                position_as_written(&text, &sql, offset)
+            )
+        }
+        _ => format!("{} in {quoted}", confinement.explain(&e)),
+    })?;
     // Anything left over would run unchecked, or not at all.
     if stmt.parameter_count() != params.len() {
         return Err(format!("unexpected parameters in {quoted}"));
@@ -685,6 +694,42 @@ fn prepare(
         ));
     }
     Ok(Statement { text, sql, params })
+}
+
+/// Where byte `offset` of `sql` (the statement rewritten with `?N`
+/// placeholders) is in `text` (the statement as written), as "line L, column
+/// C". Both are walked together: they differ only where a `:name` parameter
+/// (with its `!type` or `?type` marker) became `?N`.
+fn position_as_written(text: &str, sql: &str, offset: usize) -> String {
+    let (text_bytes, sql_bytes) = (text.as_bytes(), sql.as_bytes());
+    let (mut i, mut j) = (0, 0);
+    while j < offset.min(sql_bytes.len()) && i < text_bytes.len() {
+        if text_bytes[i] == sql_bytes[j] {
+            i += 1;
+            j += 1;
+        } else if sql_bytes[j] == b'?' && text_bytes[i] == b':' {
+            j += 1;
+            while j < sql_bytes.len() && sql_bytes[j].is_ascii_digit() {
+                j += 1;
+            }
+            i += 1;
+            while i < text_bytes.len()
+                && (text_bytes[i].is_ascii_alphanumeric() || b"_.!?".contains(&text_bytes[i]))
+            {
+                i += 1;
+            }
+        } else {
+            break;
+        }
+    }
+    let mut i = i.min(text.len());
+    while !text.is_char_boundary(i) {
+        i -= 1;
+    }
+    let before = &text[..i];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    format!("line {line}, column {column}")
 }
 
 /// Text from the config, quoted with control characters escaped, for messages.
@@ -728,6 +773,28 @@ mod tests {
     use super::*;
 
     const GOOD_SCHEMA: &str = "schema = \"CREATE TABLE t (id TEXT PRIMARY KEY, n INTEGER)\"";
+
+    /// A statement that SQLite refuses at a token is reported at the line and
+    /// column of the statement as written, with its `:field` parameters, not
+    /// as the rewritten `?N` text with a byte offset.
+    #[test]
+    fn a_refused_statement_is_shown_as_written_with_line_and_column() {
+        let text = format!(
+            "[[projection]]\nname = \"p\"\nversion = 1\n{GOOD_SCHEMA}\n[projection.on.E]\nsql = \"\"\"INSERT INTO t (id, n)\n  VALUES (:id!text, :n!int) ON CONFLICT DO UPDAT SET n = 1\"\"\"\n"
+        );
+        let err = ProjectionsConfig::parse(&text, "test.toml")
+            .expect_err("a syntax error")
+            .to_string();
+        assert!(err.contains("line 2, column 44"), "{err}");
+        assert!(err.contains(":n!int"), "{err}");
+        assert!(!err.contains("?2"), "{err}");
+        assert!(!err.contains("offset"), "{err}");
+        assert_eq!(position_as_written(":a, x", "?1, x", 4), "line 1, column 5");
+        assert_eq!(
+            position_as_written("a\nb :c!int d", "a\nb ?1 d", 7),
+            "line 2, column 10"
+        );
+    }
 
     /// Bad configs, each with a piece of the message it must give (which names
     /// the place).

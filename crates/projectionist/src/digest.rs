@@ -5,6 +5,8 @@
 
 use rusqlite::Connection;
 use rusqlite::types::ValueRef;
+use std::collections::BTreeMap;
+
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
@@ -205,7 +207,40 @@ fn compare_attached(
             examples: differing_rows(conn, &quoted, examples_max)?,
         });
     }
+    differences.extend(schema_objects_differing(conn)?);
     Ok(differences)
+}
+
+/// Views and triggers are part of what a projection serves: one that is in
+/// only one file, or defined differently, is a difference (named `view v` or
+/// `trigger t`; `rows_*` say where it is: `Some(0)` present, `None` absent).
+fn schema_objects_differing(conn: &Connection) -> rusqlite::Result<Vec<TableDifference>> {
+    let objects_of = |schema: &str| -> rusqlite::Result<BTreeMap<String, Option<String>>> {
+        let mut stmt = conn.prepare(&format!(
+            "SELECT type || ' ' || name, sql FROM {schema}.sqlite_master
+             WHERE type IN ('view', 'trigger') ORDER BY 1"
+        ))?;
+        stmt.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
+            .collect()
+    };
+    let (first, second) = (objects_of("main")?, objects_of("other")?);
+    let mut names: Vec<&String> = first.keys().chain(second.keys()).collect();
+    names.sort();
+    names.dedup();
+    Ok(names
+        .into_iter()
+        .filter(|name| first.get(*name) != second.get(*name))
+        .map(|name| TableDifference {
+            table: name.clone(),
+            rows_first: first.contains_key(name).then_some(0),
+            rows_second: second.contains_key(name).then_some(0),
+            examples: if first.contains_key(name) && second.contains_key(name) {
+                vec!["defined differently".to_owned()]
+            } else {
+                Vec::new()
+            },
+        })
+        .collect())
 }
 
 /// Up to `max` rows that differ, named by primary key (whole row without one).

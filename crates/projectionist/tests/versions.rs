@@ -329,3 +329,52 @@ fn a_shadow_built_up_to_the_live_checkpoint_compares_equal_until_a_row_is_edited
     assert_eq!(diff[1].examples, ["only in first ('planted')"]);
     assert_eq!(diff[1].rows_first, diff[1].rows_second.map(|n| n + 1));
 }
+
+/// Views and triggers are part of a projection: a view in only one file, or a
+/// trigger defined differently, is a difference even when every table's rows
+/// are equal.
+#[test]
+fn compare_projections_sees_views_and_triggers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let make = |name: &str, extra: &str| {
+        let path = tmp.path().join(name);
+        let conn = projectionist::rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch(&format!(
+            "CREATE TABLE t (id INTEGER PRIMARY KEY, n INTEGER);
+             INSERT INTO t VALUES (1, 10);
+             CREATE TABLE log (n INTEGER);
+             {extra}"
+        ))
+        .unwrap();
+        (conn, path)
+    };
+    let (first, _) = make(
+        "first.db",
+        "CREATE VIEW big AS SELECT * FROM t WHERE n > 5;
+         CREATE TRIGGER keep AFTER INSERT ON t BEGIN INSERT INTO log VALUES (new.n); END;",
+    );
+    let (_, second) = make(
+        "second.db",
+        "CREATE TRIGGER keep AFTER INSERT ON t BEGIN INSERT INTO log VALUES (0); END;",
+    );
+    let differences = projectionist::compare_projections(&first, &second, 5).unwrap();
+    let named: Vec<(&str, Option<u64>, Option<u64>)> = differences
+        .iter()
+        .map(|d| (d.table.as_str(), d.rows_first, d.rows_second))
+        .collect();
+    assert_eq!(
+        named,
+        [
+            ("trigger keep", Some(0), Some(0)),
+            ("view big", Some(0), None)
+        ],
+        "{differences:?}"
+    );
+    assert_eq!(differences[0].examples, ["defined differently"]);
+    let same = projectionist::compare_projections(&first, &first_path(&tmp), 5).unwrap();
+    assert!(same.is_empty(), "{same:?}");
+}
+
+fn first_path(tmp: &tempfile::TempDir) -> std::path::PathBuf {
+    tmp.path().join("first.db")
+}
