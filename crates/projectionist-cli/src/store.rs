@@ -110,6 +110,15 @@ impl Store {
         }
     }
 
+    /// The statement that would index the sequence column, when reads scan
+    /// the whole table for want of one (see `SqliteEventStore::sequence_unindexed`).
+    pub fn sequence_unindexed(&self) -> anyhow::Result<Option<String>> {
+        match self {
+            Store::Sqlite(s) => Ok(s.sequence_unindexed()?),
+            Store::Postgres(s) => Ok(s.sequence_unindexed()?),
+        }
+    }
+
     /// How many times a lost PostgreSQL connection was made again.
     pub fn reconnects(&self) -> u64 {
         match self {

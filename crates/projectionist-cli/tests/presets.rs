@@ -430,3 +430,57 @@ fn inspect_finds_the_preset_and_its_skeleton_runs_as_generated() {
         .unwrap();
     assert_eq!(rows, 20);
 }
+
+/// Another program's table whose sequence column has no index is scanned
+/// whole for every batch: the run warns with the statement that adds the
+/// index, and after it the warning is gone.
+#[test]
+fn an_unindexed_sequence_column_is_warned_with_the_index_to_add() {
+    let env = common::Env::new();
+    let conn = projectionist::rusqlite::Connection::open(env.path("app.db")).unwrap();
+    conn.execute_batch(
+        "CREATE TABLE msgs (seq INTEGER NOT NULL, stream TEXT, ver INTEGER, kind TEXT, body TEXT)",
+    )
+    .unwrap();
+    for i in 1..=30 {
+        conn.execute(
+            "INSERT INTO msgs VALUES (?1, ?2, 1, 'Added', '{\"n\": 1}')",
+            (i, format!("s{i}")),
+        )
+        .unwrap();
+    }
+    env.write_config(
+        r#"
+[source]
+table = "msgs"
+sequence = "seq"
+stream_id = "stream"
+stream_version = "ver"
+event_type = "kind"
+data = "body"
+
+[[projection]]
+name = "sums"
+version = 1
+schema = "CREATE TABLE t (n INTEGER)"
+[projection.on.Added]
+sql = "INSERT INTO t VALUES (:n!int)"
+"#,
+    );
+    let out = env
+        .command_with("app.db", "projections", &["rebuild"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stderr(&out);
+    let statement = "CREATE INDEX IF NOT EXISTS [msgs_by_seq] ON [msgs] ([seq]);";
+    assert!(text.contains("no index on its sequence column"), "{text}");
+    assert!(text.contains(statement), "{text}");
+    conn.execute_batch(statement).unwrap();
+    let out = env
+        .command_with("app.db", "projections", &["resume"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("no index"), "{}", stderr(&out));
+}

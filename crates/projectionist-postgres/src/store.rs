@@ -218,6 +218,28 @@ impl PostgresEventStore {
                 })
                 .map_err(pg_error(format!("read events table {table}")))?;
         }
+        // Rows whose sequence is NULL, 0 or negative would never be read:
+        // refused by name, as the SQLite store does.
+        let unreadable: bool = store
+            .lock()
+            .query_typed_one(
+                &format!(
+                    "SELECT EXISTS (SELECT 1 FROM {table} WHERE {sequence} IS NULL OR {sequence} <= 0)"
+                ),
+                &[],
+            )
+            .map_err(pg_error(format!("read events table {table}")))?
+            .get(0);
+        if unreadable {
+            return Err(Error::NotAnEventStore {
+                store: redact(url),
+                reason: format!(
+                    "table {:?} has rows whose sequence column {:?} is NULL, 0 or negative; every \
+                     event needs a sequence of 1 or more (those rows would never be read)",
+                    mapping.table, mapping.sequence
+                ),
+            });
+        }
         // And find its sequence, so a sequence that hands out numbers out of
         // order is refused here.
         store.watched()?;
@@ -269,7 +291,7 @@ impl PostgresEventStore {
             .iter()
             .map(|row| LateEvent {
                 sequence: row.get::<_, i64>(0).cast_unsigned(),
-                event_type: row.get(1),
+                event_type: row.get::<_, Option<String>>(1).unwrap_or_default(),
             })
             .collect();
         let mut passed = self.passed.lock().unwrap_or_else(PoisonError::into_inner);
@@ -555,6 +577,37 @@ impl PostgresEventStore {
             std::thread::sleep(pause);
             pause = (pause * 2).min(RECONNECT_PAUSE_MAX);
         }
+    }
+
+    /// When reading the log would scan the whole table for every batch (no
+    /// index of the table starts with the sequence column): the statement
+    /// that adds one. `None` when one does.
+    ///
+    /// # Errors
+    /// [`Error::External`] when the catalog cannot be read.
+    pub fn sequence_unindexed(&self) -> Result<Option<String>> {
+        let indexed: bool = self
+            .with_client(
+                || format!("look for an index on {}", self.url_for_errors),
+                |client| {
+                    client.query_typed_one(
+                        "SELECT EXISTS (SELECT 1 FROM pg_index i \
+                         JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0] \
+                         WHERE i.indrelid = to_regclass($1) AND a.attname = $2)",
+                        &[
+                            (&self.table, Type::TEXT),
+                            (&self.sequence_column, Type::TEXT),
+                        ],
+                    )
+                },
+            )?
+            .get(0);
+        Ok((!indexed).then(|| {
+            format!(
+                "CREATE INDEX CONCURRENTLY ON {} ({})",
+                self.table, self.sequence_column
+            )
+        }))
     }
 
     /// While the connection is lost and being made again: since when, and
@@ -964,9 +1017,17 @@ impl PostgresEventStore {
                     });
                 }
                 position = row.get::<_, i64>(0).cast_unsigned();
-                let event_type: String = row.get(3);
+                let is_event = row.get::<_, bool>(7);
+                let Some(event_type) = row.get::<_, Option<String>>(3) else {
+                    if is_event {
+                        return Err(Error::CorruptStore(format!(
+                            "event {position} has no event type (NULL); every event needs one"
+                        )));
+                    }
+                    continue;
+                };
                 let wanted = event_types.is_none_or(|types| types.contains(&event_type));
-                if wanted && row.get::<_, bool>(7) {
+                if wanted && is_event {
                     events.push(to_event(row)?);
                 }
             }
@@ -1052,8 +1113,23 @@ impl<E: DeserializeOwned> GlobalReader<E> for PostgresEventStore {
 
 fn to_event<E: DeserializeOwned>(row: &Row) -> Result<GlobalEvent<E>> {
     let sequence = row.get::<_, i64>(0).cast_unsigned();
-    let stream_id: String = row.get(1);
-    let event_type: String = row.get(3);
+    // Another program's table may hold NULLs where an event needs a value:
+    // named, never a panic, never a row passed over.
+    let needed = |column: &str| {
+        Error::CorruptStore(format!(
+            "event {sequence} has no {column} (NULL); every event needs one"
+        ))
+    };
+    let stream_id: String = row
+        .get::<_, Option<String>>(1)
+        .ok_or_else(|| needed("stream id"))?;
+    let event_type: String = row
+        .get::<_, Option<String>>(3)
+        .ok_or_else(|| needed("event type"))?;
+    let stream_version = row
+        .get::<_, Option<i64>>(2)
+        .ok_or_else(|| needed("stream version"))?
+        .cast_unsigned();
     let data: Option<String> = row.get(4);
     let data = data.ok_or_else(|| Error::CorruptStore(format!("event {sequence} has no data")))?;
     let decoded = serde_json::from_str(&data).map_err(|source| Error::Decode {
@@ -1065,7 +1141,7 @@ fn to_event<E: DeserializeOwned>(row: &Row) -> Result<GlobalEvent<E>> {
     Ok(GlobalEvent {
         sequence,
         stream_id,
-        stream_version: row.get::<_, i64>(2).cast_unsigned(),
+        stream_version,
         event_type,
         data: decoded,
         metadata: row.get(5),

@@ -174,3 +174,88 @@ fn a_client_certificate_logs_in_without_a_password() {
     );
     assert!(PostgresEventStore::connect(&bare).is_err());
 }
+
+/// A mapped table whose sequence column no index starts with is said to be
+/// unindexed, with the statement that indexes it; once indexed, it is not.
+#[test]
+#[cfg_attr(
+    not(pg_tests),
+    ignore = "set PROJECTIONIST_TEST_PG_URL to run the PostgreSQL tests"
+)]
+fn an_unindexed_sequence_column_is_found_with_the_statement_to_index_it() {
+    let Some(pg) = common::PgSchema::new("unindexed") else {
+        return;
+    };
+    let mut client = pg.client();
+    client
+        .batch_execute(
+            "CREATE TABLE msgs (seq BIGINT NOT NULL, stream TEXT, ver BIGINT, kind TEXT, body JSONB);
+             INSERT INTO msgs VALUES (1, 's', 1, 'Added', '{}');",
+        )
+        .unwrap();
+    let mapping = projectionist::EventTableMapping {
+        table: "msgs".into(),
+        sequence: "seq".into(),
+        stream_id: "stream".into(),
+        stream_version: "ver".into(),
+        event_type: "kind".into(),
+        data: "body".into(),
+        metadata: None,
+        recorded_at: None,
+    };
+    let store =
+        projectionist_postgres::PostgresEventStore::connect_mapped(&pg.url(), &mapping).unwrap();
+    let statement = store.sequence_unindexed().unwrap().expect("unindexed");
+    assert!(
+        statement.contains("msgs") && statement.contains("seq"),
+        "{statement}"
+    );
+    client.batch_execute(&statement).unwrap();
+    assert_eq!(store.sequence_unindexed().unwrap(), None);
+}
+
+/// Another program's table with a row whose sequence is 0 is refused by name
+/// when opened (it would never be read); a row with a NULL event type fails
+/// the read by name (no panic, not passed over).
+#[test]
+#[cfg_attr(
+    not(pg_tests),
+    ignore = "set PROJECTIONIST_TEST_PG_URL to run the PostgreSQL tests"
+)]
+fn foreign_rows_without_a_sequence_or_a_type_are_named_errors() {
+    let Some(pg) = common::PgSchema::new("nullrows") else {
+        return;
+    };
+    let mut client = pg.client();
+    client
+        .batch_execute(
+            "CREATE TABLE msgs (seq BIGINT PRIMARY KEY, stream TEXT, ver BIGINT, kind TEXT, body JSONB);
+             INSERT INTO msgs VALUES (0, 's', 1, 'Added', '{}'), (1, 's', 2, 'Added', '{}');",
+        )
+        .unwrap();
+    let mapping = projectionist::EventTableMapping {
+        table: "msgs".into(),
+        sequence: "seq".into(),
+        stream_id: "stream".into(),
+        stream_version: "ver".into(),
+        event_type: "kind".into(),
+        data: "body".into(),
+        metadata: None,
+        recorded_at: None,
+    };
+    let Err(err) = PostgresEventStore::connect_mapped(&pg.url(), &mapping) else {
+        panic!("a table with sequence 0 was opened")
+    };
+    assert!(err.to_string().contains("NULL, 0 or negative"), "{err}");
+    client
+        .batch_execute(
+            "DELETE FROM msgs WHERE seq = 0; INSERT INTO msgs VALUES (2, 's', 3, NULL, '{}');",
+        )
+        .unwrap();
+    let store = PostgresEventStore::connect_mapped(&pg.url(), &mapping).unwrap();
+    let err = GlobalReader::<Value>::read_after(&store, 0, 10).expect_err("a NULL type");
+    assert!(
+        err.to_string().contains("event 2 has no event type"),
+        "{err}"
+    );
+}

@@ -124,6 +124,9 @@ pub struct SqliteEventStore {
     head_sql: String,
     /// The distinct event types (bounded).
     types_sql: String,
+    /// The table read and its sequence column (for messages).
+    table: String,
+    sequence_column: String,
 }
 
 impl SqliteEventStore {
@@ -269,7 +272,43 @@ impl SqliteEventStore {
             read_sql,
             head_sql,
             types_sql,
+            table: mapping.table.clone(),
+            sequence_column: mapping.sequence.clone(),
         })
+    }
+
+    /// When reading the log would scan the whole table for every batch (the
+    /// sequence column of a mapped table has no index, nor is it the table's
+    /// rowid): the statement that adds one. `None` when reads use an index.
+    /// SQLite's query planner decides, so any index it would use counts.
+    ///
+    /// # Errors
+    /// [`Error::Sqlite`] when the plan cannot be read.
+    pub fn sequence_unindexed(&self) -> Result<Option<String>> {
+        let conn = self
+            .reader
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let step = || format!("plan the read of {}", self.path.display());
+        let mut plan = conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {}", self.read_sql))
+            .map_err(Error::sqlite(step()))?;
+        let details: Vec<String> = plan
+            .query_map((0, 1), |row| row.get(3))
+            .and_then(|rows| rows.collect())
+            .map_err(Error::sqlite(step()))?;
+        let scans = details.iter().any(|d| {
+            d.contains("TEMP B-TREE FOR ORDER BY")
+                || (d.starts_with("SCAN") && !d.contains("USING"))
+        });
+        if !scans {
+            return Ok(None);
+        }
+        Ok(Some(format!(
+            "CREATE INDEX IF NOT EXISTS [{table}_by_{sequence}] ON [{table}] ([{sequence}])",
+            table = self.table,
+            sequence = self.sequence_column
+        )))
     }
 
     /// The store's file.
