@@ -33,7 +33,7 @@ done
 # The low end of the range: rebuild the core crate's tests against rusqlite 0.32.
 low="$work/low-end"
 rm -rf "$low" && mkdir -p "$low"
-cp -r "$root/Cargo.toml" "$root/Cargo.lock" "$root/crates" "$low/"
+cp -r "$root/Cargo.toml" "$root/Cargo.lock" "$root/crates" "$root/examples" "$low/"
 (cd "$low" && cargo update -q -p rusqlite --precise 0.32.1 \
   && cargo tree -q -i rusqlite --depth 0 | head -n 1 \
   && CARGO_TARGET_DIR="$work/target-low" cargo test -q -p projectionist --tests 2>&1 | grep -E "test result|passed|FAILED|error" )
