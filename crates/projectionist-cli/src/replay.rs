@@ -349,7 +349,14 @@ fn decide(
         .rebuild_request
         .exists();
     let plan = match plan {
-        Plan::Rebuild { in_place, .. } => projectionist_runner::Plan::Rebuild { in_place },
+        Plan::Rebuild {
+            in_place,
+            keep_previous,
+            ..
+        } => projectionist_runner::Plan::Rebuild {
+            in_place,
+            keep_previous,
+        },
         // Another process asked the follower holding it for a rebuild.
         Plan::Resume => projectionist_runner::Plan::Resume {
             rebuild_requested: requested,

@@ -23,6 +23,9 @@ pub enum Plan {
     Rebuild {
         /// Rebuild the live file itself (readers see it empty meanwhile).
         in_place: bool,
+        /// Keep the replaced version for a rollback (its disk space is asked
+        /// for when the shadow is made).
+        keep_previous: bool,
     },
     /// Bring it up to date: from its checkpoint, or in its shadow when its
     /// definition changed, or when a rebuild was asked for (`rebuild_requested`).
@@ -83,9 +86,19 @@ pub fn place(
     let files = VersionFiles::new(dir.path(), &name)?;
     let has_shadow = files.shadow.exists();
     let ahead = head.is_some_and(|h| checkpoint > h);
+    let keep_previous = !matches!(
+        plan,
+        Plan::Rebuild {
+            keep_previous: false,
+            ..
+        }
+    );
     let open_shadow = || -> Result<Arc<ProjectionDb>> {
         writable_now(live)?;
-        dir.shadow(&name)
+        dir.shadow_for(
+            &name,
+            &projectionist::PublishOptions::new().keep_previous(keep_previous),
+        )
     };
     let in_shadow = |start| -> Result<Placement> {
         Ok(Placement::Run {
@@ -100,7 +113,7 @@ pub fn place(
         in_shadow: false,
     };
     match plan {
-        Plan::Rebuild { in_place } if in_place || checkpoint == 0 || ahead => {
+        Plan::Rebuild { in_place, .. } if in_place || checkpoint == 0 || ahead => {
             if has_shadow {
                 dir.discard_shadow(&name)?;
             }

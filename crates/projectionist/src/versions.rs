@@ -304,6 +304,21 @@ impl ProjectionDir {
     /// [`Error::NotAProjection`] when another program's file sits at the
     /// shadow's path.
     pub fn shadow(&self, name: &str) -> Result<Arc<ProjectionDb>> {
+        self.shadow_for(name, &PublishOptions::default())
+    }
+
+    /// [`ProjectionDir::shadow`] for a rebuild that will be published with
+    /// `options`: without [`PublishOptions::keep_previous`], a new shadow asks
+    /// for about three times the live projection's size, not four (no copy of
+    /// the replaced version is kept).
+    ///
+    /// # Errors
+    /// As [`ProjectionDir::shadow`].
+    pub fn shadow_for(
+        &self,
+        name: &str,
+        options: &PublishOptions<'_>,
+    ) -> Result<Arc<ProjectionDb>> {
         let live = self.db(name)?;
         let name = live.name().clone();
         if let Some(shadow) = self.lock_shadows().get(&name) {
@@ -332,11 +347,18 @@ impl ProjectionDir {
             Some(conn) => conn,
             None => {
                 let live_bytes = ProjectionFiles::new(self.path(), name.as_str())?.size_bytes();
-                check_space(
-                    self.path(),
-                    "build a shadow beside the live projection (about 4x its size)",
-                    live_bytes.saturating_mul(SHADOW_SPACE_FACTOR),
-                )?;
+                let (factor, step) = if options.keep_previous {
+                    (
+                        SHADOW_SPACE_FACTOR,
+                        "build a shadow beside the live projection (about 4x its size)",
+                    )
+                } else {
+                    (
+                        SHADOW_SPACE_FACTOR - 1,
+                        "build a shadow beside the live projection, keeping no previous version (about 3x its size)",
+                    )
+                };
+                check_space(self.path(), step, live_bytes.saturating_mul(factor))?;
                 remove_file_if_exists(&path)?;
                 remove_sidecars(&path)?;
                 let page_size = live.with_connection(|conn| page_size(conn))?;
