@@ -654,6 +654,9 @@ impl Shared {
                     sequence: wait.sequence,
                     since: wait.since,
                 }),
+                // The run's last report (a stop, a request): the state stays
+                // until the lifecycle says what comes next.
+                (None, None) if p.done => entry.base.clone(),
                 (None, None) if in_shadow => State::BuildingShadow,
                 (None, None) if p.following => State::Following,
                 (None, None) => State::CatchingUp,
