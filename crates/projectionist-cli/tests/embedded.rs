@@ -18,10 +18,10 @@ use serde_json::value::RawValue;
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
-fn embedded(env: &Env, stall_after: Duration) -> Supervisor {
+fn embedded(env: &Env, stall_after: Duration) -> Supervisor<Box<RawValue>> {
     let config = ProjectionsConfig::load(&env.path("projections.toml")).unwrap();
     let store = Arc::new(SqliteEventStore::create(env.path("events.db")).unwrap());
-    let mut builder = Supervisor::builder::<Box<RawValue>>(store, env.path("projections"))
+    let mut builder = Supervisor::<Box<RawValue>>::builder(store, env.path("projections"))
         .unwrap()
         .stall_after(stall_after);
     for projection in config.projections {

@@ -65,7 +65,7 @@ fn a_supervised_projection_waits_at_a_hole_and_follows_on_after_a_killed_connect
     append(&appender, "first");
     let tmp = tempfile::tempdir().unwrap();
     let outage_store = Arc::clone(&store);
-    let supervisor = Supervisor::builder::<Value>(store.clone(), tmp.path())
+    let supervisor = Supervisor::<Value>::builder(store.clone(), tmp.path())
         .unwrap()
         .stall_after(Duration::from_millis(500))
         .outage(move || outage_store.outage().map(|o| o.error))

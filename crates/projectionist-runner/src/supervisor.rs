@@ -193,25 +193,14 @@ impl<E: Send + Sync + 'static> SupervisorBuilder<E> {
     /// # Errors
     /// [`projectionist::Error::InvalidOptions`] for a batch size past the
     /// bound or two projections of one name.
-    pub fn start(self) -> Result<Supervisor, Error> {
+    pub fn start(self) -> Result<Supervisor<E>, Error> {
         let batch_size = projectionist::validate_batch_size(self.batch_size)?;
-        if self.projections.len() > SUPERVISED_MAX {
-            return Err(projectionist::Error::InvalidOptions(format!(
-                "{} projections given; a supervisor runs at most {SUPERVISED_MAX} (each on a \
-                 thread with its own read of the log): split them between supervisors, or \
-                 use `projectionist follow`",
-                self.projections.len()
-            ))
-            .into());
-        }
+        check_count(self.projections.len())?;
         let mut entries = BTreeMap::new();
         for projection in &self.projections {
             let name = projection.name().to_owned();
             if entries.contains_key(&name) {
-                return Err(projectionist::Error::InvalidOptions(format!(
-                    "projection {name} is supervised twice"
-                ))
-                .into());
+                return Err(supervised_twice(&name));
             }
             entries.insert(name.clone(), Entry::new(name));
         }
@@ -225,38 +214,27 @@ impl<E: Send + Sync + 'static> SupervisorBuilder<E> {
             outage: self.outage,
             control: self.control_plane.then(|| self.dir.path().to_path_buf()),
         });
-        let dir = Arc::new(self.dir);
-        let mut threads = Vec::new();
-        let mut commands = BTreeMap::new();
+        let supervisor = Supervisor {
+            shared: Arc::clone(&shared),
+            dir: Arc::new(self.dir),
+            commands: Arc::new(Mutex::new(BTreeMap::new())),
+            lifecycles: Mutex::new(BTreeMap::new()),
+            watchers: Vec::new(),
+            reader: Arc::clone(&self.reader),
+            batch_size,
+        };
+        let mut supervisor = supervisor;
         for projection in self.projections {
-            let (send, receive) = mpsc::channel();
-            commands.insert(projection.name().to_owned(), send);
-            let lifecycle = Lifecycle {
-                shared: Arc::clone(&shared),
-                dir: Arc::clone(&dir),
-                reader: Arc::clone(&self.reader),
-                batch_size,
-                commands: receive,
-                pending: None,
-                rebuilds: Vec::new(),
-            };
-            let name = format!("pj-{}", projection.name());
-            threads.push(
-                std::thread::Builder::new()
-                    .name(name)
-                    .spawn(move || lifecycle.run(projection))
-                    .map_err(Error::Thread)?,
-            );
+            supervisor.spawn(projection)?;
         }
-        let commands = Arc::new(commands);
         if let Some(control) = &shared.control {
             let watch = RequestWatch {
                 shared: Arc::clone(&shared),
                 dir: control.clone(),
-                projections: Arc::clone(&dir),
-                commands: Arc::clone(&commands),
+                projections: Arc::clone(&supervisor.dir),
+                commands: Arc::clone(&supervisor.commands),
             };
-            threads.push(
+            supervisor.watchers.push(
                 std::thread::Builder::new()
                     .name("pj-requests".into())
                     .spawn(move || watch.run())
@@ -267,19 +245,37 @@ impl<E: Send + Sync + 'static> SupervisorBuilder<E> {
             shared: Arc::clone(&shared),
             reader: self.reader,
         };
-        threads.push(
+        supervisor.watchers.push(
             std::thread::Builder::new()
                 .name("pj-head".into())
                 .spawn(move || watch.run())
                 .map_err(Error::Thread)?,
         );
-        Ok(Supervisor {
-            shared,
-            dir,
-            commands,
-            threads,
-        })
+        Ok(supervisor)
     }
+}
+
+/// Refuses more projections than [`SUPERVISED_MAX`].
+fn check_count(count: usize) -> Result<(), Error> {
+    if count > SUPERVISED_MAX {
+        return Err(projectionist::Error::InvalidOptions(format!(
+            "{count} projections given; a supervisor runs at most {SUPERVISED_MAX} (each on a \
+             thread with its own read of the log): split them between supervisors, or \
+             use `projectionist follow`"
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+fn supervised_twice(name: &str) -> Error {
+    projectionist::Error::InvalidOptions(format!("projection {name} is supervised twice")).into()
+}
+
+/// A running lifecycle: its thread, and the token that retires it alone.
+struct Running {
+    retire: CancelToken,
+    thread: JoinHandle<()>,
 }
 
 /// Runs projections in this process, as `projectionist follow` does: each is
@@ -288,21 +284,25 @@ impl<E: Send + Sync + 'static> SupervisorBuilder<E> {
 /// requests ([`Supervisor::request`]) are served one at a time per projection,
 /// each answered with its own outcome. Dropping it stops it as
 /// [`Supervisor::shutdown`] does.
-pub struct Supervisor {
+pub struct Supervisor<E: Send + Sync + 'static = serde_json::Value> {
     shared: Arc<Shared>,
     dir: Arc<ProjectionDir>,
-    commands: Arc<BTreeMap<String, Sender<Command>>>,
-    threads: Vec<JoinHandle<()>>,
+    commands: Arc<Mutex<BTreeMap<String, Sender<Command>>>>,
+    lifecycles: Mutex<BTreeMap<String, Running>>,
+    /// The head and request watches.
+    watchers: Vec<JoinHandle<()>>,
+    reader: Arc<dyn GlobalReader<E>>,
+    batch_size: u32,
 }
 
-impl Supervisor {
+impl<E: Send + Sync + 'static> Supervisor<E> {
     /// A supervisor of projections in `dir` (created when missing), reading
     /// `reader`. Add projections with [`SupervisorBuilder::projection`], then
     /// [`SupervisorBuilder::start`].
     ///
     /// # Errors
     /// As [`ProjectionDir::open`].
-    pub fn builder<E: Send + Sync + 'static>(
+    pub fn builder(
         reader: Arc<dyn GlobalReader<E>>,
         dir: impl AsRef<Path>,
     ) -> Result<SupervisorBuilder<E>, Error> {
@@ -398,6 +398,106 @@ impl Supervisor {
         }
     }
 
+    /// Starts supervising `projection` next to the others: it is opened,
+    /// caught up and followed on a thread of its own.
+    ///
+    /// # Errors
+    /// [`projectionist::Error::InvalidOptions`] when a projection of its name
+    /// is supervised already, or past [`SUPERVISED_MAX`].
+    pub fn add(&self, projection: Supervised<E>) -> Result<(), Error> {
+        let name = projection.name().to_owned();
+        {
+            let mut entries = self.shared.lock();
+            if entries.contains_key(&name) {
+                return Err(supervised_twice(&name));
+            }
+            check_count(entries.len() + 1)?;
+            entries.insert(name.clone(), Entry::new(name));
+        }
+        self.spawn(projection)
+    }
+
+    /// Stops supervising projection `name`: its run ends at the next batch
+    /// boundary (all applied events committed), its registration in the
+    /// control plane is taken back and its lock let go of (another process
+    /// may take it). Returns its last state.
+    ///
+    /// # Errors
+    /// [`Error::NoSuchProjection`]; closing its file failed.
+    pub fn remove(&self, name: &str) -> Result<Status, Error> {
+        self.retire(name)?;
+        self.shared.unregister(name);
+        let entry = self.shared.lock().remove(name);
+        self.commands
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(name);
+        self.dir.release(name)?;
+        self.shared.changed.notify_all();
+        entry
+            .map(|entry| entry.status)
+            .ok_or_else(|| Error::NoSuchProjection(name.to_owned()))
+    }
+
+    /// Supervises projection `projection.name()` under a new definition (a
+    /// new handler, a new version): its current run ends at the next batch
+    /// boundary and it goes on under the new one (a changed definition is
+    /// rebuilt in its shadow while the live file serves the old version).
+    /// Its lock is kept throughout; the other projections are not touched.
+    ///
+    /// # Errors
+    /// [`Error::NoSuchProjection`] when it is not supervised.
+    pub fn replace(&self, projection: Supervised<E>) -> Result<(), Error> {
+        self.retire(projection.name())?;
+        self.spawn(projection)
+    }
+
+    /// Ends projection `name`'s lifecycle and waits for its thread.
+    fn retire(&self, name: &str) -> Result<(), Error> {
+        let running = self
+            .lifecycles
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(name)
+            .ok_or_else(|| Error::NoSuchProjection(name.to_owned()))?;
+        running.retire.cancel();
+        if let Some(entry) = self.shared.lock().get(name) {
+            entry.round.cancel();
+        }
+        let _ = running.thread.join();
+        Ok(())
+    }
+
+    /// Starts the lifecycle of `projection` (its entry exists).
+    fn spawn(&self, projection: Supervised<E>) -> Result<(), Error> {
+        let name = projection.name().to_owned();
+        let (send, receive) = mpsc::channel();
+        let retire = CancelToken::new();
+        let lifecycle = Lifecycle {
+            shared: Arc::clone(&self.shared),
+            dir: Arc::clone(&self.dir),
+            reader: Arc::clone(&self.reader),
+            batch_size: self.batch_size,
+            commands: receive,
+            pending: None,
+            rebuilds: Vec::new(),
+            retire: retire.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("pj-{name}"))
+            .spawn(move || lifecycle.run(projection))
+            .map_err(Error::Thread)?;
+        self.commands
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(name.clone(), send);
+        self.lifecycles
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(name, Running { retire, thread });
+        Ok(())
+    }
+
     /// Hands `request` to projection `name` and waits for its outcome: its
     /// run ends at the next batch boundary (all applied events committed),
     /// the request is served, and the projection goes on. Requests to one
@@ -427,13 +527,22 @@ impl Supervisor {
             entry.round.cancel();
         }
         self.shared.changed.notify_all();
-        for thread in self.threads.drain(..) {
+        let lifecycles = std::mem::take(
+            &mut *self
+                .lifecycles
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        for (_, running) in lifecycles {
+            let _ = running.thread.join();
+        }
+        for thread in self.watchers.drain(..) {
             let _ = thread.join();
         }
     }
 }
 
-impl Drop for Supervisor {
+impl<E: Send + Sync + 'static> Drop for Supervisor<E> {
     fn drop(&mut self) {
         self.stop();
     }
@@ -443,15 +552,16 @@ impl Drop for Supervisor {
 /// run at the next batch boundary; the answer comes on the receiver.
 fn send_request(
     shared: &Shared,
-    commands: &BTreeMap<String, Sender<Command>>,
+    commands: &Mutex<BTreeMap<String, Sender<Command>>>,
     name: &str,
     request: Request,
 ) -> Result<Receiver<Result<Outcome, Error>>, Error> {
-    let commands = commands
-        .get(name)
-        .ok_or_else(|| Error::NoSuchProjection(name.to_owned()))?;
     let (reply, answer) = mpsc::channel();
     commands
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get(name)
+        .ok_or_else(|| Error::NoSuchProjection(name.to_owned()))?
         .send(Command { request, reply })
         .map_err(|_| Error::Stopped(name.to_owned()))?;
     if let Some(entry) = shared.lock().get(name) {
@@ -672,9 +782,10 @@ impl Shared {
         duration: Duration,
         commands: &Receiver<Command>,
         pending: &mut Option<Command>,
+        retire: &CancelToken,
     ) {
         let until = Instant::now() + duration;
-        while !self.stop.is_cancelled() && pending.is_none() {
+        while !self.stop.is_cancelled() && !retire.is_cancelled() && pending.is_none() {
             let left = until.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return;
@@ -700,6 +811,8 @@ struct Lifecycle<E> {
     /// Rebuild requests being served: answered when the rebuild is
     /// published (or reached the head in place), or failed.
     rebuilds: Vec<Sender<Result<Outcome, Error>>>,
+    /// Ends this lifecycle alone (the projection is removed or replaced).
+    retire: CancelToken,
 }
 
 /// How one run of a projection ended.
@@ -718,7 +831,7 @@ impl<E: Send + Sync + 'static> Lifecycle<E> {
         let mut backoff = RETRY_BACKOFF_MIN;
         let mut rebuild = false;
         loop {
-            if self.shared.stop.is_cancelled() {
+            if self.stopping() {
                 break;
             }
             if self.pending.is_none() {
@@ -747,13 +860,17 @@ impl<E: Send + Sync + 'static> Lifecycle<E> {
                 RunEnd::Again => backoff = RETRY_BACKOFF_MIN,
                 RunEnd::Retry => {
                     self.shared
-                        .pause(backoff, &self.commands, &mut self.pending);
+                        .pause(backoff, &self.commands, &mut self.pending, &self.retire);
                     backoff = (backoff * 2).min(RETRY_BACKOFF_MAX);
                 }
                 RunEnd::Parked => {
-                    while self.pending.is_none() && !self.shared.stop.is_cancelled() {
-                        self.shared
-                            .pause(RETRY_BACKOFF_MAX, &self.commands, &mut self.pending);
+                    while self.pending.is_none() && !self.stopping() {
+                        self.shared.pause(
+                            RETRY_BACKOFF_MAX,
+                            &self.commands,
+                            &mut self.pending,
+                            &self.retire,
+                        );
                     }
                 }
             }
@@ -761,6 +878,11 @@ impl<E: Send + Sync + 'static> Lifecycle<E> {
         let unserved = self.pending.take().map(|c| c.reply);
         for reply in self.rebuilds.drain(..).chain(unserved) {
             let _ = reply.send(Err(Error::Stopped(name.clone())));
+        }
+        if !self.shared.stop.is_cancelled() {
+            // Retired alone (removed or replaced): whoever retired it says
+            // what comes next.
+            return;
         }
         self.shared.update(&name, |entry| {
             if !matches!(entry.base, State::Failed { .. } | State::Stopped { .. }) {
@@ -770,6 +892,11 @@ impl<E: Send + Sync + 'static> Lifecycle<E> {
             entry.stalled = None;
         });
         self.shared.unregister(&name);
+    }
+
+    /// The supervisor stops, or this lifecycle alone is retired.
+    fn stopping(&self) -> bool {
+        self.shared.stop.is_cancelled() || self.retire.is_cancelled()
     }
 
     /// Answers every rebuild request being served.
@@ -863,7 +990,7 @@ impl<E: Send + Sync + 'static> Lifecycle<E> {
         if self.pending.is_none() {
             self.pending = self.commands.try_recv().ok();
         }
-        if self.shared.stop.is_cancelled() || self.pending.is_some() {
+        if self.stopping() || self.pending.is_some() {
             round.cancel();
         }
         // A rebuild in place (the file served nothing yet) is answered when
@@ -1043,7 +1170,7 @@ struct RequestWatch {
     shared: Arc<Shared>,
     dir: std::path::PathBuf,
     projections: Arc<ProjectionDir>,
-    commands: Arc<BTreeMap<String, Sender<Command>>>,
+    commands: Arc<Mutex<BTreeMap<String, Sender<Command>>>>,
 }
 
 impl RequestWatch {

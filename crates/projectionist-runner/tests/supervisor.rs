@@ -418,3 +418,77 @@ fn more_projections_than_the_bound_and_a_name_given_twice_are_refused_by_name() 
         "{err}"
     );
 }
+
+/// Projections come and go while the others follow: `replace` under a new
+/// version rebuilds that one in its shadow (its lock kept), `add` catches a
+/// new one up, `remove` lets go of one's lock so another process (here a
+/// second directory handle) may take it.
+#[test]
+fn projections_are_replaced_added_and_removed_while_the_others_follow() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = store(tmp.path());
+    append(&store, 40);
+    let projections = tmp.path().join("projections");
+    let supervisor = Supervisor::builder(store.clone(), &projections)
+        .unwrap()
+        .projection(
+            Supervised::new("changed", totals("changed", 1, Duration::ZERO))
+                .unwrap()
+                .version(1),
+        )
+        .projection(Supervised::new("steady", totals("steady", 1, Duration::ZERO)).unwrap())
+        .start()
+        .unwrap();
+    supervisor.wait_for("changed", 40, DEADLINE).unwrap();
+    supervisor.wait_for("steady", 40, DEADLINE).unwrap();
+
+    // A new version: rebuilt in the shadow and published; the lock is kept
+    // throughout (another handle never gets it).
+    supervisor
+        .replace(
+            Supervised::new("changed", totals("changed", 10, Duration::ZERO))
+                .unwrap()
+                .version(2),
+        )
+        .unwrap();
+    let other = projectionist::ProjectionDir::open(&projections).unwrap();
+    assert!(matches!(
+        other.db("changed"),
+        Err(projectionist::Error::Locked { .. })
+    ));
+    wait_until("the new version", || {
+        projections.join(".changed.previous.db").exists()
+            && state_of(&supervisor, "changed") == State::Following
+    });
+    let last = append(&store, 2);
+    supervisor.wait_for("changed", last, DEADLINE).unwrap();
+    assert_eq!(total_in(&projections, "changed"), 42 * 10);
+
+    // A new projection catches up beside the others.
+    supervisor
+        .add(Supervised::new("late", totals("late", 1, Duration::ZERO)).unwrap())
+        .unwrap();
+    supervisor.wait_for("late", last, DEADLINE).unwrap();
+    assert_eq!(total_in(&projections, "late"), 42);
+    assert!(
+        supervisor
+            .add(Supervised::new("late", totals("late", 1, Duration::ZERO)).unwrap())
+            .is_err()
+    );
+
+    // Removed: its lock is free, its registration gone; the others go on.
+    let removed = supervisor.remove("steady").unwrap();
+    assert_eq!(removed.checkpoint, last);
+    assert!(!projections.join(".steady.follower").exists());
+    other
+        .db("steady")
+        .expect("the removed projection's lock is free");
+    assert!(matches!(
+        supervisor.status_of("steady"),
+        Err(projectionist_runner::Error::NoSuchProjection(_))
+    ));
+    let last = append(&store, 1);
+    supervisor.wait_for("late", last, DEADLINE).unwrap();
+    supervisor.wait_for("changed", last, DEADLINE).unwrap();
+    assert_eq!(supervisor.status().len(), 2);
+}

@@ -369,6 +369,37 @@ impl ProjectionDir {
         first_error.map_or(Ok(()), Err)
     }
 
+    /// Closes projection `name` (and its open shadow) and lets go of its
+    /// lock, so that another process may take it; the directory stays open
+    /// for the others. Handles to it still held elsewhere fail with
+    /// [`Error::Closed`] from then on. Returns whether it was open.
+    ///
+    /// # Errors
+    /// [`Error::InvalidName`]; [`Error::Sqlite`] when a connection fails to
+    /// close cleanly (the lock is let go of either way).
+    pub fn release(&self, name: &str) -> Result<bool> {
+        let name = ProjectionName::new(name)?;
+        let shadow = self.lock_shadows().remove(&name);
+        let db = self.lock_open().remove(&name);
+        let mut first_error = None;
+        if let Some(shadow) = &shadow
+            && let Err(e) = shadow.close_inner()
+        {
+            first_error = Some(e);
+        }
+        let was_open = db.is_some();
+        if let Some(db) = db {
+            match db.close_inner() {
+                // The lock file's handle is dropped here: the lock is free.
+                Ok(lock) => drop(lock),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        first_error.map_or(Ok(was_open), Err)
+    }
+
     fn db_path(&self, name: &ProjectionName) -> PathBuf {
         self.path.join(format!("{name}{DB_SUFFIX}"))
     }

@@ -46,7 +46,7 @@ pub struct OrderPlaced {
 /// The service: the event store, and the supervisor keeping the projection.
 pub struct App {
     store: Arc<SqliteEventStore>,
-    supervisor: Supervisor,
+    supervisor: Supervisor<OrderPlaced>,
     placements: std::sync::atomic::AtomicU64,
 }
 
