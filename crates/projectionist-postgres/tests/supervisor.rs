@@ -128,3 +128,94 @@ fn a_supervised_projection_waits_at_a_hole_and_follows_on_after_a_killed_connect
         .unwrap();
     assert_eq!(seen as u64, last, "every event applied exactly once");
 }
+
+/// An event committed into a hole the supervisor's reads had passed (its
+/// writer broke the writer contract) is reported, and the projection that
+/// lacks it is rebuilt in its shadow and published: afterwards it holds every
+/// event exactly once.
+#[test]
+#[cfg_attr(
+    not(pg_tests),
+    ignore = "set PROJECTIONIST_TEST_PG_URL to run the PostgreSQL tests"
+)]
+fn a_late_event_is_reported_and_its_projection_rebuilt() {
+    let Some(pg) = PgSchema::new("supervised_late") else {
+        return;
+    };
+    let store = Arc::new(PostgresEventStore::connect(&pg.url()).unwrap());
+    store.init().unwrap();
+    let appender = PostgresEventStore::connect(&pg.url()).unwrap();
+    append(&appender, "first");
+    let tmp = tempfile::tempdir().unwrap();
+    let late_store = Arc::clone(&store);
+    let reported = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = Arc::clone(&reported);
+    let supervisor = Supervisor::<Value>::builder(store.clone(), tmp.path())
+        .unwrap()
+        .late_events(
+            move || {
+                late_store
+                    .late_events()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|e| (e.sequence, e.event_type))
+                    .collect()
+            },
+            projectionist_runner::OnLateEvent::Rebuild,
+        )
+        .on_event(move |event| {
+            if let projectionist_runner::Event::LateEvent {
+                sequence,
+                projections,
+                rebuilding,
+                ..
+            } = event
+            {
+                seen.lock()
+                    .unwrap()
+                    .push((*sequence, projections.clone(), *rebuilding));
+            }
+        })
+        .projection(Supervised::new("seen", counter()).unwrap())
+        .start()
+        .unwrap();
+    supervisor.wait_for("seen", 1, DEADLINE).unwrap();
+    // A number drawn and never used (for now): a hole the reads pass.
+    let mut client = pg.client();
+    let drawn: i64 = client
+        .query_one(
+            "SELECT nextval(pg_get_serial_sequence('events', 'sequence'))",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let after = append(&appender, "after");
+    supervisor.wait_for("seen", after, DEADLINE).unwrap();
+    // Its writer commits it late, into the passed hole.
+    client
+        .execute(
+            "INSERT INTO events (sequence, stream_id, stream_version, event_type, data) \
+             VALUES ($1, 'late', 1, 'Seen', '{}')",
+            &[&drawn],
+        )
+        .unwrap();
+    wait_until("the late event reported", || {
+        !reported.lock().unwrap().is_empty()
+    });
+    assert_eq!(
+        reported.lock().unwrap()[0],
+        (drawn as u64, vec!["seen".to_owned()], true)
+    );
+    let seen_rows = || {
+        let conn = projectionist::rusqlite::Connection::open(tmp.path().join("seen.db")).unwrap();
+        conn.query_row("SELECT count(*) FROM seen", [], |r| r.get::<_, i64>(0))
+            .unwrap()
+    };
+    wait_until("the rebuilt projection holds the late event", || {
+        seen_rows() == 3 && supervisor.status_of("seen").unwrap().state == State::Following
+    });
+    assert!(
+        tmp.path().join(".seen.previous.db").exists(),
+        "published from a shadow"
+    );
+}

@@ -152,6 +152,18 @@ pub enum Event {
     Published(Published),
     /// A projection was rolled back to its previous version.
     RolledBack(Published),
+    /// An event was committed into a hole the reads had passed (see
+    /// [`SupervisorBuilder::late_events`](crate::SupervisorBuilder::late_events)).
+    LateEvent {
+        /// Its sequence.
+        sequence: u64,
+        /// Its type.
+        event_type: String,
+        /// The projections that had read past it and handle its type.
+        projections: Vec<String>,
+        /// Whether they are rebuilt.
+        rebuilding: bool,
+    },
     /// A corrupt projection file was moved aside; the projection starts afresh.
     MovedAside {
         /// The projection.

@@ -58,6 +58,23 @@ const STOP_POLL_INTERVAL: Duration = Duration::from_millis(50);
 /// Called with every [`Event`], on the thread that caused it.
 pub type EventFn = dyn Fn(&Event) + Send + Sync;
 
+/// Events committed into holes the store's reads had passed (PostgreSQL: see
+/// `PostgresEventStore::late_events`), as `(sequence, event type)`; see
+/// [`SupervisorBuilder::late_events`].
+pub type LateEventsFn = dyn Fn() -> Vec<(u64, String)> + Send + Sync;
+
+/// What the supervisor does for a late event (an event committed into a hole
+/// its reads had passed: its writer broke the writer contract).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum OnLateEvent {
+    /// Rebuild every projection it affects, in its shadow, and publish it
+    /// (the default: the projection lacks the event).
+    Rebuild,
+    /// Only report it ([`Event::LateEvent`], an error log).
+    Report,
+}
+
 /// Tells whether the store is cut off (a lost connection being made again),
 /// with its error; see [`SupervisorBuilder::outage`].
 pub type OutageFn = dyn Fn() -> Option<String> + Send + Sync;
@@ -133,6 +150,7 @@ pub struct SupervisorBuilder<E> {
     on_event: Option<Arc<EventFn>>,
     outage: Option<Arc<OutageFn>>,
     control_plane: bool,
+    late_events: Option<(Arc<LateEventsFn>, OnLateEvent)>,
 }
 
 impl<E: Send + Sync + 'static> SupervisorBuilder<E> {
@@ -185,6 +203,20 @@ impl<E: Send + Sync + 'static> SupervisorBuilder<E> {
     #[must_use]
     pub fn outage(mut self, outage: impl Fn() -> Option<String> + Send + Sync + 'static) -> Self {
         self.outage = Some(Arc::new(outage));
+        self
+    }
+
+    /// How to find events committed into holes the reads had passed (on
+    /// PostgreSQL: `move || store.late_events()` mapped to `(sequence,
+    /// type)`), looked at every second, and what to do with one: every
+    /// projection that handles its type and has read past it is affected.
+    #[must_use]
+    pub fn late_events(
+        mut self,
+        late_events: impl Fn() -> Vec<(u64, String)> + Send + Sync + 'static,
+        action: OnLateEvent,
+    ) -> Self {
+        self.late_events = Some((Arc::new(late_events), action));
         self
     }
 
@@ -244,6 +276,8 @@ impl<E: Send + Sync + 'static> SupervisorBuilder<E> {
         let watch = HeadWatch {
             shared: Arc::clone(&shared),
             reader: self.reader,
+            late_events: self.late_events,
+            commands: Arc::clone(&supervisor.commands),
         };
         supervisor.watchers.push(
             std::thread::Builder::new()
@@ -315,6 +349,7 @@ impl<E: Send + Sync + 'static> Supervisor<E> {
             on_event: None,
             outage: None,
             control_plane: true,
+            late_events: None,
         })
     }
 
@@ -471,6 +506,9 @@ impl<E: Send + Sync + 'static> Supervisor<E> {
     /// Starts the lifecycle of `projection` (its entry exists).
     fn spawn(&self, projection: Supervised<E>) -> Result<(), Error> {
         let name = projection.name().to_owned();
+        if let Some(entry) = self.shared.lock().get_mut(&name) {
+            entry.types = projection.handler.event_types();
+        }
         let (send, receive) = mpsc::channel();
         let retire = CancelToken::new();
         let lifecycle = Lifecycle {
@@ -600,6 +638,8 @@ struct Entry {
     round: CancelToken,
     /// This process registered it in the control plane (it holds its lock).
     registered: bool,
+    /// The event types its handler handles (`None`: all).
+    types: Option<Vec<String>>,
 }
 
 impl Entry {
@@ -619,6 +659,7 @@ impl Entry {
             stalled: None,
             round: CancelToken::new(),
             registered: false,
+            types: None,
         }
     }
 
@@ -1237,11 +1278,61 @@ impl RequestWatch {
 struct HeadWatch<E> {
     shared: Arc<Shared>,
     reader: Arc<dyn GlobalReader<E>>,
+    late_events: Option<(Arc<LateEventsFn>, OnLateEvent)>,
+    commands: Arc<Mutex<BTreeMap<String, Sender<Command>>>>,
 }
 
 impl<E> HeadWatch<E> {
+    /// Reports each late event and, by the policy, asks for the rebuild of
+    /// every projection it affects (handles its type, read past it).
+    fn late_events(&self) {
+        let Some((late_events, action)) = &self.late_events else {
+            return;
+        };
+        for (sequence, event_type) in late_events() {
+            let affected: Vec<String> = self
+                .shared
+                .lock()
+                .iter()
+                .filter(|(_, entry)| {
+                    entry
+                        .types
+                        .as_ref()
+                        .is_none_or(|types| types.contains(&event_type))
+                        && entry
+                            .status
+                            .checkpoint
+                            .max(entry.status.shadow_checkpoint.unwrap_or(0))
+                            >= sequence
+                })
+                .map(|(name, _)| name.clone())
+                .collect();
+            let rebuild = *action == OnLateEvent::Rebuild && !affected.is_empty();
+            tracing::error!(
+                sequence,
+                event_type = %event_type,
+                projections = ?affected,
+                rebuild,
+                "an event was committed into a hole the reads had passed (its writer broke the writer contract); the projections listed lack it"
+            );
+            self.shared.emit(&Event::LateEvent {
+                sequence,
+                event_type: event_type.clone(),
+                projections: affected.clone(),
+                rebuilding: rebuild,
+            });
+            if rebuild {
+                for name in &affected {
+                    // Answered when published; nobody waits for it here.
+                    let _ = send_request(&self.shared, &self.commands, name, Request::Rebuild);
+                }
+            }
+        }
+    }
+
     fn run(self) {
         while !self.shared.stop.is_cancelled() {
+            self.late_events();
             let outage = self.shared.outage.as_ref().and_then(|outage| outage());
             let head = self.reader.head().ok();
             if let Some(head) = head {
