@@ -122,11 +122,33 @@ pub(crate) enum Command {
         /// only `report` it (log, `--json`, metric).
         #[arg(long, value_enum, default_value_t = OnLateEvent::Rebuild)]
         on_late_event: OnLateEvent,
+        /// Restore each projection missing here from the newest snapshot in
+        /// this directory that fits (same definition and store, checksum
+        /// verified), then catch it up, instead of replaying the whole log.
+        #[arg(long, value_name = "DIR")]
+        seed_from: Option<std::path::PathBuf>,
     },
     /// Continue projections from their checkpoints; a stale projection is rebuilt.
     Resume {
         /// Projections to resume.
         names: Vec<String>,
+        /// Restore each projection missing here from the newest snapshot in
+        /// this directory that fits, then catch it up.
+        #[arg(long, value_name = "DIR")]
+        seed_from: Option<std::path::PathBuf>,
+    },
+    /// Copy projections, consistently at a committed checkpoint and while they
+    /// are followed, into a directory with a manifest (name, definition,
+    /// checkpoint, store, size, SHA-256), for `--seed-from` on another node.
+    Snapshot {
+        /// Projections to copy [default: all in the config].
+        names: Vec<String>,
+        /// The directory of snapshots (a local one or a shared mount).
+        #[arg(long, value_name = "DIR")]
+        to: std::path::PathBuf,
+        /// Keep only the newest N snapshots of each projection there (0: all).
+        #[arg(long, default_value_t = 0)]
+        keep: usize,
     },
     /// Read-your-writes: wait until a projection has applied the log up to a
     /// position (e.g. the sequence an append returned); exits 0 then, 5 on

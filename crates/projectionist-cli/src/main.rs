@@ -16,6 +16,7 @@ mod inspect;
 mod manage;
 mod metrics;
 mod replay;
+mod snapshot;
 mod status;
 mod store;
 mod ui;
@@ -97,7 +98,13 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             }
         }
         Command::Rollback { name } => run_rollback(cli, name),
-        Command::Resume { names } => run_replay(cli, names, Plan::Resume),
+        Command::Resume { names, seed_from } => {
+            if let Some(from) = seed_from {
+                snapshot::seed_missing(cli, names, from)?;
+            }
+            run_replay(cli, names, Plan::Resume)
+        }
+        Command::Snapshot { names, to, keep } => snapshot::run_snapshot(cli, names, to, *keep),
         Command::Follow {
             names,
             metrics,
@@ -106,18 +113,24 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             stall_after,
             late_window,
             on_late_event,
-        } => run_follow(
-            cli,
-            names,
-            &follow::FollowOptions {
-                metrics_addr: metrics.as_deref(),
-                max_lag: *max_lag,
-                max_wait: *max_wait,
-                stall_after: *stall_after,
-                late_window: *late_window,
-                on_late_event: *on_late_event,
-            },
-        ),
+            seed_from,
+        } => {
+            if let Some(from) = seed_from {
+                snapshot::seed_missing(cli, names, from)?;
+            }
+            run_follow(
+                cli,
+                names,
+                &follow::FollowOptions {
+                    metrics_addr: metrics.as_deref(),
+                    max_lag: *max_lag,
+                    max_wait: *max_wait,
+                    stall_after: *stall_after,
+                    late_window: *late_window,
+                    on_late_event: *on_late_event,
+                },
+            )
+        }
         Command::Status { check } => run_status(cli, *check),
         Command::Wait {
             name,

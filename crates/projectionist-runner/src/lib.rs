@@ -45,6 +45,7 @@
 pub mod control;
 mod place;
 mod projection;
+pub mod snapshot;
 mod state;
 mod supervisor;
 

@@ -164,6 +164,9 @@ pub enum Event {
         /// Whether they are rebuilt.
         rebuilding: bool,
     },
+    /// A missing projection was restored from a snapshot (see
+    /// [`SupervisorBuilder::seed_from`](crate::SupervisorBuilder::seed_from)).
+    Seeded(crate::snapshot::Manifest),
     /// A corrupt projection file was moved aside; the projection starts afresh.
     MovedAside {
         /// The projection.

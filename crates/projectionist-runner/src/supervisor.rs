@@ -151,6 +151,7 @@ pub struct SupervisorBuilder<E> {
     outage: Option<Arc<OutageFn>>,
     control_plane: bool,
     late_events: Option<(Arc<LateEventsFn>, OnLateEvent)>,
+    seed_from: Option<std::path::PathBuf>,
 }
 
 impl<E: Send + Sync + 'static> SupervisorBuilder<E> {
@@ -220,6 +221,15 @@ impl<E: Send + Sync + 'static> SupervisorBuilder<E> {
         self
     }
 
+    /// Restores each projection that is missing here from the newest
+    /// snapshot in `dir` that fits (see [`crate::snapshot::seed`]) before it
+    /// is first opened, then catches it up from there.
+    #[must_use]
+    pub fn seed_from(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
+        self.seed_from = Some(dir.into());
+        self
+    }
+
     /// Starts supervising: each projection's thread opens it and runs it.
     ///
     /// # Errors
@@ -254,6 +264,7 @@ impl<E: Send + Sync + 'static> SupervisorBuilder<E> {
             watchers: Vec::new(),
             reader: Arc::clone(&self.reader),
             batch_size,
+            seed_from: self.seed_from,
         };
         let mut supervisor = supervisor;
         for projection in self.projections {
@@ -327,6 +338,7 @@ pub struct Supervisor<E: Send + Sync + 'static = serde_json::Value> {
     watchers: Vec<JoinHandle<()>>,
     reader: Arc<dyn GlobalReader<E>>,
     batch_size: u32,
+    seed_from: Option<std::path::PathBuf>,
 }
 
 impl<E: Send + Sync + 'static> Supervisor<E> {
@@ -350,6 +362,7 @@ impl<E: Send + Sync + 'static> Supervisor<E> {
             outage: None,
             control_plane: true,
             late_events: None,
+            seed_from: None,
         })
     }
 
@@ -520,6 +533,7 @@ impl<E: Send + Sync + 'static> Supervisor<E> {
             pending: None,
             rebuilds: Vec::new(),
             retire: retire.clone(),
+            seed_from: self.seed_from.clone(),
         };
         let thread = std::thread::Builder::new()
             .name(format!("pj-{name}"))
@@ -854,6 +868,8 @@ struct Lifecycle<E> {
     rebuilds: Vec<Sender<Result<Outcome, Error>>>,
     /// Ends this lifecycle alone (the projection is removed or replaced).
     retire: CancelToken,
+    /// Snapshots to restore a missing projection from.
+    seed_from: Option<std::path::PathBuf>,
 }
 
 /// How one run of a projection ended.
@@ -867,8 +883,49 @@ enum RunEnd {
 }
 
 impl<E: Send + Sync + 'static> Lifecycle<E> {
+    /// Restores the projection from a snapshot when it is missing here.
+    fn seed(&self, projection: &Supervised<E>) {
+        let Some(from) = &self.seed_from else { return };
+        let name = projection.name();
+        let seeded = crate::snapshot::store_identity(&*self.reader).and_then(|identity| {
+            let Some(identity) = identity else {
+                return Ok(None);
+            };
+            let head = self.reader.head()?;
+            crate::snapshot::seed(
+                self.dir.path(),
+                name,
+                from,
+                projection.hash.as_deref(),
+                &identity,
+                head,
+            )
+            .map(Some)
+        });
+        match seeded {
+            Ok(Some(seeded)) => {
+                for (checkpoint, why) in &seeded.refused {
+                    tracing::warn!(projection = name, checkpoint, reason = %why, "a snapshot is not used");
+                }
+                if let Some(manifest) = seeded.restored {
+                    tracing::info!(
+                        projection = name,
+                        checkpoint = manifest.checkpoint,
+                        "restored from a snapshot"
+                    );
+                    self.shared.emit(&Event::Seeded(manifest));
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(projection = name, error = %e, "cannot seed from snapshots; building from the log")
+            }
+        }
+    }
+
     fn run(mut self, mut projection: Supervised<E>) {
         let name = projection.name().to_owned();
+        self.seed(&projection);
         let mut backoff = RETRY_BACKOFF_MIN;
         let mut rebuild = false;
         loop {

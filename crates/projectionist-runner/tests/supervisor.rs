@@ -492,3 +492,63 @@ fn projections_are_replaced_added_and_removed_while_the_others_follow() {
     supervisor.wait_for("changed", last, DEADLINE).unwrap();
     assert_eq!(supervisor.status().len(), 2);
 }
+
+/// A snapshot taken while a supervisor follows seeds a supervisor on another
+/// directory: the projection is restored (not replayed from the start), then
+/// caught up, and equals the original.
+#[test]
+fn a_supervisor_seeds_a_missing_projection_from_a_snapshot_and_catches_up() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = store(tmp.path());
+    append(&store, 200);
+    let first_dir = tmp.path().join("first");
+    let first = Supervisor::builder(store.clone(), &first_dir)
+        .unwrap()
+        .projection(
+            Supervised::new("totals", totals("totals", 1, Duration::ZERO))
+                .unwrap()
+                .version(1),
+        )
+        .start()
+        .unwrap();
+    first.wait_for("totals", 200, DEADLINE).unwrap();
+    let identity = projectionist_runner::snapshot::store_identity::<Value>(&*store)
+        .unwrap()
+        .unwrap();
+    let snaps = tmp.path().join("snaps");
+    let manifest =
+        projectionist_runner::snapshot::take_snapshot(&first_dir, "totals", &snaps, &identity, 0)
+            .unwrap();
+    assert_eq!(manifest.checkpoint, 200);
+    let last = append(&store, 25);
+    let seeded = Arc::new(AtomicU64::new(0));
+    let saw = Arc::clone(&seeded);
+    let second_dir = tmp.path().join("second");
+    let second = Supervisor::builder(store.clone(), &second_dir)
+        .unwrap()
+        .seed_from(&snaps)
+        .on_event(move |event| {
+            if let Event::Seeded(manifest) = event {
+                saw.store(manifest.checkpoint, Ordering::SeqCst);
+            }
+        })
+        .projection(
+            Supervised::new("totals", totals("totals", 1, Duration::ZERO))
+                .unwrap()
+                .version(1),
+        )
+        .start()
+        .unwrap();
+    second.wait_for("totals", last, DEADLINE).unwrap();
+    first.wait_for("totals", last, DEADLINE).unwrap();
+    assert_eq!(
+        seeded.load(Ordering::SeqCst),
+        200,
+        "restored from the snapshot"
+    );
+    assert_eq!(
+        total_in(&second_dir, "totals"),
+        total_in(&first_dir, "totals")
+    );
+    assert_eq!(total_in(&second_dir, "totals"), 225);
+}
