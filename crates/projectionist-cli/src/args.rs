@@ -127,6 +127,16 @@ pub(crate) enum Command {
         /// verified), then catch it up, instead of replaying the whole log.
         #[arg(long, value_name = "DIR")]
         seed_from: Option<std::path::PathBuf>,
+        /// Take snapshots of the followed projections into this directory
+        /// every `--snapshot-every`, for `--seed-from` on other nodes.
+        #[arg(long, value_name = "DIR")]
+        snapshot_to: Option<std::path::PathBuf>,
+        /// How often to take them, e.g. `1h`, `10m`.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration, requires = "snapshot_to")]
+        snapshot_every: std::time::Duration,
+        /// Keep the newest N snapshots of each projection (0: all).
+        #[arg(long, default_value_t = 3, requires = "snapshot_to")]
+        snapshot_keep: usize,
     },
     /// Continue projections from their checkpoints; a stale projection is rebuilt.
     Resume {

@@ -45,6 +45,15 @@ pub(crate) struct FollowOptions<'a> {
     pub(crate) stall_after: Duration,
     pub(crate) late_window: Duration,
     pub(crate) on_late_event: OnLateEvent,
+    pub(crate) snapshots: Option<Snapshots<'a>>,
+}
+
+/// `--snapshot-to`, `--snapshot-every`, `--snapshot-keep`.
+#[derive(Clone, Copy)]
+pub(crate) struct Snapshots<'a> {
+    pub(crate) to: &'a Path,
+    pub(crate) every: Duration,
+    pub(crate) keep: usize,
 }
 
 pub(crate) fn run_follow(
@@ -87,6 +96,20 @@ pub(crate) fn run_follow(
         }
         None => None,
     };
+    // Periodic snapshots, beside the run (read-only copies of the files).
+    let snapshotting = match follow_options.snapshots {
+        Some(snapshots) => Some(start_snapshots(
+            cli,
+            &config,
+            names,
+            dir.path(),
+            snapshots,
+            metrics_addr.map(|_| Arc::clone(&metrics)),
+            &stop,
+        )?),
+        None => None,
+    };
+    let _snapshotting = snapshotting.map(StopOnDrop::new);
     let context = Context {
         cli,
         names,
@@ -125,6 +148,92 @@ pub(crate) fn run_follow(
             Epoch::Reload(Change::Requests) => {}
         }
     }
+}
+
+/// A thread that runs until its token is cancelled; cancelled and joined
+/// when dropped.
+struct StopOnDrop {
+    token: CancelToken,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl StopOnDrop {
+    fn new((token, thread): (CancelToken, std::thread::JoinHandle<()>)) -> Self {
+        StopOnDrop {
+            token,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.token.cancel();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Starts the thread that snapshots the selected projections every
+/// `snapshots.every` (the first one after a full interval).
+fn start_snapshots(
+    cli: &Cli,
+    config: &ProjectionsConfig,
+    names: &[String],
+    dir: &Path,
+    snapshots: Snapshots<'_>,
+    metrics: Option<Arc<Metrics>>,
+    stop: &CancelToken,
+) -> Result<(CancelToken, std::thread::JoinHandle<()>), Failure> {
+    let store = open_store(cli, false, config)?;
+    let identity = projectionist_runner::snapshot::store_identity(store.reader())
+        .map_err(|e| fail(EXIT_STORE)(e.into()))?;
+    drop(store);
+    let selected: Vec<String> = select(config, names)?
+        .iter()
+        .map(|p| p.name.to_string())
+        .collect();
+    let (dir, to, json) = (dir.to_path_buf(), snapshots.to.to_path_buf(), cli.json);
+    let (every, keep) = (snapshots.every, snapshots.keep);
+    let token = CancelToken::new();
+    let (mine, global) = (token.clone(), stop.clone());
+    let thread = std::thread::spawn(move || {
+        let mut next = Instant::now() + every;
+        while !mine.is_cancelled() && !global.is_cancelled() {
+            let now = Instant::now();
+            if now < next {
+                std::thread::sleep(Duration::from_millis(50).min(next - now));
+                continue;
+            }
+            next = now + every;
+            // An empty log has nothing to snapshot yet.
+            let Some(identity) = identity.as_deref() else {
+                continue;
+            };
+            for name in &selected {
+                match projectionist_runner::snapshot::take_snapshot(&dir, name, &to, identity, keep)
+                {
+                    Ok(manifest) => {
+                        tracing::info!(projection = %name, checkpoint = manifest.checkpoint, bytes = manifest.bytes, "snapshot taken");
+                        if json {
+                            ui::json_line(&serde_json::json!({
+                                "event": "snapshot", "projection": name,
+                                "checkpoint": manifest.checkpoint, "bytes": manifest.bytes,
+                            }));
+                        }
+                        if let Some(metrics) = &metrics {
+                            metrics.snapshot_taken(name, manifest.bytes);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(projection = %name, error = %ui::escape_controls(&e.to_string()), "cannot take a snapshot; tried again at the next interval");
+                    }
+                }
+            }
+        }
+    });
+    Ok((token, thread))
 }
 
 /// What one epoch of following shares with the next.

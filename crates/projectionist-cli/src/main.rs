@@ -114,6 +114,9 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             late_window,
             on_late_event,
             seed_from,
+            snapshot_to,
+            snapshot_every,
+            snapshot_keep,
         } => {
             if let Some(from) = seed_from {
                 snapshot::seed_missing(cli, names, from)?;
@@ -128,6 +131,11 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                     stall_after: *stall_after,
                     late_window: *late_window,
                     on_late_event: *on_late_event,
+                    snapshots: snapshot_to.as_deref().map(|to| follow::Snapshots {
+                        to,
+                        every: *snapshot_every,
+                        keep: *snapshot_keep,
+                    }),
                 },
             )
         }

@@ -47,6 +47,8 @@ pub(crate) struct Metrics {
     batch_latency: Family<Labels, Gauge<f64, AtomicU64>>,
     hole_wait: Family<Labels, Gauge<f64, AtomicU64>>,
     late_events: Family<Labels, Counter>,
+    snapshot_time: Family<Labels, Gauge<f64, AtomicU64>>,
+    snapshot_bytes: Family<Labels, Gauge>,
     health: Mutex<BTreeMap<String, Health>>,
     max_lag: u64,
     max_wait: Duration,
@@ -84,6 +86,18 @@ impl Metrics {
         let batch_latency = Family::<Labels, Gauge<f64, AtomicU64>>::default();
         let hole_wait = Family::<Labels, Gauge<f64, AtomicU64>>::default();
         let late_events = Family::<Labels, Counter>::default();
+        let snapshot_time = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+        let snapshot_bytes = Family::<Labels, Gauge>::default();
+        registry.register(
+            "last_snapshot_timestamp_seconds",
+            "Unix time of the projection's last snapshot taken by this follower (--snapshot-to); its age is time() minus this",
+            snapshot_time.clone(),
+        );
+        registry.register(
+            "snapshot_bytes",
+            "Size of the projection's last snapshot taken by this follower",
+            snapshot_bytes.clone(),
+        );
         registry.register(
             "late_events",
             "Events committed into a hole the follower had already passed, that this projection handles (it was rebuilt, or must be)",
@@ -157,6 +171,8 @@ impl Metrics {
             batch_latency,
             hole_wait,
             late_events,
+            snapshot_time,
+            snapshot_bytes,
             health: Mutex::new(BTreeMap::new()),
             max_lag,
             max_wait,
@@ -224,6 +240,15 @@ impl Metrics {
             (true, None) => Some(Instant::now()),
             (false, _) => None,
         };
+    }
+
+    /// A snapshot of projection `name` of `bytes` was taken now.
+    pub(crate) fn snapshot_taken(&self, name: &str, bytes: u64) {
+        let labels = vec![("projection", name.to_owned())];
+        self.snapshot_time.get_or_create(&labels).set(unix_now());
+        self.snapshot_bytes
+            .get_or_create(&labels)
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 
     /// A late event affected projection `name`.

@@ -181,3 +181,78 @@ fn a_snapshot_seeds_another_directory_and_bad_ones_are_refused() {
         .count();
     assert_eq!(kept, 2);
 }
+
+/// A follower with `--snapshot-to` takes snapshots every `--snapshot-every`,
+/// keeps `--snapshot-keep` of each, and says their time and size in its
+/// metrics.
+#[test]
+fn a_follower_takes_periodic_snapshots_and_reports_them_in_metrics() {
+    let env = Env::new();
+    env.demo_log(1_000);
+    let addr = format!("127.0.0.1:{}", common::free_port());
+    let follower = Reaped::new(
+        env.command(&[
+            "--quiet",
+            "follow",
+            "--metrics",
+            &addr,
+            "--snapshot-to",
+            "periodic",
+            "--snapshot-every",
+            "100ms",
+            "--snapshot-keep",
+            "2",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap(),
+    );
+    let manifests = |name: &str| {
+        std::fs::read_dir(env.path("periodic"))
+            .map(|entries| {
+                entries
+                    .filter(|e| {
+                        let file = e
+                            .as_ref()
+                            .unwrap()
+                            .file_name()
+                            .to_string_lossy()
+                            .into_owned();
+                        file.starts_with(&format!("{name}.")) && file.ends_with(".json")
+                    })
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    let started = Instant::now();
+    let mut seen_bytes = None;
+    while manifests("order_summary") == 0 || seen_bytes.is_none() {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no snapshot taken"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+        let (_, text) = common::http_get(&addr, "/metrics");
+        seen_bytes = common::metric(&text, "projectionist_snapshot_bytes", "order_summary");
+    }
+    assert!(seen_bytes.unwrap() > 0.0);
+    // New events make new snapshots; only two are kept.
+    append_orders(&env, "more", 5);
+    let started = Instant::now();
+    while projectionist_runner::snapshot::manifests(&env.path("periodic"), "order_summary")
+        .unwrap()
+        .first()
+        .is_none_or(|m| m.checkpoint < 1_005)
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no newer snapshot"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(manifests("order_summary") <= 2);
+    sigterm(&follower);
+    let mut follower = follower;
+    assert!(follower.wait().unwrap().success());
+}
