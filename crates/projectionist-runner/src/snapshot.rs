@@ -146,10 +146,21 @@ pub fn take_snapshot(
         backup
             .run_to_completion(BACKUP_PAGES_PER_STEP, Duration::ZERO, None)
             .map_err(sqlite(format!("snapshot {}", live.display())))?;
+        drop(backup);
+        // The copy took the live file's WAL mode: back to a rollback
+        // journal, so the snapshot is one self-contained file (its opener
+        // sets WAL again) and no `-wal`/`-shm` is left beside it.
+        target
+            .query_row("PRAGMA journal_mode = DELETE", [], |_| Ok(()))
+            .map_err(sqlite(format!("finish {}", temp.display())))?;
     }
-    // The copy as it is: its checkpoint and definition, from the copy itself.
-    let copy = Connection::open_with_flags(&temp, OpenFlags::SQLITE_OPEN_READ_ONLY)
-        .map_err(sqlite(format!("read {}", temp.display())))?;
+    // The copy as it is: its checkpoint and definition, from the copy itself
+    // (immutable: nothing is created beside it).
+    let copy = Connection::open_with_flags(
+        projectionist::immutable_uri(&temp),
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_URI,
+    )
+    .map_err(sqlite(format!("read {}", temp.display())))?;
     let checkpoint = SqliteCheckpoint::load_in(&copy, name.as_str()).unwrap_or(0);
     let definition = stored_definition(&copy).ok().flatten();
     drop(copy);
