@@ -64,6 +64,13 @@ fn a_snapshot_seeds_another_directory_and_bad_ones_are_refused() {
     assert!(out.status.success(), "{}", stderr(&out));
     sigterm(&follower);
     drop(follower);
+    // Snapshots are single files: nothing else is left beside them.
+    let strays: Vec<String> = std::fs::read_dir(env.path("snaps"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| !name.ends_with(".db") && !name.ends_with(".json"))
+        .collect();
+    assert!(strays.is_empty(), "{strays:?}");
     append_orders(&env, "later", 20);
 
     // Seeded, then caught up: equal to a fresh rebuild.
