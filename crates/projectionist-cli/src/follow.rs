@@ -194,7 +194,8 @@ fn start_snapshots(
         .iter()
         .map(|p| p.name.to_string())
         .collect();
-    let (dir, to, json) = (dir.to_path_buf(), snapshots.to.to_path_buf(), cli.json);
+    let to = crate::snapshot::location(snapshots.to)?;
+    let (dir, json) = (dir.to_path_buf(), cli.json);
     let (every, keep) = (snapshots.every, snapshots.keep);
     let token = CancelToken::new();
     let (mine, global) = (token.clone(), stop.clone());
@@ -212,8 +213,13 @@ fn start_snapshots(
                 continue;
             };
             for name in &selected {
-                match projectionist_runner::snapshot::take_snapshot(&dir, name, &to, identity, keep)
-                {
+                match projectionist_runner::snapshot::take_snapshot(
+                    &dir,
+                    name,
+                    to.as_ref(),
+                    identity,
+                    keep,
+                ) {
                     Ok(manifest) => {
                         tracing::info!(projection = %name, checkpoint = manifest.checkpoint, bytes = manifest.bytes, "snapshot taken");
                         if json {

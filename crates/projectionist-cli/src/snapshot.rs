@@ -6,13 +6,28 @@ use std::path::Path;
 
 use anyhow::anyhow;
 use projectionist::GlobalReader;
-use projectionist_runner::snapshot::{seed, store_identity, take_snapshot};
+use projectionist_runner::snapshot::{
+    SnapshotDir, SnapshotLocation, seed, store_identity, take_snapshot,
+};
 
 use crate::app::{
     EXIT_PROJECTION, EXIT_STORE, Failure, default_path, fail, load_config, open_store, select,
 };
 use crate::args::Cli;
 use crate::ui;
+
+/// Where snapshots go or come from: a directory, or a PostgreSQL URL
+/// (tables `projectionist.snapshots` and `projectionist.snapshot_chunks`).
+pub(crate) fn location(spec: &Path) -> Result<Box<dyn SnapshotLocation>, Failure> {
+    let text = spec.to_string_lossy();
+    if crate::store::Store::is_postgres(&text) {
+        let snapshots = projectionist_postgres::PostgresSnapshots::connect(&text)
+            .map_err(|e| fail(EXIT_STORE)(e.into()))?;
+        return Ok(Box::new(snapshots));
+    }
+    crate::store::Store::refuse_other_urls(&text).map_err(fail(crate::app::EXIT_CONFIG))?;
+    Ok(Box::new(SnapshotDir(spec.to_path_buf())))
+}
 
 fn projections_path(cli: &Cli) -> std::path::PathBuf {
     cli.dir
@@ -41,10 +56,11 @@ pub(crate) fn run_snapshot(
         )));
     };
     let dir = projections_path(cli);
+    let target = location(to)?;
     let mut failures = Vec::new();
     for projection in selected {
         let name = projection.name.as_str();
-        match take_snapshot(&dir, name, to, &identity, keep) {
+        match take_snapshot(&dir, name, target.as_ref(), &identity, keep) {
             Ok(manifest) if cli.json => ui::json_line(&serde_json::json!({
                 "event": "snapshot", "projection": name, "checkpoint": manifest.checkpoint,
                 "bytes": manifest.bytes, "sha256": manifest.sha256,
@@ -80,10 +96,18 @@ pub(crate) fn seed_missing(cli: &Cli, names: &[String], from: &Path) -> Result<(
         .head()
         .map_err(|e| fail(EXIT_STORE)(e.into()))?;
     let dir = projections_path(cli);
+    let source = location(from)?;
     for projection in selected {
         let name = projection.name.as_str();
-        let seeded = seed(&dir, name, from, Some(&projection.hash), &identity, head)
-            .map_err(|e| fail(EXIT_PROJECTION)(e.into()))?;
+        let seeded = seed(
+            &dir,
+            name,
+            source.as_ref(),
+            Some(&projection.hash),
+            &identity,
+            head,
+        )
+        .map_err(|e| fail(EXIT_PROJECTION)(e.into()))?;
         for (checkpoint, why) in &seeded.refused {
             if cli.json {
                 ui::json_line(&serde_json::json!({

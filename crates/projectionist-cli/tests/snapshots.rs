@@ -263,3 +263,50 @@ fn a_follower_takes_periodic_snapshots_and_reports_them_in_metrics() {
     let mut follower = follower;
     assert!(follower.wait().unwrap().success());
 }
+
+/// `--to` and `--seed-from` take a PostgreSQL URL: the snapshots go into the
+/// database (in chunks) and a second directory is seeded from there.
+#[test]
+#[cfg_attr(
+    not(pg_tests),
+    ignore = "set PROJECTIONIST_TEST_PG_URL to run the PostgreSQL tests"
+)]
+fn snapshots_go_to_postgres_and_seed_from_there() {
+    let url = std::env::var("PROJECTIONIST_TEST_PG_URL").expect("PROJECTIONIST_TEST_PG_URL");
+    let env = Env::new();
+    env.demo_log(2_000);
+    // This test's rows only: the demo's projection names, cleared first.
+    let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    client
+        .batch_execute(
+            "CREATE SCHEMA IF NOT EXISTS projectionist;
+             DELETE FROM projectionist.snapshots WHERE projection IN ('order_summary', 'customer_stats');
+             DELETE FROM projectionist.snapshot_chunks WHERE projection IN ('order_summary', 'customer_stats');",
+        )
+        .unwrap_or(());
+    let out = env.run(&["snapshot", "--to", &url, "--keep", "1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    append_orders(&env, "after", 10);
+    let out = env
+        .command_with("events.db", "seeded", &["resume", "--seed-from", &url])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("order_summary: restored from the snapshot at checkpoint 2000"),
+        "{}",
+        stderr(&out)
+    );
+    let fresh = env
+        .command_with("events.db", "fresh", &["--quiet", "rebuild"])
+        .output()
+        .unwrap();
+    assert!(fresh.status.success(), "{}", stderr(&fresh));
+    for name in common::DEMO_PROJECTIONS {
+        assert_eq!(
+            digest_in(&env, "seeded", name),
+            digest_in(&env, "fresh", name),
+            "{name}"
+        );
+    }
+}

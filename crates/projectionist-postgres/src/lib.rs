@@ -35,9 +35,11 @@
 mod connect;
 mod horizon;
 mod lease;
+mod snapshots;
 mod store;
 
 pub use lease::{Lease, Leases};
+pub use snapshots::{PostgresSnapshots, SNAPSHOT_CHUNK_BYTES, SNAPSHOT_SCHEMA_DEFAULT};
 #[allow(deprecated)]
 pub use store::FOREIGN_HOLE_SETTLE_UNPROVEN;
 pub use store::{

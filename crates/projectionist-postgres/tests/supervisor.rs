@@ -219,3 +219,95 @@ fn a_late_event_is_reported_and_its_projection_rebuilt() {
         "published from a shadow"
     );
 }
+
+/// Snapshots kept in PostgreSQL, in chunks: a projection of several chunks
+/// is stored, listed, fetched back byte for byte and seeds a supervisor on
+/// another directory; `--keep`-style pruning deletes the older one.
+#[test]
+#[cfg_attr(
+    not(pg_tests),
+    ignore = "set PROJECTIONIST_TEST_PG_URL to run the PostgreSQL tests"
+)]
+fn snapshots_kept_in_postgres_round_trip_in_chunks_and_seed_a_supervisor() {
+    use projectionist_postgres::{PostgresSnapshots, SNAPSHOT_CHUNK_BYTES};
+    use projectionist_runner::snapshot::{SnapshotLocation, store_identity, take_snapshot};
+    let Some(pg) = PgSchema::new("snapshots") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let store =
+        Arc::new(projectionist::SqliteEventStore::create(tmp.path().join("events.db")).unwrap());
+    let padding = "x".repeat(200);
+    let events: Vec<NewEvent> = (0..20_000)
+        .map(|i| NewEvent::json("Seen", &json!({"i": i, "pad": padding})).unwrap())
+        .collect();
+    for (k, chunk) in events.chunks(5_000).enumerate() {
+        store.append(&format!("s{k}"), 0, chunk).unwrap();
+    }
+    let wide = || {
+        SchemaHandler::new(
+            "CREATE TABLE IF NOT EXISTS wide (sequence INTEGER PRIMARY KEY, pad TEXT)",
+            |tx: &Transaction<'_>, events: &[GlobalEvent<Value>]| {
+                for event in events {
+                    tx.execute(
+                        "INSERT INTO wide VALUES (?1, ?2)",
+                        (event.sequence as i64, event.data["pad"].as_str()),
+                    )?;
+                }
+                Ok(())
+            },
+        )
+    };
+    let first_dir = tmp.path().join("first");
+    let first = Supervisor::<Value>::builder(store.clone(), &first_dir)
+        .unwrap()
+        .projection(Supervised::new("wide", wide()).unwrap().version(1))
+        .start()
+        .unwrap();
+    first.wait_for("wide", 20_000, DEADLINE).unwrap();
+    let location = PostgresSnapshots::connect_in(&pg.base_url, &pg.schema).unwrap();
+    let identity = store_identity::<Value>(&*store).unwrap().unwrap();
+    let older = take_snapshot(&first_dir, "wide", &location, &identity, 0).unwrap();
+    assert!(
+        older.bytes > 2 * SNAPSHOT_CHUNK_BYTES as u64,
+        "several chunks: {} bytes",
+        older.bytes
+    );
+    store
+        .append(
+            "more",
+            0,
+            &[NewEvent::json("Seen", &json!({"pad": "y"})).unwrap()],
+        )
+        .unwrap();
+    first.wait_for("wide", 20_001, DEADLINE).unwrap();
+    let newer = take_snapshot(&first_dir, "wide", &location, &identity, 1).unwrap();
+    let listed = location.manifests("wide").unwrap();
+    assert_eq!(listed, vec![newer.clone()], "keep 1 pruned the older one");
+    // Fetched back byte for byte (the manifest's checksum).
+    let fetched = tmp.path().join("fetched.db");
+    location.fetch(&newer, &fetched).unwrap();
+    assert_eq!(std::fs::metadata(&fetched).unwrap().len(), newer.bytes);
+    drop(first);
+    let second_dir = tmp.path().join("second");
+    let seeded = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let saw = Arc::clone(&seeded);
+    let second = Supervisor::<Value>::builder(store.clone(), &second_dir)
+        .unwrap()
+        .seed_from(location)
+        .on_event(move |event| {
+            if let projectionist_runner::Event::Seeded(m) = event {
+                saw.store(m.checkpoint, std::sync::atomic::Ordering::SeqCst);
+            }
+        })
+        .projection(Supervised::new("wide", wide()).unwrap().version(1))
+        .start()
+        .unwrap();
+    second.wait_for("wide", 20_001, DEADLINE).unwrap();
+    assert_eq!(seeded.load(std::sync::atomic::Ordering::SeqCst), 20_001);
+    let rows = projectionist::rusqlite::Connection::open(second_dir.join("wide.db"))
+        .unwrap()
+        .query_row("SELECT count(*) FROM wide", [], |r| r.get::<_, i64>(0))
+        .unwrap();
+    assert_eq!(rows, 20_001);
+}

@@ -104,8 +104,78 @@ fn sqlite(step: String) -> impl FnOnce(projectionist::rusqlite::Error) -> Error 
     move |source| Error::Sqlite { step, source }
 }
 
+/// Where snapshots are kept: a directory ([`SnapshotDir`]), or a database
+/// (the PostgreSQL crate's `PostgresSnapshots`). Files are streamed in and
+/// out, so memory does not grow with a snapshot's size.
+pub trait SnapshotLocation: Send + Sync {
+    /// Stores the snapshot file `file` described by `manifest` (replacing
+    /// one of the same projection and checkpoint), the manifest last, so a
+    /// half-stored snapshot is never listed.
+    ///
+    /// # Errors
+    /// Storage errors.
+    fn put(&self, manifest: &Manifest, file: &Path) -> Result<()>;
+
+    /// The manifests of projection `name`'s snapshots, newest (highest
+    /// checkpoint) first; unreadable ones are left out.
+    ///
+    /// # Errors
+    /// Storage errors.
+    fn manifests(&self, name: &str) -> Result<Vec<Manifest>>;
+
+    /// Writes the file of the snapshot `manifest` describes to `to`.
+    ///
+    /// # Errors
+    /// Storage errors; a missing snapshot.
+    fn fetch(&self, manifest: &Manifest, to: &Path) -> Result<()>;
+
+    /// Deletes projection `name`'s snapshot at `checkpoint`.
+    ///
+    /// # Errors
+    /// Storage errors.
+    fn delete(&self, name: &str, checkpoint: u64) -> Result<()>;
+}
+
+/// Snapshots in a directory (local or a shared mount): `{name}.{checkpoint}.db`
+/// and its manifest `{name}.{checkpoint}.json`.
+#[derive(Clone, Debug)]
+pub struct SnapshotDir(pub PathBuf);
+
+impl SnapshotLocation for SnapshotDir {
+    fn put(&self, manifest: &Manifest, file: &Path) -> Result<()> {
+        let dir = &self.0;
+        std::fs::create_dir_all(dir).map_err(io("create the snapshot directory", dir))?;
+        let (target, manifest_path) = paths(dir, &manifest.projection, manifest.checkpoint);
+        let temp = dir.join(format!(".{}.incoming", manifest.projection));
+        std::fs::copy(file, &temp).map_err(io("copy the snapshot", &temp))?;
+        std::fs::rename(&temp, &target).map_err(io("place the snapshot", &target))?;
+        let manifest_temp = dir.join(format!(".{}.manifest-tmp", manifest.projection));
+        let text = serde_json::to_string_pretty(manifest).expect("a manifest serializes");
+        std::fs::write(&manifest_temp, text).map_err(io("write the manifest", &manifest_temp))?;
+        std::fs::rename(&manifest_temp, &manifest_path)
+            .map_err(io("place the manifest", &manifest_path))
+    }
+
+    fn manifests(&self, name: &str) -> Result<Vec<Manifest>> {
+        manifests(&self.0, name)
+    }
+
+    fn fetch(&self, manifest: &Manifest, to: &Path) -> Result<()> {
+        let (file, _) = paths(&self.0, &manifest.projection, manifest.checkpoint);
+        std::fs::copy(&file, to).map_err(io("read the snapshot", &file))?;
+        Ok(())
+    }
+
+    fn delete(&self, name: &str, checkpoint: u64) -> Result<()> {
+        let (file, json) = paths(&self.0, name, checkpoint);
+        let _ = std::fs::remove_file(json);
+        let _ = std::fs::remove_file(file);
+        Ok(())
+    }
+}
+
 /// Takes a snapshot of projection `name` in directory `projections` into
-/// directory `to` (created when missing): SQLite's online backup through a
+/// location `to`: SQLite's online backup through a
 /// read-only connection, so readers and the projection's writer (a follower
 /// in another process) go on; `store` is the log's [`store_identity`]. Keeps
 /// the newest `keep` snapshots of the projection there (0: all).
@@ -116,7 +186,7 @@ fn sqlite(step: String) -> impl FnOnce(projectionist::rusqlite::Error) -> Error 
 pub fn take_snapshot(
     projections: &Path,
     name: &str,
-    to: &Path,
+    to: &dyn SnapshotLocation,
     store: &str,
     keep: usize,
 ) -> Result<Manifest> {
@@ -128,7 +198,6 @@ pub fn take_snapshot(
             dir: projections.to_path_buf(),
         });
     }
-    std::fs::create_dir_all(to).map_err(io("create the snapshot directory", to))?;
     let source = Connection::open_with_flags(&live, OpenFlags::SQLITE_OPEN_READ_ONLY)
         .map_err(sqlite(format!("open {} for a snapshot", live.display())))?;
     source
@@ -136,7 +205,8 @@ pub fn take_snapshot(
             projectionist::limits::BUSY_TIMEOUT_MS,
         )))
         .map_err(sqlite("set busy timeout".into()))?;
-    let temp = to.join(format!(".{name}.snapshot-tmp"));
+    // Made beside the projection (the same disk), then stored.
+    let temp = projections.join(format!(".{name}.snapshot-tmp"));
     let _ = std::fs::remove_file(&temp);
     {
         let mut target =
@@ -188,18 +258,12 @@ pub fn take_snapshot(
             .map_or(0, |d| d.as_secs()),
         tool_version: env!("CARGO_PKG_VERSION").to_owned(),
     };
-    let (file, manifest_path) = paths(to, name.as_str(), checkpoint);
-    std::fs::rename(&temp, &file).map_err(io("place the snapshot", &file))?;
-    let manifest_temp = to.join(format!(".{name}.manifest-tmp"));
-    let text = serde_json::to_string_pretty(&manifest).expect("a manifest serializes");
-    std::fs::write(&manifest_temp, text).map_err(io("write the manifest", &manifest_temp))?;
-    std::fs::rename(&manifest_temp, &manifest_path)
-        .map_err(io("place the manifest", &manifest_path))?;
+    let stored = to.put(&manifest, &temp);
+    let _ = std::fs::remove_file(&temp);
+    stored?;
     if keep > 0 {
-        for old in manifests(to, name.as_str())?.into_iter().skip(keep) {
-            let (file, json) = paths(to, name.as_str(), old.checkpoint);
-            let _ = std::fs::remove_file(json);
-            let _ = std::fs::remove_file(file);
+        for old in to.manifests(name.as_str())?.into_iter().skip(keep) {
+            to.delete(name.as_str(), old.checkpoint)?;
         }
     }
     Ok(manifest)
@@ -257,7 +321,7 @@ pub struct Seeded {
 }
 
 /// Restores projection `name` into directory `projections` from the newest
-/// snapshot in `from` that fits, when its file is missing there: built from
+/// snapshot at `from` that fits, when its file is missing there: built from
 /// `definition_hash` (when given), from the store `store`, at a checkpoint
 /// not past `head`, and whose file has the manifest's size and SHA-256 (also
 /// checked on the copy). The copy is placed by a rename, so a killed restore
@@ -269,7 +333,7 @@ pub struct Seeded {
 pub fn seed(
     projections: &Path,
     name: &str,
-    from: &Path,
+    from: &dyn SnapshotLocation,
     definition_hash: Option<&str>,
     store: &str,
     head: u64,
@@ -283,7 +347,7 @@ pub fn seed(
     if live.exists() {
         return Ok(seeded);
     }
-    for manifest in manifests(from, name.as_str())? {
+    for manifest in from.manifests(name.as_str())? {
         let why = if manifest.format != MANIFEST_FORMAT {
             Some(format!(
                 "manifest format {} is not {MANIFEST_FORMAT}",
@@ -308,10 +372,16 @@ pub fn seed(
             seeded.refused.push((manifest.checkpoint, why));
             continue;
         }
-        let (file, _) = paths(from, name.as_str(), manifest.checkpoint);
         std::fs::create_dir_all(projections).map_err(io("create", projections))?;
         let temp = projections.join(format!(".{name}.seed-tmp"));
-        let copied = std::fs::copy(&file, &temp);
+        let copied = from
+            .fetch(&manifest, &temp)
+            .map_err(|e| e.to_string())
+            .and_then(|()| {
+                std::fs::metadata(&temp)
+                    .map(|m| m.len())
+                    .map_err(|e| e.to_string())
+            });
         let verified = match copied {
             Err(e) => Err(format!("cannot be read: {e}")),
             Ok(bytes) if bytes != manifest.bytes => Err(format!(

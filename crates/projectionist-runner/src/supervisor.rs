@@ -151,7 +151,7 @@ pub struct SupervisorBuilder<E> {
     outage: Option<Arc<OutageFn>>,
     control_plane: bool,
     late_events: Option<(Arc<LateEventsFn>, OnLateEvent)>,
-    seed_from: Option<std::path::PathBuf>,
+    seed_from: Option<Arc<dyn crate::snapshot::SnapshotLocation>>,
 }
 
 impl<E: Send + Sync + 'static> SupervisorBuilder<E> {
@@ -222,11 +222,12 @@ impl<E: Send + Sync + 'static> SupervisorBuilder<E> {
     }
 
     /// Restores each projection that is missing here from the newest
-    /// snapshot in `dir` that fits (see [`crate::snapshot::seed`]) before it
+    /// snapshot at `location` (a [`SnapshotDir`](crate::snapshot::SnapshotDir),
+    /// or the PostgreSQL crate's `PostgresSnapshots`) that fits (see [`crate::snapshot::seed`]) before it
     /// is first opened, then catches it up from there.
     #[must_use]
-    pub fn seed_from(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
-        self.seed_from = Some(dir.into());
+    pub fn seed_from(mut self, location: impl crate::snapshot::SnapshotLocation + 'static) -> Self {
+        self.seed_from = Some(Arc::new(location));
         self
     }
 
@@ -338,7 +339,7 @@ pub struct Supervisor<E: Send + Sync + 'static = serde_json::Value> {
     watchers: Vec<JoinHandle<()>>,
     reader: Arc<dyn GlobalReader<E>>,
     batch_size: u32,
-    seed_from: Option<std::path::PathBuf>,
+    seed_from: Option<Arc<dyn crate::snapshot::SnapshotLocation>>,
 }
 
 impl<E: Send + Sync + 'static> Supervisor<E> {
@@ -869,7 +870,7 @@ struct Lifecycle<E> {
     /// Ends this lifecycle alone (the projection is removed or replaced).
     retire: CancelToken,
     /// Snapshots to restore a missing projection from.
-    seed_from: Option<std::path::PathBuf>,
+    seed_from: Option<Arc<dyn crate::snapshot::SnapshotLocation>>,
 }
 
 /// How one run of a projection ended.
@@ -895,7 +896,7 @@ impl<E: Send + Sync + 'static> Lifecycle<E> {
             crate::snapshot::seed(
                 self.dir.path(),
                 name,
-                from,
+                from.as_ref(),
                 projection.hash.as_deref(),
                 &identity,
                 head,

@@ -516,9 +516,14 @@ fn a_supervisor_seeds_a_missing_projection_from_a_snapshot_and_catches_up() {
         .unwrap()
         .unwrap();
     let snaps = tmp.path().join("snaps");
-    let manifest =
-        projectionist_runner::snapshot::take_snapshot(&first_dir, "totals", &snaps, &identity, 0)
-            .unwrap();
+    let manifest = projectionist_runner::snapshot::take_snapshot(
+        &first_dir,
+        "totals",
+        &projectionist_runner::snapshot::SnapshotDir(snaps.clone()),
+        &identity,
+        0,
+    )
+    .unwrap();
     assert_eq!(manifest.checkpoint, 200);
     let last = append(&store, 25);
     let seeded = Arc::new(AtomicU64::new(0));
@@ -526,7 +531,7 @@ fn a_supervisor_seeds_a_missing_projection_from_a_snapshot_and_catches_up() {
     let second_dir = tmp.path().join("second");
     let second = Supervisor::builder(store.clone(), &second_dir)
         .unwrap()
-        .seed_from(&snaps)
+        .seed_from(projectionist_runner::snapshot::SnapshotDir(snaps.clone()))
         .on_event(move |event| {
             if let Event::Seeded(manifest) = event {
                 saw.store(manifest.checkpoint, Ordering::SeqCst);
