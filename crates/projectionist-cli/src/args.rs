@@ -213,6 +213,11 @@ pub(crate) enum Command {
         /// Exit once every projection of the config is done.
         #[arg(long)]
         exit_when_done: bool,
+        /// Restore a claimed projection that is missing here (taken over from
+        /// a worker on another machine) from the newest snapshot that fits
+        /// (a directory or a postgres:// URL), then catch it up.
+        #[arg(long, value_name = "LOCATION")]
+        seed_from: Option<std::path::PathBuf>,
     },
     /// Measure rebuild throughput against a hand-written rusqlite loop (see BENCHMARKS.md).
     Bench {

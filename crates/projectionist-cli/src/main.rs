@@ -242,7 +242,14 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             worker_id,
             lease_ms,
             exit_when_done,
-        } => run_worker(cli, worker_id.as_deref(), *lease_ms, *exit_when_done),
+            seed_from,
+        } => run_worker(
+            cli,
+            worker_id.as_deref(),
+            *lease_ms,
+            *exit_when_done,
+            seed_from.as_deref(),
+        ),
         Command::RemoveAll => run_remove_all(cli),
         Command::Inspect {
             config_skeleton,

@@ -36,6 +36,8 @@ pub struct WorkerOptions<'a> {
     pub exit_when_done: bool,
     pub json: bool,
     pub quiet: bool,
+    /// `--seed-from`: where a claimed projection missing here is restored from.
+    pub seed_from: Option<&'a dyn projectionist_runner::snapshot::SnapshotLocation>,
 }
 
 /// Where workers reading another program's table keep their leases and
@@ -360,6 +362,9 @@ fn follow_held<'c>(
     stop: &CancelToken,
 ) -> Vec<anyhow::Result<()>> {
     let selected: Vec<&SqlProjection> = current.iter().map(|l| by_name(&l.projection)).collect();
+    if let Some(from) = options.seed_from {
+        seed_claimed(store, dir, &selected, from, options);
+    }
     let opened = open_selected(cli, dir, &selected, Plan::Resume, None);
     let mut errors = opened.errors.into_iter();
     // A changed projection is rebuilt in its shadow (its live file keeps
@@ -453,6 +458,59 @@ fn say_error(
             "{} {event} {} (epoch {}): {text}",
             options.worker_id, projection.name, lease.epoch
         );
+    }
+}
+
+/// Restores each claimed projection missing here from the newest snapshot
+/// that fits (a projection taken over from a worker on another machine), so
+/// it is caught up from the snapshot's checkpoint, not from the start.
+fn seed_claimed(
+    store: &PostgresEventStore,
+    dir: &ProjectionDir,
+    selected: &[&SqlProjection],
+    from: &dyn projectionist_runner::snapshot::SnapshotLocation,
+    options: &WorkerOptions<'_>,
+) {
+    let Ok(Some(identity)) =
+        projectionist_runner::snapshot::store_identity::<serde_json::Value>(store)
+    else {
+        return;
+    };
+    let Ok(head) = projectionist::GlobalReader::<serde_json::Value>::head(store) else {
+        return;
+    };
+    for projection in selected {
+        let name = projection.name.as_str();
+        match projectionist_runner::snapshot::seed(
+            dir.path(),
+            name,
+            from,
+            Some(&projection.hash),
+            &identity,
+            head,
+        ) {
+            Ok(seeded) => {
+                for (checkpoint, why) in &seeded.refused {
+                    tracing::warn!(projection = name, checkpoint, reason = %why, "a snapshot is not used");
+                }
+                if let Some(manifest) = seeded.restored {
+                    tracing::info!(
+                        projection = name,
+                        checkpoint = manifest.checkpoint,
+                        "restored from a snapshot"
+                    );
+                    if options.json {
+                        json_line(&serde_json::json!({
+                            "event": "seeded", "projection": name,
+                            "checkpoint": manifest.checkpoint,
+                        }));
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(projection = name, error = %e, "cannot seed from snapshots; building from the log");
+            }
+        }
     }
 }
 
@@ -574,6 +632,7 @@ pub(crate) fn run_worker(
     worker_id: Option<&str>,
     lease_ms: u64,
     exit_when_done: bool,
+    seed_from: Option<&std::path::Path>,
 ) -> Result<(), Failure> {
     let config = load_config(cli, false)?;
     let url = store_spec(cli, false);
@@ -588,7 +647,9 @@ pub(crate) fn run_worker(
     let cancel = CancelToken::new();
     let handler_token = cancel.clone();
     let _ = ctrlc::set_handler(move || handler_token.cancel());
+    let seed_from = seed_from.map(crate::snapshot::location).transpose()?;
     let options = WorkerOptions {
+        seed_from: seed_from.as_deref(),
         url: &url,
         worker_id: worker_id.unwrap_or(&default_id),
         lease: std::time::Duration::from_millis(lease_ms),

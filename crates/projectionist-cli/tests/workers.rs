@@ -6,6 +6,7 @@
 //! nothing more under its old lease. Needs `PROJECTIONIST_TEST_PG_URL`.
 
 use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -707,5 +708,84 @@ fn a_worker_rebuilds_a_changed_projection_beside_the_live_file() {
         );
         assert!(!root.join("p/.order_summary.shadow.db").exists());
         replaced = expected;
+    }
+}
+
+/// A following worker restores the projections it claims that are missing
+/// in its directory from snapshots (`--seed-from`), then catches them up:
+/// equal to the projections the snapshots were taken from.
+#[test]
+#[cfg_attr(
+    not(pg_tests),
+    ignore = "set PROJECTIONIST_TEST_PG_URL to run the PostgreSQL tests"
+)]
+fn a_worker_seeds_the_projections_it_claims_from_snapshots() {
+    let (schema, tmp) = six_projections_over_a_log("seed", 2_000);
+    let root = tmp.path();
+    let url = schema.url();
+    let built = projectionist(
+        root,
+        &["--quiet", "--store", &url, "--dir", "built", "rebuild"],
+    )
+    .status()
+    .unwrap();
+    assert!(built.success());
+    let snapped = projectionist(
+        root,
+        &[
+            "--quiet", "--store", &url, "--dir", "built", "snapshot", "--to", "snaps",
+        ],
+    )
+    .status()
+    .unwrap();
+    assert!(snapped.success());
+    let lease_ms = LEASE_MS.to_string();
+    let mut worker = projectionist(
+        root,
+        &[
+            "--json",
+            "--store",
+            &url,
+            "--dir",
+            "w",
+            "worker",
+            "--worker-id",
+            "w",
+            "--lease-ms",
+            &lease_ms,
+            "--seed-from",
+            "snaps",
+        ],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null())
+    .spawn()
+    .map(Reaped::new)
+    .unwrap();
+    let mut lines = BufReader::new(worker.stdout.take().unwrap()).lines();
+    let mut seeded = std::collections::BTreeSet::new();
+    while seeded.len() < 6 {
+        let line = lines.next().expect("the worker's output").unwrap();
+        let value: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        if value["event"] == "seeded" {
+            assert_eq!(value["checkpoint"], 2_000, "{value}");
+            seeded.insert(value["projection"].as_str().unwrap().to_owned());
+        }
+    }
+    let names: Vec<String> = seeded.into_iter().collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !names
+        .iter()
+        .all(|n| checkpoint_of(&root.join("w").join(format!("{n}.db")), n) == 2_000)
+    {
+        assert!(Instant::now() < deadline, "the worker never followed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for name in &names {
+        assert_eq!(
+            digest(&root.join("w").join(format!("{name}.db"))),
+            digest(&root.join("built").join(format!("{name}.db"))),
+            "{name}"
+        );
     }
 }
