@@ -471,42 +471,23 @@ fn seed_claimed(
     from: &dyn projectionist_runner::snapshot::SnapshotLocation,
     options: &WorkerOptions<'_>,
 ) {
-    let Ok(Some(identity)) =
-        projectionist_runner::snapshot::store_identity::<serde_json::Value>(store)
-    else {
-        return;
-    };
-    let Ok(head) = projectionist::GlobalReader::<serde_json::Value>::head(store) else {
-        return;
-    };
     for projection in selected {
         let name = projection.name.as_str();
-        match projectionist_runner::snapshot::seed(
+        let seeded = projectionist_runner::snapshot::seed_logged::<serde_json::Value>(
             dir.path(),
             name,
             from,
             Some(&projection.hash),
-            &identity,
-            head,
-        ) {
-            Ok(seeded) => {
-                for (checkpoint, why) in &seeded.refused {
-                    tracing::warn!(projection = name, checkpoint, reason = %why, "a snapshot is not used");
-                }
-                if let Some(manifest) = seeded.restored {
-                    tracing::info!(
-                        projection = name,
-                        checkpoint = manifest.checkpoint,
-                        "restored from a snapshot"
-                    );
-                    if options.json {
-                        json_line(&serde_json::json!({
-                            "event": "seeded", "projection": name,
-                            "checkpoint": manifest.checkpoint,
-                        }));
-                    }
-                }
-            }
+            store,
+        );
+        match seeded {
+            Ok(Some(projectionist_runner::snapshot::Seeded {
+                restored: Some(manifest),
+                ..
+            })) if options.json => json_line(&serde_json::json!({
+                "event": "seeded", "projection": name, "checkpoint": manifest.checkpoint,
+            })),
+            Ok(_) => {}
             Err(e) => {
                 tracing::warn!(projection = name, error = %e, "cannot seed from snapshots; building from the log");
             }

@@ -193,16 +193,7 @@ fn an_unindexed_sequence_column_is_found_with_the_statement_to_index_it() {
              INSERT INTO msgs VALUES (1, 's', 1, 'Added', '{}');",
         )
         .unwrap();
-    let mapping = projectionist::EventTableMapping {
-        table: "msgs".into(),
-        sequence: "seq".into(),
-        stream_id: "stream".into(),
-        stream_version: "ver".into(),
-        event_type: "kind".into(),
-        data: "body".into(),
-        metadata: None,
-        recorded_at: None,
-    };
+    let mapping = msgs_mapping();
     let store =
         projectionist_postgres::PostgresEventStore::connect_mapped(&pg.url(), &mapping).unwrap();
     let statement = store.sequence_unindexed().unwrap().expect("unindexed");
@@ -233,16 +224,7 @@ fn foreign_rows_without_a_sequence_or_a_type_are_named_errors() {
              INSERT INTO msgs VALUES (0, 's', 1, 'Added', '{}'), (1, 's', 2, 'Added', '{}');",
         )
         .unwrap();
-    let mapping = projectionist::EventTableMapping {
-        table: "msgs".into(),
-        sequence: "seq".into(),
-        stream_id: "stream".into(),
-        stream_version: "ver".into(),
-        event_type: "kind".into(),
-        data: "body".into(),
-        metadata: None,
-        recorded_at: None,
-    };
+    let mapping = msgs_mapping();
     let Err(err) = PostgresEventStore::connect_mapped(&pg.url(), &mapping) else {
         panic!("a table with sequence 0 was opened")
     };
@@ -258,4 +240,18 @@ fn foreign_rows_without_a_sequence_or_a_type_are_named_errors() {
         err.to_string().contains("event 2 has no event type"),
         "{err}"
     );
+}
+
+/// Table `msgs` (seq, stream, ver, kind, body) as another program lays it out.
+fn msgs_mapping() -> projectionist::EventTableMapping {
+    projectionist::EventTableMapping {
+        table: "msgs".into(),
+        sequence: "seq".into(),
+        stream_id: "stream".into(),
+        stream_version: "ver".into(),
+        event_type: "kind".into(),
+        data: "body".into(),
+        metadata: None,
+        recorded_at: None,
+    }
 }

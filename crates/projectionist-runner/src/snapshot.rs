@@ -405,3 +405,34 @@ pub fn seed(
     }
     Ok(seeded)
 }
+
+/// [`seed`] for a process that logs: the store's identity and head read from
+/// `reader`, each refused snapshot logged (a warning, with why), a restore
+/// logged. `None` for an empty log (nothing could have been snapshotted).
+///
+/// # Errors
+/// Store errors; as [`seed`].
+pub fn seed_logged<E>(
+    projections: &Path,
+    name: &str,
+    from: &dyn SnapshotLocation,
+    definition_hash: Option<&str>,
+    reader: &dyn GlobalReader<E>,
+) -> Result<Option<Seeded>> {
+    let Some(identity) = store_identity(reader)? else {
+        return Ok(None);
+    };
+    let head = reader.head()?;
+    let seeded = seed(projections, name, from, definition_hash, &identity, head)?;
+    for (checkpoint, why) in &seeded.refused {
+        tracing::warn!(projection = name, checkpoint, reason = %why, "a snapshot is not used");
+    }
+    if let Some(manifest) = &seeded.restored {
+        tracing::info!(
+            projection = name,
+            checkpoint = manifest.checkpoint,
+            "restored from a snapshot"
+        );
+    }
+    Ok(Some(seeded))
+}

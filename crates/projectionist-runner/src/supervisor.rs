@@ -888,36 +888,18 @@ impl<E: Send + Sync + 'static> Lifecycle<E> {
     fn seed(&self, projection: &Supervised<E>) {
         let Some(from) = &self.seed_from else { return };
         let name = projection.name();
-        let seeded = crate::snapshot::store_identity(&*self.reader).and_then(|identity| {
-            let Some(identity) = identity else {
-                return Ok(None);
-            };
-            let head = self.reader.head()?;
-            crate::snapshot::seed(
-                self.dir.path(),
-                name,
-                from.as_ref(),
-                projection.hash.as_deref(),
-                &identity,
-                head,
-            )
-            .map(Some)
-        });
-        match seeded {
-            Ok(Some(seeded)) => {
-                for (checkpoint, why) in &seeded.refused {
-                    tracing::warn!(projection = name, checkpoint, reason = %why, "a snapshot is not used");
-                }
-                if let Some(manifest) = seeded.restored {
-                    tracing::info!(
-                        projection = name,
-                        checkpoint = manifest.checkpoint,
-                        "restored from a snapshot"
-                    );
-                    self.shared.emit(&Event::Seeded(manifest));
-                }
-            }
-            Ok(None) => {}
+        match crate::snapshot::seed_logged(
+            self.dir.path(),
+            name,
+            from.as_ref(),
+            projection.hash.as_deref(),
+            &*self.reader,
+        ) {
+            Ok(Some(crate::snapshot::Seeded {
+                restored: Some(manifest),
+                ..
+            })) => self.shared.emit(&Event::Seeded(manifest)),
+            Ok(_) => {}
             Err(e) => {
                 tracing::warn!(projection = name, error = %e, "cannot seed from snapshots; building from the log")
             }

@@ -63,6 +63,13 @@ fn totals(name: &str, factor: i64, pause: Duration) -> impl Handler<Value> + 'st
     )
 }
 
+/// Projection `name` summing `n` times `factor`, declared at `version`.
+fn versioned(name: &str, factor: i64, version: u32) -> Supervised<Value> {
+    Supervised::new(name, totals(name, factor, Duration::ZERO))
+        .unwrap()
+        .version(version)
+}
+
 fn total_in(dir: &Path, name: &str) -> i64 {
     let conn = Connection::open(dir.join(format!("{name}.db"))).expect("open the projection");
     conn.query_row("SELECT sum FROM total", [], |row| row.get(0))
@@ -124,11 +131,7 @@ fn a_changed_definition_is_built_in_the_shadow_while_a_sibling_follows_each_appe
     // Version 1 of both, built once.
     let first = Supervisor::builder(store.clone(), &projections)
         .unwrap()
-        .projection(
-            Supervised::new("changed", totals("changed", 1, Duration::ZERO))
-                .unwrap()
-                .version(1),
-        )
+        .projection(versioned("changed", 1, 1))
         .projection(Supervised::new("sibling", totals("sibling", 1, Duration::ZERO)).unwrap())
         .start()
         .unwrap();
@@ -194,11 +197,7 @@ fn a_projection_whose_shadow_cannot_be_opened_is_failed_retried_and_then_followe
     let projections = tmp.path().join("projections");
     let first = Supervisor::builder(store.clone(), &projections)
         .unwrap()
-        .projection(
-            Supervised::new("blocked", totals("blocked", 1, Duration::ZERO))
-                .unwrap()
-                .version(1),
-        )
+        .projection(versioned("blocked", 1, 1))
         .start()
         .unwrap();
     first.wait_for("blocked", 50, DEADLINE).unwrap();
@@ -208,11 +207,7 @@ fn a_projection_whose_shadow_cannot_be_opened_is_failed_retried_and_then_followe
     std::fs::create_dir(&obstacle).unwrap();
     let supervisor = Supervisor::builder(store.clone(), &projections)
         .unwrap()
-        .projection(
-            Supervised::new("blocked", totals("blocked", 2, Duration::ZERO))
-                .unwrap()
-                .version(2),
-        )
+        .projection(versioned("blocked", 2, 2))
         .projection(Supervised::new("other", totals("other", 1, Duration::ZERO)).unwrap())
         .start()
         .unwrap();
@@ -431,11 +426,7 @@ fn projections_are_replaced_added_and_removed_while_the_others_follow() {
     let projections = tmp.path().join("projections");
     let supervisor = Supervisor::builder(store.clone(), &projections)
         .unwrap()
-        .projection(
-            Supervised::new("changed", totals("changed", 1, Duration::ZERO))
-                .unwrap()
-                .version(1),
-        )
+        .projection(versioned("changed", 1, 1))
         .projection(Supervised::new("steady", totals("steady", 1, Duration::ZERO)).unwrap())
         .start()
         .unwrap();
@@ -444,13 +435,7 @@ fn projections_are_replaced_added_and_removed_while_the_others_follow() {
 
     // A new version: rebuilt in the shadow and published; the lock is kept
     // throughout (another handle never gets it).
-    supervisor
-        .replace(
-            Supervised::new("changed", totals("changed", 10, Duration::ZERO))
-                .unwrap()
-                .version(2),
-        )
-        .unwrap();
+    supervisor.replace(versioned("changed", 10, 2)).unwrap();
     let other = projectionist::ProjectionDir::open(&projections).unwrap();
     assert!(matches!(
         other.db("changed"),
@@ -504,11 +489,7 @@ fn a_supervisor_seeds_a_missing_projection_from_a_snapshot_and_catches_up() {
     let first_dir = tmp.path().join("first");
     let first = Supervisor::builder(store.clone(), &first_dir)
         .unwrap()
-        .projection(
-            Supervised::new("totals", totals("totals", 1, Duration::ZERO))
-                .unwrap()
-                .version(1),
-        )
+        .projection(versioned("totals", 1, 1))
         .start()
         .unwrap();
     first.wait_for("totals", 200, DEADLINE).unwrap();
@@ -537,11 +518,7 @@ fn a_supervisor_seeds_a_missing_projection_from_a_snapshot_and_catches_up() {
                 saw.store(manifest.checkpoint, Ordering::SeqCst);
             }
         })
-        .projection(
-            Supervised::new("totals", totals("totals", 1, Duration::ZERO))
-                .unwrap()
-                .version(1),
-        )
+        .projection(versioned("totals", 1, 1))
         .start()
         .unwrap();
     second.wait_for("totals", last, DEADLINE).unwrap();
