@@ -295,7 +295,15 @@ fn follow_epoch(
     round_stop.reset();
     let selected = select(config, names)?;
     let store = open_store(cli, false, config)?.with_late_event_window(context.late_window);
-    crate::app::warn_unseen_types(cli, store.reader(), &selected);
+    // Once per config: an epoch that starts for a request does not repeat it.
+    {
+        static WARNED_FOR: Mutex<Option<Vec<u8>>> = Mutex::new(None);
+        let mut warned = WARNED_FOR.lock().unwrap_or_else(PoisonError::into_inner);
+        if warned.as_deref() != Some(config_bytes) {
+            crate::app::warn_unseen_types(cli, store.reader(), &selected);
+            *warned = Some(config_bytes.to_vec());
+        }
+    }
     let head = store
         .reader()
         .head()

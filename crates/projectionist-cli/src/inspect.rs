@@ -42,6 +42,9 @@ struct Source {
     settle: std::time::Duration,
     conditions: Vec<projectionist::RowCondition>,
     section: Option<String>,
+    /// The config's projections, when it declares any (their parameters are
+    /// checked against the fields the events have).
+    projections: Vec<projectionist_sqlview::SqlProjection>,
 }
 
 fn source(cli: &Cli, spec: &str, preset: Option<&str>) -> Result<Source, Failure> {
@@ -54,6 +57,7 @@ fn source(cli: &Cli, spec: &str, preset: Option<&str>) -> Result<Source, Failure
             settle: std::time::Duration::ZERO,
             conditions,
             section: Some(format!("[source]\npreset = {preset:?}\n")),
+            projections: Vec::new(),
         });
     }
     let path = cli.config.clone().or_else(|| {
@@ -66,6 +70,7 @@ fn source(cli: &Cli, spec: &str, preset: Option<&str>) -> Result<Source, Failure
             settle: std::time::Duration::ZERO,
             conditions: Vec::new(),
             section: None,
+            projections: Vec::new(),
         });
     };
     let config = projectionist_sqlview::ProjectionsConfig::load_source_only(&path)
@@ -82,6 +87,7 @@ fn source(cli: &Cli, spec: &str, preset: Option<&str>) -> Result<Source, Failure
         settle: config.source_settle,
         conditions: config.source_conditions,
         section,
+        projections: config.projections,
     })
 }
 
@@ -158,6 +164,7 @@ pub(crate) fn run_inspect(
     })?;
     let (types, undecodable) =
         scan(store.value_reader()).map_err(|e| fail(EXIT_STORE)(e.into()))?;
+    warn_unknown_fields(cli, &source.projections, &types);
     if config_skeleton {
         print_skeleton(&types, source.section.as_deref());
     } else if cli.json {
@@ -343,4 +350,69 @@ fn is_not_ours(error: &anyhow::Error) -> bool {
             Some(Error::NotAnEventStore { .. })
         )
     })
+}
+
+/// How alike a field the events have must be to a parameter's to be
+/// suggested for it (Jaro-Winkler): a dropped, doubled or swapped letter.
+const FIELD_SIMILARITY_MIN: f64 = 0.85;
+
+/// Warns (stderr, or a `warning` JSON line) for each `:field` parameter of
+/// the config's statements that names a top-level field no event of its type
+/// has, with the closest field they do have: the statement would bind NULL
+/// (or stop the projection, for a required one).
+fn warn_unknown_fields(
+    cli: &Cli,
+    projections: &[projectionist_sqlview::SqlProjection],
+    types: &BTreeMap<String, TypeSummary>,
+) {
+    for projection in projections {
+        for (event_type, statements) in &projection.on {
+            let Some(summary) = types.get(event_type) else {
+                continue;
+            };
+            if summary.fields_dropped {
+                continue;
+            }
+            let mut named: Vec<&str> = statements
+                .iter()
+                .flat_map(|s| &s.params)
+                .filter_map(|p| match p {
+                    projectionist_sqlview::Param::Field { path, .. } => {
+                        path.first().map(String::as_str)
+                    }
+                    projectionist_sqlview::Param::Envelope(_) => None,
+                })
+                .collect();
+            named.sort_unstable();
+            named.dedup();
+            for field in named {
+                if summary.fields.contains_key(field) {
+                    continue;
+                }
+                let suggestion = summary
+                    .fields
+                    .keys()
+                    .map(|f| (strsim::jaro_winkler(field, f), f))
+                    .filter(|(score, _)| *score >= FIELD_SIMILARITY_MIN)
+                    .max_by(|a, b| a.0.total_cmp(&b.0))
+                    .map(|(_, f)| f.clone());
+                if cli.json {
+                    ui::json_line(&serde_json::json!({
+                        "event": "warning", "projection": projection.name.as_str(),
+                        "event_type": event_type, "unseen_field": field,
+                        "did_you_mean": suggestion,
+                    }));
+                } else if !cli.quiet {
+                    let hint =
+                        suggestion.map_or(String::new(), |f| format!(" (did you mean :{f}?)"));
+                    eprintln!(
+                        "warning: projection {}, event {}: parameter :{} names a field no such event has{hint}",
+                        projection.name,
+                        ui::escape_controls(event_type),
+                        ui::escape_controls(field)
+                    );
+                }
+            }
+        }
+    }
 }

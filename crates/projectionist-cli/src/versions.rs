@@ -51,7 +51,14 @@ pub(crate) fn run_verify(
             ));
             continue;
         }
-        match verify_one(cli, store.reader(), &dir, projection, &cancel) {
+        match verify_one(
+            cli,
+            store.reader(),
+            &dir,
+            projection,
+            keep_previous,
+            &cancel,
+        ) {
             Ok(true) if publish_if_equal => {
                 if let Err(e) = catch_up_and_publish(
                     cli,
@@ -107,6 +114,7 @@ fn verify_one(
     store: &dyn GlobalReader<crate::store::Payload>,
     dir: &ProjectionDir,
     projection: &SqlProjection,
+    keep_previous: bool,
     cancel: &CancelToken,
 ) -> anyhow::Result<bool> {
     let name = projection.name.as_str();
@@ -123,8 +131,11 @@ fn verify_one(
         ));
     }
     dir.discard_shadow(name)?;
+    // Published afterwards with --publish-if-equal: the disk asked for
+    // depends on whether the replaced version is kept.
+    let publish = PublishOptions::new().keep_previous(keep_previous);
     let shadow = dir
-        .shadow(name)
+        .shadow_for(name, &publish)
         .with_context(|| format!("open the shadow of {name}"))?;
     let up_to = UpTo::new(store, checkpoint);
     let result = build(cli, &up_to, &shadow, projection, Start::Reset, cancel)?;

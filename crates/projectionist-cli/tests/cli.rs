@@ -703,3 +703,27 @@ fn a_handled_event_type_the_store_never_saw_is_warned_with_a_suggestion() {
     let out = env.run(&["rebuild"]);
     assert!(!stderr(&out).contains("never seen"), "{}", stderr(&out));
 }
+
+/// `inspect` with a config checks its statements' `:field` parameters
+/// against the fields the events of each type have, and suggests the closest.
+#[test]
+fn inspect_warns_about_a_parameter_naming_a_field_no_event_has() {
+    let env = Env::new();
+    env.demo_log(300);
+    env.write_config(
+        &DEMO_CONFIG.replace(":customer_id!text, 'open'", ":customer_idd!text, 'open'"),
+    );
+    let out = env.run(&["inspect"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stderr(&out);
+    assert!(
+        text.contains(
+            "warning: projection order_summary, event OrderPlaced: parameter :customer_idd names \
+             a field no such event has (did you mean :customer_id?)"
+        ),
+        "{text}"
+    );
+    env.write_config(DEMO_CONFIG);
+    let out = env.run(&["inspect"]);
+    assert!(!stderr(&out).contains("warning"), "{}", stderr(&out));
+}
