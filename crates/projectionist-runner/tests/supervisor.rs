@@ -534,3 +534,86 @@ fn a_supervisor_seeds_a_missing_projection_from_a_snapshot_and_catches_up() {
     );
     assert_eq!(total_in(&second_dir, "totals"), 225);
 }
+
+/// A location that dies part way through a fetch (as a killed restore
+/// would): half a file is written and the fetch fails.
+struct DiesMidFetch(projectionist_runner::snapshot::SnapshotDir);
+
+impl projectionist_runner::snapshot::SnapshotLocation for DiesMidFetch {
+    fn put(
+        &self,
+        manifest: &projectionist_runner::snapshot::Manifest,
+        file: &Path,
+    ) -> projectionist::Result<()> {
+        self.0.put(manifest, file)
+    }
+
+    fn manifests(
+        &self,
+        name: &str,
+    ) -> projectionist::Result<Vec<projectionist_runner::snapshot::Manifest>> {
+        self.0.manifests(name)
+    }
+
+    fn fetch(
+        &self,
+        manifest: &projectionist_runner::snapshot::Manifest,
+        to: &Path,
+    ) -> projectionist::Result<()> {
+        self.0.fetch(manifest, to)?;
+        let half = std::fs::read(to).unwrap();
+        std::fs::write(to, &half[..half.len() / 2]).unwrap();
+        Err(projectionist::Error::CorruptStore("died mid-fetch".into()))
+    }
+
+    fn delete(&self, name: &str, checkpoint: u64) -> projectionist::Result<()> {
+        self.0.delete(name, checkpoint)
+    }
+}
+
+/// A restore that dies part way leaves no projection file (never half a
+/// one): the projection is then built from the log, and a later restore
+/// from a sound location works.
+#[test]
+fn a_restore_that_dies_part_way_leaves_no_half_projection() {
+    use projectionist_runner::snapshot::{SnapshotDir, seed, store_identity, take_snapshot};
+    let tmp = tempfile::tempdir().unwrap();
+    let store = store(tmp.path());
+    append(&store, 100);
+    let built = tmp.path().join("built");
+    let first = Supervisor::builder(store.clone(), &built)
+        .unwrap()
+        .projection(versioned("totals", 1, 1))
+        .start()
+        .unwrap();
+    first.wait_for("totals", 100, DEADLINE).unwrap();
+    let identity = store_identity::<Value>(&*store).unwrap().unwrap();
+    let snaps = SnapshotDir(tmp.path().join("snaps"));
+    let manifest = take_snapshot(&built, "totals", &snaps, &identity, 0).unwrap();
+    let target = tmp.path().join("target");
+    let dying = DiesMidFetch(snaps.clone());
+    let seeded = seed(
+        &target,
+        "totals",
+        &dying,
+        manifest.definition_hash.as_deref(),
+        &identity,
+        100,
+    )
+    .unwrap();
+    assert!(seeded.restored.is_none());
+    assert_eq!(seeded.refused.len(), 1, "{seeded:?}");
+    assert!(seeded.refused[0].1.contains("died mid-fetch"), "{seeded:?}");
+    assert!(!target.join("totals.db").exists(), "no half projection");
+    let seeded = seed(
+        &target,
+        "totals",
+        &snaps,
+        manifest.definition_hash.as_deref(),
+        &identity,
+        100,
+    )
+    .unwrap();
+    assert_eq!(seeded.restored.map(|m| m.checkpoint), Some(100));
+    assert_eq!(total_in(&target, "totals"), 100);
+}
