@@ -68,7 +68,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     reset_peak();
     let started = Instant::now();
-    let manifest = take_snapshot(&tmp.path().join("projections"), "big", &location, "bench", 1)?;
+    let manifest = take_snapshot(
+        &tmp.path().join("projections"),
+        "big",
+        &location,
+        "bench",
+        1,
+    )?;
     println!(
         "snapshot into PostgreSQL: {} bytes in {:.1} s, peak RSS {:.1} MiB",
         manifest.bytes,
@@ -78,10 +84,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     reset_peak();
     let started = Instant::now();
-    let seeded = seed(&tmp.path().join("restored"), "big", &location, None, "bench", u64::MAX)?;
+    let seeded = seed(
+        &tmp.path().join("restored"),
+        "big",
+        &location,
+        None,
+        "bench",
+        u64::MAX,
+    )?;
     println!(
         "restore from PostgreSQL: {} in {:.1} s, peak RSS {:.1} MiB",
-        if seeded.restored.is_some() { "restored" } else { "REFUSED" },
+        if seeded.restored.is_some() {
+            "restored"
+        } else {
+            "REFUSED"
+        },
         started.elapsed().as_secs_f64(),
         peak_mib()
     );
