@@ -92,9 +92,24 @@ fn a_supervised_projection_waits_at_a_hole_and_follows_on_after_a_killed_connect
             State::Waiting(WaitReason::Hole { sequence, .. }) if sequence == held as u64
         )
     });
-    // Longer than the stall bound: still waiting (a hole ends by itself), and
-    // healthy; nothing past the hole applied.
-    std::thread::sleep(Duration::from_millis(1_500));
+    // Until the hole has been waited at for well past the stall bound (500 ms)
+    // and two looks of the head watch (1 s each): waiting at every look (a
+    // hole ends by itself), healthy, nothing past the hole applied.
+    loop {
+        let status = supervisor.status_of("seen").unwrap();
+        let State::Waiting(WaitReason::Hole { since, .. }) = status.state else {
+            panic!("left waiting while the hole is held: {status:?}");
+        };
+        assert!(
+            supervisor.unhealthy().is_empty(),
+            "{:?}",
+            supervisor.unhealthy()
+        );
+        if since.elapsed() > Duration::from_millis(2_500) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let status = supervisor.status_of("seen").unwrap();
     assert!(matches!(status.state, State::Waiting(_)), "{status:?}");
     assert!(
