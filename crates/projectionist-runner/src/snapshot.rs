@@ -147,6 +147,7 @@ impl SnapshotLocation for SnapshotDir {
         std::fs::create_dir_all(dir).map_err(io("create the snapshot directory", dir))?;
         let (target, manifest_path) = paths(dir, &manifest.projection, manifest.checkpoint);
         let temp = dir.join(format!(".{}.incoming", manifest.projection));
+        let _ = std::fs::remove_file(&temp);
         std::fs::copy(file, &temp).map_err(io("copy the snapshot", &temp))?;
         std::fs::rename(&temp, &target).map_err(io("place the snapshot", &target))?;
         let manifest_temp = dir.join(format!(".{}.manifest-tmp", manifest.projection));
@@ -374,6 +375,9 @@ pub fn seed(
         }
         std::fs::create_dir_all(projections).map_err(io("create", projections))?;
         let temp = projections.join(format!(".{name}.seed-tmp"));
+        // Whatever is there (a killed restore's leftover, or a link someone
+        // planted) is removed, never written through.
+        let _ = std::fs::remove_file(&temp);
         let copied = from
             .fetch(&manifest, &temp)
             .map_err(|e| e.to_string())

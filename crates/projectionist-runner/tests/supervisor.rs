@@ -617,3 +617,32 @@ fn a_restore_that_dies_part_way_leaves_no_half_projection() {
     assert_eq!(seeded.restored.map(|m| m.checkpoint), Some(100));
     assert_eq!(total_in(&target, "totals"), 100);
 }
+
+/// A link planted where a restore writes its copy is removed, not written
+/// through: the file it points at is unchanged.
+#[test]
+fn a_link_planted_at_the_restore_copy_is_not_written_through() {
+    use projectionist_runner::snapshot::{SnapshotDir, seed, store_identity, take_snapshot};
+    let tmp = tempfile::tempdir().unwrap();
+    let store = store(tmp.path());
+    append(&store, 10);
+    let built = tmp.path().join("built");
+    let first = Supervisor::builder(store.clone(), &built)
+        .unwrap()
+        .projection(versioned("totals", 1, 1))
+        .start()
+        .unwrap();
+    first.wait_for("totals", 10, DEADLINE).unwrap();
+    let identity = store_identity::<Value>(&*store).unwrap().unwrap();
+    let snaps = SnapshotDir(tmp.path().join("snaps"));
+    take_snapshot(&built, "totals", &snaps, &identity, 0).unwrap();
+    let target = tmp.path().join("target");
+    std::fs::create_dir_all(&target).unwrap();
+    let victim = tmp.path().join("victim.txt");
+    std::fs::write(&victim, "keep me").unwrap();
+    std::os::unix::fs::symlink(&victim, target.join(".totals.seed-tmp")).unwrap();
+    let seeded = seed(&target, "totals", &snaps, None, &identity, 10).unwrap();
+    assert!(seeded.restored.is_some(), "{seeded:?}");
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep me");
+    assert_eq!(total_in(&target, "totals"), 10);
+}
