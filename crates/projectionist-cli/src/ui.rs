@@ -424,6 +424,7 @@ mod tests {
             following: false,
             batch_latency: None,
             hole_wait: None,
+            dead_letters: 0,
         }
     }
 

@@ -237,26 +237,5 @@ pub fn is_store_failure(error: &Error) -> bool {
 /// backoff; any other (a poison event, a handler's error) is not.
 #[must_use]
 pub fn is_transient(error: &Error) -> bool {
-    use projectionist::rusqlite::ErrorCode;
-    if matches!(error, Error::DiskSpace { .. } | Error::Locked { .. }) {
-        return true;
-    }
-    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    while let Some(e) = cause {
-        if let Some(sqlite) = e.downcast_ref::<projectionist::rusqlite::Error>()
-            && matches!(
-                sqlite.sqlite_error_code(),
-                Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked | ErrorCode::DiskFull)
-            )
-        {
-            return true;
-        }
-        if let Some(core) = e.downcast_ref::<Error>()
-            && matches!(core, Error::DiskSpace { .. } | Error::Locked { .. })
-        {
-            return true;
-        }
-        cause = e.source();
-    }
-    false
+    projectionist::is_transient(error)
 }

@@ -318,6 +318,26 @@ pub enum Error {
         available: u64,
     },
 
+    /// A projection that skips poison events ([`OnError::Skip`](crate::OnError::Skip))
+    /// holds as many dead letters as its bound allows, and another event
+    /// failed: so many failing events mean its definition is wrong.
+    #[error(
+        "projection {name} stopped: it holds {max} dead letters (its max_dead_letters) and \
+         another event failed ({last_error}); so many failing events mean the definition is \
+         wrong, not the events: fix it, then retry the dead letters or rebuild \
+         (committed through sequence {committed})"
+    )]
+    DeadLettersFull {
+        /// The projection.
+        name: String,
+        /// Its bound.
+        max: u32,
+        /// The last committed sequence.
+        committed: u64,
+        /// The error of the event that found the bound reached.
+        last_error: String,
+    },
+
     /// An error from a store or checkpoint implemented outside this crate.
     #[error("{step}: {source}")]
     External {
@@ -378,8 +398,44 @@ impl Error {
             Error::Handler { committed, .. }
             | Error::Cancelled { committed, .. }
             | Error::Replay { committed, .. }
-            | Error::Fenced { committed, .. } => Some(*committed),
+            | Error::Fenced { committed, .. }
+            | Error::DeadLettersFull { committed, .. } => Some(*committed),
             _ => None,
         }
     }
+}
+
+/// Whether `error` (or one of its causes) comes from the environment rather
+/// than from the event or the definition: a busy or locked database, a full
+/// disk, an I/O failure, a file that cannot be opened, memory. Such an error
+/// is worth trying again later and is never a dead letter.
+#[must_use]
+pub fn is_transient(error: &(dyn std::error::Error + 'static)) -> bool {
+    use rusqlite::ErrorCode;
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = cause {
+        if let Some(sqlite) = e.downcast_ref::<rusqlite::Error>()
+            && matches!(
+                sqlite.sqlite_error_code(),
+                Some(
+                    ErrorCode::DatabaseBusy
+                        | ErrorCode::DatabaseLocked
+                        | ErrorCode::DiskFull
+                        | ErrorCode::SystemIoFailure
+                        | ErrorCode::CannotOpen
+                        | ErrorCode::OutOfMemory
+                        | ErrorCode::ReadOnly
+                )
+            )
+        {
+            return true;
+        }
+        if let Some(core) = e.downcast_ref::<Error>()
+            && matches!(core, Error::DiskSpace { .. } | Error::Locked { .. })
+        {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
 }

@@ -68,6 +68,104 @@ pub trait Handler<E>: Send {
         let _ = tx;
         Ok(())
     }
+
+    /// What the engine does with an event this projection cannot apply (a
+    /// payload that does not decode, a handler error, a panic): stop the
+    /// projection at its last committed batch ([`OnError::Stop`], the
+    /// default), or record the event as a dead letter and go on
+    /// ([`OnError::Skip`]). Errors of the environment (a busy or full disk,
+    /// an I/O error) are never dead-lettered: they stop the run, to be tried
+    /// again. Wrap any handler in [`Skipping`] to skip.
+    fn on_error(&self) -> OnError {
+        OnError::Stop
+    }
+}
+
+/// What a projection does with an event it cannot apply; see
+/// [`Handler::on_error`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum OnError {
+    /// Stop the projection at its last committed batch, naming the event
+    /// (right for a batch rebuild: the definition or the event needs a fix).
+    #[default]
+    Stop,
+    /// Roll the event back alone, record it in the projection file's
+    /// dead-letter table (`_projectionist_dead_letters`, in the same
+    /// transaction as the batch and its checkpoint), and apply the rest of
+    /// the batch. Past `max_dead_letters` in the file, the projection stops
+    /// as with [`OnError::Stop`]: a flood means the definition is wrong.
+    Skip {
+        /// Dead letters the file may hold before the projection stops.
+        max_dead_letters: u32,
+    },
+}
+
+impl OnError {
+    /// [`OnError::Skip`] with the default bound,
+    /// [`DEAD_LETTERS_MAX_DEFAULT`](crate::limits::DEAD_LETTERS_MAX_DEFAULT).
+    #[must_use]
+    pub const fn skip() -> Self {
+        OnError::Skip {
+            max_dead_letters: crate::limits::DEAD_LETTERS_MAX_DEFAULT,
+        }
+    }
+}
+
+/// A handler whose poison events are dead-lettered instead of stopping it
+/// (see [`OnError::Skip`]); everything else is the wrapped handler's.
+#[derive(Clone, Debug)]
+pub struct Skipping<H> {
+    handler: H,
+    max_dead_letters: u32,
+}
+
+impl<H> Skipping<H> {
+    /// `handler`, skipping up to
+    /// [`DEAD_LETTERS_MAX_DEFAULT`](crate::limits::DEAD_LETTERS_MAX_DEFAULT)
+    /// poison events.
+    pub fn new(handler: H) -> Self {
+        Skipping {
+            handler,
+            max_dead_letters: crate::limits::DEAD_LETTERS_MAX_DEFAULT,
+        }
+    }
+
+    /// The dead letters the projection file may hold before it stops.
+    #[must_use]
+    pub fn max_dead_letters(mut self, max: u32) -> Self {
+        self.max_dead_letters = max;
+        self
+    }
+
+    /// The wrapped handler.
+    pub fn into_inner(self) -> H {
+        self.handler
+    }
+}
+
+impl<E, H: Handler<E>> Handler<E> for Skipping<H> {
+    fn setup(&mut self, tx: &Transaction<'_>) -> Result<(), BoxError> {
+        self.handler.setup(tx)
+    }
+
+    fn event_types(&self) -> Option<Vec<String>> {
+        self.handler.event_types()
+    }
+
+    fn apply(&mut self, tx: &Transaction<'_>, events: &[GlobalEvent<E>]) -> Result<(), BoxError> {
+        self.handler.apply(tx, events)
+    }
+
+    fn caught_up(&mut self, tx: &Transaction<'_>) -> Result<(), BoxError> {
+        self.handler.caught_up(tx)
+    }
+
+    fn on_error(&self) -> OnError {
+        OnError::Skip {
+            max_dead_letters: self.max_dead_letters,
+        }
+    }
 }
 
 impl<E, F> Handler<E> for F

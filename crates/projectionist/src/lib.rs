@@ -72,6 +72,7 @@
 pub mod limits;
 
 mod checkpoint;
+mod dead_letters;
 mod digest;
 mod dir;
 mod error;
@@ -87,14 +88,18 @@ mod store;
 mod versions;
 
 pub use checkpoint::{Checkpoint, SqliteCheckpoint, wait_for_checkpoint};
+pub use dead_letters::{
+    DEAD_LETTERS_TABLE, DeadLetter, Retried, Retry, dead_letter_count, dead_letters,
+    retry_dead_letters,
+};
 pub use digest::{DigestScope, TableDifference, compare_projections, projection_digest};
 pub use dir::{
     APPLICATION_ID, FileKind, ProjectionDb, ProjectionDir, ProjectionFiles, ScannedFile,
     classify_file, immutable_uri, is_corruption, is_reserved_table, quick_check,
 };
-pub use error::{BoxError, Error, EventFailure, Result};
+pub use error::{BoxError, Error, EventFailure, Result, is_transient};
 pub use event::{Appended, GlobalEvent, NewEvent};
-pub use handler::{Handler, SchemaHandler};
+pub use handler::{Handler, OnError, SchemaHandler, Skipping};
 pub use memory::{LOOKASIDE_SLOT_BYTES, LOOKASIDE_SLOTS, lean_sqlite_memory};
 pub use name::ProjectionName;
 pub use outcome::{LastRun, last_run, record_failure};

@@ -186,6 +186,22 @@ pub const FOLLOW_QUIET_POLL_MAX: Duration = Duration::from_millis(50);
 /// long; each look is one small read transaction.
 pub const WAIT_POLL_INTERVAL: Duration = Duration::from_millis(2);
 
+/// Dead letters a projection file may hold before a projection that skips
+/// poison events ([`OnError::Skip`](crate::OnError::Skip)) stops when none is
+/// set: a few bad events are worth skipping; a hundred mean the definition is
+/// wrong, not the events.
+pub const DEAD_LETTERS_MAX_DEFAULT: u32 = 100;
+
+/// The largest bound a projection may set on its dead letters: each is a row
+/// in its file, listed whole by `dead_letters`, and a retry reads each back
+/// from the log.
+pub const DEAD_LETTERS_MAX: u32 = 100_000;
+
+/// The longest error message kept with a dead letter, in bytes: enough for
+/// any handler's message and the statement that failed; a longer one (a
+/// handler that prints a whole payload) is cut at a character boundary.
+pub const DEAD_LETTER_ERROR_BYTES_MAX: usize = 4_096;
+
 /// Events one append call may write: an append is one transaction held in memory.
 pub const APPEND_EVENTS_MAX: usize = 100_000;
 

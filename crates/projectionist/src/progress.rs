@@ -38,6 +38,10 @@ pub struct Progress {
     /// number and since when. `total` is then the log's real head, so the lag
     /// counts the committed events behind the hole.
     pub hole_wait: Option<crate::reader::HoleWait>,
+    /// Dead letters the projection file holds (see
+    /// [`OnError::Skip`](crate::OnError::Skip)), committed or in the open
+    /// commit group.
+    pub dead_letters: u64,
 }
 
 /// A progress callback. It runs on the projection's writer thread, between

@@ -11,8 +11,12 @@
 //!   to 16: a crash loses the visit, never part of it;
 //! - the negative control: the same test on a deliberately broken variant (the
 //!   checkpoint committed in a separate transaction) must find a mismatch;
+//! - the same named crash points over a log with poison events that the
+//!   projection dead-letters (`Skipping`): the resume leaves the same rows and
+//!   the same dead letters as an uninterrupted run;
 //! - random SIGKILLs (seeded; `PROJECTIONIST_SEED` replays, and
-//!   `PROJECTIONIST_KILL_ITERATIONS` scales the soak, default 50);
+//!   `PROJECTIONIST_KILL_ITERATIONS` scales the soak, default 50), every other
+//!   one in a run that dead-letters poison events;
 //! - a second process cannot open a projection for writing while one holds it;
 //! - a projection left with a hot `-wal` by a crashed writer is removed cleanly;
 //! - a publish (and a rollback) aborted after each of its steps, and SIGKILLed
@@ -58,7 +62,11 @@ fn main() {
         .skip(1)
         .filter(|a| !a.starts_with('-'))
         .collect();
-    let tests: [(&str, TestFn); 9] = [
+    let tests: [(&str, TestFn); 10] = [
+        (
+            "crash_points_over_dead_letters_resume_to_the_same_digest_and_letters",
+            crash_points_over_dead_letters_resume_to_the_same_digest_and_letters,
+        ),
         (
             "second_process_gets_the_lock_error",
             second_process_gets_the_lock_error,
@@ -157,7 +165,9 @@ fn child(role: &str) {
             .unwrap();
             std::process::abort();
         }
-        "rebuild" | "resume" => run_bank_child(role, &args),
+        "rebuild" | "resume" | "rebuild-skipping" | "resume-skipping" => {
+            run_bank_child(role, &args);
+        }
         "rebuild-parked" => run_parked_bank_child(&args),
         "publish" | "rollback" => {
             let dir = ProjectionDir::open(&args[0]).unwrap();
@@ -215,12 +225,20 @@ fn run_bank_child(role: &str, args: &[String]) {
     } else {
         CheckpointLocation::InFile
     };
-    let mut handler = BankHandler::default();
+    // `-skipping`: the log holds poison events, which it dead-letters.
+    let mut bank = BankHandler::default();
+    let mut skipping = projectionist::Skipping::new(BankHandler::default()).max_dead_letters(1_000);
+    let handler: &mut dyn projectionist::Handler<common::BankEvent> = if role.ends_with("-skipping")
+    {
+        &mut skipping
+    } else {
+        &mut bank
+    };
     let config = RebuildConfig {
         reader: &store,
         projection: ProjectionTarget {
             db: &db,
-            handler: &mut handler,
+            handler,
             checkpoint,
             consumer_id: "bank",
         },
@@ -233,7 +251,7 @@ fn run_bank_child(role: &str, args: &[String]) {
             commit_guard: None,
         },
     };
-    let result = if role == "rebuild" {
+    let result = if role.starts_with("rebuild") {
         rebuild(config)
     } else {
         resume(config)
@@ -353,31 +371,92 @@ struct Bank {
     store: PathBuf,
     /// Digest of the tables of an uninterrupted rebuild (whose checkpoint is `n_events`).
     reference: String,
+    /// The events in the log (and so the checkpoint at its end).
     n_events: u64,
+    /// The log holds poison events, dead-lettered by the `-skipping` roles;
+    /// the dead letters of an uninterrupted run.
+    skipping: Option<String>,
+    /// Batches an uninterrupted run applies.
+    batches: u64,
 }
 
+/// In a list of crash points: the last batch of the run.
+const LAST_BATCH: u64 = u64::MAX;
+
 fn bank(n_events: u64, batch_size: u32) -> Bank {
+    bank_of(n_events, batch_size, false)
+}
+
+/// A bank log, with poison events when `skipping` (every 170 events: about
+/// one in every other batch of 100), and an uninterrupted run's result.
+fn bank_of(n_events: u64, batch_size: u32, skipping: bool) -> Bank {
     let tmp = tempfile::tempdir().unwrap();
     let store_path = tmp.path().join("events.db");
-    let store = bank_store(&store_path, n_events, 11);
+    let store = SqliteEventStore::create(&store_path).unwrap();
+    let poison = skipping.then_some(common::Poison::Every(170));
+    let poisoned = common::write_bank_log_poisoned(&store, n_events, 200, 11, poison);
     let dir = ProjectionDir::open(tmp.path().join("reference")).unwrap();
     let db = dir.db("bank").unwrap();
+    let batches = std::sync::atomic::AtomicU64::new(0);
+    let count = |_: &str, _: BatchStep, batch: u64| {
+        batches.fetch_max(batch, std::sync::atomic::Ordering::SeqCst);
+    };
     let options = RebuildOptions {
         batch_size,
         commit_interval: projectionist::limits::COMMIT_INTERVAL_DEFAULT,
         progress: None,
         cancel: None,
-        step_hook: None,
+        step_hook: Some(&count),
         commit_guard: None,
     };
-    rebuild(config(&store, &db, &mut BankHandler::default(), options)).unwrap();
+    if skipping {
+        let mut handler =
+            projectionist::Skipping::new(BankHandler::default()).max_dead_letters(1_000);
+        rebuild(RebuildConfig {
+            reader: &store,
+            projection: ProjectionTarget {
+                db: &db,
+                handler: &mut handler,
+                checkpoint: CheckpointLocation::InFile,
+                consumer_id: "bank",
+            },
+            options,
+        })
+        .unwrap();
+    } else {
+        rebuild(config(&store, &db, &mut BankHandler::default(), options)).unwrap();
+    }
     let reference = tables_digest(&tmp.path().join("reference")).unwrap();
+    let letters = dead_letters_of(&tmp.path().join("reference")).unwrap();
+    assert_eq!(letters.lines().count(), poisoned.len());
     Bank {
         _tmp: tmp,
         store: store_path,
         reference,
-        n_events,
+        n_events: n_events + poisoned.len() as u64,
+        skipping: skipping.then_some(letters),
+        batches: batches.into_inner(),
     }
+}
+
+/// The dead letters of the bank projection in `dir`, one line each, without
+/// when they failed (the one thing a run after a crash does differently).
+fn dead_letters_of(dir: &Path) -> Result<String, String> {
+    let path = dir.join("bank.db");
+    if !path.exists() {
+        return Ok(String::new());
+    }
+    let conn = projectionist::rusqlite::Connection::open(path).map_err(|e| e.to_string())?;
+    let letters = projectionist::dead_letters(&conn).map_err(|e| e.to_string())?;
+    Ok(letters
+        .iter()
+        .map(|l| {
+            format!(
+                "{} {} {:?} {} {} {}\n",
+                l.sequence, l.stream_id, l.stream_version, l.event_type, l.attempts, l.error
+            )
+        })
+        .collect())
 }
 
 /// Digest of the projection's tables, opened afresh (as a new process would, so
@@ -442,11 +521,12 @@ fn check_torn(dir: &Path, checkpoint_kind: &str) -> Result<(), String> {
     } else {
         0
     };
-    if applied as u64 == checkpoint {
+    let skipped = projectionist::dead_letter_count(&conn).map_err(|e| e.to_string())?;
+    if applied as u64 + skipped == checkpoint {
         Ok(())
     } else {
         Err(format!(
-            "torn batch: rows hold {applied} events but the checkpoint says {checkpoint}"
+            "torn batch: rows hold {applied} events and {skipped} dead letters but the checkpoint says {checkpoint}"
         ))
     }
 }
@@ -459,8 +539,13 @@ fn resume_and_compare(
     checkpoint: &str,
     interval_ms: &str,
 ) -> Result<(), String> {
+    let role = if bank.skipping.is_some() {
+        "resume-skipping"
+    } else {
+        "resume"
+    };
     let status = run_child(
-        "resume",
+        role,
         &[
             path_str(&bank.store),
             path_str(dir),
@@ -478,6 +563,14 @@ fn resume_and_compare(
             "digest after resume {digest} differs from the uninterrupted {}",
             bank.reference
         ));
+    }
+    if let Some(expected) = &bank.skipping {
+        let letters = dead_letters_of(dir)?;
+        if letters != *expected {
+            return Err(format!(
+                "dead letters after resume:\n{letters}differ from the uninterrupted run's:\n{expected}"
+            ));
+        }
     }
     let at = read_checkpoint(dir, checkpoint)?;
     if at != bank.n_events {
@@ -587,9 +680,14 @@ fn crash_point_failures_of(
     interval_ms: &str,
     points: &[(BatchStep, u64)],
 ) -> Vec<String> {
-    let bank = bank(3_000, 100);
+    let bank = bank_of(3_000, 100, role.ends_with("-skipping"));
     let mut failures = Vec::new();
     for (step, batch_no) in points {
+        let batch_no = if *batch_no == LAST_BATCH {
+            &bank.batches
+        } else {
+            batch_no
+        };
         let dir = bank._tmp.path().join(format!(
             "{role}-{checkpoint}-{interval_ms}-{}-{batch_no}",
             step.as_str()
@@ -597,7 +695,7 @@ fn crash_point_failures_of(
         let batch_text = batch_no.to_string();
         // The parked child keeps its checkpoint in the file: no such argument.
         let mut args = vec![path_str(&bank.store), path_str(&dir), "100"];
-        if role != "rebuild-parked" {
+        if !role.starts_with("rebuild-parked") {
             args.push(checkpoint);
         }
         args.extend([interval_ms, step.as_str(), &batch_text]);
@@ -653,6 +751,32 @@ fn crash_points_of_a_parked_projection_resume_to_the_same_digest() -> Result<(),
     }
 }
 
+/// The log holds poison events that the projection dead-letters: a crash at
+/// any step of a batch (whether it held a poison event or not, committed
+/// alone or in a group) and a resume leave the same rows and the same dead
+/// letters as an uninterrupted run.
+fn crash_points_over_dead_letters_resume_to_the_same_digest_and_letters() -> Result<(), String> {
+    let mut failures = crash_point_failures_of(
+        "rebuild-skipping",
+        "in-file",
+        "0",
+        &every_step_of(&[1, 2, 15, LAST_BATCH]),
+    );
+    let mut grouped = every_step_of(&[2, 15, LAST_BATCH]);
+    grouped.retain(|(step, batch)| *step != BatchStep::Committed || *batch == LAST_BATCH);
+    failures.extend(crash_point_failures_of(
+        "rebuild-skipping",
+        "in-file",
+        "60000",
+        &grouped,
+    ));
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(failures.join("\n    "))
+    }
+}
+
 fn crash_points_in_commit_groups_resume_to_the_same_digest() -> Result<(), String> {
     // One commit group for the whole run: crashes inside it lose the group; the
     // commit happens once, after the last batch.
@@ -690,7 +814,10 @@ fn random_sigkills_resume_to_the_same_digest() -> Result<(), String> {
         "    random kills: seed {seed} (replay with PROJECTIONIST_SEED={seed}), {iterations} iterations"
     );
     let mut rng = fastrand::Rng::with_seed(seed);
-    let bank = bank(20_000, 50);
+    let plain = bank(20_000, 50);
+    // Every other kill lands in a run that dead-letters poison events.
+    let skipping = bank_of(20_000, 50, true);
+    let bank = &plain;
     // How long an uninterrupted child takes, so kills land across the whole run.
     let started = Instant::now();
     let calibration = bank._tmp.path().join("calibration");
@@ -711,10 +838,15 @@ fn random_sigkills_resume_to_the_same_digest() -> Result<(), String> {
     let full_ms = started.elapsed().as_millis().max(1) as u64;
     let mut mid_run = 0;
     for iteration in 0..iterations {
+        let (bank, role) = if iteration % 2 == 1 {
+            (&skipping, "rebuild-skipping")
+        } else {
+            (&plain, "rebuild")
+        };
         let dir = bank._tmp.path().join(format!("kill-{iteration}"));
         let delay = Duration::from_millis(rng.u64(0..full_ms));
         let mut child = spawn_child(
-            "rebuild",
+            role,
             &[
                 path_str(&bank.store),
                 path_str(&dir),
@@ -730,7 +862,7 @@ fn random_sigkills_resume_to_the_same_digest() -> Result<(), String> {
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
         let outcome = check_torn(&dir, "in-file")
-            .and_then(|()| resume_and_compare(&bank, &dir, "50", "in-file", KILL_INTERVAL_MS));
+            .and_then(|()| resume_and_compare(bank, &dir, "50", "in-file", KILL_INTERVAL_MS));
         if let Err(why) = outcome {
             return Err(format!(
                 "seed {seed}, iteration {iteration}, kill after {delay:?}: {why}"

@@ -51,6 +51,7 @@ pub use types::{
     CheckpointLocation, ProjectionTarget, RebuildConfig, RebuildOptions, RebuildResult, Start,
 };
 use write::Assigned;
+pub(crate) use write::call_handler;
 
 /// Rebuilds one projection from scratch: in one transaction, drops the
 /// projection's tables and views (everything but `_checkpoint`), resets the
@@ -276,6 +277,10 @@ fn run<E: Send + Sync>(
         commit_interval,
         open_max: OPEN_PROJECTIONS_MAX,
         hole_wait: std::sync::Mutex::new(None),
+        skips: projections
+            .iter()
+            .map(|(p, _)| matches!(p.handler.on_error(), crate::handler::OnError::Skip { .. }))
+            .collect(),
     };
     let types_per_projection: Vec<Option<Vec<String>>> = projections
         .iter()

@@ -267,7 +267,8 @@ fn pass_poison<E>(
     let projections: Arc<[usize]> = (0..reader.types_per_projection.len())
         .filter(|&idx| context.running(idx) && reader.handles(idx, &event_type))
         .collect();
-    for &idx in projections.iter() {
+    // Those that skip poison events dead-letter it and read on.
+    for &idx in projections.iter().filter(|&&idx| !context.skips(idx)) {
         context.stop_reading_for(idx);
     }
     if !projections.is_empty() {

@@ -114,6 +114,11 @@ pub struct RebuildResult {
     pub total: u64,
     /// Wall time of the run.
     pub elapsed: Duration,
+    /// Dead letters the projection file holds at the end (see
+    /// [`OnError::Skip`](crate::OnError::Skip)).
+    pub dead_letters: u64,
+    /// Of them, recorded by this run.
+    pub dead_lettered: u64,
 }
 
 /// Where one projection of a run starts.
@@ -146,7 +151,8 @@ pub(crate) enum Message<E> {
     /// Reading failed; every projection stops at its last committed batch.
     ReadFailed(Arc<Error>),
     /// An event of a type this projection handles cannot be decoded (a poison
-    /// event): the projection stops at its last committed batch; the others go on.
+    /// event): the projection stops at its last committed batch, or, when it
+    /// skips poison events, records it as a dead letter; the others go on.
     Poison {
         /// What was wrong with the event.
         error: Arc<Error>,
@@ -173,6 +179,9 @@ pub(crate) struct RunContext<'a> {
     pub(crate) open_max: usize,
     /// Where the reader's last read to the end of the log was held.
     pub(crate) hole_wait: std::sync::Mutex<Option<crate::reader::HoleWait>>,
+    /// Per projection: it skips poison events (dead-letters them) rather
+    /// than stopping at one.
+    pub(crate) skips: Vec<bool>,
 }
 
 impl RunContext<'_> {
@@ -221,6 +230,12 @@ impl RunContext<'_> {
     /// event); its writer counts it as ended when it has ended.
     pub(crate) fn stop_reading_for(&self, idx: usize) {
         self.ended[idx].store(true, Ordering::SeqCst);
+    }
+
+    /// Whether projection `idx` dead-letters poison events (the reader reads
+    /// on for it past one).
+    pub(crate) fn skips(&self, idx: usize) -> bool {
+        self.skips.get(idx).copied().unwrap_or(false)
     }
 
     /// Whether projection `idx` still runs, as far as the reader knows.

@@ -18,11 +18,12 @@ use std::time::{Duration, Instant};
 use rusqlite::{Connection, Transaction, TransactionBehavior};
 
 use crate::checkpoint::validate_consumer_id;
+use crate::dead_letters::{Failed, error_text};
 use crate::dir::ProjectionDb;
 use crate::dir::drop_projection_objects;
 use crate::error::{BoxError, Error, Result};
 use crate::event::GlobalEvent;
-use crate::handler::Handler;
+use crate::handler::{Handler, OnError};
 use crate::limits::{
     BUSY_TIMEOUT_MS, CAUGHT_UP_CACHE_KIB, PARKED_CHECKPOINT_INTERVAL, PARKED_PENDING_BATCHES_MAX,
     PARKED_WAL_PAGES_MAX, START_BUSY_TIMEOUT_MS,
@@ -64,14 +65,21 @@ pub(super) fn write_projections<E>(
         let started = Instant::now();
         let keeper = Keeper::new(projection.checkpoint, projection.consumer_id);
         match begin_run(&mut projection, &keeper, start, context) {
-            Ok(committed) => {
+            Ok((committed, dead_letters)) => {
                 let _ = start_tx.send(Some(committed));
                 if !context.keeps_open(idx) {
                     // At once: a thread starts all its projections before
                     // serving any, and they must not all be open together.
                     projection.db.park_quickly();
                 }
-                begun.push((idx, projection, keeper, committed, started, types));
+                begun.push((
+                    idx,
+                    projection,
+                    keeper,
+                    (committed, dead_letters),
+                    started,
+                    types,
+                ));
             }
             Err(e) => {
                 let _ = start_tx.send(None);
@@ -100,7 +108,7 @@ pub(super) fn write_projections<E>(
         })
         .collect();
     let mut slots = Vec::with_capacity(begun.len());
-    for ((idx, projection, keeper, committed, started, types), guard) in
+    for ((idx, projection, keeper, (committed, dead_letters), started, types), guard) in
         begun.into_iter().zip(&guards)
     {
         let name = projection.db.name().to_string();
@@ -114,10 +122,12 @@ pub(super) fn write_projections<E>(
                 continue;
             }
         };
+        let on_error = projection.handler.on_error();
         slots.push(Slot {
             idx,
             name,
             projection,
+            on_error,
             keeper,
             conn,
             types,
@@ -131,6 +141,7 @@ pub(super) fn write_projections<E>(
                 written: committed,
                 started_from: committed,
                 parked: conn.is_none(),
+                dead_letters,
                 ..WriterState::default()
             },
             started,
@@ -188,7 +199,11 @@ fn serve<E>(
             }
             Ok(Message::Poison { error, projections }) => {
                 for slot in running.filter(|slot| projections.contains(&slot.idx)) {
-                    slot.end(Stop::ReadFailed(Arc::clone(&error)), context);
+                    match slot.skip_poison(&error, context) {
+                        Ok(true) => slot.report(context, None),
+                        Ok(false) => {}
+                        Err(stop) => slot.end(stop, context),
+                    }
                 }
             }
             // The reader ended without saying why (it panicked): the
@@ -231,6 +246,10 @@ struct WriterState {
     batch_latency: Option<Duration>,
     /// `Handler::caught_up` ran in this run.
     caught_up: bool,
+    /// Dead letters in the file (committed or in the open group).
+    dead_letters: u64,
+    /// Of them, recorded in this run.
+    dead_lettered: u64,
 }
 
 /// Why a projection stopped.
@@ -246,6 +265,11 @@ enum Stop {
     },
     Failed(Error),
     ReadFailed(Arc<Error>),
+    /// The file holds its bound of dead letters and another event failed.
+    DeadLettersFull {
+        max: u32,
+        last_error: String,
+    },
 }
 
 /// One open write transaction holding one or more batches.
@@ -261,6 +285,8 @@ struct Slot<'p, 'c, E> {
     idx: usize,
     name: String,
     projection: ProjectionTarget<'p, E>,
+    /// What it does with an event it cannot apply.
+    on_error: OnError,
     keeper: Keeper<'p>,
     conn: Option<&'c Connection>,
     /// The event types its handler declares (`None`: all).
@@ -457,6 +483,7 @@ impl<'c, E> Slot<'_, 'c, E> {
             projection,
             keeper,
             state,
+            on_error,
             ..
         } = self;
         let first = events.first().expect("batch is not empty").sequence;
@@ -474,13 +501,37 @@ impl<'c, E> Slot<'_, 'c, E> {
         tx.execute_batch("SAVEPOINT batch").map_err(sql_failed)?;
         step(context, name, BatchStep::Begun, state.batches);
         if let Err(source) = call_handler(&mut *projection.handler, tx, events) {
-            tx.execute_batch("ROLLBACK TO batch; RELEASE batch")
-                .map_err(sql_failed)?;
-            return Err(Stop::Handler {
-                first,
-                last,
-                source,
-            });
+            let skip = match *on_error {
+                OnError::Skip { max_dead_letters } if !crate::error::is_transient(&*source) => {
+                    Some(max_dead_letters)
+                }
+                _ => None,
+            };
+            let Some(max_dead_letters) = skip else {
+                tx.execute_batch("ROLLBACK TO batch; RELEASE batch")
+                    .map_err(sql_failed)?;
+                return Err(Stop::Handler {
+                    first,
+                    last,
+                    source,
+                });
+            };
+            // Applied again one event at a time, each in a savepoint of its
+            // own: those that fail are rolled back alone and dead-lettered.
+            tx.execute_batch("ROLLBACK TO batch").map_err(sql_failed)?;
+            let skipped = apply_skipping(
+                tx,
+                &mut *projection.handler,
+                events,
+                name,
+                state,
+                max_dead_letters,
+            );
+            if let Err(stop) = skipped {
+                tx.execute_batch("ROLLBACK TO batch; RELEASE batch")
+                    .map_err(sql_failed)?;
+                return Err(stop);
+            }
         }
         step(context, name, BatchStep::Applied, state.batches);
         if keeper.in_batch(tx, last).map_err(Stop::Failed)? {
@@ -496,6 +547,73 @@ impl<'c, E> Slot<'_, 'c, E> {
         state.applied = last;
         state.processed += events.len() as u64;
         Ok(())
+    }
+
+    /// A poison event (its payload does not decode) of a type this projection
+    /// handles: with [`OnError::Skip`], recorded as a dead letter with the
+    /// checkpoint moved past it, in the open group (a parked projection's
+    /// kept batches first); otherwise, or past the bound, the stop. Returns
+    /// whether anything was recorded.
+    fn skip_poison(
+        &mut self,
+        error: &Arc<Error>,
+        context: &RunContext<'_>,
+    ) -> std::result::Result<bool, Stop> {
+        let OnError::Skip { max_dead_letters } = self.on_error else {
+            return Err(Stop::ReadFailed(Arc::clone(error)));
+        };
+        let Some((sequence, stream_id, event_type)) = error.event() else {
+            return Err(Stop::ReadFailed(Arc::clone(error)));
+        };
+        if sequence <= self.state.applied {
+            return Ok(false);
+        }
+        if self.state.dead_letters >= u64::from(max_dead_letters) {
+            return Err(Stop::DeadLettersFull {
+                max: max_dead_letters,
+                last_error: error_text(&**error),
+            });
+        }
+        let text = error_text(&**error);
+        let failed = Failed {
+            sequence,
+            stream_id,
+            stream_version: None,
+            event_type,
+            error: &text,
+        };
+        let name = self.name.clone();
+        let record = |slot: &mut Self, tx: &Transaction<'_>| -> std::result::Result<(), Stop> {
+            crate::dead_letters::record(tx, &failed).map_err(|e| {
+                Stop::Failed(Error::sqlite(format!(
+                    "projection {name}: record dead letter {sequence}"
+                ))(e))
+            })?;
+            slot.keeper.in_batch(tx, sequence).map_err(Stop::Failed)?;
+            slot.state.written = sequence;
+            slot.state.applied = sequence;
+            slot.state.dead_letters += 1;
+            slot.state.dead_lettered += 1;
+            Ok(())
+        };
+        if self.conn.is_none() {
+            self.flush_pending(context, None)?;
+            self.visit(context, record)?;
+            return Ok(true);
+        }
+        self.open_group().map_err(Stop::Failed)?;
+        let group = self.group.take().expect("a group is open");
+        let recorded = record(self, &group.tx);
+        self.group = Some(group);
+        recorded?;
+        if self
+            .group
+            .as_ref()
+            .is_some_and(|open| open.started.elapsed() >= context.commit_interval)
+        {
+            self.commit_group(context).map_err(Stop::Failed)?;
+        }
+        Ok(true)
     }
 
     /// Commits the open group, if any; then, for an external checkpoint, saves it.
@@ -723,6 +841,12 @@ impl<'c, E> Slot<'_, 'c, E> {
                 source,
             }),
             Stop::Failed(e) => Err(e),
+            Stop::DeadLettersFull { max, last_error } => Err(Error::DeadLettersFull {
+                name,
+                max,
+                committed,
+                last_error,
+            }),
             Stop::ReadFailed(source) => Err(Error::Replay {
                 name,
                 committed,
@@ -764,16 +888,19 @@ fn conclude(
         checkpoint: state.committed,
         total: context.head(),
         elapsed: started.elapsed(),
+        dead_letters: state.dead_letters,
+        dead_lettered: state.dead_lettered,
     })
 }
 
-/// Prepares a run; returns the checkpoint it starts from.
+/// Prepares a run; returns the checkpoint it starts from and the dead letters
+/// its file holds.
 fn begin_run<E>(
     projection: &mut ProjectionTarget<'_, E>,
     keeper: &Keeper<'_>,
     start: Start,
     context: &RunContext<'_>,
-) -> Result<u64> {
+) -> Result<(u64, u64)> {
     validate_consumer_id(projection.consumer_id)?;
     let name = projection.db.name().to_string();
     let consumer_id = projection.consumer_id;
@@ -807,14 +934,16 @@ fn begin_run<E>(
             source,
         })?;
         record_running(&tx, consumer_id, start == Start::Reset).map_err(Error::sqlite(label()))?;
+        let dead_letters = crate::dead_letters::dead_letter_count(&tx)?;
         check_within_head(&name, checkpoint, context)?;
         guard(context, &name, checkpoint)?;
         tx.commit().map_err(Error::sqlite(label()))?;
-        Ok(checkpoint)
+        Ok((checkpoint, dead_letters))
     })?;
+    let (in_file_checkpoint, dead_letters) = in_file_checkpoint;
     let checkpoint = keeper.start_point(in_file_checkpoint)?;
     check_within_head(&name, checkpoint, context)?;
-    Ok(checkpoint)
+    Ok((checkpoint, dead_letters))
 }
 
 /// A checkpoint past the log's head means the projection was built from another
@@ -832,7 +961,7 @@ fn check_within_head(name: &str, checkpoint: u64, context: &RunContext<'_>) -> R
 
 /// Calls the handler; a panic becomes an error, so one broken projection does not
 /// take down the others.
-fn call_handler<E>(
+pub(crate) fn call_handler<E>(
     handler: &mut dyn Handler<E>,
     tx: &Transaction<'_>,
     events: &[GlobalEvent<E>],
@@ -848,6 +977,71 @@ fn call_handler<E>(
             Err(format!("handler panicked: {message}").into())
         }
     }
+}
+
+/// Applies `events` one at a time, each in a savepoint of its own (inside the
+/// batch's savepoint, rolled back to its start): one that fails is rolled
+/// back alone and recorded as a dead letter, unless its error comes from the
+/// environment (tried again later, never dead-lettered) or the file holds
+/// `max_dead_letters` already; both stop the projection (the caller rolls the
+/// batch back).
+fn apply_skipping<E>(
+    tx: &Transaction<'_>,
+    handler: &mut dyn Handler<E>,
+    events: &[GlobalEvent<E>],
+    name: &str,
+    state: &mut WriterState,
+    max_dead_letters: u32,
+) -> std::result::Result<(), Stop> {
+    let (dead_letters, dead_lettered) = (state.dead_letters, state.dead_lettered);
+    let applied = (|| {
+        for event in events {
+            let sql_failed = |source| {
+                Stop::Failed(Error::sqlite(format!(
+                    "projection {name}: event {}",
+                    event.sequence
+                ))(source))
+            };
+            tx.execute_batch("SAVEPOINT event").map_err(sql_failed)?;
+            let Err(source) = call_handler(handler, tx, std::slice::from_ref(event)) else {
+                tx.execute_batch("RELEASE event").map_err(sql_failed)?;
+                continue;
+            };
+            tx.execute_batch("ROLLBACK TO event; RELEASE event")
+                .map_err(sql_failed)?;
+            let text = error_text(&*source);
+            if crate::error::is_transient(&*source) {
+                return Err(Stop::Handler {
+                    first: event.sequence,
+                    last: event.sequence,
+                    source,
+                });
+            }
+            if state.dead_letters >= u64::from(max_dead_letters) {
+                return Err(Stop::DeadLettersFull {
+                    max: max_dead_letters,
+                    last_error: text,
+                });
+            }
+            let failed = Failed {
+                sequence: event.sequence,
+                stream_id: &event.stream_id,
+                stream_version: Some(event.stream_version),
+                event_type: &event.event_type,
+                error: &text,
+            };
+            crate::dead_letters::record(tx, &failed).map_err(sql_failed)?;
+            state.dead_letters += 1;
+            state.dead_lettered += 1;
+        }
+        Ok(())
+    })();
+    if applied.is_err() {
+        // Rolled back with the batch.
+        state.dead_letters = dead_letters;
+        state.dead_lettered = dead_lettered;
+    }
+    applied
 }
 
 /// Asks the commit guard, if any, whether this projection may commit.
@@ -900,5 +1094,6 @@ fn report(
         } else {
             None
         },
+        dead_letters: state.dead_letters,
     });
 }

@@ -92,11 +92,39 @@ fn apply_one(tx: &Transaction<'_>, event: &GlobalEvent<BankEvent>) -> Result<(),
 
 /// Writes a deterministic bank log of `n_events` events over `n_accounts` accounts.
 pub fn write_bank_log(store: &SqliteEventStore, n_events: u64, n_accounts: u64, seed: u64) {
+    write_bank_log_poisoned(store, n_events, n_accounts, seed, None);
+}
+
+/// Poison events in a bank log.
+#[derive(Clone, Copy, Debug)]
+pub enum Poison {
+    /// After every this many bank events, one poison event: alternately one
+    /// the bank handler refuses (type `Bogus`) and one whose payload does not
+    /// decode (`Opened` with a number for an owner), each in a stream of its own.
+    Every(u64),
+    /// The same places taken by harmless `Noted` events instead: the same
+    /// sequences for the bank events, for a reference run.
+    Placeholders(u64),
+}
+
+/// As [`write_bank_log`], with poison events (or their placeholders).
+/// Returns the sequences of the poison events (or placeholders).
+pub fn write_bank_log_poisoned(
+    store: &SqliteEventStore,
+    n_events: u64,
+    n_accounts: u64,
+    seed: u64,
+    poison: Option<Poison>,
+) -> Vec<u64> {
+    let poison_every = poison.map(|p| match p {
+        Poison::Every(n) | Poison::Placeholders(n) => n,
+    });
     let mut rng = fastrand::Rng::with_seed(seed);
     let mut versions = vec![0u64; n_accounts as usize];
     let mut written = 0;
+    let mut poisoned = Vec::new();
     while written < n_events {
-        let chunk = (n_events - written).min(1000);
+        let chunk = (n_events - written).min(poison_every.unwrap_or(1000));
         let mut per_stream: Vec<(String, u64, Vec<NewEvent>)> = Vec::new();
         for _ in 0..chunk {
             let account = rng.u64(0..n_accounts) as usize;
@@ -134,7 +162,24 @@ pub fn write_bank_log(store: &SqliteEventStore, n_events: u64, n_accounts: u64, 
             .collect();
         store.append_batch(&appends).unwrap();
         written += chunk;
+        if poison_every.is_some() && written < n_events {
+            let k = poisoned.len();
+            let poison = if matches!(poison, Some(Poison::Placeholders(_))) {
+                NewEvent::json("Noted", &serde_json::json!({})).unwrap()
+            } else if k % 2 == 0 {
+                NewEvent::json("Bogus", &serde_json::json!({"cents": 1})).unwrap()
+            } else {
+                NewEvent {
+                    event_type: "Opened".into(),
+                    data: "{\"owner\": 42}".into(),
+                    metadata: None,
+                }
+            };
+            let appended = store.append(&format!("poison-{k}"), 0, &[poison]).unwrap();
+            poisoned.push(appended.first_sequence);
+        }
     }
+    poisoned
 }
 
 /// A store at `path` holding a bank log.
