@@ -181,6 +181,25 @@ pub(crate) enum Command {
         #[arg(long)]
         check: bool,
     },
+    /// The events projections with `on_error = "skip"` could not apply (their
+    /// dead letters): sequence, type, stream, attempts, when, error.
+    DeadLetters {
+        /// The projection [default: every one in the directory].
+        name: Option<String>,
+    },
+    /// Apply a projection's dead letters again, in sequence order, under the
+    /// config's (fixed) definition; those that apply are removed. Exits 4
+    /// when some fail again. A running follower does it on request.
+    Retry {
+        /// The projection.
+        name: String,
+        /// The sequence of the one dead letter to retry.
+        #[arg(long = "seq", value_name = "N", conflicts_with = "all")]
+        sequence: Option<u64>,
+        /// Retry every dead letter.
+        #[arg(long)]
+        all: bool,
+    },
     /// Names of the projection files in the directory.
     List,
     /// Delete one projection file (data and checkpoint).

@@ -327,6 +327,7 @@ fn follow_epoch(
         .collect();
     register(dir, &watched);
     roll_back_on_request(cli, dir, &watched, config);
+    crate::dead_letters::retry_on_request(cli, dir, &watched, config, store.reader());
     let opened = open_selected(cli, dir, &selected, Plan::Resume, Some(head));
     let Opened {
         selected,
@@ -991,7 +992,11 @@ impl Watch<'_> {
         self.names
             .iter()
             .filter_map(|name| VersionFiles::new(self.dir, name).ok())
-            .any(|f| f.rebuild_request.exists() || f.rollback_request.exists())
+            .any(|f| {
+                f.rebuild_request.exists()
+                    || f.rollback_request.exists()
+                    || f.retry_request.exists()
+            })
             .then_some(Change::Requests)
     }
 
@@ -1245,6 +1250,7 @@ impl Live {
                 committed: p.checkpoint > state.checkpoint,
                 batch_latency: p.batch_latency,
                 hole_wait: p.hole_wait,
+                dead_letters: Some(p.dead_letters),
             });
         }
         if p.checkpoint > state.checkpoint {
@@ -1296,6 +1302,7 @@ impl Live {
                 committed: false,
                 batch_latency: None,
                 hole_wait: None,
+                dead_letters: None,
             });
         }
         self.announce(name, state);

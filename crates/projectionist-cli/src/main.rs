@@ -10,6 +10,7 @@ mod bench;
 mod bench_follow;
 mod bench_many;
 mod bench_publish;
+mod dead_letters;
 mod demo;
 mod follow;
 mod inspect;
@@ -146,6 +147,12 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             timeout,
         } => run_wait(cli, name, *position, *timeout),
         Command::List => run_list(cli),
+        Command::DeadLetters { name } => dead_letters::run_dead_letters(cli, name.as_deref()),
+        Command::Retry {
+            name,
+            sequence,
+            all,
+        } => dead_letters::run_retry(cli, name, *sequence, *all),
         Command::Remove { name } => {
             let dir = open_existing_dir(cli)?;
             dir.remove(name)

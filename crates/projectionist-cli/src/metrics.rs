@@ -49,6 +49,7 @@ pub(crate) struct Metrics {
     late_events: Family<Labels, Counter>,
     snapshot_time: Family<Labels, Gauge<f64, AtomicU64>>,
     snapshot_bytes: Family<Labels, Gauge>,
+    dead_letters: Family<Labels, Gauge>,
     health: Mutex<BTreeMap<String, Health>>,
     max_lag: u64,
     max_wait: Duration,
@@ -71,6 +72,8 @@ pub(crate) struct Observed<'a> {
     pub(crate) batch_latency: Option<Duration>,
     /// Held at a hole: its sequence, and since when.
     pub(crate) hole_wait: Option<projectionist::HoleWait>,
+    /// Dead letters its file holds, when the report says.
+    pub(crate) dead_letters: Option<u64>,
 }
 
 impl Metrics {
@@ -88,6 +91,12 @@ impl Metrics {
         let late_events = Family::<Labels, Counter>::default();
         let snapshot_time = Family::<Labels, Gauge<f64, AtomicU64>>::default();
         let snapshot_bytes = Family::<Labels, Gauge>::default();
+        let dead_letters = Family::<Labels, Gauge>::default();
+        registry.register(
+            "dead_letters",
+            "Events the projection could not apply and skipped (on_error = \"skip\"), kept in its file; `projectionist dead-letters` lists them",
+            dead_letters.clone(),
+        );
         registry.register(
             "last_snapshot_timestamp_seconds",
             "Unix time of the projection's last snapshot taken by this follower (--snapshot-to); its age is time() minus this",
@@ -173,6 +182,7 @@ impl Metrics {
             late_events,
             snapshot_time,
             snapshot_bytes,
+            dead_letters,
             health: Mutex::new(BTreeMap::new()),
             max_lag,
             max_wait,
@@ -196,6 +206,9 @@ impl Metrics {
         self.processed.get_or_create(&labels).inc_by(o.processed);
         if o.committed {
             self.last_commit.get_or_create(&labels).set(unix_now());
+        }
+        if let Some(count) = o.dead_letters {
+            self.dead_letters.get_or_create(&labels).set(gauge(count));
         }
         if let Some(latency) = o.batch_latency {
             self.batch_latency

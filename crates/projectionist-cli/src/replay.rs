@@ -70,7 +70,7 @@ pub(crate) fn run_replay(cli: &Cli, names: &[String], plan: Plan) -> Result<(), 
         let request = VersionFiles::new(dir.path(), name)
             .map_err(|e| fail(EXIT_PROJECTION)(e.into()))?
             .rebuild_request;
-        match ask_follower(dir.path(), name, &request) {
+        match ask_follower(dir.path(), name, &request, None) {
             None => local.push(projection),
             Some(Ok((pid, _))) => {
                 if cli.json {
@@ -115,6 +115,7 @@ pub(crate) fn ask_follower(
     dir: &std::path::Path,
     name: &str,
     request: &std::path::Path,
+    body: Option<&str>,
 ) -> Option<anyhow::Result<(u32, String)>> {
     let registered = VersionFiles::new(dir, name).ok()?.follower;
     let pid: u32 = std::fs::read_to_string(registered)
@@ -134,7 +135,13 @@ pub(crate) fn ask_follower(
             .write(true)
             .create_new(true)
             .open(request)
-            .and_then(|mut file| std::io::Write::write_all(&mut file, id.as_bytes()));
+            .and_then(|mut file| {
+                let text = match body {
+                    Some(body) => format!("{id}\n{body}\n"),
+                    None => id.clone(),
+                };
+                std::io::Write::write_all(&mut file, text.as_bytes())
+            });
         match created {
             Ok(()) => break,
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
@@ -164,6 +171,42 @@ pub(crate) fn ask_follower(
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     Some(Ok((pid, id)))
+}
+
+/// How long the asking process waits for the follower's answer once the
+/// follower took the request: a rollback is one swap of small files; a retry
+/// reads each dead letter back from the log (at most `DEAD_LETTERS_MAX`).
+const ANSWER_WITHIN: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Waits for the follower `pid`'s answer to request `id` (a `what`) about
+/// projection `name`, in its outcome file; the file is removed once read.
+pub(crate) fn await_answer(
+    dir: &std::path::Path,
+    name: &str,
+    pid: u32,
+    id: &str,
+    what: &str,
+) -> Result<serde_json::Value, Failure> {
+    let path = projectionist_runner::control::outcome_path(dir, name, id)
+        .ok_or_else(|| fail(EXIT_PROJECTION)(anyhow!("request id {id:?} is not ours")))?;
+    let asked = Instant::now();
+    loop {
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            let _ = std::fs::remove_file(&path);
+            if let Ok(answer) = serde_json::from_str::<serde_json::Value>(&text) {
+                return Ok(answer);
+            }
+            break;
+        }
+        if asked.elapsed() > ANSWER_WITHIN || !crate::status::process_alive(pid) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    Err(fail(EXIT_PROJECTION)(anyhow!(
+        "the follower (process {pid}) took the {what} request for {name} but gave no \
+         answer; `projectionist status` shows where it is"
+    )))
 }
 
 /// A request's id: this process and the time, unique on this machine; only

@@ -205,6 +205,7 @@ pub(crate) fn status_row(
         versions: ui::VersionsRow::default(),
         pending_indexes: Vec::new(),
         waiting_at: None,
+        dead_letters: 0,
     };
     let path = files.db.as_path();
     let troubled = |mut row: ui::StatusRow, state, reason: String| {
@@ -264,6 +265,10 @@ pub(crate) fn status_row(
     }
     row.checkpoint = checkpoint;
     row.pending_indexes = pending;
+    row.dead_letters = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .ok()
+        .and_then(|conn| projectionist::dead_letter_count(&conn).ok())
+        .unwrap_or(0);
     row.lag = head.map(|h| h.saturating_sub(checkpoint));
     row.built_version = stored.as_ref().map(|s| s.version);
     let alive_in = |state: &str| {

@@ -171,12 +171,16 @@ pub fn result_line(json: bool, quiet: bool, r: &RebuildResult) {
         json_line(&serde_json::json!({
             "event": "result", "projection": r.projection_name, "processed": r.processed,
             "checkpoint": r.checkpoint, "head": r.total, "seconds": seconds,
-            "below_head": below_head,
+            "below_head": below_head, "dead_letters": r.dead_letters,
+            "dead_lettered": r.dead_lettered,
         }));
     } else if !quiet {
         eprintln!(
-            "{}: {} events in {seconds:.2}s ({rate:.0} events/s), checkpoint {}",
-            r.projection_name, r.processed, r.checkpoint
+            "{}: {} events in {seconds:.2}s ({rate:.0} events/s), checkpoint {}{}",
+            r.projection_name,
+            r.processed,
+            r.checkpoint,
+            dead_letters_note(r)
         );
     }
     if below_head && !json {
@@ -187,6 +191,22 @@ pub fn result_line(json: bool, quiet: bool, r: &RebuildResult) {
              transaction that is still running; run resume again once it has ended",
             r.projection_name, r.checkpoint, r.total
         );
+    }
+}
+
+/// `, N events dead-lettered (M in all; see ...)` when the run skipped
+/// events or the file holds dead letters; empty otherwise.
+fn dead_letters_note(r: &RebuildResult) -> String {
+    match (r.dead_lettered, r.dead_letters) {
+        (0, 0) => String::new(),
+        (0, all) => format!(
+            ", {all} dead letters held (projectionist dead-letters {})",
+            r.projection_name
+        ),
+        (new, all) => format!(
+            ", {new} events dead-lettered by this run, {all} held (projectionist dead-letters {})",
+            r.projection_name
+        ),
     }
 }
 
@@ -263,6 +283,8 @@ pub struct StatusRow {
     pub pending_indexes: Vec<String>,
     /// `waiting`: the missing sequence number (PostgreSQL) its reads wait at.
     pub waiting_at: Option<u64>,
+    /// Events it skipped (`on_error = "skip"`), kept in its file.
+    pub dead_letters: u64,
 }
 
 /// A projection's other versions, in `status`.
@@ -308,6 +330,7 @@ pub fn status_table(json: bool, rows: &[StatusRow], head: Option<u64>) {
                 "shadow_checkpoint": r.versions.shadow_checkpoint,
                 "shadow_error": r.versions.shadow_error,
                 "pending_indexes": r.pending_indexes,
+                "dead_letters": r.dead_letters,
                 "waiting": r.waiting_at.map(|sequence| serde_json::json!({
                     "reason": "hole", "sequence": sequence,
                 })),
@@ -341,6 +364,12 @@ pub fn status_table(json: bool, rows: &[StatusRow], head: Option<u64>) {
                 .map(|l| format!(" (at {})", l.updated_at))
                 .unwrap_or_default();
             out_line(&format!("  {}{when}: {}", r.state, escape_controls(error)));
+        }
+        if r.dead_letters > 0 {
+            out_line(&format!(
+                "  {} dead letters (events it skipped): projectionist dead-letters {}",
+                r.dead_letters, r.name
+            ));
         }
         if let Some(hole) = r.waiting_at {
             out_line(&format!(

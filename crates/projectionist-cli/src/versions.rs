@@ -283,7 +283,7 @@ pub(crate) fn run_rollback(cli: &Cli, name: &str) -> Result<(), Failure> {
         let request = VersionFiles::new(dir.path(), name)
             .map_err(|e| error(e.into()))?
             .rollback_request;
-        if let Some(asked) = ask_follower(dir.path(), name, &request) {
+        if let Some(asked) = ask_follower(dir.path(), name, &request, None) {
             let (pid, id) = asked.map_err(error)?;
             return follower_rolled_back(cli, &dir, name, pid, &id);
         }
@@ -332,10 +332,6 @@ pub(crate) fn run_rollback(cli: &Cli, name: &str) -> Result<(), Failure> {
     Ok(())
 }
 
-/// How long the asking process waits for the follower's answer once the
-/// follower took the request (a rollback is one swap of small files).
-const ANSWER_WITHIN: std::time::Duration = std::time::Duration::from_secs(30);
-
 /// Reports a rollback done by the follower `pid` on request `id`, from the
 /// follower's own answer to that request (never from the live file, which a
 /// handed-off rebuild or another request may change meanwhile).
@@ -346,25 +342,7 @@ fn follower_rolled_back(
     pid: u32,
     id: &str,
 ) -> Result<(), Failure> {
-    let path = projectionist_runner::control::outcome_path(dir.path(), name, id)
-        .ok_or_else(|| fail(EXIT_PROJECTION)(anyhow!("request id {id:?} is not ours")))?;
-    let asked = Instant::now();
-    let answer = loop {
-        if let Ok(text) = std::fs::read_to_string(&path) {
-            let _ = std::fs::remove_file(&path);
-            break serde_json::from_str::<serde_json::Value>(&text).ok();
-        }
-        if asked.elapsed() > ANSWER_WITHIN || !crate::status::process_alive(pid) {
-            break None;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    };
-    let Some(answer) = answer else {
-        return Err(fail(EXIT_PROJECTION)(anyhow!(
-            "the follower (process {pid}) took the rollback request for {name} but gave no \
-             answer; `projectionist status` shows where it is"
-        )));
-    };
+    let answer = crate::replay::await_answer(dir.path(), name, pid, id, "rollback")?;
     if answer["ok"] != true {
         return Err(fail(EXIT_PROJECTION)(anyhow!(
             "the follower (process {pid}) could not roll {name} back: {}",

@@ -15,6 +15,11 @@
 //!   `rolled_back_at`, `follows`, or `error`), then removed. An asker creates
 //!   a request file only when none is pending, so requests are served one at
 //!   a time and each answer is its own.
+//! - `.{name}.retry-request`, holding a request id and, on a second line,
+//!   `all` or the sequence of one dead letter: asks the holder to apply the
+//!   projection's dead letters again; answered in `.{name}.outcome-{id}`
+//!   (JSON: `ok`, `applied`, `failed` as `[sequence, error]` pairs, or
+//!   `error`), then removed.
 
 use std::path::{Path, PathBuf};
 
@@ -130,12 +135,50 @@ pub(crate) fn tell_status(dir: &Path, status: &Status) {
 /// removes the request: the asker finds its answer when it sees the request
 /// taken.
 pub fn answer_rollback(dir: &Path, name: &str, id: &str, outcome: &serde_json::Value) {
+    answer(dir, name, id, outcome, |files| &files.rollback_request);
+}
+
+/// Answers retry request `id` for projection `name` with `outcome`, then
+/// removes the request, as [`answer_rollback`] does.
+pub fn answer_retry(dir: &Path, name: &str, id: &str, outcome: &serde_json::Value) {
+    answer(dir, name, id, outcome, |files| &files.retry_request);
+}
+
+fn answer(
+    dir: &Path,
+    name: &str,
+    id: &str,
+    outcome: &serde_json::Value,
+    request: impl Fn(&VersionFiles) -> &PathBuf,
+) {
     if let Some(path) = outcome_path(dir, name, id)
         && let Err(e) = replace_own_file(&path, &outcome.to_string())
     {
-        tracing::error!(projection = name, error = %e, "cannot answer a rollback request");
+        tracing::error!(projection = name, error = %e, "cannot answer a request");
     }
     if let Ok(files) = VersionFiles::new(dir, name) {
-        let _ = std::fs::remove_file(&files.rollback_request);
+        let _ = std::fs::remove_file(request(&files));
+    }
+}
+
+/// A retry request as written in `.{name}.retry-request`: its id, and which
+/// dead letters (`None` when the file is not a valid request).
+#[must_use]
+pub fn parse_retry_request(text: &str) -> Option<(String, projectionist::Retry)> {
+    let mut lines = text.lines();
+    let id = lines.next()?.trim().to_owned();
+    let which = match lines.next().map(str::trim) {
+        None | Some("all") => projectionist::Retry::All,
+        Some(sequence) => projectionist::Retry::Sequence(sequence.parse().ok()?),
+    };
+    Some((id, which))
+}
+
+/// The outcome file's JSON for a retry.
+#[must_use]
+pub fn retry_outcome(retried: &Result<projectionist::Retried, String>) -> serde_json::Value {
+    match retried {
+        Ok(r) => json!({"ok": true, "applied": r.applied, "failed": r.failed}),
+        Err(e) => json!({"ok": false, "error": e}),
     }
 }

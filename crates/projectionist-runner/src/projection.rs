@@ -115,4 +115,8 @@ impl<E> Handler<E> for Versioned<E> {
     fn caught_up(&mut self, tx: &Transaction<'_>) -> Result<(), BoxError> {
         self.inner.caught_up(tx)
     }
+
+    fn on_error(&self) -> projectionist::OnError {
+        self.inner.on_error()
+    }
 }

@@ -128,6 +128,9 @@ pub struct Status {
     pub shadow_checkpoint: Option<u64>,
     /// Events applied by this supervisor since it started.
     pub processed: u64,
+    /// Dead letters the live file holds (events it skipped, see
+    /// [`projectionist::OnError::Skip`]).
+    pub dead_letters: u64,
 }
 
 impl Status {

@@ -110,6 +110,9 @@ pub enum Request {
     Rebuild,
     /// Restore the previous version kept by the last publish.
     Rollback,
+    /// Apply dead letters again (after a fix of the definition), as
+    /// [`projectionist::retry_dead_letters`] does.
+    Retry(projectionist::Retry),
 }
 
 /// What a request did.
@@ -133,6 +136,9 @@ pub enum Outcome {
         /// as it is, `stopped` with the reason, until a rebuild).
         follows: bool,
     },
+    /// Dead letters applied again: those applied now, and those that failed
+    /// again.
+    Retried(projectionist::Retried),
 }
 
 struct Command {
@@ -667,6 +673,7 @@ impl Entry {
                 head: 0,
                 shadow_checkpoint: None,
                 processed: 0,
+                dead_letters: 0,
             },
             base: State::Starting,
             outage: None,
@@ -811,6 +818,9 @@ impl Shared {
             }
             status.head = status.head.max(p.total).max(p.checkpoint);
             status.processed = status.processed.max(p.processed);
+            if !in_shadow {
+                status.dead_letters = p.dead_letters;
+            }
             entry.base = match (&p.err, p.hole_wait) {
                 (Some(error), _) => State::Failed {
                     error: error.clone(),
@@ -934,6 +944,13 @@ impl<E: Send + Sync + 'static> Lifecycle<E> {
                     self.rebuilds.push(reply);
                     rebuild = true;
                 }
+                Some(Command {
+                    request: Request::Retry(which),
+                    reply,
+                }) => {
+                    self.retry(&mut projection, which, &reply);
+                    continue;
+                }
                 None => {}
             }
             let end = self.run_once(&mut projection, &mut rebuild);
@@ -1037,6 +1054,9 @@ impl<E: Send + Sync + 'static> Lifecycle<E> {
         let live_checkpoint = live
             .with_connection(|conn| SqliteCheckpoint::load_in(conn, &name))
             .unwrap_or(0);
+        let live_dead_letters = live
+            .with_connection(|conn| projectionist::dead_letter_count(conn))
+            .unwrap_or(0);
         let (writes, start, in_shadow) = match placement {
             Placement::Held { reason } => {
                 self.shared.update(&name, |entry| {
@@ -1057,6 +1077,7 @@ impl<E: Send + Sync + 'static> Lifecycle<E> {
         };
         self.shared.update(&name, |entry| {
             entry.status.checkpoint = live_checkpoint;
+            entry.status.dead_letters = live_dead_letters;
             entry.status.shadow_checkpoint = in_shadow.then_some(0);
             entry.base = if in_shadow {
                 State::BuildingShadow
@@ -1204,6 +1225,38 @@ impl<E: Send + Sync + 'static> Lifecycle<E> {
         }
     }
 
+    /// Serves a retry of dead letters, between two runs (this process holds
+    /// the file, no run writes it meanwhile).
+    fn retry(
+        &mut self,
+        projection: &mut Supervised<E>,
+        which: projectionist::Retry,
+        reply: &Sender<Result<Outcome, Error>>,
+    ) {
+        let name = projection.name().to_owned();
+        let retried = self.dir.db(&name).and_then(|db| {
+            let retried = projectionist::retry_dead_letters(
+                &*self.reader,
+                &db,
+                &mut *projection.handler,
+                which,
+            )?;
+            let left = db.with_connection(|conn| projectionist::dead_letter_count(conn))?;
+            Ok((retried, left))
+        });
+        match retried {
+            Ok((retried, left)) => {
+                tracing::info!(projection = %name, applied = retried.applied.len(), failed = retried.failed.len(), "retried dead letters");
+                self.shared
+                    .update(&name, |entry| entry.status.dead_letters = left);
+                let _ = reply.send(Ok(Outcome::Retried(retried)));
+            }
+            Err(e) => {
+                let _ = reply.send(Err(e.into()));
+            }
+        }
+    }
+
     /// Serves a rollback: a rebuild in progress is given up (its shadow
     /// discarded: the operator asked for the previous version, not the new
     /// one), the previous version restored.
@@ -1287,6 +1340,7 @@ impl RequestWatch {
             tracing::info!(projection = name, "rebuilding in its shadow on request");
             let _ = std::fs::remove_file(&files.rebuild_request);
         }
+        self.take_retry(name, &files);
         let Ok(id) = std::fs::read_to_string(&files.rollback_request) else {
             return;
         };
@@ -1311,6 +1365,29 @@ impl RequestWatch {
             Err(e) => serde_json::json!({"ok": false, "error": e.to_string()}),
         };
         control::answer_rollback(&self.dir, name, id.trim(), &answer);
+    }
+}
+
+impl RequestWatch {
+    /// Serves projection `name`'s pending retry request, answered in its
+    /// outcome file.
+    fn take_retry(&self, name: &str, files: &projectionist::VersionFiles) {
+        let Ok(text) = std::fs::read_to_string(&files.retry_request) else {
+            return;
+        };
+        let Some((id, which)) = control::parse_retry_request(&text) else {
+            tracing::warn!(projection = name, "ignored a retry request that is not one");
+            let _ = std::fs::remove_file(&files.retry_request);
+            return;
+        };
+        let outcome = send_request(&self.shared, &self.commands, name, Request::Retry(which))
+            .and_then(|answer| answer.recv().map_err(|_| Error::Stopped(name.to_owned()))?);
+        let answer = match outcome {
+            Ok(Outcome::Retried(retried)) => control::retry_outcome(&Ok(retried)),
+            Ok(other) => control::retry_outcome(&Err(format!("unexpected answer {other:?}"))),
+            Err(e) => control::retry_outcome(&Err(e.to_string())),
+        };
+        control::answer_retry(&self.dir, name, &id, &answer);
     }
 }
 

@@ -115,6 +115,14 @@ pub struct RawProjection {
     /// Statements per event type.
     #[serde(default)]
     pub on: BTreeMap<String, RawHandler>,
+    /// What to do with an event that cannot be applied: `"stop"` (the
+    /// default) or `"skip"` (record it as a dead letter and go on).
+    #[serde(default)]
+    pub on_error: Option<String>,
+    /// With `on_error = "skip"`: dead letters the file may hold before the
+    /// projection stops (default 100).
+    #[serde(default)]
+    pub max_dead_letters: Option<u32>,
 }
 
 /// `[projection.on.EventType]` as written.
@@ -175,6 +183,10 @@ pub struct SqlProjection {
     /// searches by. Not part of `hash`: adding one to a built projection
     /// builds it at the next run's end, without a rebuild.
     pub deferred_indexes: String,
+    /// What to do with an event that cannot be applied (`on_error` and
+    /// `max_dead_letters`). Not part of `hash`: the rows of a log without
+    /// poison do not depend on it.
+    pub on_error: projectionist::OnError,
 }
 
 /// One statement, as written and as prepared.
@@ -588,6 +600,8 @@ fn validate_projection(raw: RawProjection) -> Result<SqlProjection, Failure> {
         on.insert(event_type, statements);
     }
     drop(enforced);
+    let on_error = on_error(raw.on_error.as_deref(), raw.max_dead_letters)
+        .map_err(|message| (place.clone(), message))?;
     let hash = definition_hash(raw.version, &raw.schema, &on);
     Ok(SqlProjection {
         name,
@@ -596,7 +610,37 @@ fn validate_projection(raw: RawProjection) -> Result<SqlProjection, Failure> {
         on,
         hash,
         deferred_indexes,
+        on_error,
     })
+}
+
+/// `on_error` and `max_dead_letters` as written.
+fn on_error(
+    on_error: Option<&str>,
+    max_dead_letters: Option<u32>,
+) -> Result<projectionist::OnError, String> {
+    use projectionist::limits::DEAD_LETTERS_MAX;
+    match (on_error, max_dead_letters) {
+        (None | Some("stop"), None) => Ok(projectionist::OnError::Stop),
+        (None | Some("stop"), Some(_)) => Err(
+            "max_dead_letters is set but on_error is not \"skip\": set on_error = \"skip\" or remove it"
+                .into(),
+        ),
+        (Some("skip"), max) => {
+            let max = max.unwrap_or(projectionist::limits::DEAD_LETTERS_MAX_DEFAULT);
+            if max > DEAD_LETTERS_MAX {
+                return Err(format!(
+                    "max_dead_letters = {max} is above the maximum of {DEAD_LETTERS_MAX}"
+                ));
+            }
+            Ok(projectionist::OnError::Skip {
+                max_dead_letters: max,
+            })
+        }
+        (Some(other), _) => Err(format!(
+            "on_error = {other:?}: must be \"stop\" (the default) or \"skip\""
+        )),
+    }
 }
 
 /// The names of the indexes in `conn`'s main database.

@@ -131,10 +131,16 @@ impl SqlHandler<'_> {
             for (idx, statement) in statements.iter().enumerate() {
                 let failure =
                     |message: String| failure(format!("statement {}: {message}", idx + 1));
-                let sql_failure = |e: &projectionist::rusqlite::Error| {
+                let sql_failure = |e: projectionist::rusqlite::Error| -> BoxError {
+                    // A busy or full disk is no fault of the event: kept as
+                    // SQLite's own error, so the engine tries it again later
+                    // rather than dead-letter it.
+                    if projectionist::is_transient(&e) {
+                        return Box::new(e);
+                    }
                     failure(format!(
                         "{} in {:?}",
-                        self.confinement.explain(e),
+                        self.confinement.explain(&e),
                         statement.text.trim()
                     ))
                 };
@@ -155,16 +161,14 @@ impl SqlHandler<'_> {
                 let at = match prepared.iter().position(|(k, _)| *k == key) {
                     Some(at) => at,
                     None => {
-                        let stmt = tx
-                            .prepare_cached(&statement.sql)
-                            .map_err(|e| sql_failure(&e))?;
+                        let stmt = tx.prepare_cached(&statement.sql).map_err(sql_failure)?;
                         prepared.push((key, stmt));
                         prepared.len() - 1
                     }
                 };
                 let stmt = &mut prepared[at].1;
                 stmt.execute(projectionist::rusqlite::params_from_iter(values.iter()))
-                    .map_err(|e| sql_failure(&e))?;
+                    .map_err(sql_failure)?;
             }
         }
         Ok(())
@@ -187,6 +191,10 @@ macro_rules! payload_handler {
 
             fn caught_up(&mut self, tx: &Transaction<'_>) -> Result<(), BoxError> {
                 self.build_deferred_indexes(tx)
+            }
+
+            fn on_error(&self) -> projectionist::OnError {
+                self.projection.on_error
             }
 
             fn apply(

@@ -424,6 +424,7 @@ impl ProjectionDir {
         }
         remove_file_if_exists(&versions.rebuild_request)?;
         remove_file_if_exists(&versions.rollback_request)?;
+        remove_file_if_exists(&versions.retry_request)?;
         remove_file_if_exists(&versions.follower)?;
         remove_file_if_exists(&self.lock_path(name))
     }

@@ -10,7 +10,7 @@
 //! | `.{name}.shadow.db` | a rebuild in progress, or finished and not yet published |
 //! | `.{name}.previous.db` | the version before the last publish (or rollback) |
 //! | `.{name}.previous-new.db` | a copy of the live file being made by a publish; renamed to `.previous.db` once the publish has happened |
-//! | `.{name}.rebuild-request`, `.{name}.rollback-request` | empty files by which another process asks the holder of the projection (a follower) to rebuild or roll it back |
+//! | `.{name}.rebuild-request`, `.{name}.rollback-request`, `.{name}.retry-request` | files by which another process asks the holder of the projection (a follower) to rebuild it, roll it back, or apply its dead letters again |
 //! | `.{name}.follower` | the process id of the follower holding the projection, which takes such requests |
 //!
 //! Their names start with a dot, which a projection name never does, so `list`,
@@ -77,6 +77,9 @@ pub struct VersionFiles {
     /// `.{name}.rollback-request`: another process asks the one holding the
     /// projection to roll it back.
     pub rollback_request: PathBuf,
+    /// `.{name}.retry-request`: another process asks the one holding the
+    /// projection to apply its dead letters again.
+    pub retry_request: PathBuf,
     /// `.{name}.follower`: the process id of the follower that holds the
     /// projection and takes requests (written by the follower).
     pub follower: PathBuf,
@@ -99,6 +102,7 @@ impl VersionFiles {
             previous_new: dir.join(format!(".{name}.previous-new.db")),
             rebuild_request: dir.join(format!(".{name}.rebuild-request")),
             rollback_request: dir.join(format!(".{name}.rollback-request")),
+            retry_request: dir.join(format!(".{name}.retry-request")),
             follower: dir.join(format!(".{name}.follower")),
         }
     }
