@@ -313,3 +313,47 @@ fn a_follower_dead_letters_a_new_poison_event_follows_on_and_retries_on_request(
     let status = follower.wait().unwrap();
     assert!(status.success(), "{status}");
 }
+
+/// A worker (PostgreSQL, leases) honours the policy as `rebuild` does.
+#[test]
+fn a_worker_dead_letters_poison_events_of_a_postgres_log() {
+    use postgres::{Client, NoTls};
+    let schema = common::pg::Schema::new("dead_letters_worker");
+    let env = Env::new();
+    let url = schema.url();
+    // The demo creates the store's tables; its own events are of other types.
+    env.pg_demo_log(&url, 1);
+    env.write_config(&CONFIG.replace("OrderPlaced", "Placed"));
+    let mut client = Client::connect(&url, NoTls).unwrap();
+    let mut poison = Vec::new();
+    for i in 0..20 {
+        let mut data = format!(r#"{{"order_id": "o{i}", "total": {i}}}"#);
+        if i == 7 {
+            data = r#"{"order_id": "t", "total": "abc"}"#.to_owned();
+        } else if i == 13 {
+            data = r#"{"order_id": "m"}"#.to_owned();
+        }
+        let sequence: i64 = client
+            .query_one(
+                "INSERT INTO events (stream_id, stream_version, event_type, data)
+                 VALUES ($1, 1, 'Placed', $2::text::jsonb) RETURNING sequence",
+                &[&format!("order-{i}"), &data],
+            )
+            .unwrap()
+            .get(0);
+        if i == 7 || i == 13 {
+            poison.push(sequence as u64);
+        }
+    }
+    let out = env
+        .command_with(&url, "projections", &["worker", "--exit-when-done"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(rows(&env), 18);
+    let sequences: Vec<u64> = letters(&env)
+        .iter()
+        .map(|l| l["sequence"].as_u64().unwrap())
+        .collect();
+    assert_eq!(sequences, poison);
+}

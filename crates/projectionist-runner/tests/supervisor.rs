@@ -646,3 +646,86 @@ fn a_link_planted_at_the_restore_copy_is_not_written_through() {
     assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep me");
     assert_eq!(total_in(&target, "totals"), 10);
 }
+
+/// Sums `n`, refusing a negative one (its handler error is the poison).
+fn refusing_negatives() -> impl Handler<Value> + 'static {
+    SchemaHandler::new(
+        "CREATE TABLE IF NOT EXISTS total (id INTEGER PRIMARY KEY CHECK (id = 1), sum INTEGER NOT NULL);
+         INSERT OR IGNORE INTO total VALUES (1, 0);",
+        |tx: &Transaction<'_>, events: &[GlobalEvent<Value>]| {
+            for event in events {
+                let n = event.data["n"].as_i64().unwrap_or(0);
+                if n < 0 {
+                    return Err(format!("negative n {n} in event {}", event.sequence).into());
+                }
+                tx.execute("UPDATE total SET sum = sum + ?1", [n])?;
+            }
+            Ok(())
+        },
+    )
+}
+
+#[test]
+fn a_skipping_projection_dead_letters_a_poison_event_follows_on_and_a_retry_applies_it_once_fixed()
+{
+    let tmp = tempfile::tempdir().unwrap();
+    let store = store(tmp.path());
+    append(&store, 10);
+    let bad = store
+        .append(
+            "bad",
+            0,
+            &[NewEvent::json("Added", &json!({"n": -5})).unwrap()],
+        )
+        .unwrap()
+        .first_sequence;
+    let projections = tmp.path().join("projections");
+    let supervisor = Supervisor::builder(store.clone(), &projections)
+        .unwrap()
+        .projection(
+            Supervised::new("totals", projectionist::Skipping::new(refusing_negatives())).unwrap(),
+        )
+        .start()
+        .unwrap();
+    let last = append(&store, 5);
+    supervisor
+        .wait_for("totals", last, DEADLINE)
+        .expect("follows past the poison event");
+    assert_eq!(total_in(&projections, "totals"), 15);
+    let status = supervisor.status_of("totals").unwrap();
+    assert_eq!(status.dead_letters, 1, "{status:?}");
+    assert_eq!(status.state, State::Following);
+    // Still poison: the retry fails again and keeps it.
+    let Outcome::Retried(again) = supervisor
+        .request("totals", Request::Retry(projectionist::Retry::All))
+        .unwrap()
+    else {
+        panic!("a retry answers with what it retried");
+    };
+    assert_eq!(again.applied, Vec::<u64>::new());
+    assert_eq!(again.failed.len(), 1);
+    assert!(again.failed[0].1.contains("negative n -5"), "{again:?}");
+    // Fixed in the log: applied, removed, and the projection follows on.
+    Connection::open(tmp.path().join("events.db"))
+        .unwrap()
+        .execute(
+            "UPDATE events SET data = '{\"n\": 5}' WHERE sequence = ?1",
+            [bad as i64],
+        )
+        .unwrap();
+    let Outcome::Retried(fixed) = supervisor
+        .request("totals", Request::Retry(projectionist::Retry::Sequence(bad)))
+        .unwrap()
+    else {
+        panic!("a retry answers with what it retried");
+    };
+    assert_eq!(fixed.applied, vec![bad]);
+    assert_eq!(total_in(&projections, "totals"), 20);
+    assert_eq!(supervisor.status_of("totals").unwrap().dead_letters, 0);
+    let last = append(&store, 1);
+    supervisor
+        .wait_for("totals", last, DEADLINE)
+        .expect("follows on after the retry");
+    assert_eq!(total_in(&projections, "totals"), 21);
+    supervisor.shutdown();
+}
