@@ -714,7 +714,10 @@ fn a_skipping_projection_dead_letters_a_poison_event_follows_on_and_a_retry_appl
         )
         .unwrap();
     let Outcome::Retried(fixed) = supervisor
-        .request("totals", Request::Retry(projectionist::Retry::Sequence(bad)))
+        .request(
+            "totals",
+            Request::Retry(projectionist::Retry::Sequence(bad)),
+        )
         .unwrap()
     else {
         panic!("a retry answers with what it retried");

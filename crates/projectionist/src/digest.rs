@@ -15,8 +15,10 @@ use crate::error::{Error, Result};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DigestScope {
     /// Every table, including `_checkpoint` (but not the run record
-    /// `_projectionist_run` nor the version stamp `_projectionist_version`:
-    /// when and by which process a run or publish happened is not content).
+    /// `_projectionist_run`, the version stamp `_projectionist_version` nor
+    /// the dead letters `_projectionist_dead_letters`: when and by which
+    /// process a run, a publish or a failure happened is not content; list
+    /// dead letters with [`dead_letters`](crate::dead_letters)).
     All,
     /// The projection's own tables: everything but `_checkpoint` and internal
     /// `_projectionist_*` tables.
@@ -40,7 +42,10 @@ pub fn projection_digest(conn: &Connection, scope: DigestScope) -> Result<String
         .map_err(Error::sqlite(step()))?;
     let mut hasher = Sha256::new();
     for table in tables {
-        if table == crate::outcome::RUN_TABLE || table == crate::versions::VERSION_TABLE {
+        if table == crate::outcome::RUN_TABLE
+            || table == crate::versions::VERSION_TABLE
+            || table == crate::dead_letters::DEAD_LETTERS_TABLE
+        {
             continue;
         }
         let internal = crate::dir::is_reserved_table(&table);
