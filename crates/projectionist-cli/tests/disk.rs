@@ -122,3 +122,62 @@ fn no_keep_previous_rebuilds_where_keeping_the_previous_version_has_no_room() {
     assert_eq!(env.checkpoint_in("small", "order_summary"), before);
     drop(tmpfs);
 }
+
+/// A full disk is no fault of the events: a projection that skips poison
+/// events stops on it (naming the disk) without dead-lettering anything, and
+/// once there is room a resume completes it, equal to a build that never ran
+/// out of space.
+#[test]
+fn a_full_disk_stops_a_skipping_projection_and_is_never_dead_lettered() {
+    let env = Env::new();
+    env.demo_log(20_000);
+    let skipping = common::DEMO_CONFIG.replace("version = 1", "version = 1\non_error = \"skip\"");
+    assert!(skipping.matches("on_error").count() >= 2, "{skipping}");
+    env.write_config(&skipping);
+    let reference = run_in(&env, "reference", &["rebuild"]);
+    assert!(reference.status.success(), "{}", stderr(&reference));
+    let small = env.path("small");
+    let needed: u64 = common::DEMO_PROJECTIONS
+        .iter()
+        .map(|name| files_bytes(&env.path("reference"), name))
+        .sum();
+    // Room for a quarter of the projections: the disk fills mid-run.
+    let Some(tmpfs) = Tmpfs::mount(&small, needed / 4) else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must be able to mount a tmpfs (run as root)"
+        );
+        eprintln!("skipped: cannot mount a tmpfs here (not root?)");
+        return;
+    };
+    let full = run_in(&env, "small", &["rebuild"]);
+    assert!(!full.status.success(), "the disk is too small");
+    let text = stderr(&full);
+    assert!(text.contains("full"), "{text}");
+    let letters = run_in(&env, "small", &["--json", "dead-letters"]);
+    assert!(letters.status.success(), "{}", stderr(&letters));
+    assert_eq!(common::stdout(&letters), "", "nothing was dead-lettered");
+    tmpfs.resize(256 << 20);
+    let resumed = run_in(&env, "small", &["--json", "resume"]);
+    assert!(resumed.status.success(), "{}", stderr(&resumed));
+    for line in common::json_lines(&resumed) {
+        if line["event"] == "result" {
+            assert_eq!(line["dead_letters"], 0, "{line}");
+        }
+    }
+    for name in common::DEMO_PROJECTIONS {
+        let digest = |dir: &str| {
+            let conn =
+                projectionist::rusqlite::Connection::open(env.path(&format!("{dir}/{name}.db")))
+                    .unwrap();
+            projectionist::projection_digest(&conn, projectionist::DigestScope::ProjectionTables)
+                .unwrap()
+        };
+        assert_eq!(digest("small"), digest("reference"), "{name}");
+    }
+}
+
+/// The binary with `--dir dir` (the store and config as [`Env::command`]).
+fn run_in(env: &Env, dir: &str, args: &[&str]) -> std::process::Output {
+    env.command_with("events.db", dir, args).output().unwrap()
+}

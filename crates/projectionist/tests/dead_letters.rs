@@ -453,3 +453,49 @@ fn an_error_of_the_environment_stops_the_run_and_is_never_dead_lettered() {
     assert_eq!(sequences(&letters(&db)), f.poisoned);
     assert_eq!(result.dead_letters, f.poisoned.len() as u64);
 }
+
+/// The bank handler, panicking on `Bogus` events.
+struct Panicking(BankHandler);
+
+impl Handler<BankEvent> for Panicking {
+    fn setup(&mut self, tx: &Transaction<'_>) -> Result<(), BoxError> {
+        self.0.setup(tx)
+    }
+    fn apply(
+        &mut self,
+        tx: &Transaction<'_>,
+        events: &[GlobalEvent<BankEvent>],
+    ) -> Result<(), BoxError> {
+        for event in events {
+            assert!(event.event_type != "Bogus", "no Bogus in my bank");
+            self.0.apply(tx, std::slice::from_ref(event))?;
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn a_handler_that_panics_on_an_event_has_it_dead_lettered_like_an_error() {
+    let expected = reference();
+    let f = fixture(Poison::Every(POISON_EVERY));
+    let db = f.dir.db("bank").unwrap();
+    let mut handler = Skipping::new(Panicking(BankHandler::default())).max_dead_letters(1_000);
+    rebuild(RebuildConfig {
+        reader: &f.store,
+        projection: target(&db, &mut handler),
+        options: options(100),
+    })
+    .unwrap();
+    assert_eq!(digest(&db), expected);
+    let letters = letters(&db);
+    assert_eq!(sequences(&letters), f.poisoned);
+    let bogus = &letters[0];
+    assert_eq!(bogus.event_type, "Bogus");
+    assert!(
+        bogus
+            .error
+            .contains("handler panicked: no Bogus in my bank"),
+        "{}",
+        bogus.error
+    );
+}
