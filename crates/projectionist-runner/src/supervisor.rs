@@ -158,9 +158,27 @@ pub struct SupervisorBuilder<E> {
     control_plane: bool,
     late_events: Option<(Arc<LateEventsFn>, OnLateEvent)>,
     seed_from: Option<Arc<dyn crate::snapshot::SnapshotLocation>>,
+    share_reads: bool,
 }
 
 impl<E: Send + Sync + 'static> SupervisorBuilder<E> {
+    /// Whether the projections that follow in their live files share one
+    /// read of the log (off by default). Off, each projection runs alone, on
+    /// its own thread with its own read: nothing one does holds back
+    /// another, up to [`SUPERVISED_MAX`] projections. On, they run together
+    /// as the command line's `follow` runs them (one read, at most 32 writer
+    /// threads, files parked past 256), for any number of projections; one
+    /// that needs anything else (a shadow build, a request, a failure, a
+    /// cause to wait out) is taken out of the shared run and handled alone,
+    /// and comes back once it follows in its live file again. The price: a
+    /// projection whose file is blocked (another program holding its write
+    /// lock) holds back the shared run's following until it is let go.
+    #[must_use]
+    pub fn share_reads(mut self, on: bool) -> Self {
+        self.share_reads = on;
+        self
+    }
+
     /// Whether other processes see and drive the projections through the
     /// files of the control plane (see the `control` module docs: `status`
     /// shows this supervisor's states, `rebuild` and `rollback` are handed to
@@ -244,7 +262,9 @@ impl<E: Send + Sync + 'static> SupervisorBuilder<E> {
     /// bound or two projections of one name.
     pub fn start(self) -> Result<Supervisor<E>, Error> {
         let batch_size = projectionist::validate_batch_size(self.batch_size)?;
-        check_count(self.projections.len())?;
+        if !self.share_reads {
+            check_count(self.projections.len())?;
+        }
         let mut entries = BTreeMap::new();
         for projection in &self.projections {
             let name = projection.name().to_owned();
@@ -263,26 +283,59 @@ impl<E: Send + Sync + 'static> SupervisorBuilder<E> {
             outage: self.outage,
             control: self.control_plane.then(|| self.dir.path().to_path_buf()),
         });
-        let supervisor = Supervisor {
+        let (joins, door) = if self.share_reads {
+            let (send, receive) = mpsc::channel();
+            let round = Arc::new(Mutex::new(CancelToken::new()));
+            (
+                Some((receive, Arc::clone(&round))),
+                Some(GroupDoor {
+                    joins: Mutex::new(send),
+                    round,
+                }),
+            )
+        } else {
+            (None, None)
+        };
+        let core = Arc::new(Core {
             shared: Arc::clone(&shared),
             dir: Arc::new(self.dir),
-            commands: Arc::new(Mutex::new(BTreeMap::new())),
-            lifecycles: Mutex::new(BTreeMap::new()),
-            watchers: Vec::new(),
             reader: Arc::clone(&self.reader),
             batch_size,
             seed_from: self.seed_from,
+            commands: Arc::new(Mutex::new(BTreeMap::new())),
+            retirements: Mutex::new(BTreeMap::new()),
+            threads: Mutex::new(Vec::new()),
+            group: door,
+        });
+        let mut supervisor = Supervisor {
+            shared: Arc::clone(&shared),
+            core: Arc::clone(&core),
+            watchers: Vec::new(),
         };
-        let mut supervisor = supervisor;
+        if let Some((joins, round)) = joins {
+            let group = Group {
+                core: Arc::clone(&core),
+                joins,
+                round,
+                members: Vec::new(),
+                arrived: Vec::new(),
+            };
+            let thread = std::thread::Builder::new()
+                .name("pj-shared".into())
+                .spawn(move || group.run())
+                .map_err(Error::Thread)?;
+            lock(&core.threads).push(thread);
+        }
         for projection in self.projections {
-            supervisor.spawn(projection)?;
+            let member = core.member(projection);
+            core.start(member)?;
         }
         if let Some(control) = &shared.control {
             let watch = RequestWatch {
                 shared: Arc::clone(&shared),
                 dir: control.clone(),
-                projections: Arc::clone(&supervisor.dir),
-                commands: Arc::clone(&supervisor.commands),
+                projections: Arc::clone(&core.dir),
+                commands: Arc::clone(&core.commands),
             };
             supervisor.watchers.push(
                 std::thread::Builder::new()
@@ -295,7 +348,7 @@ impl<E: Send + Sync + 'static> SupervisorBuilder<E> {
             shared: Arc::clone(&shared),
             reader: self.reader,
             late_events: self.late_events,
-            commands: Arc::clone(&supervisor.commands),
+            commands: Arc::clone(&core.commands),
         };
         supervisor.watchers.push(
             std::thread::Builder::new()
@@ -324,10 +377,147 @@ fn supervised_twice(name: &str) -> Error {
     projectionist::Error::InvalidOptions(format!("projection {name} is supervised twice")).into()
 }
 
-/// A running lifecycle: its thread, and the token that retires it alone.
-struct Running {
-    retire: CancelToken,
-    thread: JoinHandle<()>,
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Ends one projection's lifecycle alone (it is removed or replaced): the
+/// token that asks it, and the signal that whoever ran it has let it go.
+#[derive(Clone, Default)]
+struct Retirement {
+    token: CancelToken,
+    done: Arc<(Mutex<bool>, Condvar)>,
+}
+
+impl Retirement {
+    fn ask(&self) {
+        self.token.cancel();
+    }
+
+    fn asked(&self) -> bool {
+        self.token.is_cancelled()
+    }
+
+    /// Whoever ran the projection has let it go.
+    fn finish(&self) {
+        *lock(&self.done.0) = true;
+        self.done.1.notify_all();
+    }
+
+    /// Until [`Retirement::finish`], or the supervisor stops.
+    fn wait(&self, stop: &CancelToken) {
+        let mut done = lock(&self.done.0);
+        while !*done && !stop.is_cancelled() {
+            done = self
+                .done
+                .1
+                .wait_timeout(done, STOP_POLL_INTERVAL)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+}
+
+/// A supervised projection between lifecycles: what one hands the next.
+struct Member<E> {
+    projection: Supervised<E>,
+    commands: Receiver<Command>,
+    /// A request taken from `commands`, not acted on yet.
+    pending: Option<Command>,
+    retirement: Retirement,
+    /// Restored from a snapshot when missing (tried once).
+    seeded: bool,
+    /// It failed for a cause that does not go away: wait for a request.
+    failed: bool,
+}
+
+/// The door to the shared run (see [`SupervisorBuilder::share_reads`]).
+struct GroupDoor<E> {
+    joins: Mutex<Sender<Member<E>>>,
+    /// The shared run's current round: ended to let a member in.
+    round: Arc<Mutex<CancelToken>>,
+}
+
+impl<E> GroupDoor<E> {
+    fn admit(&self, member: Member<E>) {
+        let _ = lock(&self.joins).send(member);
+        lock(&self.round).cancel();
+    }
+}
+
+/// What every lifecycle of a supervisor needs to run a projection, and to
+/// start another's.
+struct Core<E> {
+    shared: Arc<Shared>,
+    dir: Arc<ProjectionDir>,
+    reader: Arc<dyn GlobalReader<E>>,
+    batch_size: u32,
+    seed_from: Option<Arc<dyn crate::snapshot::SnapshotLocation>>,
+    commands: Arc<Mutex<BTreeMap<String, Sender<Command>>>>,
+    retirements: Mutex<BTreeMap<String, Retirement>>,
+    /// Every thread a lifecycle ran on, joined at the stop.
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    /// With shared reads: the door to the shared run.
+    group: Option<GroupDoor<E>>,
+}
+
+impl<E: Send + Sync + 'static> Core<E> {
+    /// `projection` as a member: its command channel and retirement in place.
+    fn member(&self, projection: Supervised<E>) -> Member<E> {
+        let name = projection.name().to_owned();
+        if let Some(entry) = self.shared.lock().get_mut(&name) {
+            entry.types = projection.handler.event_types();
+        }
+        let (send, receive) = mpsc::channel();
+        lock(&self.commands).insert(name.clone(), send);
+        let retirement = Retirement::default();
+        lock(&self.retirements).insert(name, retirement.clone());
+        Member {
+            projection,
+            commands: receive,
+            pending: None,
+            retirement,
+            seeded: false,
+            failed: false,
+        }
+    }
+
+    /// Runs `member`: in the shared run when reads are shared, else alone.
+    fn start(self: &Arc<Self>, member: Member<E>) -> Result<(), Error> {
+        match &self.group {
+            Some(door) => {
+                door.admit(member);
+                Ok(())
+            }
+            None => self.run_alone(member),
+        }
+    }
+
+    /// Runs `member` on a thread of its own.
+    fn run_alone(self: &Arc<Self>, member: Member<E>) -> Result<(), Error> {
+        let name = member.projection.name().to_owned();
+        let lifecycle = Lifecycle {
+            shared: Arc::clone(&self.shared),
+            dir: Arc::clone(&self.dir),
+            reader: Arc::clone(&self.reader),
+            batch_size: self.batch_size,
+            commands: member.commands,
+            pending: member.pending,
+            rebuilds: Vec::new(),
+            retire: member.retirement.token.clone(),
+            retirement: member.retirement,
+            seeded: member.seeded,
+            failed: member.failed,
+            core: Arc::clone(self),
+        };
+        let projection = member.projection;
+        let thread = std::thread::Builder::new()
+            .name(format!("pj-{name}"))
+            .spawn(move || lifecycle.run(projection))
+            .map_err(Error::Thread)?;
+        lock(&self.threads).push(thread);
+        Ok(())
+    }
 }
 
 /// Runs projections in this process, as `projectionist follow` does: each is
@@ -338,14 +528,9 @@ struct Running {
 /// [`Supervisor::shutdown`] does.
 pub struct Supervisor<E: Send + Sync + 'static = serde_json::Value> {
     shared: Arc<Shared>,
-    dir: Arc<ProjectionDir>,
-    commands: Arc<Mutex<BTreeMap<String, Sender<Command>>>>,
-    lifecycles: Mutex<BTreeMap<String, Running>>,
+    core: Arc<Core<E>>,
     /// The head and request watches.
     watchers: Vec<JoinHandle<()>>,
-    reader: Arc<dyn GlobalReader<E>>,
-    batch_size: u32,
-    seed_from: Option<Arc<dyn crate::snapshot::SnapshotLocation>>,
 }
 
 impl<E: Send + Sync + 'static> Supervisor<E> {
@@ -370,6 +555,7 @@ impl<E: Send + Sync + 'static> Supervisor<E> {
             control_plane: true,
             late_events: None,
             seed_from: None,
+            share_reads: false,
         })
     }
 
@@ -413,7 +599,7 @@ impl<E: Send + Sync + 'static> Supervisor<E> {
     /// [`ProjectionDb::open_reader`] through [`ProjectionDir::db`]).
     #[must_use]
     pub fn dir(&self) -> &ProjectionDir {
-        &self.dir
+        &self.core.dir
     }
 
     /// Waits until projection `name`'s live file has committed `position`
@@ -466,10 +652,13 @@ impl<E: Send + Sync + 'static> Supervisor<E> {
             if entries.contains_key(&name) {
                 return Err(supervised_twice(&name));
             }
-            check_count(entries.len() + 1)?;
+            if self.core.group.is_none() {
+                check_count(entries.len() + 1)?;
+            }
             entries.insert(name.clone(), Entry::new(name));
         }
-        self.spawn(projection)
+        let member = self.core.member(projection);
+        self.core.start(member)
     }
 
     /// Stops supervising projection `name`: its run ends at the next batch
@@ -483,11 +672,8 @@ impl<E: Send + Sync + 'static> Supervisor<E> {
         self.retire(name)?;
         self.shared.unregister(name);
         let entry = self.shared.lock().remove(name);
-        self.commands
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(name);
-        self.dir.release(name)?;
+        lock(&self.core.commands).remove(name);
+        self.core.dir.release(name)?;
         self.shared.changed.notify_all();
         entry
             .map(|entry| entry.status)
@@ -504,56 +690,20 @@ impl<E: Send + Sync + 'static> Supervisor<E> {
     /// [`Error::NoSuchProjection`] when it is not supervised.
     pub fn replace(&self, projection: Supervised<E>) -> Result<(), Error> {
         self.retire(projection.name())?;
-        self.spawn(projection)
+        let member = self.core.member(projection);
+        self.core.start(member)
     }
 
-    /// Ends projection `name`'s lifecycle and waits for its thread.
+    /// Ends projection `name`'s lifecycle and waits until it is let go of.
     fn retire(&self, name: &str) -> Result<(), Error> {
-        let running = self
-            .lifecycles
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        let retirement = lock(&self.core.retirements)
             .remove(name)
             .ok_or_else(|| Error::NoSuchProjection(name.to_owned()))?;
-        running.retire.cancel();
+        retirement.ask();
         if let Some(entry) = self.shared.lock().get(name) {
             entry.round.cancel();
         }
-        let _ = running.thread.join();
-        Ok(())
-    }
-
-    /// Starts the lifecycle of `projection` (its entry exists).
-    fn spawn(&self, projection: Supervised<E>) -> Result<(), Error> {
-        let name = projection.name().to_owned();
-        if let Some(entry) = self.shared.lock().get_mut(&name) {
-            entry.types = projection.handler.event_types();
-        }
-        let (send, receive) = mpsc::channel();
-        let retire = CancelToken::new();
-        let lifecycle = Lifecycle {
-            shared: Arc::clone(&self.shared),
-            dir: Arc::clone(&self.dir),
-            reader: Arc::clone(&self.reader),
-            batch_size: self.batch_size,
-            commands: receive,
-            pending: None,
-            rebuilds: Vec::new(),
-            retire: retire.clone(),
-            seed_from: self.seed_from.clone(),
-        };
-        let thread = std::thread::Builder::new()
-            .name(format!("pj-{name}"))
-            .spawn(move || lifecycle.run(projection))
-            .map_err(Error::Thread)?;
-        self.commands
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(name.clone(), send);
-        self.lifecycles
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(name, Running { retire, thread });
+        retirement.wait(&self.shared.stop);
         Ok(())
     }
 
@@ -569,7 +719,7 @@ impl<E: Send + Sync + 'static> Supervisor<E> {
     /// stops first; what the request failed with (no previous version to
     /// roll back to, the disk full, ...).
     pub fn request(&self, name: &str, request: Request) -> Result<Outcome, Error> {
-        let answer = send_request(&self.shared, &self.commands, name, request)?;
+        let answer = send_request(&self.shared, &self.core.commands, name, request)?;
         answer.recv().map_err(|_| Error::Stopped(name.to_owned()))?
     }
 
@@ -585,15 +735,20 @@ impl<E: Send + Sync + 'static> Supervisor<E> {
         for entry in self.shared.lock().values() {
             entry.round.cancel();
         }
+        if let Some(door) = &self.core.group {
+            lock(&door.round).cancel();
+        }
         self.shared.changed.notify_all();
-        let lifecycles = std::mem::take(
-            &mut *self
-                .lifecycles
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner),
-        );
-        for (_, running) in lifecycles {
-            let _ = running.thread.join();
+        // A lifecycle may hand its projection on as it ends: joined until
+        // none is left.
+        loop {
+            let threads = std::mem::take(&mut *lock(&self.core.threads));
+            if threads.is_empty() {
+                break;
+            }
+            for thread in threads {
+                let _ = thread.join();
+            }
         }
         for thread in self.watchers.drain(..) {
             let _ = thread.join();
@@ -879,8 +1034,15 @@ struct Lifecycle<E> {
     rebuilds: Vec<Sender<Result<Outcome, Error>>>,
     /// Ends this lifecycle alone (the projection is removed or replaced).
     retire: CancelToken,
-    /// Snapshots to restore a missing projection from.
-    seed_from: Option<Arc<dyn crate::snapshot::SnapshotLocation>>,
+    /// The same, and the signal that it has ended.
+    retirement: Retirement,
+    /// Restored from a snapshot already (or tried).
+    seeded: bool,
+    /// Handed over failed for a cause that does not go away: waits for a
+    /// request first.
+    failed: bool,
+    /// The supervisor's, to hand the projection back to the shared run.
+    core: Arc<Core<E>>,
 }
 
 /// How one run of a projection ended.
@@ -891,36 +1053,23 @@ enum RunEnd {
     Parked,
     /// Try again after the backoff.
     Retry,
+    /// It follows in its live file and nothing else is asked of it: back
+    /// to the shared run.
+    Rejoin,
 }
 
 impl<E: Send + Sync + 'static> Lifecycle<E> {
-    /// Restores the projection from a snapshot when it is missing here.
-    fn seed(&self, projection: &Supervised<E>) {
-        let Some(from) = &self.seed_from else { return };
-        let name = projection.name();
-        match crate::snapshot::seed_logged(
-            self.dir.path(),
-            name,
-            from.as_ref(),
-            projection.hash.as_deref(),
-            &*self.reader,
-        ) {
-            Ok(Some(crate::snapshot::Seeded {
-                restored: Some(manifest),
-                ..
-            })) => self.shared.emit(&Event::Seeded(manifest)),
-            Ok(_) => {}
-            Err(e) => {
-                tracing::warn!(projection = name, error = %e, "cannot seed from snapshots; building from the log")
-            }
-        }
-    }
-
     fn run(mut self, mut projection: Supervised<E>) {
         let name = projection.name().to_owned();
-        self.seed(&projection);
+        if !self.seeded {
+            seed(&self.core, &projection);
+            self.seeded = true;
+        }
         let mut backoff = RETRY_BACKOFF_MIN;
         let mut rebuild = false;
+        if self.failed {
+            self.wait_for_request();
+        }
         loop {
             if self.stopping() {
                 break;
@@ -961,14 +1110,18 @@ impl<E: Send + Sync + 'static> Lifecycle<E> {
                         .pause(backoff, &self.commands, &mut self.pending, &self.retire);
                     backoff = (backoff * 2).min(RETRY_BACKOFF_MAX);
                 }
-                RunEnd::Parked => {
-                    while self.pending.is_none() && !self.stopping() {
-                        self.shared.pause(
-                            RETRY_BACKOFF_MAX,
-                            &self.commands,
-                            &mut self.pending,
-                            &self.retire,
-                        );
+                RunEnd::Parked => self.wait_for_request(),
+                RunEnd::Rejoin => {
+                    if let Some(door) = &self.core.group {
+                        door.admit(Member {
+                            projection,
+                            commands: self.commands,
+                            pending: self.pending,
+                            retirement: self.retirement,
+                            seeded: true,
+                            failed: false,
+                        });
+                        return;
                     }
                 }
             }
@@ -980,16 +1133,22 @@ impl<E: Send + Sync + 'static> Lifecycle<E> {
         if !self.shared.stop.is_cancelled() {
             // Retired alone (removed or replaced): whoever retired it says
             // what comes next.
+            self.retirement.finish();
             return;
         }
-        self.shared.update(&name, |entry| {
-            if !matches!(entry.base, State::Failed { .. } | State::Stopped { .. }) {
-                entry.base = State::Stopped { reason: None };
-            }
-            entry.outage = None;
-            entry.stalled = None;
-        });
-        self.shared.unregister(&name);
+        stopped(&self.shared, &name);
+    }
+
+    /// Waits for a request, the stop or the retirement.
+    fn wait_for_request(&mut self) {
+        while self.pending.is_none() && !self.stopping() {
+            self.shared.pause(
+                RETRY_BACKOFF_MAX,
+                &self.commands,
+                &mut self.pending,
+                &self.retire,
+            );
+        }
     }
 
     /// The supervisor stops, or this lifecycle alone is retired.
@@ -1070,6 +1229,14 @@ impl<E: Send + Sync + 'static> Lifecycle<E> {
                 return RunEnd::Parked;
             }
             Placement::Run {
+                in_shadow: false, ..
+            } if self.core.group.is_some()
+                && self.rebuilds.is_empty()
+                && self.pending.is_none() =>
+            {
+                return RunEnd::Rejoin;
+            }
+            Placement::Run {
                 writes,
                 start,
                 in_shadow,
@@ -1104,14 +1271,16 @@ impl<E: Send + Sync + 'static> Lifecycle<E> {
         };
         let in_place = Mutex::new(in_place);
         let caught_up = AtomicBool::new(false);
+        let shares_reads = self.core.group.is_some();
         let shared = Arc::clone(&self.shared);
         let progress = |p: &Progress| {
             shared.progress(&name, p, in_shadow);
             if !p.following || caught_up.swap(true, Ordering::SeqCst) {
                 return;
             }
-            if in_shadow {
-                // Caught up: end the run to publish.
+            if in_shadow || shares_reads {
+                // Caught up: end the run to publish, or (a rebuild in place
+                // answered) to go back to the shared run.
                 round.cancel();
             }
             for reply in in_place
@@ -1291,6 +1460,313 @@ impl<E: Send + Sync + 'static> Lifecycle<E> {
             }
         }
     }
+}
+
+/// With shared reads (see [`SupervisorBuilder::share_reads`]): the
+/// projections that follow in their live files, run together from one read
+/// of the log. One that needs anything else (placed in its shadow or held, a
+/// request, a failure, a file that cannot be opened) is handed to a
+/// lifecycle of its own, which hands it back once it follows in its live
+/// file again. Each hand-over ends the current round at a batch boundary
+/// (everything applied is committed); the next round opens the members again.
+struct Group<E> {
+    core: Arc<Core<E>>,
+    joins: Receiver<Member<E>>,
+    /// The current round's token, shared with the door.
+    round: Arc<Mutex<CancelToken>>,
+    members: Vec<Member<E>>,
+    /// Handed over during a round: taken in by the next.
+    arrived: Vec<Member<E>>,
+}
+
+/// How a round of the shared run ended.
+enum RoundEnd {
+    Again,
+    /// The store could not be read: after the backoff.
+    Retry,
+}
+
+impl<E: Send + Sync + 'static> Group<E> {
+    fn run(mut self) {
+        let mut backoff = RETRY_BACKOFF_MIN;
+        while !self.core.shared.stop.is_cancelled() {
+            self.admit();
+            self.sort_out();
+            if self.members.is_empty() {
+                if let Ok(member) = self.joins.recv_timeout(STOP_POLL_INTERVAL) {
+                    self.members.push(member);
+                }
+                continue;
+            }
+            match self.run_round() {
+                RoundEnd::Again => backoff = RETRY_BACKOFF_MIN,
+                RoundEnd::Retry => {
+                    self.pause(backoff);
+                    backoff = (backoff * 2).min(RETRY_BACKOFF_MAX);
+                }
+            }
+        }
+        self.admit();
+        for member in self.members.drain(..) {
+            let name = member.projection.name().to_owned();
+            if let Some(pending) = member.pending {
+                let _ = pending.reply.send(Err(Error::Stopped(name.clone())));
+            }
+            stopped(&self.core.shared, &name);
+        }
+    }
+
+    /// Takes in the members handed over since the last look.
+    fn admit(&mut self) {
+        self.members.append(&mut self.arrived);
+        while let Ok(member) = self.joins.try_recv() {
+            self.members.push(member);
+        }
+    }
+
+    /// Lets go of retired members, and hands over those with a request.
+    fn sort_out(&mut self) {
+        for mut member in std::mem::take(&mut self.members) {
+            if member.retirement.asked() {
+                member.retirement.finish();
+                continue;
+            }
+            if member.pending.is_none() {
+                member.pending = member.commands.try_recv().ok();
+            }
+            if member.pending.is_some() {
+                self.hand_over(member);
+            } else {
+                self.members.push(member);
+            }
+        }
+    }
+
+    /// Runs `member` alone.
+    fn hand_over(&self, member: Member<E>) {
+        let name = member.projection.name().to_owned();
+        if let Err(e) = self.core.run_alone(member) {
+            self.core.shared.set_state(
+                &name,
+                State::Failed {
+                    error: e.to_string(),
+                    retrying: false,
+                },
+            );
+        }
+    }
+
+    /// Whether the round should end: the stop, a request, a retirement, a
+    /// member handed back.
+    fn anything_asked(&mut self) -> bool {
+        if self.core.shared.stop.is_cancelled() {
+            return true;
+        }
+        let mut asked = false;
+        for member in &mut self.members {
+            if member.pending.is_none() {
+                member.pending = member.commands.try_recv().ok();
+            }
+            asked |= member.pending.is_some() || member.retirement.asked();
+        }
+        if let Ok(member) = self.joins.try_recv() {
+            self.arrived.push(member);
+            asked = true;
+        }
+        asked || !self.arrived.is_empty()
+    }
+
+    /// Waits `duration`, or less when anything is asked.
+    fn pause(&mut self, duration: Duration) {
+        let until = Instant::now() + duration;
+        while Instant::now() < until && !self.anything_asked() {
+            std::thread::sleep(STOP_POLL_INTERVAL);
+        }
+    }
+
+    /// Opens and places every member; runs those that follow in their live
+    /// files together until the round ends.
+    fn run_round(&mut self) -> RoundEnd {
+        let core = Arc::clone(&self.core);
+        let shared = &core.shared;
+        let head = core.reader.head().ok();
+        let many = self.members.len() > projectionist::limits::OPEN_PROJECTIONS_MAX;
+        let mut writes = Vec::with_capacity(self.members.len());
+        for mut member in std::mem::take(&mut self.members) {
+            let name = member.projection.name().to_owned();
+            if !member.seeded {
+                seed(&core, &member.projection);
+                member.seeded = true;
+            }
+            let placed = open_for_run(&core.dir, &name).and_then(|opened| {
+                shared.register(&name);
+                if let Some((reason, path)) = opened.moved_aside {
+                    tracing::warn!(projection = %name, reason = %reason, path = %path.display(), "the projection file was corrupt; moved it aside and rebuilding it");
+                    shared.emit(&Event::MovedAside {
+                        name: name.clone(),
+                        reason,
+                        path,
+                    });
+                }
+                let stale = |conn: &projectionist::rusqlite::Connection| {
+                    member.projection.is_stale(conn)
+                };
+                let plan = Plan::Resume {
+                    rebuild_requested: false,
+                };
+                place(&core.dir, &opened.db, &stale, plan, head)
+            });
+            match placed {
+                Ok(Placement::Run {
+                    writes: db,
+                    start,
+                    in_shadow: false,
+                }) => {
+                    let (checkpoint, dead_letters) = db
+                        .with_connection(|conn| {
+                            Ok((
+                                SqliteCheckpoint::load_in(conn, &name)?,
+                                projectionist::dead_letter_count(conn)?,
+                            ))
+                        })
+                        .unwrap_or((0, 0));
+                    shared.update(&name, |entry| {
+                        entry.status.checkpoint = checkpoint;
+                        entry.status.dead_letters = dead_letters;
+                        entry.status.shadow_checkpoint = None;
+                        if entry.base != State::Following {
+                            entry.base = State::CatchingUp;
+                        }
+                    });
+                    if many {
+                        // Held (locked), not kept open: the run opens it.
+                        db.park();
+                    }
+                    writes.push((db, start));
+                    self.members.push(member);
+                }
+                // Alone, it is opened again and says why.
+                _ => self.hand_over(member),
+            }
+        }
+        if self.members.is_empty() {
+            return RoundEnd::Again;
+        }
+        let round = CancelToken::new();
+        *lock(&self.round) = round.clone();
+        for member in &self.members {
+            shared.update(member.projection.name(), |entry| {
+                entry.round = round.clone();
+            });
+        }
+        if self.anything_asked() {
+            round.cancel();
+        }
+        let progress = |p: &Progress| {
+            shared.progress(&p.projection_name, p, false);
+            // A member failed: the round ends, so that it is handed over
+            // (tried again alone, or left failed), the others go on.
+            if p.done && p.err.is_some() {
+                round.cancel();
+            }
+        };
+        let options = RebuildOptions {
+            batch_size: core.batch_size,
+            commit_interval: projectionist::limits::COMMIT_INTERVAL_DEFAULT,
+            progress: Some(&progress),
+            cancel: None,
+            step_hook: None,
+            commit_guard: None,
+        };
+        let names: Vec<String> = self
+            .members
+            .iter()
+            .map(|m| m.projection.name().to_owned())
+            .collect();
+        let targets = self
+            .members
+            .iter_mut()
+            .zip(&writes)
+            .zip(&names)
+            .map(|((member, (db, start)), name)| {
+                (
+                    ProjectionTarget {
+                        db,
+                        handler: &mut *member.projection.handler,
+                        checkpoint: CheckpointLocation::InFile,
+                        consumer_id: name,
+                    },
+                    *start,
+                )
+            })
+            .collect();
+        let results = projectionist::follow(&*core.reader, targets, &options, &round);
+        drop(writes);
+        assert_eq!(results.len(), self.members.len(), "one result per member");
+        let mut end = RoundEnd::Again;
+        for (mut member, result) in std::mem::take(&mut self.members).into_iter().zip(results) {
+            let name = member.projection.name().to_owned();
+            match result {
+                Ok(_) => self.members.push(member),
+                Err(e) if is_store_failure(&e) => {
+                    shared.update(&name, |entry| {
+                        entry.base = State::Reconnecting {
+                            error: e.to_string(),
+                        };
+                    });
+                    end = RoundEnd::Retry;
+                    self.members.push(member);
+                }
+                Err(e) => {
+                    let retrying = is_transient(&e);
+                    let error = if retrying {
+                        format!("{e} (tried again with backoff)")
+                    } else {
+                        e.to_string()
+                    };
+                    shared.set_state(&name, State::Failed { error, retrying });
+                    member.failed = !retrying;
+                    self.hand_over(member);
+                }
+            }
+        }
+        end
+    }
+}
+
+/// Restores `projection` from a snapshot when it is missing here.
+fn seed<E>(core: &Core<E>, projection: &Supervised<E>) {
+    let Some(from) = &core.seed_from else { return };
+    let name = projection.name();
+    match crate::snapshot::seed_logged(
+        core.dir.path(),
+        name,
+        from.as_ref(),
+        projection.hash.as_deref(),
+        &*core.reader,
+    ) {
+        Ok(Some(crate::snapshot::Seeded {
+            restored: Some(manifest),
+            ..
+        })) => core.shared.emit(&Event::Seeded(manifest)),
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!(projection = name, error = %e, "cannot seed from snapshots; building from the log")
+        }
+    }
+}
+
+/// Projection `name` is stopped with the supervisor: its state, and the
+/// control plane let go of.
+fn stopped(shared: &Shared, name: &str) {
+    shared.update(name, |entry| {
+        if !matches!(entry.base, State::Failed { .. } | State::Stopped { .. }) {
+            entry.base = State::Stopped { reason: None };
+        }
+        entry.outage = None;
+        entry.stalled = None;
+    });
+    shared.unregister(name);
 }
 
 /// How often the supervisor looks for request files of other processes:

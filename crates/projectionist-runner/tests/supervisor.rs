@@ -85,6 +85,18 @@ fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
     }
 }
 
+/// A supervisor's builder; with `shared`, its live projections share one
+/// read of the log.
+fn builder(
+    store: &Arc<SqliteEventStore>,
+    projections: &Path,
+    shared: bool,
+) -> projectionist_runner::SupervisorBuilder<Value> {
+    Supervisor::builder(store.clone(), projections)
+        .unwrap()
+        .share_reads(shared)
+}
+
 fn state_of(supervisor: &Supervisor, name: &str) -> State {
     supervisor
         .status_of(name)
@@ -94,12 +106,20 @@ fn state_of(supervisor: &Supervisor, name: &str) -> State {
 
 #[test]
 fn follows_appends_and_wait_for_returns_once_the_event_is_applied() {
+    follows_appends_and_wait_for_returns_once_the_event_is_applied_in(false);
+}
+
+#[test]
+fn follows_appends_and_wait_for_returns_once_the_event_is_applied_with_shared_reads() {
+    follows_appends_and_wait_for_returns_once_the_event_is_applied_in(true);
+}
+
+fn follows_appends_and_wait_for_returns_once_the_event_is_applied_in(shared: bool) {
     let tmp = tempfile::tempdir().unwrap();
     let store = store(tmp.path());
     append(&store, 10);
     let projections = tmp.path().join("projections");
-    let supervisor = Supervisor::builder(store.clone(), &projections)
-        .unwrap()
+    let supervisor = builder(&store, &projections, shared)
         .projection(Supervised::new("totals", totals("totals", 1, Duration::ZERO)).unwrap())
         .start()
         .unwrap();
@@ -124,13 +144,24 @@ fn follows_appends_and_wait_for_returns_once_the_event_is_applied() {
 
 #[test]
 fn a_changed_definition_is_built_in_the_shadow_while_a_sibling_follows_each_append() {
+    a_changed_definition_is_built_in_the_shadow_while_a_sibling_follows_each_append_in(false);
+}
+
+#[test]
+fn a_changed_definition_is_built_in_the_shadow_while_a_sibling_follows_each_append_with_shared_reads()
+ {
+    a_changed_definition_is_built_in_the_shadow_while_a_sibling_follows_each_append_in(true);
+}
+
+fn a_changed_definition_is_built_in_the_shadow_while_a_sibling_follows_each_append_in(
+    shared: bool,
+) {
     let tmp = tempfile::tempdir().unwrap();
     let store = store(tmp.path());
     append(&store, 2_000);
     let projections = tmp.path().join("projections");
     // Version 1 of both, built once.
-    let first = Supervisor::builder(store.clone(), &projections)
-        .unwrap()
+    let first = builder(&store, &projections, shared)
         .projection(versioned("changed", 1, 1))
         .projection(Supervised::new("sibling", totals("sibling", 1, Duration::ZERO)).unwrap())
         .start()
@@ -142,8 +173,7 @@ fn a_changed_definition_is_built_in_the_shadow_while_a_sibling_follows_each_appe
     // (10 events per batch, 20 ms each: about 4 s for the log).
     let published = Arc::new(AtomicU64::new(0));
     let seen = Arc::clone(&published);
-    let supervisor = Supervisor::builder(store.clone(), &projections)
-        .unwrap()
+    let supervisor = builder(&store, &projections, shared)
         .batch_size(10)
         .projection(
             Supervised::new("changed", totals("changed", 10, Duration::from_millis(20)))
@@ -191,12 +221,21 @@ fn a_changed_definition_is_built_in_the_shadow_while_a_sibling_follows_each_appe
 
 #[test]
 fn a_projection_whose_shadow_cannot_be_opened_is_failed_retried_and_then_followed() {
+    a_projection_whose_shadow_cannot_be_opened_is_failed_retried_and_then_followed_in(false);
+}
+
+#[test]
+fn a_projection_whose_shadow_cannot_be_opened_is_failed_retried_and_then_followed_with_shared_reads()
+ {
+    a_projection_whose_shadow_cannot_be_opened_is_failed_retried_and_then_followed_in(true);
+}
+
+fn a_projection_whose_shadow_cannot_be_opened_is_failed_retried_and_then_followed_in(shared: bool) {
     let tmp = tempfile::tempdir().unwrap();
     let store = store(tmp.path());
     append(&store, 50);
     let projections = tmp.path().join("projections");
-    let first = Supervisor::builder(store.clone(), &projections)
-        .unwrap()
+    let first = builder(&store, &projections, shared)
         .projection(versioned("blocked", 1, 1))
         .start()
         .unwrap();
@@ -205,8 +244,7 @@ fn a_projection_whose_shadow_cannot_be_opened_is_failed_retried_and_then_followe
     // A directory where the shadow goes: the new version cannot be built.
     let obstacle = projections.join(".blocked.shadow.db");
     std::fs::create_dir(&obstacle).unwrap();
-    let supervisor = Supervisor::builder(store.clone(), &projections)
-        .unwrap()
+    let supervisor = builder(&store, &projections, shared)
         .projection(versioned("blocked", 2, 2))
         .projection(Supervised::new("other", totals("other", 1, Duration::ZERO)).unwrap())
         .start()
@@ -235,6 +273,18 @@ fn a_projection_whose_shadow_cannot_be_opened_is_failed_retried_and_then_followe
 
 #[test]
 fn a_poison_event_fails_only_its_projection_and_a_rebuild_request_after_the_fix_answers() {
+    a_poison_event_fails_only_its_projection_and_a_rebuild_request_after_the_fix_answers_in(false);
+}
+
+#[test]
+fn a_poison_event_fails_only_its_projection_and_a_rebuild_request_after_the_fix_answers_with_shared_reads()
+ {
+    a_poison_event_fails_only_its_projection_and_a_rebuild_request_after_the_fix_answers_in(true);
+}
+
+fn a_poison_event_fails_only_its_projection_and_a_rebuild_request_after_the_fix_answers_in(
+    shared: bool,
+) {
     let tmp = tempfile::tempdir().unwrap();
     let store = store(tmp.path());
     append(&store, 20);
@@ -250,8 +300,7 @@ fn a_poison_event_fails_only_its_projection_and_a_rebuild_request_after_the_fix_
         tx.execute_batch("CREATE TABLE IF NOT EXISTS seen (n INTEGER)")?;
         Ok(())
     };
-    let supervisor = Supervisor::builder(store.clone(), &projections)
-        .unwrap()
+    let supervisor = builder(&store, &projections, shared)
         .projection(Supervised::new("picky", picky).unwrap())
         .projection(Supervised::new("calm", totals("calm", 1, Duration::ZERO)).unwrap())
         .start()
@@ -294,12 +343,20 @@ fn a_poison_event_fails_only_its_projection_and_a_rebuild_request_after_the_fix_
 
 #[test]
 fn rebuild_then_two_concurrent_rollbacks_each_get_their_own_outcome() {
+    rebuild_then_two_concurrent_rollbacks_each_get_their_own_outcome_in(false);
+}
+
+#[test]
+fn rebuild_then_two_concurrent_rollbacks_each_get_their_own_outcome_with_shared_reads() {
+    rebuild_then_two_concurrent_rollbacks_each_get_their_own_outcome_in(true);
+}
+
+fn rebuild_then_two_concurrent_rollbacks_each_get_their_own_outcome_in(shared: bool) {
     let tmp = tempfile::tempdir().unwrap();
     let store = store(tmp.path());
     append(&store, 30);
     let projections = tmp.path().join("projections");
-    let supervisor = Supervisor::builder(store.clone(), &projections)
-        .unwrap()
+    let supervisor = builder(&store, &projections, shared)
         .projection(Supervised::new("totals", totals("totals", 1, Duration::ZERO)).unwrap())
         .start()
         .unwrap();
@@ -420,12 +477,20 @@ fn more_projections_than_the_bound_and_a_name_given_twice_are_refused_by_name() 
 /// second directory handle) may take it.
 #[test]
 fn projections_are_replaced_added_and_removed_while_the_others_follow() {
+    projections_are_replaced_added_and_removed_while_the_others_follow_in(false);
+}
+
+#[test]
+fn projections_are_replaced_added_and_removed_while_the_others_follow_with_shared_reads() {
+    projections_are_replaced_added_and_removed_while_the_others_follow_in(true);
+}
+
+fn projections_are_replaced_added_and_removed_while_the_others_follow_in(shared: bool) {
     let tmp = tempfile::tempdir().unwrap();
     let store = store(tmp.path());
     append(&store, 40);
     let projections = tmp.path().join("projections");
-    let supervisor = Supervisor::builder(store.clone(), &projections)
-        .unwrap()
+    let supervisor = builder(&store, &projections, shared)
         .projection(versioned("changed", 1, 1))
         .projection(Supervised::new("steady", totals("steady", 1, Duration::ZERO)).unwrap())
         .start()
@@ -668,6 +733,18 @@ fn refusing_negatives() -> impl Handler<Value> + 'static {
 #[test]
 fn a_skipping_projection_dead_letters_a_poison_event_follows_on_and_a_retry_applies_it_once_fixed()
 {
+    a_skipping_projection_dead_letters_a_poison_event_follows_on_and_a_retry_applies_it_once_fixed_in(false);
+}
+
+#[test]
+fn a_skipping_projection_dead_letters_a_poison_event_follows_on_and_a_retry_applies_it_once_fixed_with_shared_reads()
+ {
+    a_skipping_projection_dead_letters_a_poison_event_follows_on_and_a_retry_applies_it_once_fixed_in(true);
+}
+
+fn a_skipping_projection_dead_letters_a_poison_event_follows_on_and_a_retry_applies_it_once_fixed_in(
+    shared: bool,
+) {
     let tmp = tempfile::tempdir().unwrap();
     let store = store(tmp.path());
     append(&store, 10);
@@ -680,8 +757,7 @@ fn a_skipping_projection_dead_letters_a_poison_event_follows_on_and_a_retry_appl
         .unwrap()
         .first_sequence;
     let projections = tmp.path().join("projections");
-    let supervisor = Supervisor::builder(store.clone(), &projections)
-        .unwrap()
+    let supervisor = builder(&store, &projections, shared)
         .projection(
             Supervised::new("totals", projectionist::Skipping::new(refusing_negatives())).unwrap(),
         )
@@ -731,4 +807,54 @@ fn a_skipping_projection_dead_letters_a_poison_event_follows_on_and_a_retry_appl
         .expect("follows on after the retry");
     assert_eq!(total_in(&projections, "totals"), 21);
     supervisor.shutdown();
+}
+
+/// With shared reads, more projections than [`SUPERVISED_MAX`] (and more
+/// than the engine keeps open: the rest are parked between batches) follow
+/// from one read; a request to one of them is served alone, and it goes back
+/// to the shared run.
+#[test]
+fn with_shared_reads_hundreds_of_projections_follow_and_one_is_rebuilt_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = store(tmp.path());
+    append(&store, 100);
+    let projections = tmp.path().join("projections");
+    let n = projectionist::limits::OPEN_PROJECTIONS_MAX + 44;
+    assert!(n > projectionist_runner::SUPERVISED_MAX);
+    let names: Vec<String> = (0..n).map(|i| format!("p{i:03}")).collect();
+    let mut building = builder(&store, &projections, true);
+    for name in &names {
+        building = building.projection(versioned(name, 1, 1));
+    }
+    let supervisor = building.start().unwrap();
+    let last = append(&store, 3);
+    for name in &names {
+        supervisor.wait_for(name, last, DEADLINE).unwrap();
+    }
+    assert_eq!(total_in(&projections, "p299"), 103);
+    let rebuilt = supervisor.request("p299", Request::Rebuild).unwrap();
+    let Outcome::Rebuilt {
+        published: Some(published),
+        ..
+    } = rebuilt
+    else {
+        panic!("a built projection is rebuilt in its shadow and published: {rebuilt:?}");
+    };
+    assert_eq!(published.checkpoint, last);
+    wait_until("back to following", || {
+        state_of(&supervisor, "p299") == State::Following
+    });
+    let last = append(&store, 1);
+    for name in &names {
+        supervisor.wait_for(name, last, DEADLINE).unwrap();
+    }
+    assert_eq!(total_in(&projections, "p299"), 104);
+    assert_eq!(total_in(&projections, "p000"), 104);
+    let states = supervisor.shutdown();
+    assert!(
+        states
+            .iter()
+            .all(|s| s.state == State::Stopped { reason: None }),
+        "{states:?}"
+    );
 }
