@@ -1,12 +1,12 @@
 //! `dead-letters` (list the events a projection with `on_error = "skip"`
 //! could not apply) and `retry` (apply them again after a fix, directly or
-//! through the follower that holds the projection); and the follower's side
-//! of a retry request.
+//! through the follower that holds the projection: its supervisor serves
+//! the request).
 
 use anyhow::anyhow;
 use projectionist::rusqlite::{Connection, OpenFlags};
-use projectionist::{DeadLetter, GlobalReader, ProjectionDir, Retried, Retry, VersionFiles};
-use projectionist_sqlview::{ProjectionsConfig, SqlHandler};
+use projectionist::{DeadLetter, ProjectionDir, Retried, Retry, VersionFiles};
+use projectionist_sqlview::SqlHandler;
 
 use crate::app::{
     EXIT_CONFIG, EXIT_PROJECTION, EXIT_STORE, Failure, fail, load_config, open_existing_dir,
@@ -224,52 +224,4 @@ fn report(cli: &Cli, name: &str, retried: &Retried) -> Result<(), Failure> {
         retried.failed.len(),
         failures.join("\n")
     )))
-}
-
-/// The follower's side: serves the retry requests other processes left for
-/// the projections it holds (`names`), each answered in its outcome file.
-pub(crate) fn retry_on_request(
-    cli: &Cli,
-    dir: &ProjectionDir,
-    names: &[String],
-    config: &ProjectionsConfig,
-    reader: &dyn GlobalReader<crate::store::Payload>,
-) {
-    for name in names {
-        let Ok(files) = VersionFiles::new(dir.path(), name) else {
-            continue;
-        };
-        let Ok(text) = std::fs::read_to_string(&files.retry_request) else {
-            continue;
-        };
-        let Some((id, which)) = projectionist_runner::control::parse_retry_request(&text) else {
-            let _ = std::fs::remove_file(&files.retry_request);
-            continue;
-        };
-        let retried = match (config.get(name), dir.db(name)) {
-            (Some(projection), Ok(db)) => {
-                let mut handler = SqlHandler::new(projection);
-                projectionist::retry_dead_letters(reader, &db, &mut handler, which)
-                    .map_err(|e| e.to_string())
-            }
-            (None, _) => Err(format!("projection {name} is not in the follower's config")),
-            (_, Err(e)) => Err(e.to_string()),
-        };
-        match &retried {
-            Ok(r) => {
-                tracing::info!(projection = %name, applied = r.applied.len(), failed = r.failed.len(), "retried dead letters on request");
-                if cli.json {
-                    ui::json_line(&serde_json::json!({
-                        "event": "retried", "projection": name, "applied": r.applied,
-                        "failed": r.failed,
-                    }));
-                }
-            }
-            Err(e) => {
-                tracing::error!(projection = %name, error = %ui::escape_controls(e), "cannot retry dead letters on request");
-            }
-        }
-        let outcome = projectionist_runner::control::retry_outcome(&retried);
-        projectionist_runner::control::answer_retry(dir.path(), name, &id, &outcome);
-    }
 }

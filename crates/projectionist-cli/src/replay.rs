@@ -502,11 +502,6 @@ impl Shadows {
         }
     }
 
-    /// The place of projection `name` in the selection.
-    pub(crate) fn index_of(&self, name: &str) -> Option<usize> {
-        self.index.get(name).copied()
-    }
-
     /// True once per shadow: the first report that it follows the log.
     pub(crate) fn caught_up_now(&self, p: &Progress) -> bool {
         p.following
@@ -520,23 +515,22 @@ impl Shadows {
     pub(crate) fn caught_up(&self, i: usize) -> bool {
         self.caught_up[i].load(Ordering::SeqCst)
     }
-
-    /// Projection `i` follows in its live file from now on.
-    pub(crate) fn published(&self, i: usize) {
-        self.in_shadow[i].store(false, Ordering::SeqCst);
-        self.caught_up[i].store(false, Ordering::SeqCst);
-    }
 }
 
 /// One line per publish.
 pub(crate) fn published_line(cli: &Cli, p: &Published) {
-    if cli.json {
+    published_line_as(cli.json, cli.quiet, p);
+}
+
+/// [`published_line`] with `--json` and `--quiet` as given.
+pub(crate) fn published_line_as(json: bool, quiet: bool, p: &Published) {
+    if json {
         ui::json_line(&serde_json::json!({
             "event": "published", "projection": p.name, "checkpoint": p.checkpoint,
             "bytes": p.bytes, "lock_held_ms": p.lock_held.as_secs_f64() * 1e3,
             "seconds": p.elapsed.as_secs_f64(), "previous_kept": p.previous_kept,
         }));
-    } else if !cli.quiet {
+    } else if !quiet {
         let kept = if p.previous_kept {
             format!(
                 "; the replaced version is kept (projectionist rollback {})",

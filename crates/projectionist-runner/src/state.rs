@@ -134,6 +134,22 @@ pub struct Status {
 }
 
 impl Status {
+    /// Projection `name`, `starting`, with the log's head at `head` and
+    /// nothing applied yet (for a display that shows projections before
+    /// their first report).
+    #[must_use]
+    pub fn new(name: &str, head: u64) -> Self {
+        Status {
+            name: name.to_owned(),
+            state: State::Starting,
+            checkpoint: 0,
+            head,
+            shadow_checkpoint: None,
+            processed: 0,
+            dead_letters: 0,
+        }
+    }
+
     /// Events of the log past the checkpoint of the file being written.
     #[must_use]
     pub fn lag(&self) -> u64 {

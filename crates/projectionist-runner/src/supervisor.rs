@@ -947,13 +947,23 @@ impl Shared {
             State::Stalled { reason } => {
                 tracing::warn!(projection = %status.name, reason = %reason, "projection stalled");
             }
-            state => tracing::info!(
-                projection = %status.name,
-                state = state.name(),
-                checkpoint = status.checkpoint,
-                lag = status.lag(),
-                "projection state"
-            ),
+            state => match state.reason() {
+                Some(reason) => tracing::info!(
+                    projection = %status.name,
+                    state = state.name(),
+                    checkpoint = status.checkpoint,
+                    lag = status.lag(),
+                    reason = %reason,
+                    "projection state"
+                ),
+                None => tracing::info!(
+                    projection = %status.name,
+                    state = state.name(),
+                    checkpoint = status.checkpoint,
+                    lag = status.lag(),
+                    "projection state"
+                ),
+            },
         }
     }
 
