@@ -52,6 +52,11 @@ const RETRY_BACKOFF_MIN: Duration = Duration::from_millis(250);
 /// obstacle removed, the server back) is noticed within this long.
 const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(30);
 
+/// The longest wait before reading a store that could not be read again (a
+/// server restart, a dropped connection): a server that accepts connections
+/// again is read within a second.
+const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
 /// How often a waiting lifecycle looks whether the supervisor stops.
 const STOP_POLL_INTERVAL: Duration = Duration::from_millis(50);
 
@@ -1063,6 +1068,8 @@ enum RunEnd {
     Parked,
     /// Try again after the backoff.
     Retry,
+    /// The store could not be read: try again after the reconnect backoff.
+    Reconnect,
     /// It follows in its live file and nothing else is asked of it: back
     /// to the shared run.
     Rejoin,
@@ -1119,6 +1126,11 @@ impl<E: Send + Sync + 'static> Lifecycle<E> {
                     self.shared
                         .pause(backoff, &self.commands, &mut self.pending, &self.retire);
                     backoff = (backoff * 2).min(RETRY_BACKOFF_MAX);
+                }
+                RunEnd::Reconnect => {
+                    self.shared
+                        .pause(backoff, &self.commands, &mut self.pending, &self.retire);
+                    backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
                 }
                 RunEnd::Parked => self.wait_for_request(),
                 RunEnd::Rejoin => {
@@ -1336,7 +1348,7 @@ impl<E: Send + Sync + 'static> Lifecycle<E> {
                         error: e.to_string(),
                     };
                 });
-                RunEnd::Retry
+                RunEnd::Reconnect
             }
             Err(e) if is_transient(&e) => {
                 self.shared.set_state(
@@ -1512,7 +1524,7 @@ impl<E: Send + Sync + 'static> Group<E> {
                 RoundEnd::Again => backoff = RETRY_BACKOFF_MIN,
                 RoundEnd::Retry => {
                     self.pause(backoff);
-                    backoff = (backoff * 2).min(RETRY_BACKOFF_MAX);
+                    backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
                 }
             }
         }
