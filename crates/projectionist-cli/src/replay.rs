@@ -10,7 +10,7 @@ use std::time::Instant;
 use anyhow::{Context, anyhow};
 use projectionist::limits::OPEN_PROJECTIONS_MAX;
 use projectionist::{
-    CancelToken, CheckpointLocation, Error, GlobalReader, Progress, ProjectionDb, ProjectionDir,
+    CancelToken, CheckpointLocation, Error, GlobalReader, ProjectionDb, ProjectionDir,
     ProjectionTarget, PublishOptions, Published, RebuildOptions, RebuildResult, Start,
     VersionFiles, replay_shared,
 };
@@ -20,7 +20,6 @@ use crate::app::{
     EXIT_CANCELLED, EXIT_PROJECTION, EXIT_STORE, Failure, command_hint, error_text, fail,
     load_config, open_dir, open_store, select,
 };
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::args::Cli;
 use crate::status::process_alive;
@@ -478,43 +477,6 @@ pub(crate) fn publish_shadows(
         }
     }
     publishing
-}
-
-/// Which projections of a following run are built in their shadows, and
-/// which of those have caught up (to be published between two runs). Looked
-/// up by name from progress reports, so in constant time per report.
-pub(crate) struct Shadows {
-    index: std::collections::HashMap<String, usize>,
-    in_shadow: Vec<AtomicBool>,
-    caught_up: Vec<AtomicBool>,
-}
-
-impl Shadows {
-    pub(crate) fn new(selected: &[&SqlProjection], shadowed: &[bool]) -> Self {
-        Shadows {
-            index: selected
-                .iter()
-                .enumerate()
-                .map(|(i, p)| (p.name.to_string(), i))
-                .collect(),
-            in_shadow: shadowed.iter().map(|&s| AtomicBool::new(s)).collect(),
-            caught_up: shadowed.iter().map(|_| AtomicBool::new(false)).collect(),
-        }
-    }
-
-    /// True once per shadow: the first report that it follows the log.
-    pub(crate) fn caught_up_now(&self, p: &Progress) -> bool {
-        p.following
-            && self.index.get(&p.projection_name).is_some_and(|&i| {
-                self.in_shadow[i].load(Ordering::SeqCst)
-                    && !self.caught_up[i].swap(true, Ordering::SeqCst)
-            })
-    }
-
-    /// Whether projection `i`'s shadow has caught up (and is not published yet).
-    pub(crate) fn caught_up(&self, i: usize) -> bool {
-        self.caught_up[i].load(Ordering::SeqCst)
-    }
 }
 
 /// One line per publish.

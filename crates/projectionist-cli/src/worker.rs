@@ -4,25 +4,25 @@
 //! marked done; every commit first renews the lease, so a worker that lost its
 //! lease (it hung, or was paused past the lease) commits nothing.
 
-use std::sync::{Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use projectionist::{
     CheckpointLocation, Error, ProjectionDir, ProjectionTarget, RebuildOptions, rebuild_shared,
 };
-use projectionist_postgres::{Lease, Leases, PostgresEventStore};
+use projectionist_postgres::{Lease, LeaseCoordinator, LeaseEvent, Leases, PostgresEventStore};
+use projectionist_runner::{Supervised, Supervisor};
 use projectionist_sqlview::{ProjectionsConfig, SqlHandler, SqlProjection};
 
 use crate::ui::json_line;
 use anyhow::anyhow;
-use projectionist::{CancelToken, Progress, PublishOptions, SqliteCheckpoint};
+use projectionist::{CancelToken, PublishOptions, SqliteCheckpoint};
 
 use crate::app::{
     EXIT_CANCELLED, EXIT_CONFIG, EXIT_PROJECTION, Failure, fail, load_config, open_dir, store_spec,
 };
 use crate::args::Cli;
-use crate::replay::{Plan, Shadows, open_selected, targets};
 
 /// How long a worker waits before looking for work again when it found none.
 const IDLE_POLL: Duration = Duration::from_millis(200);
@@ -44,11 +44,12 @@ pub struct WorkerOptions<'a> {
 /// heartbeats when `[source]` names no `state_schema`.
 pub const STATE_SCHEMA_DEFAULT: &str = "projectionist";
 
-/// The store (through the config's `[source]`, if any) and the lease table.
-fn connect(
+/// The store (through the config's `[source]`, if any), and where the lease
+/// table lives.
+fn connect_store(
     config: &ProjectionsConfig,
     options: &WorkerOptions<'_>,
-) -> anyhow::Result<(PostgresEventStore, Leases)> {
+) -> anyhow::Result<(PostgresEventStore, String)> {
     let store = match &config.source_postgres {
         Some(mapping) => PostgresEventStore::connect_mapped_where(
             options.url,
@@ -70,6 +71,15 @@ fn connect(
         )?,
         None => options.url.to_owned(),
     };
+    Ok((store, lease_url))
+}
+
+/// The store and the lease table.
+fn connect(
+    config: &ProjectionsConfig,
+    options: &WorkerOptions<'_>,
+) -> anyhow::Result<(PostgresEventStore, Leases)> {
+    let (store, lease_url) = connect_store(config, options)?;
     let leases = Leases::connect(&lease_url, options.worker_id, options.lease)?;
     leases.init()?;
     Ok((store, leases))
@@ -133,330 +143,163 @@ pub fn run(
 /// lease, at most this, so an orphan is claimed within the lease plus this.
 const KEEPER_INTERVAL_MAX: Duration = Duration::from_millis(500);
 
-/// Runs a following worker: holds as many projections as it can claim, keeps
-/// them all current from one shared read (`projectionist::follow`), renews its
-/// leases between commits as well as at every commit, and claims projections
-/// whose lease expired, even while it is busy. Its set of projections changes
-/// by stopping the run (each projection commits its batch in hand) and
-/// starting it again with the new set, each from its checkpoint. Until
-/// cancelled.
-pub fn run_following(
-    cli: &Cli,
-    config: &ProjectionsConfig,
-    dir: &ProjectionDir,
-    options: &WorkerOptions<'_>,
-    cancel: &CancelToken,
-) -> anyhow::Result<()> {
-    let interval = (options.lease / 3).min(KEEPER_INTERVAL_MAX);
-    let held: Mutex<Vec<Lease>> = Mutex::new(Vec::new());
-    let mut backoff = interval;
-    while !cancel.is_cancelled() {
-        let started = std::time::Instant::now();
-        let session = connect(config, options).and_then(|(store, leases)| {
-            follow_session(cli, config, dir, options, cancel, &store, &leases, &held)
-        });
-        let Err(error) = session else {
-            return Ok(());
-        };
-        // The server went away (restart, failover, a killed connection): the
-        // leases held so far stay this worker's if it is back within the lease.
-        if started.elapsed() > RECONNECT_BACKOFF_MAX {
-            backoff = interval;
-        }
-        let text = crate::app::error_text(&error);
-        tracing::warn!(worker = options.worker_id, error = %text, retry_in_ms = backoff.as_millis(), "PostgreSQL unreachable; reconnecting");
-        if options.json {
-            json_line(&serde_json::json!({
-                "event": "reconnecting", "worker": options.worker_id, "error": text,
-                "retry_in_ms": backoff.as_millis(),
-            }));
-        }
-        std::thread::sleep(backoff);
-        backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
-    }
-    Ok(())
-}
-
 /// The longest wait between two attempts to reach PostgreSQL again: a server
 /// that accepts connections again is used within a second.
 const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
-/// One connection's worth of following: until cancelled (then the leases and
-/// the heartbeat are given up: `Ok`), or until the store or the lease table
-/// cannot be reached (`Err`: reconnect and go on).
-#[allow(clippy::too_many_arguments)]
-fn follow_session(
-    cli: &Cli,
+/// Runs a following worker: the runner's supervisor (shared reads) keeps the
+/// projections this worker holds current; the PostgreSQL crate's
+/// `LeaseCoordinator` decides which those are (an even share among the live
+/// workers, orphans claimed, extras handed back, lost leases let go of) and
+/// fences every commit and publish. Until cancelled; then the leases and the
+/// heartbeat are given up.
+pub fn run_following(
     config: &ProjectionsConfig,
     dir: &ProjectionDir,
     options: &WorkerOptions<'_>,
     cancel: &CancelToken,
-    store: &PostgresEventStore,
-    leases: &Leases,
-    held: &Mutex<Vec<Lease>>,
 ) -> anyhow::Result<()> {
-    let interval = (options.lease / 3).min(KEEPER_INTERVAL_MAX);
-    let by_name = |name: &str| config.get(name).expect("a projection of the config");
+    let (store, lease_url) = connect_store(config, options)?;
+    let store = Arc::new(store);
+    let wanted: Vec<String> = config
+        .projections
+        .iter()
+        .map(|p| p.name.to_string())
+        .collect();
+    let coordinator = Arc::new(LeaseCoordinator::connect(
+        &lease_url,
+        options.worker_id,
+        options.lease,
+        wanted,
+    )?);
+    let interval = coordinator.interval(KEEPER_INTERVAL_MAX);
+    let (fence, outage) = (Arc::clone(&coordinator), Arc::clone(&store));
+    let reader: Arc<dyn projectionist::GlobalReader<crate::store::Payload>> = store.clone();
+    let supervisor = Supervisor::builder(reader, dir.path())?
+        .share_reads(true)
+        .batch_size(options.batch_size)
+        .commit_guard(move |name| fence.fence(name))
+        .outage(move || outage.outage().map(|o| o.error))
+        .start()?;
+    let make = |name: &str| {
+        let projection = config.get(name)?;
+        if let Some(from) = options.seed_from {
+            seed_claimed(&store, dir, &[projection], from, options);
+        }
+        Some(Supervised::sql(projection.clone()))
+    };
+    let mut backoff = interval;
+    let mut outage = StoreOutage::default();
     while !cancel.is_cancelled() {
-        let share = fair_share(config, leases)?;
-        claim_free(config, leases, held, share, options)?;
-        let current: Vec<Lease> = held.lock().unwrap_or_else(PoisonError::into_inner).clone();
-        if current.is_empty() {
-            std::thread::sleep(interval);
-            continue;
-        }
-        let stop = CancelToken::new();
-        let results = std::thread::scope(|scope| {
-            scope.spawn(|| keep(config, leases, held, options, interval, &stop, cancel));
-            let results = follow_held(cli, store, dir, &current, &by_name, leases, options, &stop);
-            stop.cancel();
-            results
-        });
-        let mut unreachable = None;
-        for (lease, result) in current.iter().zip(results) {
-            let projection = by_name(&lease.projection);
-            let error = match result {
-                Ok(()) => continue,
-                Err(e) => e,
-            };
-            if is_store_failure(&error) {
-                // Not the projection's fault: keep its lease, reconnect.
-                unreachable = Some(error);
-                continue;
+        let wait = match coordinator.step(&supervisor, &make) {
+            Ok(events) => {
+                backoff = interval;
+                for event in events {
+                    say_lease(options, &event);
+                }
+                interval
             }
-            let fenced = matches!(error.downcast_ref::<Error>(), Some(Error::Fenced { .. }));
-            let event = if fenced { "fenced" } else { "failed" };
-            let mut held = held.lock().unwrap_or_else(PoisonError::into_inner);
-            if !held.contains(lease) {
-                continue; // the keeper found it lost and said so
+            Err(error) => {
+                // The server went away (restart, failover, a killed
+                // connection): the leases held stay this worker's if it is
+                // back within the lease.
+                let text = error.to_string();
+                tracing::warn!(worker = options.worker_id, error = %text, retry_in_ms = backoff.as_millis(), "PostgreSQL unreachable; reconnecting");
+                if options.json {
+                    json_line(&serde_json::json!({
+                        "event": "reconnecting", "worker": options.worker_id, "error": text,
+                        "retry_in_ms": backoff.as_millis(),
+                    }));
+                }
+                let wait = backoff;
+                backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
+                wait
             }
-            held.retain(|l| l != lease);
-            drop(held);
-            say_error(options, event, projection, lease, &error);
-            if !fenced {
-                leases.release(lease)?;
-            }
-        }
-        if let Some(error) = unreachable {
-            return Err(error);
+        };
+        let until = std::time::Instant::now() + wait;
+        while !cancel.is_cancelled() && std::time::Instant::now() < until {
+            outage.look(&store, options);
+            std::thread::sleep(OUTAGE_LOOK_INTERVAL);
         }
     }
-    for lease in std::mem::take(&mut *held.lock().unwrap_or_else(PoisonError::into_inner)) {
-        leases.release(&lease)?;
+    // A reconnect shortly before the stop is said too.
+    outage.look(&store, options);
+    if let Some(event) = coordinator.take_reconnected() {
+        say_lease(options, &event);
     }
-    leases.leave()?;
+    let left = coordinator.leave(&supervisor);
+    supervisor.shutdown();
+    left?;
     Ok(())
 }
 
-/// A run that stopped because the log could not be read (not because of an
-/// event in it).
-fn is_store_failure(error: &anyhow::Error) -> bool {
-    match error.downcast_ref::<Error>() {
-        Some(Error::Replay { source, .. }) => source.event().is_none(),
-        _ => false,
+/// How often a following worker looks whether its store lost its
+/// connection (no query: the store's own record), to say so.
+const OUTAGE_LOOK_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Says when the store's own connection was lost and made again (the
+/// supervisor reads on once it is back), as a lost lease connection is.
+#[derive(Default)]
+struct StoreOutage {
+    announced: bool,
+    reconnects_seen: u64,
+}
+
+impl StoreOutage {
+    fn look(&mut self, store: &PostgresEventStore, options: &WorkerOptions<'_>) {
+        let outage = store.outage();
+        let reconnects = store.reconnects();
+        if (outage.is_some() && !self.announced) || reconnects > self.reconnects_seen {
+            let error = outage
+                .as_ref()
+                .map_or_else(|| "the connection was lost".to_owned(), |o| o.error.clone());
+            say_lease(options, &LeaseEvent::reconnected(error));
+        }
+        self.announced = outage.is_some();
+        self.reconnects_seen = reconnects;
     }
 }
 
-/// How many projections this worker should hold: an even share among the live
-/// workers, rounded up.
-fn fair_share(config: &ProjectionsConfig, leases: &Leases) -> anyhow::Result<usize> {
-    let live = leases.heartbeat()?;
-    Ok(config.projections.len().div_ceil(live))
-}
-
-/// Claims projections that nobody holds, up to `share` held in all; true
-/// when it claimed one.
-fn claim_free(
-    config: &ProjectionsConfig,
-    leases: &Leases,
-    held: &Mutex<Vec<Lease>>,
-    share: usize,
-    options: &WorkerOptions<'_>,
-) -> anyhow::Result<bool> {
-    let mut claimed = false;
-    for projection in &config.projections {
-        let name = projection.name.as_str();
-        {
-            let held = held.lock().unwrap_or_else(PoisonError::into_inner);
-            if held.len() >= share || held.iter().any(|l| l.projection == name) {
-                continue;
+/// One change of the leases held, as a line.
+fn say_lease(options: &WorkerOptions<'_>, event: &LeaseEvent) {
+    let (name, lease, error) = match event {
+        LeaseEvent::Claimed(lease) => ("claimed", lease, None),
+        LeaseEvent::Released(lease) => ("released", lease, None),
+        LeaseEvent::Lost(lease) => (
+            "fenced",
+            lease,
+            Some(format!("lease epoch {} was lost", lease.epoch)),
+        ),
+        LeaseEvent::Failed { lease, error } => ("failed", lease, Some(error.clone())),
+        LeaseEvent::Reconnected { error } => {
+            tracing::warn!(worker = options.worker_id, error = %error, "the lease table's connection was lost; reconnected");
+            if options.json {
+                json_line(&serde_json::json!({
+                    "event": "reconnecting", "worker": options.worker_id, "error": error,
+                }));
             }
-        }
-        if let Some(lease) = leases.try_hold(name)? {
-            say(options, "claimed", projection, &lease, None);
-            held.lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .push(lease);
-            claimed = true;
-        }
-    }
-    Ok(claimed)
-}
-
-/// Beside a run: renews the held leases every `interval` and claims free
-/// projections; stops the run when the set changes (a lease lost, one
-/// claimed) or the worker is cancelled.
-fn keep(
-    config: &ProjectionsConfig,
-    leases: &Leases,
-    held: &Mutex<Vec<Lease>>,
-    options: &WorkerOptions<'_>,
-    interval: Duration,
-    stop: &CancelToken,
-    cancel: &CancelToken,
-) {
-    while !stop.is_cancelled() {
-        if cancel.is_cancelled() {
-            stop.cancel();
             return;
         }
-        std::thread::sleep(interval);
-        let current: Vec<Lease> = held.lock().unwrap_or_else(PoisonError::into_inner).clone();
-        for lease in current {
-            // A lost lease also fails the projection's next commit (the
-            // guard); stopping the run sets the others going without it.
-            if !matches!(leases.renew(&lease), Ok(true)) {
-                held.lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .retain(|l| *l != lease);
-                let error = anyhow!("lease epoch {} was lost", lease.epoch);
-                if let Some(projection) = config.get(&lease.projection) {
-                    say_error(options, "fenced", projection, &lease, &error);
-                }
-                stop.cancel();
-            }
+        _ => return,
+    };
+    match &error {
+        Some(error) => {
+            tracing::warn!(worker = options.worker_id, projection = %lease.projection, epoch = lease.epoch, error = %error, "{name}");
         }
-        let Ok(share) = fair_share(config, leases) else {
-            continue;
-        };
-        // More than a fair share (another worker joined): hand the extra back.
-        let extra: Vec<Lease> = {
-            let mut held = held.lock().unwrap_or_else(PoisonError::into_inner);
-            let keep = held.len().min(share);
-            held.split_off(keep)
-        };
-        for lease in &extra {
-            if leases.release(lease).is_ok()
-                && let Some(projection) = config.get(&lease.projection)
-            {
-                say(options, "released", projection, lease, None);
-            }
-            stop.cancel();
-        }
-        if matches!(claim_free(config, leases, held, share, options), Ok(true)) {
-            stop.cancel();
+        None => {
+            tracing::info!(worker = options.worker_id, projection = %lease.projection, epoch = lease.epoch, "{name}");
         }
     }
-}
-
-/// Follows the held projections until `stop`; one result per lease.
-#[allow(clippy::too_many_arguments)]
-fn follow_held<'c>(
-    cli: &Cli,
-    store: &PostgresEventStore,
-    dir: &ProjectionDir,
-    current: &[Lease],
-    by_name: &dyn Fn(&str) -> &'c SqlProjection,
-    leases: &Leases,
-    options: &WorkerOptions<'_>,
-    stop: &CancelToken,
-) -> Vec<anyhow::Result<()>> {
-    let selected: Vec<&SqlProjection> = current.iter().map(|l| by_name(&l.projection)).collect();
-    if let Some(from) = options.seed_from {
-        seed_claimed(store, dir, &selected, from, options);
-    }
-    let opened = open_selected(cli, dir, &selected, Plan::Resume, None);
-    let mut errors = opened.errors.into_iter();
-    // A changed projection is rebuilt in its shadow (its live file keeps
-    // serving); once caught up the run stops, and it is published under its
-    // lease before the next run follows it in the live file.
-    let shadows = Shadows::new(&opened.selected, &opened.shadowed);
-    let progress = |p: &Progress| {
-        if shadows.caught_up_now(p) {
-            stop.cancel();
-        }
-    };
-    // Renewing the lease is the fence: a commit happens only while this worker
-    // still holds the projection at its epoch.
-    let guard = |name: &str| -> Result<(), projectionist::BoxError> {
-        let lease = current
-            .iter()
-            .find(|l| l.projection == name)
-            .ok_or("no lease")?;
-        fence(leases, lease)
-    };
-    let follow_options = RebuildOptions {
-        batch_size: options.batch_size,
-        commit_interval: projectionist::limits::COMMIT_INTERVAL_DEFAULT,
-        progress: Some(&progress),
-        cancel: None,
-        step_hook: None,
-        commit_guard: Some(&guard),
-    };
-    let mut handlers: Vec<SqlHandler<'_>> =
-        opened.selected.iter().map(|p| SqlHandler::new(p)).collect();
-    let targets = targets(
-        &mut handlers,
-        &opened.writes,
-        &opened.selected,
-        &opened.starts,
-    );
-    let results = projectionist::follow(store, targets, &follow_options, stop);
-    let results: Vec<_> = results
-        .into_iter()
-        .zip(&opened.selected)
-        .enumerate()
-        .map(|(i, (result, projection))| {
-            result.map_err(anyhow::Error::from)?;
-            if shadows.caught_up(i) {
-                let name = projection.name.as_str();
-                let lease = current
-                    .iter()
-                    .find(|l| l.projection == name)
-                    .expect("a held projection");
-                publish_fenced(dir, projection, leases, lease, options)?;
-            }
-            Ok(())
-        })
-        .collect();
-    let mut results = results.into_iter();
-    // In lease order: a projection that could not be opened has its error.
-    current
-        .iter()
-        .map(|lease| {
-            if opened
-                .selected
-                .iter()
-                .any(|p| p.name.as_str() == lease.projection)
-            {
-                results.next().expect("one result per opened projection")
-            } else {
-                Err(errors
-                    .next()
-                    .unwrap_or_else(|| anyhow!("could not be opened")))
-            }
-        })
-        .collect()
-}
-
-fn say_error(
-    options: &WorkerOptions<'_>,
-    event: &str,
-    projection: &SqlProjection,
-    lease: &Lease,
-    error: &anyhow::Error,
-) {
-    let text = crate::app::error_text(error);
-    tracing::warn!(worker = options.worker_id, projection = %projection.name, epoch = lease.epoch, error = %text, "{event}");
     if options.json {
         json_line(&serde_json::json!({
-            "event": event, "worker": options.worker_id, "projection": projection.name.as_str(),
-            "epoch": lease.epoch, "error": text,
+            "event": name, "worker": options.worker_id, "projection": lease.projection,
+            "epoch": lease.epoch, "error": error,
         }));
     } else if !options.quiet {
+        let why = error.map(|e| format!(": {e}")).unwrap_or_default();
         eprintln!(
-            "{} {event} {} (epoch {}): {text}",
-            options.worker_id, projection.name, lease.epoch
+            "{} {name} {} (epoch {}){why}",
+            options.worker_id, lease.projection, lease.epoch
         );
     }
 }
@@ -642,7 +485,7 @@ pub(crate) fn run_worker(
     if !exit_when_done {
         // A following worker stopped by a signal has committed its batches and
         // released its leases: a clean stop.
-        return run_following(cli, &config, &dir, &options, &cancel).map_err(fail(EXIT_PROJECTION));
+        return run_following(&config, &dir, &options, &cancel).map_err(fail(EXIT_PROJECTION));
     }
     run(&config, &dir, &options, &cancel).map_err(fail(EXIT_PROJECTION))?;
     if cancel.is_cancelled() {

@@ -33,11 +33,13 @@
 //! ```
 
 mod connect;
+mod coordinator;
 mod horizon;
 mod lease;
 mod snapshots;
 mod store;
 
+pub use coordinator::{LeaseCoordinator, LeaseEvent};
 pub use lease::{Lease, Leases};
 pub use snapshots::{PostgresSnapshots, SNAPSHOT_CHUNK_BYTES, SNAPSHOT_SCHEMA_DEFAULT};
 #[allow(deprecated)]

@@ -56,6 +56,6 @@ pub use place::{
 pub use projection::Supervised;
 pub use state::{Event, State, Status, WaitReason};
 pub use supervisor::{
-    Error, EventFn, LateEventsFn, OnLateEvent, OutageFn, Outcome, Request, STALL_AFTER_DEFAULT,
-    SUPERVISED_MAX, Supervisor, SupervisorBuilder,
+    Error, EventFn, GuardFn, LateEventsFn, OnLateEvent, OutageFn, Outcome, Request,
+    STALL_AFTER_DEFAULT, SUPERVISED_MAX, Supervisor, SupervisorBuilder,
 };

@@ -80,6 +80,11 @@ pub enum OnLateEvent {
     Report,
 }
 
+/// Asked before every commit and publish of a projection (its name): an
+/// error refuses it (nothing is written) and fails the projection's run; see
+/// [`SupervisorBuilder::commit_guard`].
+pub type GuardFn = dyn Fn(&str) -> Result<(), projectionist::BoxError> + Send + Sync;
+
 /// Tells whether the store is cut off (a lost connection being made again),
 /// with its error; see [`SupervisorBuilder::outage`].
 pub type OutageFn = dyn Fn() -> Option<String> + Send + Sync;
@@ -164,6 +169,7 @@ pub struct SupervisorBuilder<E> {
     late_events: Option<(Arc<LateEventsFn>, OnLateEvent)>,
     seed_from: Option<Arc<dyn crate::snapshot::SnapshotLocation>>,
     share_reads: bool,
+    commit_guard: Option<Arc<GuardFn>>,
 }
 
 impl<E: Send + Sync + 'static> SupervisorBuilder<E> {
@@ -181,6 +187,21 @@ impl<E: Send + Sync + 'static> SupervisorBuilder<E> {
     #[must_use]
     pub fn share_reads(mut self, on: bool) -> Self {
         self.share_reads = on;
+        self
+    }
+
+    /// Asked before every commit (and every publish of a shadow) of a
+    /// projection: an error refuses the write and fails the projection's run
+    /// ([`projectionist::Error::Fenced`]). A fence for processes that share
+    /// projections through leases (the PostgreSQL crate's
+    /// `LeaseCoordinator::fence`): a process whose lease was taken over
+    /// writes nothing more.
+    #[must_use]
+    pub fn commit_guard(
+        mut self,
+        guard: impl Fn(&str) -> Result<(), projectionist::BoxError> + Send + Sync + 'static,
+    ) -> Self {
+        self.commit_guard = Some(Arc::new(guard));
         self
     }
 
@@ -311,6 +332,7 @@ impl<E: Send + Sync + 'static> SupervisorBuilder<E> {
             retirements: Mutex::new(BTreeMap::new()),
             threads: Mutex::new(Vec::new()),
             group: door,
+            guard: self.commit_guard,
         });
         let mut supervisor = Supervisor {
             shared: Arc::clone(&shared),
@@ -464,6 +486,8 @@ struct Core<E> {
     threads: Mutex<Vec<JoinHandle<()>>>,
     /// With shared reads: the door to the shared run.
     group: Option<GroupDoor<E>>,
+    /// Asked before every commit and publish.
+    guard: Option<Arc<GuardFn>>,
 }
 
 impl<E: Send + Sync + 'static> Core<E> {
@@ -561,6 +585,7 @@ impl<E: Send + Sync + 'static> Supervisor<E> {
             late_events: None,
             seed_from: None,
             share_reads: false,
+            commit_guard: None,
         })
     }
 
@@ -1316,13 +1341,18 @@ impl<E: Send + Sync + 'static> Lifecycle<E> {
                 }));
             }
         };
+        let core = Arc::clone(&self.core);
+        let guard = core
+            .guard
+            .as_deref()
+            .map(|g| g as &projectionist::CommitGuardFn);
         let options = RebuildOptions {
             batch_size: self.batch_size,
             commit_interval: projectionist::limits::COMMIT_INTERVAL_DEFAULT,
             progress: Some(&progress),
             cancel: None,
             step_hook: None,
-            commit_guard: None,
+            commit_guard: guard,
         };
         let target = ProjectionTarget {
             db: &writes,
@@ -1377,6 +1407,21 @@ impl<E: Send + Sync + 'static> Lifecycle<E> {
 
     /// Publishes projection `name`'s caught-up shadow (`shadow`).
     fn publish(&mut self, name: &str, shadow: &Arc<ProjectionDb>) -> RunEnd {
+        if let Some(guard) = &self.core.guard
+            && let Err(e) = guard(name)
+        {
+            let error =
+                format!("publishing its rebuild was refused (the live file is unchanged): {e}");
+            self.shared.set_state(
+                name,
+                State::Failed {
+                    error: error.clone(),
+                    retrying: false,
+                },
+            );
+            self.answer_rebuilds(&Err(error));
+            return RunEnd::Parked;
+        }
         self.shared.set_state(name, State::Publishing);
         // The shadow's handle is let go of by the publish itself.
         let _ = shadow;
@@ -1692,13 +1737,17 @@ impl<E: Send + Sync + 'static> Group<E> {
                 round.cancel();
             }
         };
+        let guard = core
+            .guard
+            .as_deref()
+            .map(|g| g as &projectionist::CommitGuardFn);
         let options = RebuildOptions {
             batch_size: core.batch_size,
             commit_interval: projectionist::limits::COMMIT_INTERVAL_DEFAULT,
             progress: Some(&progress),
             cancel: None,
             step_hook: None,
-            commit_guard: None,
+            commit_guard: guard,
         };
         let names: Vec<String> = self
             .members
