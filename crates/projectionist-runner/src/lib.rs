@@ -11,6 +11,10 @@
 //!
 //! Each projection runs on its own thread: a shadow build, a failure or a
 //! lock held on one projection's file never holds back another's following.
+//! With [`SupervisorBuilder::share_reads`], the projections that follow in
+//! their live files share one read of the log instead (any number of them,
+//! as `projectionist follow` runs them), and one that needs anything else is
+//! handled alone until it follows again.
 //!
 //! ```
 //! use std::sync::Arc;
