@@ -8,16 +8,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use projectionist::{
-    CheckpointLocation, Error, ProjectionDir, ProjectionTarget, RebuildOptions, rebuild_shared,
-};
+use projectionist::{Error, ProjectionDir};
 use projectionist_postgres::{Lease, LeaseCoordinator, LeaseEvent, Leases, PostgresEventStore};
 use projectionist_runner::{Supervised, Supervisor};
-use projectionist_sqlview::{ProjectionsConfig, SqlHandler, SqlProjection};
+use projectionist_sqlview::{ProjectionsConfig, SqlProjection};
 
 use crate::ui::json_line;
 use anyhow::anyhow;
-use projectionist::{CancelToken, PublishOptions, SqliteCheckpoint};
+use projectionist::CancelToken;
 
 use crate::app::{
     EXIT_CANCELLED, EXIT_CONFIG, EXIT_PROJECTION, Failure, fail, load_config, open_dir, store_spec,
@@ -338,6 +336,9 @@ fn seed_claimed(
     }
 }
 
+/// Builds `projection` anew under `lease` (in its shadow, then published,
+/// when this worker's copy serves a version), every commit and the publish
+/// fenced by the lease.
 fn rebuild_one(
     store: &PostgresEventStore,
     dir: &ProjectionDir,
@@ -347,66 +348,26 @@ fn rebuild_one(
     options: &WorkerOptions<'_>,
     cancel: &projectionist::CancelToken,
 ) -> Result<(), Error> {
-    let name = projection.name.as_str();
-    let live = dir.db(name)?;
-    // A built projection keeps serving while it is rebuilt beside it.
-    let serving = live.with_connection(|conn| SqliteCheckpoint::load_in(conn, name))? > 0;
-    let db = if serving {
-        dir.discard_shadow(name)?;
-        dir.shadow(name)?
-    } else {
-        live
-    };
-    let mut handler = SqlHandler::new(projection);
-    // Renewing the lease is the fence: it succeeds only while this worker still
-    // holds the projection at this epoch.
+    let mut supervised = Supervised::<crate::store::Payload>::sql(projection.clone());
     let guard = |_: &str| fence(leases, lease);
-    let rebuild_options = RebuildOptions {
-        batch_size: options.batch_size,
-        commit_interval: projectionist::limits::COMMIT_INTERVAL_DEFAULT,
-        progress: None,
-        cancel: Some(cancel),
-        step_hook: None,
-        commit_guard: Some(&guard),
-    };
-    let target = ProjectionTarget {
-        db: &db,
-        handler: &mut handler as &mut dyn projectionist::Handler<crate::store::Payload>,
-        checkpoint: CheckpointLocation::InFile,
-        consumer_id: projection.name.as_str(),
-    };
-    let mut results = rebuild_shared(store, vec![target], &rebuild_options);
-    results.pop().expect("one result")?;
-    if serving {
-        publish_fenced(dir, projection, leases, lease, options)?;
+    let published = projectionist_runner::rebuild_once(
+        dir,
+        store,
+        &mut supervised,
+        options.batch_size,
+        Some(&guard),
+        cancel,
+    )?;
+    if let Some(published) = published {
+        tracing::info!(
+            worker = options.worker_id,
+            projection = %projection.name,
+            epoch = lease.epoch,
+            checkpoint = published.checkpoint,
+            lock_held_ms = published.lock_held.as_secs_f64() * 1e3,
+            "published its rebuild"
+        );
     }
-    Ok(())
-}
-
-/// Publishes a projection's finished shadow, only while this worker still
-/// holds its lease (renewed right before, as every commit is).
-fn publish_fenced(
-    dir: &ProjectionDir,
-    projection: &SqlProjection,
-    leases: &Leases,
-    lease: &Lease,
-    options: &WorkerOptions<'_>,
-) -> Result<(), Error> {
-    let name = projection.name.as_str();
-    fence(leases, lease).map_err(|source| Error::Fenced {
-        name: name.to_owned(),
-        committed: 0,
-        source,
-    })?;
-    let published = dir.publish(name, name, &PublishOptions::default())?;
-    tracing::info!(
-        worker = options.worker_id,
-        projection = name,
-        epoch = lease.epoch,
-        checkpoint = published.checkpoint,
-        lock_held_ms = published.lock_held.as_secs_f64() * 1e3,
-        "published its rebuild"
-    );
     Ok(())
 }
 

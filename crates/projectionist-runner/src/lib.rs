@@ -47,12 +47,14 @@
 //! ```
 
 pub mod control;
+mod once;
 mod place;
 mod projection;
 pub mod snapshot;
 mod state;
 mod supervisor;
 
+pub use once::rebuild_once;
 pub use place::{
     Opened, Placement, Plan, is_store_failure, is_transient, open_for_run, place,
     record_publish_failure, writable_now,

@@ -1,0 +1,67 @@
+//! Building a projection anew once, outside a supervisor: what a batch worker
+//! does with a projection it claimed under a lease.
+
+use projectionist::{
+    CancelToken, CheckpointLocation, Error, GlobalReader, ProjectionDir, ProjectionTarget,
+    PublishOptions, Published, RebuildOptions, SqliteCheckpoint,
+};
+
+use crate::projection::Supervised;
+
+/// Builds `projection` anew from the whole log, once: in its shadow when its
+/// live file serves a built version (then published, the live file serving
+/// the old version until then: the publish is returned), else in place.
+/// `guard` is asked before every commit and before the publish (a lease's
+/// fence); `cancel` stops the build at a batch boundary.
+///
+/// # Errors
+/// The build's error ([`Error::Fenced`] when the guard refused); a failed
+/// publish leaves the live file unchanged.
+pub fn rebuild_once<E: Send + Sync>(
+    dir: &ProjectionDir,
+    reader: &dyn GlobalReader<E>,
+    projection: &mut Supervised<E>,
+    batch_size: u32,
+    guard: Option<&projectionist::CommitGuardFn<'_>>,
+    cancel: &CancelToken,
+) -> projectionist::Result<Option<Published>> {
+    let name = projection.name().to_owned();
+    let live = dir.db(&name)?;
+    let serving = live.with_connection(|conn| SqliteCheckpoint::load_in(conn, &name))? > 0;
+    let db = if serving {
+        dir.discard_shadow(&name)?;
+        dir.shadow(&name)?
+    } else {
+        live
+    };
+    let options = RebuildOptions {
+        batch_size,
+        commit_interval: projectionist::limits::COMMIT_INTERVAL_DEFAULT,
+        progress: None,
+        cancel: Some(cancel),
+        step_hook: None,
+        commit_guard: guard,
+    };
+    let target = ProjectionTarget {
+        db: &db,
+        handler: &mut *projection.handler,
+        checkpoint: CheckpointLocation::InFile,
+        consumer_id: &name,
+    };
+    projectionist::rebuild_shared(reader, vec![target], &options)
+        .pop()
+        .expect("one result per projection")?;
+    if !serving {
+        return Ok(None);
+    }
+    drop(db);
+    if let Some(guard) = guard {
+        guard(&name).map_err(|source| Error::Fenced {
+            name: name.clone(),
+            committed: 0,
+            source,
+        })?;
+    }
+    dir.publish(&name, &name, &PublishOptions::default())
+        .map(Some)
+}
