@@ -23,15 +23,7 @@ pub(crate) fn run_dead_letters(cli: &Cli, name: Option<&str>) -> Result<(), Fail
     let dir = open_existing_dir(cli)?;
     let names: Vec<String> = match name {
         Some(name) => {
-            let path = dir
-                .file_path(name)
-                .map_err(|e| fail(EXIT_CONFIG)(e.into()))?;
-            if !path.exists() {
-                return Err(fail(EXIT_CONFIG)(anyhow!(
-                    "no projection {name} in {}",
-                    dir.path().display()
-                )));
-            }
+            existing(&dir, name)?;
             vec![name.to_owned()]
         }
         None => dir
@@ -73,6 +65,21 @@ pub(crate) fn run_dead_letters(cli: &Cli, name: Option<&str>) -> Result<(), Fail
         );
     }
     Ok(())
+}
+
+/// Projection `name`'s file in `dir`, which must exist (a usage error
+/// otherwise, as for `remove`).
+fn existing(dir: &ProjectionDir, name: &str) -> Result<std::path::PathBuf, Failure> {
+    let path = dir
+        .file_path(name)
+        .map_err(|e| fail(EXIT_CONFIG)(e.into()))?;
+    if !path.exists() {
+        return Err(fail(EXIT_CONFIG)(anyhow!(
+            "no projection {name} in {}",
+            dir.path().display()
+        )));
+    }
+    Ok(path)
 }
 
 fn print_letter(cli: &Cli, name: &str, letter: &DeadLetter) {
@@ -122,15 +129,7 @@ pub(crate) fn run_retry(
         ))
     })?;
     let dir = open_existing_dir(cli)?;
-    let path = dir
-        .file_path(name)
-        .map_err(|e| fail(EXIT_CONFIG)(e.into()))?;
-    if !path.exists() {
-        return Err(fail(EXIT_CONFIG)(anyhow!(
-            "no projection {name} in {}",
-            dir.path().display()
-        )));
-    }
+    existing(&dir, name)?;
     let retried = match dir.db(name) {
         Ok(db) => {
             let store = open_store(cli, false, &config)?;

@@ -316,6 +316,10 @@ fn a_follower_dead_letters_a_new_poison_event_follows_on_and_retries_on_request(
 
 /// A worker (PostgreSQL, leases) honours the policy as `rebuild` does.
 #[test]
+#[cfg_attr(
+    not(pg_tests),
+    ignore = "set PROJECTIONIST_TEST_PG_URL to run the PostgreSQL tests"
+)]
 fn a_worker_dead_letters_poison_events_of_a_postgres_log() {
     use postgres::{Client, NoTls};
     let schema = common::pg::Schema::new("dead_letters_worker");

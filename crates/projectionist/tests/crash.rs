@@ -259,23 +259,6 @@ fn run_bank_child(role: &str, args: &[String]) {
     result.unwrap();
 }
 
-/// Handles a type no event has: the projections that fill a run up to
-/// `OPEN_PROJECTIONS_MAX`, so that the bank projection after them is parked.
-struct Filler;
-
-impl projectionist::Handler<common::BankEvent> for Filler {
-    fn event_types(&self) -> Option<Vec<String>> {
-        Some(vec!["NoSuchType".to_owned()])
-    }
-    fn apply(
-        &mut self,
-        _tx: &projectionist::rusqlite::Transaction<'_>,
-        _events: &[projectionist::GlobalEvent<common::BankEvent>],
-    ) -> Result<(), projectionist::BoxError> {
-        Ok(())
-    }
-}
-
 /// `rebuild-parked STORE DIR BATCH INTERVAL_MS STEP BATCH_NO`: one shared
 /// rebuild of `OPEN_PROJECTIONS_MAX` fillers and then the bank projection
 /// (so parked), aborting at the named step of the bank's numbered batch.
@@ -290,39 +273,13 @@ fn run_parked_bank_child(args: &[String]) {
             std::process::abort();
         }
     };
-    let n_fillers = projectionist::limits::OPEN_PROJECTIONS_MAX;
-    let mut dbs: Vec<_> = (0..n_fillers)
-        .map(|i| dir.db(&format!("filler{i:03}")).unwrap())
-        .collect();
-    dbs.push(dir.db("bank").unwrap());
-    let mut fillers: Vec<Filler> = (0..n_fillers).map(|_| Filler).collect();
-    let mut bank = BankHandler::default();
-    let mut handlers: Vec<&mut dyn projectionist::Handler<common::BankEvent>> = fillers
-        .iter_mut()
-        .map(|f| f as &mut dyn projectionist::Handler<common::BankEvent>)
-        .collect();
-    handlers.push(&mut bank);
-    let names: Vec<String> = dbs.iter().map(|db| db.name().to_string()).collect();
-    let targets = dbs
-        .iter()
-        .zip(handlers)
-        .zip(&names)
-        .map(|((db, handler), name)| ProjectionTarget {
-            db,
-            handler,
-            checkpoint: CheckpointLocation::InFile,
-            consumer_id: name.as_str(),
-        })
-        .collect();
     let options = RebuildOptions {
         batch_size,
         commit_interval,
         step_hook: Some(&hook),
         ..RebuildOptions::default()
     };
-    for result in projectionist::rebuild_shared(&store, targets, &options) {
-        result.unwrap();
-    }
+    common::rebuild_parked(&store, &dir, &mut BankHandler::default(), &options).unwrap();
 }
 
 // ---------------------------------------------------------------- helpers

@@ -278,57 +278,16 @@ fn bank_rows(conn: &Connection) -> String {
     text
 }
 
-/// Handles a type no event has: fills a run up to `OPEN_PROJECTIONS_MAX`, so
-/// that the projection after them is parked between the batches it gets.
-struct Filler;
-
-impl Handler<BankEvent> for Filler {
-    fn event_types(&self) -> Option<Vec<String>> {
-        Some(vec!["NoSuchType".to_owned()])
-    }
-    fn apply(
-        &mut self,
-        _tx: &Transaction<'_>,
-        _events: &[GlobalEvent<BankEvent>],
-    ) -> Result<(), BoxError> {
-        Ok(())
-    }
-}
-
 #[test]
 fn a_parked_skipping_projection_in_a_shared_run_equals_the_log_without_its_poison() {
     let expected = reference();
     let f = fixture(Poison::Every(POISON_EVERY));
-    let n_fillers = projectionist::limits::OPEN_PROJECTIONS_MAX;
-    let mut dbs: Vec<_> = (0..n_fillers)
-        .map(|i| f.dir.db(&format!("filler{i:03}")).unwrap())
-        .collect();
-    dbs.push(f.dir.db("bank").unwrap());
-    let mut fillers: Vec<Filler> = (0..n_fillers).map(|_| Filler).collect();
     let mut bank = Skipping::new(BankHandler::default()).max_dead_letters(1_000);
-    let mut handlers: Vec<&mut dyn Handler<BankEvent>> = fillers
-        .iter_mut()
-        .map(|f| f as &mut dyn Handler<BankEvent>)
-        .collect();
-    handlers.push(&mut bank);
-    let names: Vec<String> = dbs.iter().map(|db| db.name().to_string()).collect();
-    let targets = dbs
-        .iter()
-        .zip(handlers)
-        .zip(&names)
-        .map(|((db, handler), name)| ProjectionTarget {
-            db,
-            handler,
-            checkpoint: CheckpointLocation::InFile,
-            consumer_id: name.as_str(),
-        })
-        .collect();
-    let results = projectionist::rebuild_shared(&f.store, targets, &options(100));
-    let bank_result = results.last().unwrap().as_ref().unwrap();
+    let bank_result = common::rebuild_parked(&f.store, &f.dir, &mut bank, &options(100)).unwrap();
     assert_eq!(bank_result.dead_letters, f.poisoned.len() as u64);
-    let bank_db = dbs.last().unwrap();
-    assert_eq!(digest(bank_db), expected);
-    assert_eq!(sequences(&letters(bank_db)), f.poisoned);
+    let bank_db = f.dir.db("bank").unwrap();
+    assert_eq!(digest(&bank_db), expected);
+    assert_eq!(sequences(&letters(&bank_db)), f.poisoned);
 }
 
 #[test]

@@ -265,3 +265,59 @@ impl Drop for CancelOnDrop<'_> {
         self.0.cancel();
     }
 }
+
+/// Handles a type no event has: the projections that fill a run up to
+/// `OPEN_PROJECTIONS_MAX`, so that a projection after them is parked.
+pub struct Filler;
+
+impl Handler<BankEvent> for Filler {
+    fn event_types(&self) -> Option<Vec<String>> {
+        Some(vec!["NoSuchType".to_owned()])
+    }
+    fn apply(
+        &mut self,
+        _tx: &Transaction<'_>,
+        _events: &[GlobalEvent<BankEvent>],
+    ) -> Result<(), BoxError> {
+        Ok(())
+    }
+}
+
+/// One shared rebuild of `OPEN_PROJECTIONS_MAX` fillers and then projection
+/// `bank` of `dir` with `handler` (so parked between the batches it gets);
+/// the bank's result.
+pub fn rebuild_parked(
+    store: &SqliteEventStore,
+    dir: &projectionist::ProjectionDir,
+    handler: &mut dyn Handler<BankEvent>,
+    options: &RebuildOptions<'_>,
+) -> projectionist::Result<projectionist::RebuildResult> {
+    let n_fillers = projectionist::limits::OPEN_PROJECTIONS_MAX;
+    let mut dbs: Vec<_> = (0..n_fillers)
+        .map(|i| dir.db(&format!("filler{i:03}")).unwrap())
+        .collect();
+    dbs.push(dir.db("bank").unwrap());
+    let mut fillers: Vec<Filler> = (0..n_fillers).map(|_| Filler).collect();
+    let mut handlers: Vec<&mut dyn Handler<BankEvent>> = fillers
+        .iter_mut()
+        .map(|f| f as &mut dyn Handler<BankEvent>)
+        .collect();
+    handlers.push(handler);
+    let names: Vec<String> = dbs.iter().map(|db| db.name().to_string()).collect();
+    let targets = dbs
+        .iter()
+        .zip(handlers)
+        .zip(&names)
+        .map(|((db, handler), name)| ProjectionTarget {
+            db,
+            handler,
+            checkpoint: CheckpointLocation::InFile,
+            consumer_id: name.as_str(),
+        })
+        .collect();
+    let mut results = projectionist::rebuild_shared(store, targets, options);
+    for result in &results[..n_fillers] {
+        assert!(result.is_ok(), "{result:?}");
+    }
+    results.pop().expect("the bank's result")
+}
