@@ -340,11 +340,18 @@ impl<E: Send + Sync + 'static> SupervisorBuilder<E> {
             watchers: Vec::new(),
         };
         if let Some((joins, round)) = joins {
+            // All in the first round: admitted one by one, each would end
+            // the round the ones before it started.
+            let members = self
+                .projections
+                .into_iter()
+                .map(|projection| core.member(projection))
+                .collect();
             let group = Group {
                 core: Arc::clone(&core),
                 joins,
                 round,
-                members: Vec::new(),
+                members,
                 arrived: Vec::new(),
             };
             let thread = std::thread::Builder::new()
@@ -352,10 +359,11 @@ impl<E: Send + Sync + 'static> SupervisorBuilder<E> {
                 .spawn(move || group.run())
                 .map_err(Error::Thread)?;
             lock(&core.threads).push(thread);
-        }
-        for projection in self.projections {
-            let member = core.member(projection);
-            core.start(member)?;
+        } else {
+            for projection in self.projections {
+                let member = core.member(projection);
+                core.start(member)?;
+            }
         }
         if let Some(control) = &shared.control {
             let watch = RequestWatch {
@@ -1689,17 +1697,23 @@ impl<E: Send + Sync + 'static> Group<E> {
                     start,
                     in_shadow: false,
                 }) => {
-                    let (checkpoint, dead_letters) = db
-                        .with_connection(|conn| {
+                    // Past the files a run keeps open, the engine's first
+                    // report says where it stands: a parked file is not
+                    // opened once more for it.
+                    let read = (!many).then(|| {
+                        db.with_connection(|conn| {
                             Ok((
                                 SqliteCheckpoint::load_in(conn, &name)?,
                                 projectionist::dead_letter_count(conn)?,
                             ))
                         })
-                        .unwrap_or((0, 0));
+                        .unwrap_or((0, 0))
+                    });
                     shared.update(&name, |entry| {
-                        entry.status.checkpoint = checkpoint;
-                        entry.status.dead_letters = dead_letters;
+                        if let Some((checkpoint, dead_letters)) = read {
+                            entry.status.checkpoint = checkpoint;
+                            entry.status.dead_letters = dead_letters;
+                        }
                         entry.status.shadow_checkpoint = None;
                         if entry.base != State::Following {
                             entry.base = State::CatchingUp;
@@ -1857,21 +1871,44 @@ struct RequestWatch {
 impl RequestWatch {
     fn run(self) {
         while !self.shared.stop.is_cancelled() {
-            let registered: Vec<String> = self
-                .shared
-                .lock()
-                .iter()
-                .filter(|(_, entry)| entry.registered)
-                .map(|(name, _)| name.clone())
-                .collect();
-            for name in registered {
-                self.take(&name);
+            for name in self.requested() {
+                let registered = self
+                    .shared
+                    .lock()
+                    .get(&name)
+                    .is_some_and(|entry| entry.registered);
+                if registered {
+                    self.take(&name);
+                }
             }
             let until = Instant::now() + REQUEST_POLL_INTERVAL;
             while !self.shared.stop.is_cancelled() && Instant::now() < until {
                 std::thread::sleep(STOP_POLL_INTERVAL);
             }
         }
+    }
+
+    /// The projections with a request file in the directory: one listing of
+    /// it (a few system calls however many projections it holds), not a look
+    /// at three files per projection.
+    fn requested(&self) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        let mut names: Vec<String> = entries
+            .filter_map(|entry| {
+                let file = entry.ok()?.file_name();
+                let file = file.to_str()?;
+                let rest = file.strip_prefix('.')?;
+                [".rebuild-request", ".rollback-request", ".retry-request"]
+                    .iter()
+                    .find_map(|suffix| rest.strip_suffix(suffix))
+                    .map(str::to_owned)
+            })
+            .collect();
+        names.sort();
+        names.dedup();
+        names
     }
 
     /// Serves projection `name`'s pending requests: a rebuild is handed on
