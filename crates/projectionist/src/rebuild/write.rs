@@ -1,5 +1,7 @@
-//! The writer side of a run: one thread per projection applies the batches the
-//! reader hands it.
+//! The writer side of a run: at most `WRITER_THREADS_MAX` writer threads, each
+//! serving one or more projections in turn, apply the batches the reader hands
+//! them. A projection past `OPEN_PROJECTIONS_MAX` is parked: its file is opened
+//! only for the batches of its types, kept and applied a few at a time.
 //!
 //! Batches are applied inside *commit groups*: one write transaction holds one or
 //! more batches, each inside its own savepoint, and the checkpoint is saved after
@@ -9,6 +11,12 @@
 //! their checkpoint (exactly-once), and a failing batch is rolled back alone: the
 //! batches before it still commit with their checkpoint. Fewer, larger commits are
 //! what make a rebuild fast (each commit rewrites every page it touched).
+//!
+//! A projection that skips poison events (`OnError::Skip`) has a failing batch
+//! applied again one event at a time, each in a savepoint of its own: the
+//! events that fail are rolled back alone and recorded as dead letters in the
+//! same transaction (`dead_letters.rs`); an event whose payload did not decode
+//! is recorded with the checkpoint moved past it.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
