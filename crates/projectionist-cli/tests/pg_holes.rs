@@ -38,7 +38,7 @@ fn checkpoints(env: &Env) -> Vec<u64> {
     not(pg_tests),
     ignore = "set PROJECTIONIST_TEST_PG_URL to run the PostgreSQL tests"
 )]
-fn r8_7_a_new_process_passes_a_rollback_hole() {
+fn a_new_process_passes_a_rollback_hole() {
     let schema = Schema::new("holes");
     let url = schema.url();
     let env = Env::new();
@@ -229,7 +229,7 @@ fn foreign_writer(url: &str, seed: u64, stop: &AtomicBool) -> (Vec<i64>, u64) {
     not(pg_tests),
     ignore = "set PROJECTIONIST_TEST_PG_URL to run the PostgreSQL tests"
 )]
-fn r13_foreign_writers_without_our_cooperation_lose_nothing() {
+fn foreign_writers_without_our_cooperation_lose_nothing() {
     let schema = Schema::new("foreign_writers");
     let url = schema.url();
     let seconds: u64 = std::env::var("PROJECTIONIST_PG_STRESS_SECS")

@@ -60,7 +60,7 @@ fn notes_db(path: &Path) {
 /// Item 1: with the event log and another program's database in the projection
 /// directory, `list` shows only projections and `remove-all` leaves both alone.
 #[test]
-fn r8_1_list_and_remove_all_touch_only_projections() {
+fn list_and_remove_all_touch_only_projections() {
     let env = Env::new();
     env.demo_log(500);
     let dir = env.path("projections");
@@ -105,7 +105,7 @@ fn r8_1_list_and_remove_all_touch_only_projections() {
 
 /// Item 2: `demo --store` never replaces a log it did not make.
 #[test]
-fn r8_2_demo_refuses_to_replace_an_existing_log() {
+fn demo_refuses_to_replace_an_existing_log() {
     let env = Env::new();
     env.write_config(DEMO_CONFIG);
     let store = SqliteEventStore::create(env.path("events.db")).unwrap();
@@ -135,7 +135,7 @@ fn r8_2_demo_refuses_to_replace_an_existing_log() {
 /// are given; a file without an events table is a store error; a projection
 /// ahead of the store's head is an error, not "current".
 #[test]
-fn r8_3_read_only_commands_never_write_into_the_store() {
+fn read_only_commands_never_write_into_the_store() {
     let env = Env::new();
     env.demo_log(2_000);
     notes_db(&env.path("app.db"));
@@ -193,7 +193,7 @@ fn r8_3_read_only_commands_never_write_into_the_store() {
 /// Item 4: config SQL that tries to reach outside its projection is a config
 /// error (exit 2) naming the place, for every command, and creates nothing.
 #[test]
-fn r8_4_config_sql_is_confined_to_its_projection() {
+fn config_sql_is_confined_to_its_projection() {
     let outside = tempfile::tempdir().unwrap();
     let target = |name: &str| outside.path().join(name).display().to_string();
     let schema = "CREATE TABLE t (id TEXT PRIMARY KEY, n INTEGER);";
@@ -297,7 +297,7 @@ fn toml_string(text: &str) -> String {
 /// is not written.
 #[cfg(unix)]
 #[test]
-fn r8_5_a_symlinked_projection_file_is_refused() {
+fn a_symlinked_projection_file_is_refused() {
     let env = Env::new();
     env.demo_log(300);
     let outside = tempfile::tempdir().unwrap();
@@ -319,7 +319,7 @@ fn r8_5_a_symlinked_projection_file_is_refused() {
 /// Item 6: `remove-all` with one projection held by another process removes
 /// nothing and says which one is held.
 #[test]
-fn r8_6_remove_all_is_all_or_nothing() {
+fn remove_all_is_all_or_nothing() {
     let env = Env::new();
     env.demo_log(300);
     let held_dir = ProjectionDir::open(env.path("projections")).unwrap();
@@ -341,7 +341,7 @@ fn r8_6_remove_all_is_all_or_nothing() {
 
 /// Item 8: a repeated name runs the projection once instead of hanging.
 #[test]
-fn r8_8_a_repeated_name_does_not_hang() {
+fn a_repeated_name_does_not_hang() {
     let env = Env::new();
     env.demo_log(1_000);
     for command in ["rebuild", "resume"] {
@@ -428,7 +428,7 @@ fn checkpoint(env: &Env, name: &str) -> u64 {
 /// type; the others finish, up to the last sequence read, and a later shared
 /// resume does not report them failed. Non-UTF-8 data names its event too.
 #[test]
-fn r8_11_a_poison_event_stops_only_the_projections_that_handle_it() {
+fn a_poison_event_stops_only_the_projections_that_handle_it() {
     for (raw, what) in [("'{not json'", "decode event"), ("X'FFFE00'", "not UTF-8")] {
         let env = Env::new();
         env.write_config(TWO_PROJECTIONS);
@@ -480,7 +480,7 @@ fn row<'a>(rows: &'a [serde_json::Value], name: &str) -> &'a serde_json::Value {
 /// new process; `--json` prints only JSON lines with today's keys and the
 /// failing event's fields.
 #[test]
-fn r8_9_status_reports_failed_behind_and_current() {
+fn status_reports_failed_behind_and_current() {
     let env = Env::new();
     env.write_config(TWO_PROJECTIONS);
     log_with_raw_data(&env, 400, &[(200, "'{broken'")]);
@@ -555,7 +555,7 @@ fn scribble(path: &Path, offset: u64, len: usize) {
 /// corrupt (exit 4), and `rebuild` moves it aside (named in the message) and
 /// builds it anew, equal to a clean build.
 #[test]
-fn r8_10_corrupt_projection_files_are_reported_and_replaced() {
+fn corrupt_projection_files_are_reported_and_replaced() {
     let env = Env::new();
     env.demo_log(20_000);
     let reference = env.digest("order_summary");
@@ -609,7 +609,7 @@ fn r8_10_corrupt_projection_files_are_reported_and_replaced() {
 
 /// Item 13: after `demo`, the command it suggests works as printed.
 #[test]
-fn r8_13_the_demo_leaves_what_the_next_command_needs() {
+fn the_demo_leaves_what_the_next_command_needs() {
     let env = Env::new();
     let out = env.run_bare(&["demo", "--events", "2000"]);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -626,7 +626,7 @@ fn r8_13_the_demo_leaves_what_the_next_command_needs() {
 
 /// Item 14: a closed pipe on stdout is not a crash.
 #[test]
-fn r8_14_a_closed_pipe_is_not_a_panic() {
+fn a_closed_pipe_is_not_a_panic() {
     let env = Env::new();
     env.demo_log(500);
     for args in [&["status"][..], &["list"], &["--json", "rebuild"]] {
@@ -650,7 +650,7 @@ fn r8_14_a_closed_pipe_is_not_a_panic() {
 /// Item 16: removing an unknown projection is an error; lock files go with
 /// their projection; `list` creates no directory.
 #[test]
-fn r8_16_remove_and_list_create_nothing() {
+fn remove_and_list_create_nothing() {
     let env = Env::new();
     env.demo_log(300);
     let out = env.run(&["remove", "nope"]);
@@ -671,7 +671,7 @@ fn r8_16_remove_and_list_create_nothing() {
 /// Item 12: typed parameters turn a value of the wrong JSON type into a poison
 /// event naming the field, both types and the event, instead of a silent 0.
 #[test]
-fn r8_12_typed_parameters_refuse_values_of_another_type() {
+fn typed_parameters_refuse_values_of_another_type() {
     let config = r#"
 [[projection]]
 name = "items"
@@ -740,7 +740,7 @@ sql = "INSERT INTO items VALUES (:order_id!text, :qty!int * 2, :note?text)"
 /// Item 18: a projection file that another connection is writing fails that
 /// projection quickly; the other projections of the run do not wait for it.
 #[test]
-fn r8_18_a_locked_projection_does_not_hold_back_the_others() {
+fn a_locked_projection_does_not_hold_back_the_others() {
     let env = Env::new();
     env.demo_log(3_000);
     append_one(&env, "events.db", "late", "Noted", serde_json::json!({}));
@@ -762,7 +762,7 @@ fn r8_18_a_locked_projection_does_not_hold_back_the_others() {
 /// Item 15: a resume's progress measures this run's span (what the bars' rate
 /// and ETA use), not the events applied before it.
 #[test]
-fn r8_15_resume_progress_counts_only_this_run() {
+fn resume_progress_counts_only_this_run() {
     let env = Env::new();
     env.demo_log(1_000);
     append_one(
@@ -794,7 +794,7 @@ fn r8_15_resume_progress_counts_only_this_run() {
 /// Item 17: messages name things once, escape control characters, and quote
 /// the user's statement rather than its rewritten form.
 #[test]
-fn r8_17_messages_are_plain_and_quote_what_the_user_wrote() {
+fn messages_are_plain_and_quote_what_the_user_wrote() {
     let env = Env::new();
     env.write_config(
         "[[projection]]\nname = \"p\"\nversion = 1\nschema = \"CREATE TABLE t (id TEXT PRIMARY KEY, n INTEGER CHECK (n > 0))\"\n[projection.on.\"E\\u001b[31m\"]\nsql = \"INSERT INTO t VALUES (:id, 1)\"\n",
@@ -846,7 +846,7 @@ fn r8_17_messages_are_plain_and_quote_what_the_user_wrote() {
 /// `[source]`, rebuilds the same projections as the same log in our layout, and
 /// the store file is not changed. Bad mappings are clear errors.
 #[test]
-fn r13_a_foreign_events_table_is_read_through_source() {
+fn a_foreign_events_table_is_read_through_source() {
     let env = Env::new();
     env.demo_log(3_000);
     // Another program's layout: other names, data as BLOB, integer timestamps.
@@ -942,7 +942,7 @@ fn r13_a_foreign_events_table_is_read_through_source() {
 /// Issue 13 (`inspect`): event types with exact counts and their fields, an
 /// undecodable event noted and passed, and a starter config that loads.
 #[test]
-fn r13_inspect_lists_event_types_and_writes_a_starter_config() {
+fn inspect_lists_event_types_and_writes_a_starter_config() {
     let env = Env::new();
     env.write_config(TWO_PROJECTIONS);
     log_with_raw_data(&env, 200, &[(100, "'{broken'")]);
@@ -995,7 +995,7 @@ fn r13_inspect_lists_event_types_and_writes_a_starter_config() {
 /// in-place rebuild: a shadow rebuild leaves the live file whole, see
 /// `versions.rs`.)
 #[test]
-fn r8_9_a_killed_run_shows_as_interrupted_in_a_new_process() {
+fn a_killed_run_shows_as_interrupted_in_a_new_process() {
     let env = Env::new();
     env.demo_log(60_000);
     let mut child = env

@@ -247,7 +247,7 @@ fn remove_closes_handles_and_remove_all_empties_the_directory() {
 /// Issue 8, item 16: removing a projection that does not exist is an error,
 /// and creates no lock file.
 #[test]
-fn r8_removing_an_unknown_projection_is_an_error_and_leaves_nothing() {
+fn removing_an_unknown_projection_is_an_error_and_leaves_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = ProjectionDir::open(tmp.path()).unwrap();
     let err = dir.remove("nope").unwrap_err();
@@ -264,7 +264,7 @@ fn r8_removing_an_unknown_projection_is_an_error_and_leaves_nothing() {
 /// alone, byte for byte. A projection written before the application id existed
 /// (only a `_checkpoint` table) still counts.
 #[test]
-fn r8_files_that_are_not_projections_are_never_listed_or_removed() {
+fn files_that_are_not_projections_are_never_listed_or_removed() {
     let tmp = tempfile::tempdir().unwrap();
     let store = projectionist::SqliteEventStore::create(tmp.path().join("events.db")).unwrap();
     drop(store);
@@ -334,7 +334,7 @@ fn r8_files_that_are_not_projections_are_never_listed_or_removed() {
 /// link is refused, and the link's target is never written.
 #[cfg(unix)]
 #[test]
-fn r8_symbolic_links_in_the_directory_are_refused() {
+fn symbolic_links_in_the_directory_are_refused() {
     use std::os::unix::fs::symlink;
     let tmp = tempfile::tempdir().unwrap();
     let outside = tmp.path().join("outside");
@@ -374,7 +374,7 @@ fn r8_symbolic_links_in_the_directory_are_refused() {
 /// Issue 8, item 6: with one projection held by another process, `remove_all`
 /// removes nothing and names the held one.
 #[test]
-fn r8_remove_all_is_all_or_nothing() {
+fn remove_all_is_all_or_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let first = ProjectionDir::open(tmp.path()).unwrap();
     for name in ["a", "b", "c"] {

@@ -860,7 +860,7 @@ fn commit_guard_refusal_rolls_back_and_stops_the_projection() {
 /// from its checkpoint, reads the log once (as many reads as a rebuild of one
 /// projection alone), and both end equal to a rebuild from scratch.
 #[test]
-fn r9_a_mixed_run_reads_the_log_once() {
+fn a_mixed_run_reads_the_log_once() {
     let tmp = tempfile::tempdir().unwrap();
     let store = bank_store(&tmp.path().join("events.db"), N_EVENTS, 7);
     let dir = ProjectionDir::open(tmp.path().join("p")).unwrap();
