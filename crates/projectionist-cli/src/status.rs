@@ -181,6 +181,21 @@ fn follower_said(row: &mut ui::StatusRow, dir: &Path, name: &str) {
 pub(crate) const STATES_FAILING_STATUS: [&str; 5] =
     ["failed", "corrupt", "ahead", "not a projection", "stalled"];
 
+/// What `status` reads from a projection file.
+struct FileRead {
+    /// What `quick_check` found (with `--check`).
+    problem: Option<String>,
+    checkpoint: u64,
+    /// The definition the file was built from.
+    stored: Option<projectionist_sqlview::StoredDefinition>,
+    /// The last run recorded in it.
+    last: Option<projectionist::LastRun>,
+    /// Built from another definition than the config's.
+    needs_rebuild: bool,
+    /// The config's deferred indexes it lacks.
+    pending: Vec<String>,
+}
+
 /// One projection's row. States, first match wins: `not a projection`,
 /// `corrupt`, `not in config`, `rebuilding`, `resuming`, `following`, `failed`,
 /// `interrupted`, `stale`,
@@ -251,9 +266,23 @@ pub(crate) fn status_row(
             }
             _ => Vec::new(),
         };
-        Ok((problem, checkpoint, stored, last, needs_rebuild, pending))
+        Ok(FileRead {
+            problem,
+            checkpoint,
+            stored,
+            last,
+            needs_rebuild,
+            pending,
+        })
     };
-    let (problem, checkpoint, stored, last, needs_rebuild, pending) = match read() {
+    let FileRead {
+        problem,
+        checkpoint,
+        stored,
+        last,
+        needs_rebuild,
+        pending,
+    } = match read() {
         Ok(read) => read,
         Err(projectionist::Error::Sqlite { source, .. }) if is_corruption(&source) => {
             return troubled(row, "corrupt", source.to_string());

@@ -8,11 +8,16 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{Env, Reaped, free_port, http_get, json_lines, metric, sigterm, stderr, stdout};
+use common::{
+    Env, Reaped, free_port, http_get, json_lines, metric, sigterm, stderr, stdout, wait_until,
+};
 use projectionist::rusqlite::Connection;
 use projectionist::{NewEvent, SqliteEventStore};
+
+/// A bound for a broken run, not a speed requirement.
+const WAIT_MAX: Duration = Duration::from_secs(60);
 
 const CONFIG: &str = r#"
 [[projection]]
@@ -244,14 +249,6 @@ fn an_unknown_on_error_policy_is_refused_naming_it() {
     assert!(!env.path("projections/orders.db").exists());
 }
 
-fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn a_follower_dead_letters_a_new_poison_event_follows_on_and_retries_on_request() {
     let env = Env::new();
@@ -266,7 +263,7 @@ fn a_follower_dead_letters_a_new_poison_event_follows_on_and_retries_on_request(
             .spawn()
             .unwrap(),
     );
-    wait_until("the follower catches up", || {
+    wait_until("the follower catches up", WAIT_MAX, || {
         env.checkpoint_in("projections", "orders") == 44
     });
     let store = SqliteEventStore::open_existing(env.path("events.db")).unwrap();
@@ -278,12 +275,12 @@ fn a_follower_dead_letters_a_new_poison_event_follows_on_and_retries_on_request(
         .append("late-good", 0, &[placed("late-good", 5)])
         .unwrap()
         .first_sequence;
-    wait_until("the follower passes the poison", || {
+    wait_until("the follower passes the poison", WAIT_MAX, || {
         env.checkpoint_in("projections", "orders") >= good
     });
     assert_eq!(rows(&env), 41);
     assert!(letters(&env).iter().any(|l| l["sequence"] == bad));
-    wait_until("the metric counts five", || {
+    wait_until("the metric counts five", WAIT_MAX, || {
         let (code, text) = http_get(&addr, "/metrics");
         code == 200 && metric(&text, "projectionist_dead_letters", "orders") == Some(5.0)
     });
@@ -306,7 +303,7 @@ fn a_follower_dead_letters_a_new_poison_event_follows_on_and_retries_on_request(
         .append("after-retry", 0, &[placed("after-retry", 1)])
         .unwrap()
         .first_sequence;
-    wait_until("the follower follows on", || {
+    wait_until("the follower follows on", WAIT_MAX, || {
         env.checkpoint_in("projections", "orders") >= last
     });
     sigterm(&follower);

@@ -7,9 +7,9 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{Env, stderr};
+use common::{Env, stderr, wait_until};
 use projectionist::rusqlite::Connection;
 use projectionist::{NewEvent, SqliteEventStore};
 use projectionist_runner::{State, Supervised, Supervisor};
@@ -28,14 +28,6 @@ fn embedded(env: &Env, stall_after: Duration) -> Supervisor<Box<RawValue>> {
         builder = builder.projection(Supervised::sql(projection));
     }
     builder.start().unwrap()
-}
-
-fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !check() {
-        assert!(started.elapsed() < DEADLINE, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn status_json(env: &Env) -> (Option<i32>, serde_json::Value) {
@@ -57,7 +49,7 @@ fn the_command_line_sees_and_drives_an_embedded_supervisor() {
     let env = Env::new();
     env.demo_log(2_000);
     let supervisor = embedded(&env, Duration::from_secs(30));
-    wait_until("following", || {
+    wait_until("following", DEADLINE, || {
         supervisor.status_of("order_summary").unwrap().state == State::Following
     });
     let (code, row) = status_json(&env);
@@ -87,7 +79,7 @@ fn the_command_line_sees_and_drives_an_embedded_supervisor() {
         "{}",
         stderr(&out)
     );
-    wait_until("the published rebuild", || {
+    wait_until("the published rebuild", DEADLINE, || {
         env.path("projections/.order_summary.previous.db").exists()
             && supervisor.status_of("order_summary").unwrap().state == State::Following
     });
@@ -105,7 +97,7 @@ fn the_command_line_sees_and_drives_an_embedded_supervisor() {
     // in `status` of another process, which exits 4.
     drop(supervisor);
     let supervisor = embedded(&env, Duration::from_millis(500));
-    wait_until("following again", || {
+    wait_until("following again", DEADLINE, || {
         supervisor.status_of("order_summary").unwrap().state == State::Following
     });
     let holder = Connection::open(env.path("projections/order_summary.db")).unwrap();
@@ -122,7 +114,7 @@ fn the_command_line_sees_and_drives_an_embedded_supervisor() {
             .unwrap()],
         )
         .unwrap();
-    wait_until("stalled", || {
+    wait_until("stalled", DEADLINE, || {
         matches!(
             supervisor.status_of("order_summary").unwrap().state,
             State::Stalled { .. }
@@ -132,7 +124,7 @@ fn the_command_line_sees_and_drives_an_embedded_supervisor() {
     assert_eq!(code, Some(4), "{row}");
     assert_eq!(row["state"], "stalled", "{row}");
     holder.execute_batch("ROLLBACK").unwrap();
-    wait_until("following after the stall", || {
+    wait_until("following after the stall", DEADLINE, || {
         supervisor.status_of("order_summary").unwrap().state == State::Following
     });
     drop(supervisor);

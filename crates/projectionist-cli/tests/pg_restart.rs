@@ -13,7 +13,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::pg::Schema;
-use common::{DEMO_PROJECTIONS, Env, Reaped, json_lines, sigterm, stderr};
+use common::{DEMO_PROJECTIONS, Env, Reaped, json_lines, sigterm, stderr, wait_until};
 use postgres::{Client, NoTls};
 
 fn digests(env: &Env, dir: &str) -> Vec<String> {
@@ -27,14 +27,6 @@ fn digests(env: &Env, dir: &str) -> Vec<String> {
                 .unwrap()
         })
         .collect()
-}
-
-fn wait_until(what: &str, deadline: Duration, check: &dyn Fn() -> bool) {
-    let until = Instant::now() + deadline;
-    while !check() {
-        assert!(Instant::now() < until, "never {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// A client once the server accepts connections again.

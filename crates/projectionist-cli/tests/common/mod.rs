@@ -235,3 +235,16 @@ pub fn sigterm(child: &std::process::Child) {
         .unwrap();
     assert!(status.success());
 }
+
+/// Waits until `check` holds, looking every 20 ms; panics naming `what` once
+/// `deadline` has passed (a bound for a broken run, not a speed requirement).
+pub fn wait_until(what: &str, deadline: std::time::Duration, mut check: impl FnMut() -> bool) {
+    let until = std::time::Instant::now() + deadline;
+    while !check() {
+        assert!(
+            std::time::Instant::now() < until,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
