@@ -9,7 +9,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Env, Reaped, json_lines, stderr, stdout};
+use common::{Env, Reaped, json_lines, stderr, stdout, wait_until};
 use projectionist::rusqlite::{Connection, OpenFlags};
 
 /// `path,stop-file` of the reading process.
@@ -254,7 +254,8 @@ fn rollback_restores_the_previous_version_for_an_open_reader_and_resume_leaves_i
         .spawn()
         .map(Reaped::new)
         .unwrap();
-    std::thread::sleep(Duration::from_millis(1_500));
+    // It says, where `status` reads it, that it leaves the projection as it is.
+    follower_says(&env, "order_summary", "stopped");
     let _ = Command::new("kill")
         .args(["-TERM", &follower.id().to_string()])
         .status();
@@ -408,13 +409,16 @@ fn a_follower_rebuilds_and_rolls_back_on_request_from_another_process() {
 
     // A new definition: the follower takes up the config, but never rebuilds
     // a rolled-back projection on its own; a rebuild request does.
+    follower_says(&env, "order_summary", "following");
     env.write_config(&config_v2());
     assert!(
         env.command_with("events.db", "fresh-v2", &["--quiet", "rebuild"])
             .status_ok()
     );
     let v2 = digest_in(&env, "fresh-v2", "order_summary");
-    std::thread::sleep(Duration::from_millis(2_500));
+    // The follower took the new definition up and left the rolled-back
+    // projection as it is (stopped, with the reason).
+    follower_says(&env, "order_summary", "stopped");
     assert_eq!(env.digest("order_summary"), edited, "a rollback was undone");
     ask_follower_to_rebuild(&env);
     wait_for_digest(
@@ -1177,4 +1181,22 @@ fn verify_beside_a_follower_names_the_follower_and_changes_nothing() {
     assert!(!env.path("projections/.order_summary.shadow.db").exists());
     assert_eq!(env.digest("order_summary"), before);
     drop(follower);
+}
+
+/// Waits until the follower's state line for projection `name` (the second
+/// line of `.{name}.follower`, what `status` in another process reads) says
+/// `state`.
+fn follower_says(env: &Env, name: &str, state: &str) {
+    let path = env.path(&format!("projections/.{name}.follower"));
+    wait_until(
+        &format!("the follower to say {name} is {state}"),
+        Duration::from_secs(60),
+        || {
+            std::fs::read_to_string(&path)
+                .ok()
+                .and_then(|text| text.lines().nth(1).map(str::to_owned))
+                .and_then(|line| serde_json::from_str::<serde_json::Value>(&line).ok())
+                .is_some_and(|line| line["state"] == state)
+        },
+    );
 }

@@ -11,8 +11,9 @@
 //! - `.{name}.rebuild-request`: asks the holder for a rebuild; removed when
 //!   the holder took it.
 //! - `.{name}.rollback-request`, holding a request id: asks for a rollback;
-//!   answered in `.{name}.outcome-{id}` (JSON: `ok`, `checkpoint`,
-//!   `rolled_back_at`, `follows`, or `error`), then removed. An asker creates
+//!   removed by the holder once it took it, then answered in
+//!   `.{name}.outcome-{id}` (JSON: `ok`, `checkpoint`, `rolled_back_at`,
+//!   `follows`, or `error`). An asker creates
 //!   a request file only when none is pending, so requests are served one at
 //!   a time and each answer is its own.
 //! - `.{name}.retry-request`, holding a request id and, on a second line,
@@ -142,6 +143,16 @@ pub fn answer_rollback(dir: &Path, name: &str, id: &str, outcome: &serde_json::V
 /// removes the request, as [`answer_rollback`] does.
 pub fn answer_retry(dir: &Path, name: &str, id: &str, outcome: &serde_json::Value) {
     answer(dir, name, id, outcome, |files| &files.retry_request);
+}
+
+/// Writes the answer to request `id` for projection `name` (the request
+/// file was removed when the request was taken).
+pub fn write_outcome(dir: &Path, name: &str, id: &str, outcome: &serde_json::Value) {
+    if let Some(path) = outcome_path(dir, name, id)
+        && let Err(e) = replace_own_file(&path, &outcome.to_string())
+    {
+        tracing::error!(projection = name, error = %e, "cannot answer a request");
+    }
 }
 
 fn answer(

@@ -1928,27 +1928,54 @@ impl RequestWatch {
         let Ok(id) = std::fs::read_to_string(&files.rollback_request) else {
             return;
         };
-        let outcome = send_request(&self.shared, &self.commands, name, Request::Rollback)
-            .and_then(|answer| answer.recv().map_err(|_| Error::Stopped(name.to_owned()))?);
-        let answer = match outcome {
-            Ok(Outcome::RolledBack { published, follows }) => {
-                let rolled_back_at = self
-                    .projections
-                    .db(name)
-                    .and_then(|db| db.with_connection(|conn| projectionist::version_info(conn)))
-                    .ok()
-                    .and_then(|v| v.rolled_back_at);
-                serde_json::json!({
-                    "ok": true, "checkpoint": published.checkpoint,
-                    "rolled_back_at": rolled_back_at, "follows": follows,
-                })
+        let id = id.trim().to_owned();
+        let answer = match send_request(&self.shared, &self.commands, name, Request::Rollback) {
+            Ok(answer) => answer,
+            Err(e) => {
+                let answer = serde_json::json!({"ok": false, "error": e.to_string()});
+                control::answer_rollback(&self.dir, name, &id, &answer);
+                return;
             }
-            Ok(other) => {
-                serde_json::json!({"ok": false, "error": format!("unexpected answer {other:?}")})
-            }
-            Err(e) => serde_json::json!({"ok": false, "error": e.to_string()}),
         };
-        control::answer_rollback(&self.dir, name, id.trim(), &answer);
+        // Taken: the asker waits for its answer from here, and the next
+        // request (of any projection) is taken meanwhile.
+        let _ = std::fs::remove_file(&files.rollback_request);
+        let (dir, projections, name) = (
+            self.dir.clone(),
+            Arc::clone(&self.projections),
+            name.to_owned(),
+        );
+        let answered = std::thread::Builder::new()
+            .name(format!("pj-answer-{name}"))
+            .spawn(move || {
+                let outcome = answer
+                    .recv()
+                    .map_err(|_| Error::Stopped(name.clone()))
+                    .and_then(|outcome| outcome);
+                let answer = match outcome {
+                    Ok(Outcome::RolledBack { published, follows }) => {
+                        let rolled_back_at = projections
+                            .db(&name)
+                            .and_then(|db| {
+                                db.with_connection(|conn| projectionist::version_info(conn))
+                            })
+                            .ok()
+                            .and_then(|v| v.rolled_back_at);
+                        serde_json::json!({
+                            "ok": true, "checkpoint": published.checkpoint,
+                            "rolled_back_at": rolled_back_at, "follows": follows,
+                        })
+                    }
+                    Ok(other) => serde_json::json!({
+                        "ok": false, "error": format!("unexpected answer {other:?}"),
+                    }),
+                    Err(e) => serde_json::json!({"ok": false, "error": e.to_string()}),
+                };
+                control::write_outcome(&dir, &name, &id, &answer);
+            });
+        if let Err(e) = answered {
+            tracing::error!(error = %e, "cannot wait for a rollback's answer");
+        }
     }
 }
 
