@@ -12,13 +12,13 @@ events=${1:-1000000}
 runs=${2:-5}
 work=${3:-target/bench}
 cd "$(dirname "$0")/.."
-cargo build --release -q -p projectionist-cli
+cargo build --release -q -p projectionist-bench
 cargo build --release -q --manifest-path examples/user-built/Cargo.toml
-bin=target/release/projectionist
+bin=target/release/projectionist-bench
 user=examples/user-built/target/release/user-built
 mkdir -p "$work"
 # One bench run of (c) makes (or reuses) the hot-key log.
-"$bin" bench --workload hot --events "$events" --runs 1 --variants c --work "$work" > /dev/null
+"$bin" rebuild --workload hot --events "$events" --runs 1 --variants c --work "$work" > /dev/null
 log=$(ls "$work"/hot-"$events"-seed*.db | head -1)
 median() { sort -n | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
 : > "$work/user-built.times"
@@ -27,7 +27,7 @@ for run in $(seq "$runs"); do
     dir="$work/ub-$variant"
     rm -rf "$dir"
     if [ "$variant" = bench-c ]; then
-      cmd=("$bin" bench-run --variant c --workload hot --bench-store "$log" --bench-dir "$dir")
+      cmd=("$bin" run --variant c --workload hot --bench-store "$log" --bench-dir "$dir")
     else
       cmd=("$user" "$log" "$dir")
     fi

@@ -11,7 +11,7 @@ use crate::args::Cli;
 use crate::store::Store;
 
 /// The sample config the demo uses when no `--config` is given.
-pub(crate) const DEMO_CONFIG: &str = include_str!("demo_projections.toml");
+pub(crate) const DEMO_CONFIG: &str = projectionist_demo::CONFIG;
 
 /// Exit code: usage or config error.
 pub(crate) const EXIT_CONFIG: u8 = 2;

@@ -6,10 +6,6 @@
 
 mod app;
 mod args;
-mod bench;
-mod bench_follow;
-mod bench_many;
-mod bench_publish;
 mod dead_letters;
 mod demo;
 mod follow;
@@ -26,12 +22,10 @@ mod worker;
 
 use std::process::ExitCode;
 
-use anyhow::{Context, anyhow};
+use anyhow::Context;
 use clap::Parser;
 
-use app::{
-    EXIT_CONFIG, EXIT_PROJECTION, Failure, code_of_error, error_text, fail, open_existing_dir,
-};
+use app::{EXIT_CONFIG, Failure, code_of_error, error_text, fail, open_existing_dir};
 use args::{Cli, Command};
 use demo::run_demo;
 use follow::run_follow;
@@ -163,88 +157,6 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             }
             Ok(())
         }
-        Command::Bench {
-            events,
-            huge,
-            runs,
-            work,
-            seed,
-            variants,
-            pg_url,
-            workload,
-        } => {
-            let mut sizes = events.clone();
-            if *huge && !sizes.contains(&10_000_000) {
-                sizes.push(10_000_000);
-            }
-            if *runs == 0 {
-                return Err(fail(EXIT_CONFIG)(anyhow!("--runs must be at least 1")));
-            }
-            if let Some(unknown) = variants
-                .iter()
-                .find(|v| !args::VARIANTS.contains(&v.as_str()))
-            {
-                return Err(fail(EXIT_CONFIG)(anyhow!(
-                    "unknown bench variant {unknown:?} (known: {})",
-                    args::VARIANTS.join(", ")
-                )));
-            }
-            let plan = bench::Plan {
-                sizes: &sizes,
-                runs: *runs,
-                work,
-                seed: *seed,
-                variants,
-                pg_url: pg_url.as_deref(),
-                workload: *workload,
-            };
-            bench::run_parent(&plan).map_err(fail(EXIT_PROJECTION))
-        }
-        Command::BenchFollow {
-            events,
-            rate,
-            seconds,
-            idle_seconds,
-            sustained_rate,
-            sustained_seconds,
-            work,
-            seed,
-            pg_url,
-            many,
-        } => {
-            if *rate == 0 || *seconds == 0 {
-                return Err(fail(EXIT_CONFIG)(anyhow!(
-                    "--rate and --seconds must be at least 1"
-                )));
-            }
-            let bench = bench_follow::FollowBench {
-                events: *events,
-                rate: *rate,
-                seconds: *seconds,
-                idle_seconds: *idle_seconds,
-                sustained_rate: *sustained_rate,
-                sustained_seconds: *sustained_seconds,
-                work: work.clone(),
-                seed: *seed,
-                pg_url: pg_url.clone(),
-            };
-            if *many > 0 {
-                bench_many::run(&bench, *many)
-            } else {
-                bench_follow::run(&bench)
-            }
-            .map_err(fail(EXIT_PROJECTION))
-        }
-        Command::BenchPublish { sizes, runs, work } => {
-            bench_publish::run(sizes, *runs, work).map_err(fail(EXIT_PROJECTION))
-        }
-        Command::BenchRun {
-            variant,
-            workload,
-            bench_store,
-            bench_dir,
-        } => bench::run_child(variant, *workload, bench_store, bench_dir)
-            .map_err(fail(EXIT_PROJECTION)),
         Command::Worker {
             worker_id,
             lease_ms,

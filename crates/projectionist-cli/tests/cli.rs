@@ -458,17 +458,6 @@ fn sigint_then_resume(in_place: bool) {
     assert!(!env.path(written).exists() || in_place);
 }
 
-/// The binary embeds its own copy of the demo config (a packaged crate cannot
-/// reach outside its directory); it must stay equal to the example users read.
-#[test]
-fn the_embedded_demo_config_equals_the_example() {
-    assert_eq!(
-        include_str!("../src/demo_projections.toml"),
-        include_str!("../../../examples/orders/projections.toml"),
-        "copy examples/orders/projections.toml to crates/projectionist-cli/src/demo_projections.toml"
-    );
-}
-
 /// Each open projection holds four file descriptors (file, -wal, -shm,
 /// lock): under the usual soft limit a run of many projections would fail
 /// with "too many open files"; the binary raises its soft limit to the hard

@@ -30,7 +30,7 @@ use projectionist::{
 };
 use projectionist_sqlview::{ProjectionsConfig, SqlHandler};
 
-use crate::ui::out;
+use crate::out;
 
 /// The projections the demo config declares.
 const PROJECTIONS: [&str; 2] = ["order_summary", "customer_stats"];
@@ -73,9 +73,9 @@ pub fn run(bench: &FollowBench) -> anyhow::Result<()> {
         std::fs::remove_dir_all(&dir).with_context(|| format!("clear {}", dir.display()))?;
     }
     std::fs::create_dir_all(&dir)?;
-    let source = crate::bench::prepare_log(&bench.work, bench.events, bench.seed)?;
+    let source = crate::rebuild::prepare_log(&bench.work, bench.events, bench.seed)?;
     let config = dir.join("projectionist.toml");
-    std::fs::write(&config, crate::app::DEMO_CONFIG)?;
+    std::fs::write(&config, projectionist_demo::CONFIG)?;
     let store = dir.join("events.db");
     {
         let conn = Connection::open(&source)?;
@@ -86,7 +86,7 @@ pub fn run(bench: &FollowBench) -> anyhow::Result<()> {
     let sqlite = Target::Sqlite(store.clone());
     measure(bench, &sqlite, &dir.join("sqlite"), &config)?;
     if let Some(url) = &bench.pg_url {
-        let original = crate::bench::prepare_pg_log(url, &source, bench.events, bench.seed)?;
+        let original = crate::rebuild::prepare_pg_log(url, &source, bench.events, bench.seed)?;
         // The phases append: follow a fresh copy of the log each time.
         let fresh = copy_pg(url, &original, &format!("follow_{}", bench.seed))?;
         measure(
@@ -260,7 +260,7 @@ pub(crate) fn with_follower(
     log: &Path,
     phases: impl FnOnce(&mut Child) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
-    let mut follower = Command::new(std::env::current_exe()?)
+    let mut follower = Command::new(crate::projectionist_binary()?)
         .arg("--store")
         .arg(store)
         .arg("--dir")
@@ -408,7 +408,7 @@ fn phases(
     // Shutdown.
     rows.push(terminate(follower, &dir.join("follower.log"))?);
     if let Target::Sqlite(store) = target {
-        let checked = check_digests(store, dir, crate::app::DEMO_CONFIG, &PROJECTIONS)?;
+        let checked = check_digests(store, dir, projectionist_demo::CONFIG, &PROJECTIONS)?;
         rows.push(("exactly once".into(), checked));
         let wal = std::fs::metadata(format!("{}-wal", store.display())).map_or(0, |m| m.len());
         rows.push((
@@ -629,6 +629,6 @@ fn copy_pg(base: &str, from: &str, schema: &str) -> anyhow::Result<String> {
     let source = projectionist_postgres::PostgresEventStore::connect(from)?;
     let target = projectionist_postgres::PostgresEventStore::connect(&to)?;
     target.init()?;
-    crate::bench::copy_into_pg(&source, &target)?;
+    crate::rebuild::copy_into_pg(&source, &target)?;
     Ok(to)
 }

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use projectionist::rusqlite::{Connection, OpenFlags};
 
-use crate::bench_follow::{FollowBench, proc_status_kb, summary};
-use crate::ui::out;
+use crate::follow::{FollowBench, proc_status_kb, summary};
+use crate::out;
 
 /// Events in the log before the follower starts: enough for every projection
 /// to have rows, small enough that the measurement is about the many
@@ -75,7 +75,7 @@ pub fn run(bench: &FollowBench, n: u32) -> anyhow::Result<()> {
         std::fs::remove_dir_all(&dir).with_context(|| format!("clear {}", dir.display()))?;
     }
     std::fs::create_dir_all(&dir)?;
-    let source = crate::bench::prepare_log(&bench.work, MANY_EVENTS, bench.seed)?;
+    let source = crate::rebuild::prepare_log(&bench.work, MANY_EVENTS, bench.seed)?;
     let config_path = dir.join("many.toml");
     std::fs::write(&config_path, config(n))?;
     let store = dir.join("events.db");
@@ -87,7 +87,7 @@ pub fn run(bench: &FollowBench, n: u32) -> anyhow::Result<()> {
     let projections = dir.join("projections");
     let log = dir.join("follower.log");
     let store_spec = store.display().to_string();
-    crate::bench_follow::with_follower(&store_spec, &projections, &config_path, &log, |follower| {
+    crate::follow::with_follower(&store_spec, &projections, &config_path, &log, |follower| {
         phases(bench, n, &store, &projections, &config_path, follower)
     })
 }
@@ -150,7 +150,7 @@ fn phases(
             rss as f64 / 1024.0
         ),
     ));
-    rows.push(crate::bench_follow::idle_cpu(pid, bench.idle_seconds)?);
+    rows.push(crate::follow::idle_cpu(pid, bench.idle_seconds)?);
     // Appends, one event per transaction: the time until the last projection
     // (the last one its writer thread serves) shows each.
     let appender = Connection::open(store)?;
@@ -199,7 +199,7 @@ fn phases(
         ),
     ));
     let log = dir.parent().unwrap_or(dir).join("follower.log");
-    rows.push(crate::bench_follow::terminate(follower, &log)?);
+    rows.push(crate::follow::terminate(follower, &log)?);
     let checked = [
         names[0].as_str(),
         names[names.len() / 2].as_str(),
@@ -208,7 +208,7 @@ fn phases(
     let config_text = std::fs::read_to_string(config)?;
     rows.push((
         "exactly once".into(),
-        crate::bench_follow::check_digests(store, dir, &config_text, &checked)?,
+        crate::follow::check_digests(store, dir, &config_text, &checked)?,
     ));
     out!("\n### follow, {n} projections, SQLite store\n");
     out!("| measure | result |\n|---|---|");

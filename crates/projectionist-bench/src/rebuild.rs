@@ -29,8 +29,8 @@ use std::sync::mpsc::sync_channel;
 use std::sync::{Arc, LazyLock};
 use std::time::Instant;
 
-use crate::args::{VARIANTS, Workload};
-use crate::ui::out;
+use crate::out;
+use crate::{VARIANTS, Workload};
 use anyhow::{Context, anyhow, bail};
 use projectionist::rusqlite::{Connection, Transaction, TransactionBehavior, params};
 use projectionist::{
@@ -519,11 +519,16 @@ fn run_shared(
     Ok(())
 }
 
+/// The payload type the command line decodes events into (raw JSON, bound by
+/// sqlview without building a tree).
+type Payload = Box<serde_json::value::RawValue>;
+
 fn run_d(store: &Path, dir: &Path, workload: Workload) -> anyhow::Result<()> {
     let config = match workload {
-        Workload::Cold => {
-            ProjectionsConfig::parse(crate::app::DEMO_CONFIG, "examples/orders/projections.toml")?
-        }
+        Workload::Cold => ProjectionsConfig::parse(
+            projectionist_demo::CONFIG,
+            "examples/orders/projections.toml",
+        )?,
         Workload::Hot => ProjectionsConfig::parse(&hot_config(), "the hot bench config")?,
     };
     let store = SqliteEventStore::create(store)?;
@@ -541,7 +546,7 @@ fn run_d(store: &Path, dir: &Path, workload: Workload) -> anyhow::Result<()> {
         .zip(&config.projections)
         .map(|((db, handler), p)| ProjectionTarget {
             db,
-            handler: handler as &mut dyn Handler<crate::store::Payload>,
+            handler: handler as &mut dyn Handler<Payload>,
             checkpoint: CheckpointLocation::InFile,
             consumer_id: p.name.as_str(),
         })
@@ -596,9 +601,12 @@ pub fn run_child(
         digest.push_str(&projection_digest(&conn, DigestScope::ProjectionTables)?[..16]);
     }
     let rss_kb = peak_rss_kb().unwrap_or(0);
-    crate::ui::json_line(&serde_json::json!({
-        "seconds": seconds, "cpu_seconds": cpu_seconds, "rss_kb": rss_kb, "digest": digest,
-    }));
+    out!(
+        "{}",
+        serde_json::json!({
+            "seconds": seconds, "cpu_seconds": cpu_seconds, "rss_kb": rss_kb, "digest": digest,
+        })
+    );
     Ok(())
 }
 
@@ -715,7 +723,7 @@ pub fn run_parent(plan: &Plan<'_>) -> anyhow::Result<()> {
                     _ => store.clone().into_os_string(),
                 };
                 let out = Command::new(&exe)
-                    .args(["bench-run", "--variant", variant])
+                    .args(["run", "--variant", variant])
                     .args(["--workload", workload.as_str(), "--bench-store"])
                     .arg(&source)
                     .arg("--bench-dir")
@@ -953,7 +961,7 @@ pub(crate) fn prepare_log(work: &Path, n_events: u64, seed: u64) -> anyhow::Resu
         path.display()
     );
     let store = SqliteEventStore::create(&path)?;
-    crate::demo::generate(
+    projectionist_demo::generate(
         &|appends| store.append_batch(appends),
         n_events,
         seed,
