@@ -30,7 +30,7 @@ use projectionist::{
 };
 use projectionist_sqlview::{ProjectionsConfig, SqlHandler};
 
-use crate::out;
+use crate::common::out;
 
 /// The projections the demo config declares.
 const PROJECTIONS: [&str; 2] = ["order_summary", "customer_stats"];
@@ -260,7 +260,7 @@ pub(crate) fn with_follower(
     log: &Path,
     phases: impl FnOnce(&mut Child) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
-    let mut follower = Command::new(crate::projectionist_binary()?)
+    let mut follower = Command::new(crate::common::projectionist_binary()?)
         .arg("--store")
         .arg(store)
         .arg("--dir")

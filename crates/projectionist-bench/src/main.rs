@@ -4,6 +4,7 @@
 //! child process of the `projectionist` binary built beside this one), and
 //! `publish` measures publishing a shadow.
 
+mod common;
 mod follow;
 mod many;
 mod publish;
@@ -12,17 +13,10 @@ mod rebuild;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Context, bail};
-use clap::{Parser, Subcommand, ValueEnum};
+use anyhow::bail;
+use clap::{Parser, Subcommand};
 
-/// Writes one line of text to stdout; a closed pipe is not an error.
-macro_rules! out {
-    ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
-    }};
-}
-pub(crate) use out;
+use rebuild::{VARIANTS, Workload};
 
 /// The benchmarks of projectionist (see BENCHMARKS.md).
 #[derive(Parser, Debug)]
@@ -133,32 +127,11 @@ enum Command {
     },
 }
 
-/// The variants, in report order.
-pub(crate) const VARIANTS: [&str; 8] = ["a1", "a2", "a1-50k", "a2-50k", "b", "b1", "c", "d"];
-
-/// The bench's workloads (see `rebuild.rs`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub(crate) enum Workload {
-    /// The demo's orders log.
-    Cold,
-    /// Long orders, few open at a time: small, hot projection files.
-    Hot,
-}
-
-impl Workload {
-    pub(crate) fn as_str(self) -> &'static str {
-        match self {
-            Workload::Cold => "cold",
-            Workload::Hot => "hot",
-        }
-    }
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(path) = &cli.projectionist {
         // Read by `projectionist_binary`; set before any thread starts.
-        PROJECTIONIST.set(path.clone()).expect("set once");
+        common::PROJECTIONIST.set(path.clone()).expect("set once");
     }
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -167,25 +140,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-static PROJECTIONIST: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-
-/// The `projectionist` binary to run as the follower: `--projectionist`, else
-/// the one built beside this binary (`cargo build --release` builds both).
-pub(crate) fn projectionist_binary() -> anyhow::Result<PathBuf> {
-    if let Some(path) = PROJECTIONIST.get() {
-        return Ok(path.clone());
-    }
-    let exe = std::env::current_exe().context("locate this binary")?;
-    let beside = exe.with_file_name(format!("projectionist{}", std::env::consts::EXE_SUFFIX));
-    if !beside.is_file() {
-        bail!(
-            "no projectionist binary at {}: build it first (cargo build --release -p projectionist-cli) or pass --projectionist PATH",
-            beside.display()
-        );
-    }
-    Ok(beside)
 }
 
 fn run(cli: &Cli) -> anyhow::Result<()> {

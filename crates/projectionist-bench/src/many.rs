@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use projectionist::rusqlite::{Connection, OpenFlags};
 
+use crate::common::out;
 use crate::follow::{FollowBench, proc_status_kb, summary};
-use crate::out;
 
 /// Events in the log before the follower starts: enough for every projection
 /// to have rows, small enough that the measurement is about the many

@@ -19,7 +19,7 @@ use anyhow::{Context, bail};
 use projectionist::rusqlite::{Connection, OpenFlags};
 use projectionist::{ProjectionDb, ProjectionDir, PublishOptions, PublishStep, SqliteCheckpoint};
 
-use crate::out;
+use crate::common::out;
 
 /// Bytes per row of the synthetic projection.
 const ROW_BYTES: usize = 1024;

@@ -29,9 +29,9 @@ use std::sync::mpsc::sync_channel;
 use std::sync::{Arc, LazyLock};
 use std::time::Instant;
 
-use crate::out;
-use crate::{VARIANTS, Workload};
+use crate::common::out;
 use anyhow::{Context, anyhow, bail};
+use clap::ValueEnum;
 use projectionist::rusqlite::{Connection, Transaction, TransactionBehavior, params};
 use projectionist::{
     BoxError, CheckpointLocation, DigestScope, GlobalEvent, Handler, ProjectionDir,
@@ -40,6 +40,27 @@ use projectionist::{
 };
 use projectionist_sqlview::{ProjectionsConfig, SqlHandler};
 use serde::Deserialize;
+
+/// The variants, in report order.
+pub(crate) const VARIANTS: [&str; 8] = ["a1", "a2", "a1-50k", "a2-50k", "b", "b1", "c", "d"];
+
+/// The bench's workloads (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Workload {
+    /// The demo's orders log.
+    Cold,
+    /// Long orders, few open at a time: small, hot projection files.
+    Hot,
+}
+
+impl Workload {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Workload::Cold => "cold",
+            Workload::Hot => "hot",
+        }
+    }
+}
 
 /// Events per batch in every variant, as the hand-written loop uses.
 const BENCH_BATCH_SIZE: u32 = 500;

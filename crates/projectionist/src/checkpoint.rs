@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
-use crate::dir::{ProjectionDb, write_transaction};
+use crate::db::{ProjectionDb, write_transaction};
 use crate::error::{Error, Result};
 use crate::limits::CONSUMER_ID_LEN_MAX;
 

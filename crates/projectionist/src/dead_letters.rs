@@ -7,7 +7,7 @@
 
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior};
 
-use crate::dir::ProjectionDb;
+use crate::db::ProjectionDb;
 use crate::error::{BoxError, Error, Result};
 use crate::event::GlobalEvent;
 use crate::handler::Handler;
@@ -316,7 +316,7 @@ fn apply_one<E>(
     event: &GlobalEvent<E>,
 ) -> std::result::Result<(), BoxError> {
     tx.execute_batch("SAVEPOINT dead_letter")?;
-    match crate::rebuild::call_handler(handler, tx, std::slice::from_ref(event)) {
+    match crate::handler::call_handler(handler, tx, std::slice::from_ref(event)) {
         Ok(()) => {
             tx.execute_batch("RELEASE dead_letter")?;
             Ok(())

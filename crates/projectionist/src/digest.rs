@@ -43,12 +43,12 @@ pub fn projection_digest(conn: &Connection, scope: DigestScope) -> Result<String
     let mut hasher = Sha256::new();
     for table in tables {
         if table == crate::outcome::RUN_TABLE
-            || table == crate::versions::VERSION_TABLE
+            || table == crate::stamp::VERSION_TABLE
             || table == crate::dead_letters::DEAD_LETTERS_TABLE
         {
             continue;
         }
-        let internal = crate::dir::is_reserved_table(&table);
+        let internal = crate::format::is_reserved_table(&table);
         if internal && scope == DigestScope::ProjectionTables {
             continue;
         }
@@ -142,7 +142,7 @@ pub fn compare_projections(
     examples_max: usize,
 ) -> Result<Vec<TableDifference>> {
     let step = || format!("compare with {}", second.display());
-    let uri = format!("file:{}?mode=ro", crate::dir::uri_path(second));
+    let uri = format!("file:{}?mode=ro", crate::files::uri_path(second));
     first
         .execute("ATTACH DATABASE ?1 AS other", [uri])
         .map_err(Error::sqlite(step()))?;
@@ -165,7 +165,7 @@ fn compare_attached(
             .collect::<rusqlite::Result<_>>()?;
         Ok(names
             .into_iter()
-            .filter(|t| !crate::dir::is_reserved_table(t))
+            .filter(|t| !crate::format::is_reserved_table(t))
             .collect())
     };
     let (first, second) = (tables_of("main")?, tables_of("other")?);

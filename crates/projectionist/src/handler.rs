@@ -1,6 +1,8 @@
 //! The `Handler` trait: how a projection applies a batch of events inside the
 //! transaction that also advances its checkpoint.
 
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
 use rusqlite::Transaction;
 
 use crate::error::BoxError;
@@ -207,5 +209,25 @@ where
 
     fn apply(&mut self, tx: &Transaction<'_>, events: &[GlobalEvent<E>]) -> Result<(), BoxError> {
         (self.apply)(tx, events)
+    }
+}
+
+/// Calls the handler; a panic becomes an error, so one broken projection does not
+/// take down the others.
+pub(crate) fn call_handler<E>(
+    handler: &mut dyn Handler<E>,
+    tx: &Transaction<'_>,
+    events: &[GlobalEvent<E>],
+) -> std::result::Result<(), BoxError> {
+    match catch_unwind(AssertUnwindSafe(|| handler.apply(tx, events))) {
+        Ok(result) => result,
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "non-text panic payload".to_owned());
+            Err(format!("handler panicked: {message}").into())
+        }
     }
 }

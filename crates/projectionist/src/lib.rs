@@ -72,11 +72,14 @@
 pub mod limits;
 
 mod checkpoint;
+mod db;
 mod dead_letters;
 mod digest;
 mod dir;
 mod error;
 mod event;
+mod files;
+mod format;
 mod handler;
 mod memory;
 mod name;
@@ -84,21 +87,24 @@ mod outcome;
 mod progress;
 mod reader;
 mod rebuild;
+mod stamp;
 mod store;
 mod versions;
 
 pub use checkpoint::{Checkpoint, SqliteCheckpoint, wait_for_checkpoint};
+pub use db::ProjectionDb;
 pub use dead_letters::{
     DEAD_LETTERS_TABLE, DeadLetter, Retried, Retry, dead_letter_count, dead_letters,
     retry_dead_letters,
 };
 pub use digest::{DigestScope, TableDifference, compare_projections, projection_digest};
-pub use dir::{
-    APPLICATION_ID, FileKind, ProjectionDb, ProjectionDir, ProjectionFiles, ScannedFile,
-    classify_file, immutable_uri, is_corruption, is_reserved_table, quick_check,
-};
+pub use dir::{ProjectionDir, ScannedFile};
 pub use error::{BoxError, Error, EventFailure, Result, is_transient};
 pub use event::{Appended, GlobalEvent, NewEvent};
+pub use files::{ProjectionFiles, VersionFiles, immutable_uri};
+pub use format::{
+    APPLICATION_ID, FileKind, classify_file, is_corruption, is_reserved_table, quick_check,
+};
 pub use handler::{Handler, OnError, SchemaHandler, Skipping};
 pub use memory::{LOOKASIDE_SLOT_BYTES, LOOKASIDE_SLOTS, lean_sqlite_memory};
 pub use name::ProjectionName;
@@ -110,13 +116,12 @@ pub use rebuild::{
     follow, rebuild, rebuild_concurrent, rebuild_shared, replay_shared, resume, resume_shared,
     validate_batch_size,
 };
+pub use stamp::{VersionInfo, version_info};
 pub use store::{
     ConditionValue, EventTableMapping, MemoryEventStore, RowCondition, SqliteEventStore,
     StreamAppend, plain_identifier,
 };
-pub use versions::{
-    PublishHookFn, PublishOptions, PublishStep, Published, VersionFiles, VersionInfo, version_info,
-};
+pub use versions::{PublishHookFn, PublishOptions, PublishStep, Published};
 
 /// Re-export of the SQLite driver whose `Transaction` handlers receive.
 pub use rusqlite;

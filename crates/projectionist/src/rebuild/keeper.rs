@@ -7,7 +7,7 @@ use rusqlite::{Connection, Transaction, TransactionBehavior};
 
 use super::types::{CheckpointLocation, Start};
 use crate::checkpoint::SqliteCheckpoint;
-use crate::dir::ProjectionDb;
+use crate::db::ProjectionDb;
 use crate::error::{Error, Result};
 
 /// A projection's checkpoint during a run.

@@ -51,7 +51,6 @@ pub use types::{
     CheckpointLocation, ProjectionTarget, RebuildConfig, RebuildOptions, RebuildResult, Start,
 };
 use write::Assigned;
-pub(crate) use write::call_handler;
 
 /// Rebuilds one projection from scratch: in one transaction, drops the
 /// projection's tables and views (everything but `_checkpoint`), resets the

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::checkpoint::Checkpoint;
-use crate::dir::ProjectionDb;
+use crate::db::ProjectionDb;
 use crate::error::Error;
 use crate::event::GlobalEvent;
 use crate::handler::Handler;

@@ -18,7 +18,6 @@
 //! same transaction (`dead_letters.rs`); an event whose payload did not decode
 //! is recorded with the checkpoint moved past it.
 
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::time::{Duration, Instant};
@@ -26,12 +25,12 @@ use std::time::{Duration, Instant};
 use rusqlite::{Connection, Transaction, TransactionBehavior};
 
 use crate::checkpoint::validate_consumer_id;
+use crate::db::ProjectionDb;
 use crate::dead_letters::{Failed, error_text};
-use crate::dir::ProjectionDb;
-use crate::dir::drop_projection_objects;
 use crate::error::{BoxError, Error, Result};
 use crate::event::GlobalEvent;
-use crate::handler::{Handler, OnError};
+use crate::format::drop_projection_objects;
+use crate::handler::{Handler, OnError, call_handler};
 use crate::limits::{
     BUSY_TIMEOUT_MS, CAUGHT_UP_CACHE_KIB, PARKED_CHECKPOINT_INTERVAL, PARKED_PENDING_BATCHES_MAX,
     PARKED_WAL_PAGES_MAX, START_BUSY_TIMEOUT_MS,
@@ -137,12 +136,15 @@ pub(super) fn write_projections<E>(
             projection,
             on_error,
             keeper,
-            conn,
+            mode: match conn {
+                Some(conn) => Mode::Held { conn, group: None },
+                None => Mode::Parked(Parked {
+                    visited: Instant::now(),
+                    pending: Vec::new(),
+                    pending_since: Instant::now(),
+                }),
+            },
             types,
-            visited: Instant::now(),
-            pending: Vec::new(),
-            pending_since: Instant::now(),
-            group: None,
             state: WriterState {
                 committed,
                 applied: committed,
@@ -286,9 +288,32 @@ struct Group<'c> {
     started: Instant,
 }
 
-/// A projection during the batch loop: its writer connection (held, or
-/// `None` while parked), its open commit group, where it stands; its result
-/// once it has ended.
+/// How a projection's file is written during the batch loop.
+enum Mode<'c, E> {
+    /// Its writer connection is held for the whole run; batches go into the
+    /// open commit group, committed once it is a commit interval old.
+    Held {
+        conn: &'c Connection,
+        group: Option<Group<'c>>,
+    },
+    /// Its connection is parked between the messages that concern it;
+    /// batches are kept and applied together when its file is next opened
+    /// (a visit, see `visit_batch`).
+    Parked(Parked<E>),
+}
+
+/// A parked projection's kept batches.
+struct Parked<E> {
+    /// When its file was last opened.
+    visited: Instant,
+    /// Batches not applied yet.
+    pending: Vec<Arc<Vec<GlobalEvent<E>>>>,
+    /// When the oldest of them arrived.
+    pending_since: Instant,
+}
+
+/// A projection during the batch loop: how its file is written (held or
+/// parked), where it stands; its result once it has ended.
 struct Slot<'p, 'c, E> {
     idx: usize,
     name: String,
@@ -296,16 +321,9 @@ struct Slot<'p, 'c, E> {
     /// What it does with an event it cannot apply.
     on_error: OnError,
     keeper: Keeper<'p>,
-    conn: Option<&'c Connection>,
+    mode: Mode<'c, E>,
     /// The event types its handler declares (`None`: all).
     types: Option<Vec<String>>,
-    /// When a parked projection's file was last opened.
-    visited: Instant,
-    /// A parked projection's batches not applied yet (see `visit_batch`).
-    pending: Vec<Arc<Vec<GlobalEvent<E>>>>,
-    /// When the oldest of them arrived.
-    pending_since: Instant,
-    group: Option<Group<'c>>,
     state: WriterState,
     started: Instant,
     result: Option<Result<RebuildResult>>,
@@ -314,6 +332,38 @@ struct Slot<'p, 'c, E> {
 impl<'c, E> Slot<'_, 'c, E> {
     fn running(&self) -> bool {
         self.result.is_none()
+    }
+
+    /// The writer connection, when it is held for the run.
+    fn held_conn(&self) -> Option<&'c Connection> {
+        match &self.mode {
+            Mode::Held { conn, .. } => Some(*conn),
+            Mode::Parked(_) => None,
+        }
+    }
+
+    /// Runs `f` in the open group of a held projection (opened if none is).
+    fn in_group<T>(&mut self, f: impl FnOnce(&mut Self, &Transaction<'c>) -> T) -> Result<T> {
+        self.open_group()?;
+        let Mode::Held { group, .. } = &mut self.mode else {
+            unreachable!("only a held projection has groups")
+        };
+        let open = group.take().expect("a group is open");
+        let value = f(self, &open.tx);
+        if let Mode::Held { group, .. } = &mut self.mode {
+            *group = Some(open);
+        }
+        Ok(value)
+    }
+
+    /// Whether the open group is a commit interval old.
+    fn group_due(&self, context: &RunContext<'_>) -> bool {
+        match &self.mode {
+            Mode::Held {
+                group: Some(open), ..
+            } => open.started.elapsed() >= context.commit_interval,
+            _ => false,
+        }
     }
 
     /// Applies the part of `batch` this projection does not have yet, in the
@@ -332,18 +382,14 @@ impl<'c, E> Slot<'_, 'c, E> {
         if events.is_empty() {
             return Ok(false);
         }
-        if self.conn.is_none() {
+        if matches!(self.mode, Mode::Parked(_)) {
             return self.visit_batch(batch, fresh_from, read_at, context);
         }
-        self.open_group().map_err(Stop::Failed)?;
         self.state.oldest_read = Some(self.state.oldest_read.unwrap_or(read_at).min(read_at));
         self.state.batches += 1;
-        let group = self.group.take().expect("a group is open");
-        let applied = self.apply_batch(&group.tx, events, context);
-        self.group = Some(group);
-        applied?;
-        let open = self.group.as_ref().expect("a group is open");
-        if open.started.elapsed() >= context.commit_interval {
+        self.in_group(|slot, tx| slot.apply_batch(tx, events, context))
+            .map_err(Stop::Failed)??;
+        if self.group_due(context) {
             self.commit_group(context).map_err(Stop::Failed)?;
         }
         Ok(true)
@@ -364,20 +410,23 @@ impl<'c, E> Slot<'_, 'c, E> {
         context: &RunContext<'_>,
     ) -> std::result::Result<bool, Stop> {
         let events = &batch[fresh_from..];
-        if self.pending.is_empty()
+        let Mode::Parked(parked) = &mut self.mode else {
+            unreachable!("only a parked projection keeps batches")
+        };
+        if parked.pending.is_empty()
             && let Some(types) = &self.types
             && !events.iter().any(|e| types.contains(&e.event_type))
         {
             self.state.applied = events.last().expect("batch is not empty").sequence;
             return Ok(false);
         }
-        if self.pending.is_empty() {
-            self.pending_since = Instant::now();
+        if parked.pending.is_empty() {
+            parked.pending_since = Instant::now();
         }
-        self.pending.push(Arc::clone(batch));
+        parked.pending.push(Arc::clone(batch));
         self.state.oldest_read = Some(self.state.oldest_read.unwrap_or(read_at).min(read_at));
-        let full = self.pending.len() >= PARKED_PENDING_BATCHES_MAX;
-        if full || self.pending_since.elapsed() >= context.commit_interval {
+        let full = parked.pending.len() >= PARKED_PENDING_BATCHES_MAX;
+        if full || parked.pending_since.elapsed() >= context.commit_interval {
             self.flush_pending(context, None)?;
             return Ok(true);
         }
@@ -391,7 +440,10 @@ impl<'c, E> Slot<'_, 'c, E> {
         context: &RunContext<'_>,
         through: Option<u64>,
     ) -> std::result::Result<(), Stop> {
-        let pending = std::mem::take(&mut self.pending);
+        let pending = match &mut self.mode {
+            Mode::Parked(parked) => std::mem::take(&mut parked.pending),
+            Mode::Held { .. } => Vec::new(),
+        };
         if pending.is_empty() && through.is_none() {
             return Ok(());
         }
@@ -422,7 +474,9 @@ impl<'c, E> Slot<'_, 'c, E> {
         let db = self.projection.db;
         let result = self.visit_open(db, context, f);
         db.park_quickly();
-        self.visited = Instant::now();
+        if let Mode::Parked(parked) = &mut self.mode {
+            parked.visited = Instant::now();
+        }
         result
     }
 
@@ -465,11 +519,13 @@ impl<'c, E> Slot<'_, 'c, E> {
     }
 
     fn open_group(&mut self) -> Result<()> {
-        let conn = self.conn.expect("only an open projection has groups");
-        if self.group.is_none() {
+        let Mode::Held { conn, group } = &mut self.mode else {
+            unreachable!("only a held projection has groups")
+        };
+        if group.is_none() {
             let tx = Transaction::new_unchecked(conn, TransactionBehavior::Immediate)
                 .map_err(Error::sqlite(format!("projection {}: begin", self.name)))?;
-            self.group = Some(Group {
+            *group = Some(Group {
                 tx,
                 started: Instant::now(),
             });
@@ -604,21 +660,13 @@ impl<'c, E> Slot<'_, 'c, E> {
             slot.state.dead_lettered += 1;
             Ok(())
         };
-        if self.conn.is_none() {
+        if matches!(self.mode, Mode::Parked(_)) {
             self.flush_pending(context, None)?;
             self.visit(context, record)?;
             return Ok(true);
         }
-        self.open_group().map_err(Stop::Failed)?;
-        let group = self.group.take().expect("a group is open");
-        let recorded = record(self, &group.tx);
-        self.group = Some(group);
-        recorded?;
-        if self
-            .group
-            .as_ref()
-            .is_some_and(|open| open.started.elapsed() >= context.commit_interval)
-        {
+        self.in_group(record).map_err(Stop::Failed)??;
+        if self.group_due(context) {
             self.commit_group(context).map_err(Stop::Failed)?;
         }
         Ok(true)
@@ -626,10 +674,14 @@ impl<'c, E> Slot<'_, 'c, E> {
 
     /// Commits the open group, if any; then, for an external checkpoint, saves it.
     fn commit_group(&mut self, context: &RunContext<'_>) -> Result<()> {
-        let Some(group) = self.group.take() else {
+        let open = match &mut self.mode {
+            Mode::Held { group, .. } => group.take(),
+            Mode::Parked(_) => None,
+        };
+        let Some(open) = open else {
             return Ok(());
         };
-        self.commit(group.tx, context)
+        self.commit(open.tx, context)
     }
 
     /// Commits `tx`, which holds what was applied since the last commit.
@@ -666,11 +718,11 @@ impl<'c, E> Slot<'_, 'c, E> {
         through: u64,
         context: &RunContext<'_>,
     ) -> std::result::Result<(), Stop> {
-        if self.conn.is_none() {
+        if let Mode::Parked(parked) = &self.mode {
             let first = !self.state.following;
             let behind = self.state.applied.max(through) > self.state.committed
-                && self.visited.elapsed() >= PARKED_CHECKPOINT_INTERVAL;
-            if first || behind || !self.pending.is_empty() {
+                && parked.visited.elapsed() >= PARKED_CHECKPOINT_INTERVAL;
+            if first || behind || !parked.pending.is_empty() {
                 self.flush_pending(context, Some(through))?;
             } else {
                 self.state.applied = self.state.applied.max(through);
@@ -679,14 +731,13 @@ impl<'c, E> Slot<'_, 'c, E> {
             return self.run_caught_up(context).map_err(Stop::Failed);
         }
         let news = through > self.state.applied || !self.state.following;
-        if self.group.is_none() && !news {
+        let open = matches!(self.mode, Mode::Held { group: Some(_), .. });
+        if !open && !news {
             return Ok(());
         }
-        self.open_group().map_err(Stop::Failed)?;
-        let group = self.group.take().expect("a group is open");
-        let moved = self.move_checkpoint(&group.tx, through);
-        self.group = Some(group);
-        moved.map_err(Stop::Failed)?;
+        self.in_group(|slot, tx| slot.move_checkpoint(tx, through))
+            .map_err(Stop::Failed)?
+            .map_err(Stop::Failed)?;
         self.commit_group(context).map_err(Stop::Failed)?;
         self.state.following = true;
         self.run_caught_up(context).map_err(Stop::Failed)
@@ -698,6 +749,7 @@ impl<'c, E> Slot<'_, 'c, E> {
         if self.state.caught_up {
             return Ok(());
         }
+        let held = self.held_conn();
         let name = &self.name;
         let committed = self.state.committed;
         let handler = &mut *self.projection.handler;
@@ -739,7 +791,7 @@ impl<'c, E> Slot<'_, 'c, E> {
             // The hook's own failure is the one to report.
             done.and(restored)
         };
-        match self.conn {
+        match held {
             Some(conn) => run(conn, false)?,
             None => {
                 let db = self.projection.db;
@@ -779,7 +831,7 @@ impl<'c, E> Slot<'_, 'c, E> {
             return Ok(());
         }
         guard(context, &self.name, self.state.committed)?;
-        match self.conn {
+        match self.held_conn() {
             Some(conn) => self.keeper.advance(conn, &self.name, head)?,
             None => {
                 let db = self.projection.db;
@@ -807,7 +859,7 @@ impl<'c, E> Slot<'_, 'c, E> {
         let result = self
             .commit_group(context)
             .and_then(|()| self.outcome(stop, context));
-        match self.conn {
+        match self.held_conn() {
             Some(conn) => record(conn, self.projection.consumer_id, &result),
             None => {
                 let db = self.projection.db;
@@ -965,26 +1017,6 @@ fn check_within_head(name: &str, checkpoint: u64, context: &RunContext<'_>) -> R
         });
     }
     Ok(())
-}
-
-/// Calls the handler; a panic becomes an error, so one broken projection does not
-/// take down the others.
-pub(crate) fn call_handler<E>(
-    handler: &mut dyn Handler<E>,
-    tx: &Transaction<'_>,
-    events: &[GlobalEvent<E>],
-) -> std::result::Result<(), BoxError> {
-    match catch_unwind(AssertUnwindSafe(|| handler.apply(tx, events))) {
-        Ok(result) => result,
-        Err(panic) => {
-            let message = panic
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "non-text panic payload".to_owned());
-            Err(format!("handler panicked: {message}").into())
-        }
-    }
 }
 
 /// Applies `events` one at a time, each in a savepoint of its own (inside the
