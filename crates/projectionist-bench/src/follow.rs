@@ -25,8 +25,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use projectionist::rusqlite::Connection;
 use projectionist::{
-    CheckpointLocation, DigestScope, GlobalReader, ProjectionDir, ProjectionTarget, Start,
-    projection_digest, replay_shared,
+    DigestScope, GlobalReader, ProjectionDir, ProjectionTarget, Start, projection_digest, replay,
 };
 use projectionist_sqlview::{ProjectionsConfig, SqlHandler};
 
@@ -587,16 +586,15 @@ pub(crate) fn check_digests(
         .zip(&dbs)
         .zip(names.iter().copied())
         .map(|((handler, db), name)| {
-            let target = ProjectionTarget {
+            let target = ProjectionTarget::new(
                 db,
-                handler: handler as &mut dyn projectionist::Handler<serde_json::Value>,
-                checkpoint: CheckpointLocation::InFile,
-                consumer_id: name,
-            };
-            (target, Start::Reset)
+                handler as &mut dyn projectionist::Handler<serde_json::Value>,
+            )
+            .consumer_id(name);
+            target.start(Start::Reset)
         })
         .collect();
-    for result in replay_shared(&reader, targets, &projectionist::RebuildOptions::default()) {
+    for result in replay(&reader, targets, &projectionist::RebuildOptions::default()) {
         result?;
     }
     let head = GlobalReader::<serde_json::Value>::head(&reader)?;

@@ -34,9 +34,8 @@ use anyhow::{Context, anyhow, bail};
 use clap::ValueEnum;
 use projectionist::rusqlite::{Connection, Transaction, TransactionBehavior, params};
 use projectionist::{
-    BoxError, CheckpointLocation, DigestScope, GlobalEvent, Handler, ProjectionDir,
-    ProjectionTarget, RebuildConfig, RebuildOptions, SqliteEventStore, projection_digest, rebuild,
-    rebuild_shared,
+    BoxError, DigestScope, GlobalEvent, Handler, ProjectionDir, ProjectionTarget, RebuildConfig,
+    RebuildOptions, SqliteEventStore, Start, projection_digest, rebuild, replay,
 };
 use projectionist_sqlview::{ProjectionsConfig, SqlHandler};
 use serde::Deserialize;
@@ -467,14 +466,7 @@ fn run_a2(store: &Path, dir: &Path, workload: Workload, size: u32) -> anyhow::Re
 // ------------------------------------------------------------ projectionist
 
 fn options() -> RebuildOptions<'static> {
-    RebuildOptions {
-        batch_size: BENCH_BATCH_SIZE,
-        commit_interval: projectionist::limits::COMMIT_INTERVAL_DEFAULT,
-        progress: None,
-        cancel: None,
-        step_hook: None,
-        commit_guard: None,
-    }
+    RebuildOptions::new().batch_size(BENCH_BATCH_SIZE)
 }
 
 fn run_b(
@@ -490,12 +482,7 @@ fn run_b(
         let mut handler = RustHandler(projection, workload);
         rebuild(RebuildConfig {
             reader: &store,
-            projection: ProjectionTarget {
-                db: &db,
-                handler: &mut handler,
-                checkpoint: CheckpointLocation::InFile,
-                consumer_id: projection.name(),
-            },
+            projection: ProjectionTarget::new(&db, &mut handler).consumer_id(projection.name()),
             options,
         })?;
     }
@@ -527,14 +514,13 @@ fn run_shared(
     let mut targets = Vec::new();
     for ((db, handler), projection) in dbs.iter().zip(handlers.iter_mut()).zip(Projection::ALL) {
         let db = db.as_ref().map_err(|e| anyhow!("{e}"))?;
-        targets.push(ProjectionTarget {
-            db,
-            handler: handler as &mut dyn Handler<OrderData>,
-            checkpoint: CheckpointLocation::InFile,
-            consumer_id: projection.name(),
-        });
+        targets.push(
+            ProjectionTarget::new(db, handler as &mut dyn Handler<OrderData>)
+                .consumer_id(projection.name())
+                .start(Start::Reset),
+        );
     }
-    for result in rebuild_shared(reader, targets, &options()) {
+    for result in replay(reader, targets, &options()) {
         result?;
     }
     Ok(())
@@ -565,14 +551,13 @@ fn run_d(store: &Path, dir: &Path, workload: Workload) -> anyhow::Result<()> {
         .iter()
         .zip(handlers.iter_mut())
         .zip(&config.projections)
-        .map(|((db, handler), p)| ProjectionTarget {
-            db,
-            handler: handler as &mut dyn Handler<Payload>,
-            checkpoint: CheckpointLocation::InFile,
-            consumer_id: p.name.as_str(),
+        .map(|((db, handler), p)| {
+            ProjectionTarget::new(db, handler as &mut dyn Handler<Payload>)
+                .consumer_id(p.name.as_str())
+                .start(Start::Reset)
         })
         .collect();
-    for result in rebuild_shared(&store, targets, &options()) {
+    for result in replay(&store, targets, &options()) {
         result?;
     }
     Ok(())
@@ -604,10 +589,7 @@ pub fn run_child(
             store,
             dir,
             w,
-            RebuildOptions {
-                commit_interval: std::time::Duration::ZERO,
-                ..options()
-            },
+            options().commit_interval(std::time::Duration::ZERO),
         ),
         "c" => run_c(store, dir, w),
         "d" => run_d(store, dir, w),

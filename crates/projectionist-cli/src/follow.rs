@@ -484,19 +484,15 @@ fn report(
                     status.checkpoint
                 ));
             }
-            _ => ui::result_line(
-                cli.json,
-                cli.quiet,
-                &RebuildResult {
-                    projection_name: status.name.clone(),
-                    processed: status.processed,
-                    checkpoint: status.checkpoint,
-                    total: status.head.max(head),
-                    elapsed,
-                    dead_letters: status.dead_letters,
-                    dead_lettered: 0,
-                },
-            ),
+            _ => {
+                let mut result = RebuildResult::new(status.name.clone());
+                result.processed = status.processed;
+                result.checkpoint = status.checkpoint;
+                result.total = status.head.max(head);
+                result.elapsed = elapsed;
+                result.dead_letters = status.dead_letters;
+                ui::result_line(cli.json, cli.quiet, &result);
+            }
         }
     }
     if failed.is_empty() {

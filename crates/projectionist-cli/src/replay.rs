@@ -10,9 +10,8 @@ use std::time::Instant;
 use anyhow::{Context, anyhow};
 use projectionist::limits::OPEN_PROJECTIONS_MAX;
 use projectionist::{
-    CancelToken, CheckpointLocation, Error, GlobalReader, ProjectionDb, ProjectionDir,
-    ProjectionTarget, PublishOptions, Published, RebuildOptions, RebuildResult, Start,
-    VersionFiles, replay_shared,
+    CancelToken, Error, GlobalReader, ProjectionDb, ProjectionDir, ProjectionTarget,
+    PublishOptions, Published, RebuildOptions, RebuildResult, Start, VersionFiles,
 };
 use projectionist_sqlview::{SqlHandler, SqlProjection};
 
@@ -255,20 +254,16 @@ pub(crate) fn replay(
     )
     .interrupted_by(&cancel);
     let progress = |p: &projectionist::Progress| display.progress(p);
-    let options = RebuildOptions {
-        batch_size: cli.batch_size,
-        commit_interval: projectionist::limits::COMMIT_INTERVAL_DEFAULT,
-        progress: Some(&progress),
-        cancel: Some(&cancel),
-        step_hook: None,
-        commit_guard: None,
-    };
+    let options = RebuildOptions::new()
+        .batch_size(cli.batch_size)
+        .progress(&progress)
+        .cancel(&cancel);
     let mut handlers: Vec<SqlHandler<'_>> = selected.iter().map(|p| SqlHandler::new(p)).collect();
     // One read of the log for all: stale projections start from scratch, the
     // others from their checkpoints.
     let targets = targets(&mut handlers, &writes, &selected, &starts);
     let started = Instant::now();
-    let results = replay_shared(store, targets, &options);
+    let results = projectionist::replay(store, targets, &options);
     display.finish();
     let keep_previous = match plan {
         Plan::Rebuild { keep_previous, .. } => keep_previous,
@@ -518,20 +513,19 @@ pub(crate) fn targets<'a, 'p: 'a>(
     dbs: &'a [Arc<ProjectionDb>],
     selected: &[&'a SqlProjection],
     starts: &[Start],
-) -> Vec<(ProjectionTarget<'a, crate::store::Payload>, Start)> {
+) -> Vec<ProjectionTarget<'a, crate::store::Payload>> {
     handlers
         .iter_mut()
         .zip(dbs)
         .zip(selected)
         .zip(starts)
         .map(|(((handler, db), projection), start)| {
-            let target = ProjectionTarget {
+            ProjectionTarget::new(
                 db,
-                handler: handler as &mut dyn projectionist::Handler<crate::store::Payload>,
-                checkpoint: CheckpointLocation::InFile,
-                consumer_id: projection.name.as_str(),
-            };
-            (target, *start)
+                handler as &mut dyn projectionist::Handler<crate::store::Payload>,
+            )
+            .consumer_id(projection.name.as_str())
+            .start(*start)
         })
         .collect()
 }

@@ -442,19 +442,13 @@ mod tests {
     use super::*;
 
     fn ended(name: &str, err: Option<&str>) -> Progress {
-        Progress {
-            projection_name: name.to_owned(),
-            processed: 10,
-            total: 20,
-            checkpoint: 10,
-            started_from: 0,
-            done: true,
-            err: err.map(str::to_owned),
-            following: false,
-            batch_latency: None,
-            hole_wait: None,
-            dead_letters: 0,
-        }
+        let mut progress = Progress::new(name);
+        progress.processed = 10;
+        progress.total = 20;
+        progress.checkpoint = 10;
+        progress.done = true;
+        progress.err = err.map(str::to_owned);
+        progress
     }
 
     /// Ctrl-C ends every projection with an error at a batch boundary: their

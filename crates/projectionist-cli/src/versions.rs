@@ -8,7 +8,7 @@ use anyhow::{Context, anyhow};
 use projectionist::{
     CancelToken, GlobalReader, Progress, ProjectionDir, PublishOptions, RebuildOptions,
     RebuildResult, SqliteCheckpoint, Start, TableDifference, UpTo, VersionFiles,
-    compare_projections, replay_shared,
+    compare_projections,
 };
 use projectionist_sqlview::{SqlHandler, SqlProjection, stored_definition};
 
@@ -198,18 +198,14 @@ fn build(
         store.head()?,
     );
     let progress = |p: &Progress| display.progress(p);
-    let options = RebuildOptions {
-        batch_size: cli.batch_size,
-        commit_interval: projectionist::limits::COMMIT_INTERVAL_DEFAULT,
-        progress: Some(&progress),
-        cancel: Some(cancel),
-        step_hook: None,
-        commit_guard: None,
-    };
+    let options = RebuildOptions::new()
+        .batch_size(cli.batch_size)
+        .progress(&progress)
+        .cancel(cancel);
     let mut handlers = vec![SqlHandler::new(projection)];
     let dbs = [std::sync::Arc::clone(db)];
     let targets = targets(&mut handlers, &dbs, &[projection], &[start]);
-    let result = replay_shared(store, targets, &options)
+    let result = projectionist::replay(store, targets, &options)
         .pop()
         .expect("one result");
     display.finish();

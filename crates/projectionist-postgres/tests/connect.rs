@@ -244,14 +244,12 @@ fn foreign_rows_without_a_sequence_or_a_type_are_named_errors() {
 
 /// Table `msgs` (seq, stream, ver, kind, body) as another program lays it out.
 fn msgs_mapping() -> projectionist::EventTableMapping {
-    projectionist::EventTableMapping {
-        table: "msgs".into(),
-        sequence: "seq".into(),
-        stream_id: "stream".into(),
-        stream_version: "ver".into(),
-        event_type: "kind".into(),
-        data: "body".into(),
-        metadata: None,
-        recorded_at: None,
-    }
+    projectionist::EventTableMapping::new("msgs")
+        .sequence("seq")
+        .stream_id("stream")
+        .stream_version("ver")
+        .event_type("kind")
+        .data("body")
+        .metadata(None)
+        .recorded_at(None)
 }

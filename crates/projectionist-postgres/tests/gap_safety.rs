@@ -150,16 +150,14 @@ fn append_conflicts_write_nothing_and_mapped_tables_read() {
              INSERT INTO legacy VALUES (1, 'a', 1, 'Made', '{\"x\": 1}', now()), (2, 'a', 2, 'Changed', '{\"x\": 2}', now());",
         )
         .unwrap();
-    let mapping = projectionist::EventTableMapping {
-        table: "legacy".into(),
-        sequence: "id".into(),
-        stream_id: "agg".into(),
-        stream_version: "ver".into(),
-        event_type: "kind".into(),
-        data: "body".into(),
-        metadata: None,
-        recorded_at: Some("at".into()),
-    };
+    let mapping = projectionist::EventTableMapping::new("legacy")
+        .sequence("id")
+        .stream_id("agg")
+        .stream_version("ver")
+        .event_type("kind")
+        .data("body")
+        .metadata(None)
+        .recorded_at(Some("at"));
     let mapped = PostgresEventStore::connect_mapped(&pg.url(), &mapping).unwrap();
     let events: Vec<GlobalEvent<Value>> = mapped.read_after(0, 10).unwrap();
     assert_eq!(
@@ -169,10 +167,7 @@ fn append_conflicts_write_nothing_and_mapped_tables_read() {
             .collect::<Vec<_>>(),
         [(1, 1), (2, 2)]
     );
-    let bad = projectionist::EventTableMapping {
-        data: "nope".into(),
-        ..mapping
-    };
+    let bad = mapping.data("nope");
     let err = PostgresEventStore::connect_mapped(&pg.url(), &bad).unwrap_err();
     assert!(format!("{err}: {:?}", err).contains("nope"), "{err:?}");
 }
@@ -403,16 +398,14 @@ fn foreign_table(pg: &PgSchema) -> projectionist::EventTableMapping {
                                 kind TEXT NOT NULL, body JSONB NOT NULL)",
         )
         .unwrap();
-    projectionist::EventTableMapping {
-        table: "flog".into(),
-        sequence: "id".into(),
-        stream_id: "stream".into(),
-        stream_version: "version".into(),
-        event_type: "kind".into(),
-        data: "body".into(),
-        metadata: None,
-        recorded_at: None,
-    }
+    projectionist::EventTableMapping::new("flog")
+        .sequence("id")
+        .stream_id("stream")
+        .stream_version("version")
+        .event_type("kind")
+        .data("body")
+        .metadata(None)
+        .recorded_at(None)
 }
 
 /// A plain insert by another program, committed; returns its number.

@@ -2,8 +2,8 @@
 //! does with a projection it claimed under a lease.
 
 use projectionist::{
-    CancelToken, CheckpointLocation, Error, GlobalReader, ProjectionDir, ProjectionTarget,
-    PublishOptions, Published, RebuildOptions, SqliteCheckpoint,
+    CancelToken, Error, GlobalReader, ProjectionDir, ProjectionTarget, PublishOptions, Published,
+    RebuildOptions, SqliteCheckpoint, Start,
 };
 
 use crate::projection::Supervised;
@@ -34,21 +34,12 @@ pub fn rebuild_once<E: Send + Sync>(
     } else {
         live
     };
-    let options = RebuildOptions {
-        batch_size,
-        commit_interval: projectionist::limits::COMMIT_INTERVAL_DEFAULT,
-        progress: None,
-        cancel: Some(cancel),
-        step_hook: None,
-        commit_guard: guard,
-    };
-    let target = ProjectionTarget {
-        db: &db,
-        handler: &mut *projection.handler,
-        checkpoint: CheckpointLocation::InFile,
-        consumer_id: &name,
-    };
-    projectionist::rebuild_shared(reader, vec![target], &options)
+    let mut options = RebuildOptions::new().batch_size(batch_size).cancel(cancel);
+    options.commit_guard = guard;
+    let target = ProjectionTarget::new(&db, &mut *projection.handler)
+        .consumer_id(&name)
+        .start(Start::Reset);
+    projectionist::replay(reader, vec![target], &options)
         .pop()
         .expect("one result per projection")?;
     if !serving {

@@ -14,8 +14,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use projectionist::{
-    CancelToken, CheckpointLocation, GlobalReader, Progress, ProjectionDb, ProjectionDir,
-    ProjectionTarget, PublishOptions, Published, RebuildOptions, SqliteCheckpoint,
+    CancelToken, GlobalReader, Progress, ProjectionDb, ProjectionDir, ProjectionTarget,
+    PublishOptions, Published, RebuildOptions, SqliteCheckpoint,
 };
 
 use crate::control;
@@ -1354,21 +1354,15 @@ impl<E: Send + Sync + 'static> Lifecycle<E> {
             .guard
             .as_deref()
             .map(|g| g as &projectionist::CommitGuardFn);
-        let options = RebuildOptions {
-            batch_size: self.batch_size,
-            commit_interval: projectionist::limits::COMMIT_INTERVAL_DEFAULT,
-            progress: Some(&progress),
-            cancel: None,
-            step_hook: None,
-            commit_guard: guard,
-        };
-        let target = ProjectionTarget {
-            db: &writes,
-            handler: &mut *projection.handler,
-            checkpoint: CheckpointLocation::InFile,
-            consumer_id: &name,
-        };
-        let result = projectionist::follow(&*self.reader, vec![(target, start)], &options, &round)
+        let mut options = RebuildOptions::new()
+            .batch_size(self.batch_size)
+            .progress(&progress)
+            .follow_until(&round);
+        options.commit_guard = guard;
+        let target = ProjectionTarget::new(&writes, &mut *projection.handler)
+            .consumer_id(&name)
+            .start(start);
+        let result = projectionist::replay(&*self.reader, vec![target], &options)
             .pop()
             .expect("one result per projection");
         // Ended before the head: served by a later run.
@@ -1755,14 +1749,11 @@ impl<E: Send + Sync + 'static> Group<E> {
             .guard
             .as_deref()
             .map(|g| g as &projectionist::CommitGuardFn);
-        let options = RebuildOptions {
-            batch_size: core.batch_size,
-            commit_interval: projectionist::limits::COMMIT_INTERVAL_DEFAULT,
-            progress: Some(&progress),
-            cancel: None,
-            step_hook: None,
-            commit_guard: guard,
-        };
+        let mut options = RebuildOptions::new()
+            .batch_size(core.batch_size)
+            .progress(&progress)
+            .follow_until(&round);
+        options.commit_guard = guard;
         let names: Vec<String> = self
             .members
             .iter()
@@ -1774,18 +1765,12 @@ impl<E: Send + Sync + 'static> Group<E> {
             .zip(&writes)
             .zip(&names)
             .map(|((member, (db, start)), name)| {
-                (
-                    ProjectionTarget {
-                        db,
-                        handler: &mut *member.projection.handler,
-                        checkpoint: CheckpointLocation::InFile,
-                        consumer_id: name,
-                    },
-                    *start,
-                )
+                ProjectionTarget::new(db, &mut *member.projection.handler)
+                    .consumer_id(name)
+                    .start(*start)
             })
             .collect();
-        let results = projectionist::follow(&*core.reader, targets, &options, &round);
+        let results = projectionist::replay(&*core.reader, targets, &options);
         drop(writes);
         assert_eq!(results.len(), self.members.len(), "one result per member");
         let mut end = RoundEnd::Again;

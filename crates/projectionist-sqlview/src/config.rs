@@ -98,9 +98,11 @@ pub struct RawSource {
     pub settle_ms: Option<u64>,
 }
 
-/// One `[[projection]]` as written.
+/// One `[[projection]]` as written. Read from a file, or built with
+/// [`RawProjection::new`] and its setters.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct RawProjection {
     /// The projection (and file) name.
     pub name: String,
@@ -123,6 +125,69 @@ pub struct RawProjection {
     /// projection stops (default 100).
     #[serde(default)]
     pub max_dead_letters: Option<u32>,
+}
+
+impl RawProjection {
+    /// Projection `name` at `version` with `schema`, handling no event type
+    /// yet (see [`on`](Self::on)), stopping at an event it cannot apply.
+    #[must_use]
+    pub fn new(name: impl Into<String>, version: u32, schema: impl Into<String>) -> Self {
+        RawProjection {
+            name: name.into(),
+            version,
+            schema: schema.into(),
+            deferred_indexes: None,
+            on: BTreeMap::new(),
+            on_error: None,
+            max_dead_letters: None,
+        }
+    }
+
+    /// Runs `sql` for each event of `event_type` (statements added for the
+    /// same type run in order).
+    #[must_use]
+    pub fn on(mut self, event_type: impl Into<String>, sql: impl Into<String>) -> Self {
+        let sql = sql.into();
+        match self.on.entry(event_type.into()) {
+            std::collections::btree_map::Entry::Vacant(entry) => {
+                entry.insert(RawHandler {
+                    sql: RawStatements::One(sql),
+                });
+            }
+            std::collections::btree_map::Entry::Occupied(mut entry) => {
+                let handler = entry.get_mut();
+                let mut all =
+                    match std::mem::replace(&mut handler.sql, RawStatements::Many(Vec::new())) {
+                        RawStatements::One(one) => vec![one],
+                        RawStatements::Many(many) => many,
+                    };
+                all.push(sql);
+                handler.sql = RawStatements::Many(all);
+            }
+        }
+        self
+    }
+
+    /// Indexes built once a run has applied the whole log.
+    #[must_use]
+    pub fn deferred_indexes(mut self, sql: impl Into<String>) -> Self {
+        self.deferred_indexes = Some(sql.into());
+        self
+    }
+
+    /// `"stop"` or `"skip"` (see the field).
+    #[must_use]
+    pub fn on_error(mut self, policy: impl Into<String>) -> Self {
+        self.on_error = Some(policy.into());
+        self
+    }
+
+    /// With `on_error = "skip"`: dead letters the file may hold.
+    #[must_use]
+    pub fn max_dead_letters(mut self, max: u32) -> Self {
+        self.max_dead_letters = Some(max);
+        self
+    }
 }
 
 /// `[projection.on.EventType]` as written.
@@ -164,8 +229,10 @@ pub struct ProjectionsConfig {
     pub source_state_schema: Option<String>,
 }
 
-/// One validated projection.
+/// One validated projection, from [`ProjectionsConfig`] (its fields can be
+/// read, and grow in later versions).
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct SqlProjection {
     /// Its name.
     pub name: ProjectionName,
@@ -315,6 +382,21 @@ impl ProjectionsConfig {
 }
 
 impl SqlProjection {
+    /// Validates one projection built in code (see [`RawProjection::new`])
+    /// the way a config file's are: its statements prepared against its
+    /// schema, its SQL confined to its own tables.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the place and what is wrong (origin
+    /// `code`).
+    pub fn from_raw(raw: RawProjection) -> Result<Self, ConfigError> {
+        validate_projection(raw).map_err(|(place, message)| ConfigError::Invalid {
+            origin: "code".to_owned(),
+            place,
+            message,
+        })
+    }
+
     /// Whether the projection file behind `conn` was built from another
     /// definition of this projection (version or content) and so must be
     /// rebuilt rather than resumed. A file with no recorded definition (new, or
@@ -434,36 +516,27 @@ impl RawSource {
     fn mapping(&self, postgres: bool) -> Result<EventTableMapping, String> {
         let base = match self.preset.as_deref() {
             None => EventTableMapping::default(),
-            Some("eventsourcing") => EventTableMapping {
-                table: "stored_events".into(),
-                sequence: if postgres { "notification_id" } else { "rowid" }.into(),
-                stream_id: "originator_id".into(),
-                stream_version: "originator_version".into(),
-                event_type: "topic".into(),
-                data: "state".into(),
-                metadata: None,
-                recorded_at: None,
-            },
-            Some("emmett") => EventTableMapping {
-                table: "emt_messages".into(),
-                sequence: "global_position".into(),
-                stream_id: "stream_id".into(),
-                stream_version: "stream_position".into(),
-                event_type: "message_type".into(),
-                data: "message_data".into(),
-                metadata: Some("message_metadata".into()),
-                recorded_at: Some("created".into()),
-            },
-            Some("marten") => EventTableMapping {
-                table: "mt_events".into(),
-                sequence: "seq_id".into(),
-                stream_id: "stream_id".into(),
-                stream_version: "version".into(),
-                event_type: "type".into(),
-                data: "data".into(),
-                metadata: None,
-                recorded_at: Some("timestamp".into()),
-            },
+            Some("eventsourcing") => EventTableMapping::new("stored_events")
+                .sequence(if postgres { "notification_id" } else { "rowid" })
+                .stream_id("originator_id")
+                .stream_version("originator_version")
+                .event_type("topic")
+                .data("state")
+                .metadata(None)
+                .recorded_at(None),
+            Some("emmett") => EventTableMapping::new("emt_messages")
+                .sequence("global_position")
+                .stream_version("stream_position")
+                .event_type("message_type")
+                .data("message_data")
+                .metadata(Some("message_metadata"))
+                .recorded_at(Some("created")),
+            Some("marten") => EventTableMapping::new("mt_events")
+                .sequence("seq_id")
+                .stream_version("version")
+                .event_type("type")
+                .metadata(None)
+                .recorded_at(Some("timestamp")),
             Some(other) => {
                 return Err(format!(
                     "unknown preset {other:?}; known: {}",
@@ -472,23 +545,24 @@ impl RawSource {
             }
         };
         let preset = self.preset.is_some();
-        Ok(EventTableMapping {
-            table: self.table.clone().unwrap_or(base.table),
-            sequence: self.sequence.clone().unwrap_or(base.sequence),
-            stream_id: self.stream_id.clone().unwrap_or(base.stream_id),
-            stream_version: self.stream_version.clone().unwrap_or(base.stream_version),
-            event_type: self.event_type.clone().unwrap_or(base.event_type),
-            data: self.data.clone().unwrap_or(base.data),
-            // Without a preset, left out means the table has no such column.
-            metadata: self
-                .metadata
+        let mut mapping = base.clone();
+        let given = |key: &Option<String>, base: &String| key.clone().unwrap_or(base.clone());
+        mapping.table = given(&self.table, &base.table);
+        mapping.sequence = given(&self.sequence, &base.sequence);
+        mapping.stream_id = given(&self.stream_id, &base.stream_id);
+        mapping.stream_version = given(&self.stream_version, &base.stream_version);
+        mapping.event_type = given(&self.event_type, &base.event_type);
+        mapping.data = given(&self.data, &base.data);
+        // Without a preset, left out means the table has no such column.
+        mapping.metadata = self
+            .metadata
+            .clone()
+            .or(if preset { base.metadata } else { None });
+        mapping.recorded_at =
+            self.recorded_at
                 .clone()
-                .or(if preset { base.metadata } else { None }),
-            recorded_at: self
-                .recorded_at
-                .clone()
-                .or(if preset { base.recorded_at } else { None }),
-        })
+                .or(if preset { base.recorded_at } else { None });
+        Ok(mapping)
     }
 }
 

@@ -17,8 +17,7 @@
 //!
 //! ```
 //! use projectionist::{
-//!     CheckpointLocation, MemoryEventStore, ProjectionDir, ProjectionTarget, RebuildConfig,
-//!     RebuildOptions, rebuild,
+//!     MemoryEventStore, ProjectionDir, ProjectionTarget, RebuildOptions, Start, replay,
 //! };
 //! use projectionist_sqlview::{ProjectionsConfig, SqlHandler};
 //! use serde_json::json;
@@ -43,16 +42,13 @@
 //! let projection = &config.projections[0];
 //! let db = dir.db(projection.name.as_str())?;
 //! let mut handler = SqlHandler::new(projection);
-//! rebuild(RebuildConfig {
-//!     reader: &store,
-//!     projection: ProjectionTarget {
-//!         db: &db,
-//!         handler: &mut handler,
-//!         checkpoint: CheckpointLocation::InFile,
-//!         consumer_id: projection.name.as_str(),
-//!     },
-//!     options: RebuildOptions::default(),
-//! })?;
+//! for result in replay(
+//!     &store,
+//!     vec![ProjectionTarget::new(&db, &mut handler).start(Start::Reset)],
+//!     &RebuildOptions::new(),
+//! ) {
+//!     result?;
+//! }
 //! let cents: i64 = db.open_reader()?.query_row("SELECT cents FROM totals", [], |r| r.get(0))?;
 //! assert_eq!(cents, 525);
 //! # Ok(())
@@ -66,11 +62,16 @@ mod handler;
 mod params;
 mod payload;
 
-pub use config::{
-    ConfigError, PRESETS, ProjectionsConfig, SOURCE_SETTLE_MAX, SqlProjection, Statement,
-    preset_source, source_section,
-};
-pub use definition::{DEFINITION_TABLE, StoredDefinition, record_definition, stored_definition};
+pub use config::{ConfigError, ProjectionsConfig, SqlProjection, Statement};
+pub use definition::DEFINITION_TABLE;
+
+// Helpers the runner and the command line share with this crate: public so
+// they can reach them, hidden from the documentation (not part of the API
+// users build on, and free to change).
+#[doc(hidden)]
+pub use config::{PRESETS, SOURCE_SETTLE_MAX, preset_source, source_section};
+#[doc(hidden)]
+pub use definition::{StoredDefinition, record_definition, stored_definition};
 pub use handler::SqlHandler;
 pub use params::{Envelope, Param, ValueKind};
 

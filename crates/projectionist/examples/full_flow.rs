@@ -5,8 +5,8 @@
 
 use projectionist::rusqlite::Transaction;
 use projectionist::{
-    BoxError, CheckpointLocation, GlobalEvent, NewEvent, ProjectionDir, ProjectionTarget,
-    RebuildConfig, RebuildOptions, SchemaHandler, SqliteEventStore, StreamAppend, rebuild,
+    BoxError, GlobalEvent, NewEvent, ProjectionDir, ProjectionTarget, RebuildConfig,
+    RebuildOptions, SchemaHandler, SqliteEventStore, StreamAppend, rebuild,
 };
 use serde::Deserialize;
 
@@ -90,20 +90,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let result = rebuild(RebuildConfig {
         reader: &store,
-        projection: ProjectionTarget {
-            db: &db,
-            handler: &mut handler,
-            checkpoint: CheckpointLocation::InFile,
-            consumer_id: "customer_totals",
-        },
-        options: RebuildOptions {
-            batch_size: 500,
-            commit_interval: projectionist::limits::COMMIT_INTERVAL_DEFAULT,
-            progress: Some(&progress),
-            cancel: None,
-            step_hook: None,
-            commit_guard: None,
-        },
+        projection: ProjectionTarget::new(&db, &mut handler).consumer_id("customer_totals"),
+        options: RebuildOptions::new().batch_size(500).progress(&progress),
     })?;
     println!(
         "rebuilt in {:.2?}, checkpoint {}",

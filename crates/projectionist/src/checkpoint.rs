@@ -165,7 +165,7 @@ pub(crate) fn validate_consumer_id(consumer_id: &str) -> Result<()> {
 /// applied the log up to `position` (an event's sequence, e.g. the
 /// `last_sequence` an append returned), and returns its checkpoint. Reads the
 /// checkpoint in the projection's own file every
-/// [`WAIT_POLL_INTERVAL`](crate::limits::WAIT_POLL_INTERVAL), without taking
+/// `WAIT_POLL_INTERVAL` (2 ms), without taking
 /// its lock, so it works beside the process that keeps the projection current
 /// (a follower, another program). A file that does not exist yet counts as
 /// checkpoint 0 (it may be being built); nothing is created.

@@ -171,7 +171,7 @@ pub fn is_corruption(error: &rusqlite::Error) -> bool {
 
 /// `PRAGMA quick_check` of a projection file through any connection to it:
 /// `None` when it is sound, else what is wrong. Reads the whole file, through
-/// a page cache of at most [`QUICK_CHECK_CACHE_KIB`] (the connection's own
+/// a page cache of at most `QUICK_CHECK_CACHE_KIB` (64 KiB) (the connection's own
 /// cache size is restored afterwards), so checking a thousand files before a
 /// run does not leave each connection holding the pages of its whole file.
 ///

@@ -12,8 +12,8 @@
 //!
 //! ```
 //! use projectionist::{
-//!     CheckpointLocation, GlobalEvent, NewEvent, ProjectionDir, ProjectionTarget,
-//!     RebuildConfig, RebuildOptions, SchemaHandler, SqliteEventStore, rebuild,
+//!     GlobalEvent, NewEvent, ProjectionDir, ProjectionTarget, RebuildConfig, RebuildOptions,
+//!     SchemaHandler, SqliteEventStore, rebuild,
 //! };
 //! use rusqlite::Transaction;
 //! use serde::Deserialize;
@@ -49,13 +49,8 @@
 //!
 //! let result = rebuild(RebuildConfig {
 //!     reader: &store,
-//!     projection: ProjectionTarget {
-//!         db: &db,
-//!         handler: &mut handler,
-//!         checkpoint: CheckpointLocation::InFile,
-//!         consumer_id: "balances",
-//!     },
-//!     options: RebuildOptions { batch_size: 500, ..RebuildOptions::default() },
+//!     projection: ProjectionTarget::new(&db, &mut handler),
+//!     options: RebuildOptions::new().batch_size(500),
 //! })?;
 //! assert_eq!(result.processed, 3);
 //! assert_eq!(result.checkpoint, 3);
@@ -101,27 +96,43 @@ pub use digest::{DigestScope, TableDifference, compare_projections, projection_d
 pub use dir::{ProjectionDir, ScannedFile};
 pub use error::{BoxError, Error, EventFailure, Result, is_transient};
 pub use event::{Appended, GlobalEvent, NewEvent};
-pub use files::{ProjectionFiles, VersionFiles, immutable_uri};
-pub use format::{
-    APPLICATION_ID, FileKind, classify_file, is_corruption, is_reserved_table, quick_check,
-};
+pub use files::{ProjectionFiles, VersionFiles};
+pub use format::{APPLICATION_ID, FileKind, classify_file};
 pub use handler::{Handler, OnError, SchemaHandler, Skipping};
-pub use memory::{LOOKASIDE_SLOT_BYTES, LOOKASIDE_SLOTS, lean_sqlite_memory};
+pub use memory::lean_sqlite_memory;
 pub use name::ProjectionName;
-pub use outcome::{LastRun, last_run, record_failure};
+pub use outcome::{LastRun, last_run};
 pub use progress::{BatchStep, CancelToken, CommitGuardFn, Progress, ProgressFn, StepHookFn};
 pub use reader::{GlobalReader, HoleWait, TypedBatch, UpTo};
 pub use rebuild::{
     CheckpointLocation, ProjectionTarget, RebuildConfig, RebuildOptions, RebuildResult, Start,
-    follow, rebuild, rebuild_concurrent, rebuild_shared, replay_shared, resume, resume_shared,
-    validate_batch_size,
+    rebuild, rebuild_concurrent, replay, resume,
 };
+#[allow(deprecated)]
+#[doc(hidden)]
+pub use rebuild::{follow, rebuild_shared, replay_shared, resume_shared};
 pub use stamp::{VersionInfo, version_info};
 pub use store::{
     ConditionValue, EventTableMapping, MemoryEventStore, RowCondition, SqliteEventStore,
-    StreamAppend, plain_identifier,
+    StreamAppend,
 };
 pub use versions::{PublishHookFn, PublishOptions, PublishStep, Published};
+
+// Helpers the sibling crates (sqlview, runner, postgres, the command line)
+// share with this one. Public so they can reach them, hidden from the
+// documentation: not part of the API users build on, and free to change.
+#[doc(hidden)]
+pub use files::immutable_uri;
+#[doc(hidden)]
+pub use format::{is_corruption, is_reserved_table, quick_check};
+#[doc(hidden)]
+pub use memory::{LOOKASIDE_SLOT_BYTES, LOOKASIDE_SLOTS};
+#[doc(hidden)]
+pub use outcome::record_failure;
+#[doc(hidden)]
+pub use rebuild::validate_batch_size;
+#[doc(hidden)]
+pub use store::plain_identifier;
 
 /// Re-export of the SQLite driver whose `Transaction` handlers receive.
 pub use rusqlite;

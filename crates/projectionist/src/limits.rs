@@ -30,6 +30,7 @@ pub const WRITER_THREADS_MAX: u32 = 32;
 /// Decoded batches that may wait in one writer's channel during a fan-out.
 /// Two lets the reader decode batch n+1 while the writer commits batch n, which is
 /// all the overlap there is to gain; memory stays O(batch size x projections).
+#[doc(hidden)]
 pub const CHANNEL_BATCHES_MAX: usize = 2;
 
 /// How long a rebuild's write transaction collects batches before committing,
@@ -48,6 +49,7 @@ pub const COMMIT_INTERVAL_DEFAULT: Duration = Duration::from_millis(250);
 /// beyond a share are read again from the file (usually from the operating
 /// system's cache), and a changed page that must leave the cache before its
 /// commit is written to the WAL early and read back from there.
+#[doc(hidden)]
 pub const PAGE_CACHE_BUDGET_KIB: u64 = 32 * 1024;
 
 /// A projection's page cache is never more than 16 MiB. A large projection
@@ -56,10 +58,11 @@ pub const PAGE_CACHE_BUDGET_KIB: u64 = 32 * 1024;
 /// early once it outgrows its cache: on the demo log, 16 MiB instead of
 /// SQLite's default 2 MiB rebuilt 10M events 30% faster and 1M events 28%
 /// faster (see BENCHMARKS.md), while two such caches still fit the budget.
-pub const PAGE_CACHE_PER_PROJECTION_MAX_KIB: u64 = 16 * 1024;
+pub(crate) const PAGE_CACHE_PER_PROJECTION_MAX_KIB: u64 = 16 * 1024;
 
 /// Nor less than this, so that a B-tree descent and its neighbours stay
 /// cached within one statement.
+#[doc(hidden)]
 pub const PAGE_CACHE_PER_PROJECTION_MIN_KIB: u64 = 32;
 
 /// Page cache (KiB) of a projection while [`Handler::caught_up`](crate::Handler::caught_up)
@@ -67,13 +70,13 @@ pub const PAGE_CACHE_PER_PROJECTION_MIN_KIB: u64 = 32;
 /// cache, so building an index at the end of a run would otherwise hold a
 /// full share twice; the sorted runs go to temporary files and the index is
 /// written in key order, which needs few pages at a time.
-pub const CAUGHT_UP_CACHE_KIB: u64 = 2 * 1024;
+pub(crate) const CAUGHT_UP_CACHE_KIB: u64 = 2 * 1024;
 
 /// Page cache (KiB) of an SQLite event store's reading connection. A run
 /// reads the log once, in sequence order, so its pages are not read again:
 /// this keeps the B-tree's inner pages and the pages of one read, instead of
 /// SQLite's default 2 MiB of leaves already passed.
-pub const STORE_READER_CACHE_KIB: u64 = 256;
+pub(crate) const STORE_READER_CACHE_KIB: u64 = 256;
 
 /// Projections of one run whose files stay open for the whole run. A run
 /// with more parks the others' connections ([`ProjectionDb::park`](crate::ProjectionDb::park))
@@ -93,19 +96,20 @@ pub const OPEN_PROJECTIONS_MAX: usize = 256;
 /// projections, so this bounds how many a run keeps alive, not a copy per
 /// projection; 16 batches of 500 events cut the opens of a catch-up sixteen
 /// times.
-pub const PARKED_PENDING_BATCHES_MAX: usize = 16;
+pub(crate) const PARKED_PENDING_BATCHES_MAX: usize = 16;
 
 /// WAL pages (`PRAGMA wal_autocheckpoint`) a parked projection's file may
 /// collect before a commit checkpoints it. Parked files are closed without a
 /// checkpoint, and the next open reads the whole `-wal` to index it: 64 pages
 /// (256 KiB with 4 KiB pages) keep that read short, and the checkpoint's two
 /// `fsync`s come once per some twenty small commits instead of once per close.
-pub const PARKED_WAL_PAGES_MAX: u32 = 64;
+pub(crate) const PARKED_WAL_PAGES_MAX: u32 = 64;
 
 /// A parked projection that is sent nothing of its types has its checkpoint
 /// moved up to the log's head at most this often while following (each move
 /// opens its file); readers of its file see it that much behind, though it
 /// has nothing to apply.
+#[doc(hidden)]
 pub const PARKED_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Page cache (KiB) that [`quick_check`](crate::quick_check) reads a whole
@@ -113,7 +117,7 @@ pub const PARKED_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(10);
 /// costs it nothing, while SQLite's default (2 MiB) would stay filled with the
 /// file's pages on every connection checked before a run: measured on a
 /// follower of 1,000 small projections, that was most of its heap.
-pub const QUICK_CHECK_CACHE_KIB: u64 = 64;
+pub(crate) const QUICK_CHECK_CACHE_KIB: u64 = 64;
 
 /// Upper limit on the commit interval: bounds the work a crash throws away, the
 /// size of the WAL, and how stale the projection looks to readers.
@@ -130,6 +134,7 @@ pub const CONSUMER_ID_LEN_MAX: usize = 256;
 /// How long a connection waits for another connection's lock before failing with
 /// `SQLITE_BUSY`, in milliseconds. Long enough to ride out a large batch commit of
 /// another writer, short enough that a stuck process surfaces as an error.
+#[doc(hidden)]
 pub const BUSY_TIMEOUT_MS: u32 = 10_000;
 
 /// How long a projection waits for another connection's write lock while it
@@ -137,6 +142,7 @@ pub const BUSY_TIMEOUT_MS: u32 = 10_000;
 /// before the shared read begins, so one file held by a foreign writer (a shell,
 /// another tool) would hold back all the others for [`BUSY_TIMEOUT_MS`]; with
 /// this short wait it fails alone ("database is locked") and the others go on.
+#[doc(hidden)]
 pub const START_BUSY_TIMEOUT_MS: u32 = 200;
 
 /// How long a publish waits for readers to leave the old snapshot so that it
@@ -144,7 +150,7 @@ pub const START_BUSY_TIMEOUT_MS: u32 = 200;
 /// publish) into the main file and truncate it, in milliseconds. Best effort:
 /// if readers stay, SQLite's automatic checkpoints do it later; a longer wait
 /// would only delay the end of the publish, never a reader.
-pub const PUBLISH_CHECKPOINT_BUSY_MS: u64 = 1_000;
+pub(crate) const PUBLISH_CHECKPOINT_BUSY_MS: u64 = 1_000;
 
 /// Longest table or column name in an event table mapping, in bytes:
 /// PostgreSQL's identifier limit (`NAMEDATALEN` - 1), so a mapping valid for
@@ -165,7 +171,7 @@ const _: () =
 /// index and its locks, no query). While events flow, a new event is visible to
 /// readers within a few milliseconds (BENCHMARKS.md); a quiet log is polled
 /// less often (see [`FOLLOW_QUIET_POLL_DIVISOR`]).
-pub const SQLITE_CHANGE_POLL_INTERVAL: Duration = Duration::from_millis(1);
+pub(crate) const SQLITE_CHANGE_POLL_INTERVAL: Duration = Duration::from_millis(1);
 
 /// A caught-up follower polls a quiet log every 1/`FOLLOW_QUIET_POLL_DIVISOR`
 /// of the time it has been quiet (at least at the store's own interval, at
@@ -174,17 +180,17 @@ pub const SQLITE_CHANGE_POLL_INTERVAL: Duration = Duration::from_millis(1);
 /// Every poll wakes the process, which costs about 0.1 ms of CPU on the
 /// standard machine whatever the poll does: at 1 ms an idle follower used
 /// 10% of a core.
-pub const FOLLOW_QUIET_POLL_DIVISOR: u32 = 100;
+pub(crate) const FOLLOW_QUIET_POLL_DIVISOR: u32 = 100;
 
 /// The longest wait between two polls of a quiet log: the latency of the first
 /// event after a long quiet spell, and 20 wake-ups a second while idle
 /// (about 0.2% of a core, BENCHMARKS.md).
-pub const FOLLOW_QUIET_POLL_MAX: Duration = Duration::from_millis(50);
+pub(crate) const FOLLOW_QUIET_POLL_MAX: Duration = Duration::from_millis(50);
 
 /// How often [`wait_for_checkpoint`](crate::wait_for_checkpoint) reads a
 /// projection's checkpoint: a read-your-writes wait sees a commit within this
 /// long; each look is one small read transaction.
-pub const WAIT_POLL_INTERVAL: Duration = Duration::from_millis(2);
+pub(crate) const WAIT_POLL_INTERVAL: Duration = Duration::from_millis(2);
 
 /// Dead letters a projection file may hold before a projection that skips
 /// poison events ([`OnError::Skip`](crate::OnError::Skip)) stops when none is
@@ -209,6 +215,7 @@ pub const APPEND_EVENTS_MAX: usize = 100_000;
 /// [`GlobalReader::event_types`](crate::GlobalReader::event_types): a config
 /// handles a few dozen types; a log with more is named data, not types, and
 /// is not listed.
+#[doc(hidden)]
 pub const EVENT_TYPES_LISTED_MAX: usize = 1_000;
 
 const _: () = {

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 /// One progress report: after every applied batch (committed, or in the open
 /// commit group; `checkpoint` is what is committed), and once at the end.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Progress {
     /// The projection.
     pub projection_name: String,
@@ -42,6 +43,28 @@ pub struct Progress {
     /// [`OnError::Skip`](crate::OnError::Skip)), committed or in the open
     /// commit group.
     pub dead_letters: u64,
+}
+
+impl Progress {
+    /// A report for projection `name` with every count at zero, nothing done
+    /// and no error: for code that makes reports of its own (a supervisor,
+    /// tests of a progress display); set the fields it needs.
+    #[must_use]
+    pub fn new(name: impl Into<String>) -> Self {
+        Progress {
+            projection_name: name.into(),
+            processed: 0,
+            total: 0,
+            checkpoint: 0,
+            started_from: 0,
+            done: false,
+            err: None,
+            following: false,
+            batch_latency: None,
+            hole_wait: None,
+            dead_letters: 0,
+        }
+    }
 }
 
 /// A progress callback. It runs on the projection's writer thread, between

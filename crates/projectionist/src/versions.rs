@@ -103,15 +103,21 @@ pub struct PublishOptions<'a> {
     /// (default: yes). Off, no previous version is kept, and one kept by an
     /// earlier publish is deleted (it would no longer be the one before).
     pub keep_previous: bool,
-    /// Fault injection: called after each step.
+    /// Fault injection: called after each step (crate feature `testing`).
+    #[cfg(feature = "testing")]
     pub step_hook: Option<&'a PublishHookFn<'a>>,
+    #[cfg(not(feature = "testing"))]
+    step_hook: std::marker::PhantomData<&'a ()>,
 }
 
 impl Default for PublishOptions<'_> {
     fn default() -> Self {
         PublishOptions {
             keep_previous: true,
+            #[cfg(feature = "testing")]
             step_hook: None,
+            #[cfg(not(feature = "testing"))]
+            step_hook: std::marker::PhantomData,
         }
     }
 }
@@ -130,26 +136,33 @@ impl<'a> PublishOptions<'a> {
         self
     }
 
-    /// Calls `hook` after each step (fault injection).
+    /// Calls `hook` after each step (fault injection; crate feature `testing`).
+    #[cfg(feature = "testing")]
     #[must_use]
     pub fn step_hook(mut self, hook: &'a PublishHookFn<'a>) -> Self {
         self.step_hook = Some(hook);
         self
     }
 
+    #[cfg(feature = "testing")]
     fn step(&self, name: &str, step: PublishStep) {
         if let Some(hook) = self.step_hook {
             hook(name, step);
         }
     }
+
+    #[cfg(not(feature = "testing"))]
+    #[allow(clippy::unused_self)]
+    fn step(&self, _name: &str, _step: PublishStep) {}
 }
 
 impl std::fmt::Debug for PublishOptions<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PublishOptions")
-            .field("keep_previous", &self.keep_previous)
-            .field("step_hook", &self.step_hook.is_some())
-            .finish()
+        let mut debug = f.debug_struct("PublishOptions");
+        debug.field("keep_previous", &self.keep_previous);
+        #[cfg(feature = "testing")]
+        debug.field("step_hook", &self.step_hook.is_some());
+        debug.finish()
     }
 }
 
@@ -360,7 +373,7 @@ impl ProjectionDir {
     /// atomically for open readers as a publish is; the replaced version becomes
     /// the previous one (unless `options.keep_previous` is off), so a second
     /// rollback undoes the first. The restored version is marked rolled back
-    /// ([`VersionInfo::rolled_back_at`]): a follower must not rebuild it on its
+    /// ([`VersionInfo::rolled_back_at`](crate::VersionInfo::rolled_back_at)): a follower must not rebuild it on its
     /// own.
     ///
     /// # Errors

@@ -87,11 +87,7 @@ fn caught_up_runs_once_per_run_at_the_head_and_not_before() {
             cancel.cancel();
         }
     };
-    let cancelled = RebuildOptions {
-        progress: Some(&progress),
-        cancel: Some(&cancel),
-        ..options(100)
-    };
+    let cancelled = options(100).progress(&progress).cancel(&cancel);
     let err = rebuild(with(&store, &db, &mut handler, cancelled)).unwrap_err();
     assert!(matches!(err, Error::Cancelled { .. }), "{err:?}");
     let stopped_at = checkpoint(&db, "bank");
@@ -147,12 +143,7 @@ fn with<'a>(
 ) -> projectionist::RebuildConfig<'a, BankEvent> {
     projectionist::RebuildConfig {
         reader: store,
-        projection: projectionist::ProjectionTarget {
-            db,
-            handler,
-            checkpoint: projectionist::CheckpointLocation::InFile,
-            consumer_id: "bank",
-        },
+        projection: projectionist::ProjectionTarget::new(db, handler).consumer_id("bank"),
         options,
     }
 }

@@ -236,20 +236,13 @@ fn run_bank_child(role: &str, args: &[String]) {
     };
     let config = RebuildConfig {
         reader: &store,
-        projection: ProjectionTarget {
-            db: &db,
-            handler,
-            checkpoint,
-            consumer_id: "bank",
-        },
-        options: RebuildOptions {
-            batch_size,
-            commit_interval,
-            progress: None,
-            cancel: None,
-            step_hook: Some(&hook),
-            commit_guard: None,
-        },
+        projection: ProjectionTarget::new(&db, handler)
+            .checkpoint(checkpoint)
+            .consumer_id("bank"),
+        options: RebuildOptions::new()
+            .batch_size(batch_size)
+            .commit_interval(commit_interval)
+            .step_hook(&hook),
     };
     let result = if role.starts_with("rebuild") {
         rebuild(config)
@@ -273,12 +266,10 @@ fn run_parked_bank_child(args: &[String]) {
             std::process::abort();
         }
     };
-    let options = RebuildOptions {
-        batch_size,
-        commit_interval,
-        step_hook: Some(&hook),
-        ..RebuildOptions::default()
-    };
+    let options = RebuildOptions::new()
+        .batch_size(batch_size)
+        .commit_interval(commit_interval)
+        .step_hook(&hook);
     common::rebuild_parked(&store, &dir, &mut BankHandler::default(), &options).unwrap();
 }
 
@@ -358,25 +349,15 @@ fn bank_of(n_events: u64, batch_size: u32, skipping: bool) -> Bank {
     let count = |_: &str, _: BatchStep, batch: u64| {
         batches.fetch_max(batch, std::sync::atomic::Ordering::SeqCst);
     };
-    let options = RebuildOptions {
-        batch_size,
-        commit_interval: projectionist::limits::COMMIT_INTERVAL_DEFAULT,
-        progress: None,
-        cancel: None,
-        step_hook: Some(&count),
-        commit_guard: None,
-    };
+    let options = RebuildOptions::new()
+        .batch_size(batch_size)
+        .step_hook(&count);
     if skipping {
         let mut handler =
             projectionist::Skipping::new(BankHandler::default()).max_dead_letters(1_000);
         rebuild(RebuildConfig {
             reader: &store,
-            projection: ProjectionTarget {
-                db: &db,
-                handler: &mut handler,
-                checkpoint: CheckpointLocation::InFile,
-                consumer_id: "bank",
-            },
+            projection: ProjectionTarget::new(&db, &mut handler).consumer_id("bank"),
             options,
         })
         .unwrap();

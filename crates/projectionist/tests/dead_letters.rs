@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 
 use projectionist::rusqlite::{Connection, Transaction};
 use projectionist::{
-    BoxError, CancelToken, CheckpointLocation, Error, GlobalEvent, Handler, ProjectionDb,
-    ProjectionDir, ProjectionTarget, RebuildConfig, Retry, Skipping, SqliteEventStore, Start,
-    dead_letters, rebuild, retry_dead_letters,
+    BoxError, CancelToken, Error, GlobalEvent, Handler, ProjectionDb, ProjectionDir,
+    ProjectionTarget, RebuildConfig, Retry, Skipping, SqliteEventStore, Start, dead_letters,
+    rebuild, retry_dead_letters,
 };
 
 const N_EVENTS: u64 = 3_000;
@@ -77,12 +77,7 @@ fn target<'a>(
     db: &'a ProjectionDb,
     handler: &'a mut dyn Handler<BankEvent>,
 ) -> ProjectionTarget<'a, BankEvent> {
-    ProjectionTarget {
-        db,
-        handler,
-        checkpoint: CheckpointLocation::InFile,
-        consumer_id: "bank",
-    }
+    ProjectionTarget::new(db, handler).consumer_id("bank")
 }
 
 fn letters(db: &ProjectionDb) -> Vec<projectionist::DeadLetter> {
@@ -298,11 +293,10 @@ fn a_follower_dead_letters_a_new_poison_event_and_follows_on() {
     std::thread::scope(|scope| {
         let following = scope.spawn(|| {
             let mut handler = Skipping::new(BankHandler::default()).max_dead_letters(1_000);
-            projectionist::follow(
+            projectionist::replay(
                 &f.store,
-                vec![(target(&db, &mut handler), Start::Reset)],
-                &options(100),
-                &stop,
+                vec![target(&db, &mut handler).start(Start::Reset)],
+                &options(100).follow_until(&stop),
             )
         });
         let wait_for = |sequence: u64| {

@@ -12,9 +12,8 @@ use common::{
     BankEvent, BankHandler, CancelOnDrop, OpenedOnly, bank_store, checkpoint, digest, options,
 };
 use projectionist::{
-    CancelToken, CheckpointLocation, Error, GlobalEvent, GlobalReader, Handler, NewEvent,
-    ProjectionDb, ProjectionDir, ProjectionTarget, RebuildConfig, SqliteEventStore, Start, follow,
-    last_run, rebuild,
+    CancelToken, Error, GlobalEvent, GlobalReader, Handler, NewEvent, ProjectionDb, ProjectionDir,
+    ProjectionTarget, RebuildConfig, SqliteEventStore, Start, last_run, rebuild, replay,
 };
 
 /// How long a test waits for the follower to reach a sequence: a bound for a
@@ -53,12 +52,7 @@ fn target<'a>(
     handler: &'a mut dyn Handler<BankEvent>,
     consumer_id: &'a str,
 ) -> ProjectionTarget<'a, BankEvent> {
-    ProjectionTarget {
-        db,
-        handler,
-        checkpoint: CheckpointLocation::InFile,
-        consumer_id,
-    }
+    ProjectionTarget::new(db, handler).consumer_id(consumer_id)
 }
 
 /// The reference: a rebuild of the whole log into a file of its own.
@@ -111,10 +105,10 @@ fn a_follower_applies_appends_from_another_connection_and_stops_cleanly() {
         let follower = scope.spawn(|| {
             let (mut a, mut b) = (BankHandler::default(), BankHandler::default());
             let targets = vec![
-                (target(&built, &mut a, "bank"), Start::Resume),
-                (target(&fresh, &mut b, "bank"), Start::Reset),
+                target(&built, &mut a, "bank").start(Start::Resume),
+                target(&fresh, &mut b, "bank").start(Start::Reset),
             ];
-            follow(&store, targets, &options(0), &stop)
+            replay(&store, targets, &options(0).follow_until(&stop))
         });
         wait_for(&built, "bank", 2_000);
         wait_for(&fresh, "bank", 2_000);
@@ -163,10 +157,10 @@ fn a_poison_event_while_following_stops_only_the_projections_that_handle_it() {
             let mut a = BankHandler::default();
             let mut b = OpenedOnly;
             let targets = vec![
-                (target(&bank, &mut a, "bank"), Start::Reset),
-                (target(&opened, &mut b, "opened"), Start::Reset),
+                target(&bank, &mut a, "bank").start(Start::Reset),
+                target(&opened, &mut b, "opened").start(Start::Reset),
             ];
-            follow(&store, targets, &options(0), &stop)
+            replay(&store, targets, &options(0).follow_until(&stop))
         });
         wait_for(&bank, "bank", 500);
         wait_for(&opened, "opened", 500);
@@ -244,9 +238,9 @@ fn more_projections_than_writer_threads_follow_at_once() {
             let targets = handlers
                 .iter_mut()
                 .zip(&dbs)
-                .map(|(h, db)| (target(db, h, "bank"), Start::Reset))
+                .map(|(h, db)| target(db, h, "bank").start(Start::Reset))
                 .collect();
-            follow(&store, targets, &options(0), &stop)
+            replay(&store, targets, &options(0).follow_until(&stop))
         });
         append_late(&appender, "x", 6);
         for db in &dbs {
@@ -271,11 +265,10 @@ fn a_stop_before_anything_new_ends_with_the_projection_current() {
     let stop = CancelToken::new();
     stop.cancel();
     let mut handler = BankHandler::default();
-    let results = follow(
+    let results = replay(
         &store,
-        vec![(target(&db, &mut handler, "bank"), Start::Reset)],
-        &options(0),
-        &stop,
+        vec![target(&db, &mut handler, "bank").start(Start::Reset)],
+        &options(0).follow_until(&stop),
     );
     // Stopped before its first read: nothing is applied, nothing is lost.
     let result = results[0].as_ref().unwrap();

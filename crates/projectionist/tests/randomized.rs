@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use common::{BankHandler, bank_store, checkpoint, config, digest, options};
-use projectionist::{CancelToken, Error, ProjectionDir, RebuildOptions, rebuild, resume};
+use projectionist::{CancelToken, Error, ProjectionDir, rebuild, resume};
 
 #[test]
 fn interrupted_runs_resume_to_the_uninterrupted_result() {
@@ -63,12 +63,10 @@ fn interrupted_runs_resume_to_the_uninterrupted_result() {
             };
             let mode = rng.u8(0..3);
             let fail_at = (mode == 1).then(|| rng.u64(1..=n_events));
-            let opts = RebuildOptions {
-                commit_interval,
-                progress: (mode == 0).then_some(&progress as &projectionist::ProgressFn<'_>),
-                cancel: Some(&cancel),
-                ..options(batch_size)
-            };
+            let mut opts = options(batch_size)
+                .commit_interval(commit_interval)
+                .cancel(&cancel);
+            opts.progress = (mode == 0).then_some(&progress as &projectionist::ProgressFn<'_>);
             let mut handler = BankHandler { fail_at };
             let result = if first {
                 rebuild(config(&store, &db, &mut handler, opts))

@@ -13,7 +13,7 @@ use projectionist::rusqlite::Transaction;
 use projectionist::{
     BoxError, CancelToken, Checkpoint, CheckpointLocation, Error, GlobalEvent, GlobalReader,
     Handler, ProjectionDir, ProjectionTarget, RebuildConfig, RebuildOptions, SqliteCheckpoint,
-    limits, rebuild, rebuild_concurrent, rebuild_shared, resume, resume_shared,
+    Start, limits, rebuild, rebuild_concurrent, replay, resume,
 };
 
 const N_EVENTS: u64 = 10_000;
@@ -135,12 +135,7 @@ fn handler_error_leaves_previous_batch_committed() {
         let mut handler = BankHandler::default();
         rebuild(RebuildConfig {
             reader: &cut,
-            projection: ProjectionTarget {
-                db: &reference_db,
-                handler: &mut handler,
-                checkpoint: CheckpointLocation::InFile,
-                consumer_id: "bank",
-            },
+            projection: ProjectionTarget::new(&reference_db, &mut handler).consumer_id("bank"),
             options: options(batch_size),
         })
         .unwrap();
@@ -166,10 +161,7 @@ fn handler_error_case(
         .dir
         .db(&format!("bank-{}", commit_interval.as_millis()))
         .unwrap();
-    let opts = RebuildOptions {
-        commit_interval,
-        ..options(batch_size)
-    };
+    let opts = options(batch_size).commit_interval(commit_interval);
     let mut handler = BankHandler {
         fail_at: Some(failing),
     };
@@ -228,12 +220,7 @@ fn handler_panic_is_an_error_and_rolls_back() {
         };
     let err = rebuild(RebuildConfig {
         reader: &f.store,
-        projection: ProjectionTarget {
-            db: &db,
-            handler: &mut handler,
-            checkpoint: CheckpointLocation::InFile,
-            consumer_id: "bank",
-        },
+        projection: ProjectionTarget::new(&db, &mut handler).consumer_id("bank"),
         options: options(100),
     })
     .unwrap_err();
@@ -272,14 +259,11 @@ fn cancel_stops_within_one_batch_and_resume_matches() {
                 cancel.cancel();
             }
         };
-        let opts = RebuildOptions {
-            batch_size: 250,
-            commit_interval,
-            progress: Some(&progress),
-            cancel: Some(&cancel),
-            step_hook: None,
-            commit_guard: None,
-        };
+        let opts = RebuildOptions::new()
+            .batch_size(250)
+            .commit_interval(commit_interval)
+            .progress(&progress)
+            .cancel(&cancel);
         let err = rebuild(config(&f.store, &db, &mut BankHandler::default(), opts)).unwrap_err();
         // The log is dense from 1, so after n events the checkpoint is n.
         let at = cancelled_at.lock().unwrap().unwrap();
@@ -311,10 +295,7 @@ fn progress_reports_every_batch_and_the_end() {
     let db = f.dir.db("bank").unwrap();
     let seen = Mutex::new(Vec::new());
     let progress = |p: &projectionist::Progress| seen.lock().unwrap().push(p.clone());
-    let opts = RebuildOptions {
-        progress: Some(&progress),
-        ..options(300)
-    };
+    let opts = options(300).progress(&progress);
     rebuild(config(&f.store, &db, &mut BankHandler::default(), opts)).unwrap();
     let seen = seen.into_inner().unwrap();
     let processed: Vec<(u64, bool)> = seen.iter().map(|p| (p.processed, p.done)).collect();
@@ -340,10 +321,7 @@ fn failed_run_reports_err_in_last_progress() {
     let db = f.dir.db("bank").unwrap();
     let last = Mutex::new(None);
     let progress = |p: &projectionist::Progress| *last.lock().unwrap() = Some(p.clone());
-    let opts = RebuildOptions {
-        progress: Some(&progress),
-        ..options(300)
-    };
+    let opts = options(300).progress(&progress);
     let mut handler = BankHandler { fail_at: Some(700) };
     rebuild(config(&f.store, &db, &mut handler, opts)).unwrap_err();
     let last = last.into_inner().unwrap().unwrap();
@@ -362,10 +340,7 @@ fn batch_size_zero_means_default_and_over_max_is_an_error() {
             batches.fetch_add(1, Ordering::SeqCst);
         }
     };
-    let opts = RebuildOptions {
-        progress: Some(&progress),
-        ..options(0)
-    };
+    let opts = options(0).progress(&progress);
     rebuild(config(&f.store, &db, &mut BankHandler::default(), opts)).unwrap();
     assert_eq!(
         batches.load(Ordering::SeqCst),
@@ -398,12 +373,7 @@ fn invalid_consumer_id_is_rejected_before_anything_changes() {
     let mut handler = BankHandler::default();
     let err = rebuild(RebuildConfig {
         reader: &f.store,
-        projection: ProjectionTarget {
-            db: &db,
-            handler: &mut handler,
-            checkpoint: CheckpointLocation::InFile,
-            consumer_id: "",
-        },
+        projection: ProjectionTarget::new(&db, &mut handler).consumer_id(""),
         options: options(10),
     })
     .unwrap_err();
@@ -463,16 +433,8 @@ fn rebuild_concurrent_caps_parallelism_and_keeps_order() {
         .zip(handlers.iter_mut())
         .map(|(db, handler)| RebuildConfig {
             reader: &f.store,
-            projection: ProjectionTarget {
-                db,
-                handler,
-                checkpoint: CheckpointLocation::InFile,
-                consumer_id: "c",
-            },
-            options: RebuildOptions {
-                progress: Some(&done),
-                ..options(100)
-            },
+            projection: ProjectionTarget::new(db, handler).consumer_id("c"),
+            options: options(100).progress(&done),
         })
         .collect();
     let results = rebuild_concurrent(configs);
@@ -551,14 +513,13 @@ fn shared_rebuild_reads_once_and_matches_separate_rebuilds() {
     let targets = dbs
         .iter()
         .zip(handlers.iter_mut())
-        .map(|(db, handler)| ProjectionTarget {
-            db,
-            handler: handler as &mut dyn Handler<BankEvent>,
-            checkpoint: CheckpointLocation::InFile,
-            consumer_id: "bank",
+        .map(|(db, handler)| {
+            ProjectionTarget::new(db, handler as &mut dyn Handler<BankEvent>)
+                .consumer_id("bank")
+                .start(Start::Reset)
         })
         .collect();
-    let results = rebuild_shared(&reader, targets, &options(500));
+    let results = replay(&reader, targets, &options(500));
     for (db, result) in dbs.iter().zip(&results) {
         assert_eq!(result.as_ref().unwrap().processed, 5_000);
         assert_eq!(digest(db), digest(&separate));
@@ -603,20 +564,10 @@ fn shared_resume_continues_each_projection_from_its_own_checkpoint() {
     let mut handlers = [BankHandler::default(), BankHandler::default()];
     let [ha, hb] = &mut handlers;
     let targets = vec![
-        ProjectionTarget {
-            db: &a,
-            handler: ha as &mut dyn Handler<BankEvent>,
-            checkpoint: CheckpointLocation::InFile,
-            consumer_id: "bank",
-        },
-        ProjectionTarget {
-            db: &b,
-            handler: hb as &mut dyn Handler<BankEvent>,
-            checkpoint: CheckpointLocation::InFile,
-            consumer_id: "bank",
-        },
+        ProjectionTarget::new(&a, ha as &mut dyn Handler<BankEvent>).consumer_id("bank"),
+        ProjectionTarget::new(&b, hb as &mut dyn Handler<BankEvent>).consumer_id("bank"),
     ];
-    let results = resume_shared(&f.store, targets, &options(500));
+    let results = replay(&f.store, targets, &options(500));
     assert_eq!(results[0].as_ref().unwrap().processed, 3_000);
     assert_eq!(results[1].as_ref().unwrap().processed, 1_000);
     assert_eq!(digest(&a), digest(&clean));
@@ -688,17 +639,10 @@ fn external_checkpoint_is_saved_after_each_batch() {
     let mut handler = BankHandler::default();
     let result = rebuild(RebuildConfig {
         reader: &f.store,
-        projection: ProjectionTarget {
-            db: &db,
-            handler: &mut handler,
-            checkpoint: CheckpointLocation::External(&external),
-            consumer_id: "bank",
-        },
-        options: RebuildOptions {
-            // One commit per batch: a save after each.
-            commit_interval: Duration::ZERO,
-            ..options(300)
-        },
+        projection: ProjectionTarget::new(&db, &mut handler)
+            .checkpoint(CheckpointLocation::External(&external))
+            .consumer_id("bank"),
+        options: options(300).commit_interval(Duration::ZERO),
     })
     .unwrap();
     assert_eq!(result.checkpoint, 1_000);
@@ -742,10 +686,8 @@ fn sync_api_runs_from_async_code_via_spawn_blocking() {
 fn commit_interval_over_max_and_own_file_as_external_checkpoint_are_rejected() {
     let f = fixture(100);
     let db = f.dir.db("bank").unwrap();
-    let too_long = RebuildOptions {
-        commit_interval: projectionist::limits::COMMIT_INTERVAL_MAX + Duration::from_millis(1),
-        ..options(10)
-    };
+    let too_long = options(10)
+        .commit_interval(projectionist::limits::COMMIT_INTERVAL_MAX + Duration::from_millis(1));
     let err = rebuild(config(&f.store, &db, &mut BankHandler::default(), too_long)).unwrap_err();
     assert!(err.to_string().contains("commit interval"), "{err}");
 
@@ -753,12 +695,9 @@ fn commit_interval_over_max_and_own_file_as_external_checkpoint_are_rejected() {
     let mut handler = BankHandler::default();
     let err = rebuild(RebuildConfig {
         reader: &f.store,
-        projection: ProjectionTarget {
-            db: &db,
-            handler: &mut handler,
-            checkpoint: CheckpointLocation::External(&own),
-            consumer_id: "bank",
-        },
+        projection: ProjectionTarget::new(&db, &mut handler)
+            .checkpoint(CheckpointLocation::External(&own))
+            .consumer_id("bank"),
         options: options(10),
     })
     .unwrap_err();
@@ -799,12 +738,7 @@ fn filtered_reads_apply_only_declared_types_and_reach_the_head() {
         let db = f.dir.db(&format!("opened-{label}")).unwrap();
         let result = rebuild(RebuildConfig {
             reader,
-            projection: ProjectionTarget {
-                db: &db,
-                handler: &mut OpenedOnly,
-                checkpoint: CheckpointLocation::InFile,
-                consumer_id: "opened",
-            },
+            projection: ProjectionTarget::new(&db, &mut OpenedOnly).consumer_id("opened"),
             options: options(64),
         })
         .unwrap();
@@ -836,11 +770,9 @@ fn commit_guard_refusal_rolls_back_and_stops_the_projection() {
             Err("lease lost".into())
         }
     };
-    let opts = RebuildOptions {
-        commit_interval: Duration::ZERO,
-        commit_guard: Some(&guard),
-        ..options(100)
-    };
+    let opts = options(100)
+        .commit_interval(Duration::ZERO)
+        .commit_guard(&guard);
     let err = rebuild(config(&f.store, &db, &mut BankHandler::default(), opts)).unwrap_err();
     assert!(
         matches!(err, Error::Fenced { committed: 300, .. }),
@@ -885,20 +817,12 @@ fn a_mixed_run_reads_the_log_once() {
     };
     let run_options = options(500);
     let (mut h1, mut h2) = (BankHandler::default(), BankHandler::default());
-    let target = |db, handler, name| ProjectionTarget {
-        db,
-        handler,
-        checkpoint: CheckpointLocation::InFile,
-        consumer_id: name,
-    };
-    let results = projectionist::replay_shared(
+    let target = |db, handler, name| ProjectionTarget::new(db, handler).consumer_id(name);
+    let results = replay(
         &counting,
         vec![
-            (target(&fresh, &mut h1, "bank"), projectionist::Start::Reset),
-            (
-                target(&behind, &mut h2, "bank"),
-                projectionist::Start::Resume,
-            ),
+            target(&fresh, &mut h1, "bank").start(Start::Reset),
+            target(&behind, &mut h2, "bank").start(Start::Resume),
         ],
         &run_options,
     );

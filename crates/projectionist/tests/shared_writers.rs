@@ -13,8 +13,8 @@ use projectionist::limits::{
     PAGE_CACHE_BUDGET_KIB, PAGE_CACHE_PER_PROJECTION_MIN_KIB, WRITER_THREADS_MAX,
 };
 use projectionist::{
-    CancelToken, CheckpointLocation, Error, GlobalReader, Handler, NewEvent, ProjectionDb,
-    ProjectionDir, ProjectionTarget, SqliteEventStore, Start, follow, last_run,
+    CancelToken, Error, GlobalReader, Handler, NewEvent, ProjectionDb, ProjectionDir,
+    ProjectionTarget, SqliteEventStore, Start, last_run, replay,
 };
 
 /// A bound for a broken follower, not a speed requirement.
@@ -88,16 +88,12 @@ fn many_projections_share_bounded_writer_threads_and_each_stops_alone() {
                 .zip(&dbs)
                 .enumerate()
                 .map(|(i, (handler, db))| {
-                    let target = ProjectionTarget {
-                        db,
-                        handler: &mut **handler,
-                        checkpoint: CheckpointLocation::InFile,
-                        consumer_id: consumer(i),
-                    };
-                    (target, Start::Reset)
+                    ProjectionTarget::new(db, &mut **handler)
+                        .consumer_id(consumer(i))
+                        .start(Start::Reset)
                 })
                 .collect();
-            follow(&store, targets, &options(0), &stop)
+            replay(&store, targets, &options(0).follow_until(&stop))
         });
         wait_until("every projection at 300", || {
             (0..PROJECTIONS).all(|i| reached(i, 300))

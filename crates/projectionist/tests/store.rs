@@ -193,16 +193,14 @@ fn mapped_table_with_other_names_is_read_in_order() {
          INSERT INTO domain_events VALUES (11, 'a', 2, 'Changed', '{\"x\":3}', 1700000002);",
     )
     .unwrap();
-    let mapping = EventTableMapping {
-        table: "domain_events".into(),
-        sequence: "id".into(),
-        stream_id: "aggregate".into(),
-        stream_version: "version".into(),
-        event_type: "kind".into(),
-        data: "body".into(),
-        metadata: None,
-        recorded_at: Some("at".into()),
-    };
+    let mapping = EventTableMapping::new("domain_events")
+        .sequence("id")
+        .stream_id("aggregate")
+        .stream_version("version")
+        .event_type("kind")
+        .data("body")
+        .metadata(None)
+        .recorded_at(Some("at"));
     let store = SqliteEventStore::open_mapped(&path, &mapping).unwrap();
     let events: Vec<GlobalEvent<Value>> = store.read_after(10, 100).unwrap();
     let seen: Vec<(u64, &str, u64, &str, i64, &str)> = events
@@ -237,19 +235,13 @@ fn bad_mappings_fail_at_open_with_the_name() {
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("events.db");
     drop(SqliteEventStore::create(&path).unwrap());
-    let injected = EventTableMapping {
-        table: "events; DROP TABLE events".into(),
-        ..EventTableMapping::default()
-    };
+    let injected = EventTableMapping::new("events; DROP TABLE events");
     let err = SqliteEventStore::open_mapped(&path, &injected).unwrap_err();
     assert!(
         err.to_string().contains("is not a plain SQL identifier"),
         "{err}"
     );
-    let missing_column = EventTableMapping {
-        data: "payload".into(),
-        ..EventTableMapping::default()
-    };
+    let missing_column = EventTableMapping::default().data("payload");
     let err = SqliteEventStore::open_mapped(&path, &missing_column).unwrap_err();
     assert!(err.to_string().contains("payload"), "{err}");
     let err =
@@ -375,16 +367,14 @@ fn foreign_rows_with_unreadable_sequences_or_types_are_named_errors() {
          INSERT INTO ev VALUES (1, 'a', 1, 'Made', '{}'), (2, 'a', 2, NULL, '{}'), (3, 'a', 3, 'Made', '{}');",
     )
     .unwrap();
-    let mapping = EventTableMapping {
-        table: "ev".into(),
-        sequence: "seq".into(),
-        stream_id: "stream".into(),
-        stream_version: "version".into(),
-        event_type: "kind".into(),
-        data: "body".into(),
-        metadata: None,
-        recorded_at: None,
-    };
+    let mapping = EventTableMapping::new("ev")
+        .sequence("seq")
+        .stream_id("stream")
+        .stream_version("version")
+        .event_type("kind")
+        .data("body")
+        .metadata(None)
+        .recorded_at(None);
     let store = SqliteEventStore::open_mapped(&path, &mapping).unwrap();
     let err =
         GlobalReader::<Value>::read_after_types(&store, 0, 10, &["Made".to_owned()]).unwrap_err();

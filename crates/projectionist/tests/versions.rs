@@ -296,14 +296,10 @@ fn a_shadow_built_up_to_the_live_checkpoint_compares_equal_until_a_row_is_edited
     let live = dir.db("bank").unwrap();
     let shadow = dir.shadow("bank").unwrap();
     let up_to = projectionist::UpTo::new(&t.store, checkpoint(&live, "bank"));
+    let mut handler = BankHandler::default();
     let config = projectionist::RebuildConfig {
         reader: &up_to,
-        projection: projectionist::ProjectionTarget {
-            db: &shadow,
-            handler: &mut BankHandler::default(),
-            checkpoint: projectionist::CheckpointLocation::InFile,
-            consumer_id: "bank",
-        },
+        projection: projectionist::ProjectionTarget::new(&shadow, &mut handler).consumer_id("bank"),
         options: options(64),
     };
     rebuild(config).unwrap();

@@ -7,8 +7,8 @@ use std::error::Error;
 use projectionist::rusqlite::{Connection, Transaction};
 use projectionist::{
     BoxError, CheckpointLocation, DigestScope, EventTableMapping, GlobalEvent, Handler,
-    ProjectionDir, ProjectionTarget, RebuildOptions, SqliteEventStore, projection_digest,
-    rebuild_shared,
+    ProjectionDir, ProjectionTarget, RebuildOptions, SqliteEventStore, Start, projection_digest,
+    replay,
 };
 use serde::Deserialize;
 
@@ -146,20 +146,11 @@ fn main() -> Result<(), Box<dyn Error>> {
     let (orders_db, customers_db) = (dir.db(names[0])?, dir.db(names[1])?);
     let (mut orders, mut customers) = (Orders, Customers);
     let targets = vec![
-        ProjectionTarget {
-            db: &orders_db,
-            handler: &mut orders as &mut dyn Handler<Order>,
-            checkpoint: CheckpointLocation::InFile,
-            consumer_id: names[0],
-        },
-        ProjectionTarget {
-            db: &customers_db,
-            handler: &mut customers,
-            checkpoint: CheckpointLocation::InFile,
-            consumer_id: names[1],
-        },
+        ProjectionTarget::new(&orders_db, &mut orders as &mut dyn Handler<Order>)
+            .start(Start::Reset),
+        ProjectionTarget::new(&customers_db, &mut customers).start(Start::Reset),
     ];
-    for result in rebuild_shared(&store, targets, &RebuildOptions::default()) {
+    for result in replay(&store, targets, &RebuildOptions::new()) {
         result?;
     }
     let mut digest = String::new();

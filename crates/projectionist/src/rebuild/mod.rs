@@ -61,13 +61,101 @@ use write::Assigned;
 /// [`Error::Replay`] or [`Error::Cancelled`] naming the last committed sequence,
 /// from which [`resume`] continues.
 pub fn rebuild<E: Send + Sync>(config: RebuildConfig<'_, E>) -> Result<RebuildResult> {
+    one(config, Start::Reset)
+}
+
+/// `config`'s projection from `start`, to the log's head.
+fn one<E: Send + Sync>(config: RebuildConfig<'_, E>, start: Start) -> Result<RebuildResult> {
+    let options = RebuildOptions {
+        follow_until: None,
+        ..config.options
+    };
     let mut results = run(
         config.reader,
-        vec![(config.projection, Start::Reset)],
-        &config.options,
+        vec![(config.projection, start)],
+        &options,
         None,
     );
     results.pop().expect("one result per projection")
+}
+
+/// Replays the log into projections: the engine's one entry point.
+///
+/// Every projection starts where its target says ([`ProjectionTarget::start`]:
+/// [`Start::Reset`] rebuilds it from scratch, [`Start::Resume`] continues from
+/// its checkpoint), and all are fed from ONE read of the log, from the
+/// smallest starting checkpoint: each batch is read and decoded once and
+/// handed to every projection's writer; each skips what it already has. Up
+/// to [`WRITER_THREADS_MAX`] projections get a writer thread each; more share
+/// that many threads (each applies a batch to its projections in turn). Every
+/// batch commits with its checkpoint in the projection's file (exactly-once),
+/// in commit groups of [`RebuildOptions::commit_interval`](RebuildOptions#structfield.commit_interval).
+///
+/// The run ends at the log's head, unless
+/// [`RebuildOptions::follow_until`](RebuildOptions::follow_until) is given:
+/// then it keeps the projections current as the log grows. Whenever a read
+/// returns fewer events than a batch, each projection commits at once, so a
+/// new event is visible to readers within milliseconds; between reads it
+/// waits for the log to change (see [`GlobalReader::change_token`] and
+/// [`GlobalReader::poll_interval`]) without reading it. Setting the token ends
+/// the run cleanly: the batches read so far are applied and committed and
+/// each result is `Ok`. `options.cancel` aborts instead ([`Error::Cancelled`],
+/// the last group committed).
+///
+/// A poison event or a failing handler stops only its projection (recorded
+/// in its file for `status`); the others go on. A read error stops all of
+/// them; they resume from their checkpoints. Results come in input order.
+///
+/// ```
+/// use projectionist::{
+///     MemoryEventStore, ProjectionDir, ProjectionTarget, RebuildOptions, SchemaHandler, Start,
+///     replay,
+/// };
+/// use serde_json::{Value, json};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = MemoryEventStore::new();
+/// store.append("acc-1", 0, vec![("Deposited".into(), json!({"cents": 500}))])?;
+/// let tmp = tempfile::tempdir()?;
+/// let dir = ProjectionDir::open(tmp.path())?;
+/// let (a, b) = (dir.db("a")?, dir.db("b")?);
+/// fn count(
+///     tx: &projectionist::rusqlite::Transaction<'_>,
+///     events: &[projectionist::GlobalEvent<Value>],
+/// ) -> Result<(), projectionist::BoxError> {
+///     for _ in events {
+///         tx.execute("INSERT INTO seen DEFAULT VALUES", [])?;
+///     }
+///     Ok(())
+/// }
+/// let schema = "CREATE TABLE IF NOT EXISTS seen (n INTEGER PRIMARY KEY)";
+/// let (mut first, mut second) = (SchemaHandler::new(schema, count), SchemaHandler::new(schema, count));
+/// let results = replay(
+///     &store,
+///     vec![
+///         ProjectionTarget::new(&a, &mut first).start(Start::Reset),
+///         ProjectionTarget::new(&b, &mut second),
+///     ],
+///     &RebuildOptions::new().batch_size(100),
+/// );
+/// assert!(results.iter().all(|r| r.as_ref().is_ok_and(|r| r.checkpoint == 1)));
+/// # Ok(())
+/// # }
+/// ```
+#[must_use]
+pub fn replay<E: Send + Sync>(
+    reader: &dyn GlobalReader<E>,
+    projections: Vec<ProjectionTarget<'_, E>>,
+    options: &RebuildOptions<'_>,
+) -> Vec<Result<RebuildResult>> {
+    let projections = projections
+        .into_iter()
+        .map(|p| {
+            let start = p.start;
+            (p, start)
+        })
+        .collect();
+    run(reader, projections, options, options.follow_until)
 }
 
 /// Continues a projection from its checkpoint, without resetting it; use after an
@@ -76,13 +164,7 @@ pub fn rebuild<E: Send + Sync>(config: RebuildConfig<'_, E>) -> Result<RebuildRe
 /// # Errors
 /// As [`rebuild`].
 pub fn resume<E: Send + Sync>(config: RebuildConfig<'_, E>) -> Result<RebuildResult> {
-    let mut results = run(
-        config.reader,
-        vec![(config.projection, Start::Resume)],
-        &config.options,
-        None,
-    );
-    results.pop().expect("one result per projection")
+    one(config, Start::Resume)
 }
 
 /// Rebuilds independent projections in parallel, each with its own reader, at
@@ -120,11 +202,12 @@ pub fn rebuild_concurrent<E: Send + Sync>(
         .collect()
 }
 
-/// Rebuilds several projections from ONE read of the log: each batch is read and
-/// decoded once and handed to every projection's writer. Up to
-/// [`WRITER_THREADS_MAX`] projections get a writer thread each; more share
-/// that many threads (each applies a batch to its projections in turn), still
-/// from the one read. Results come in input order.
+/// [`replay`] with every projection rebuilt from scratch.
+#[deprecated(
+    since = "0.1.0",
+    note = "use `replay` with `ProjectionTarget::start(Start::Reset)`"
+)]
+#[doc(hidden)]
 #[must_use]
 pub fn rebuild_shared<E: Send + Sync>(
     reader: &dyn GlobalReader<E>,
@@ -132,12 +215,15 @@ pub fn rebuild_shared<E: Send + Sync>(
     options: &RebuildOptions<'_>,
 ) -> Vec<Result<RebuildResult>> {
     let projections = projections.into_iter().map(|p| (p, Start::Reset)).collect();
-    run(reader, projections, options, None)
+    run(reader, projections, options, options.follow_until)
 }
 
-/// Like [`rebuild_shared`], but each projection continues from its checkpoint.
-/// The log is read from the smallest checkpoint; each projection skips what it
-/// already has.
+/// [`replay`] with every projection continuing from its checkpoint.
+#[deprecated(
+    since = "0.1.0",
+    note = "use `replay` (targets start with `Start::Resume`)"
+)]
+#[doc(hidden)]
 #[must_use]
 pub fn resume_shared<E: Send + Sync>(
     reader: &dyn GlobalReader<E>,
@@ -148,43 +234,28 @@ pub fn resume_shared<E: Send + Sync>(
         .into_iter()
         .map(|p| (p, Start::Resume))
         .collect();
-    run(reader, projections, options, None)
+    run(reader, projections, options, options.follow_until)
 }
 
-/// Like [`rebuild_shared`], with a start of its own for each projection: some
-/// rebuilt from scratch ([`Start::Reset`]), some continuing from their
-/// checkpoints ([`Start::Resume`]), all from ONE read of the log (from the
-/// smallest starting checkpoint). Results come in input order.
+/// [`replay`] with a start given beside each target.
+#[deprecated(since = "0.1.0", note = "use `replay` with `ProjectionTarget::start`")]
+#[doc(hidden)]
 #[must_use]
 pub fn replay_shared<E: Send + Sync>(
     reader: &dyn GlobalReader<E>,
     projections: Vec<(ProjectionTarget<'_, E>, Start)>,
     options: &RebuildOptions<'_>,
 ) -> Vec<Result<RebuildResult>> {
-    run(reader, projections, options, None)
+    run(reader, projections, options, options.follow_until)
 }
 
-/// Keeps projections current as the log grows, until `stop` is set.
-///
-/// First brings every projection up to date from ONE read of the log, each from
-/// its own start ([`Start::Reset`] for one that must be rebuilt, [`Start::Resume`]
-/// for one to continue), committing in groups as a rebuild does. Then follows
-/// the log: whenever a read returns fewer events than a batch, each projection
-/// commits at once, so a new event is visible to readers within milliseconds;
-/// between reads it waits for the log to change (see
-/// [`GlobalReader::change_token`] and [`GlobalReader::poll_interval`]) without
-/// reading it. Every batch commits with its checkpoint (exactly-once), as in a
-/// rebuild.
-///
-/// `stop` ends the run cleanly: the batches read so far are applied and
-/// committed and each result is `Ok`. `options.cancel` aborts instead
-/// ([`Error::Cancelled`], the last group committed). A poison event or a
-/// failing handler stops only its projection (recorded in its file for
-/// `status`); the others go on following. A read error stops all of them
-/// (restart the follower; it resumes from the checkpoints).
-///
-/// However many projections, there is one read of the log and at most
-/// [`WRITER_THREADS_MAX`] writer threads.
+/// [`replay`] following the log until `stop` is set, with a start given
+/// beside each target.
+#[deprecated(
+    since = "0.1.0",
+    note = "use `replay` with `RebuildOptions::follow_until` and `ProjectionTarget::start`"
+)]
+#[doc(hidden)]
 #[must_use]
 pub fn follow<E: Send + Sync>(
     reader: &dyn GlobalReader<E>,

@@ -16,7 +16,7 @@ use crate::limits::{
     BATCH_SIZE_DEFAULT, COMMIT_INTERVAL_DEFAULT, PAGE_CACHE_BUDGET_KIB,
     PAGE_CACHE_PER_PROJECTION_MAX_KIB, PAGE_CACHE_PER_PROJECTION_MIN_KIB, WRITER_THREADS_MAX,
 };
-use crate::progress::{CancelToken, CommitGuardFn, ProgressFn, StepHookFn};
+use crate::progress::{CancelToken, CommitGuardFn, ProgressFn};
 use crate::reader::GlobalReader;
 
 /// Where a projection's checkpoint is kept.
@@ -38,9 +38,72 @@ impl Default for RebuildOptions<'_> {
             commit_interval: COMMIT_INTERVAL_DEFAULT,
             progress: None,
             cancel: None,
+            #[cfg(feature = "testing")]
             step_hook: None,
             commit_guard: None,
+            follow_until: None,
         }
+    }
+}
+
+impl<'a> RebuildOptions<'a> {
+    /// The defaults: batches of [`BATCH_SIZE_DEFAULT`], commit groups of
+    /// [`COMMIT_INTERVAL_DEFAULT`], no progress, no cancellation, no commit
+    /// guard, stop at the log's head.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Events per batch (see [`RebuildOptions::batch_size`](#structfield.batch_size)).
+    #[must_use]
+    pub fn batch_size(mut self, batch_size: u32) -> Self {
+        self.batch_size = batch_size;
+        self
+    }
+
+    /// How long a commit group may collect batches (see the field).
+    #[must_use]
+    pub fn commit_interval(mut self, interval: Duration) -> Self {
+        self.commit_interval = interval;
+        self
+    }
+
+    /// Called after every applied batch and once at the end.
+    #[must_use]
+    pub fn progress(mut self, progress: &'a ProgressFn<'a>) -> Self {
+        self.progress = Some(progress);
+        self
+    }
+
+    /// Stops the run at the next batch boundary ([`Error::Cancelled`]).
+    #[must_use]
+    pub fn cancel(mut self, cancel: &'a CancelToken) -> Self {
+        self.cancel = Some(cancel);
+        self
+    }
+
+    /// Asked before every commit; an error rolls back and stops the projection.
+    #[must_use]
+    pub fn commit_guard(mut self, guard: &'a CommitGuardFn<'a>) -> Self {
+        self.commit_guard = Some(guard);
+        self
+    }
+
+    /// After catching up, follow the log until `stop` is set (see [`replay`](crate::replay)).
+    #[must_use]
+    pub fn follow_until(mut self, stop: &'a CancelToken) -> Self {
+        self.follow_until = Some(stop);
+        self
+    }
+
+    /// Called at every step of every batch, for fault-injection tests (crate
+    /// feature `testing`).
+    #[cfg(feature = "testing")]
+    #[must_use]
+    pub fn step_hook(mut self, hook: &'a crate::progress::StepHookFn<'a>) -> Self {
+        self.step_hook = Some(hook);
+        self
     }
 }
 
@@ -53,8 +116,10 @@ impl std::fmt::Debug for CheckpointLocation<'_> {
     }
 }
 
-/// How a run behaves; shared by all projections of a run.
+/// How a run behaves; shared by all projections of a run. Built with
+/// [`RebuildOptions::new`] and its setters (new options come with defaults).
 #[derive(Clone, Copy)]
+#[non_exhaustive]
 pub struct RebuildOptions<'a> {
     /// Events per batch: one read, one handler call, one savepoint. 0 means
     /// [`BATCH_SIZE_DEFAULT`] (500); above [`BATCH_SIZE_MAX`](crate::limits::BATCH_SIZE_MAX) (50,000) is an error.
@@ -71,14 +136,22 @@ pub struct RebuildOptions<'a> {
     pub progress: Option<&'a ProgressFn<'a>>,
     /// Stops the run at the next batch boundary. Default: none.
     pub cancel: Option<&'a CancelToken>,
-    /// Called at every step of every batch; for fault-injection tests. Default: none.
-    pub step_hook: Option<&'a StepHookFn<'a>>,
+    /// Called at every step of every batch; for fault-injection tests (crate
+    /// feature `testing`). Default: none.
+    #[cfg(feature = "testing")]
+    pub step_hook: Option<&'a crate::progress::StepHookFn<'a>>,
     /// Asked before every commit; an error rolls the transaction back and stops
     /// the projection (lease fencing). Default: none.
     pub commit_guard: Option<&'a CommitGuardFn<'a>>,
+    /// After catching up, keep following the log until this token is set
+    /// (see [`replay`](crate::replay)). Default: none (the run ends at the
+    /// log's head).
+    pub follow_until: Option<&'a CancelToken>,
 }
 
-/// One projection to replay into.
+/// One projection to replay into. Built with [`ProjectionTarget::new`] and
+/// its setters.
+#[non_exhaustive]
 pub struct ProjectionTarget<'a, E> {
     /// The projection's database (from [`ProjectionDir::db`](crate::ProjectionDir::db));
     /// it also names the projection.
@@ -89,6 +162,45 @@ pub struct ProjectionTarget<'a, E> {
     pub checkpoint: CheckpointLocation<'a>,
     /// The checkpoint's consumer id (1 to 256 bytes).
     pub consumer_id: &'a str,
+    /// Where it starts: [`Start::Resume`] (the default) continues from its
+    /// checkpoint, [`Start::Reset`] rebuilds it from scratch.
+    pub start: Start,
+}
+
+impl<'a, E> ProjectionTarget<'a, E> {
+    /// `handler` replaying into `db`, with its checkpoint in the file under
+    /// the projection's name, continuing from it ([`Start::Resume`]; a new
+    /// file starts at 0).
+    pub fn new(db: &'a ProjectionDb, handler: &'a mut dyn Handler<E>) -> Self {
+        ProjectionTarget {
+            db,
+            handler,
+            checkpoint: CheckpointLocation::InFile,
+            consumer_id: db.name().as_str(),
+            start: Start::Resume,
+        }
+    }
+
+    /// Where the checkpoint lives (default [`CheckpointLocation::InFile`]).
+    #[must_use]
+    pub fn checkpoint(mut self, checkpoint: CheckpointLocation<'a>) -> Self {
+        self.checkpoint = checkpoint;
+        self
+    }
+
+    /// The checkpoint's consumer id (default: the projection's name).
+    #[must_use]
+    pub fn consumer_id(mut self, consumer_id: &'a str) -> Self {
+        self.consumer_id = consumer_id;
+        self
+    }
+
+    /// Where it starts (default [`Start::Resume`]).
+    #[must_use]
+    pub fn start(mut self, start: Start) -> Self {
+        self.start = start;
+        self
+    }
 }
 
 /// Everything one rebuild needs.
@@ -103,6 +215,7 @@ pub struct RebuildConfig<'a, E> {
 
 /// What a successful run did.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RebuildResult {
     /// The projection.
     pub projection_name: String,
@@ -119,6 +232,24 @@ pub struct RebuildResult {
     pub dead_letters: u64,
     /// Of them, recorded by this run.
     pub dead_lettered: u64,
+}
+
+impl RebuildResult {
+    /// A result for projection `name` with every count at zero: for code
+    /// that reports runs of its own in the same shape; set the fields it
+    /// needs.
+    #[must_use]
+    pub fn new(name: impl Into<String>) -> Self {
+        RebuildResult {
+            projection_name: name.into(),
+            processed: 0,
+            checkpoint: 0,
+            total: 0,
+            elapsed: Duration::ZERO,
+            dead_letters: 0,
+            dead_lettered: 0,
+        }
+    }
 }
 
 /// Where one projection of a run starts.

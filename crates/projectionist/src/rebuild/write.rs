@@ -1096,11 +1096,17 @@ fn guard(context: &RunContext<'_>, name: &str, committed: u64) -> Result<()> {
     })
 }
 
+#[cfg(feature = "testing")]
 fn step(context: &RunContext<'_>, name: &str, step: BatchStep, batch: u64) {
     if let Some(hook) = context.options.step_hook {
         hook(name, step, batch);
     }
 }
+
+/// Without the `testing` feature there is no step hook: nothing to call.
+#[cfg(not(feature = "testing"))]
+#[inline(always)]
+fn step(_context: &RunContext<'_>, _name: &str, _step: BatchStep, _batch: u64) {}
 
 fn report(
     context: &RunContext<'_>,

@@ -38,7 +38,20 @@ CREATE INDEX IF NOT EXISTS events_type ON events (event_type, sequence);
 /// also quoted, so they are never spliced into SQL as free text, and a missing
 /// column is an error at open. The sequence
 /// column must hold strictly increasing positive integers in commit order.
+///
+/// Built with [`EventTableMapping::new`] (or `default()`) and its setters:
+///
+/// ```
+/// use projectionist::EventTableMapping;
+///
+/// let mapping = EventTableMapping::new("stored_events")
+///     .sequence("id")
+///     .data("payload")
+///     .metadata(None);
+/// assert_eq!(mapping.stream_id, "stream_id");
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct EventTableMapping {
     /// Table name. Default `events`.
     pub table: String,
@@ -71,6 +84,66 @@ impl Default for EventTableMapping {
             metadata: Some("metadata".into()),
             recorded_at: Some("recorded_at".into()),
         }
+    }
+}
+
+impl EventTableMapping {
+    /// Table `table`, with the default column names (see the fields).
+    #[must_use]
+    pub fn new(table: impl Into<String>) -> Self {
+        EventTableMapping {
+            table: table.into(),
+            ..Self::default()
+        }
+    }
+
+    /// The global sequence column.
+    #[must_use]
+    pub fn sequence(mut self, column: impl Into<String>) -> Self {
+        self.sequence = column.into();
+        self
+    }
+
+    /// The stream id column.
+    #[must_use]
+    pub fn stream_id(mut self, column: impl Into<String>) -> Self {
+        self.stream_id = column.into();
+        self
+    }
+
+    /// The stream version column.
+    #[must_use]
+    pub fn stream_version(mut self, column: impl Into<String>) -> Self {
+        self.stream_version = column.into();
+        self
+    }
+
+    /// The event type column.
+    #[must_use]
+    pub fn event_type(mut self, column: impl Into<String>) -> Self {
+        self.event_type = column.into();
+        self
+    }
+
+    /// The payload column.
+    #[must_use]
+    pub fn data(mut self, column: impl Into<String>) -> Self {
+        self.data = column.into();
+        self
+    }
+
+    /// The metadata column, or `None` for a table without one.
+    #[must_use]
+    pub fn metadata(mut self, column: Option<&str>) -> Self {
+        self.metadata = column.map(str::to_owned);
+        self
+    }
+
+    /// The timestamp column, or `None` for a table without one.
+    #[must_use]
+    pub fn recorded_at(mut self, column: Option<&str>) -> Self {
+        self.recorded_at = column.map(str::to_owned);
+        self
     }
 }
 

@@ -8,9 +8,8 @@ use std::path::Path;
 
 use projectionist::rusqlite::Transaction;
 use projectionist::{
-    BoxError, CheckpointLocation, DigestScope, GlobalEvent, Handler, NewEvent, ProjectionDb,
-    ProjectionTarget, RebuildConfig, RebuildOptions, SqliteEventStore, StreamAppend,
-    projection_digest,
+    BoxError, DigestScope, GlobalEvent, Handler, NewEvent, ProjectionDb, ProjectionTarget,
+    RebuildConfig, RebuildOptions, SqliteEventStore, StreamAppend, projection_digest,
 };
 use serde::Deserialize;
 
@@ -201,14 +200,7 @@ pub fn checkpoint(db: &ProjectionDb, consumer_id: &str) -> u64 {
 
 /// Options with every field given, as our own call sites do.
 pub fn options(batch_size: u32) -> RebuildOptions<'static> {
-    RebuildOptions {
-        batch_size,
-        commit_interval: projectionist::limits::COMMIT_INTERVAL_DEFAULT,
-        progress: None,
-        cancel: None,
-        step_hook: None,
-        commit_guard: None,
-    }
+    RebuildOptions::new().batch_size(batch_size)
 }
 
 /// A rebuild config for the bank handler with the checkpoint in the file.
@@ -220,12 +212,7 @@ pub fn config<'a>(
 ) -> RebuildConfig<'a, BankEvent> {
     RebuildConfig {
         reader: store,
-        projection: ProjectionTarget {
-            db,
-            handler,
-            checkpoint: CheckpointLocation::InFile,
-            consumer_id: "bank",
-        },
+        projection: ProjectionTarget::new(db, handler).consumer_id("bank"),
         options,
     }
 }
@@ -308,14 +295,13 @@ pub fn rebuild_parked(
         .iter()
         .zip(handlers)
         .zip(&names)
-        .map(|((db, handler), name)| ProjectionTarget {
-            db,
-            handler,
-            checkpoint: CheckpointLocation::InFile,
-            consumer_id: name.as_str(),
+        .map(|((db, handler), name)| {
+            ProjectionTarget::new(db, handler)
+                .consumer_id(name.as_str())
+                .start(projectionist::Start::Reset)
         })
         .collect();
-    let mut results = projectionist::rebuild_shared(store, targets, options);
+    let mut results = projectionist::replay(store, targets, options);
     for result in &results[..n_fillers] {
         assert!(result.is_ok(), "{result:?}");
     }
