@@ -16,13 +16,16 @@
 //!   the same dead letters as an uninterrupted run;
 //! - random SIGKILLs (seeded; `PROJECTIONIST_SEED` replays, and
 //!   `PROJECTIONIST_KILL_ITERATIONS` scales the soak, default 50), every other
-//!   one in a run that dead-letters poison events;
+//!   one in a run that dead-letters poison events; each kill point is drawn
+//!   from the seed as (batch, step): the child says when it gets there and is
+//!   SIGKILLed at once, wherever its work then is;
 //! - a second process cannot open a projection for writing while one holds it;
 //! - a projection left with a hot `-wal` by a crashed writer is removed cleanly;
 //! - a publish (and a rollback) aborted after each of its steps, and SIGKILLed
-//!   at random moments of back-to-back rollbacks: the next open leaves the live
-//!   file exactly the old or the new version (digests), the kept previous
-//!   version the other one, and no half-made copy behind.
+//!   at points of back-to-back rollbacks drawn from the seed as (swap, step):
+//!   the next open leaves the live file exactly the old or the new version
+//!   (digests), the kept previous version the other one, and no half-made
+//!   copy behind.
 //!
 //! `harness = false`: this file has its own `main`, and prints the runner's
 //! closing line itself.
@@ -186,12 +189,24 @@ fn child(role: &str) {
             }
         }
         "swap-forever" => {
+            // `swap-forever DIR STEP SWAP_NO`: rollbacks back to back; at the
+            // named step of the numbered one, says so on stdout and goes on.
             let dir = ProjectionDir::open(&args[0]).unwrap();
-            println!("started");
-            std::io::stdout().flush().unwrap();
+            let (signal_step, signal_swap): (String, u64) =
+                (args[1].clone(), args[2].parse().unwrap());
+            let swap = std::sync::atomic::AtomicU64::new(0);
+            let hook = |_: &str, step: PublishStep| {
+                if step.as_str() == signal_step
+                    && swap.load(std::sync::atomic::Ordering::SeqCst) == signal_swap
+                {
+                    println!("{REACHED}");
+                    std::io::stdout().flush().unwrap();
+                }
+            };
+            let options = PublishOptions::new().step_hook(&hook);
             loop {
-                dir.rollback("bank", "bank", &PublishOptions::default())
-                    .unwrap();
+                dir.rollback("bank", "bank", &options).unwrap();
+                swap.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             }
         }
         other => panic!("unknown child role {other}"),
@@ -207,11 +222,19 @@ fn run_bank_child(role: &str, args: &[String]) {
     let crash_at: Option<(String, u64)> = args
         .get(5)
         .map(|step| (step.clone(), args[6].parse().unwrap()));
+    // `signal`: at that point, say so on stdout (the parent SIGKILLs the
+    // child then) and go on; otherwise abort there.
+    let signal = args.get(7).is_some_and(|a| a == "signal");
     let hook = move |_: &str, step: BatchStep, batch: u64| {
         if let Some((name, at)) = &crash_at
             && step.as_str() == name
             && batch == *at
         {
+            if signal {
+                println!("{REACHED}");
+                std::io::stdout().flush().unwrap();
+                return;
+            }
             // abort, not panic: a crash runs no destructors and no rollback.
             std::process::abort();
         }
@@ -306,6 +329,32 @@ fn spawn_child(role: &str, args: &[&str]) -> Child {
         .stderr(Stdio::null())
         .spawn()
         .unwrap()
+}
+
+/// What a child prints when it reaches the point drawn for its kill.
+const REACHED: &str = "reached";
+
+/// Waits until `child` says it reached its kill point (or ends without), then
+/// SIGKILLs it. Returns whether it was still running when killed.
+fn kill_when_reached(mut child: Child) -> bool {
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let reached = BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .any(|line| line == REACHED);
+        let _ = tx.send(reached);
+    });
+    // A deadline, not a guess: a child that neither reaches its point nor
+    // ends in this long is hung.
+    let reached = rx
+        .recv_timeout(Duration::from_secs(120))
+        .expect("the child reached its kill point or ended");
+    let running = child.try_wait().unwrap().is_none();
+    let _ = child.kill(); // SIGKILL
+    child.wait().unwrap();
+    reached && running
 }
 
 fn run_child(role: &str, args: &[&str]) -> ExitStatus {
@@ -755,25 +804,16 @@ fn random_sigkills_resume_to_the_same_digest() -> Result<(), String> {
     let plain = bank(20_000, 50);
     // Every other kill lands in a run that dead-letters poison events.
     let skipping = bank_of(20_000, 50, true);
-    let bank = &plain;
-    // How long an uninterrupted child takes, so kills land across the whole run.
-    let started = Instant::now();
-    let calibration = bank._tmp.path().join("calibration");
-    if !run_child(
-        "rebuild",
-        &[
-            path_str(&bank.store),
-            path_str(&calibration),
-            "50",
-            "in-file",
-            KILL_INTERVAL_MS,
-        ],
-    )
-    .success()
-    {
-        return Err("calibration run failed".into());
-    }
-    let full_ms = started.elapsed().as_millis().max(1) as u64;
+    // 20,000 events in batches of 50. The kill point is drawn from the seed
+    // as (batch, step): the child says when it gets there and is SIGKILLed
+    // at once, wherever its work then is (inside SQLite, between batches, in
+    // a commit), so a seed replays the same kill points.
+    let batches = 20_000 / 50;
+    let steps = [
+        BatchStep::Begun,
+        BatchStep::Applied,
+        BatchStep::CheckpointSaved,
+    ];
     let mut mid_run = 0;
     for iteration in 0..iterations {
         let (bank, role) = if iteration % 2 == 1 {
@@ -782,8 +822,9 @@ fn random_sigkills_resume_to_the_same_digest() -> Result<(), String> {
             (&plain, "rebuild")
         };
         let dir = bank._tmp.path().join(format!("kill-{iteration}"));
-        let delay = Duration::from_millis(rng.u64(0..full_ms));
-        let mut child = spawn_child(
+        let batch = rng.u64(1..=batches);
+        let step = steps[rng.usize(..steps.len())].as_str();
+        let child = spawn_child(
             role,
             &[
                 path_str(&bank.store),
@@ -791,24 +832,24 @@ fn random_sigkills_resume_to_the_same_digest() -> Result<(), String> {
                 "50",
                 "in-file",
                 KILL_INTERVAL_MS,
+                step,
+                &batch.to_string(),
+                "signal",
             ],
         );
-        std::thread::sleep(delay);
-        if child.try_wait().unwrap().is_none() {
+        if kill_when_reached(child) {
             mid_run += 1;
         }
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
         let outcome = check_torn(&dir, "in-file")
             .and_then(|()| resume_and_compare(bank, &dir, "50", "in-file", KILL_INTERVAL_MS));
         if let Err(why) = outcome {
             return Err(format!(
-                "seed {seed}, iteration {iteration}, kill after {delay:?}: {why}"
+                "seed {seed}, iteration {iteration}, kill at {step} of batch {batch}: {why}"
             ));
         }
         let _ = std::fs::remove_dir_all(&dir);
     }
-    println!("    {mid_run} of {iterations} kills landed mid-rebuild (full run {full_ms} ms)");
+    println!("    {mid_run} of {iterations} kills landed mid-rebuild");
     if mid_run * 2 < iterations {
         return Err(format!(
             "only {mid_run} of {iterations} kills landed mid-rebuild"
@@ -1003,15 +1044,23 @@ fn random_sigkills_of_swaps_leave_one_whole_version() -> Result<(), String> {
     }
     let both = [v.old.clone(), v.new.clone()];
     for iteration in 0..iterations {
-        // The same directory throughout: every kill's leftovers meet the next run.
-        let mut child = spawn_child("swap-forever", &[path_str(&path)]);
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        std::thread::sleep(Duration::from_millis(rng.u64(1..40)));
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
+        // The same directory throughout: every kill's leftovers meet the next
+        // run. The kill point is drawn from the seed as (swap, step).
+        // A rollback passes these steps (a publish also removes a shadow).
+        let steps = [
+            PublishStep::Stamped,
+            PublishStep::PreviousCopied,
+            PublishStep::Published,
+            PublishStep::PreviousKept,
+        ];
+        let step = steps[rng.usize(..steps.len())].as_str();
+        let swap = rng.u64(0..4);
+        let child = spawn_child("swap-forever", &[path_str(&path), step, &swap.to_string()]);
+        if !kill_when_reached(child) {
+            return Err(format!(
+                "seed {seed}, iteration {iteration}: the swaps ended before {step} of swap {swap}"
+            ));
+        }
         let (live, previous, shadow) = after_crash(&path)
             .map_err(|why| format!("seed {seed}, iteration {iteration}: {why}"))?;
         let previous = previous.unwrap_or_default();
