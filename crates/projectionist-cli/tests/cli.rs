@@ -505,7 +505,7 @@ fn many_projections_run_under_a_low_soft_open_files_limit() {
 }
 
 /// SIGKILLs of an in-place rebuild whose config defers an index (the demo's
-/// `orders_by_customer`), at seeded moments, each followed by a `resume` in
+/// `orders_by_customer`), at checkpoints drawn from the seed, each followed by a `resume` in
 /// a new process: a projection short of the head never has the index, and
 /// every resume ends with it and with the rows of an uninterrupted rebuild.
 /// `PROJECTIONIST_SEED` repeats a run; `PROJECTIONIST_SOAK=N` kills N times.
@@ -528,8 +528,28 @@ fn sigkilled_rebuilds_build_the_deferred_index_only_at_the_head() {
             .command(&["--quiet", "--batch-size", &batch, "rebuild", "--in-place"])
             .spawn()
             .unwrap();
-        let wait_ms = rng.u64(100..1_500);
-        std::thread::sleep(std::time::Duration::from_millis(wait_ms));
+        // The kill point is drawn from the seed as a checkpoint: the child
+        // is SIGKILLed once its file says it got there (or once it ends),
+        // wherever its work then is; the last draws land at the head, where
+        // the index is built.
+        let kill_at = rng.u64(EVENTS / 20..=EVENTS);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        let checkpoint = || {
+            Connection::open_with_flags(
+                env.path("projections/order_summary.db"),
+                projectionist::rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+            )
+            .ok()
+            .and_then(|conn| projectionist::SqliteCheckpoint::load_in(&conn, "order_summary").ok())
+            .unwrap_or(0)
+        };
+        while checkpoint() < kill_at && child.try_wait().unwrap().is_none() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "kill {kill} (seed {seed}): the rebuild never reached {kill_at}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
         let _ = Command::new("kill")
             .args(["-KILL", &child.id().to_string()])
             .status();
@@ -537,7 +557,7 @@ fn sigkilled_rebuilds_build_the_deferred_index_only_at_the_head() {
         let conn = Connection::open(env.path("projections/order_summary.db")).unwrap();
         let at = projectionist::SqliteCheckpoint::load_in(&conn, "order_summary").unwrap_or(0);
         drop(conn);
-        eprintln!("kill {kill}: after {wait_ms} ms, checkpoint {at}");
+        eprintln!("kill {kill}: drawn at {kill_at}, checkpoint {at}");
         let pending = || -> serde_json::Value {
             json_lines(&env.run(&["--json", "status"]))
                 .into_iter()

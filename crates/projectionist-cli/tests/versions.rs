@@ -52,6 +52,9 @@ fn reader_process() {
 struct Reader {
     child: Reaped,
     stop: std::path::PathBuf,
+    /// Its answers so far, read from its output as it prints them.
+    seen: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    collector: std::thread::JoinHandle<()>,
 }
 
 impl Reader {
@@ -76,24 +79,51 @@ impl Reader {
             .map(Reaped::new)
             .unwrap();
         // Wait for its connection to be open.
-        let mut out = BufReader::new(child.stdout.as_mut().unwrap());
+        let mut out = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
         while !line.starts_with("ready") {
             line.clear();
             assert!(out.read_line(&mut line).unwrap() > 0, "the reader died");
         }
-        Reader { child, stop }
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let collector = {
+            let seen = std::sync::Arc::clone(&seen);
+            std::thread::spawn(move || {
+                for line in out.lines().map_while(Result::ok) {
+                    if let Some(answer) = line.strip_prefix("answer: ") {
+                        seen.lock().unwrap().push(answer.to_owned());
+                    }
+                }
+            })
+        };
+        Reader {
+            child,
+            stop,
+            seen,
+            collector,
+        }
+    }
+
+    /// Waits until the reader has answered `expected` and taken at least
+    /// `reads` reads in all (it reads every `READ_EVERY` on its one
+    /// connection, so it sees a new version soon).
+    fn wait_for(&self, expected: &str, reads: usize) {
+        wait_until(
+            &format!("the reader to answer {expected} (and {reads} reads)"),
+            Duration::from_secs(30),
+            || {
+                let seen = self.seen.lock().unwrap();
+                seen.len() >= reads && seen.iter().any(|a| a == expected)
+            },
+        );
     }
 
     /// Stops the reader; its answers.
     fn answers(self) -> Vec<String> {
         std::fs::write(&self.stop, "").unwrap();
-        let out = self.child.into_inner().wait_with_output().unwrap();
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| l.strip_prefix("answer: "))
-            .map(str::to_owned)
-            .collect()
+        self.child.into_inner().wait().unwrap();
+        self.collector.join().unwrap();
+        std::mem::take(&mut *self.seen.lock().unwrap())
     }
 }
 
@@ -157,9 +187,9 @@ fn a_reader_never_sees_a_partial_projection_while_a_new_version_is_built_and_pub
     let reader = Reader::start(&env);
     let out = env.run(&["--batch-size", "200", "--json", "rebuild", "order_summary"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    std::thread::sleep(Duration::from_millis(100));
-    let answers = reader.answers();
     let v2 = answer(&env);
+    reader.wait_for(&v2, 100);
+    let answers = reader.answers();
     assert_ne!(v1, v2);
     println!("{} reads, all whole", answers.len());
     // The count depends on the machine's load (each answer scans the table in
@@ -233,7 +263,7 @@ fn rollback_restores_the_previous_version_for_an_open_reader_and_resume_leaves_i
         "{}",
         stderr(&out)
     );
-    std::thread::sleep(Duration::from_millis(50));
+    reader.wait_for(&v1, 10);
     assert_whole(&reader.answers(), &[&v1, &v2], 10);
     assert_eq!(env.digest("order_summary"), v1_digest);
 

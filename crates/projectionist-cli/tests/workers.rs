@@ -176,27 +176,47 @@ fn three_workers_share_six_projections_through_kill_and_pause() {
     signal(&workers[1], "-STOP");
     let paused_file = root.join("w1").join(format!("{paused_projection}.db"));
     let mut epochs_seen: HashMap<String, i64> = HashMap::new();
-    loop {
+    let new_owner = loop {
         let rows = leases(&mut monitor);
         for (p, _, epoch, _, _) in &rows {
             let last = epochs_seen.entry(p.clone()).or_insert(*epoch);
             assert!(*epoch >= *last, "epoch of {p} went back");
             *last = *epoch;
         }
-        if rows
+        if let Some((_, owner, ..)) = rows
             .iter()
-            .any(|(p, _, epoch, _, _)| *p == paused_projection && *epoch > paused_epoch)
+            .find(|(p, _, epoch, _, _)| *p == paused_projection && *epoch > paused_epoch)
         {
-            break;
+            break owner.clone();
         }
         assert!(
             Instant::now() < deadline,
             "{paused_projection} was never taken over"
         );
         std::thread::sleep(Duration::from_millis(20));
+    };
+    // Wait until the new owner has committed work of its own (in its shadow
+    // or its live file) or finished, then wake the paused worker.
+    let owner_dir = root.join(&new_owner);
+    loop {
+        let progressed = [
+            owner_dir.join(format!("{paused_projection}.db")),
+            owner_dir.join(format!(".{paused_projection}.shadow.db")),
+        ]
+        .iter()
+        .any(|file| checkpoint_of(file, &paused_projection) > 0);
+        let done = leases(&mut monitor)
+            .iter()
+            .any(|(p, _, _, _, done)| *p == paused_projection && *done);
+        if progressed || done {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{new_owner} never got going on {paused_projection}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
-    // Let the new owner get going, then wake the paused worker.
-    std::thread::sleep(Duration::from_millis(200));
     let checkpoint_when_paused = checkpoint_of(&paused_file, &paused_projection);
     signal(&workers[1], "-CONT");
 
@@ -301,7 +321,7 @@ fn following_workers_keep_six_projections_current_through_kill_and_pause() {
     let deadline = Instant::now() + Duration::from_secs(120);
     let (outputs, paused_projection, final_owners) = std::thread::scope(|scope| {
         let _stop_appending = SetOnDrop(&stopped);
-        scope.spawn(|| {
+        let appender = scope.spawn(|| {
             let mut client = Client::connect(&url, NoTls).unwrap();
             let mut order = 0u64;
             while !stopped.load(Ordering::Relaxed) {
@@ -424,9 +444,11 @@ fn following_workers_keep_six_projections_current_through_kill_and_pause() {
             );
             std::thread::sleep(Duration::from_millis(5));
         }
+        // Appends go on for a second after the wake-up, then stop; the head
+        // is read once the appender's last transaction has ended.
         std::thread::sleep(Duration::from_millis(1_000).saturating_sub(watch.elapsed()));
         stopped.store(true, Ordering::Relaxed);
-        std::thread::sleep(Duration::from_millis(100));
+        appender.join().unwrap();
 
         // Every projection reaches the head in its owner's directory.
         let head: i64 = monitor
