@@ -512,10 +512,8 @@ fn many_projections_run_under_a_low_soft_open_files_limit() {
 #[test]
 fn sigkilled_rebuilds_build_the_deferred_index_only_at_the_head() {
     const EVENTS: u64 = 150_000;
-    let var = |name: &str| std::env::var(name).ok().and_then(|v| v.parse().ok());
-    let kills: u64 = var("PROJECTIONIST_SOAK").unwrap_or(3);
-    let seed: u64 = var("PROJECTIONIST_SEED").unwrap_or_else(|| fastrand::u64(..));
-    eprintln!("deferred index kill test: seed {seed} (PROJECTIONIST_SEED={seed} repeats it)");
+    let kills = common::soak(3);
+    let seed = common::seed("deferred index kill test");
     let mut rng = fastrand::Rng::with_seed(seed);
     let env = Env::new();
     env.demo_log(EVENTS);

@@ -185,15 +185,6 @@ fn wait_following_by(command: &dyn Fn(&[&str]) -> Command, names: &[&str]) {
     }
 }
 
-/// The number of SIGKILLs (`PROJECTIONIST_SOAK`, default [`KILLS_DEFAULT`]) and
-/// the seed (`PROJECTIONIST_SEED`, default random) of a crash test.
-fn kills_and_seed() -> (u64, u64) {
-    let var = |name: &str| std::env::var(name).ok().and_then(|v| v.parse().ok());
-    let kills = var("PROJECTIONIST_SOAK").unwrap_or(KILLS_DEFAULT);
-    let seed = var("PROJECTIONIST_SEED").unwrap_or_else(|| fastrand::u64(..));
-    (kills, seed)
-}
-
 /// Starts a follower, lets it run for `alive`, and SIGKILLs it; it must not
 /// have exited on its own.
 fn run_and_kill(mut follower: Command, alive: Duration, kill: u64, seed: u64) {
@@ -320,10 +311,8 @@ fn follow_applies_appends_of_another_process_and_sigterm_exits_0() {
 
 #[test]
 fn seeded_sigkills_of_the_follower_while_two_processes_append_lose_and_repeat_nothing() {
-    let (kills, seed) = kills_and_seed();
-    eprintln!(
-        "follow crash test: seed {seed} (PROJECTIONIST_SEED={seed} repeats it), {kills} kills"
-    );
+    let kills = common::soak(KILLS_DEFAULT);
+    let seed = common::seed(&format!("follow crash test, {kills} kills"));
     let mut rng = fastrand::Rng::with_seed(seed);
     let env = Env::new();
     env.demo_log(2_000);
@@ -417,12 +406,8 @@ fn open_files_of(pid: u32, names: &[String]) -> Vec<String> {
 fn many_projections_park_their_files_and_survive_sigkills() {
     let open_max = projectionist::limits::OPEN_PROJECTIONS_MAX;
     let n = open_max + 44;
-    let var = |name: &str| std::env::var(name).ok().and_then(|v| v.parse().ok());
-    let kills: u64 = var("PROJECTIONIST_SOAK").unwrap_or(MANY_KILLS_DEFAULT);
-    let seed: u64 = var("PROJECTIONIST_SEED").unwrap_or_else(|| fastrand::u64(..));
-    eprintln!(
-        "many-projections crash test: seed {seed} (PROJECTIONIST_SEED={seed} repeats it), {kills} kills"
-    );
+    let kills = common::soak(MANY_KILLS_DEFAULT);
+    let seed = common::seed(&format!("many-projections crash test, {kills} kills"));
     let mut rng = fastrand::Rng::with_seed(seed);
     let env = Env::new();
     env.demo_log(1_000);
@@ -677,10 +662,8 @@ fn a_poison_event_stops_only_its_projection_and_a_fix_recovers_it() {
 )]
 fn postgres_follower_sigkilled_beside_late_and_rolled_back_appends_loses_nothing() {
     use std::sync::atomic::{AtomicBool, Ordering};
-    let (kills, seed) = kills_and_seed();
-    eprintln!(
-        "PostgreSQL follow crash test: seed {seed} (PROJECTIONIST_SEED={seed} repeats it), {kills} kills"
-    );
+    let kills = common::soak(KILLS_DEFAULT);
+    let seed = common::seed(&format!("PostgreSQL follow crash test, {kills} kills"));
     let schema = common::pg::Schema::new("follow_kills");
     let url = schema.url();
     let env = Env::new();

@@ -236,13 +236,9 @@ fn foreign_writers_without_our_cooperation_lose_nothing() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(20);
-    let seed: u64 = std::env::var("PROJECTIONIST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| fastrand::u64(..));
-    eprintln!(
-        "foreign writers: seed {seed} (PROJECTIONIST_SEED), {seconds} s (PROJECTIONIST_PG_STRESS_SECS)"
-    );
+    let seed = common::seed(&format!(
+        "foreign writers, {seconds} s (PROJECTIONIST_PG_STRESS_SECS)"
+    ));
     Client::connect(&url, NoTls)
         .unwrap()
         .batch_execute(

@@ -469,11 +469,7 @@ fn a_follower_rebuilds_and_rolls_back_on_request_from_another_process() {
 /// `resume` ends on the digest of a fresh rebuild.
 #[test]
 fn sigkills_during_shadow_rebuilds_leave_a_whole_live_version() {
-    let seed: u64 = std::env::var("PROJECTIONIST_SEED")
-        .ok()
-        .map(|s| s.parse().expect("PROJECTIONIST_SEED is a number"))
-        .unwrap_or_else(|| fastrand::u64(..));
-    println!("seed {seed} (replay with PROJECTIONIST_SEED={seed})");
+    let seed = common::seed("shadow rebuild kills");
     let mut rng = fastrand::Rng::with_seed(seed);
     let env = Env::new();
     env.demo_log(30_000);

@@ -248,3 +248,23 @@ pub fn wait_until(what: &str, deadline: std::time::Duration, mut check: impl FnM
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
+
+/// The seed of a randomised test: `PROJECTIONIST_SEED` replays one (a number;
+/// anything else is refused), else a fresh one. Printed with `what`, so a
+/// failure's output says how to repeat it.
+pub fn seed(what: &str) -> u64 {
+    let seed = match std::env::var("PROJECTIONIST_SEED") {
+        Ok(text) => text.parse().expect("PROJECTIONIST_SEED is a number"),
+        Err(_) => fastrand::u64(..),
+    };
+    eprintln!("{what}: seed {seed} (PROJECTIONIST_SEED={seed} repeats it)");
+    seed
+}
+
+/// How many times a soak repeats its step: `PROJECTIONIST_SOAK`, else `default`.
+pub fn soak(default: u64) -> u64 {
+    std::env::var("PROJECTIONIST_SOAK")
+        .ok()
+        .map(|text| text.parse().expect("PROJECTIONIST_SOAK is a number"))
+        .unwrap_or(default)
+}

@@ -51,6 +51,21 @@ pub(super) struct Assigned<'p, E> {
     pub(super) types: Option<Vec<String>>,
 }
 
+/// A projection its writer thread has started: where it stands before the
+/// batch loop.
+struct Begun<'p, E> {
+    idx: usize,
+    projection: ProjectionTarget<'p, E>,
+    keeper: Keeper<'p>,
+    /// Its committed checkpoint.
+    committed: u64,
+    /// Dead letters its file holds.
+    dead_letters: u64,
+    started: Instant,
+    /// The event types its handler declares (`None`: all).
+    types: Option<Vec<String>>,
+}
+
 /// A writer thread: starts each of its projections, then applies every
 /// message to each projection still running, in turn, until none is left.
 /// Returns each projection's result with its place in the run's input.
@@ -79,14 +94,15 @@ pub(super) fn write_projections<E>(
                     // serving any, and they must not all be open together.
                     projection.db.park_quickly();
                 }
-                begun.push((
+                begun.push(Begun {
                     idx,
                     projection,
                     keeper,
-                    (committed, dead_letters),
+                    committed,
+                    dead_letters,
                     started,
                     types,
-                ));
+                });
             }
             Err(e) => {
                 let _ = start_tx.send(None);
@@ -108,16 +124,23 @@ pub(super) fn write_projections<E>(
     // messages; the others are parked between the messages that concern them.
     let guards: Vec<_> = begun
         .iter()
-        .map(|(idx, projection, ..)| {
+        .map(|b| {
             context
-                .keeps_open(*idx)
-                .then(|| projection.db.lock_writer())
+                .keeps_open(b.idx)
+                .then(|| b.projection.db.lock_writer())
         })
         .collect();
     let mut slots = Vec::with_capacity(begun.len());
-    for ((idx, projection, keeper, (committed, dead_letters), started, types), guard) in
-        begun.into_iter().zip(&guards)
-    {
+    for (begun, guard) in begun.into_iter().zip(&guards) {
+        let Begun {
+            idx,
+            projection,
+            keeper,
+            committed,
+            dead_letters,
+            started,
+            types,
+        } = begun;
         let name = projection.db.name().to_string();
         let conn = match guard {
             Some(Ok(conn)) => Some(&**conn),
