@@ -2,9 +2,11 @@
 # Variant (c) of the hot-key bench as users build it (examples/user-built: a
 # project of its own, default release profile, system allocator, default
 # options, serde struct payloads, the log read through `open_mapped`) against
-# the bench's own (c) child, on the same log, runs interleaved (A B A B ...).
-# Prints each run and the medians of wall and CPU seconds; fails if a digest
-# differs from the bench's.
+# the bench's own (c) child and the hand-written fan-out that decodes each
+# payload once (a2: one reader thread, one writer thread per projection,
+# batches of 500, a checkpoint row in each batch's transaction), on the same
+# log, runs interleaved (A B C A B C ...). Prints each run, the medians of
+# wall and CPU seconds and the ratios to a2; fails if a digest differs.
 #
 #   scripts/bench-user-built.sh [EVENTS] [RUNS] [WORK]     (default 1000000 5 target/bench)
 set -euo pipefail
@@ -23,11 +25,13 @@ log=$(ls "$work"/hot-"$events"-seed*.db | head -1)
 median() { sort -n | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
 : > "$work/user-built.times"
 for run in $(seq "$runs"); do
-  for variant in bench-c user-built; do
+  for variant in bench-a2 bench-c user-built; do
     dir="$work/ub-$variant"
     rm -rf "$dir"
     if [ "$variant" = bench-c ]; then
       cmd=("$bin" run --variant c --workload hot --bench-store "$log" --bench-dir "$dir")
+    elif [ "$variant" = bench-a2 ]; then
+      cmd=("$bin" run --variant a2 --workload hot --bench-store "$log" --bench-dir "$dir")
     else
       cmd=("$user" "$log" "$dir")
     fi
@@ -39,14 +43,19 @@ for run in $(seq "$runs"); do
     echo "$variant $wall $cpu $digest" >> "$work/user-built.times"
   done
 done
-reference=$(awk '$1 == "bench-c" {print $4; exit}' "$work/user-built.times")
+reference=$(awk '$1 == "bench-a2" {print $4; exit}' "$work/user-built.times")
 if awk -v r="$reference" '$4 != r {bad=1} END {exit !bad}' "$work/user-built.times"; then
   echo "digests differ" >&2
   exit 1
 fi
-for variant in bench-c user-built; do
+for variant in bench-a2 bench-c user-built; do
   wall=$(awk -v v="$variant" '$1 == v {print $2}' "$work/user-built.times" | median)
   cpu=$(awk -v v="$variant" '$1 == v {print $3}' "$work/user-built.times" | median)
   echo "$variant: wall median $wall s, cpu median $cpu s ($runs runs, $events events)"
+  eval "wall_${variant//-/_}=$wall cpu_${variant//-/_}=$cpu"
+done
+for variant in bench_c user_built; do
+  w=$(eval echo "\$wall_$variant"); c=$(eval echo "\$cpu_$variant")
+  echo "$variant / bench-a2: wall $(echo "scale=2; $w / $wall_bench_a2" | bc)x, cpu $(echo "scale=2; $c / $cpu_bench_a2" | bc)x"
 done
 echo "digests: all equal ($reference)"

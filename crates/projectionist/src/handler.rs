@@ -179,22 +179,37 @@ where
     }
 }
 
-/// A handler made of a schema (SQL run by `setup`) and a closure applying batches.
+/// A handler made of a schema (SQL run by `setup`) and a closure applying
+/// batches; with [`event_types`](SchemaHandler::event_types), it declares the
+/// types it handles, so events of other types are neither read nor decoded
+/// (when every projection of the run declares its types).
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct SchemaHandler<F> {
     /// SQL statements that create the projection's tables; must be idempotent.
     pub schema: String,
     /// The batch-applying closure.
     pub apply: F,
+    /// The event types it handles (`None`: all).
+    pub event_types: Option<Vec<String>>,
 }
 
 impl<F> SchemaHandler<F> {
-    /// A handler with this schema and closure.
+    /// A handler with this schema and closure, handling every event type.
     pub fn new(schema: impl Into<String>, apply: F) -> Self {
         SchemaHandler {
             schema: schema.into(),
             apply,
+            event_types: None,
         }
+    }
+
+    /// Handles only these event types: the run reads and decodes no others
+    /// for it (see [`Handler::event_types`]).
+    #[must_use]
+    pub fn event_types<T: Into<String>>(mut self, types: impl IntoIterator<Item = T>) -> Self {
+        self.event_types = Some(types.into_iter().map(Into::into).collect());
+        self
     }
 }
 
@@ -205,6 +220,10 @@ where
     fn setup(&mut self, tx: &Transaction<'_>) -> Result<(), BoxError> {
         tx.execute_batch(&self.schema)?;
         Ok(())
+    }
+
+    fn event_types(&self) -> Option<Vec<String>> {
+        self.event_types.clone()
     }
 
     fn apply(&mut self, tx: &Transaction<'_>, events: &[GlobalEvent<E>]) -> Result<(), BoxError> {
