@@ -19,6 +19,8 @@
 //! - `b1` as `b`, but committing after every batch like the hand-written loops
 //!   (`commit_interval` zero): isolates the engine's overhead from commit groups;
 //! - `c`  projectionist with both at once (one read, fanned out);
+//! - `c-shared` as `c`, the log read as raw JSON and decoded once per batch
+//!   for both handlers by a `SharedDecode` (the path of mixed payload types);
 //! - `d`  the declarative config (sqlview) through the path the CLI uses.
 //!
 //! Every variant's tables are digested and must equal `a1`'s; a mismatch fails.
@@ -41,7 +43,9 @@ use projectionist_sqlview::{ProjectionsConfig, SqlHandler};
 use serde::Deserialize;
 
 /// The variants, in report order.
-pub(crate) const VARIANTS: [&str; 8] = ["a1", "a2", "a1-50k", "a2-50k", "b", "b1", "c", "d"];
+pub(crate) const VARIANTS: [&str; 9] = [
+    "a1", "a2", "a1-50k", "a2-50k", "b", "b1", "c", "c-shared", "d",
+];
 
 /// The bench's workloads (see the module docs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -526,6 +530,34 @@ fn run_shared(
     Ok(())
 }
 
+/// (c) through a `SharedDecode`: the log read as raw JSON, each batch decoded
+/// into the handlers' type once for both (the path of a run whose handlers
+/// take different payload types).
+fn run_c_shared(store: &Path, dir: &Path, workload: Workload) -> anyhow::Result<()> {
+    let store = SqliteEventStore::create(store)?;
+    let dir = ProjectionDir::open(dir)?;
+    let dbs = Projection::ALL.map(|p| dir.db(p.name()));
+    let mut handlers = Projection::ALL.map(|p| RustHandler(p, workload));
+    let shared = projectionist::SharedDecode::new();
+    let mut decoding: Vec<_> = handlers
+        .iter_mut()
+        .map(|h| shared.handler(h as &mut dyn Handler<OrderData>))
+        .collect();
+    let mut targets = Vec::new();
+    for ((db, handler), projection) in dbs.iter().zip(decoding.iter_mut()).zip(Projection::ALL) {
+        let db = db.as_ref().map_err(|e| anyhow!("{e}"))?;
+        targets.push(
+            ProjectionTarget::new(db, handler as &mut dyn Handler<Payload>)
+                .consumer_id(projection.name())
+                .start(Start::Reset),
+        );
+    }
+    for result in replay(&store, targets, &options()) {
+        result?;
+    }
+    Ok(())
+}
+
 /// The payload type the command line decodes events into (raw JSON, bound by
 /// sqlview without building a tree).
 type Payload = Box<serde_json::value::RawValue>;
@@ -592,6 +624,7 @@ pub fn run_child(
             options().commit_interval(std::time::Duration::ZERO),
         ),
         "c" => run_c(store, dir, w),
+        "c-shared" => run_c_shared(store, dir, w),
         "d" => run_d(store, dir, w),
         PG_VARIANT => run_c_pg(&store.display().to_string(), dir, w),
         other => bail!("unknown variant {other}"),

@@ -82,6 +82,7 @@ mod outcome;
 mod progress;
 mod reader;
 mod rebuild;
+mod shared_decode;
 mod stamp;
 mod store;
 mod versions;
@@ -111,6 +112,7 @@ pub use rebuild::{
 #[allow(deprecated)]
 #[doc(hidden)]
 pub use rebuild::{follow, rebuild_shared, replay_shared, resume_shared};
+pub use shared_decode::{Decoding, SharedDecode};
 pub use stamp::{VersionInfo, version_info};
 pub use store::{
     ConditionValue, EventTableMapping, MemoryEventStore, RowCondition, SqliteEventStore,

@@ -98,6 +98,14 @@ pub const OPEN_PROJECTIONS_MAX: usize = 256;
 /// times.
 pub(crate) const PARKED_PENDING_BATCHES_MAX: usize = 16;
 
+/// Decoded batches a [`SharedDecode`](crate::SharedDecode) keeps per payload
+/// type for the other handlers of that type. Writers of one run receive the
+/// same batches, at most [`CHANNEL_BATCHES_MAX`] apart, plus a parked
+/// projection's kept ones; a handler further behind decodes its batch
+/// itself. Bounds memory to this many batches (each at most
+/// [`BATCH_SIZE_MAX`] events) per payload type of a run.
+pub const DECODED_BATCHES_KEPT: usize = 32;
+
 /// WAL pages (`PRAGMA wal_autocheckpoint`) a parked projection's file may
 /// collect before a commit checkpoints it. Parked files are closed without a
 /// checkpoint, and the next open reads the whole `-wal` to index it: 64 pages
