@@ -4,9 +4,12 @@
 # options, serde struct payloads, the log read through `open_mapped`) against
 # the bench's own (c) child and the hand-written fan-out that decodes each
 # payload once (a2: one reader thread, one writer thread per projection,
-# batches of 500, a checkpoint row in each batch's transaction), on the same
-# log, runs interleaved (A B C A B C ...). Prints each run, the medians of
-# wall and CPU seconds and the ratios to a2; fails if a digest differs.
+# batches of 500, a checkpoint row in each batch's transaction), all three
+# reading the same events from another program's table layout
+# (`stored_events(id, originator, position, topic, state)`, copied from the
+# bench's log), runs interleaved (A B C A B C ...). Prints each run, the
+# medians of wall and CPU seconds and the ratios to a2; fails if a digest
+# differs.
 #
 #   scripts/bench-user-built.sh [EVENTS] [RUNS] [WORK]     (default 1000000 5 target/bench)
 set -euo pipefail
@@ -21,7 +24,24 @@ user=examples/user-built/target/release/user-built
 mkdir -p "$work"
 # One bench run of (c) makes (or reuses) the hot-key log.
 "$bin" rebuild --workload hot --events "$events" --runs 1 --variants c --work "$work" > /dev/null
-log=$(ls "$work"/hot-"$events"-seed*.db | head -1)
+own=$(ls "$work"/hot-"$events"-seed*.db | grep -v foreign | head -1)
+log="${own%.db}-foreign.db"
+if [ ! -f "$log" ]; then
+  python3 - "$own" "$log" <<'PY'
+import sqlite3, sys
+own, foreign = sys.argv[1], sys.argv[2]
+conn = sqlite3.connect(foreign)
+conn.execute("PRAGMA journal_mode=WAL")
+conn.execute("""CREATE TABLE stored_events (
+    id INTEGER PRIMARY KEY, originator TEXT NOT NULL, position INTEGER NOT NULL,
+    topic TEXT NOT NULL, state TEXT NOT NULL, UNIQUE (originator, position))""")
+conn.execute("ATTACH DATABASE ? AS own", (own,))
+conn.execute("""INSERT INTO stored_events
+    SELECT sequence, stream_id, stream_version, event_type, data FROM own.events ORDER BY sequence""")
+conn.commit()
+conn.close()
+PY
+fi
 median() { sort -n | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
 : > "$work/user-built.times"
 for run in $(seq "$runs"); do
@@ -29,11 +49,11 @@ for run in $(seq "$runs"); do
     dir="$work/ub-$variant"
     rm -rf "$dir"
     if [ "$variant" = bench-c ]; then
-      cmd=("$bin" run --variant c --workload hot --bench-store "$log" --bench-dir "$dir")
+      cmd=("$bin" run --variant c --workload hot --foreign-table --bench-store "$log" --bench-dir "$dir")
     elif [ "$variant" = bench-a2 ]; then
-      cmd=("$bin" run --variant a2 --workload hot --bench-store "$log" --bench-dir "$dir")
+      cmd=("$bin" run --variant a2 --workload hot --foreign-table --bench-store "$log" --bench-dir "$dir")
     else
-      cmd=("$user" "$log" "$dir")
+      cmd=("$user" "$log" "$dir" foreign)
     fi
     out=$( { /usr/bin/time -f "TIME %e %U %S" "${cmd[@]}"; } 2>&1 )
     digest=$(echo "$out" | sed -n 's/.*"digest":"\([0-9a-f]*\)".*/\1/p')

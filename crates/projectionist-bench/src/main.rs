@@ -124,6 +124,10 @@ enum Command {
         bench_store: PathBuf,
         #[arg(long)]
         bench_dir: PathBuf,
+        /// Read the log from `stored_events(id, originator, position, topic,
+        /// state)`, another program's layout (variants a1, a2 and c).
+        #[arg(long)]
+        foreign_table: bool,
     },
 }
 
@@ -216,6 +220,14 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             workload,
             bench_store,
             bench_dir,
-        } => rebuild::run_child(variant, *workload, bench_store, bench_dir),
+            foreign_table,
+        } => {
+            let layout = if *foreign_table {
+                rebuild::Layout::Foreign
+            } else {
+                rebuild::Layout::Own
+            };
+            rebuild::run_child(variant, *workload, bench_store, layout, bench_dir)
+        }
     }
 }

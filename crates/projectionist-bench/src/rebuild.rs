@@ -350,11 +350,55 @@ struct RawEvent {
     data: OrderData,
 }
 
+/// Where the log is: our own `events` table, or another program's layout
+/// (`stored_events(id, originator, position, topic, state)`, a copy of the
+/// same events made by `scripts/bench-user-built.sh`).
+#[derive(Clone, Copy)]
+pub(crate) enum Layout {
+    Own,
+    Foreign,
+}
+
+impl Layout {
+    /// The hand-written loops' read of one batch.
+    fn read_sql(self) -> &'static str {
+        match self {
+            Layout::Own => {
+                "SELECT sequence, event_type, data FROM events WHERE sequence > ?1 ORDER BY sequence LIMIT ?2"
+            }
+            Layout::Foreign => {
+                "SELECT id, topic, state FROM stored_events WHERE id > ?1 ORDER BY id LIMIT ?2"
+            }
+        }
+    }
+
+    /// The same table as projectionist reads it.
+    fn open(self, store: &Path) -> anyhow::Result<SqliteEventStore> {
+        Ok(match self {
+            Layout::Own => SqliteEventStore::create(store)?,
+            Layout::Foreign => SqliteEventStore::open_mapped(
+                store,
+                &projectionist::EventTableMapping::new("stored_events")
+                    .sequence("id")
+                    .stream_id("originator")
+                    .stream_version("position")
+                    .event_type("topic")
+                    .data("state")
+                    .metadata(None)
+                    .recorded_at(None),
+            )?,
+        })
+    }
+}
+
 /// Reads and decodes one batch, the way a competent hand-written loop would.
-fn read_batch(conn: &Connection, after: u64, size: u32) -> anyhow::Result<Vec<RawEvent>> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT sequence, event_type, data FROM events WHERE sequence > ?1 ORDER BY sequence LIMIT ?2",
-    )?;
+fn read_batch(
+    conn: &Connection,
+    layout: Layout,
+    after: u64,
+    size: u32,
+) -> anyhow::Result<Vec<RawEvent>> {
+    let mut stmt = conn.prepare_cached(layout.read_sql())?;
     let mut rows = stmt.query(params![after as i64, i64::from(size)])?;
     let mut batch = Vec::with_capacity(size as usize);
     while let Some(row) = rows.next()? {
@@ -408,13 +452,19 @@ fn open_events(store: &Path) -> anyhow::Result<Connection> {
     Ok(conn)
 }
 
-fn run_a1(store: &Path, dir: &Path, workload: Workload, size: u32) -> anyhow::Result<()> {
+fn run_a1(
+    store: &Path,
+    layout: Layout,
+    dir: &Path,
+    workload: Workload,
+    size: u32,
+) -> anyhow::Result<()> {
     let events = open_events(store)?;
     for projection in Projection::ALL {
         let mut conn = open_projection(dir, projection, workload)?;
         let mut after = 0;
         loop {
-            let batch = read_batch(&events, after, size)?;
+            let batch = read_batch(&events, layout, after, size)?;
             let Some(last) = batch.last() else { break };
             after = last.sequence;
             write_batch(&mut conn, projection, workload, &batch)?;
@@ -427,7 +477,13 @@ fn run_a1(store: &Path, dir: &Path, workload: Workload, size: u32) -> anyhow::Re
     Ok(())
 }
 
-fn run_a2(store: &Path, dir: &Path, workload: Workload, size: u32) -> anyhow::Result<()> {
+fn run_a2(
+    store: &Path,
+    layout: Layout,
+    dir: &Path,
+    workload: Workload,
+    size: u32,
+) -> anyhow::Result<()> {
     let events = open_events(store)?;
     std::thread::scope(|scope| {
         let mut senders = Vec::new();
@@ -446,7 +502,7 @@ fn run_a2(store: &Path, dir: &Path, workload: Workload, size: u32) -> anyhow::Re
         }
         let mut after = 0;
         loop {
-            let batch = Arc::new(read_batch(&events, after, size)?);
+            let batch = Arc::new(read_batch(&events, layout, after, size)?);
             let Some(last) = batch.last() else { break };
             after = last.sequence;
             let at_end = batch.len() < size as usize;
@@ -491,10 +547,6 @@ fn run_b(
         })?;
     }
     Ok(())
-}
-
-fn run_c(store: &Path, dir: &Path, workload: Workload) -> anyhow::Result<()> {
-    run_shared(&SqliteEventStore::create(store)?, dir, workload)
 }
 
 /// (c) with the log in PostgreSQL: `url` already names the bench schema.
@@ -603,8 +655,12 @@ pub fn run_child(
     variant: &str,
     workload: Workload,
     store: &Path,
+    layout: Layout,
     dir: &Path,
 ) -> anyhow::Result<()> {
+    if matches!(layout, Layout::Foreign) && !["a1", "a2", "c"].contains(&variant) {
+        bail!("--foreign-table is for the variants a1, a2 and c");
+    }
     if dir.exists() {
         std::fs::remove_dir_all(dir).with_context(|| format!("clear {}", dir.display()))?;
     }
@@ -612,10 +668,10 @@ pub fn run_child(
     let started = Instant::now();
     let w = workload;
     match variant {
-        "a1" => run_a1(store, dir, w, BENCH_BATCH_SIZE),
-        "a2" => run_a2(store, dir, w, BENCH_BATCH_SIZE),
-        "a1-50k" => run_a1(store, dir, w, BENCH_BIG_BATCH_SIZE),
-        "a2-50k" => run_a2(store, dir, w, BENCH_BIG_BATCH_SIZE),
+        "a1" => run_a1(store, layout, dir, w, BENCH_BATCH_SIZE),
+        "a2" => run_a2(store, layout, dir, w, BENCH_BATCH_SIZE),
+        "a1-50k" => run_a1(store, layout, dir, w, BENCH_BIG_BATCH_SIZE),
+        "a2-50k" => run_a2(store, layout, dir, w, BENCH_BIG_BATCH_SIZE),
         "b" => run_b(store, dir, w, options()),
         "b1" => run_b(
             store,
@@ -623,7 +679,7 @@ pub fn run_child(
             w,
             options().commit_interval(std::time::Duration::ZERO),
         ),
-        "c" => run_c(store, dir, w),
+        "c" => run_shared(&layout.open(store)?, dir, w),
         "c-shared" => run_c_shared(store, dir, w),
         "d" => run_d(store, dir, w),
         PG_VARIANT => run_c_pg(&store.display().to_string(), dir, w),

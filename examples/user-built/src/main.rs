@@ -1,14 +1,15 @@
 //! Two projections of the hot-key orders log, as a user writes them:
-//! `user-built STORE DIR` rebuilds them from one read and prints a JSON line
-//! with the digest of their tables (the bench compares it with its own (c)).
+//! `user-built STORE DIR [foreign]` rebuilds them from one read and prints a
+//! JSON line with the digest of their tables (the bench compares it with its
+//! own (c)); `foreign` reads the copy of the log in another program's layout
+//! (`stored_events`) that `scripts/bench-user-built.sh` makes.
 
 use std::error::Error;
 
 use projectionist::rusqlite::{Connection, Transaction};
 use projectionist::{
-    BoxError, CheckpointLocation, DigestScope, EventTableMapping, GlobalEvent, Handler,
-    ProjectionDir, ProjectionTarget, RebuildOptions, SqliteEventStore, Start, projection_digest,
-    replay,
+    BoxError, DigestScope, EventTableMapping, GlobalEvent, Handler, ProjectionDir,
+    ProjectionTarget, RebuildOptions, SqliteEventStore, Start, projection_digest, replay,
 };
 use serde::Deserialize;
 
@@ -137,10 +138,25 @@ impl Handler<Order> for Customers {
 
 fn main() -> Result<(), Box<dyn Error>> {
     let args: Vec<String> = std::env::args().collect();
-    let [_, store, dir] = args.as_slice() else {
-        return Err("usage: user-built STORE DIR".into());
+    let (store, dir, layout) = match args.as_slice() {
+        [_, store, dir] => (store, dir, None),
+        [_, store, dir, layout] => (store, dir, Some(layout.as_str())),
+        _ => return Err("usage: user-built STORE DIR [foreign]".into()),
     };
-    let store = SqliteEventStore::open_mapped(store, &EventTableMapping::default())?;
+    // `foreign`: another program's table of the same events.
+    let mapping = match layout {
+        None => EventTableMapping::default(),
+        Some("foreign") => EventTableMapping::new("stored_events")
+            .sequence("id")
+            .stream_id("originator")
+            .stream_version("position")
+            .event_type("topic")
+            .data("state")
+            .metadata(None)
+            .recorded_at(None),
+        Some(other) => return Err(format!("unknown layout {other:?} (known: foreign)").into()),
+    };
+    let store = SqliteEventStore::open_mapped(store, &mapping)?;
     let dir = ProjectionDir::open(dir)?;
     let names = ["order_summary", "customer_stats"];
     let (orders_db, customers_db) = (dir.db(names[0])?, dir.db(names[1])?);
