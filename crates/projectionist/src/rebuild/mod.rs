@@ -214,8 +214,11 @@ pub fn rebuild_shared<E: Send + Sync>(
     projections: Vec<ProjectionTarget<'_, E>>,
     options: &RebuildOptions<'_>,
 ) -> Vec<Result<RebuildResult>> {
-    let projections = projections.into_iter().map(|p| (p, Start::Reset)).collect();
-    run(reader, projections, options, options.follow_until)
+    let projections = projections
+        .into_iter()
+        .map(|p| p.start(Start::Reset))
+        .collect();
+    replay(reader, projections, options)
 }
 
 /// [`replay`] with every projection continuing from its checkpoint.
@@ -232,9 +235,9 @@ pub fn resume_shared<E: Send + Sync>(
 ) -> Vec<Result<RebuildResult>> {
     let projections = projections
         .into_iter()
-        .map(|p| (p, Start::Resume))
+        .map(|p| p.start(Start::Resume))
         .collect();
-    run(reader, projections, options, options.follow_until)
+    replay(reader, projections, options)
 }
 
 /// [`replay`] with a start given beside each target.
@@ -246,7 +249,8 @@ pub fn replay_shared<E: Send + Sync>(
     projections: Vec<(ProjectionTarget<'_, E>, Start)>,
     options: &RebuildOptions<'_>,
 ) -> Vec<Result<RebuildResult>> {
-    run(reader, projections, options, options.follow_until)
+    let projections = projections.into_iter().map(|(p, s)| p.start(s)).collect();
+    replay(reader, projections, options)
 }
 
 /// [`replay`] following the log until `stop` is set, with a start given
@@ -263,7 +267,8 @@ pub fn follow<E: Send + Sync>(
     options: &RebuildOptions<'_>,
     stop: &CancelToken,
 ) -> Vec<Result<RebuildResult>> {
-    run(reader, projections, options, Some(stop))
+    let projections = projections.into_iter().map(|(p, s)| p.start(s)).collect();
+    replay(reader, projections, &options.follow_until(stop))
 }
 
 /// Checks a batch size: 0 means the default; above the maximum is an error.
