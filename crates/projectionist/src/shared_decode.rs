@@ -28,7 +28,9 @@ type Key = (u64, u64, usize);
 type Decoded = Arc<OnceLock<Result<Arc<dyn Any + Send + Sync>, String>>>;
 
 /// Decodes each batch of a run once per payload type, for every handler made
-/// by [`SharedDecode::handler`].
+/// by [`SharedDecode::handler`]. Use one per run over one log: batches are
+/// known by their sequences, so one shared between runs over different logs
+/// could hand out another log's events.
 ///
 /// ```
 /// use projectionist::{
