@@ -531,23 +531,14 @@ fn sigkilled_rebuilds_build_the_deferred_index_only_at_the_head() {
         // wherever its work then is; the last draws land at the head, where
         // the index is built.
         let kill_at = rng.u64(EVENTS / 20..=EVENTS);
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-        let checkpoint = || {
-            Connection::open_with_flags(
-                env.path("projections/order_summary.db"),
-                projectionist::rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-            )
-            .ok()
-            .and_then(|conn| projectionist::SqliteCheckpoint::load_in(&conn, "order_summary").ok())
-            .unwrap_or(0)
-        };
-        while checkpoint() < kill_at && child.try_wait().unwrap().is_none() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "kill {kill} (seed {seed}): the rebuild never reached {kill_at}"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(2));
-        }
+        common::wait_until(
+            &format!("kill {kill} (seed {seed}): the rebuild at {kill_at} or its end"),
+            std::time::Duration::from_secs(120),
+            || {
+                env.checkpoint_in("projections", "order_summary") >= kill_at
+                    || child.try_wait().unwrap().is_some()
+            },
+        );
         let _ = Command::new("kill")
             .args(["-KILL", &child.id().to_string()])
             .status();
