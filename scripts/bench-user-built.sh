@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Variant (c) of the hot-key bench as users build it (examples/user-built: a
 # project of its own, default release profile, system allocator, default
-# options, serde struct payloads, the log read through `open_mapped`) against
-# the bench's own (c) child and the hand-written fan-out that decodes each
-# payload once (a2: one reader thread, one writer thread per projection,
-# batches of 500, a checkpoint row in each batch's transaction), all three
-# reading the same events from another program's table layout
-# (`stored_events(id, originator, position, topic, state)`, copied from the
-# bench's log), runs interleaved (A B C A B C ...). Prints each run, the
-# medians of wall and CPU seconds and the ratios to a2; fails if a digest
-# differs.
+# options, serde struct payloads, the log read through `open_mapped`) and the
+# declarative path (the bench's (d) child, and `projectionist rebuild` itself
+# with the same config and a `[source]` naming the table) against the bench's
+# own (c) child (and its `c1`, committing after every batch as a2 does rather
+# than every 250 ms) and the hand-written fan-out that decodes each payload once
+# (a2: one reader thread, one writer thread per projection, batches of 500, a
+# checkpoint row in each batch's transaction), all reading the same events
+# from another program's table layout (`stored_events(id, originator,
+# position, topic, state)`, copied from the bench's log), runs interleaved
+# (A B C ... A B C ...). Prints each run, the medians of wall and CPU seconds
+# and the ratios to a2; fails if a digest differs.
 #
 #   scripts/bench-user-built.sh [EVENTS] [RUNS] [WORK]     (default 1000000 5 target/bench)
 set -euo pipefail
@@ -17,9 +19,10 @@ events=${1:-1000000}
 runs=${2:-5}
 work=${3:-target/bench}
 cd "$(dirname "$0")/.."
-cargo build --release -q -p projectionist-bench
+cargo build --release -q -p projectionist-bench -p projectionist-cli
 cargo build --release -q --manifest-path examples/user-built/Cargo.toml
 bin=target/release/projectionist-bench
+cli=target/release/projectionist
 user=examples/user-built/target/release/user-built
 mkdir -p "$work"
 # One bench run of (c) makes (or reuses) the hot-key log.
@@ -42,21 +45,26 @@ conn.commit()
 conn.close()
 PY
 fi
+config="$work/hot-foreign.toml"
+"$bin" config --workload hot --foreign-table > "$config"
+variants=(bench-a2 bench-c bench-c1 user-built bench-d cli)
 median() { sort -n | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
 : > "$work/user-built.times"
 for run in $(seq "$runs"); do
-  for variant in bench-a2 bench-c user-built; do
+  for variant in "${variants[@]}"; do
     dir="$work/ub-$variant"
     rm -rf "$dir"
-    if [ "$variant" = bench-c ]; then
-      cmd=("$bin" run --variant c --workload hot --foreign-table --bench-store "$log" --bench-dir "$dir")
-    elif [ "$variant" = bench-a2 ]; then
-      cmd=("$bin" run --variant a2 --workload hot --foreign-table --bench-store "$log" --bench-dir "$dir")
-    else
-      cmd=("$user" "$log" "$dir" foreign)
-    fi
+    case "$variant" in
+      bench-*) cmd=("$bin" run --variant "${variant#bench-}" --workload hot --foreign-table --bench-store "$log" --bench-dir "$dir") ;;
+      user-built) cmd=("$user" "$log" "$dir" foreign) ;;
+      cli) cmd=("$cli" rebuild --quiet --store "$log" --config "$config" --dir "$dir") ;;
+    esac
     out=$( { /usr/bin/time -f "TIME %e %U %S" "${cmd[@]}"; } 2>&1 )
-    digest=$(echo "$out" | sed -n 's/.*"digest":"\([0-9a-f]*\)".*/\1/p')
+    if [ "$variant" = cli ]; then
+      digest=$("$bin" digest --bench-dir "$dir")
+    else
+      digest=$(echo "$out" | sed -n 's/.*"digest":"\([0-9a-f]*\)".*/\1/p')
+    fi
     read -r wall user_s sys_s < <(echo "$out" | sed -n 's/^TIME //p')
     cpu=$(echo "$user_s + $sys_s" | bc)
     echo "run $run $variant: wall $wall s, cpu $cpu s, digest $digest"
@@ -68,13 +76,13 @@ if awk -v r="$reference" '$4 != r {bad=1} END {exit !bad}' "$work/user-built.tim
   echo "digests differ" >&2
   exit 1
 fi
-for variant in bench-a2 bench-c user-built; do
+for variant in "${variants[@]}"; do
   wall=$(awk -v v="$variant" '$1 == v {print $2}' "$work/user-built.times" | median)
   cpu=$(awk -v v="$variant" '$1 == v {print $3}' "$work/user-built.times" | median)
   echo "$variant: wall median $wall s, cpu median $cpu s ($runs runs, $events events)"
   eval "wall_${variant//-/_}=$wall cpu_${variant//-/_}=$cpu"
 done
-for variant in bench_c user_built; do
+for variant in bench_c bench_c1 user_built bench_d cli; do
   w=$(eval echo "\$wall_$variant"); c=$(eval echo "\$cpu_$variant")
   echo "$variant / bench-a2: wall $(echo "scale=2; $w / $wall_bench_a2" | bc)x, cpu $(echo "scale=2; $c / $cpu_bench_a2" | bc)x"
 done

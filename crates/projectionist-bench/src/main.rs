@@ -125,9 +125,25 @@ enum Command {
         #[arg(long)]
         bench_dir: PathBuf,
         /// Read the log from `stored_events(id, originator, position, topic,
-        /// state)`, another program's layout (variants a1, a2 and c).
+        /// state)`, another program's layout (variants a1, a2, c and d).
         #[arg(long)]
         foreign_table: bool,
+    },
+    /// Print the declarative variant's config, for runs of `projectionist`
+    /// itself (internal).
+    #[command(hide = true)]
+    Config {
+        #[arg(long, value_enum, default_value = "cold")]
+        workload: Workload,
+        /// With a `[source]` reading `stored_events` (see `run`).
+        #[arg(long)]
+        foreign_table: bool,
+    },
+    /// Print the digest of a run's projection files (internal).
+    #[command(hide = true)]
+    Digest {
+        #[arg(long)]
+        bench_dir: PathBuf,
     },
 }
 
@@ -221,13 +237,26 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             bench_store,
             bench_dir,
             foreign_table,
+        } => rebuild::run_child(
+            variant,
+            *workload,
+            bench_store,
+            rebuild::Layout::from_flag(*foreign_table),
+            bench_dir,
+        ),
+        Command::Config {
+            workload,
+            foreign_table,
         } => {
-            let layout = if *foreign_table {
-                rebuild::Layout::Foreign
-            } else {
-                rebuild::Layout::Own
-            };
-            rebuild::run_child(variant, *workload, bench_store, layout, bench_dir)
+            common::out!(
+                "{}",
+                rebuild::d_config(*workload, rebuild::Layout::from_flag(*foreign_table))
+            );
+            Ok(())
+        }
+        Command::Digest { bench_dir } => {
+            common::out!("{}", rebuild::digest(bench_dir)?);
+            Ok(())
         }
     }
 }

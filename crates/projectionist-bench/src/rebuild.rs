@@ -23,6 +23,10 @@
 //!   for both handlers by a `SharedDecode` (the path of mixed payload types);
 //! - `d`  the declarative config (sqlview) through the path the CLI uses.
 //!
+//! The child also runs `c1` (as `c`, committing after every batch like a2:
+//! the engine against the hand-written fan-out with commit groups left out),
+//! which `scripts/bench-user-built.sh` pairs with a2; it is not in the report.
+//!
 //! Every variant's tables are digested and must equal `a1`'s; a mismatch fails.
 
 use std::path::{Path, PathBuf};
@@ -216,6 +220,29 @@ fn hot_config() -> String {
         .replace("{HOT_CUSTOMERS_SCHEMA}", &HOT_CUSTOMERS_SCHEMA)
 }
 
+/// The `[source]` that reads [`Layout::Foreign`]'s table, as a config declares it.
+const FOREIGN_SOURCE: &str = r#"[source]
+table = "stored_events"
+sequence = "id"
+stream_id = "originator"
+stream_version = "position"
+event_type = "topic"
+data = "state"
+"#;
+
+/// The declarative variant's config for `workload`, reading `layout` (printed
+/// by `projectionist-bench config` for runs of the command line itself).
+pub(crate) fn d_config(workload: Workload, layout: Layout) -> String {
+    let projections = match workload {
+        Workload::Cold => projectionist_demo::CONFIG.to_owned(),
+        Workload::Hot => hot_config(),
+    };
+    match layout {
+        Layout::Own => projections,
+        Layout::Foreign => format!("{FOREIGN_SOURCE}\n{projections}"),
+    }
+}
+
 /// The two projections, as plain Rust: shared by the hand-written loops and the
 /// projectionist handlers, so both do the same SQL work.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -360,6 +387,15 @@ pub(crate) enum Layout {
 }
 
 impl Layout {
+    /// `--foreign-table` given or not.
+    pub(crate) fn from_flag(foreign_table: bool) -> Self {
+        if foreign_table {
+            Layout::Foreign
+        } else {
+            Layout::Own
+        }
+    }
+
     /// The hand-written loops' read of one batch.
     fn read_sql(self) -> &'static str {
         match self {
@@ -555,6 +591,7 @@ fn run_c_pg(url: &str, dir: &Path, workload: Workload) -> anyhow::Result<()> {
         &projectionist_postgres::PostgresEventStore::connect(url)?,
         dir,
         workload,
+        &options(),
     )
 }
 
@@ -563,6 +600,7 @@ fn run_shared(
     reader: &dyn projectionist::GlobalReader<OrderData>,
     dir: &Path,
     workload: Workload,
+    options: &RebuildOptions<'_>,
 ) -> anyhow::Result<()> {
     let dir = ProjectionDir::open(dir)?;
     let dbs = Projection::ALL.map(|p| dir.db(p.name()));
@@ -576,7 +614,7 @@ fn run_shared(
                 .start(Start::Reset),
         );
     }
-    for result in replay(reader, targets, &options()) {
+    for result in replay(reader, targets, options) {
         result?;
     }
     Ok(())
@@ -599,9 +637,12 @@ fn run_c_shared(store: &Path, dir: &Path, workload: Workload) -> anyhow::Result<
     for ((db, handler), projection) in dbs.iter().zip(decoding.iter_mut()).zip(Projection::ALL) {
         let db = db.as_ref().map_err(|e| anyhow!("{e}"))?;
         targets.push(
-            ProjectionTarget::new(db, handler as &mut dyn Handler<Payload>)
-                .consumer_id(projection.name())
-                .start(Start::Reset),
+            ProjectionTarget::new(
+                db,
+                handler as &mut dyn Handler<Box<serde_json::value::RawValue>>,
+            )
+            .consumer_id(projection.name())
+            .start(Start::Reset),
         );
     }
     for result in replay(&store, targets, &options()) {
@@ -610,19 +651,20 @@ fn run_c_shared(store: &Path, dir: &Path, workload: Workload) -> anyhow::Result<
     Ok(())
 }
 
-/// The payload type the command line decodes events into (raw JSON, bound by
-/// sqlview without building a tree).
-type Payload = Box<serde_json::value::RawValue>;
+/// The payload type the command line decodes events into (JSON text with its
+/// members indexed, bound by sqlview without building a tree).
+type Payload = projectionist_sqlview::IndexedPayload;
 
-fn run_d(store: &Path, dir: &Path, workload: Workload) -> anyhow::Result<()> {
-    let config = match workload {
-        Workload::Cold => ProjectionsConfig::parse(
-            projectionist_demo::CONFIG,
-            "examples/orders/projections.toml",
-        )?,
-        Workload::Hot => ProjectionsConfig::parse(&hot_config(), "the hot bench config")?,
+fn run_d(store: &Path, layout: Layout, dir: &Path, workload: Workload) -> anyhow::Result<()> {
+    let config = ProjectionsConfig::parse(&d_config(workload, layout), "the bench config")?;
+    // Read the way the command line reads: through the config's `[source]`
+    // when it has one.
+    let store = match &config.source {
+        Some(mapping) => {
+            SqliteEventStore::open_mapped_where(store, mapping, &config.source_conditions)?
+        }
+        None => SqliteEventStore::create(store)?,
     };
-    let store = SqliteEventStore::create(store)?;
     let dir = ProjectionDir::open(dir)?;
     let dbs = config
         .projections
@@ -658,8 +700,8 @@ pub fn run_child(
     layout: Layout,
     dir: &Path,
 ) -> anyhow::Result<()> {
-    if matches!(layout, Layout::Foreign) && !["a1", "a2", "c"].contains(&variant) {
-        bail!("--foreign-table is for the variants a1, a2 and c");
+    if matches!(layout, Layout::Foreign) && !["a1", "a2", "c", "c1", "d"].contains(&variant) {
+        bail!("--foreign-table is for the variants a1, a2, c, c1 and d");
     }
     if dir.exists() {
         std::fs::remove_dir_all(dir).with_context(|| format!("clear {}", dir.display()))?;
@@ -679,19 +721,21 @@ pub fn run_child(
             w,
             options().commit_interval(std::time::Duration::ZERO),
         ),
-        "c" => run_shared(&layout.open(store)?, dir, w),
+        "c" => run_shared(&layout.open(store)?, dir, w, &options()),
+        "c1" => run_shared(
+            &layout.open(store)?,
+            dir,
+            w,
+            &options().commit_interval(std::time::Duration::ZERO),
+        ),
         "c-shared" => run_c_shared(store, dir, w),
-        "d" => run_d(store, dir, w),
+        "d" => run_d(store, layout, dir, w),
         PG_VARIANT => run_c_pg(&store.display().to_string(), dir, w),
         other => bail!("unknown variant {other}"),
     }?;
     let seconds = started.elapsed().as_secs_f64();
     let cpu_seconds = cpu_seconds().unwrap_or(f64::NAN);
-    let mut digest = String::new();
-    for projection in Projection::ALL {
-        let conn = Connection::open(dir.join(format!("{}.db", projection.name())))?;
-        digest.push_str(&projection_digest(&conn, DigestScope::ProjectionTables)?[..16]);
-    }
+    let digest = digest(dir)?;
     let rss_kb = peak_rss_kb().unwrap_or(0);
     out!(
         "{}",
@@ -700,6 +744,23 @@ pub fn run_child(
         })
     );
     Ok(())
+}
+
+/// The digest a run's projections must match: each projection's tables,
+/// in report order (printed by `projectionist-bench digest` for runs of the
+/// command line itself).
+pub(crate) fn digest(dir: &Path) -> anyhow::Result<String> {
+    let mut digest = String::new();
+    for projection in Projection::ALL {
+        let path = dir.join(format!("{}.db", projection.name()));
+        let conn = Connection::open_with_flags(
+            &path,
+            projectionist::rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .with_context(|| format!("open {}", path.display()))?;
+        digest.push_str(&projection_digest(&conn, DigestScope::ProjectionTables)?[..16]);
+    }
+    Ok(digest)
 }
 
 /// User + system CPU time of this process so far, all threads (Linux

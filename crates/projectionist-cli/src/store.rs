@@ -7,11 +7,11 @@ use projectionist::{
 };
 use projectionist_postgres::PostgresEventStore;
 use serde_json::Value;
-use serde_json::value::RawValue;
 
-/// How the command line reads payloads: as JSON text, validated when read;
-/// a declarative projection decodes only the fields its statements bind.
-pub type Payload = Box<RawValue>;
+/// How the command line reads payloads: as JSON text, validated and its
+/// top-level members indexed once when read (for every projection of the
+/// run); a declarative projection decodes only the fields its statements bind.
+pub type Payload = projectionist_sqlview::IndexedPayload;
 
 /// An open event store.
 // One per process (two while reconnecting): its size does not matter.

@@ -9,7 +9,7 @@ use projectionist::{BoxError, EventFailure, GlobalEvent, Handler};
 use serde_json::Value;
 use serde_json::value::RawValue;
 
-use crate::payload::{Child, Leaf, RawObject, decode_leaf};
+use crate::payload::{Child, IndexedPayload, Leaf, RawObject, decode_leaf};
 
 use crate::config::{SqlProjection, Statement};
 use crate::confine::Confinement;
@@ -217,10 +217,20 @@ payload_handler!(
 
 payload_handler!(
     /// Payloads kept as JSON text (validated when read): only the fields a
-    /// statement binds are decoded, borrowed from the text where they can be.
-    /// This is what the command line reads: no tree is built per event.
+    /// statement binds are decoded, borrowed from the text where they can be;
+    /// no tree is built per event. Each projection scans a payload's
+    /// top-level members again: [`IndexedPayload`] scans them once.
     Box<RawValue>,
     RawFields::default()
+);
+
+payload_handler!(
+    /// Payloads kept as JSON text with their top-level members indexed when
+    /// read, once for every projection of a run: binds what [`RawValue`]
+    /// payloads bind, without a scan per projection. This is what the
+    /// command line reads.
+    IndexedPayload,
+    IndexedFields
 );
 
 /// Where a statement's `:field` parameters come from, for one payload type.
@@ -317,7 +327,7 @@ impl<'e> Fields<'e, Value> for TreeFields {
 
 impl<'e> Fields<'e, Box<RawValue>> for RawFields<'e> {
     fn event(&mut self, event: &'e GlobalEvent<Box<RawValue>>) -> Result<(), String> {
-        self.object.scan(&event.data)
+        self.object.scan(event.data.get())
     }
 
     fn field(
@@ -327,50 +337,95 @@ impl<'e> Fields<'e, Box<RawValue>> for RawFields<'e> {
         required: bool,
         kind: Option<ValueKind>,
     ) -> Result<ToSqlOutput<'e>, String> {
-        let mut current: &'e RawValue = &event.data;
-        for (depth, segment) in path.iter().enumerate() {
-            let child = if depth == 0 {
-                self.object.child(current, segment)?
-            } else {
-                Child::of(current, segment)?
-            };
-            match child {
-                Child::Found(value) => current = value,
-                Child::Missing { indexable } if required => {
-                    let holder = if indexable {
-                        None
-                    } else {
-                        Some(decode(current)?)
-                    };
-                    return Err(missing(path, depth, holder.as_ref()));
-                }
-                Child::Missing { .. } => return Ok(ToSqlOutput::Owned(SqlValue::Null)),
+        let data = event.data.get();
+        text_field(
+            data,
+            |segment| self.object.child(data, segment),
+            path,
+            required,
+            kind,
+        )
+    }
+}
+
+/// Fields of a payload whose members were indexed when it was decoded.
+struct IndexedFields;
+
+impl<'e> Fields<'e, IndexedPayload> for IndexedFields {
+    fn event(&mut self, _event: &'e GlobalEvent<IndexedPayload>) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn field(
+        &self,
+        event: &'e GlobalEvent<IndexedPayload>,
+        path: &[String],
+        required: bool,
+        kind: Option<ValueKind>,
+    ) -> Result<ToSqlOutput<'e>, String> {
+        let data = &event.data;
+        text_field(
+            data.get(),
+            |segment| data.child(segment),
+            path,
+            required,
+            kind,
+        )
+    }
+}
+
+/// The field at `path` of `data`, a payload's validated JSON text; `first`
+/// takes the path's first step (from a scan or an index of the payload).
+fn text_field<'e>(
+    data: &'e str,
+    first: impl FnOnce(&str) -> Result<Child<'e>, String>,
+    path: &[String],
+    required: bool,
+    kind: Option<ValueKind>,
+) -> Result<ToSqlOutput<'e>, String> {
+    let mut first = Some(first);
+    let mut current: &'e str = data;
+    for (depth, segment) in path.iter().enumerate() {
+        let child = match first.take() {
+            Some(first) => first(segment)?,
+            None => Child::of(current, segment)?,
+        };
+        match child {
+            Child::Found(value) => current = value,
+            Child::Missing { indexable } if required => {
+                let holder = if indexable {
+                    None
+                } else {
+                    Some(decode(current)?)
+                };
+                return Err(missing(path, depth, holder.as_ref()));
             }
+            Child::Missing { .. } => return Ok(ToSqlOutput::Owned(SqlValue::Null)),
         }
-        if current.get() == "null" {
-            return null(path, required);
+    }
+    if current == "null" {
+        return null(path, required);
+    }
+    // A string is bound as text borrowed from the payload (copied only
+    // when it holds escapes); anything else is decoded on its own.
+    match (kind, decode_leaf(current)?) {
+        (None | Some(ValueKind::Text), Leaf::Text(text)) => Ok(match text {
+            Cow::Borrowed(text) => ToSqlOutput::Borrowed(ValueRef::Text(text.as_bytes())),
+            Cow::Owned(text) => ToSqlOutput::Owned(SqlValue::Text(text)),
+        }),
+        (None, Leaf::Other(value)) => Ok(owned(json_to_sql(&value))),
+        (Some(kind), Leaf::Text(text)) => {
+            Err(wrong_kind(path, kind, &Value::String(text.into_owned())))
         }
-        // A string is bound as text borrowed from the payload (copied only
-        // when it holds escapes); anything else is decoded on its own.
-        match (kind, decode_leaf(current)?) {
-            (None | Some(ValueKind::Text), Leaf::Text(text)) => Ok(match text {
-                Cow::Borrowed(text) => ToSqlOutput::Borrowed(ValueRef::Text(text.as_bytes())),
-                Cow::Owned(text) => ToSqlOutput::Owned(SqlValue::Text(text)),
-            }),
-            (None, Leaf::Other(value)) => Ok(owned(json_to_sql(&value))),
-            (Some(kind), Leaf::Text(text)) => {
-                Err(wrong_kind(path, kind, &Value::String(text.into_owned())))
-            }
-            (Some(kind), Leaf::Other(value)) => typed(&value, kind)
-                .map(owned)
-                .ok_or_else(|| wrong_kind(path, kind, &value)),
-        }
+        (Some(kind), Leaf::Other(value)) => typed(&value, kind)
+            .map(owned)
+            .ok_or_else(|| wrong_kind(path, kind, &value)),
     }
 }
 
 /// A JSON value of a payload kept as text, decoded (for a message or a leaf).
-fn decode(raw: &RawValue) -> Result<Value, String> {
-    serde_json::from_str(raw.get()).map_err(|e| format!("invalid JSON: {e}"))
+fn decode(raw: &str) -> Result<Value, String> {
+    serde_json::from_str(raw).map_err(|e| format!("invalid JSON: {e}"))
 }
 
 /// A bound value that borrows nothing.
@@ -518,8 +573,9 @@ mod tests {
         })
     }
 
-    /// Payloads kept as text bind exactly what decoded trees bind, and fail
-    /// with the same messages, for every path, kind and requirement.
+    /// Payloads kept as text, scanned per projection or indexed once, bind
+    /// exactly what decoded trees bind, and fail with the same messages, for
+    /// every path, kind and requirement.
     #[test]
     fn text_payloads_bind_what_trees_bind() {
         let payloads = [
@@ -582,6 +638,8 @@ mod tests {
         for payload in payloads {
             let tree = event(serde_json::from_str::<Value>(payload).unwrap());
             let text = event(serde_json::from_str::<Box<RawValue>>(payload).unwrap());
+            let indexed = event(serde_json::from_str::<IndexedPayload>(payload).unwrap());
+            assert_eq!(indexed.data.get(), text.data.get());
             let mut raw = RawFields::default();
             raw.event(&text).unwrap();
             for path in paths {
@@ -590,9 +648,15 @@ mod tests {
                     for required in [false, true] {
                         let from_tree = plain(TreeFields.field(&tree, &path, required, kind));
                         let from_text = plain(raw.field(&text, &path, required, kind));
+                        let from_index =
+                            plain(IndexedFields.field(&indexed, &path, required, kind));
                         assert_eq!(
                             from_tree, from_text,
                             "payload {payload}, path {path:?}, kind {kind:?}, required {required}"
+                        );
+                        assert_eq!(
+                            from_tree, from_index,
+                            "indexed payload {payload}, path {path:?}, kind {kind:?}, required {required}"
                         );
                         compared += 1;
                     }
@@ -600,6 +664,30 @@ mod tests {
             }
         }
         assert_eq!(compared, payloads.len() * paths.len() * kinds.len() * 2);
+    }
+
+    /// An indexed object's members are found without scanning its text
+    /// again: keys with escapes are matched unescaped, a repeated key finds
+    /// its last value, and text that is not an object has no index.
+    #[test]
+    fn indexed_payloads_find_members_as_a_tree_does() {
+        let payload: IndexedPayload = serde_json::from_str(
+            r#" { "a" : 1, "k\u0065y": "v", "dup": 1, "nested": {"x": [1, 2]}, "dup": "last" } "#,
+        )
+        .unwrap();
+        assert_eq!(payload.member("a"), Some("1"));
+        assert_eq!(payload.member("key"), Some(r#""v""#));
+        assert_eq!(payload.member("dup"), Some(r#""last""#));
+        assert_eq!(payload.member("nested"), Some(r#"{"x": [1, 2]}"#));
+        assert_eq!(payload.member("k\\u0065y"), None);
+        assert_eq!(payload.member("x"), None);
+        let array: IndexedPayload = serde_json::from_str("[10, 20]").unwrap();
+        assert_eq!(array.member("1"), Some("20"));
+        assert!(serde_json::from_str::<IndexedPayload>(r#"{"a": }"#).is_err());
+        assert_eq!(
+            serde_json::to_string(&payload).unwrap(),
+            r#"{ "a" : 1, "k\u0065y": "v", "dup": 1, "nested": {"x": [1, 2]}, "dup": "last" }"#
+        );
     }
 
     /// Strings without escapes are bound borrowed from the payload's text.

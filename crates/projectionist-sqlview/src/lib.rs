@@ -74,6 +74,7 @@ pub use config::{PRESETS, SOURCE_SETTLE_MAX, preset_source, source_section};
 pub use definition::{StoredDefinition, record_definition, stored_definition};
 pub use handler::SqlHandler;
 pub use params::{Envelope, Param, ValueKind};
+pub use payload::IndexedPayload;
 
 /// The raw, unvalidated shape of the file, as serde reads it.
 pub mod raw {

@@ -6,6 +6,7 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::ops::Range;
 
 use serde::Deserializer as _;
 use serde::de::{self, IgnoredAny, MapAccess, SeqAccess, Visitor};
@@ -38,9 +39,8 @@ impl<'de> de::Deserialize<'de> for Text<'de> {
 }
 
 /// The first byte of a JSON value's text, past any whitespace.
-fn first_byte(raw: &RawValue) -> Option<u8> {
-    raw.get()
-        .bytes()
+fn first_byte(text: &str) -> Option<u8> {
+    text.bytes()
         .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
 }
 
@@ -50,18 +50,18 @@ fn invalid(e: &serde_json::Error) -> String {
 
 /// What a payload holds at one step of a field's path.
 pub(crate) enum Child<'e> {
-    Found(&'e RawValue),
+    /// The member's JSON text (validated).
+    Found(&'e str),
     /// Not there; `indexable` when the holder is an object (or an array and
     /// the step a number), so the field is merely absent.
-    Missing {
-        indexable: bool,
-    },
+    Missing { indexable: bool },
 }
 
 impl<'e> Child<'e> {
-    /// The member `segment` of `holder` (an object's key, an array's index).
-    pub(crate) fn of(holder: &'e RawValue, segment: &str) -> Result<Self, String> {
-        let mut deserializer = serde_json::Deserializer::from_str(holder.get());
+    /// The member `segment` of `holder`, validated JSON text (an object's
+    /// key, an array's index).
+    pub(crate) fn of(holder: &'e str, segment: &str) -> Result<Self, String> {
+        let mut deserializer = serde_json::Deserializer::from_str(holder);
         match (first_byte(holder), segment.parse::<usize>()) {
             (Some(b'{'), _) => deserializer
                 .deserialize_map(FindKey(segment))
@@ -87,7 +87,7 @@ impl<'de> Visitor<'de> for FindKey<'_> {
         let mut found = None;
         while let Some(Text(key)) = map.next_key()? {
             if key == self.0 {
-                found = Some(map.next_value::<&'de RawValue>()?);
+                found = Some(map.next_value::<&'de RawValue>()?.get());
             } else {
                 map.next_value::<IgnoredAny>()?;
             }
@@ -110,7 +110,7 @@ impl<'de> Visitor<'de> for FindIndex {
         loop {
             if index == self.0 {
                 match seq.next_element::<&'de RawValue>()? {
-                    Some(value) => found = Some(value),
+                    Some(value) => found = Some(value.get()),
                     None => break,
                 }
             } else if seq.next_element::<IgnoredAny>()?.is_none() {
@@ -126,17 +126,17 @@ impl<'de> Visitor<'de> for FindIndex {
 /// statements: keys and values borrowed, the buffer reused across a batch.
 #[derive(Default)]
 pub(crate) struct RawObject<'e> {
-    entries: Vec<(Cow<'e, str>, &'e RawValue)>,
+    entries: Vec<(Cow<'e, str>, &'e str)>,
     is_object: bool,
 }
 
 impl<'e> RawObject<'e> {
     /// Scans `data`, the payload whose fields are bound next.
-    pub(crate) fn scan(&mut self, data: &'e RawValue) -> Result<(), String> {
+    pub(crate) fn scan(&mut self, data: &'e str) -> Result<(), String> {
         self.entries.clear();
         self.is_object = first_byte(data) == Some(b'{');
         if self.is_object {
-            serde_json::Deserializer::from_str(data.get())
+            serde_json::Deserializer::from_str(data)
                 .deserialize_map(Entries(&mut self.entries))
                 .map_err(|e| invalid(&e))?;
         }
@@ -144,7 +144,7 @@ impl<'e> RawObject<'e> {
     }
 
     /// The member `segment` of `data`, the payload last scanned.
-    pub(crate) fn child(&self, data: &'e RawValue, segment: &str) -> Result<Child<'e>, String> {
+    pub(crate) fn child(&self, data: &'e str, segment: &str) -> Result<Child<'e>, String> {
         if !self.is_object {
             return Child::of(data, segment);
         }
@@ -159,7 +159,7 @@ impl<'e> RawObject<'e> {
     }
 }
 
-struct Entries<'b, 'e>(&'b mut Vec<(Cow<'e, str>, &'e RawValue)>);
+struct Entries<'b, 'e>(&'b mut Vec<(Cow<'e, str>, &'e str)>);
 
 impl<'de> Visitor<'de> for Entries<'_, 'de> {
     type Value = ();
@@ -169,9 +169,288 @@ impl<'de> Visitor<'de> for Entries<'_, 'de> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         while let Some(Text(key)) = map.next_key()? {
             let value: &'de RawValue = map.next_value()?;
-            self.0.push((key, value));
+            self.0.push((key, value.get()));
         }
         Ok(())
+    }
+}
+
+/// A payload kept as its JSON text, with the members of its top-level object
+/// found once, when the event is decoded (by the reader, for every projection
+/// of a run): a projection binds a statement's fields by looking them up,
+/// without scanning the text again. What the command line reads events into.
+///
+/// It decodes from any JSON value; payloads that are not objects keep no
+/// index and are scanned when a field is bound, as [`RawValue`] payloads are.
+///
+/// ```
+/// use projectionist_sqlview::IndexedPayload;
+///
+/// let payload: IndexedPayload = serde_json::from_str(r#"{"qty": 2, "sku": "a-1"}"#)?;
+/// assert_eq!(payload.get(), r#"{"qty": 2, "sku": "a-1"}"#);
+/// assert_eq!(payload.member("sku"), Some(r#""a-1""#));
+/// assert_eq!(payload.member("price"), None);
+/// # Ok::<(), serde_json::Error>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct IndexedPayload {
+    raw: Box<RawValue>,
+    /// The top-level members in text order, when the payload is an object.
+    members: Option<Vec<Member>>,
+}
+
+/// One member of an indexed object: where its key and value are in the text.
+#[derive(Clone, Debug)]
+struct Member {
+    key: Key,
+    value: Range<usize>,
+}
+
+#[derive(Clone, Debug)]
+enum Key {
+    /// The key is this part of the text (it holds no escapes).
+    At(Range<usize>),
+    /// A key with escapes, unescaped.
+    Unescaped(Box<str>),
+}
+
+impl IndexedPayload {
+    /// Indexes `raw`'s top-level members.
+    ///
+    /// # Errors
+    /// Only for text that is not JSON (a `RawValue` made by serde_json
+    /// always is).
+    pub fn new(raw: Box<RawValue>) -> Result<Self, serde_json::Error> {
+        let text = raw.get();
+        let members = if first_byte(text) == Some(b'{') {
+            // The text is validated JSON: its members are found by a scan
+            // of its bytes (strings, nesting), cheaper than decoding it again.
+            // Should that scan meet anything unexpected, serde_json decides.
+            match index_object(text.as_bytes()) {
+                Some(members) => Some(members),
+                None => serde_json::Deserializer::from_str(text).deserialize_map(Index { text })?,
+            }
+        } else {
+            None
+        };
+        Ok(IndexedPayload { raw, members })
+    }
+
+    /// The payload's JSON text.
+    #[must_use]
+    pub fn get(&self) -> &str {
+        self.raw.get()
+    }
+
+    /// The payload as a [`RawValue`].
+    #[must_use]
+    pub fn raw(&self) -> &RawValue {
+        &self.raw
+    }
+
+    /// The JSON text of the top-level member `key` (the last one, when a key
+    /// repeats, as when decoded into a tree); `None` when the payload is not
+    /// an object or has no such member.
+    #[must_use]
+    pub fn member(&self, key: &str) -> Option<&str> {
+        match self.child(key) {
+            Ok(Child::Found(text)) => Some(text),
+            _ => None,
+        }
+    }
+
+    /// The member `segment` of the payload (an index into an array payload).
+    pub(crate) fn child(&self, segment: &str) -> Result<Child<'_>, String> {
+        let text = self.raw.get();
+        let Some(members) = &self.members else {
+            return Child::of(text, segment);
+        };
+        let found = members.iter().rev().find(|member| match &member.key {
+            Key::At(at) => text.as_bytes().get(at.clone()) == Some(segment.as_bytes()),
+            Key::Unescaped(key) => **key == *segment,
+        });
+        Ok(
+            match found.and_then(|member| text.get(member.value.clone())) {
+                Some(value) => Child::Found(value),
+                None => Child::Missing { indexable: true },
+            },
+        )
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for IndexedPayload {
+    fn deserialize<D: de::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let raw = Box::<RawValue>::deserialize(deserializer)?;
+        IndexedPayload::new(raw).map_err(de::Error::custom)
+    }
+}
+
+impl serde::Serialize for IndexedPayload {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.raw.serialize(serializer)
+    }
+}
+
+impl PartialEq for IndexedPayload {
+    /// Equal when the texts are.
+    fn eq(&self, other: &Self) -> bool {
+        self.get() == other.get()
+    }
+}
+
+/// Finds where an object's members are in `text`, the text being decoded.
+/// `None` (no index, the payload is scanned when bound) if serde_json ever
+/// hands out text that is not a part of it.
+struct Index<'t> {
+    text: &'t str,
+}
+
+impl Index<'_> {
+    /// Where `part` is in the text.
+    fn at(&self, part: &str) -> Option<Range<usize>> {
+        let base = self.text.as_ptr() as usize;
+        let start = (part.as_ptr() as usize).checked_sub(base)?;
+        let end = start.checked_add(part.len())?;
+        (self.text.get(start..end) == Some(part)).then_some(start..end)
+    }
+}
+
+impl<'de> Visitor<'de> for Index<'_> {
+    type Value = Option<Vec<Member>>;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut members = Vec::with_capacity(map.size_hint().unwrap_or(INDEXED_MEMBERS_GUESS));
+        let mut complete = true;
+        while let Some(Text(key)) = map.next_key()? {
+            let value: &'de RawValue = map.next_value()?;
+            if !complete {
+                continue;
+            }
+            let key = match key {
+                Cow::Borrowed(key) => self.at(key).map(Key::At),
+                Cow::Owned(key) => Some(Key::Unescaped(key.into_boxed_str())),
+            };
+            match (key, self.at(value.get())) {
+                (Some(key), Some(value)) => members.push(Member { key, value }),
+                _ => complete = false,
+            }
+        }
+        Ok(complete.then_some(members))
+    }
+}
+
+/// Room first made for an object's members: most event payloads have a few.
+const INDEXED_MEMBERS_GUESS: usize = 8;
+
+/// The members of `text`, a validated JSON object (past leading whitespace),
+/// found by its bytes; `None` on anything a valid object cannot hold.
+fn index_object(text: &[u8]) -> Option<Vec<Member>> {
+    let mut at = skip_space(text, 0);
+    if text.get(at) != Some(&b'{') {
+        return None;
+    }
+    at = skip_space(text, at + 1);
+    let mut members = Vec::with_capacity(INDEXED_MEMBERS_GUESS);
+    if text.get(at) == Some(&b'}') {
+        return Some(members);
+    }
+    loop {
+        if text.get(at) != Some(&b'"') {
+            return None;
+        }
+        let (end, escaped) = string_end(text, at)?;
+        let key = if escaped {
+            let quoted = std::str::from_utf8(&text[at..end]).ok()?;
+            Key::Unescaped(
+                serde_json::from_str::<String>(quoted)
+                    .ok()?
+                    .into_boxed_str(),
+            )
+        } else {
+            Key::At(at + 1..end - 1)
+        };
+        at = skip_space(text, end);
+        if text.get(at) != Some(&b':') {
+            return None;
+        }
+        let start = skip_space(text, at + 1);
+        let end = value_end(text, start)?;
+        members.push(Member {
+            key,
+            value: start..end,
+        });
+        at = skip_space(text, end);
+        match text.get(at) {
+            Some(b',') => at = skip_space(text, at + 1),
+            Some(b'}') => return Some(members),
+            _ => return None,
+        }
+    }
+}
+
+/// The first byte at or after `at` that is not JSON whitespace.
+fn skip_space(text: &[u8], mut at: usize) -> usize {
+    while matches!(text.get(at), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+        at += 1;
+    }
+    at
+}
+
+/// Just past the string that opens at `at` (a quote), and whether it holds
+/// escapes.
+fn string_end(text: &[u8], at: usize) -> Option<(usize, bool)> {
+    let mut escaped = false;
+    let mut i = at + 1;
+    loop {
+        match text.get(i)? {
+            b'"' => return Some((i + 1, escaped)),
+            b'\\' => {
+                escaped = true;
+                i += 2;
+            }
+            _ => i += 1,
+        }
+    }
+}
+
+/// Just past the value that starts at `at`.
+fn value_end(text: &[u8], at: usize) -> Option<usize> {
+    match text.get(at)? {
+        b'"' => string_end(text, at).map(|(end, _)| end),
+        b'{' | b'[' => {
+            let mut depth = 0usize;
+            let mut i = at;
+            loop {
+                match text.get(i)? {
+                    b'"' => {
+                        i = string_end(text, i)?.0;
+                        continue;
+                    }
+                    b'{' | b'[' => depth += 1,
+                    b'}' | b']' => {
+                        depth = depth.checked_sub(1)?;
+                        if depth == 0 {
+                            return Some(i + 1);
+                        }
+                    }
+                    _ => {}
+                }
+                i += 1;
+            }
+        }
+        // A number, `true`, `false` or `null`: up to what ends a value.
+        _ => {
+            let mut i = at;
+            while !matches!(
+                text.get(i),
+                None | Some(b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r')
+            ) {
+                i += 1;
+            }
+            (i > at).then_some(i)
+        }
     }
 }
 
@@ -182,31 +461,98 @@ pub(crate) enum Leaf<'e> {
     Other(Value),
 }
 
-/// Decodes the value a field binds.
-pub(crate) fn decode_leaf(raw: &RawValue) -> Result<Leaf<'_>, String> {
+/// Decodes the value a field binds (validated JSON text).
+pub(crate) fn decode_leaf(raw: &str) -> Result<Leaf<'_>, String> {
     if first_byte(raw) == Some(b'"') {
         // Validated JSON: a string without a backslash is its own text
         // between the quotes.
-        if let Some(inner) = raw
-            .get()
-            .strip_prefix('"')
-            .and_then(|s| s.strip_suffix('"'))
+        if let Some(inner) = raw.strip_prefix('"').and_then(|s| s.strip_suffix('"'))
             && !inner.contains('\\')
         {
             return Ok(Leaf::Text(Cow::Borrowed(inner)));
         }
-        let Text(text) = serde_json::from_str(raw.get()).map_err(|e| invalid(&e))?;
+        let Text(text) = serde_json::from_str(raw).map_err(|e| invalid(&e))?;
         return Ok(Leaf::Text(text));
     }
     // The common case, a plain integer, without a decoder; what this does
     // not take (fractions, exponents, huge numbers) is decoded as JSON is.
     // `-0` is no integer to serde_json (it is the real -0.0).
-    if let Ok(integer) = raw.get().parse::<i64>()
-        && raw.get() != "-0"
+    if let Ok(integer) = raw.parse::<i64>()
+        && raw != "-0"
     {
         return Ok(Leaf::Other(Value::from(integer)));
     }
-    serde_json::from_str(raw.get())
+    serde_json::from_str(raw)
         .map(Leaf::Other)
         .map_err(|e| invalid(&e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The members as (key, value text), however they were found.
+    fn listed(text: &str, members: &[Member]) -> Vec<(String, String)> {
+        members
+            .iter()
+            .map(|m| {
+                let key = match &m.key {
+                    Key::At(at) => text[at.clone()].to_owned(),
+                    Key::Unescaped(key) => key.to_string(),
+                };
+                (key, text[m.value.clone()].to_owned())
+            })
+            .collect()
+    }
+
+    /// The byte scan finds exactly the members serde_json finds, in compact,
+    /// spaced and pretty text, with strings that hold brackets, quotes,
+    /// backslashes and non-ASCII text, keys with escapes, nesting and
+    /// repeated keys.
+    #[test]
+    fn the_byte_scan_finds_what_serde_json_finds() {
+        let objects = [
+            r#"{}"#,
+            r#"{"a":1}"#,
+            r#"{"a": "x,}]", "b": [1, {"c": "}"}, []], "d": {"e": {"f": [[]]}}}"#,
+            r#"{"q": "say \"hi\" {", "bs": "c:\\dir\\", "u": "\u00e9t\u00e9 ☃", "n": null}"#,
+            r#"{"k\u0065y": true, "k\"q": false, "dup": 1, "dup": -2.5e-3, "": 0}"#,
+            r#"{"deep": [[[[{"a": [1, "]"]}]]]], "last": 18446744073709551615}"#,
+            " {\t\"a\" :\r\n1 ,\"b\"\n:\t[ 1 , 2 ] ,\"c\" : { \"d\" : null } \n} ",
+        ];
+        for object in objects {
+            let value: Value = serde_json::from_str(object).unwrap();
+            let compact = serde_json::to_string(&value).unwrap();
+            let pretty = serde_json::to_string_pretty(&value).unwrap();
+            for text in [object.to_owned(), compact, pretty] {
+                let by_serde = serde_json::Deserializer::from_str(&text)
+                    .deserialize_map(Index { text: &text })
+                    .unwrap()
+                    .unwrap();
+                let by_bytes = index_object(text.as_bytes()).expect(&text);
+                assert_eq!(listed(&text, &by_bytes), listed(&text, &by_serde), "{text}");
+            }
+        }
+    }
+
+    /// Text that is not an object is not indexed by the byte scan (serde_json
+    /// then decides), and never makes it panic.
+    #[test]
+    fn the_byte_scan_refuses_what_is_not_an_object() {
+        for text in [
+            "",
+            "{",
+            "[1]",
+            "{\"a\"}",
+            "{\"a\":}",
+            "{\"a\":1,}",
+            "{\"a\":1 \"b\":2}",
+            "{\"a\":[}",
+            "{\"a\":]}",
+            "{\"a\":\"x}",
+            "{1:2}",
+        ] {
+            assert!(index_object(text.as_bytes()).is_none(), "{text}");
+        }
+    }
 }

@@ -194,6 +194,10 @@ pub struct SqliteEventStore {
     /// `None` for a mapped (foreign) table: we never write another program's log.
     writer: Option<Mutex<Connection>>,
     read_sql: String,
+    /// Where the read's optional columns are: absent when the table has no
+    /// such column (then nothing is selected for it: a constant NULL column
+    /// still costs a step and a fetch per event).
+    read_columns: OptionalColumns,
     head_sql: String,
     /// The distinct event types (bounded).
     types_sql: String,
@@ -324,7 +328,12 @@ impl SqliteEventStore {
         mapping: &EventTableMapping,
         conditions: &[RowCondition],
     ) -> Result<Self> {
-        let (read_sql, head_sql, types_sql) = mapping_sql(mapping, conditions)?;
+        let MappingSql {
+            read_sql,
+            read_columns,
+            head_sql,
+            types_sql,
+        } = mapping_sql(mapping, conditions)?;
         refuse_unreadable_sequences(&path, &reader, mapping)?;
         let cache_kib = i64::try_from(STORE_READER_CACHE_KIB).unwrap_or(i64::MAX);
         reader
@@ -343,6 +352,7 @@ impl SqliteEventStore {
             reader: Mutex::new(reader),
             writer: writer.map(Mutex::new),
             read_sql,
+            read_columns,
             head_sql,
             types_sql,
             table: mapping.table.clone(),
@@ -524,13 +534,19 @@ impl SqliteEventStore {
                     },
                 }
             })?;
-            let metadata = match row.get_ref(5).map_err(sql_err)? {
-                ValueRef::Null => None,
-                value => Some(column_text(value, "metadata")?),
+            let metadata = match self.read_columns.metadata {
+                None => None,
+                Some(at) => match row.get_ref(at).map_err(sql_err)? {
+                    ValueRef::Null => None,
+                    value => Some(column_text(value, "metadata")?),
+                },
             };
-            let recorded_at = match row.get_ref(6).map_err(sql_err)? {
-                ValueRef::Null => String::new(),
-                value => column_text(value, "recorded_at")?,
+            let recorded_at = match self.read_columns.recorded_at {
+                None => String::new(),
+                Some(at) => match row.get_ref(at).map_err(sql_err)? {
+                    ValueRef::Null => String::new(),
+                    value => column_text(value, "recorded_at")?,
+                },
             };
             let data = decode_row(sequence, &stream_id, &event_type, data)?;
             events.push(GlobalEvent {
@@ -776,28 +792,52 @@ fn refuse_unreadable_sequences(
     Ok(())
 }
 
+/// Where the read query's optional columns are, when the table has them.
+#[derive(Clone, Copy, Debug, Default)]
+struct OptionalColumns {
+    metadata: Option<usize>,
+    recorded_at: Option<usize>,
+}
+
+/// A mapping's queries.
+struct MappingSql {
+    /// Reads a batch: sequence, stream id, stream version, event type and
+    /// data at 0 to 4, then the optional columns the table has.
+    read_sql: String,
+    read_columns: OptionalColumns,
+    head_sql: String,
+    types_sql: String,
+}
+
 /// The read and head queries for a mapping.
-fn mapping_sql(
-    mapping: &EventTableMapping,
-    conditions: &[RowCondition],
-) -> Result<(String, String, String)> {
+fn mapping_sql(mapping: &EventTableMapping, conditions: &[RowCondition]) -> Result<MappingSql> {
     // Brackets, not double quotes: SQLite reads a double-quoted name that
     // matches no column as a string literal, which would hide a typo.
     let ident = |name: &str| -> Result<String> { Ok(format!("[{}]", plain_identifier(name)?)) };
-    let optional = |name: &Option<String>| -> Result<String> {
-        name.as_deref().map_or(Ok("NULL".to_owned()), ident)
-    };
     let table = ident(&mapping.table)?;
     let sequence = ident(&mapping.sequence)?;
     let event_type = ident(&mapping.event_type)?;
-    let select = format!(
-        "SELECT {sequence}, {}, {}, {event_type}, {}, {}, {} FROM {table}",
+    let mut select = format!(
+        "SELECT {sequence}, {}, {}, {event_type}, {}",
         ident(&mapping.stream_id)?,
         ident(&mapping.stream_version)?,
         ident(&mapping.data)?,
-        optional(&mapping.metadata)?,
-        optional(&mapping.recorded_at)?,
     );
+    let mut read_columns = OptionalColumns::default();
+    let mut next = 5;
+    for (column, at) in [
+        (&mapping.metadata, &mut read_columns.metadata),
+        (&mapping.recorded_at, &mut read_columns.recorded_at),
+    ] {
+        if let Some(column) = column {
+            select.push_str(", ");
+            select.push_str(&ident(column)?);
+            *at = Some(next);
+            next += 1;
+        }
+    }
+    select.push_str(" FROM ");
+    select.push_str(&table);
     let mut only = String::new();
     for condition in conditions {
         only.push_str(" AND ");
@@ -809,7 +849,12 @@ fn mapping_sql(
         "SELECT DISTINCT {event_type} FROM {table} WHERE {event_type} IS NOT NULL{only} LIMIT {}",
         crate::limits::EVENT_TYPES_LISTED_MAX + 1
     );
-    Ok((read_sql, head_sql, types_sql))
+    Ok(MappingSql {
+        read_sql,
+        read_columns,
+        head_sql,
+        types_sql,
+    })
 }
 
 /// A condition on a mapped table's rows: only rows whose `column` holds
