@@ -14,6 +14,9 @@
 # and the ratios to a2; fails if a digest differs.
 #
 #   scripts/bench-user-built.sh [EVENTS] [RUNS] [WORK]     (default 1000000 5 target/bench)
+#
+# With BEFORE_CLI=path/to/an/earlier/projectionist, that binary runs too
+# (variant cli-before, same config), to measure a change of the CLI's path.
 set -euo pipefail
 events=${1:-1000000}
 runs=${2:-5}
@@ -48,6 +51,9 @@ fi
 config="$work/hot-foreign.toml"
 "$bin" config --workload hot --foreign-table > "$config"
 variants=(bench-a2 bench-c bench-c1 user-built bench-d cli)
+if [ -n "${BEFORE_CLI:-}" ]; then
+  variants+=(cli-before)
+fi
 median() { sort -n | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
 : > "$work/user-built.times"
 for run in $(seq "$runs"); do
@@ -58,9 +64,10 @@ for run in $(seq "$runs"); do
       bench-*) cmd=("$bin" run --variant "${variant#bench-}" --workload hot --foreign-table --bench-store "$log" --bench-dir "$dir") ;;
       user-built) cmd=("$user" "$log" "$dir" foreign) ;;
       cli) cmd=("$cli" rebuild --quiet --store "$log" --config "$config" --dir "$dir") ;;
+      cli-before) cmd=("$BEFORE_CLI" rebuild --quiet --store "$log" --config "$config" --dir "$dir") ;;
     esac
     out=$( { /usr/bin/time -f "TIME %e %U %S" "${cmd[@]}"; } 2>&1 )
-    if [ "$variant" = cli ]; then
+    if [[ "$variant" == cli* ]]; then
       digest=$("$bin" digest --bench-dir "$dir")
     else
       digest=$(echo "$out" | sed -n 's/.*"digest":"\([0-9a-f]*\)".*/\1/p')
@@ -82,7 +89,8 @@ for variant in "${variants[@]}"; do
   echo "$variant: wall median $wall s, cpu median $cpu s ($runs runs, $events events)"
   eval "wall_${variant//-/_}=$wall cpu_${variant//-/_}=$cpu"
 done
-for variant in bench_c bench_c1 user_built bench_d cli; do
+for variant in "${variants[@]:1}"; do
+  variant=${variant//-/_}
   w=$(eval echo "\$wall_$variant"); c=$(eval echo "\$cpu_$variant")
   echo "$variant / bench-a2: wall $(echo "scale=2; $w / $wall_bench_a2" | bc)x, cpu $(echo "scale=2; $c / $cpu_bench_a2" | bc)x"
 done
