@@ -6,7 +6,6 @@
 
 use std::borrow::Cow;
 use std::fmt;
-use std::ops::Range;
 
 use serde::Deserializer as _;
 use serde::de::{self, IgnoredAny, MapAccess, SeqAccess, Visitor};
@@ -180,8 +179,9 @@ impl<'de> Visitor<'de> for Entries<'_, 'de> {
 /// of a run): a projection binds a statement's fields by looking them up,
 /// without scanning the text again. What the command line reads events into.
 ///
-/// It decodes from any JSON value; payloads that are not objects keep no
-/// index and are scanned when a field is bound, as [`RawValue`] payloads are.
+/// It decodes from any JSON value. Payloads that are not objects, and the
+/// rare object with an escape in a key, keep no index: their fields are found
+/// by decoding the text when bound, as for [`RawValue`] payloads.
 ///
 /// ```
 /// use projectionist_sqlview::IndexedPayload;
@@ -195,45 +195,37 @@ impl<'de> Visitor<'de> for Entries<'_, 'de> {
 #[derive(Clone, Debug)]
 pub struct IndexedPayload {
     raw: Box<RawValue>,
-    /// The top-level members in text order, when the payload is an object.
-    members: Option<Vec<Member>>,
+    /// The top-level members in text order, when the payload is an object
+    /// the byte scan indexes (exactly as long as the object: 16 bytes a
+    /// member, whatever the batch size).
+    members: Option<Box<[Member]>>,
 }
 
-/// One member of an indexed object: where its key and value are in the text.
-#[derive(Clone, Debug)]
+/// One member of an indexed object: byte offsets of its key (between the
+/// quotes, without escapes) and of its value's text.
+#[derive(Clone, Copy, Debug)]
 struct Member {
-    key: Key,
-    value: Range<usize>,
+    key: (u32, u32),
+    value: (u32, u32),
 }
 
-#[derive(Clone, Debug)]
-enum Key {
-    /// The key is this part of the text (it holds no escapes).
-    At(Range<usize>),
-    /// A key with escapes, unescaped.
-    Unescaped(Box<str>),
+impl Member {
+    fn key<'t>(&self, text: &'t str) -> Option<&'t [u8]> {
+        text.as_bytes()
+            .get(self.key.0 as usize..self.key.1 as usize)
+    }
+
+    fn value<'t>(&self, text: &'t str) -> Option<&'t str> {
+        text.get(self.value.0 as usize..self.value.1 as usize)
+    }
 }
 
 impl IndexedPayload {
     /// Indexes `raw`'s top-level members.
-    ///
-    /// # Errors
-    /// Only for text that is not JSON (a `RawValue` made by serde_json
-    /// always is).
-    pub fn new(raw: Box<RawValue>) -> Result<Self, serde_json::Error> {
-        let text = raw.get();
-        let members = if first_byte(text) == Some(b'{') {
-            // The text is validated JSON: its members are found by a scan
-            // of its bytes (strings, nesting), cheaper than decoding it again.
-            // Should that scan meet anything unexpected, serde_json decides.
-            match index_object(text.as_bytes()) {
-                Some(members) => Some(members),
-                None => serde_json::Deserializer::from_str(text).deserialize_map(Index { text })?,
-            }
-        } else {
-            None
-        };
-        Ok(IndexedPayload { raw, members })
+    #[must_use]
+    pub fn new(raw: Box<RawValue>) -> Self {
+        let members = index_object(raw.get().as_bytes());
+        IndexedPayload { raw, members }
     }
 
     /// The payload's JSON text.
@@ -265,23 +257,20 @@ impl IndexedPayload {
         let Some(members) = &self.members else {
             return Child::of(text, segment);
         };
-        let found = members.iter().rev().find(|member| match &member.key {
-            Key::At(at) => text.as_bytes().get(at.clone()) == Some(segment.as_bytes()),
-            Key::Unescaped(key) => **key == *segment,
-        });
-        Ok(
-            match found.and_then(|member| text.get(member.value.clone())) {
-                Some(value) => Child::Found(value),
-                None => Child::Missing { indexable: true },
-            },
-        )
+        let found = members
+            .iter()
+            .rev()
+            .find(|member| member.key(text) == Some(segment.as_bytes()));
+        Ok(match found.and_then(|member| member.value(text)) {
+            Some(value) => Child::Found(value),
+            None => Child::Missing { indexable: true },
+        })
     }
 }
 
 impl<'de> serde::Deserialize<'de> for IndexedPayload {
     fn deserialize<D: de::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let raw = Box::<RawValue>::deserialize(deserializer)?;
-        IndexedPayload::new(raw).map_err(de::Error::custom)
+        Box::<RawValue>::deserialize(deserializer).map(IndexedPayload::new)
     }
 }
 
@@ -298,96 +287,57 @@ impl PartialEq for IndexedPayload {
     }
 }
 
-/// Finds where an object's members are in `text`, the text being decoded.
-/// `None` (no index, the payload is scanned when bound) if serde_json ever
-/// hands out text that is not a part of it.
-struct Index<'t> {
-    text: &'t str,
+/// Room for the members of the objects a thread indexes, reused: each index
+/// is then allocated once, at its exact length.
+const INDEX_SCRATCH_START: usize = 16;
+
+thread_local! {
+    static INDEX_SCRATCH: std::cell::RefCell<Vec<Member>> =
+        std::cell::RefCell::new(Vec::with_capacity(INDEX_SCRATCH_START));
 }
 
-impl Index<'_> {
-    /// Where `part` is in the text.
-    fn at(&self, part: &str) -> Option<Range<usize>> {
-        let base = self.text.as_ptr() as usize;
-        let start = (part.as_ptr() as usize).checked_sub(base)?;
-        let end = start.checked_add(part.len())?;
-        (self.text.get(start..end) == Some(part)).then_some(start..end)
-    }
-}
-
-impl<'de> Visitor<'de> for Index<'_> {
-    type Value = Option<Vec<Member>>;
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("an object")
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut members = Vec::with_capacity(map.size_hint().unwrap_or(INDEXED_MEMBERS_GUESS));
-        let mut complete = true;
-        while let Some(Text(key)) = map.next_key()? {
-            let value: &'de RawValue = map.next_value()?;
-            if !complete {
-                continue;
-            }
-            let key = match key {
-                Cow::Borrowed(key) => self.at(key).map(Key::At),
-                Cow::Owned(key) => Some(Key::Unescaped(key.into_boxed_str())),
-            };
-            match (key, self.at(value.get())) {
-                (Some(key), Some(value)) => members.push(Member { key, value }),
-                _ => complete = false,
-            }
-        }
-        Ok(complete.then_some(members))
-    }
-}
-
-/// Room first made for an object's members: most event payloads have a few.
-const INDEXED_MEMBERS_GUESS: usize = 8;
-
-/// The members of `text`, a validated JSON object (past leading whitespace),
-/// found by its bytes; `None` on anything a valid object cannot hold.
-fn index_object(text: &[u8]) -> Option<Vec<Member>> {
+/// The members of `text`, a validated JSON object (leading whitespace
+/// allowed), found by its bytes; `None` for anything else, for an object with
+/// an escape in a key, and should the scan meet what valid JSON cannot hold.
+fn index_object(text: &[u8]) -> Option<Box<[Member]>> {
     let mut at = skip_space(text, 0);
     if text.get(at) != Some(&b'{') {
         return None;
     }
-    at = skip_space(text, at + 1);
-    let mut members = Vec::with_capacity(INDEXED_MEMBERS_GUESS);
-    if text.get(at) == Some(&b'}') {
-        return Some(members);
-    }
-    loop {
-        if text.get(at) != Some(&b'"') {
-            return None;
+    let offset = |at: usize| u32::try_from(at).ok();
+    INDEX_SCRATCH.with_borrow_mut(|members| {
+        members.clear();
+        at = skip_space(text, at + 1);
+        if text.get(at) == Some(&b'}') {
+            return Some(Box::default());
         }
-        let (end, escaped) = string_end(text, at)?;
-        let key = if escaped {
-            let quoted = std::str::from_utf8(&text[at..end]).ok()?;
-            Key::Unescaped(
-                serde_json::from_str::<String>(quoted)
-                    .ok()?
-                    .into_boxed_str(),
-            )
-        } else {
-            Key::At(at + 1..end - 1)
-        };
-        at = skip_space(text, end);
-        if text.get(at) != Some(&b':') {
-            return None;
+        loop {
+            if text.get(at) != Some(&b'"') {
+                return None;
+            }
+            let (end, escaped) = string_end(text, at)?;
+            if escaped {
+                return None;
+            }
+            let key = (offset(at + 1)?, offset(end - 1)?);
+            at = skip_space(text, end);
+            if text.get(at) != Some(&b':') {
+                return None;
+            }
+            let start = skip_space(text, at + 1);
+            let end = value_end(text, start)?;
+            members.push(Member {
+                key,
+                value: (offset(start)?, offset(end)?),
+            });
+            at = skip_space(text, end);
+            match text.get(at) {
+                Some(b',') => at = skip_space(text, at + 1),
+                Some(b'}') => return Some(members.as_slice().into()),
+                _ => return None,
+            }
         }
-        let start = skip_space(text, at + 1);
-        let end = value_end(text, start)?;
-        members.push(Member {
-            key,
-            value: start..end,
-        });
-        at = skip_space(text, end);
-        match text.get(at) {
-            Some(b',') => at = skip_space(text, at + 1),
-            Some(b'}') => return Some(members),
-            _ => return None,
-        }
-    }
+    })
 }
 
 /// The first byte at or after `at` that is not JSON whitespace.
@@ -491,24 +441,34 @@ pub(crate) fn decode_leaf(raw: &str) -> Result<Leaf<'_>, String> {
 mod tests {
     use super::*;
 
-    /// The members as (key, value text), however they were found.
-    fn listed(text: &str, members: &[Member]) -> Vec<(String, String)> {
-        members
+    /// The members as (key, value text), as the byte scan found them.
+    fn by_bytes(text: &str) -> Option<Vec<(String, String)>> {
+        let members = index_object(text.as_bytes())?;
+        Some(
+            members
+                .iter()
+                .map(|m| {
+                    let key = String::from_utf8(m.key(text).unwrap().to_vec()).unwrap();
+                    (key, m.value(text).unwrap().to_owned())
+                })
+                .collect(),
+        )
+    }
+
+    /// The members as (key, value text), as serde_json finds them.
+    fn by_serde(text: &str) -> Vec<(String, String)> {
+        let mut object = RawObject::default();
+        object.scan(text).unwrap();
+        object
+            .entries
             .iter()
-            .map(|m| {
-                let key = match &m.key {
-                    Key::At(at) => text[at.clone()].to_owned(),
-                    Key::Unescaped(key) => key.to_string(),
-                };
-                (key, text[m.value.clone()].to_owned())
-            })
+            .map(|(key, value)| (key.to_string(), (*value).to_owned()))
             .collect()
     }
 
     /// The byte scan finds exactly the members serde_json finds, in compact,
     /// spaced and pretty text, with strings that hold brackets, quotes,
-    /// backslashes and non-ASCII text, keys with escapes, nesting and
-    /// repeated keys.
+    /// backslashes and non-ASCII text, nesting and repeated keys.
     #[test]
     fn the_byte_scan_finds_what_serde_json_finds() {
         let objects = [
@@ -516,7 +476,7 @@ mod tests {
             r#"{"a":1}"#,
             r#"{"a": "x,}]", "b": [1, {"c": "}"}, []], "d": {"e": {"f": [[]]}}}"#,
             r#"{"q": "say \"hi\" {", "bs": "c:\\dir\\", "u": "\u00e9t\u00e9 ☃", "n": null}"#,
-            r#"{"k\u0065y": true, "k\"q": false, "dup": 1, "dup": -2.5e-3, "": 0}"#,
+            r#"{"ké": true, "dup": 1, "dup": -2.5e-3, "": 0, "f": false}"#,
             r#"{"deep": [[[[{"a": [1, "]"]}]]]], "last": 18446744073709551615}"#,
             " {\t\"a\" :\r\n1 ,\"b\"\n:\t[ 1 , 2 ] ,\"c\" : { \"d\" : null } \n} ",
         ];
@@ -525,24 +485,21 @@ mod tests {
             let compact = serde_json::to_string(&value).unwrap();
             let pretty = serde_json::to_string_pretty(&value).unwrap();
             for text in [object.to_owned(), compact, pretty] {
-                let by_serde = serde_json::Deserializer::from_str(&text)
-                    .deserialize_map(Index { text: &text })
-                    .unwrap()
-                    .unwrap();
-                let by_bytes = index_object(text.as_bytes()).expect(&text);
-                assert_eq!(listed(&text, &by_bytes), listed(&text, &by_serde), "{text}");
+                assert_eq!(by_bytes(&text), Some(by_serde(&text)), "{text}");
             }
         }
     }
 
-    /// Text that is not an object is not indexed by the byte scan (serde_json
-    /// then decides), and never makes it panic.
+    /// Text that is not an object, or an object with an escaped key, is not
+    /// indexed (its fields are then found by decoding), and never makes the
+    /// scan panic.
     #[test]
-    fn the_byte_scan_refuses_what_is_not_an_object() {
+    fn the_byte_scan_indexes_only_plain_objects() {
         for text in [
             "",
             "{",
             "[1]",
+            "\"s\"",
             "{\"a\"}",
             "{\"a\":}",
             "{\"a\":1,}",
@@ -551,8 +508,10 @@ mod tests {
             "{\"a\":]}",
             "{\"a\":\"x}",
             "{1:2}",
+            r#"{"k\u0065y": 1}"#,
+            r#"{"a": 1, "b\"c": 2}"#,
         ] {
-            assert!(index_object(text.as_bytes()).is_none(), "{text}");
+            assert!(by_bytes(text).is_none(), "{text}");
         }
     }
 }
