@@ -490,6 +490,110 @@ mod tests {
         }
     }
 
+    /// Random JSON text (keys and strings with escapes, brackets, commas and
+    /// colons inside strings, nesting, repeated keys, any whitespace): the
+    /// byte scan finds what serde_json finds, or keeps no index when a key
+    /// holds an escape. Seeded: `PROJECTIONIST_SEED` replays a run.
+    #[test]
+    fn the_byte_scan_agrees_with_serde_json_on_random_objects() {
+        const CASES: usize = 3_000;
+        let seed = std::env::var("PROJECTIONIST_SEED").map_or_else(
+            |_| fastrand::u64(..),
+            |s| s.parse().expect("PROJECTIONIST_SEED is a number"),
+        );
+        eprintln!("seed {seed} (PROJECTIONIST_SEED replays it)");
+        let mut rng = fastrand::Rng::with_seed(seed);
+        for case in 0..CASES {
+            let mut text = String::new();
+            let escaped_key = random_object(&mut rng, &mut text, 0);
+            let expected = serde_json::from_str::<Value>(&text)
+                .map(|_| ())
+                .map_err(|e| format!("seed {seed}, case {case}: generated {text:?}: {e}"));
+            expected.unwrap();
+            if escaped_key {
+                assert_eq!(by_bytes(&text), None, "seed {seed}, case {case}: {text}");
+            } else {
+                assert_eq!(
+                    by_bytes(&text),
+                    Some(by_serde(&text)),
+                    "seed {seed}, case {case}: {text}"
+                );
+            }
+        }
+    }
+
+    fn space(rng: &mut fastrand::Rng, out: &mut String) {
+        for _ in 0..rng.usize(0..3) {
+            out.push([' ', '\t', '\n', '\r'][rng.usize(0..4)]);
+        }
+    }
+
+    /// Writes a random JSON string; whether it holds an escape.
+    fn random_string(rng: &mut fastrand::Rng, out: &mut String) -> bool {
+        const PIECES: [&str; 14] = [
+            "a", "key", "é", "☃", " ", "}", "]", ",", ":", "{", "[", "\\\"", "\\\\", "\\u00e9",
+        ];
+        let mut escaped = false;
+        out.push('"');
+        for _ in 0..rng.usize(0..4) {
+            let piece = PIECES[rng.usize(0..PIECES.len())];
+            escaped |= piece.starts_with('\\');
+            out.push_str(piece);
+        }
+        out.push('"');
+        escaped
+    }
+
+    fn random_value(rng: &mut fastrand::Rng, out: &mut String, depth: usize) {
+        let kinds = if depth >= 4 { 6 } else { 8 };
+        match rng.usize(0..kinds) {
+            0 => out.push_str(["0", "-0", "12", "-3.5", "1e5", "2E-3"][rng.usize(0..6)]),
+            1 => out.push_str(["true", "false"][rng.usize(0..2)]),
+            2 => out.push_str("null"),
+            3..=5 => {
+                random_string(rng, out);
+            }
+            6 => {
+                out.push('[');
+                for i in 0..rng.usize(0..4) {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    space(rng, out);
+                    random_value(rng, out, depth + 1);
+                    space(rng, out);
+                }
+                out.push(']');
+            }
+            _ => {
+                random_object(rng, out, depth + 1);
+            }
+        }
+    }
+
+    /// Writes a random object; whether one of its own keys holds an escape.
+    fn random_object(rng: &mut fastrand::Rng, out: &mut String, depth: usize) -> bool {
+        let mut escaped = false;
+        space(rng, out);
+        out.push('{');
+        for i in 0..rng.usize(0..6) {
+            if i > 0 {
+                out.push(',');
+            }
+            space(rng, out);
+            escaped |= random_string(rng, out);
+            space(rng, out);
+            out.push(':');
+            space(rng, out);
+            random_value(rng, out, depth);
+            space(rng, out);
+        }
+        space(rng, out);
+        out.push('}');
+        space(rng, out);
+        escaped
+    }
+
     /// Text that is not an object, or an object with an escaped key, is not
     /// indexed (its fields are then found by decoding), and never makes the
     /// scan panic.
