@@ -374,21 +374,21 @@ impl<'e> Fields<'e, IndexedPayload> for IndexedFields {
     }
 }
 
-/// The field at `path` of `data`, a payload's validated JSON text; `first`
-/// takes the path's first step (from a scan or an index of the payload).
+/// The field at `path` of `data`, a payload's validated JSON text; `top`
+/// finds a top-level member (from a scan or an index of the payload).
 fn text_field<'e>(
     data: &'e str,
-    first: impl FnOnce(&str) -> Result<Child<'e>, String>,
+    top: impl Fn(&str) -> Result<Child<'e>, String>,
     path: &[String],
     required: bool,
     kind: Option<ValueKind>,
 ) -> Result<ToSqlOutput<'e>, String> {
-    let mut first = Some(first);
     let mut current: &'e str = data;
     for (depth, segment) in path.iter().enumerate() {
-        let child = match first.take() {
-            Some(first) => first(segment)?,
-            None => Child::of(current, segment)?,
+        let child = if depth == 0 {
+            top(segment)?
+        } else {
+            Child::of(current, segment)?
         };
         match child {
             Child::Found(value) => current = value,

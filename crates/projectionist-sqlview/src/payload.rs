@@ -39,8 +39,8 @@ impl<'de> de::Deserialize<'de> for Text<'de> {
 
 /// The first byte of a JSON value's text, past any whitespace.
 fn first_byte(text: &str) -> Option<u8> {
-    text.bytes()
-        .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+    let text = text.as_bytes();
+    text.get(skip_space(text, 0)).copied()
 }
 
 fn invalid(e: &serde_json::Error) -> String {
