@@ -129,18 +129,11 @@ pub(crate) fn ask_follower(
     let id = request_id();
     let asked = Instant::now();
     loop {
-        let created = std::fs::File::options()
-            .write(true)
-            .create_new(true)
-            .open(request)
-            .and_then(|mut file| {
-                let text = match body {
-                    Some(body) => format!("{id}\n{body}\n"),
-                    None => id.clone(),
-                };
-                std::io::Write::write_all(&mut file, text.as_bytes())
-            });
-        match created {
+        let text = match body {
+            Some(body) => format!("{id}\n{body}\n"),
+            None => id.clone(),
+        };
+        match projectionist_runner::control::place_request(request, &text) {
             Ok(()) => break,
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 if asked.elapsed() > REQUEST_TAKEN_WITHIN * 3 || !process_alive(pid) {

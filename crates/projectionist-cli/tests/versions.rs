@@ -464,6 +464,54 @@ fn a_follower_rebuilds_and_rolls_back_on_request_from_another_process() {
     assert!(follower.into_inner().wait().unwrap().success());
 }
 
+/// A request file seen before its writer wrote the id into it (an asker of
+/// an earlier version creates the file, then writes it) is left for its
+/// writer: the follower neither acts on it nor removes it, and answers the
+/// request once it is written. (It used to roll back at once, under no id,
+/// so the asker waited for an answer that never came.)
+#[test]
+fn a_rollback_request_still_being_written_is_answered_once_written() {
+    let env = Env::new();
+    env.demo_log(2_000);
+    let follower = start_following(&env);
+    ask_follower_to_rebuild(&env);
+    wait_published(&env, 1);
+    let before = live_version_id(&env, "order_summary");
+
+    let request = env.path("projections/.order_summary.rollback-request");
+    std::fs::File::create_new(&request).unwrap();
+    // The follower looks for requests every 200 ms: give it several looks.
+    let planted = Instant::now();
+    while planted.elapsed() < Duration::from_secs(1) {
+        assert!(request.exists(), "the follower took an empty request");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(live_version_id(&env, "order_summary"), before);
+    // The writer finishes: the same file, now holding its id.
+    std::io::Write::write_all(
+        &mut std::fs::File::options()
+            .write(true)
+            .open(&request)
+            .expect("the request file was removed before it was written"),
+        b"77-1",
+    )
+    .unwrap();
+    let outcome = env.path("projections/.order_summary.outcome-77-1");
+    wait_until("the rollback's answer", Duration::from_secs(60), || {
+        outcome.exists()
+    });
+    let answer: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&outcome).unwrap()).unwrap();
+    assert_eq!(answer["ok"], true, "{answer}");
+    assert_ne!(live_version_id(&env, "order_summary"), before);
+    assert!(!request.exists());
+
+    let _ = Command::new("kill")
+        .args(["-TERM", &follower.id().to_string()])
+        .status();
+    assert!(follower.into_inner().wait().unwrap().success());
+}
+
 /// SIGKILLs at random moments of shadow rebuilds (seeded: `PROJECTIONIST_SEED`
 /// replays): the live file always holds one whole version, and the next
 /// `resume` ends on the digest of a fresh rebuild.

@@ -21,6 +21,10 @@
 //!   projection's dead letters again; answered in `.{name}.outcome-{id}`
 //!   (JSON: `ok`, `applied`, `failed` as `[sequence, error]` pairs, or
 //!   `error`), then removed.
+//!
+//! Askers place a request whole ([`place_request`]), so the holder never
+//! takes one before its id is in it; an empty request file (an asker of an
+//! earlier version writing it) is left alone for a while ([`read_request`]).
 
 use std::path::{Path, PathBuf};
 
@@ -60,6 +64,54 @@ fn replace_own_file(path: &Path, contents: &str) -> std::io::Result<()> {
         let _ = std::fs::remove_file(&temp);
     }
     written
+}
+
+/// Places a request file at `path` holding `contents`, only when none is
+/// there: the contents are written beside it first and then linked in
+/// whole, so the holder never reads a request half written (a file created
+/// and then written can be seen empty in between, and an empty request has
+/// no id to answer).
+///
+/// # Errors
+/// [`std::io::ErrorKind::AlreadyExists`] when a request is pending at `path`;
+/// other I/O errors writing or linking the file.
+pub fn place_request(path: &Path, contents: &str) -> std::io::Result<()> {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let mut temp = path.as_os_str().to_owned();
+    temp.push(format!("-{}-{nanos}.new", std::process::id()));
+    let temp = PathBuf::from(temp);
+    write_own_file(&temp, contents)?;
+    let linked = std::fs::hard_link(&temp, path);
+    let _ = std::fs::remove_file(&temp);
+    linked
+}
+
+/// How long the holder leaves an empty request file alone, taking it for
+/// one still being written (by an asker of an earlier version, which created
+/// the file and then wrote it) before removing it as abandoned.
+pub const UNWRITTEN_REQUEST_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The text of the request file at `path`, as the holder takes it: `None`
+/// when there is none, or when it is empty and younger than
+/// [`UNWRITTEN_REQUEST_GRACE`] (its writer is not done: it is left for the
+/// next look). An older empty file is removed, with a warning.
+#[must_use]
+pub fn read_request(path: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    if !text.trim().is_empty() {
+        return Some(text);
+    }
+    let age = std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|modified| modified.elapsed().ok());
+    if age.is_some_and(|age| age > UNWRITTEN_REQUEST_GRACE) {
+        tracing::warn!(file = %path.display(), "removed an empty request file");
+        let _ = std::fs::remove_file(path);
+    }
+    None
 }
 
 /// Where the holder answers request `id` for projection `name`:
@@ -191,5 +243,94 @@ pub fn retry_outcome(retried: &Result<projectionist::Retried, String>) -> serde_
     match retried {
         Ok(r) => json!({"ok": true, "applied": r.applied, "failed": r.failed}),
         Err(e) => json!({"ok": false, "error": e}),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Another process reading a request file while it is placed sees no
+    /// file or the whole request, never an empty or partial one.
+    #[test]
+    fn a_placed_request_is_never_seen_half_written() {
+        const PLACEMENTS: usize = 2_000;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(".p.rollback-request");
+        let request = "4242-1234567890123456789\nall\n";
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = {
+            let (path, done) = (path.clone(), std::sync::Arc::clone(&done));
+            std::thread::spawn(move || {
+                let (mut seen, mut torn) = (0, Vec::new());
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    match std::fs::read_to_string(&path) {
+                        Ok(text) if text == request => seen += 1,
+                        Ok(text) => torn.push(text),
+                        Err(_) => {}
+                    }
+                }
+                (seen, torn)
+            })
+        };
+        for _ in 0..PLACEMENTS {
+            place_request(&path, request).unwrap();
+            std::fs::remove_file(&path).unwrap();
+        }
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (seen, torn) = reader.join().unwrap();
+        assert!(
+            torn.is_empty(),
+            "read {} half-written requests, the first {:?}",
+            torn.len(),
+            torn.first()
+        );
+        // Nothing but the request is left behind.
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert!(left.is_empty(), "{left:?}");
+        eprintln!("the reader saw the whole request {seen} times");
+    }
+
+    #[test]
+    fn a_request_is_placed_only_when_none_is_pending() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(".p.retry-request");
+        place_request(&path, "1-1\nall\n").unwrap();
+        let second = place_request(&path, "2-2\n7\n").unwrap_err();
+        assert_eq!(second.kind(), std::io::ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "1-1\nall\n");
+        // A planted link counts as pending and is not written through.
+        let outside = dir.path().join("outside");
+        std::fs::write(&outside, "precious").unwrap();
+        let link = dir.path().join(".q.rollback-request");
+        std::os::unix::fs::symlink(&outside, &link).unwrap();
+        assert!(place_request(&link, "3-3").is_err());
+        assert_eq!(std::fs::read_to_string(&outside).unwrap(), "precious");
+    }
+
+    /// An empty request file is one its writer has not finished (an asker of
+    /// an earlier version creates it, then writes it): the holder leaves it
+    /// for a later look, and removes it only once it is old.
+    #[test]
+    fn an_empty_request_is_left_for_its_writer_and_removed_once_abandoned() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(".p.rollback-request");
+        std::fs::write(&path, "").unwrap();
+        assert_eq!(read_request(&path), None);
+        assert!(path.exists(), "a request being written was removed");
+        std::fs::write(&path, "12-34").unwrap();
+        assert_eq!(read_request(&path).as_deref(), Some("12-34"));
+
+        std::fs::write(&path, "").unwrap();
+        let long_ago = std::time::SystemTime::now() - UNWRITTEN_REQUEST_GRACE * 2;
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(long_ago)
+            .unwrap();
+        assert_eq!(read_request(&path), None);
+        assert!(!path.exists(), "an abandoned empty request was left");
+        assert_eq!(read_request(&path), None);
     }
 }

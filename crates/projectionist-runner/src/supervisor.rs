@@ -1910,10 +1910,19 @@ impl RequestWatch {
             let _ = std::fs::remove_file(&files.rebuild_request);
         }
         self.take_retry(name, &files);
-        let Ok(id) = std::fs::read_to_string(&files.rollback_request) else {
+        let Some(id) = control::read_request(&files.rollback_request) else {
             return;
         };
         let id = id.trim().to_owned();
+        if control::outcome_path(&self.dir, name, &id).is_none() {
+            // No id to answer under: not one of ours; done nothing.
+            tracing::warn!(
+                projection = name,
+                "ignored a rollback request that is not one"
+            );
+            let _ = std::fs::remove_file(&files.rollback_request);
+            return;
+        }
         let answer = match send_request(&self.shared, &self.commands, name, Request::Rollback) {
             Ok(answer) => answer,
             Err(e) => {
@@ -1968,10 +1977,12 @@ impl RequestWatch {
     /// Serves projection `name`'s pending retry request, answered in its
     /// outcome file.
     fn take_retry(&self, name: &str, files: &projectionist::VersionFiles) {
-        let Ok(text) = std::fs::read_to_string(&files.retry_request) else {
+        let Some(text) = control::read_request(&files.retry_request) else {
             return;
         };
-        let Some((id, which)) = control::parse_retry_request(&text) else {
+        let parsed = control::parse_retry_request(&text)
+            .filter(|(id, _)| control::outcome_path(&self.dir, name, id).is_some());
+        let Some((id, which)) = parsed else {
             tracing::warn!(projection = name, "ignored a retry request that is not one");
             let _ = std::fs::remove_file(&files.retry_request);
             return;
