@@ -134,7 +134,9 @@ fn names_this_process(text: &str) -> bool {
 /// and takes requests for it. Call only while holding its lock.
 pub fn register(dir: &Path, name: &str) {
     if let Ok(files) = VersionFiles::new(dir, name) {
-        let _ = write_own_file(&files.follower, &std::process::id().to_string());
+        // Whole, as every later state line: an asker reading it in between
+        // would find no process id and take the projection for unheld.
+        let _ = replace_own_file(&files.follower, &std::process::id().to_string());
     }
 }
 
