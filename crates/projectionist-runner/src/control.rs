@@ -93,23 +93,51 @@ pub fn place_request(path: &Path, contents: &str) -> std::io::Result<()> {
 /// the file and then wrote it) before removing it as abandoned.
 pub const UNWRITTEN_REQUEST_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// The most a request file holds: an id of at most 64 bytes and a line
+/// naming `all` or one sequence; anything longer is not a request of ours
+/// (and is never read whole into memory).
+pub const REQUEST_MAX_BYTES: u64 = 256;
+
 /// The text of the request file at `path`, as the holder takes it: `None`
 /// when there is none, or when it is empty and younger than
 /// [`UNWRITTEN_REQUEST_GRACE`] (its writer is not done: it is left for the
-/// next look). An older empty file is removed, with a warning.
+/// next look). An older empty file is removed, with a warning; so is what is
+/// not a request of ours (a symbolic link planted there, whatever it points
+/// to; a file over [`REQUEST_MAX_BYTES`] or not UTF-8). Something else in its
+/// place (a directory, a pipe) is left alone and never opened.
 #[must_use]
 pub fn read_request(path: &Path) -> Option<String> {
-    let text = std::fs::read_to_string(path).ok()?;
+    use std::io::Read;
+    let meta = std::fs::symlink_metadata(path).ok()?;
+    let not_ours = |what: &str| {
+        tracing::warn!(file = %path.display(), "removed a request file that is {what}");
+        let _ = std::fs::remove_file(path);
+        None
+    };
+    if meta.file_type().is_symlink() {
+        return not_ours("a symbolic link");
+    }
+    if !meta.is_file() {
+        return None;
+    }
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .ok()?
+        .take(REQUEST_MAX_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .ok()?;
+    if bytes.len() as u64 > REQUEST_MAX_BYTES {
+        return not_ours("too long");
+    }
+    let Ok(text) = String::from_utf8(bytes) else {
+        return not_ours("not text");
+    };
     if !text.trim().is_empty() {
         return Some(text);
     }
-    let age = std::fs::metadata(path)
-        .and_then(|m| m.modified())
-        .ok()
-        .and_then(|modified| modified.elapsed().ok());
+    let age = meta.modified().ok().and_then(|m| m.elapsed().ok());
     if age.is_some_and(|age| age > UNWRITTEN_REQUEST_GRACE) {
-        tracing::warn!(file = %path.display(), "removed an empty request file");
-        let _ = std::fs::remove_file(path);
+        return not_ours("empty and abandoned");
     }
     None
 }
@@ -333,6 +361,44 @@ mod tests {
             .unwrap();
         assert_eq!(read_request(&path), None);
         assert!(!path.exists(), "an abandoned empty request was left");
+        assert_eq!(read_request(&path), None);
+    }
+
+    /// What is not a request of ours is never taken for one: a link planted
+    /// at a request's name (even to a file holding a valid request) is
+    /// removed and what it points to left alone; an oversized or binary
+    /// file is removed unread; a directory or a pipe there is never opened.
+    #[test]
+    fn what_is_not_a_request_of_ours_is_never_taken_for_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(".p.rollback-request");
+        let outside = dir.path().join("outside");
+        std::fs::write(&outside, "12-34").unwrap();
+        std::os::unix::fs::symlink(&outside, &path).unwrap();
+        assert_eq!(read_request(&path), None);
+        assert!(std::fs::symlink_metadata(&path).is_err(), "the link stayed");
+        assert_eq!(std::fs::read_to_string(&outside).unwrap(), "12-34");
+
+        let limit = usize::try_from(REQUEST_MAX_BYTES).unwrap();
+        std::fs::write(&path, "1".repeat(limit)).unwrap();
+        assert!(read_request(&path).is_some(), "a request at the limit");
+        std::fs::write(&path, "1".repeat(limit + 1)).unwrap();
+        assert_eq!(read_request(&path), None);
+        assert!(!path.exists(), "an oversized request stayed");
+        std::fs::write(&path, [0xff, 0xfe, b'1']).unwrap();
+        assert_eq!(read_request(&path), None);
+        assert!(!path.exists(), "a binary request stayed");
+
+        std::fs::create_dir(&path).unwrap();
+        assert_eq!(read_request(&path), None);
+        assert!(path.is_dir());
+        std::fs::remove_dir(&path).unwrap();
+        let made = std::process::Command::new("mkfifo")
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        // Opening a pipe with no writer would block: returning at all is the check.
         assert_eq!(read_request(&path), None);
     }
 }
