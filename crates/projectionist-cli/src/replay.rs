@@ -115,14 +115,7 @@ pub(crate) fn ask_follower(
     request: &std::path::Path,
     body: Option<&str>,
 ) -> Option<anyhow::Result<(u32, String)>> {
-    let registered = VersionFiles::new(dir, name).ok()?.follower;
-    let pid: u32 = std::fs::read_to_string(registered)
-        .ok()?
-        .lines()
-        .next()?
-        .trim()
-        .parse()
-        .ok()?;
+    let pid = projectionist_runner::control::read_registration(dir, name)?.pid;
     if !process_alive(pid) {
         return None;
     }

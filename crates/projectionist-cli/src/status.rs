@@ -152,19 +152,10 @@ fn follower_said(row: &mut ui::StatusRow, dir: &Path, name: &str) {
     if !matches!(row.state, "following" | "behind" | "current" | "waiting") {
         return;
     }
-    let Ok(files) = VersionFiles::new(dir, name) else {
+    let Some(registration) = projectionist_runner::control::read_registration(dir, name) else {
         return;
     };
-    let Ok(text) = std::fs::read_to_string(&files.follower) else {
-        return;
-    };
-    let mut lines = text.lines();
-    let alive = lines
-        .next()
-        .and_then(|pid| pid.trim().parse().ok())
-        .is_some_and(process_alive);
-    let said: Option<serde_json::Value> = lines.next().and_then(|l| serde_json::from_str(l).ok());
-    let (true, Some(said)) = (alive, said) else {
+    let (true, Some(said)) = (process_alive(registration.pid), registration.state) else {
         return;
     };
     let state = match said["state"].as_str() {

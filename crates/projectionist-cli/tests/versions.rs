@@ -861,6 +861,59 @@ fn links_planted_at_the_follower_and_request_files_are_not_written_through() {
     assert!(follower.into_inner().wait().unwrap().success());
 }
 
+/// Hostile directory: a named pipe where the follower registers or where a
+/// rollback request goes holds nothing up (opening a pipe that nobody
+/// writes blocks): `status` and `rebuild` finish, and the follower still
+/// takes the requests that come after it.
+#[test]
+fn pipes_at_the_follower_and_request_names_hold_nothing_up() {
+    let env = Env::new();
+    env.demo_log(2_000);
+    assert!(env.run(&["--quiet", "rebuild"]).status.success());
+    let mkfifo = |name: &str| {
+        let made = Command::new("mkfifo")
+            .arg(env.path(&format!("projections/{name}")))
+            .status()
+            .unwrap();
+        assert!(made.success());
+    };
+    mkfifo(".order_summary.follower");
+    for args in [
+        &["status"][..],
+        &["--quiet", "rebuild", "order_summary"][..],
+    ] {
+        let mut child = env
+            .command(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map(Reaped::new)
+            .unwrap();
+        let mut finished = None;
+        wait_until(
+            &format!("{args:?} to finish"),
+            Duration::from_secs(60),
+            || {
+                finished = child.try_wait().unwrap();
+                finished.is_some()
+            },
+        );
+        assert!(finished.unwrap().success(), "{args:?} failed");
+    }
+    std::fs::remove_file(env.path("projections/.order_summary.follower")).unwrap();
+
+    let follower = start_following(&env);
+    mkfifo(".order_summary.rollback-request");
+    // The first request is taken before the pipe is looked at; the second
+    // only if looking at it did not block the follower.
+    ask_follower_to_rebuild(&env);
+    ask_follower_to_rebuild(&env);
+    let _ = Command::new("kill")
+        .args(["-TERM", &follower.id().to_string()])
+        .status();
+    assert!(follower.into_inner().wait().unwrap().success());
+}
+
 /// Issue 23, finding 4: a second `follow` of the same directory is refused,
 /// and changes nothing of the first one's: its `.{name}.follower` files stay,
 /// so a `rebuild` from another process is still handed to the running

@@ -98,6 +98,50 @@ pub const UNWRITTEN_REQUEST_GRACE: std::time::Duration = std::time::Duration::fr
 /// (and is never read whole into memory).
 pub const REQUEST_MAX_BYTES: u64 = 256;
 
+/// What is at the name of one of our small files, read without following a
+/// link and at most `max` bytes of it.
+enum OwnFile {
+    Missing,
+    /// A regular file: its first `max` bytes, whether there were more, and
+    /// when it was last written.
+    Read {
+        bytes: Vec<u8>,
+        truncated: bool,
+        modified: Option<std::time::SystemTime>,
+    },
+    /// A symbolic link: never ours (we write files, never links).
+    Link,
+    /// A directory, a pipe, a socket or a device: never opened (a pipe with
+    /// no writer would block the open).
+    Other,
+}
+
+fn read_own(path: &Path, max: u64) -> OwnFile {
+    use std::io::Read;
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return OwnFile::Missing;
+    };
+    if meta.file_type().is_symlink() {
+        return OwnFile::Link;
+    }
+    if !meta.is_file() {
+        return OwnFile::Other;
+    }
+    let mut bytes = Vec::new();
+    let read =
+        std::fs::File::open(path).and_then(|file| file.take(max + 1).read_to_end(&mut bytes));
+    if read.is_err() {
+        return OwnFile::Missing;
+    }
+    let truncated = bytes.len() as u64 > max;
+    bytes.truncate(usize::try_from(max).unwrap_or(usize::MAX));
+    OwnFile::Read {
+        bytes,
+        truncated,
+        modified: meta.modified().ok(),
+    }
+}
+
 /// The text of the request file at `path`, as the holder takes it: `None`
 /// when there is none, or when it is empty and younger than
 /// [`UNWRITTEN_REQUEST_GRACE`] (its writer is not done: it is left for the
@@ -107,39 +151,79 @@ pub const REQUEST_MAX_BYTES: u64 = 256;
 /// place (a directory, a pipe) is left alone and never opened.
 #[must_use]
 pub fn read_request(path: &Path) -> Option<String> {
-    use std::io::Read;
-    let meta = std::fs::symlink_metadata(path).ok()?;
     let not_ours = |what: &str| {
         tracing::warn!(file = %path.display(), "removed a request file that is {what}");
         let _ = std::fs::remove_file(path);
         None
     };
-    if meta.file_type().is_symlink() {
-        return not_ours("a symbolic link");
-    }
-    if !meta.is_file() {
-        return None;
-    }
-    let mut bytes = Vec::new();
-    std::fs::File::open(path)
-        .ok()?
-        .take(REQUEST_MAX_BYTES + 1)
-        .read_to_end(&mut bytes)
-        .ok()?;
-    if bytes.len() as u64 > REQUEST_MAX_BYTES {
-        return not_ours("too long");
-    }
+    let (bytes, modified) = match read_own(path, REQUEST_MAX_BYTES) {
+        OwnFile::Missing | OwnFile::Other => return None,
+        OwnFile::Link => return not_ours("a symbolic link"),
+        OwnFile::Read {
+            truncated: true, ..
+        } => return not_ours("too long"),
+        OwnFile::Read {
+            bytes, modified, ..
+        } => (bytes, modified),
+    };
     let Ok(text) = String::from_utf8(bytes) else {
         return not_ours("not text");
     };
     if !text.trim().is_empty() {
         return Some(text);
     }
-    let age = meta.modified().ok().and_then(|m| m.elapsed().ok());
+    let age = modified.and_then(|m| m.elapsed().ok());
     if age.is_some_and(|age| age > UNWRITTEN_REQUEST_GRACE) {
         return not_ours("empty and abandoned");
     }
     None
+}
+
+/// The most of `.{name}.follower` that is read: a process id and a state
+/// line, whose `reason` holds an error's text. Past it the process id still
+/// counts; the state line does not.
+pub const REGISTRATION_MAX_BYTES: u64 = 64 * 1024;
+
+/// What `.{name}.follower` says: the process that holds the projection and
+/// takes requests for it, and its state of the projection (the JSON line of
+/// [`state_line`], `None` until it said one).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Registration {
+    /// The process that holds the projection.
+    pub pid: u32,
+    /// Its state line (`state`, `reason`, `checkpoint`, `waiting`).
+    pub state: Option<serde_json::Value>,
+}
+
+/// Reads projection `name`'s registration in `dir`: `None` when there is
+/// none, or what is there is not ours (a link, not a regular file, no
+/// process id on its first line). Whether that process lives is the
+/// caller's question.
+#[must_use]
+pub fn read_registration(dir: &Path, name: &str) -> Option<Registration> {
+    let files = VersionFiles::new(dir, name).ok()?;
+    let OwnFile::Read {
+        bytes, truncated, ..
+    } = read_own(&files.follower, REGISTRATION_MAX_BYTES)
+    else {
+        return None;
+    };
+    let text = String::from_utf8_lossy(&bytes);
+    let mut lines = text.lines();
+    let pid = lines.next()?.trim().parse().ok()?;
+    let state = if truncated {
+        None
+    } else {
+        lines
+            .next()
+            .and_then(|line| serde_json::from_str(line).ok())
+    };
+    Some(Registration { pid, state })
+}
+
+/// Whether projection `name`'s registration names this process.
+fn registered_here(dir: &Path, name: &str) -> bool {
+    read_registration(dir, name).is_some_and(|r| r.pid == std::process::id())
 }
 
 /// Where the holder answers request `id` for projection `name`:
@@ -150,12 +234,6 @@ pub fn outcome_path(dir: &Path, name: &str, id: &str) -> Option<PathBuf> {
     let valid =
         !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_digit() || b == b'-');
     valid.then(|| dir.join(format!(".{name}.outcome-{id}")))
-}
-
-/// Whether the first line of `text` names this process.
-fn names_this_process(text: &str) -> bool {
-    let own = std::process::id().to_string();
-    text.lines().next().is_some_and(|pid| pid.trim() == own)
 }
 
 /// Says, in `.{name}.follower`, that this process holds projection `name`
@@ -173,7 +251,7 @@ pub fn register(dir: &Path, name: &str) {
 /// alone).
 pub fn unregister(dir: &Path, name: &str) {
     if let Ok(files) = VersionFiles::new(dir, name)
-        && std::fs::read_to_string(&files.follower).is_ok_and(|text| names_this_process(&text))
+        && registered_here(dir, name)
     {
         let _ = std::fs::remove_file(&files.follower);
     }
@@ -200,9 +278,7 @@ pub fn tell_state(dir: &Path, name: &str, line: &serde_json::Value) {
     let Ok(files) = VersionFiles::new(dir, name) else {
         return;
     };
-    let registered =
-        std::fs::read_to_string(&files.follower).is_ok_and(|text| names_this_process(&text));
-    if registered {
+    if registered_here(dir, name) {
         let own = std::process::id();
         let _ = replace_own_file(&files.follower, &format!("{own}\n{line}\n"));
     }
@@ -400,5 +476,50 @@ mod tests {
         assert!(made.success());
         // Opening a pipe with no writer would block: returning at all is the check.
         assert_eq!(read_request(&path), None);
+    }
+
+    #[test]
+    fn a_registration_is_read_bounded_and_never_through_a_link_or_a_pipe() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(".p.follower");
+        assert_eq!(read_registration(dir.path(), "p"), None);
+        std::fs::write(&path, "4242").unwrap();
+        let only_pid = read_registration(dir.path(), "p").unwrap();
+        assert_eq!((only_pid.pid, only_pid.state), (4242, None));
+        std::fs::write(&path, "4242\n{\"state\":\"stalled\",\"reason\":\"x\"}\n").unwrap();
+        let said = read_registration(dir.path(), "p").unwrap();
+        assert_eq!(said.state.unwrap()["state"], "stalled");
+        std::fs::write(&path, "not a pid\n{}\n").unwrap();
+        assert_eq!(read_registration(dir.path(), "p"), None);
+
+        // Past the bound the process id still counts, the state line not.
+        let limit = usize::try_from(REGISTRATION_MAX_BYTES).unwrap();
+        let reason = "r".repeat(limit);
+        std::fs::write(
+            &path,
+            format!("4242\n{{\"state\":\"failed\",\"reason\":\"{reason}\"}}\n"),
+        )
+        .unwrap();
+        let long = read_registration(dir.path(), "p").unwrap();
+        assert_eq!((long.pid, long.state), (4242, None));
+
+        std::fs::remove_file(&path).unwrap();
+        let outside = dir.path().join("outside");
+        std::fs::write(&outside, "4242\n").unwrap();
+        std::os::unix::fs::symlink(&outside, &path).unwrap();
+        assert_eq!(read_registration(dir.path(), "p"), None);
+        std::fs::remove_file(&path).unwrap();
+        let made = std::process::Command::new("mkfifo")
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        assert_eq!(read_registration(dir.path(), "p"), None);
+        // A registration is replaced whole over whatever is there.
+        register(dir.path(), "p");
+        assert_eq!(
+            read_registration(dir.path(), "p").map(|r| r.pid),
+            Some(std::process::id())
+        );
     }
 }
