@@ -41,16 +41,11 @@ use crate::state::{State, Status, WaitReason};
 /// # Errors
 /// I/O errors removing or creating the file.
 pub fn write_own_file(path: &Path, contents: &str) -> std::io::Result<()> {
-    use std::io::Write;
     match std::fs::remove_file(path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
         _ => {}
     }
-    std::fs::File::options()
-        .write(true)
-        .create_new(true)
-        .open(path)?
-        .write_all(contents.as_bytes())
+    create_then_write(path, contents)
 }
 
 /// Replaces `path` whole with `contents` (written beside it, then renamed):
@@ -70,11 +65,13 @@ fn replace_own_file(path: &Path, contents: &str) -> std::io::Result<()> {
 /// there: the contents are written beside it first and then linked in
 /// whole, so the holder never reads a request half written (a file created
 /// and then written can be seen empty in between, and an empty request has
-/// no id to answer).
+/// no id to answer). On a file system without hard links the file is
+/// created exclusively and then written, as earlier versions did; a holder
+/// leaves it alone while it is empty ([`read_request`]).
 ///
 /// # Errors
 /// [`std::io::ErrorKind::AlreadyExists`] when a request is pending at `path`;
-/// other I/O errors writing or linking the file.
+/// other I/O errors writing the file.
 pub fn place_request(path: &Path, contents: &str) -> std::io::Result<()> {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -85,7 +82,24 @@ pub fn place_request(path: &Path, contents: &str) -> std::io::Result<()> {
     write_own_file(&temp, contents)?;
     let linked = std::fs::hard_link(&temp, path);
     let _ = std::fs::remove_file(&temp);
-    linked
+    match linked {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+            tracing::debug!(error = %e, "no hard link: the request is created, then written");
+            create_then_write(path, contents)
+        }
+        linked => linked,
+    }
+}
+
+/// Creates `path` exclusively (never through a link planted there), then
+/// writes `contents` into it.
+fn create_then_write(path: &Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    std::fs::File::options()
+        .write(true)
+        .create_new(true)
+        .open(path)?
+        .write_all(contents.as_bytes())
 }
 
 /// How long the holder leaves an empty request file alone, taking it for
